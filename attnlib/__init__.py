@@ -1,0 +1,35 @@
+"""attnlib: interchangeable attention mechanisms behind one drop-in module.
+
+>>> import attnlib, torch
+>>> attn = attnlib.Attention(dim=64, num_heads=4, variant="local", window=8, causal=True)
+>>> attn(torch.randn(2, 32, 64)).shape
+torch.Size([2, 32, 64])
+
+See :func:`available` for the registered variants and :func:`variant_info` for what each
+supports. Masks are boolean with True = may attend (:mod:`attnlib.masks`).
+"""
+
+from attnlib import functional, masks, variants
+from attnlib.attention import Attention, AttentionExtras, aux_loss, build_attention
+from attnlib.errors import UnsupportedError
+from attnlib.masks import BlockMask, SlidingWindow
+from attnlib.registry import Capabilities, available, register_variant, variant_info
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attention",
+    "AttentionExtras",
+    "BlockMask",
+    "Capabilities",
+    "SlidingWindow",
+    "UnsupportedError",
+    "available",
+    "aux_loss",
+    "build_attention",
+    "functional",
+    "masks",
+    "register_variant",
+    "variant_info",
+    "variants",
+]

@@ -1,0 +1,251 @@
+"""Exact softmax attention: SDPA / FlexAttention / explicit math backends, float64 reference.
+
+All functions take q (B, H, N, D), k (B, H_kv, M, D), v (B, H_kv, M, Dv) with H a multiple
+of H_kv (grouped-query attention: query head h reads key/value head h // (H / H_kv)) and
+return (B, H, N, Dv). Masks follow :mod:`attnlib.masks`: True = may attend; query rows with
+no allowed key return zeros.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlib._validation import check_qkv
+from attnlib.errors import UnsupportedError
+from attnlib.masks import AttentionMask, MaskLike, normalize_mask
+
+__all__ = [
+    "Backend",
+    "reference_attention",
+    "softmax_attention",
+    "softmax_importance",
+    "as_attention_mask",
+    "repeat_kv",
+]
+
+Backend = Literal["auto", "sdpa", "flex", "math"]
+
+
+def repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """Repeat key/value heads for grouped-query attention: (B, H_kv, M, D) -> (B, H_kv·G, M, D)."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def as_attention_mask(
+    q: Tensor, k: Tensor, mask: MaskLike | list[MaskLike], causal: bool
+) -> AttentionMask:
+    """Normalise ``mask`` and ``causal`` for q (B, H, N, D) and k (B, H_kv, M, D)."""
+    b, h, n, _ = q.shape
+    return normalize_mask(mask, causal=causal, batch=b, heads=h, n=n, m=k.shape[2], device=q.device)
+
+
+def _math(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    allowed: Tensor | None,
+    scale: float,
+    dropout_p: float,
+) -> tuple[Tensor, Tensor]:
+    """Explicit attention in the input dtype (softmax in >= fp32). Returns (out, weights)."""
+    g = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, g), repeat_kv(v, g)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    acc = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
+    if allowed is not None:
+        empty = ~allowed.any(-1, keepdim=True)
+        acc = acc.masked_fill(~(allowed | empty), float("-inf"))
+        w = torch.softmax(acc, dim=-1).masked_fill(empty, 0.0)
+    else:
+        w = torch.softmax(acc, dim=-1)
+    w = w.to(q.dtype)
+    wd = F.dropout(w, p=dropout_p) if dropout_p > 0 else w
+    return torch.matmul(wd, v), w
+
+
+def _sdpa(
+    q: Tensor, k: Tensor, v: Tensor, am: AttentionMask, scale: float, dropout_p: float
+) -> Tensor:
+    gqa = q.shape[1] != k.shape[1]
+    kinds = am.kinds()
+    if not kinds:
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
+        )
+    if kinds == ["causal"] and am.n == am.m:
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa
+        )
+    allowed = am.dense()
+    assert allowed is not None
+    empty = ~allowed.any(-1, keepdim=True)
+    has_empty = bool(empty.any())
+    if has_empty:  # let empty rows attend to everything (finite grads), then zero them
+        allowed = allowed | empty
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
+    )
+    return out.masked_fill(empty, 0.0) if has_empty else out
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex() -> Callable[..., Tensor]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, am: AttentionMask, scale: float, compile: bool) -> Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    kinds = am.kinds()
+    n, m = am.n, am.m
+    if kinds == ["block_mask"]:
+        assert am.block is not None
+        bm = am.block.to_flex()
+    elif not kinds:
+        bm = None
+    else:
+        # one mask_mod ANDing everything (dense pieces are looked up)
+        offset = m - n
+        kp, full = am.key_padding, am.full
+        win = am.window
+        blk = am.block.to_dense().to(q.device) if am.block is not None else None
+        causal = am.causal
+
+        def mask_mod(b: Tensor, h: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
+            ok = kv >= 0
+            if causal:
+                ok = ok & (kv <= qi + offset)
+            if win is not None:
+                if win.left is not None:
+                    ok = ok & (kv >= qi + offset - win.left)
+                if win.right is not None:
+                    ok = ok & (kv <= qi + offset + win.right)
+            if kp is not None:
+                ok = ok & kp[b, kv]
+            if full is not None:
+                ok = ok & full[b if full.shape[0] > 1 else b * 0, h if full.shape[1] > 1 else h * 0, qi, kv]
+            if blk is not None:
+                ok = ok & blk[b if blk.shape[0] > 1 else b * 0, h if blk.shape[1] > 1 else h * 0, qi, kv]
+            return ok
+
+        bm = create_block_mask(mask_mod, q.shape[0], q.shape[1], n, m, device=q.device)
+    fn = _compiled_flex() if compile else flex_attention
+    gqa = q.shape[1] != k.shape[1]
+    out = fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa)
+    return out
+
+
+def softmax_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskLike | list[MaskLike] = None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: Backend = "auto",
+    return_weights: bool = False,
+    compile_flex: bool = True,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Exact softmax attention ``softmax(q k^T · scale) v`` under masks.
+
+    Args:
+        q: (B, H, N, D); k: (B, H_kv, M, D); v: (B, H_kv, M, Dv).
+        mask: anything :func:`attnlib.masks.normalize_mask` accepts (True = may attend).
+        causal: bottom-right aligned causal mask (query i may see keys j <= i + M - N).
+        scale: logit scale, default D**-0.5.
+        dropout_p: dropout on the attention probabilities (pass 0.0 in eval).
+        backend: "sdpa" (PyTorch fused kernels), "flex" (FlexAttention; masks become a
+            FlexAttention BlockMask), "math" (explicit, any dtype incl. float64, can return
+            weights) or "auto" (math when weights are requested, else SDPA).
+        return_weights: also return the (B, H, N, M) attention weights (math backend).
+        compile_flex: run FlexAttention through ``torch.compile`` (the fast path).
+
+    Returns:
+        out (B, H, N, Dv), or (out, weights (B, H, N, M)) when ``return_weights``.
+        Rows with no allowed key are zeros (and their weights are zeros).
+    """
+    check_qkv(q, k, v, where="softmax_attention")
+    am = as_attention_mask(q, k, mask, causal)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend not in ("auto", "sdpa", "flex", "math"):
+        raise ValueError(f"backend must be 'auto', 'sdpa', 'flex' or 'math', got {backend!r}")
+    if return_weights and backend in ("sdpa", "flex"):
+        raise UnsupportedError(
+            f"softmax_attention: backend {backend!r} cannot return weights; use backend='math' or 'auto'"
+        )
+    if backend == "math" or (backend == "auto" and return_weights):
+        out, w = _math(q, k, v, am.dense(), scale, dropout_p)
+        return (out, w) if return_weights else out
+    if backend == "flex":
+        if dropout_p > 0:
+            raise UnsupportedError("softmax_attention: the 'flex' backend has no attention dropout")
+        return _flex(q, k, v, am, scale, compile_flex)
+    return _sdpa(q, k, v, am, scale, dropout_p)
+
+
+def reference_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskLike | list[MaskLike] = None,
+    causal: bool = False,
+    scale: float | None = None,
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Float64 softmax attention, materialised: the oracle for tests.
+
+    Same arguments and masks as :func:`softmax_attention`; inputs are cast to float64 and the
+    result (out (B, H, N, Dv), optionally weights (B, H, N, M)) is float64.
+    """
+    check_qkv(q, k, v, where="reference_attention")
+    am = as_attention_mask(q, k, mask, causal)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, w = _math(q.double(), k.double(), v.double(), am.dense(), scale, 0.0)
+    return (out, w) if return_weights else out
+
+
+def softmax_importance(
+    q: Tensor,
+    k: Tensor,
+    *,
+    mask: MaskLike | list[MaskLike] = None,
+    causal: bool = False,
+    scale: float | None = None,
+    chunk_size: int = 512,
+) -> Tensor:
+    """Attention mass each key receives, averaged over queries: (B, H, M).
+
+    ``importance[b, h, j] = mean_i softmax(q k^T · scale)[b, h, i, j]`` under the masks,
+    computed over query chunks so memory is O(chunk_size · M), never N x M.
+    q (B, H, N, D), k (B, H_kv, M, D).
+    """
+    check_qkv(q, k, k, where="softmax_importance")
+    am = as_attention_mask(q, k, mask, causal)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    b, h, n, _ = q.shape
+    kk = repeat_kv(k, h // k.shape[1])
+    acc = torch.zeros(b, h, k.shape[2], dtype=torch.float32 if q.dtype != torch.float64 else q.dtype,
+                      device=q.device)
+    for s in range(0, n, chunk_size):
+        e = min(n, s + chunk_size)
+        scores = torch.matmul(q[:, :, s:e], kk.transpose(-1, -2)).to(acc.dtype) * scale
+        allowed = am.dense_rows(s, e)
+        if allowed is not None:
+            empty = ~allowed.any(-1, keepdim=True)
+            scores = scores.masked_fill(~(allowed | empty), float("-inf"))
+            p = torch.softmax(scores, -1).masked_fill(empty, 0.0)
+        else:
+            p = torch.softmax(scores, -1)
+        acc += p.sum(2)
+    return (acc / n).to(q.dtype)

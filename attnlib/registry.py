@@ -1,0 +1,127 @@
+"""Variant registry and capability declarations.
+
+Every attention variant is an :class:`attnlib.variants.base.AttentionCore` subclass
+registered under a name with :func:`register_variant`. Its :class:`Capabilities` say what it
+supports; tests, configs, the capability matrix and the module's input checks all read them
+instead of special-casing names.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:  # pragma: no cover
+    from attnlib.variants.base import AttentionCore
+
+__all__ = [
+    "Capabilities",
+    "available",
+    "get_variant",
+    "register_variant",
+    "variant_info",
+]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an attention variant supports.
+
+    Attributes:
+        causal: honours ``causal=True`` for self-attention (N == M).
+        cross: supports cross-attention (keys/values from a context with M != N).
+        key_padding: honours a (B, M) key-padding mask.
+        full_mask: honours a full (B|1, H|1, N, M) boolean mask.
+        block_mask: honours an :class:`attnlib.masks.BlockMask`.
+        window: honours an :class:`attnlib.masks.SlidingWindow` mask.
+        causal_cross: honours ``causal=True`` with N != M (bottom-right aligned; KV-cache decoding).
+        complexity: time complexity in the sequence length, e.g. "O(N^2)", "O(N)", "O(N log N)".
+        exact: output equals exact softmax attention under the same masks.
+        has_weights: can return the (B, H, N, M) attention weights.
+        trainable: the variant itself has trainable parameters (beyond the q/k/v/out projections).
+        attn_dropout: applies ``dropout`` to attention probabilities (otherwise the module
+            applies it to the variant's output).
+        gqa: accepts k/v with fewer heads than q (the module repeats k/v otherwise).
+        permutation_equivariant: without masks and ``causal``, permuting the tokens permutes
+            the output (no positional structure inside the variant).
+        recurrent: has a recurrent ``step`` form for causal decoding.
+        family: the variant family ("dense", "sparse", "linear", ...).
+        paper: short reference to the defining paper.
+    """
+
+    causal: bool = False
+    cross: bool = False
+    key_padding: bool = False
+    full_mask: bool = False
+    block_mask: bool = False
+    window: bool = False
+    causal_cross: bool = False
+    complexity: str = "O(N^2)"
+    exact: bool = False
+    has_weights: bool = False
+    trainable: bool = False
+    attn_dropout: bool = False
+    gqa: bool = False
+    permutation_equivariant: bool = False
+    recurrent: bool = False
+    family: str = ""
+    paper: str = ""
+
+    def supports(self, kind: str) -> bool:
+        """Whether the mask kind (as in :meth:`AttentionMask.kinds`) is supported."""
+        return bool(getattr(self, kind))
+
+    def as_dict(self) -> dict[str, object]:
+        """Field name -> value, in declaration order."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_REGISTRY: dict[str, type[AttentionCore]] = {}
+
+C = TypeVar("C", bound="type[AttentionCore]")
+
+
+def register_variant(name: str):  # noqa: ANN201 - decorator
+    """Class decorator registering an :class:`AttentionCore` subclass under ``name``.
+
+    The class must define a ``capabilities`` class attribute. Registering a second class
+    under a taken name raises ValueError.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"variant names must be identifiers, got {name!r}")
+
+    def deco(cls: C) -> C:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(
+                f"variant {name!r} is already registered by {_REGISTRY[name].__qualname__}"
+            )
+        caps = getattr(cls, "capabilities", None)
+        if not isinstance(caps, Capabilities):
+            raise TypeError(f"{cls.__qualname__} must define `capabilities = Capabilities(...)`")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available() -> list[str]:
+    """Sorted names of the registered variants."""
+    return sorted(_REGISTRY)
+
+
+def get_variant(name: str) -> type[AttentionCore]:
+    """The core class registered as ``name``; unknown names raise ValueError with close matches."""
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(
+            f"unknown attention variant {name!r}{hint} Registered variants: {', '.join(available())}"
+        )
+    return _REGISTRY[name]
+
+
+def variant_info(name: str) -> Capabilities:
+    """Capabilities of the variant registered as ``name``."""
+    return get_variant(name).capabilities

@@ -1,0 +1,12 @@
+"""Attention variants, one module per family. Importing this package registers them all.
+
+Each core maps q (B, H, N, D), k/v (B, H_kv, M, D) to (B, H, N, Dv); see
+:class:`attnlib.variants.base.AttentionCore`. To add a variant: write a class in its family
+module (or a new one imported here), decorate it with ``@register_variant("name")``, give it
+``capabilities`` and add ``configs/attention/<name>.yaml`` - the conformance suite picks it up.
+"""
+
+from attnlib.variants import dense
+from attnlib.variants.base import AttentionCore, CoreOutput
+
+__all__ = ["AttentionCore", "CoreOutput", "dense"]

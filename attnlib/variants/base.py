@@ -1,0 +1,152 @@
+"""The base class of every attention variant ("core").
+
+A core maps q (B, H, N, D), k (B, H_kv, M, D), v (B, H_kv, M, Dv) and an
+:class:`attnlib.masks.AttentionMask` to a :class:`CoreOutput` with out (B, H, N, Dv). It holds
+the variant's own parameters and declares its :class:`attnlib.registry.Capabilities`;
+projections, heads, positions and output projection live in :class:`attnlib.Attention`.
+
+Subclasses implement :meth:`AttentionCore.attend`. :meth:`AttentionCore.forward` first checks
+the request against the capabilities and raises :class:`attnlib.UnsupportedError` naming the
+variant and what it cannot do, so no variant silently ignores a mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from attnlib._validation import check_qkv
+from attnlib.errors import UnsupportedError
+from attnlib.masks import AttentionMask, MaskLike
+from attnlib.registry import Capabilities
+
+__all__ = ["AttentionCore", "CoreOutput", "check_supported"]
+
+_KIND_TEXT = {
+    "causal": "causal=True",
+    "key_padding": "a key-padding (B, M) mask",
+    "full_mask": "a full (B, H, N, M) mask",
+    "window": "a SlidingWindow mask",
+    "block_mask": "a BlockMask",
+}
+
+
+@dataclass
+class CoreOutput:
+    """What a core returns.
+
+    Attributes:
+        out: (B, H, N, Dv).
+        weights: (B, H, N, M) attention weights, when requested and the variant has them.
+        importance: (B, H, M) attention mass each key receives, averaged over queries.
+        aux_loss: scalar auxiliary loss (training-time regulariser/distillation) or None.
+    """
+
+    out: Tensor
+    weights: Tensor | None = None
+    importance: Tensor | None = None
+    aux_loss: Tensor | None = None
+
+
+def check_supported(name: str, caps: Capabilities, mask: AttentionMask, *, cross: bool) -> None:
+    """Raise UnsupportedError when ``mask`` / cross-attention is outside ``caps``."""
+    supported = [k for k in _KIND_TEXT if caps.supports(k)]
+    listing = ", ".join(_KIND_TEXT[k] for k in supported) or "no masks"
+    for kind in mask.kinds():
+        if not caps.supports(kind):
+            raise UnsupportedError(
+                f"variant {name!r} does not support {_KIND_TEXT[kind]}; it supports: {listing}"
+            )
+    if cross and not caps.cross:
+        raise UnsupportedError(
+            f"variant {name!r} does not support cross-attention (queries N={mask.n} and "
+            f"keys M={mask.m} from different sequences); it is self-attention only"
+        )
+    if mask.causal and mask.n != mask.m and not caps.causal_cross:
+        raise UnsupportedError(
+            f"variant {name!r} supports causal=True only with N == M, got N={mask.n}, M={mask.m}"
+        )
+
+
+class AttentionCore(nn.Module):
+    """Base class: an attention variant acting on per-head q, k, v.
+
+    Subclasses set ``capabilities`` (and get ``name`` from :func:`attnlib.register_variant`)
+    and implement :meth:`attend`. The constructor receives ``num_heads`` and ``head_dim``
+    (the query/key head size) plus the variant's own keyword arguments.
+    """
+
+    name: ClassVar[str] = "?"
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, *, num_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+
+    def implied_mask(self) -> MaskLike:
+        """Constraints the variant itself imposes (e.g. ``local``'s band), or None.
+
+        An ``exact`` variant equals exact softmax attention under the caller's masks AND
+        this mask; the conformance suite checks exactly that.
+        """
+        return None
+
+    @classmethod
+    def conformance_kwargs(cls) -> dict[str, Any]:
+        """Constructor kwargs for the small inputs of the conformance suite (N around 16)."""
+        return {}
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: AttentionMask,
+        *,
+        cross: bool = False,
+        need_weights: bool = False,
+        need_importance: bool = False,
+        dropout_p: float = 0.0,
+    ) -> CoreOutput:
+        """Check the request against the capabilities, then :meth:`attend`.
+
+        Args:
+            q: (B, H, N, D); k: (B, H_kv, M, D) (H_kv == H unless ``capabilities.gqa``);
+            v: (B, H_kv, M, Dv).
+            mask: the call's normalised masks (True = may attend), incl. ``causal``.
+            cross: keys come from another sequence (cross-attention).
+            need_weights: fill ``CoreOutput.weights`` (B, H, N, M) if the variant has them.
+            need_importance: fill ``CoreOutput.importance`` (B, H, M).
+            dropout_p: attention dropout (only passed when ``capabilities.attn_dropout``).
+        """
+        check_qkv(q, k, v, where=f"variant {self.name!r}")
+        if not self.capabilities.gqa and k.shape[1] != q.shape[1]:
+            raise ValueError(
+                f"variant {self.name!r} needs as many key/value heads as query heads "
+                f"(got H={q.shape[1]}, H_kv={k.shape[1]}); attnlib.Attention repeats them for it"
+            )
+        check_supported(self.name, self.capabilities, mask, cross=cross)
+        return self.attend(
+            q, k, v, mask, need_weights=need_weights, need_importance=need_importance,
+            dropout_p=dropout_p,
+        )
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: AttentionMask,
+        *,
+        need_weights: bool,
+        need_importance: bool,
+        dropout_p: float,
+    ) -> CoreOutput:
+        """The variant's computation; see :meth:`forward` for shapes."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, num_heads={self.num_heads}, head_dim={self.head_dim}"

@@ -1,0 +1,123 @@
+"""Dense exact attention: ``softmax`` (SDPA / Flex / math) and ``local`` (exact sliding window).
+
+* ``softmax`` - Vaswani et al., "Attention Is All You Need" (NeurIPS 2017):
+  ``softmax(Q K^T / sqrt(D)) V``, computed by PyTorch SDPA (fused flash kernels on CPU and
+  GPU), by FlexAttention, or explicitly ("math") when weights are requested.
+* ``local`` - sliding-window attention (Beltagy et al., "Longformer", 2020; the band of
+  Parmar et al.'s Image Transformer): query i attends keys with |i - j| <= window
+  (j <= i when causal), exactly, in O(N·w) time and memory.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from attnlib.functional.local import local_attention, local_importance
+from attnlib.functional.softmax import softmax_attention, softmax_importance
+from attnlib.masks import AttentionMask, MaskLike, SlidingWindow
+from attnlib.registry import Capabilities, register_variant
+from attnlib.variants.base import AttentionCore, CoreOutput
+
+__all__ = ["LocalAttention", "SoftmaxAttention"]
+
+
+@register_variant("softmax")
+class SoftmaxAttention(AttentionCore):
+    """Exact softmax attention.
+
+    Args:
+        num_heads, head_dim: set by :class:`attnlib.Attention`.
+        backend: "auto" (SDPA; math when weights are requested), "sdpa", "flex" or "math".
+        scale: logit scale, default head_dim**-0.5.
+    """
+
+    capabilities = Capabilities(
+        causal=True, cross=True, key_padding=True, full_mask=True, block_mask=True, window=True,
+        causal_cross=True, complexity="O(N^2)", exact=True, has_weights=True, trainable=False,
+        attn_dropout=True, gqa=True, permutation_equivariant=True, family="dense",
+        paper="Vaswani et al. 2017, Attention Is All You Need",
+    )
+
+    def __init__(
+        self, *, num_heads: int, head_dim: int, backend: str = "auto", scale: float | None = None
+    ) -> None:
+        super().__init__(num_heads=num_heads, head_dim=head_dim)
+        if backend not in ("auto", "sdpa", "flex", "math"):
+            raise ValueError(f"softmax backend must be 'auto', 'sdpa', 'flex' or 'math', got {backend!r}")
+        self.backend = backend
+        self.scale = scale
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, need_weights: bool,
+        need_importance: bool, dropout_p: float,
+    ) -> CoreOutput:
+        if need_weights:
+            out, w = softmax_attention(
+                q, k, v, mask=mask, scale=self.scale, dropout_p=dropout_p, backend="math",
+                return_weights=True,
+            )
+            return CoreOutput(out, weights=w, importance=w.mean(2) if need_importance else None)
+        out = softmax_attention(q, k, v, mask=mask, scale=self.scale, dropout_p=dropout_p,
+                                backend=self.backend)  # type: ignore[arg-type]
+        imp = softmax_importance(q, k, mask=mask, scale=self.scale) if need_importance else None
+        return CoreOutput(out, importance=imp)  # type: ignore[arg-type]
+
+
+@register_variant("local")
+class LocalAttention(AttentionCore):
+    """Exact sliding-window attention: query i attends keys with |i - j| <= window.
+
+    With ``causal=True`` the window is one-sided (keys i - window .. i). Key-padding and full
+    masks are ANDed with the band. O(N·window) time and memory.
+
+    Args:
+        window: w >= 1 (default 64).
+        chunk_size: query chunk length (default about the window).
+        scale: logit scale, default head_dim**-0.5.
+    """
+
+    capabilities = Capabilities(
+        causal=True, cross=False, key_padding=True, full_mask=True, block_mask=False, window=False,
+        complexity="O(N·w)", exact=True, has_weights=True, trainable=False, attn_dropout=True,
+        gqa=True, permutation_equivariant=False, family="dense",
+        paper="Beltagy et al. 2020, Longformer (sliding-window attention)",
+    )
+
+    def __init__(
+        self, *, num_heads: int, head_dim: int, window: int = 64, chunk_size: int | None = None,
+        scale: float | None = None,
+    ) -> None:
+        super().__init__(num_heads=num_heads, head_dim=head_dim)
+        if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+            raise ValueError(f"local attention: window must be a positive int, got {window!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+            raise ValueError(f"local attention: chunk_size must be a positive int, got {chunk_size!r}")
+        self.window = window
+        self.chunk_size = chunk_size
+        self.scale = scale
+
+    def implied_mask(self) -> MaskLike:
+        return SlidingWindow(self.window, self.window)
+
+    @classmethod
+    def conformance_kwargs(cls) -> dict[str, object]:
+        return {"window": 3, "chunk_size": 4}
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, need_weights: bool,
+        need_importance: bool, dropout_p: float,
+    ) -> CoreOutput:
+        if need_weights:
+            out, w = softmax_attention(
+                q, k, v, mask=[mask, self.implied_mask()], scale=self.scale, dropout_p=dropout_p,
+                backend="math", return_weights=True,
+            )
+            return CoreOutput(out, weights=w, importance=w.mean(2) if need_importance else None)
+        out = local_attention(q, k, v, self.window, mask=mask, scale=self.scale,
+                              dropout_p=dropout_p, chunk_size=self.chunk_size)
+        imp = (local_importance(q, k, self.window, mask=mask, scale=self.scale,
+                                chunk_size=self.chunk_size) if need_importance else None)
+        return CoreOutput(out, importance=imp)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", window={self.window}"
