@@ -28,33 +28,21 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, where: str, same_head_dim: boo
         if not isinstance(t, Tensor):
             raise ValueError(f"{where}: {name} must be a tensor (B, H, N, D), got {describe(t)}")
         if t.dim() != 4:
-            raise ValueError(
-                f"{where}: {name} must have 4 dims (B, H, N, D), got shape {tuple(t.shape)}"
-            )
+            raise ValueError(f"{where}: {name} must have 4 dims (B, H, N, D), got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise ValueError(f"{where}: {name} must be a floating-point tensor, got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(
-            f"{where}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
+        raise ValueError(f"{where}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(
-            f"{where}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
-        )
+        raise ValueError(f"{where}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     b, h, n, d = q.shape
     bk, hk, m, dk = k.shape
     if bk != b or v.shape[0] != b:
-        raise ValueError(
-            f"{where}: batch sizes differ: q has B={b}, k has B={bk}, v has B={v.shape[0]}"
-        )
+        raise ValueError(f"{where}: batch sizes differ: q has B={b}, k has B={bk}, v has B={v.shape[0]}")
     if v.shape[1] != hk or v.shape[2] != m:
-        raise ValueError(
-            f"{where}: k and v must share (H_kv, M), got k {tuple(k.shape)} and v {tuple(v.shape)}"
-        )
+        raise ValueError(f"{where}: k and v must share (H_kv, M), got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if hk == 0 or h % hk != 0:
-        raise ValueError(
-            f"{where}: query heads H={h} must be a multiple of key/value heads H_kv={hk}"
-        )
+        raise ValueError(f"{where}: query heads H={h} must be a multiple of key/value heads H_kv={hk}")
     if same_head_dim and dk != d:
         raise ValueError(f"{where}: q and k head dims differ: q has D={d}, k has D={dk}")
     if n == 0 or m == 0:

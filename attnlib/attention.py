@@ -7,6 +7,7 @@ by registry name. Swapping the attention of a model is changing ``variant=``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,24 @@ class AttentionExtras:
     weights: Tensor | None
     importance: Tensor | None
     aux_loss: Tensor | None
+
+
+def _check_variant_kwargs(variant: str, cls: type[AttentionCore], kwargs: dict[str, Any]) -> None:
+    """Unknown options raise a ValueError listing the ones the variant accepts."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [
+        n
+        for n, p in params.items()
+        if n not in ("self", "num_heads", "head_dim") and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"variant {variant!r} got unknown option(s) {unknown}; it accepts: "
+            f"{', '.join(accepted) or 'no options'} (plus the Attention arguments)"
+        )
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -86,14 +105,11 @@ class Attention(nn.Module):
         _positive_int("dim", dim)
         _positive_int("num_heads", num_heads)
         if dim % num_heads:
-            raise ValueError(
-                f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}"
-            )
+            raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
         kv_heads = num_heads if num_kv_heads is None else _positive_int("num_kv_heads", num_kv_heads)
         if num_heads % kv_heads:
             raise ValueError(
-                f"num_heads must be a multiple of num_kv_heads, got num_heads={num_heads}, "
-                f"num_kv_heads={kv_heads}"
+                f"num_heads must be a multiple of num_kv_heads, got num_heads={num_heads}, num_kv_heads={kv_heads}"
             )
         if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
@@ -101,8 +117,7 @@ class Attention(nn.Module):
         caps = cls.capabilities
         if causal and not caps.causal:
             raise UnsupportedError(
-                f"variant {variant!r} does not support causal=True (its capabilities: "
-                f"causal={caps.causal})"
+                f"variant {variant!r} does not support causal=True (its capabilities: causal={caps.causal})"
             )
         self.dim = dim
         self.num_heads = num_heads
@@ -115,6 +130,7 @@ class Attention(nn.Module):
         self.in_proj = nn.Linear(dim, dim + 2 * kv_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(dim, dim)
         self.rope = RotaryEmbedding(self.head_dim, rope_base) if rope else None
+        _check_variant_kwargs(variant, cls, variant_kwargs)
         self.core: AttentionCore = cls(num_heads=num_heads, head_dim=self.head_dim, **variant_kwargs)
         self.pending_aux_loss: Tensor | None = None
 
@@ -144,17 +160,11 @@ class Attention(nn.Module):
         if context is None:
             return
         if not isinstance(context, Tensor) or context.dim() != 3:
-            raise ValueError(
-                f"context must be a (B, M, dim={self.dim}) tensor, got {describe(context)}"
-            )
+            raise ValueError(f"context must be a (B, M, dim={self.dim}) tensor, got {describe(context)}")
         if context.shape[0] != b:
-            raise ValueError(
-                f"batch mismatch: x has B={b} but context has B={context.shape[0]}"
-            )
+            raise ValueError(f"batch mismatch: x has B={b} but context has B={context.shape[0]}")
         if context.shape[2] != self.dim:
-            raise ValueError(
-                f"context must have last dim {self.dim}, got shape {tuple(context.shape)}"
-            )
+            raise ValueError(f"context must have last dim {self.dim}, got shape {tuple(context.shape)}")
         if context.shape[1] == 0:
             raise ValueError(f"context is empty: shape {tuple(context.shape)}; M must be > 0")
         if context.dtype != x.dtype or context.device != x.device:
@@ -224,7 +234,11 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
         p = self.dropout if self.training else 0.0
         res = self.core(
-            q, k, v, am, cross=context is not None,
+            q,
+            k,
+            v,
+            am,
+            cross=context is not None,
             need_weights=return_extras and need_weights,
             need_importance=return_extras,
             dropout_p=p if caps.attn_dropout else 0.0,
@@ -290,9 +304,7 @@ def build_attention(cfg: Mapping[str, Any] | Any = None, /, **overrides: Any) ->
     data.update(overrides)
     if "name" in data:
         if "variant" in data and data["variant"] != data["name"]:
-            raise ValueError(
-                f"config gives both name={data['name']!r} and variant={data['variant']!r}"
-            )
+            raise ValueError(f"config gives both name={data['name']!r} and variant={data['variant']!r}")
         data["variant"] = data.pop("name")
     missing = [k for k in ("dim", "num_heads") if k not in data]
     if missing:

@@ -39,9 +39,9 @@ __all__ = [
     "MaskLike",
     "SlidingWindow",
     "causal_mask",
+    "normalize_mask",
     "sliding_window",
     "window_mask",
-    "normalize_mask",
 ]
 
 MaskModFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -104,9 +104,7 @@ class SlidingWindow:
         for side in ("left", "right"):
             val = getattr(self, side)
             if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 0):
-                raise ValueError(
-                    f"SlidingWindow.{side} must be a non-negative int or None, got {val!r}"
-                )
+                raise ValueError(f"SlidingWindow.{side} must be a non-negative int or None, got {val!r}")
 
     def dense(self, n: int, m: int, device: torch.device | str | None = None) -> Tensor:
         """The window as a dense bool tensor of shape (N, M)."""
@@ -230,7 +228,7 @@ class BlockMask:
 
     def block_states(self) -> tuple[Tensor, Tensor]:
         """(partial, full) bool tensors of shape (B', H', n_q, n_k): which blocks are which."""
-        nq, nk = self.num_blocks
+        _nq, nk = self.num_blocks
         ar = torch.arange(nk, device=self.device)
         partial = torch.zeros(self.kv_indices.shape, dtype=torch.bool, device=self.device)
         full = torch.zeros_like(partial)
@@ -268,7 +266,7 @@ class BlockMask:
     ) -> BlockMask:
         """Build from an iterator of (B', H', bq, M) bool row-blocks (the last may be short)."""
         bq, bk = block_size
-        n, m = seq_lengths
+        _n, m = seq_lengths
         nk = math.ceil(m / bk)
         kv_num, kv_idx, f_num, f_idx, tiles_list = [], [], [], [], []
         for row in rows:
@@ -289,9 +287,7 @@ class BlockMask:
             f_num.append(fn)
             f_idx.append(fi)
             pmax = int(pn.max()) if pn.numel() else 0
-            gathered = torch.gather(
-                t, 2, pi[..., :pmax, None, None].long().expand(bp, hp, pmax, bq, bk)
-            )
+            gathered = torch.gather(t, 2, pi[..., :pmax, None, None].long().expand(bp, hp, pmax, bq, bk))
             tiles_list.append(gathered)
         pmax = max(x.shape[2] for x in tiles_list)
         tiles = torch.stack(
@@ -319,15 +315,12 @@ class BlockMask:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise ValueError(
                 f"BlockMask.from_dense expects a bool tensor of shape (N, M) or (B, H, N, M), "
-                f"got {type(mask).__name__}"
-                + (f" of dtype {mask.dtype}" if isinstance(mask, Tensor) else "")
+                f"got {type(mask).__name__}" + (f" of dtype {mask.dtype}" if isinstance(mask, Tensor) else "")
             )
         if mask.dim() == 2:
             mask = mask[None, None]
         if mask.dim() != 4:
-            raise ValueError(
-                f"BlockMask.from_dense expects shape (N, M) or (B, H, N, M), got {tuple(mask.shape)}"
-            )
+            raise ValueError(f"BlockMask.from_dense expects shape (N, M) or (B, H, N, M), got {tuple(mask.shape)}")
         bq, bk = _as_pair(block_size)
         n, m = mask.shape[-2:]
         if n == 0 or m == 0:
@@ -364,9 +357,7 @@ class BlockMask:
             for s in range(0, N, bq):
                 q = torch.arange(s, min(s + bq, N), device=device)[None, None, :, None]
                 out = mask_mod(b, h, q, kv)
-                yield torch.as_tensor(out, device=device).to(torch.bool).expand(
-                    bb, hh, q.shape[2], M
-                )
+                yield torch.as_tensor(out, device=device).to(torch.bool).expand(bb, hh, q.shape[2], M)
 
         return cls._from_row_blocks(rows(), block_size=(bq, bk), seq_lengths=(N, M), mask_mod=mask_mod)
 
@@ -400,8 +391,7 @@ class BlockMask:
         dev = kv_num.device
         b = torch.arange(bp, device=dev)[:, None, None, None, None, None]
         h = torch.arange(hp, device=dev)[None, :, None, None, None, None]
-        qi = (torch.arange(nq, device=dev)[:, None, None, None] * bq
-              + torch.arange(bq, device=dev)[None, None, :, None])
+        qi = torch.arange(nq, device=dev)[:, None, None, None] * bq + torch.arange(bq, device=dev)[None, None, :, None]
         blocks = kv_idx[..., :pmax].long()  # (B', H', n_q, P)
         ki = blocks[..., None, None] * bk + torch.arange(bk, device=dev)  # (B',H',nq,P,1,bk)
         ok = (qi < n) & (ki < m)
@@ -512,8 +502,13 @@ class AttentionMask:
 
     def without(self, *kinds: str) -> AttentionMask:
         """A copy with the named constraints removed (for variants that honour them natively)."""
-        names = {"causal": "causal", "key_padding": "key_padding", "full_mask": "full",
-                 "window": "window", "block_mask": "block"}
+        names = {
+            "causal": "causal",
+            "key_padding": "key_padding",
+            "full_mask": "full",
+            "window": "window",
+            "block_mask": "block",
+        }
         changes: dict[str, Any] = {}
         for k in kinds:
             if k not in names:
@@ -649,10 +644,7 @@ def normalize_mask(
             raise ValueError(f"mask is on {item.device} but the inputs are on {device}")
         if item.dim() == 2:
             if tuple(item.shape) != (batch, m):
-                raise ValueError(
-                    f"a 2-D mask is key padding of shape (B, M) = ({batch}, {m}), "
-                    f"got {tuple(item.shape)}"
-                )
+                raise ValueError(f"a 2-D mask is key padding of shape (B, M) = ({batch}, {m}), got {tuple(item.shape)}")
             out.key_padding = item if out.key_padding is None else out.key_padding & item
         elif item.dim() == 4:
             b_, h_, n_, m_ = item.shape

@@ -82,7 +82,7 @@ _REGISTRY: dict[str, type[AttentionCore]] = {}
 C = TypeVar("C", bound="type[AttentionCore]")
 
 
-def register_variant(name: str):  # noqa: ANN201 - decorator
+def register_variant(name: str):
     """Class decorator registering an :class:`AttentionCore` subclass under ``name``.
 
     The class must define a ``capabilities`` class attribute. Registering a second class
@@ -93,9 +93,7 @@ def register_variant(name: str):  # noqa: ANN201 - decorator
 
     def deco(cls: C) -> C:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(
-                f"variant {name!r} is already registered by {_REGISTRY[name].__qualname__}"
-            )
+            raise ValueError(f"variant {name!r} is already registered by {_REGISTRY[name].__qualname__}")
         caps = getattr(cls, "capabilities", None)
         if not isinstance(caps, Capabilities):
             raise TypeError(f"{cls.__qualname__} must define `capabilities = Capabilities(...)`")
@@ -116,9 +114,7 @@ def get_variant(name: str) -> type[AttentionCore]:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(
-            f"unknown attention variant {name!r}{hint} Registered variants: {', '.join(available())}"
-        )
+        raise ValueError(f"unknown attention variant {name!r}{hint} Registered variants: {', '.join(available())}")
     return _REGISTRY[name]
 
 

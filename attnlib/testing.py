@@ -38,7 +38,7 @@ def make_qkv(
     m = n if m is None else m
     h_kv = h if h_kv is None else h_kv
     dv = d if dv is None else dv
-    s = logit_scale ** 0.5
+    s = logit_scale**0.5
     q = torch.randn(b, h, n, d, generator=gen, dtype=torch.float64) * s
     k = torch.randn(b, h_kv, m, d, generator=gen, dtype=torch.float64) * s
     v = torch.randn(b, h_kv, m, dv, generator=gen, dtype=torch.float64)
@@ -47,13 +47,13 @@ def make_qkv(
 
 def rel_error(actual: Tensor, expected: Tensor) -> float:
     """``||actual - expected|| / max(||expected||, tiny)`` in float64."""
-    a, e = actual.double(), expected.double()
+    a, e = actual.detach().double(), expected.detach().double()
     return float((a - e).norm() / e.norm().clamp_min(1e-300))
 
 
 def max_error(actual: Tensor, expected: Tensor) -> float:
     """Largest absolute difference, in float64."""
-    return float((actual.double() - expected.double()).abs().max())
+    return float((actual.detach().double() - expected.detach().double()).abs().max())
 
 
 def assert_close(
@@ -89,8 +89,7 @@ def assert_close(
         bound = factor * ref_err + atol * 1e-2
         if err > bound:
             raise AssertionError(
-                f"{name}: error vs float64 {err:.3e} exceeds {factor} x eager error {ref_err:.3e} "
-                f"(+{atol * 1e-2:.1e})"
+                f"{name}: error vs float64 {err:.3e} exceeds {factor} x eager error {ref_err:.3e} (+{atol * 1e-2:.1e})"
             )
         return
     if err > atol:

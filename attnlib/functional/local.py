@@ -36,6 +36,14 @@ def _check_window(window: object) -> int:
     return window
 
 
+def _windows(x: Tensor, g0: int, g1: int, c: int, seg: int) -> Tensor:
+    """Key windows of chunks g0..g1-1: padded x (B, H, M', D) -> (B·G, H, L, D)."""
+    span = seg - c
+    w = x[:, :, g0 * c : g1 * c + span].unfold(2, seg, c)  # (B, H, G, D, L)
+    b, h, g = w.shape[:3]
+    return w.permute(0, 2, 1, 4, 3).reshape(b * g, h, seg, x.shape[-1])
+
+
 def _chunks(
     q: Tensor,
     k: Tensor,
@@ -74,12 +82,8 @@ def _chunks(
         qg = qp[:, :, g0 * c : g1 * c].reshape(b, h, gs, c, d)
         qg = qg.transpose(1, 2).reshape(b * gs, h, c, d)
 
-        def window_of(x: Tensor) -> Tensor:
-            w = x[:, :, g0 * c : g1 * c + span].unfold(2, seg, c)  # (B, H, G, D, L)
-            return w.permute(0, 2, 1, 4, 3).reshape(b * gs, x.shape[1], seg, x.shape[-1])
-
-        kg = window_of(kp)
-        vg = window_of(vp) if vp is not None else None
+        kg = _windows(kp, g0, g1, c, seg)
+        vg = _windows(vp, g0, g1, c, seg) if vp is not None else None
         j = torch.arange(g0, g1, device=q.device)[:, None] * c + t - left  # (G, L) key index
         allowed = band[None] & ((j >= 0) & (j < n))[:, None, :]  # (G, c, L)
         allowed = allowed[None, :, None]  # (1, G, 1, c, L)
@@ -105,8 +109,7 @@ def _prepare(
     window = _check_window(window)
     if q.shape[2] != k.shape[2]:
         raise ValueError(
-            "local_attention is self-attention: N and M must be equal, got "
-            f"N={q.shape[2]}, M={k.shape[2]}"
+            f"local_attention is self-attention: N and M must be equal, got N={q.shape[2]}, M={k.shape[2]}"
         )
     am = as_attention_mask(q, k, mask, causal)
     if am.window is not None or am.block is not None:
@@ -196,7 +199,8 @@ def local_importance(
         empty = ~allowed.any(-1, keepdim=True)
         p = torch.softmax(s.masked_fill(~(allowed | empty), float("-inf")), -1).masked_fill(empty, 0.0)
         col = p.sum(2).view(b, gs, h, seg)  # mass per window position
-        idx = (torch.arange(g0, g1, device=q.device)[:, None] * c
-               + torch.arange(seg, device=q.device)[None, :]).reshape(-1)  # padded key index
+        idx = (
+            torch.arange(g0, g1, device=q.device)[:, None] * c + torch.arange(seg, device=q.device)[None, :]
+        ).reshape(-1)  # padded key index
         acc.index_add_(2, idx, col.permute(0, 2, 1, 3).reshape(b, h, -1))
     return (acc[:, :, left : left + n] / n).to(q.dtype)

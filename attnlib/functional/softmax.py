@@ -22,11 +22,11 @@ from attnlib.masks import AttentionMask, MaskLike, normalize_mask
 
 __all__ = [
     "Backend",
+    "as_attention_mask",
     "reference_attention",
+    "repeat_kv",
     "softmax_attention",
     "softmax_importance",
-    "as_attention_mask",
-    "repeat_kv",
 ]
 
 Backend = Literal["auto", "sdpa", "flex", "math"]
@@ -37,9 +37,7 @@ def repeat_kv(x: Tensor, groups: int) -> Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def as_attention_mask(
-    q: Tensor, k: Tensor, mask: MaskLike | list[MaskLike], causal: bool
-) -> AttentionMask:
+def as_attention_mask(q: Tensor, k: Tensor, mask: MaskLike | list[MaskLike], causal: bool) -> AttentionMask:
     """Normalise ``mask`` and ``causal`` for q (B, H, N, D) and k (B, H_kv, M, D)."""
     b, h, n, _ = q.shape
     return normalize_mask(mask, causal=causal, batch=b, heads=h, n=n, m=k.shape[2], device=q.device)
@@ -69,28 +67,20 @@ def _math(
     return torch.matmul(wd, v), w
 
 
-def _sdpa(
-    q: Tensor, k: Tensor, v: Tensor, am: AttentionMask, scale: float, dropout_p: float
-) -> Tensor:
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, am: AttentionMask, scale: float, dropout_p: float) -> Tensor:
     gqa = q.shape[1] != k.shape[1]
     kinds = am.kinds()
     if not kinds:
-        return F.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
-        )
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
     if kinds == ["causal"] and am.n == am.m:
-        return F.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa
-        )
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa)
     allowed = am.dense()
     assert allowed is not None
     empty = ~allowed.any(-1, keepdim=True)
     has_empty = bool(empty.any())
     if has_empty:  # let empty rows attend to everything (finite grads), then zero them
         allowed = allowed | empty
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
-    )
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
     return out.masked_fill(empty, 0.0) if has_empty else out
 
 
@@ -235,8 +225,7 @@ def softmax_importance(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     b, h, n, _ = q.shape
     kk = repeat_kv(k, h // k.shape[1])
-    acc = torch.zeros(b, h, k.shape[2], dtype=torch.float32 if q.dtype != torch.float64 else q.dtype,
-                      device=q.device)
+    acc = torch.zeros(b, h, k.shape[2], dtype=torch.float32 if q.dtype != torch.float64 else q.dtype, device=q.device)
     for s in range(0, n, chunk_size):
         e = min(n, s + chunk_size)
         scores = torch.matmul(q[:, :, s:e], kk.transpose(-1, -2)).to(acc.dtype) * scale

@@ -56,18 +56,14 @@ def check_supported(name: str, caps: Capabilities, mask: AttentionMask, *, cross
     listing = ", ".join(_KIND_TEXT[k] for k in supported) or "no masks"
     for kind in mask.kinds():
         if not caps.supports(kind):
-            raise UnsupportedError(
-                f"variant {name!r} does not support {_KIND_TEXT[kind]}; it supports: {listing}"
-            )
+            raise UnsupportedError(f"variant {name!r} does not support {_KIND_TEXT[kind]}; it supports: {listing}")
     if cross and not caps.cross:
         raise UnsupportedError(
             f"variant {name!r} does not support cross-attention (queries N={mask.n} and "
             f"keys M={mask.m} from different sequences); it is self-attention only"
         )
     if mask.causal and mask.n != mask.m and not caps.causal_cross:
-        raise UnsupportedError(
-            f"variant {name!r} supports causal=True only with N == M, got N={mask.n}, M={mask.m}"
-        )
+        raise UnsupportedError(f"variant {name!r} supports causal=True only with N == M, got N={mask.n}, M={mask.m}")
 
 
 class AttentionCore(nn.Module):
@@ -130,7 +126,12 @@ class AttentionCore(nn.Module):
             )
         check_supported(self.name, self.capabilities, mask, cross=cross)
         return self.attend(
-            q, k, v, mask, need_weights=need_weights, need_importance=need_importance,
+            q,
+            k,
+            v,
+            mask,
+            need_weights=need_weights,
+            need_importance=need_importance,
             dropout_p=dropout_p,
         )
 

@@ -32,15 +32,25 @@ class SoftmaxAttention(AttentionCore):
     """
 
     capabilities = Capabilities(
-        causal=True, cross=True, key_padding=True, full_mask=True, block_mask=True, window=True,
-        causal_cross=True, complexity="O(N^2)", exact=True, has_weights=True, trainable=False,
-        attn_dropout=True, gqa=True, permutation_equivariant=True, family="dense",
+        causal=True,
+        cross=True,
+        key_padding=True,
+        full_mask=True,
+        block_mask=True,
+        window=True,
+        causal_cross=True,
+        complexity="O(N^2)",
+        exact=True,
+        has_weights=True,
+        trainable=False,
+        attn_dropout=True,
+        gqa=True,
+        permutation_equivariant=True,
+        family="dense",
         paper="Vaswani et al. 2017, Attention Is All You Need",
     )
 
-    def __init__(
-        self, *, num_heads: int, head_dim: int, backend: str = "auto", scale: float | None = None
-    ) -> None:
+    def __init__(self, *, num_heads: int, head_dim: int, backend: str = "auto", scale: float | None = None) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
         if backend not in ("auto", "sdpa", "flex", "math"):
             raise ValueError(f"softmax backend must be 'auto', 'sdpa', 'flex' or 'math', got {backend!r}")
@@ -48,17 +58,29 @@ class SoftmaxAttention(AttentionCore):
         self.scale = scale
 
     def attend(
-        self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, need_weights: bool,
-        need_importance: bool, dropout_p: float,
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: AttentionMask,
+        *,
+        need_weights: bool,
+        need_importance: bool,
+        dropout_p: float,
     ) -> CoreOutput:
         if need_weights:
             out, w = softmax_attention(
-                q, k, v, mask=mask, scale=self.scale, dropout_p=dropout_p, backend="math",
+                q,
+                k,
+                v,
+                mask=mask,
+                scale=self.scale,
+                dropout_p=dropout_p,
+                backend="math",
                 return_weights=True,
             )
             return CoreOutput(out, weights=w, importance=w.mean(2) if need_importance else None)
-        out = softmax_attention(q, k, v, mask=mask, scale=self.scale, dropout_p=dropout_p,
-                                backend=self.backend)  # type: ignore[arg-type]
+        out = softmax_attention(q, k, v, mask=mask, scale=self.scale, dropout_p=dropout_p, backend=self.backend)  # type: ignore[arg-type]
         imp = softmax_importance(q, k, mask=mask, scale=self.scale) if need_importance else None
         return CoreOutput(out, importance=imp)  # type: ignore[arg-type]
 
@@ -77,14 +99,30 @@ class LocalAttention(AttentionCore):
     """
 
     capabilities = Capabilities(
-        causal=True, cross=False, key_padding=True, full_mask=True, block_mask=False, window=False,
-        complexity="O(N·w)", exact=True, has_weights=True, trainable=False, attn_dropout=True,
-        gqa=True, permutation_equivariant=False, family="dense",
+        causal=True,
+        cross=False,
+        key_padding=True,
+        full_mask=True,
+        block_mask=False,
+        window=False,
+        complexity="O(N·w)",
+        exact=True,
+        has_weights=True,
+        trainable=False,
+        attn_dropout=True,
+        gqa=True,
+        permutation_equivariant=False,
+        family="dense",
         paper="Beltagy et al. 2020, Longformer (sliding-window attention)",
     )
 
     def __init__(
-        self, *, num_heads: int, head_dim: int, window: int = 64, chunk_size: int | None = None,
+        self,
+        *,
+        num_heads: int,
+        head_dim: int,
+        window: int = 64,
+        chunk_size: int | None = None,
         scale: float | None = None,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
@@ -104,19 +142,36 @@ class LocalAttention(AttentionCore):
         return {"window": 3, "chunk_size": 4}
 
     def attend(
-        self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, need_weights: bool,
-        need_importance: bool, dropout_p: float,
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: AttentionMask,
+        *,
+        need_weights: bool,
+        need_importance: bool,
+        dropout_p: float,
     ) -> CoreOutput:
         if need_weights:
             out, w = softmax_attention(
-                q, k, v, mask=[mask, self.implied_mask()], scale=self.scale, dropout_p=dropout_p,
-                backend="math", return_weights=True,
+                q,
+                k,
+                v,
+                mask=[mask, self.implied_mask()],
+                scale=self.scale,
+                dropout_p=dropout_p,
+                backend="math",
+                return_weights=True,
             )
             return CoreOutput(out, weights=w, importance=w.mean(2) if need_importance else None)
-        out = local_attention(q, k, v, self.window, mask=mask, scale=self.scale,
-                              dropout_p=dropout_p, chunk_size=self.chunk_size)
-        imp = (local_importance(q, k, self.window, mask=mask, scale=self.scale,
-                                chunk_size=self.chunk_size) if need_importance else None)
+        out = local_attention(
+            q, k, v, self.window, mask=mask, scale=self.scale, dropout_p=dropout_p, chunk_size=self.chunk_size
+        )
+        imp = (
+            local_importance(q, k, self.window, mask=mask, scale=self.scale, chunk_size=self.chunk_size)
+            if need_importance
+            else None
+        )
         return CoreOutput(out, importance=imp)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,1 @@
+"""Console entry points: ``attnlib-info`` (capability matrix); training/benchmark apps join here."""

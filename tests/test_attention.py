@@ -1,0 +1,109 @@
+"""The Attention module: projections, heads, GQA, rotary positions, extras, config building."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from einops import rearrange
+from omegaconf import OmegaConf
+
+import attnlib
+from attnlib.functional import reference_attention
+from attnlib.positional import RotaryEmbedding
+from attnlib.testing import assert_close
+
+
+def _by_hand(attn: attnlib.Attention, x, context=None, mask=None, causal=False):
+    """Projections + float64 reference attention + output projection, written out."""
+    w, b = attn.in_proj.weight.double(), attn.in_proj.bias.double()
+    dq, dkv = attn.dim, attn.num_kv_heads * attn.head_dim
+    src = x if context is None else context
+    q = x.double() @ w[:dq].T + b[:dq]
+    k = src.double() @ w[dq : dq + dkv].T + b[dq : dq + dkv]
+    v = src.double() @ w[dq + dkv :].T + b[dq + dkv :]
+    q = rearrange(q, "b n (h d) -> b h n d", h=attn.num_heads)
+    k = rearrange(k, "b n (h d) -> b h n d", h=attn.num_kv_heads)
+    v = rearrange(v, "b n (h d) -> b h n d", h=attn.num_kv_heads)
+    o = reference_attention(q, k, v, mask=mask, causal=causal)
+    o = rearrange(o, "b h n d -> b n (h d)")
+    return o @ attn.out_proj.weight.double().T + attn.out_proj.bias.double()
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("causal", [False, True])
+def test_softmax_module_equals_hand_written(kv_heads: int, causal: bool) -> None:
+    torch.manual_seed(0)
+    attn = attnlib.Attention(32, 4, num_kv_heads=kv_heads, causal=causal).double()
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    ctx = torch.randn(2, 6, 32, dtype=torch.float64)
+    kp = torch.rand(2, 6) > 0.3
+    assert_close(attn(x), _by_hand(attn, x, causal=causal))
+    assert_close(attn(x, ctx, mask=kp), _by_hand(attn, x, ctx, mask=kp, causal=causal))
+
+
+def test_rotary_matches_complex_rotation() -> None:
+    rope = RotaryEmbedding(8)
+    x = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    got = rope(x, offset=3)
+    z = torch.complex(x[..., :4], x[..., 4:])
+    inv = 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    ang = torch.arange(3, 8, dtype=torch.float64)[:, None] * inv
+    zr = z * torch.polar(torch.ones_like(ang), ang)
+    assert_close(got, torch.cat([zr.real, zr.imag], -1))
+
+
+def test_rotary_attention_depends_on_relative_positions_only() -> None:
+    torch.manual_seed(0)
+    attn = attnlib.Attention(32, 4, rope=True, causal=True).double()
+    x = torch.randn(2, 12, 32, dtype=torch.float64)
+    assert_close(attn(x, position_offset=0), attn(x, position_offset=1000))
+    plain = attnlib.Attention(32, 4, causal=True).double()
+    plain.load_state_dict(attn.state_dict())
+    assert (plain(x) - attn(x)).abs().max() > 1e-3  # rope does change the output
+
+
+def test_extras_importance_sums_to_one_per_row() -> None:
+    attn = attnlib.Attention(32, 4).double()
+    _y, ex = attn(torch.randn(3, 10, 32, dtype=torch.float64), return_extras=True, need_weights=False)
+    assert ex.weights is None
+    assert_close(ex.importance.sum(-1), torch.ones(3, dtype=torch.float64))
+
+
+def test_build_attention_from_dict_and_dictconfig() -> None:
+    a = attnlib.build_attention({"variant": "local", "window": 5}, dim=32, num_heads=4, causal=True)
+    assert isinstance(a.core, attnlib.variants.dense.LocalAttention) and a.core.window == 5 and a.causal
+    cfg = OmegaConf.create({"name": "softmax", "dim": 16, "num_heads": 2, "backend": "math"})
+    b = attnlib.build_attention(cfg)
+    assert b.variant == "softmax" and b.core.backend == "math"
+    with pytest.raises(ValueError, match=r"missing required key\(s\) \['num_heads'\]"):
+        attnlib.build_attention({"dim": 8})
+    with pytest.raises(ValueError, match="mapping"):
+        attnlib.build_attention(["softmax"])
+
+
+def test_aux_loss_sums_pending_and_clears() -> None:
+    model = torch.nn.Sequential(attnlib.Attention(8, 2), attnlib.Attention(8, 2))
+    assert attnlib.aux_loss(model).item() == 0.0
+    model[0].pending_aux_loss = torch.tensor(1.5)
+    model[1].pending_aux_loss = torch.tensor(2.0)
+    assert attnlib.aux_loss(model, clear=False).item() == 3.5
+    assert attnlib.aux_loss(model).item() == 3.5
+    assert attnlib.aux_loss(model).item() == 0.0
+
+
+def test_capabilities_are_frozen_and_listed() -> None:
+    info = attnlib.variant_info("softmax")
+    assert info.exact and info.causal and info.complexity == "O(N^2)"
+    with pytest.raises(AttributeError):
+        info.exact = False  # type: ignore[misc]
+    assert attnlib.available() == sorted(attnlib.available())
+    assert {"softmax", "local"} <= set(attnlib.available())
+
+
+def test_register_variant_rejects_duplicates_and_missing_capabilities() -> None:
+    from attnlib.variants.base import AttentionCore
+
+    with pytest.raises(ValueError, match="already registered"):
+        attnlib.register_variant("softmax")(type("X", (AttentionCore,), {"capabilities": attnlib.Capabilities()}))
+    with pytest.raises(TypeError, match="capabilities"):
+        attnlib.register_variant("zzz_test")(type("Y", (torch.nn.Module,), {}))

@@ -1,0 +1,153 @@
+"""softmax_attention backends and local attention against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnlib.functional import (
+    local_attention,
+    local_importance,
+    reference_attention,
+    softmax_attention,
+    softmax_importance,
+)
+from attnlib.masks import BlockMask, SlidingWindow
+from attnlib.testing import assert_close, make_qkv
+
+
+def _masks(b: int, h: int, n: int, m: int):
+    g = torch.Generator().manual_seed(n + m)
+    kp = torch.rand(b, m, generator=g) > 0.3
+    kp[1] = False  # an empty batch row
+    full = torch.rand(b, h, n, m, generator=g) > 0.5
+    yield "none", None
+    yield "key_padding", kp
+    yield "full", full
+    yield "window", SlidingWindow(3, 1)
+    yield "block", BlockMask.from_dense(torch.rand(1, h, n, m, generator=g) > 0.5, 8)
+    yield "all", [kp, full, SlidingWindow(5, 5)]
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "math"])
+@pytest.mark.parametrize(("n", "m", "h_kv"), [(17, 17, 4), (9, 30, 2), (30, 9, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_softmax_backends_equal_reference(backend: str, n: int, m: int, h_kv: int, causal: bool) -> None:
+    for dtype in (torch.float64, torch.float32):
+        q, k, v = make_qkv(2, 4, n, 16, m=m, h_kv=h_kv, dtype=dtype, logit_scale=5.0)
+        for label, mask in _masks(2, 4, n, m):
+            ref = reference_attention(q, k, v, mask=mask, causal=causal)
+            out = softmax_attention(q, k, v, mask=mask, causal=causal, backend=backend)
+            eager = softmax_attention(q, k, v, mask=mask, causal=causal, backend="math")
+            assert_close(out, ref, eager, name=f"{backend}/{label}/{dtype}")
+
+
+def test_softmax_weights_and_importance() -> None:
+    q, k, v = make_qkv(2, 4, 20, 8, m=13, dtype=torch.float64, logit_scale=3.0)
+    kp = torch.rand(2, 13) > 0.4
+    out, w = softmax_attention(q, k, v, mask=kp, causal=True, return_weights=True)
+    ref, wr = reference_attention(q, k, v, mask=kp, causal=True, return_weights=True)
+    assert_close(out, ref)
+    assert_close(w, wr)
+    assert_close(softmax_importance(q, k, mask=kp, causal=True, chunk_size=3), wr.mean(2))
+    assert not (w[..., ~kp[0]][0] != 0).any()  # masked keys get zero weight
+
+
+def test_softmax_causal_cross_is_bottom_right() -> None:
+    """One decoding query over a cache of M keys sees all of them."""
+    q, k, v = make_qkv(1, 2, 1, 8, m=6, dtype=torch.float64)
+    assert_close(softmax_attention(q, k, v, causal=True), softmax_attention(q, k, v))
+
+
+def test_softmax_empty_rows_have_zero_output_and_finite_grads() -> None:
+    q, k, v = make_qkv(2, 2, 5, 8, dtype=torch.float64)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    kp = torch.ones(2, 5, dtype=torch.bool)
+    kp[0] = False
+    out = softmax_attention(q, k, v, mask=kp)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    out.square().sum().backward()
+    for t in (q, k, v):
+        assert t.grad is not None and torch.isfinite(t.grad).all()
+
+
+@pytest.mark.slow
+def test_softmax_flex_backend_equals_reference() -> None:
+    q, k, v = make_qkv(2, 4, 40, 16, m=24, h_kv=2, logit_scale=3.0)
+    kp = torch.rand(2, 24, generator=torch.Generator().manual_seed(1)) > 0.3
+    ref = reference_attention(q, k, v, mask=kp, causal=True)
+    out = softmax_attention(q, k, v, mask=kp, causal=True, backend="flex", compile_flex=False)
+    eager = softmax_attention(q, k, v, mask=kp, causal=True, backend="math")
+    assert_close(out, ref, eager)
+    bm = BlockMask.from_dense(torch.rand(1, 4, 40, 24, generator=torch.Generator().manual_seed(2)) > 0.5, 16)
+    ref = reference_attention(q, k, v, mask=bm)
+    out = softmax_attention(q, k, v, mask=bm, backend="flex", compile_flex=False)
+    assert_close(out, ref, softmax_attention(q, k, v, mask=bm, backend="math"))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    ("n", "window", "chunk"), [(1, 1, None), (7, 2, 4), (50, 3, 8), (100, 20, None), (33, 64, 16), (64, 1, 1)]
+)
+def test_local_equals_banded_softmax(causal: bool, n: int, window: int, chunk: int | None) -> None:
+    q, k, v = make_qkv(2, 4, n, 8, h_kv=2, dtype=torch.float64, logit_scale=4.0)
+    g = torch.Generator().manual_seed(n)
+    kp = torch.rand(2, n, generator=g) > 0.3
+    full = torch.rand(2, 1, n, n, generator=g) > 0.3
+    for mask in (None, kp, [kp, full]):
+        ref, w = reference_attention(
+            q, k, v, mask=[mask, SlidingWindow(window, window)], causal=causal, return_weights=True
+        )
+        out = local_attention(q, k, v, window, mask=mask, causal=causal, chunk_size=chunk)
+        assert_close(out, ref)
+        imp = local_importance(q, k, window, mask=mask, causal=causal, chunk_size=chunk)
+        assert_close(imp, w.mean(2))
+
+
+def test_local_window_at_least_n_is_dense() -> None:
+    q, k, v = make_qkv(1, 2, 30, 8, dtype=torch.float64)
+    assert_close(local_attention(q, k, v, 30), reference_attention(q, k, v))
+    assert_close(local_attention(q, k, v, 29, causal=True), reference_attention(q, k, v, causal=True))
+
+
+def test_local_fp32_within_flex_rule() -> None:
+    q, k, v = make_qkv(1, 4, 300, 32, dtype=torch.float64, logit_scale=10.0)
+    ref = reference_attention(q, k, v, mask=SlidingWindow(17, 17))
+    qf, kf, vf = q.float(), k.float(), v.float()
+    eager = softmax_attention(qf, kf, vf, mask=SlidingWindow(17, 17), backend="math")
+    assert_close(local_attention(qf, kf, vf, 17), ref, eager)
+
+
+def test_local_gradients_match_reference() -> None:
+    q, k, v = make_qkv(1, 2, 40, 8, dtype=torch.float64)
+    kp = torch.rand(1, 40) > 0.2
+    ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    refs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    local_attention(*ins, 5, mask=kp, causal=True).square().sum().backward()
+    reference_attention(*refs, mask=[kp, SlidingWindow(5, 5)], causal=True).square().sum().backward()
+    for a, r in zip(ins, refs):
+        assert_close(a.grad, r.grad)
+
+
+@pytest.mark.slow
+def test_local_memory_is_linear_at_16k() -> None:
+    """N=16384, H=8, D=64: peak memory growth under 1 GiB (never an N x N tensor)."""
+    import subprocess
+    import sys
+
+    code = r"""
+import resource, torch
+from attnlib.functional import local_attention
+torch.set_num_threads(2)
+q, k, v = (torch.randn(1, 8, 16384, 64) for _ in range(3))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for causal in (False, True):
+    out = local_attention(q, k, v, 256, causal=causal)
+    assert torch.isfinite(out).all()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((peak - base) / 1024)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    growth_mib = float(res.stdout.strip().splitlines()[-1])
+    assert growth_mib < 1024, f"peak memory grew by {growth_mib:.0f} MiB"
