@@ -1,0 +1,42 @@
+# attnlib - the two commands of the README quickstart: `make demo` and `make test`.
+# Each bootstraps .venv idempotently (torch==2.13.0 CPU wheel; an installed torch 2.13.0 is kept).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := 2.13.0
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+PYTEST_WORKERS ?= 2
+
+.PHONY: demo test lint info bench-overhead setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_PIN)')" 2>/dev/null \
+		|| $(PY) -m pip install --disable-pip-version-check "torch==$(TORCH_PIN)"
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[dev]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: $(STAMP)
+	$(PY) examples/compare_variants.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --timeout=900 tests
+	$(VENV)/bin/ruff check .
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+info: $(STAMP)
+	$(VENV)/bin/attnlib-info
+
+bench-overhead: $(STAMP)
+	$(PY) benchmarks/module_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
