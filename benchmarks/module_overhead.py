@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, interleaved_medians, machine_info, markdown_table  # noqa: E402
+from _common import RESULTS, interleaved_medians, machine_info, markdown_table
 
-import attnlib  # noqa: E402
+import attnlib
 
 
 def main() -> None:
@@ -59,7 +59,9 @@ def main() -> None:
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "module_overhead.md").write_text(text)
-    (RESULTS / "module_overhead.json").write_text(json.dumps({"machine": info, "median_s": med, "ratio": ratio}, indent=2))
+    (RESULTS / "module_overhead.json").write_text(
+        json.dumps({"machine": info, "median_s": med, "ratio": ratio}, indent=2)
+    )
     print(text)
 
 

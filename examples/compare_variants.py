@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _common import interleaved_medians, markdown_table  # noqa: E402
+from _common import interleaved_medians, markdown_table
 
-import attnlib  # noqa: E402
-from attnlib.cli.info import capability_matrix  # noqa: E402
-from attnlib.functional import reference_attention  # noqa: E402
-from attnlib.masks import normalize_mask  # noqa: E402
-from attnlib.registry import get_variant  # noqa: E402
-from attnlib.testing import make_qkv, max_error, rel_error  # noqa: E402
+import attnlib
+from attnlib.cli.info import capability_matrix
+from attnlib.functional import reference_attention
+from attnlib.masks import normalize_mask
+from attnlib.registry import get_variant
+from attnlib.testing import make_qkv, max_error, rel_error
 
 
 def main() -> None:
@@ -48,21 +48,38 @@ def main() -> None:
         core = get_variant(name)(num_heads=h, head_dim=d).eval()
         with torch.inference_mode():
             outs[name] = core(qf, kf, vf, am).out
-        fns[name] = (lambda c=core: c(qf, kf, vf, am))
+        fns[name] = lambda c=core: c(qf, kf, vf, am)
     with torch.inference_mode():
         med = interleaved_medians(fns, repeats=args.repeats, warmup=1)
     base = med.get("softmax")
     for name in attnlib.available():
         caps = attnlib.variant_info(name)
-        rows.append([
-            f"`{name}`", caps.complexity, "yes" if caps.exact else "no", f"{med[name] * 1e3:.2f}",
-            f"{base / med[name]:.2f}x" if base else "-",
-            f"{max_error(outs[name], exact):.2e}", f"{rel_error(outs[name], exact):.2e}",
-        ])
+        rows.append(
+            [
+                f"`{name}`",
+                caps.complexity,
+                "yes" if caps.exact else "no",
+                f"{med[name] * 1e3:.2f}",
+                f"{base / med[name]:.2f}x" if base else "-",
+                f"{max_error(outs[name], exact):.2e}",
+                f"{rel_error(outs[name], exact):.2e}",
+            ]
+        )
     print(f"\n## CPU comparison: B={b}, H={h}, N={n}, D={d}, fp32, {args.threads} threads, non-causal\n")
-    print(markdown_table(
-        ["variant", "complexity", "exact", "forward ms (median)", "speed vs softmax",
-         "max abs err vs softmax", "rel err vs softmax"], rows))
+    print(
+        markdown_table(
+            [
+                "variant",
+                "complexity",
+                "exact",
+                "forward ms (median)",
+                "speed vs softmax",
+                "max abs err vs softmax",
+                "rel err vs softmax",
+            ],
+            rows,
+        )
+    )
     print("\nSwap the attention of a module by name: attnlib.Attention(dim, heads, variant='<name>').")
 
 
