@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from attnlib._validation import check_qkv
@@ -148,6 +149,21 @@ class AttentionCore(nn.Module):
     ) -> CoreOutput:
         """The variant's computation; see :meth:`forward` for shapes."""
         raise NotImplementedError
+
+    # -- recurrent decoding (variants with ``capabilities.recurrent``) ------------------------
+
+    def initial_state(self, batch: int, *, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+        """Empty recurrent state for causal decoding (e.g. the running sums of linear attention).
+
+        Variants with ``capabilities.recurrent`` override this and :meth:`step`; feeding the
+        tokens of a sequence one at a time through :meth:`step` must equal the causal
+        parallel forward token for token.
+        """
+        raise UnsupportedError(f"variant {self.name!r} has no recurrent step (capabilities.recurrent=False)")
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """One causal decoding step: q, k (B, H, 1, D), v (B, H, 1, Dv), state -> (out (B, H, 1, Dv), new state)."""
+        raise UnsupportedError(f"variant {self.name!r} has no recurrent step (capabilities.recurrent=False)")
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, num_heads={self.num_heads}, head_dim={self.head_dim}"
