@@ -1,0 +1,464 @@
+"""Block-sparse softmax attention: one function, a Triton path (CUDA) and a PyTorch path (anywhere).
+
+``block_sparse_attention(q, k, v, block_mask)`` computes exact softmax attention restricted to
+the pairs a :class:`attnlib.masks.BlockMask` allows, visiting only its active blocks:
+
+* **Triton** (CUDA; or CPU tensors through Triton's interpreter with ``TRITON_INTERPRET=1``):
+  a FlashAttention-2 style kernel that walks each query block's key-block list (forward and
+  dQ) and each key block's query-block list (the transposed layout, dK/dV). Partial blocks are
+  masked element-wise from the layout's tiles; full blocks need no mask.
+* **PyTorch**: the query blocks are bucketed by how many full (and, separately, partial) key
+  blocks they visit; each bucket gathers exactly those key/value blocks and runs one fused
+  attention call (on the CPU: PyTorch's flash kernel, which also returns the log-sum-exp),
+  the two parts are merged through their log-sum-exps. Time and memory are O(active blocks);
+  no N x M score matrix is ever built. The backward pass reuses the fused backward kernel per
+  bucket with the *global* output and log-sum-exp, which gives each part's exact share of the
+  gradients.
+
+This module sits at the bottom of attnlib's layers: it reads the BlockMask's public tensors
+(duck-typed) and imports nothing from attnlib but its error type.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from attnlib.errors import UnsupportedError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from attnlib.masks import BlockMask
+
+__all__ = [
+    "KernelBackend",
+    "block_sparse_attention",
+    "triton_available",
+    "triton_supports",
+]
+
+KernelBackend = Literal["auto", "triton", "torch"]
+
+_GATHER_ELEMS = 1 << 23  # elements of gathered K per fused call (bounds peak memory)
+_TRITON_BLOCKS = (16, 32, 64, 128)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------
+# dispatch
+# ------------------------------------------------------------------------------------------
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def triton_supports(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> str | None:
+    """None when the Triton kernel can run this call, else the reason it cannot."""
+    if not triton_available():
+        return (
+            "the `triton` package is not installed (pip install 'attnlib[kernels]' or 'triton>=3.0'); "
+            "backend='torch' runs everywhere"
+        )
+    if not q.is_cuda and not _interpret():
+        return (
+            f"Triton kernels run on CUDA tensors, got tensors on {q.device}; set TRITON_INTERPRET=1 "
+            "to run them on the CPU through Triton's interpreter (slow, for tests), or use backend='torch'"
+        )
+    if q.dtype not in _TRITON_DTYPES:
+        return f"the Triton kernel supports float16, bfloat16 and float32, got {q.dtype}; use backend='torch'"
+    bq, bk = block_mask.block_size
+    if bq not in _TRITON_BLOCKS or bk not in _TRITON_BLOCKS:
+        return f"the Triton kernel needs block sizes in {_TRITON_BLOCKS}, got {(bq, bk)}; use backend='torch'"
+    if q.shape[-1] > 256 or v.shape[-1] > 256:
+        return f"the Triton kernel supports head dims up to 256, got D={q.shape[-1]}, Dv={v.shape[-1]}"
+    return None
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4 or not t.is_floating_point():
+            got = f"shape {tuple(t.shape)}, dtype {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"block_sparse_attention: {name} must be a float tensor (B, H, N, D), got {got}")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError(
+            f"block_sparse_attention: q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
+            f"{q.device}/{k.device}/{v.device}"
+        )
+    b, h, n, d = q.shape
+    bk_, hk, m, dk = k.shape
+    if bk_ != b or v.shape[0] != b or v.shape[1] != hk or v.shape[2] != m or dk != d:
+        raise ValueError(
+            "block_sparse_attention: expected q (B, H, N, D), k (B, H_kv, M, D), v (B, H_kv, M, Dv), got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if hk == 0 or h % hk:
+        raise ValueError(f"block_sparse_attention: query heads H={h} must be a multiple of key/value heads H_kv={hk}")
+    if n == 0 or m == 0 or b == 0:
+        raise ValueError(f"block_sparse_attention: empty input (B={b}, N={n}, M={m})")
+    needed = ("block_size", "seq_lengths", "kv_num_blocks", "kv_indices", "partial_tiles", "block_states")
+    if not all(hasattr(block_mask, a) for a in needed):
+        raise ValueError(
+            f"block_sparse_attention: block_mask must be an attnlib.masks.BlockMask, got {type(block_mask).__name__}"
+        )
+    if tuple(block_mask.seq_lengths) != (n, m):
+        raise ValueError(
+            f"block_sparse_attention: block_mask is for (N, M) = {tuple(block_mask.seq_lengths)}, "
+            f"but q has N={n} and k has M={m}"
+        )
+    bp, hp = block_mask.kv_num_blocks.shape[:2]
+    if bp not in (1, b) or hp not in (1, h):
+        raise ValueError(
+            f"block_sparse_attention: block_mask has (B', H') = {(bp, hp)}; expected B' in (1, {b}) and H' in (1, {h})"
+        )
+    if block_mask.kv_num_blocks.device != q.device:
+        raise ValueError(
+            f"block_sparse_attention: block_mask is on {block_mask.kv_num_blocks.device} but q is on {q.device}"
+        )
+
+
+def block_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_mask: BlockMask,
+    *,
+    scale: float | None = None,
+    backend: KernelBackend = "auto",
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Exact softmax attention over the pairs a BlockMask allows, visiting only active blocks.
+
+    Args:
+        q: (B, H, N, D); k: (B, H_kv, M, D); v: (B, H_kv, M, Dv). H a multiple of H_kv
+            (grouped-query attention: query head h reads key/value head h // (H / H_kv)).
+        block_mask: :class:`attnlib.masks.BlockMask` for (N, M), shared (B'=1, H'=1) or per
+            batch / head. Partial blocks are masked element-wise.
+        scale: logit scale, default D**-0.5.
+        backend: "auto" (Triton on CUDA when it supports the call, else PyTorch), "triton" or
+            "torch". With ``TRITON_INTERPRET=1``, "triton" runs CPU tensors through Triton's
+            interpreter.
+        return_lse: also return the natural-log log-sum-exp (B, H, N), float32 (float64 for
+            float64 inputs); -inf on rows with no allowed key.
+
+    Returns:
+        out (B, H, N, Dv) (or (out, lse)). Rows with no allowed key are zeros, with zero
+        gradients. Differentiable w.r.t. q, k, v.
+    """
+    _check(q, k, v, block_mask)
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"block_sparse_attention: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend == "triton":
+        why = triton_supports(q, k, v, block_mask)
+        if why is not None:
+            raise UnsupportedError(f"block_sparse_attention(backend='triton'): {why}")
+        impl = "triton"
+    elif backend == "auto" and q.is_cuda and triton_supports(q, k, v, block_mask) is None:
+        impl = "triton"
+    else:
+        impl = "torch"
+    out, lse = _BlockSparseFn.apply(q, k, v, block_mask, scale, impl)
+    return (out, lse) if return_lse else out
+
+
+class _BlockSparseFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, bm: Any, scale: float, impl: str) -> tuple[Tensor, Tensor]:
+        if impl == "triton":
+            from attnlib.kernels import _triton_block_sparse as tri
+
+            out, lse = tri.forward(q, k, v, bm, scale)
+        else:
+            out, lse = _torch_forward(q, k, v, bm, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.bm, ctx.scale, ctx.impl = bm, scale, impl
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dout: Tensor, _dlse: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        if ctx.impl == "triton":
+            from attnlib.kernels import _triton_block_sparse as tri
+
+            dq, dk, dv = tri.backward(dout.contiguous(), q, k, v, out, lse, ctx.bm, ctx.scale)
+        else:
+            dq, dk, dv = _torch_backward(dout, q, k, v, out, lse, ctx.bm, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+# ------------------------------------------------------------------------------------------
+# PyTorch path: plan (cached on the BlockMask), fused per-bucket attention, LSE merge
+# ------------------------------------------------------------------------------------------
+
+
+class _Bucket:
+    """Query blocks that visit the same number c of key blocks in one part (full or partial).
+
+    Attributes: bidx, hidx (R, X) batch / query-head of every expanded row; qblk (R,) query
+    block; kblk (R, c) key blocks; tiles (R, 1, bq, c·bk) bool element mask (partial part
+    only); row_any (R, 1, bq) rows with at least one allowed key (partial part only).
+    """
+
+    def __init__(
+        self, bidx: Tensor, hidx: Tensor, qblk: Tensor, kblk: Tensor, tiles: Tensor | None, row_any: Tensor | None
+    ) -> None:
+        self.bidx, self.hidx, self.qblk, self.kblk = bidx, hidx, qblk, kblk
+        self.tiles, self.row_any = tiles, row_any
+        self._bias: dict[torch.dtype, Tensor] = {}
+
+    def bias(self, dtype: torch.dtype) -> Tensor | None:
+        """Additive mask (R, 1, bq, c·bk): 0 where allowed, -inf elsewhere (None for full blocks)."""
+        if self.tiles is None:
+            return None
+        if dtype not in self._bias:
+            z = torch.zeros(self.tiles.shape, dtype=dtype, device=self.tiles.device)
+            self._bias[dtype] = z.masked_fill_(~self.tiles, float("-inf"))
+        return self._bias[dtype]
+
+
+def _plan(bm: Any, b: int, h: int) -> dict[str, list[_Bucket]]:
+    """Buckets for the call sizes (B, H); cached on the BlockMask (its layout never changes)."""
+    key = f"torch_plan/{b}/{h}"
+    cache = getattr(bm, "_cache", None)
+    if cache is not None and key in cache:
+        return cache[key]
+    bq, bk = bm.block_size
+    n, m = bm.seq_lengths
+    dev = bm.kv_num_blocks.device
+    partial, full = bm.block_states()
+    slots = bm.tile_slots()
+    bp, hp, nq, nk = partial.shape
+    tail_tile = None
+    if m % bk and bool(full[..., -1].any()):
+        # the last key block holds padding columns: treat its full blocks as partial
+        moved = full[..., -1].clone()
+        full[..., -1] = False
+        partial[..., -1] |= moved
+        slots = slots.clone()
+        slots[..., -1] = torch.where(moved, -2, slots[..., -1])
+        cols = torch.arange(bk, device=dev) < m - (nk - 1) * bk
+        rows = (torch.arange(nq, device=dev)[:, None] * bq + torch.arange(bq, device=dev)[None, :]) < n
+        tail_tile = rows[:, :, None] & cols[None, None, :]  # (n_q, bq, bk)
+    # expansion of each layout unit (b', h', I) over the call's batch and heads
+    bx = torch.arange(b, device=dev) if bp == 1 else None
+    hx = torch.arange(h, device=dev) if hp == 1 else None
+    nx_b = b if bp == 1 else 1
+    nx_h = h if hp == 1 else 1
+    unit_b = torch.arange(bp, device=dev)[:, None, None].expand(bp, hp, nq).reshape(-1)
+    unit_h = torch.arange(hp, device=dev)[None, :, None].expand(bp, hp, nq).reshape(-1)
+    unit_i = torch.arange(nq, device=dev)[None, None, :].expand(bp, hp, nq).reshape(-1)
+    ex_b = (bx if bx is not None else torch.zeros(1, dtype=torch.long, device=dev)).repeat_interleave(nx_h)
+    ex_h = (hx if hx is not None else torch.zeros(1, dtype=torch.long, device=dev)).repeat(nx_b)
+    plan: dict[str, list[_Bucket]] = {"full": [], "partial": []}
+    flat_tiles = bm.partial_tiles.reshape(bp * hp * nq, -1, bq, bk)
+    for part, states in (("full", full), ("partial", partial)):
+        st = states.reshape(-1, nk)
+        counts = st.sum(-1)
+        order = torch.argsort(st.to(torch.int8), dim=-1, descending=True, stable=True)
+        for c in torch.unique(counts).tolist():
+            if c == 0:
+                continue
+            units = torch.nonzero(counts == c).flatten()
+            kblk = order[units, :c]
+            bidx = (unit_b[units, None] if bx is None else ex_b[None, :]).expand(units.numel(), nx_b * nx_h)
+            hidx = (unit_h[units, None] if hx is None else ex_h[None, :]).expand(units.numel(), nx_b * nx_h)
+            tiles = row_any = None
+            if part == "partial":
+                s = slots.reshape(-1, nk)[units[:, None], kblk]  # (R, c)
+                t = flat_tiles[units[:, None], s.clamp_min(0)] if flat_tiles.shape[1] else None
+                if tail_tile is not None:
+                    tail = tail_tile[unit_i[units]][:, None].expand(-1, c, bq, bk)
+                    t = tail if t is None else torch.where((s == -2)[..., None, None], tail, t)
+                assert t is not None
+                tiles = t.permute(0, 2, 1, 3).reshape(units.numel(), 1, bq, c * bk).contiguous()
+                row_any = tiles.any(-1)
+            plan[part].append(
+                _Bucket(bidx.contiguous(), hidx.contiguous(), unit_i[units].contiguous(), kblk, tiles, row_any)
+            )
+    if cache is not None:
+        cache[key] = plan
+    return plan
+
+
+def _chunks(bucket: _Bucket, d: int, bk: int) -> list[slice]:
+    r, x = bucket.bidx.shape
+    per_row = max(1, x * bucket.kblk.shape[1] * bk * d)
+    step = max(1, _GATHER_ELEMS // per_row)
+    return [slice(s, s + step) for s in range(0, r, step)]
+
+
+def _cpu_flash_ok(q: Tensor, v: Tensor) -> bool:
+    return q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
+
+
+def _part_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """Attention of rows q (R, X, bq, D) over k/v (R, X, L, ·) with additive bias -> (out, lse)."""
+    if _cpu_flash_ok(q, v):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q,
+            k,
+            v,
+            0.0,
+            False,
+            attn_mask=None if bias is None else bias.expand(*q.shape[:2], *bias.shape[2:]),
+            scale=scale,
+        )
+        return out, lse
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale
+    if bias is not None:
+        s = s + bias.to(acc)
+    mx = s.amax(-1, keepdim=True)
+    mx = torch.where(torch.isneginf(mx), torch.zeros_like(mx), mx)
+    p = torch.exp(s - mx)
+    den = p.sum(-1, keepdim=True)
+    out = torch.matmul(p.to(v.dtype), v).to(acc) / torch.where(den == 0, torch.ones_like(den), den)
+    return out.to(q.dtype), (mx + torch.log(den)).squeeze(-1)
+
+
+def _part_backward(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bias: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of one part given the *global* out and lse of its rows (lse = +inf on empty rows)."""
+    if _cpu_flash_ok(q, v):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            0.0,
+            False,
+            attn_mask=None if bias is None else bias.expand(*q.shape[:2], *bias.shape[2:]),
+            scale=scale,
+        )
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qa, ka, va, doa = q.to(acc), k.to(acc), v.to(acc), do.to(acc)
+    s = torch.matmul(qa, ka.transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias.to(acc)
+    p = torch.exp(s - lse.to(acc)[..., None])
+    dv = torch.matmul(p.transpose(-1, -2), doa)
+    dp = torch.matmul(doa, va.transpose(-1, -2))
+    delta = (doa * out.to(acc)).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    return torch.matmul(ds, ka) * scale, torch.matmul(ds.transpose(-1, -2), qa) * scale, dv
+
+
+def _blocks(x: Tensor, size: int, n_blocks: int) -> Tensor:
+    """(B, H, L, D) -> zero-padded (B, H, n_blocks, size, D)."""
+    pad = n_blocks * size - x.shape[2]
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+    return x.reshape(x.shape[0], x.shape[1], n_blocks, size, x.shape[3])
+
+
+def _gather(bucket: _Bucket, sl: slice, qb: Tensor, kb: Tensor, vb: Tensor, g: int) -> tuple[Tensor, ...]:
+    bidx, hidx = bucket.bidx[sl], bucket.hidx[sl]
+    qblk, kblk = bucket.qblk[sl], bucket.kblk[sl]
+    r, x = bidx.shape
+    c = kblk.shape[1]
+    qq = qb[bidx, hidx, qblk[:, None]]  # (R, X, bq, D)
+    ib, ih, ij = bidx[:, :, None], (hidx // g)[:, :, None], kblk[:, None, :]
+    kk = kb[ib, ih, ij].reshape(r, x, c * kb.shape[3], kb.shape[4])
+    vv = vb[ib, ih, ij].reshape(r, x, c * vb.shape[3], vb.shape[4])
+    return qq, kk, vv
+
+
+def _torch_forward(q: Tensor, k: Tensor, v: Tensor, bm: Any, scale: float) -> tuple[Tensor, Tensor]:
+    b, h, n, d = q.shape
+    g = h // k.shape[1]
+    dv = v.shape[-1]
+    bq, bk = bm.block_size
+    nq, nk = math.ceil(n / bq), math.ceil(k.shape[2] / bk)
+    plan = _plan(bm, b, h)
+    qb, kb, vb = _blocks(q, bq, nq), _blocks(k, bk, nk), _blocks(v, bk, nk)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    outs, lses = {}, {}
+    for part in ("full", "partial"):
+        o_buf = torch.zeros(b, h, nq, bq, dv, dtype=q.dtype, device=q.device)
+        l_buf = torch.full((b, h, nq, bq), float("-inf"), dtype=lse_dtype, device=q.device)
+        for bucket in plan[part]:
+            for sl in _chunks(bucket, d, bk):
+                qq, kk, vv = _gather(bucket, sl, qb, kb, vb, g)
+                bias = bucket.bias(q.dtype)
+                o, lse = _part_forward(qq, kk, vv, None if bias is None else bias[sl], scale)
+                lse = lse.to(lse_dtype)
+                if bucket.row_any is not None:
+                    lse = lse.masked_fill(~bucket.row_any[sl], float("-inf"))
+                idx = (bucket.bidx[sl], bucket.hidx[sl], bucket.qblk[sl][:, None])
+                o_buf[idx] = o
+                l_buf[idx] = lse
+        outs[part], lses[part] = o_buf, l_buf
+    lf, lp = lses["full"], lses["partial"]
+    mx = torch.maximum(lf, lp)
+    mx = torch.where(torch.isneginf(mx), torch.zeros_like(mx), mx)
+    wf, wp = torch.exp(lf - mx), torch.exp(lp - mx)
+    den = wf + wp
+    safe = torch.where(den == 0, torch.ones_like(den), den)
+    acc = lse_dtype
+    out = (outs["full"].to(acc) * (wf / safe)[..., None] + outs["partial"].to(acc) * (wp / safe)[..., None]).to(q.dtype)
+    lse = mx + torch.log(den)
+    out = out.reshape(b, h, nq * bq, dv)[:, :, :n]
+    lse = lse.reshape(b, h, nq * bq)[:, :, :n]
+    return out.contiguous(), lse.contiguous()
+
+
+def _torch_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bm: Any, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    b, h, n, d = q.shape
+    hk, m = k.shape[1], k.shape[2]
+    g = h // hk
+    bq, bk = bm.block_size
+    nq, nk = math.ceil(n / bq), math.ceil(m / bk)
+    plan = _plan(bm, b, h)
+    qb, kb, vb = _blocks(q, bq, nq), _blocks(k, bk, nk), _blocks(v, bk, nk)
+    dob, ob = _blocks(dout.to(q.dtype), bq, nq), _blocks(out, bq, nq)
+    lse_b = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)  # empty rows: P = 0
+    if nq * bq > n:
+        lse_b = F.pad(lse_b, (0, nq * bq - n), value=float("inf"))
+    lse_b = lse_b.reshape(b, h, nq, bq)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = torch.zeros(b, h, nq, bq, d, dtype=acc, device=q.device)
+    dk = torch.zeros(b, hk, nk, bk, d, dtype=acc, device=q.device)
+    dv = torch.zeros(b, hk, nk, bk, v.shape[-1], dtype=acc, device=q.device)
+    for part in ("full", "partial"):
+        for bucket in plan[part]:
+            bias = bucket.bias(q.dtype)
+            for sl in _chunks(bucket, d, bk):
+                qq, kk, vv = _gather(bucket, sl, qb, kb, vb, g)
+                bidx, hidx, qblk, kblk = bucket.bidx[sl], bucket.hidx[sl], bucket.qblk[sl], bucket.kblk[sl]
+                ridx = (bidx, hidx, qblk[:, None])
+                lse_rows = lse_b[ridx].to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+                gq, gk, gv = _part_backward(
+                    dob[ridx], qq, kk, vv, ob[ridx], lse_rows, None if bias is None else bias[sl], scale
+                )
+                r, x = bidx.shape
+                c = kblk.shape[1]
+                dq.index_put_(ridx, gq.to(acc), accumulate=True)
+                kidx = (bidx[:, :, None], (hidx // g)[:, :, None], kblk[:, None, :])
+                dk.index_put_(kidx, gk.to(acc).reshape(r, x, c, bk, d), accumulate=True)
+                dv.index_put_(kidx, gv.to(acc).reshape(r, x, c, bk, v.shape[-1]), accumulate=True)
+    dq = dq.reshape(b, h, nq * bq, d)[:, :, :n].to(q.dtype)
+    dk = dk.reshape(b, hk, nk * bk, d)[:, :, :m].to(k.dtype)
+    dv = dv.reshape(b, hk, nk * bk, v.shape[-1])[:, :, :m].to(v.dtype)
+    return dq, dk, dv
