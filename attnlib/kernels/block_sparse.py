@@ -211,15 +211,14 @@ class _BlockSparseFn(torch.autograd.Function):
 class _Bucket:
     """Query blocks that visit the same number c of key blocks in one part (full or partial).
 
-    Attributes: bidx, hidx (R, X) batch / query-head of every expanded row; qblk (R,) query
-    block; kblk (R, c) key blocks; tiles (R, 1, bq, c·bk) bool element mask (partial part
-    only); row_any (R, 1, bq) rows with at least one allowed key (partial part only).
+    Attributes: qflat (R, X) flat index (b·H + h)·n_q + I of every expanded query block;
+    kflat (R, X, c) flat index (b·H_kv + h_kv)·n_k + J of its key blocks; tiles
+    (R, 1, bq, c·bk) bool element mask and row_any (R, 1, bq) rows with an allowed key
+    (partial part only; None for full blocks).
     """
 
-    def __init__(
-        self, bidx: Tensor, hidx: Tensor, qblk: Tensor, kblk: Tensor, tiles: Tensor | None, row_any: Tensor | None
-    ) -> None:
-        self.bidx, self.hidx, self.qblk, self.kblk = bidx, hidx, qblk, kblk
+    def __init__(self, qflat: Tensor, kflat: Tensor, tiles: Tensor | None, row_any: Tensor | None) -> None:
+        self.qflat, self.kflat = qflat, kflat
         self.tiles, self.row_any = tiles, row_any
         self._bias: dict[torch.dtype, Tensor] = {}
 
@@ -233,9 +232,9 @@ class _Bucket:
         return self._bias[dtype]
 
 
-def _plan(bm: Any, b: int, h: int) -> dict[str, list[_Bucket]]:
-    """Buckets for the call sizes (B, H); cached on the BlockMask (its layout never changes)."""
-    key = f"torch_plan/{b}/{h}"
+def _plan(bm: Any, b: int, h: int, hk: int) -> dict[str, list[_Bucket]]:
+    """Buckets for the call sizes (B, H, H_kv); cached on the BlockMask (its layout never changes)."""
+    key = f"torch_plan/{b}/{h}/{hk}"
     cache = getattr(bm, "_cache", None)
     if cache is not None and key in cache:
         return cache[key]
@@ -289,17 +288,17 @@ def _plan(bm: Any, b: int, h: int) -> dict[str, list[_Bucket]]:
                 assert t is not None
                 tiles = t.permute(0, 2, 1, 3).reshape(units.numel(), 1, bq, c * bk).contiguous()
                 row_any = tiles.any(-1)
-            plan[part].append(
-                _Bucket(bidx.contiguous(), hidx.contiguous(), unit_i[units].contiguous(), kblk, tiles, row_any)
-            )
+            qflat = (bidx * h + hidx) * nq + unit_i[units][:, None]
+            kflat = ((bidx * hk + hidx // (h // hk)) * nk)[:, :, None] + kblk[:, None, :]
+            plan[part].append(_Bucket(qflat.contiguous(), kflat.contiguous(), tiles, row_any))
     if cache is not None:
         cache[key] = plan
     return plan
 
 
 def _chunks(bucket: _Bucket, d: int, bk: int) -> list[slice]:
-    r, x = bucket.bidx.shape
-    per_row = max(1, x * bucket.kblk.shape[1] * bk * d)
+    r, x = bucket.qflat.shape
+    per_row = max(1, x * bucket.kflat.shape[2] * bk * d)
     step = max(1, _GATHER_ELEMS // per_row)
     return [slice(s, s + step) for s in range(0, r, step)]
 
@@ -371,42 +370,45 @@ def _blocks(x: Tensor, size: int, n_blocks: int) -> Tensor:
     return x.reshape(x.shape[0], x.shape[1], n_blocks, size, x.shape[3])
 
 
-def _gather(bucket: _Bucket, sl: slice, qb: Tensor, kb: Tensor, vb: Tensor, g: int) -> tuple[Tensor, ...]:
-    bidx, hidx = bucket.bidx[sl], bucket.hidx[sl]
-    qblk, kblk = bucket.qblk[sl], bucket.kblk[sl]
-    r, x = bidx.shape
-    c = kblk.shape[1]
-    qq = qb[bidx, hidx, qblk[:, None]]  # (R, X, bq, D)
-    ib, ih, ij = bidx[:, :, None], (hidx // g)[:, :, None], kblk[:, None, :]
-    kk = kb[ib, ih, ij].reshape(r, x, c * kb.shape[3], kb.shape[4])
-    vv = vb[ib, ih, ij].reshape(r, x, c * vb.shape[3], vb.shape[4])
+def _gather(bucket: _Bucket, sl: slice, qf: Tensor, kf: Tensor, vf: Tensor) -> tuple[Tensor, ...]:
+    """Rows of one chunk: q (R, X, bq, D), k (R, X, c·bk, D), v (R, X, c·bk, Dv) (block copies)."""
+    qi, ki = bucket.qflat[sl], bucket.kflat[sl]
+    r, x = qi.shape
+    qq = qf.index_select(0, qi.reshape(-1)).reshape(r, x, -1, qf.shape[-1])
+    kk = kf.index_select(0, ki.reshape(-1)).reshape(r, x, -1, kf.shape[-1])
+    vv = vf.index_select(0, ki.reshape(-1)).reshape(r, x, -1, vf.shape[-1])
     return qq, kk, vv
+
+
+def _flat(x: Tensor, size: int, n_blocks: int) -> Tensor:
+    """(B, H, L, D) -> zero-padded blocks flattened to (B·H·n_blocks, size, D)."""
+    return _blocks(x, size, n_blocks).reshape(-1, size, x.shape[-1])
 
 
 def _torch_forward(q: Tensor, k: Tensor, v: Tensor, bm: Any, scale: float) -> tuple[Tensor, Tensor]:
     b, h, n, d = q.shape
-    g = h // k.shape[1]
+    hk = k.shape[1]
     dv = v.shape[-1]
     bq, bk = bm.block_size
     nq, nk = math.ceil(n / bq), math.ceil(k.shape[2] / bk)
-    plan = _plan(bm, b, h)
-    qb, kb, vb = _blocks(q, bq, nq), _blocks(k, bk, nk), _blocks(v, bk, nk)
+    plan = _plan(bm, b, h, hk)
+    qf, kf, vf = _flat(q, bq, nq), _flat(k, bk, nk), _flat(v, bk, nk)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     outs, lses = {}, {}
     for part in ("full", "partial"):
-        o_buf = torch.zeros(b, h, nq, bq, dv, dtype=q.dtype, device=q.device)
-        l_buf = torch.full((b, h, nq, bq), float("-inf"), dtype=lse_dtype, device=q.device)
+        o_buf = torch.zeros(b * h * nq, bq, dv, dtype=q.dtype, device=q.device)
+        l_buf = torch.full((b * h * nq, bq), float("-inf"), dtype=lse_dtype, device=q.device)
         for bucket in plan[part]:
+            bias = bucket.bias(q.dtype)
             for sl in _chunks(bucket, d, bk):
-                qq, kk, vv = _gather(bucket, sl, qb, kb, vb, g)
-                bias = bucket.bias(q.dtype)
+                qq, kk, vv = _gather(bucket, sl, qf, kf, vf)
                 o, lse = _part_forward(qq, kk, vv, None if bias is None else bias[sl], scale)
                 lse = lse.to(lse_dtype)
                 if bucket.row_any is not None:
                     lse = lse.masked_fill(~bucket.row_any[sl], float("-inf"))
-                idx = (bucket.bidx[sl], bucket.hidx[sl], bucket.qblk[sl][:, None])
-                o_buf[idx] = o
-                l_buf[idx] = lse
+                rows = bucket.qflat[sl].reshape(-1)
+                o_buf.index_copy_(0, rows, o.reshape(-1, bq, dv))
+                l_buf.index_copy_(0, rows, lse.reshape(-1, bq))
         outs[part], lses[part] = o_buf, l_buf
     lf, lp = lses["full"], lses["partial"]
     mx = torch.maximum(lf, lp)
@@ -414,8 +416,11 @@ def _torch_forward(q: Tensor, k: Tensor, v: Tensor, bm: Any, scale: float) -> tu
     wf, wp = torch.exp(lf - mx), torch.exp(lp - mx)
     den = wf + wp
     safe = torch.where(den == 0, torch.ones_like(den), den)
-    acc = lse_dtype
-    out = (outs["full"].to(acc) * (wf / safe)[..., None] + outs["partial"].to(acc) * (wp / safe)[..., None]).to(q.dtype)
+    wf, wp = (wf / safe)[..., None], (wp / safe)[..., None]
+    if q.dtype == lse_dtype:
+        out = outs["full"] * wf + outs["partial"] * wp
+    else:
+        out = (outs["full"].to(lse_dtype) * wf + outs["partial"].to(lse_dtype) * wp).to(q.dtype)
     lse = mx + torch.log(den)
     out = out.reshape(b, h, nq * bq, dv)[:, :, :n]
     lse = lse.reshape(b, h, nq * bq)[:, :, :n]
@@ -427,38 +432,42 @@ def _torch_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     b, h, n, d = q.shape
     hk, m = k.shape[1], k.shape[2]
-    g = h // hk
+    dv_ = v.shape[-1]
     bq, bk = bm.block_size
     nq, nk = math.ceil(n / bq), math.ceil(m / bk)
-    plan = _plan(bm, b, h)
-    qb, kb, vb = _blocks(q, bq, nq), _blocks(k, bk, nk), _blocks(v, bk, nk)
-    dob, ob = _blocks(dout.to(q.dtype), bq, nq), _blocks(out, bq, nq)
+    plan = _plan(bm, b, h, hk)
+    qf, kf, vf = _flat(q, bq, nq), _flat(k, bk, nk), _flat(v, bk, nk)
+    dof, of = _flat(dout.to(q.dtype), bq, nq), _flat(out, bq, nq)
     lse_b = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)  # empty rows: P = 0
     if nq * bq > n:
         lse_b = F.pad(lse_b, (0, nq * bq - n), value=float("inf"))
-    lse_b = lse_b.reshape(b, h, nq, bq)
+    lse_b = lse_b.reshape(b * h * nq, bq)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dq = torch.zeros(b, h, nq, bq, d, dtype=acc, device=q.device)
-    dk = torch.zeros(b, hk, nk, bk, d, dtype=acc, device=q.device)
-    dv = torch.zeros(b, hk, nk, bk, v.shape[-1], dtype=acc, device=q.device)
+    dq = torch.zeros(b * h * nq, bq, d, dtype=acc, device=q.device)
+    dk = torch.zeros(b * hk * nk, bk, d, dtype=acc, device=q.device)
+    dv = torch.zeros(b * hk * nk, bk, dv_, dtype=acc, device=q.device)
     for part in ("full", "partial"):
         for bucket in plan[part]:
             bias = bucket.bias(q.dtype)
             for sl in _chunks(bucket, d, bk):
-                qq, kk, vv = _gather(bucket, sl, qb, kb, vb, g)
-                bidx, hidx, qblk, kblk = bucket.bidx[sl], bucket.hidx[sl], bucket.qblk[sl], bucket.kblk[sl]
-                ridx = (bidx, hidx, qblk[:, None])
-                lse_rows = lse_b[ridx].to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+                qq, kk, vv = _gather(bucket, sl, qf, kf, vf)
+                rows = bucket.qflat[sl].reshape(-1)
+                r, x = bucket.qflat[sl].shape
                 gq, gk, gv = _part_backward(
-                    dob[ridx], qq, kk, vv, ob[ridx], lse_rows, None if bias is None else bias[sl], scale
+                    dof.index_select(0, rows).reshape(r, x, bq, dv_),
+                    qq,
+                    kk,
+                    vv,
+                    of.index_select(0, rows).reshape(r, x, bq, dv_),
+                    lse_b.index_select(0, rows).reshape(r, x, bq),
+                    None if bias is None else bias[sl],
+                    scale,
                 )
-                r, x = bidx.shape
-                c = kblk.shape[1]
-                dq.index_put_(ridx, gq.to(acc), accumulate=True)
-                kidx = (bidx[:, :, None], (hidx // g)[:, :, None], kblk[:, None, :])
-                dk.index_put_(kidx, gk.to(acc).reshape(r, x, c, bk, d), accumulate=True)
-                dv.index_put_(kidx, gv.to(acc).reshape(r, x, c, bk, v.shape[-1]), accumulate=True)
+                cols = bucket.kflat[sl].reshape(-1)
+                dq.index_add_(0, rows, gq.reshape(-1, bq, d).to(acc))
+                dk.index_add_(0, cols, gk.reshape(-1, bk, d).to(acc))
+                dv.index_add_(0, cols, gv.reshape(-1, bk, dv_).to(acc))
     dq = dq.reshape(b, h, nq * bq, d)[:, :, :n].to(q.dtype)
     dk = dk.reshape(b, hk, nk * bk, d)[:, :, :m].to(k.dtype)
-    dv = dv.reshape(b, hk, nk * bk, v.shape[-1])[:, :, :m].to(v.dtype)
+    dv = dv.reshape(b, hk, nk * bk, dv_)[:, :, :m].to(v.dtype)
     return dq, dk, dv
