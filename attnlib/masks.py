@@ -1038,12 +1038,17 @@ class BlockMask:
             occ[torch.arange(n, device=device) // bs, gid] = 1.0
             return occ
 
-        maybe = (occupancy(bq) @ allowed_x.float() @ occupancy(bk).T) > 0
+        occ_q, occ_k = occupancy(bq), occupancy(bk)
+        maybe = (occ_q @ allowed_x.float() @ occ_k.T) > 0
+        # blocks inside one group are exactly full or empty: no element evaluation needed
+        pure_q, pure_k = occ_q.sum(-1) == 1, occ_k.sum(-1) == 1
+        gq, gk = occ_q.argmax(-1), occ_k.argmax(-1)
+        sure = pure_q[:, None] & pure_k[None, :] & allowed_x[gq][:, gk]
 
         def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
             return allowed_x[gid[q], gid[kv]]
 
-        return cls._from_rule(mask_mod, maybe[None, None], None, block_size=(bq, bk), seq_lengths=(n, n))
+        return cls._from_rule(mask_mod, maybe[None, None], sure[None, None], block_size=(bq, bk), seq_lengths=(n, n))
 
     @classmethod
     def from_key_padding(cls, key_padding: Tensor, N: int, *, block_size: int | tuple[int, int] = 128) -> BlockMask:
