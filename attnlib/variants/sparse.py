@@ -790,15 +790,14 @@ class MoSAAttention(AttentionCore):
         """(scores r (B, H, N) float32, picked positions idx (B, H, K) ascending, slot_valid (B, H, K))."""
         b, h, n, d = q.shape
         x = q.transpose(1, 2).reshape(b, n, h * d)
-        logits = F.linear(
-            x.float(), self.router.weight.float(), None if self.router.bias is None else self.router.bias.float()
-        )
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # router in >= fp32
+        bias = None if self.router.bias is None else self.router.bias.to(acc)
+        logits = F.linear(x.to(acc), self.router.weight.to(acc), bias)
         r = torch.sigmoid(logits).transpose(1, 2)  # (B, H, N)
         valid = torch.ones(b, 1, n, dtype=torch.bool, device=q.device)
         if mask.key_padding is not None:
             valid = valid & mask.key_padding[:, None, :]
         causal_routing = mask.causal if self.causal_routing is None else self.causal_routing
-        ar = torch.arange(n, device=q.device)
         if causal_routing:
             pick = (r.detach() > self.threshold) & valid
             if self.include_first:
@@ -815,7 +814,6 @@ class MoSAAttention(AttentionCore):
         top = score.topk(kk, dim=-1).indices
         idx, _ = top.sort(-1)
         slot_valid = torch.gather(valid.expand(b, h, n), -1, idx)
-        del ar
         return r, idx, slot_valid
 
     def attend(
@@ -1014,6 +1012,8 @@ class SparsifinerAttention(AttentionCore):
         dropout_p: float,
     ) -> CoreOutput:
         b, h, n, d = q.shape
+        if n > self.num_tokens:
+            raise ValueError(f"sparsifiner: sequence length N={n} exceeds num_tokens={self.num_tokens}")
         scale = d**-0.5 if self.scale is None else self.scale
         allowed = mask.dense()
         aux = None
@@ -1023,7 +1023,8 @@ class SparsifinerAttention(AttentionCore):
                 s = torch.matmul(q, k.transpose(-1, -2)) * scale
                 if allowed is not None:
                     s = s.masked_fill(~allowed, float("-inf"))
-                teacher = torch.softmax(s.float(), -1).nan_to_num(0.0).to(q.dtype)
+                acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+                teacher = torch.softmax(s.to(acc), -1).nan_to_num(0.0)
             nd = self.num_dense_queries
             aux = self.recon_weight * (a_raw[:, :, nd:] - teacher[:, :, nd:].to(a_raw.dtype)).square().sum()
         if self.reconstruct:
