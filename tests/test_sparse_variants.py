@@ -339,6 +339,11 @@ def test_swinbert_soft_and_hard_masks_follow_the_definition() -> None:
     n, t = 24, 16
     q, k, v = make_qkv(B, H, n, D, dtype=torch.float64, logit_scale=3.0, seed=18)
     cr = core("swinbert_mask", num_tokens=t, block_size=8)
+    g = torch.Generator().manual_seed(19)
+    with torch.no_grad():  # near-1 entries give finite biases (1 - sigmoid(10) ~ 5e-5), negatives drop edges
+        v_init = 7 + 5 * torch.rand(t, t, generator=g, dtype=torch.float64)
+        v_init[torch.rand(t, t, generator=g) < 0.4] = -3.0
+        cr.mask_logits.copy_(v_init)
     eye = torch.eye(t, dtype=torch.float64)
     soft = eye + (1 - eye) * torch.sigmoid(cr.mask_logits)
     # training: additive -1e4 (1 - S) on the video-video block only
