@@ -314,7 +314,9 @@ def _configs() -> list[Any]:
 
 
 def _prune(configs: list[Any], named_args: dict[str, Any], **kwargs: Any) -> list[Any]:
-    bq, bk = named_args["BQ"], named_args["BK"]
+    """Drop configs whose kernel tiles would be smaller than 16 (tl.dot's minimum)."""
+    args = {**named_args, **kwargs}  # BQ / BK are passed as keyword arguments
+    bq, bk = args["BQ"], args["BK"]
     keep = [c for c in configs if bq // c.kwargs["SPLIT_M"] >= 16 and bk // c.kwargs["SPLIT_N"] >= 16]
     return keep or configs[:1]
 
