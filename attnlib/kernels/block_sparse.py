@@ -208,89 +208,95 @@ class _BlockSparseFn(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------
 
 
+_BIAS_CACHE_ELEMS = 1 << 22  # cache a bucket's float mask per dtype when at most this many elements
+
+
 class _Bucket:
-    """Query blocks that visit the same number c of key blocks in one part (full or partial).
+    """Query blocks that visit the same number c of key blocks (full and partial together).
 
     Attributes: qflat (R, X) flat index (b·H + h)·n_q + I of every expanded query block;
-    kflat (R, X, c) flat index (b·H_kv + h_kv)·n_k + J of its key blocks; tiles
-    (R, 1, bq, c·bk) bool element mask and row_any (R, 1, bq) rows with an allowed key
-    (partial part only; None for full blocks).
+    kflat (R, X, c) flat index (b·H_kv + h_kv)·n_k + J of its key blocks (ascending); tiles
+    (R, 1, bq, c·bk) bool element mask, or None when every block is full; row_any (R, 1, bq)
+    rows with at least one allowed key (None when tiles is None).
     """
 
-    def __init__(self, qflat: Tensor, kflat: Tensor, tiles: Tensor | None, row_any: Tensor | None) -> None:
-        self.qflat, self.kflat = qflat, kflat
-        self.tiles, self.row_any = tiles, row_any
+    def __init__(self, qflat: Tensor, kflat: Tensor, tiles: Tensor | None) -> None:
+        self.qflat, self.kflat, self.tiles = qflat, kflat, tiles
+        self.row_any = None if tiles is None else tiles.any(-1)
         self._bias: dict[torch.dtype, Tensor] = {}
 
-    def bias(self, dtype: torch.dtype) -> Tensor | None:
-        """Additive mask (R, 1, bq, c·bk): 0 where allowed, -inf elsewhere (None for full blocks)."""
+    def bias(self, dtype: torch.dtype, sl: slice) -> Tensor | None:
+        """Additive mask (R, 1, bq, c·bk) of rows ``sl``: 0 where allowed, -inf elsewhere (None if all full)."""
         if self.tiles is None:
             return None
-        if dtype not in self._bias:
-            z = torch.zeros(self.tiles.shape, dtype=dtype, device=self.tiles.device)
-            self._bias[dtype] = z.masked_fill_(~self.tiles, float("-inf"))
-        return self._bias[dtype]
+        if dtype in self._bias:
+            return self._bias[dtype][sl]
+        t = self.tiles if self.tiles.numel() <= _BIAS_CACHE_ELEMS else self.tiles[sl]
+        b = torch.zeros(t.shape, dtype=dtype, device=t.device).masked_fill_(~t, float("-inf"))
+        if self.tiles.numel() <= _BIAS_CACHE_ELEMS:
+            self._bias[dtype] = b
+            return b[sl]
+        return b
 
 
-def _plan(bm: Any, b: int, h: int, hk: int) -> dict[str, list[_Bucket]]:
-    """Buckets for the call sizes (B, H, H_kv); cached on the BlockMask (its layout never changes)."""
+def _plan(bm: Any, b: int, h: int, hk: int) -> list[_Bucket]:
+    """Buckets for the call sizes (B, H, H_kv); cached on the BlockMask (its layout never changes).
+
+    Memory: the element masks of the buckets that hold partial blocks, O(active blocks · bq · bk) bools.
+    """
     key = f"torch_plan/{b}/{h}/{hk}"
     cache = getattr(bm, "_cache", None)
     if cache is not None and key in cache:
         return cache[key]
     bq, bk = bm.block_size
-    n, m = bm.seq_lengths
+    _, m = bm.seq_lengths
     dev = bm.kv_num_blocks.device
     partial, full = bm.block_states()
-    slots = bm.tile_slots()
+    slots = bm.tile_slots().clone()
     bp, hp, nq, nk = partial.shape
+    slots[full] = -1
+    active = partial | full
     tail_tile = None
     if m % bk and bool(full[..., -1].any()):
-        # the last key block holds padding columns: treat its full blocks as partial
-        moved = full[..., -1].clone()
-        full[..., -1] = False
-        partial[..., -1] |= moved
-        slots = slots.clone()
-        slots[..., -1] = torch.where(moved, -2, slots[..., -1])
+        # the last key block holds padding columns: its full blocks need a column mask
+        slots[..., -1] = torch.where(full[..., -1], -2, slots[..., -1])
         cols = torch.arange(bk, device=dev) < m - (nk - 1) * bk
-        rows = (torch.arange(nq, device=dev)[:, None] * bq + torch.arange(bq, device=dev)[None, :]) < n
-        tail_tile = rows[:, :, None] & cols[None, None, :]  # (n_q, bq, bk)
+        tail_tile = cols[None, :].expand(bq, bk)
     # expansion of each layout unit (b', h', I) over the call's batch and heads
-    bx = torch.arange(b, device=dev) if bp == 1 else None
-    hx = torch.arange(h, device=dev) if hp == 1 else None
     nx_b = b if bp == 1 else 1
     nx_h = h if hp == 1 else 1
     unit_b = torch.arange(bp, device=dev)[:, None, None].expand(bp, hp, nq).reshape(-1)
     unit_h = torch.arange(hp, device=dev)[None, :, None].expand(bp, hp, nq).reshape(-1)
     unit_i = torch.arange(nq, device=dev)[None, None, :].expand(bp, hp, nq).reshape(-1)
-    ex_b = (bx if bx is not None else torch.zeros(1, dtype=torch.long, device=dev)).repeat_interleave(nx_h)
-    ex_h = (hx if hx is not None else torch.zeros(1, dtype=torch.long, device=dev)).repeat(nx_b)
-    plan: dict[str, list[_Bucket]] = {"full": [], "partial": []}
+    ex_b = torch.arange(b, device=dev).repeat_interleave(nx_h) if bp == 1 else None
+    ex_h = torch.arange(h, device=dev).repeat(nx_b) if hp == 1 else None
     flat_tiles = bm.partial_tiles.reshape(bp * hp * nq, -1, bq, bk)
-    for part, states in (("full", full), ("partial", partial)):
-        st = states.reshape(-1, nk)
-        counts = st.sum(-1)
-        order = torch.argsort(st.to(torch.int8), dim=-1, descending=True, stable=True)
-        for c in torch.unique(counts).tolist():
-            if c == 0:
-                continue
-            units = torch.nonzero(counts == c).flatten()
-            kblk = order[units, :c]
-            bidx = (unit_b[units, None] if bx is None else ex_b[None, :]).expand(units.numel(), nx_b * nx_h)
-            hidx = (unit_h[units, None] if hx is None else ex_h[None, :]).expand(units.numel(), nx_b * nx_h)
-            tiles = row_any = None
-            if part == "partial":
-                s = slots.reshape(-1, nk)[units[:, None], kblk]  # (R, c)
-                t = flat_tiles[units[:, None], s.clamp_min(0)] if flat_tiles.shape[1] else None
-                if tail_tile is not None:
-                    tail = tail_tile[unit_i[units]][:, None].expand(-1, c, bq, bk)
-                    t = tail if t is None else torch.where((s == -2)[..., None, None], tail, t)
-                assert t is not None
-                tiles = t.permute(0, 2, 1, 3).reshape(units.numel(), 1, bq, c * bk).contiguous()
-                row_any = tiles.any(-1)
-            qflat = (bidx * h + hidx) * nq + unit_i[units][:, None]
-            kflat = ((bidx * hk + hidx // (h // hk)) * nk)[:, :, None] + kblk[:, None, :]
-            plan[part].append(_Bucket(qflat.contiguous(), kflat.contiguous(), tiles, row_any))
+    flat_slots = slots.reshape(-1, nk)
+    st = active.reshape(-1, nk)
+    counts = st.sum(-1)
+    order = torch.argsort(st.to(torch.int8), dim=-1, descending=True, stable=True)
+    plan: list[_Bucket] = []
+    for c in torch.unique(counts).tolist():
+        if c == 0:
+            continue
+        units = torch.nonzero(counts == c).flatten()
+        r = units.numel()
+        kblk = order[units, :c]
+        bidx = (unit_b[units, None] if ex_b is None else ex_b[None, :]).expand(r, nx_b * nx_h)
+        hidx = (unit_h[units, None] if ex_h is None else ex_h[None, :]).expand(r, nx_b * nx_h)
+        s = flat_slots[units[:, None], kblk]  # (R, c): >= 0 partial slot, -1 full, -2 full tail block
+        tiles = None
+        if bool((s != -1).any()):
+            t = torch.ones(r, c, bq, bk, dtype=torch.bool, device=dev)
+            if flat_tiles.shape[1]:
+                sel = s >= 0
+                t[sel] = flat_tiles[units[:, None].expand(r, c)[sel], s[sel]]
+            if tail_tile is not None:
+                t[s == -2] = tail_tile
+            tiles = t.permute(0, 2, 1, 3).reshape(r, 1, bq, c * bk).contiguous()
+        qflat = (bidx * h + hidx) * nq + unit_i[units][:, None]
+        kflat = ((bidx * hk + hidx // (h // hk)) * nk)[:, :, None] + kblk[:, None, :]
+        plan.append(_Bucket(qflat.contiguous(), kflat.contiguous(), tiles))
     if cache is not None:
         cache[key] = plan
     return plan
@@ -391,37 +397,19 @@ def _torch_forward(q: Tensor, k: Tensor, v: Tensor, bm: Any, scale: float) -> tu
     dv = v.shape[-1]
     bq, bk = bm.block_size
     nq, nk = math.ceil(n / bq), math.ceil(k.shape[2] / bk)
-    plan = _plan(bm, b, h, hk)
     qf, kf, vf = _flat(q, bq, nq), _flat(k, bk, nk), _flat(v, bk, nk)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    outs, lses = {}, {}
-    for part in ("full", "partial"):
-        o_buf = torch.zeros(b * h * nq, bq, dv, dtype=q.dtype, device=q.device)
-        l_buf = torch.full((b * h * nq, bq), float("-inf"), dtype=lse_dtype, device=q.device)
-        for bucket in plan[part]:
-            bias = bucket.bias(q.dtype)
-            for sl in _chunks(bucket, d, bk):
-                qq, kk, vv = _gather(bucket, sl, qf, kf, vf)
-                o, lse = _part_forward(qq, kk, vv, None if bias is None else bias[sl], scale)
-                lse = lse.to(lse_dtype)
-                if bucket.row_any is not None:
-                    lse = lse.masked_fill(~bucket.row_any[sl], float("-inf"))
-                rows = bucket.qflat[sl].reshape(-1)
-                o_buf.index_copy_(0, rows, o.reshape(-1, bq, dv))
-                l_buf.index_copy_(0, rows, lse.reshape(-1, bq))
-        outs[part], lses[part] = o_buf, l_buf
-    lf, lp = lses["full"], lses["partial"]
-    mx = torch.maximum(lf, lp)
-    mx = torch.where(torch.isneginf(mx), torch.zeros_like(mx), mx)
-    wf, wp = torch.exp(lf - mx), torch.exp(lp - mx)
-    den = wf + wp
-    safe = torch.where(den == 0, torch.ones_like(den), den)
-    wf, wp = (wf / safe)[..., None], (wp / safe)[..., None]
-    if q.dtype == lse_dtype:
-        out = outs["full"] * wf + outs["partial"] * wp
-    else:
-        out = (outs["full"].to(lse_dtype) * wf + outs["partial"].to(lse_dtype) * wp).to(q.dtype)
-    lse = mx + torch.log(den)
+    out = torch.zeros(b * h * nq, bq, dv, dtype=q.dtype, device=q.device)
+    lse = torch.full((b * h * nq, bq), float("-inf"), dtype=lse_dtype, device=q.device)
+    for bucket in _plan(bm, b, h, hk):
+        for sl in _chunks(bucket, d, bk):
+            qq, kk, vv = _gather(bucket, sl, qf, kf, vf)
+            o, l_ = _part_forward(qq, kk, vv, bucket.bias(q.dtype, sl), scale)
+            if bucket.row_any is not None:  # rows whose keys are all masked: lse = -inf (out is 0)
+                l_ = l_.to(lse_dtype).masked_fill(~bucket.row_any[sl], float("-inf"))
+            rows = bucket.qflat[sl].reshape(-1)
+            out.index_copy_(0, rows, o.reshape(-1, bq, dv))
+            lse.index_copy_(0, rows, l_.reshape(-1, bq).to(lse_dtype))
     out = out.reshape(b, h, nq * bq, dv)[:, :, :n]
     lse = lse.reshape(b, h, nq * bq)[:, :, :n]
     return out.contiguous(), lse.contiguous()
@@ -446,27 +434,25 @@ def _torch_backward(
     dq = torch.zeros(b * h * nq, bq, d, dtype=acc, device=q.device)
     dk = torch.zeros(b * hk * nk, bk, d, dtype=acc, device=q.device)
     dv = torch.zeros(b * hk * nk, bk, dv_, dtype=acc, device=q.device)
-    for part in ("full", "partial"):
-        for bucket in plan[part]:
-            bias = bucket.bias(q.dtype)
-            for sl in _chunks(bucket, d, bk):
-                qq, kk, vv = _gather(bucket, sl, qf, kf, vf)
-                rows = bucket.qflat[sl].reshape(-1)
-                r, x = bucket.qflat[sl].shape
-                gq, gk, gv = _part_backward(
-                    dof.index_select(0, rows).reshape(r, x, bq, dv_),
-                    qq,
-                    kk,
-                    vv,
-                    of.index_select(0, rows).reshape(r, x, bq, dv_),
-                    lse_b.index_select(0, rows).reshape(r, x, bq),
-                    None if bias is None else bias[sl],
-                    scale,
-                )
-                cols = bucket.kflat[sl].reshape(-1)
-                dq.index_add_(0, rows, gq.reshape(-1, bq, d).to(acc))
-                dk.index_add_(0, cols, gk.reshape(-1, bk, d).to(acc))
-                dv.index_add_(0, cols, gv.reshape(-1, bk, dv_).to(acc))
+    for bucket in plan:
+        for sl in _chunks(bucket, d, bk):
+            qq, kk, vv = _gather(bucket, sl, qf, kf, vf)
+            rows = bucket.qflat[sl].reshape(-1)
+            r, x = bucket.qflat[sl].shape
+            gq, gk, gv = _part_backward(
+                dof.index_select(0, rows).reshape(r, x, bq, dv_),
+                qq,
+                kk,
+                vv,
+                of.index_select(0, rows).reshape(r, x, bq, dv_),
+                lse_b.index_select(0, rows).reshape(r, x, bq),
+                bucket.bias(q.dtype, sl),
+                scale,
+            )
+            cols = bucket.kflat[sl].reshape(-1)
+            dq.index_add_(0, rows, gq.reshape(-1, bq, d).to(acc))
+            dk.index_add_(0, cols, gk.reshape(-1, bk, d).to(acc))
+            dv.index_add_(0, cols, gv.reshape(-1, bk, dv_).to(acc))
     dq = dq.reshape(b, h, nq * bq, d)[:, :, :n].to(q.dtype)
     dk = dk.reshape(b, hk, nk * bk, d)[:, :, :m].to(k.dtype)
     dv = dv.reshape(b, hk, nk * bk, dv_)[:, :, :m].to(v.dtype)
