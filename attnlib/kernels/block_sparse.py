@@ -302,11 +302,98 @@ def _plan(bm: Any, b: int, h: int, hk: int) -> list[_Bucket]:
     return plan
 
 
-def _chunks(bucket: _Bucket, d: int, bk: int) -> list[slice]:
-    r, x = bucket.qflat.shape
-    per_row = max(1, x * bucket.kflat.shape[2] * bk * d)
-    step = max(1, _GATHER_ELEMS // per_row)
-    return [slice(s, s + step) for s in range(0, r, step)]
+def _affine(idx: Tensor) -> tuple[int, int, int] | None:
+    """(base, row step, column step) when idx (R, X) == base + r·step_r + x·step_x, else None."""
+    r, x = idx.shape
+    base = int(idx[0, 0])
+    sr = int(idx[1, 0] - idx[0, 0]) if r > 1 else 0
+    sx = int(idx[0, 1] - idx[0, 0]) if x > 1 else 0
+    want = base + torch.arange(r, device=idx.device)[:, None] * sr + torch.arange(x, device=idx.device)[None, :] * sx
+    return (base, sr, sx) if torch.equal(idx, want) else None
+
+
+class _Item:
+    """One fused attention call: rows ``sl`` of a bucket.
+
+    When its query blocks (resp. key blocks: a contiguous run per row) sit at affinely spaced
+    positions - sliding windows, causal prefixes, documents - they are read through a
+    strided view (``q_spec`` / ``k_spec``), with no copy; otherwise they are gathered.
+    """
+
+    def __init__(self, bucket: _Bucket, sl: slice) -> None:
+        self.bucket, self.sl = bucket, sl
+        self.qflat, self.kflat = bucket.qflat[sl], bucket.kflat[sl]
+        self.r, self.x, self.c = self.kflat.shape
+        self.q_spec = _affine(self.qflat)
+        run = torch.arange(self.c, device=self.kflat.device)
+        contiguous = bool((self.kflat - self.kflat[..., :1] == run).all())
+        self.k_spec = _affine(self.kflat[..., 0]) if contiguous else None
+        self.q_off = self.k_off = -1
+
+
+def _view(x: Tensor, spec: tuple[int, int, int], r: int, xx: int, rows: int) -> Tensor:
+    """Strided view (R, X, rows, ·) of a contiguous block tensor x (n_blocks, blk[, ·])."""
+    base, sr, sx = spec
+    per = math.prod(x.shape[1:])  # elements per block
+    inner = x.shape[2:]
+    size = (r, xx, rows, *inner)
+    stride = (sr * per, sx * per, *(x.stride()[1:]))
+    return x.as_strided(size, stride, x.storage_offset() + base * per)
+
+
+class _Group:
+    """Calls whose non-affine query / key blocks are gathered together (one index_select each)."""
+
+    def __init__(self, items: list[_Item]) -> None:
+        self.items = items
+        qg = [it.qflat.reshape(-1) for it in items if it.q_spec is None]
+        kg = [it.kflat.reshape(-1) for it in items if it.k_spec is None]
+        self.q_gather = torch.cat(qg) if qg else None
+        self.k_gather = torch.cat(kg) if kg else None
+        self.k_all = torch.cat([it.kflat.reshape(-1) for it in items])
+        q_off = k_off = 0
+        for it in items:
+            if it.q_spec is None:
+                it.q_off, q_off = q_off, q_off + it.r * it.x
+            if it.k_spec is None:
+                it.k_off, k_off = k_off, k_off + it.r * it.x * it.c
+
+
+def _groups(bm: Any, b: int, h: int, hk: int, d: int, bk: int) -> tuple[list[_Group], Tensor | None]:
+    """Group the buckets' calls so that each group gathers at most ~_GATHER_ELEMS key elements
+    (bounded memory) with few separate tensor ops; plus the rows (flat (B·H·n_q, bq) bool)
+    that lie in active blocks but have no allowed key (or None)."""
+    key = f"torch_groups/{b}/{h}/{hk}/{d}"
+    cache = getattr(bm, "_cache", None)
+    if cache is not None and key in cache:
+        return cache[key]
+    groups: list[_Group] = []
+    items: list[_Item] = []
+    size_acc = 0
+    empty: Tensor | None = None
+    for bucket in _plan(bm, b, h, hk):
+        r, x = bucket.qflat.shape
+        c = bucket.kflat.shape[2]
+        step = max(1, _GATHER_ELEMS // max(1, x * c * bk * d))
+        for s0 in range(0, r, step):
+            it = _Item(bucket, slice(s0, min(r, s0 + step)))
+            size = it.r * it.x * c * bk * d if it.k_spec is None else 0
+            if items and size_acc + size > _GATHER_ELEMS:
+                groups.append(_Group(items))
+                items, size_acc = [], 0
+            items.append(it)
+            size_acc += size
+        if bucket.row_any is not None and not bool(bucket.row_any.all()):
+            if empty is None:
+                nq = bm.kv_num_blocks.shape[-1]
+                empty = torch.zeros(b * h * nq, bucket.row_any.shape[-1], dtype=torch.bool, device=bucket.qflat.device)
+            rows = bucket.qflat.reshape(-1)
+            empty[rows] = (~bucket.row_any).expand(r, x, -1).reshape(rows.numel(), -1)
+    if items:
+        groups.append(_Group(items))
+    if cache is not None:
+        cache[key] = (groups, empty)
+    return groups, empty
 
 
 def _cpu_flash_ok(q: Tensor, v: Tensor) -> bool:
@@ -376,19 +463,24 @@ def _blocks(x: Tensor, size: int, n_blocks: int) -> Tensor:
     return x.reshape(x.shape[0], x.shape[1], n_blocks, size, x.shape[3])
 
 
-def _gather(bucket: _Bucket, sl: slice, qf: Tensor, kf: Tensor, vf: Tensor) -> tuple[Tensor, ...]:
-    """Rows of one chunk: q (R, X, bq, D), k (R, X, c·bk, D), v (R, X, c·bk, Dv) (block copies)."""
-    qi, ki = bucket.qflat[sl], bucket.kflat[sl]
-    r, x = qi.shape
-    qq = qf.index_select(0, qi.reshape(-1)).reshape(r, x, -1, qf.shape[-1])
-    kk = kf.index_select(0, ki.reshape(-1)).reshape(r, x, -1, kf.shape[-1])
-    vv = vf.index_select(0, ki.reshape(-1)).reshape(r, x, -1, vf.shape[-1])
-    return qq, kk, vv
-
-
 def _flat(x: Tensor, size: int, n_blocks: int) -> Tensor:
-    """(B, H, L, D) -> zero-padded blocks flattened to (B·H·n_blocks, size, D)."""
-    return _blocks(x, size, n_blocks).reshape(-1, size, x.shape[-1])
+    """(B, H, L, D) -> zero-padded blocks flattened to a contiguous (B·H·n_blocks, size, D)."""
+    return _blocks(x, size, n_blocks).reshape(-1, size, x.shape[-1]).contiguous()
+
+
+def _q_side(it: _Item, flat: Tensor, gathered: Tensor | None, rows: int) -> Tensor:
+    if it.q_spec is not None:
+        return _view(flat, it.q_spec, it.r, it.x, rows)
+    assert gathered is not None
+    return gathered[it.q_off : it.q_off + it.r * it.x].view(it.r, it.x, rows, *flat.shape[2:])
+
+
+def _k_side(it: _Item, flat: Tensor, gathered: Tensor | None, bk: int) -> Tensor:
+    if it.k_spec is not None:
+        return _view(flat, it.k_spec, it.r, it.x, it.c * bk)
+    assert gathered is not None
+    n = it.r * it.x * it.c
+    return gathered[it.k_off : it.k_off + n].view(it.r, it.x, it.c * bk, flat.shape[-1])
 
 
 def _torch_forward(q: Tensor, k: Tensor, v: Tensor, bm: Any, scale: float) -> tuple[Tensor, Tensor]:
@@ -401,15 +493,32 @@ def _torch_forward(q: Tensor, k: Tensor, v: Tensor, bm: Any, scale: float) -> tu
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.zeros(b * h * nq, bq, dv, dtype=q.dtype, device=q.device)
     lse = torch.full((b * h * nq, bq), float("-inf"), dtype=lse_dtype, device=q.device)
-    for bucket in _plan(bm, b, h, hk):
-        for sl in _chunks(bucket, d, bk):
-            qq, kk, vv = _gather(bucket, sl, qf, kf, vf)
-            o, l_ = _part_forward(qq, kk, vv, bucket.bias(q.dtype, sl), scale)
-            if bucket.row_any is not None:  # rows whose keys are all masked: lse = -inf (out is 0)
-                l_ = l_.to(lse_dtype).masked_fill(~bucket.row_any[sl], float("-inf"))
-            rows = bucket.qflat[sl].reshape(-1)
-            out.index_copy_(0, rows, o.reshape(-1, bq, dv))
-            lse.index_copy_(0, rows, l_.reshape(-1, bq).to(lse_dtype))
+    groups, empty = _groups(bm, b, h, hk, d, bk)
+    for grp in groups:
+        qg = None if grp.q_gather is None else qf.index_select(0, grp.q_gather)
+        kg = None if grp.k_gather is None else kf.index_select(0, grp.k_gather)
+        vg = None if grp.k_gather is None else vf.index_select(0, grp.k_gather)
+        outs, lses = [], []
+        for it in grp.items:
+            o, l_ = _part_forward(
+                _q_side(it, qf, qg, bq),
+                _k_side(it, kf, kg, bk),
+                _k_side(it, vf, vg, bk),
+                it.bucket.bias(q.dtype, it.sl),
+                scale,
+            )
+            if it.q_spec is not None:
+                _view(out, it.q_spec, it.r, it.x, bq).copy_(o)
+                _view(lse, it.q_spec, it.r, it.x, bq).copy_(l_)
+            else:
+                outs.append(o.reshape(-1, bq, dv))
+                lses.append(l_.reshape(-1, bq))
+        if outs:
+            assert grp.q_gather is not None
+            out.index_copy_(0, grp.q_gather, outs[0] if len(outs) == 1 else torch.cat(outs))
+            lse.index_copy_(0, grp.q_gather, (lses[0] if len(lses) == 1 else torch.cat(lses)).to(lse_dtype))
+    if empty is not None:  # rows whose keys are all masked: out is 0, lse -inf
+        lse.masked_fill_(empty, float("-inf"))
     out = out.reshape(b, h, nq * bq, dv)[:, :, :n]
     lse = lse.reshape(b, h, nq * bq)[:, :, :n]
     return out.contiguous(), lse.contiguous()
@@ -423,36 +532,44 @@ def _torch_backward(
     dv_ = v.shape[-1]
     bq, bk = bm.block_size
     nq, nk = math.ceil(n / bq), math.ceil(m / bk)
-    plan = _plan(bm, b, h, hk)
     qf, kf, vf = _flat(q, bq, nq), _flat(k, bk, nk), _flat(v, bk, nk)
     dof, of = _flat(dout.to(q.dtype), bq, nq), _flat(out, bq, nq)
     lse_b = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)  # empty rows: P = 0
     if nq * bq > n:
         lse_b = F.pad(lse_b, (0, nq * bq - n), value=float("inf"))
-    lse_b = lse_b.reshape(b * h * nq, bq)
+    lse_b = lse_b.reshape(b * h * nq, bq).contiguous()
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq = torch.zeros(b * h * nq, bq, d, dtype=acc, device=q.device)
     dk = torch.zeros(b * hk * nk, bk, d, dtype=acc, device=q.device)
     dv = torch.zeros(b * hk * nk, bk, dv_, dtype=acc, device=q.device)
-    for bucket in plan:
-        for sl in _chunks(bucket, d, bk):
-            qq, kk, vv = _gather(bucket, sl, qf, kf, vf)
-            rows = bucket.qflat[sl].reshape(-1)
-            r, x = bucket.qflat[sl].shape
+    groups, _ = _groups(bm, b, h, hk, d, bk)
+    for grp in groups:
+        qi, ki = grp.q_gather, grp.k_gather
+        qg, dog, og, lg = (None if qi is None else t.index_select(0, qi) for t in (qf, dof, of, lse_b))
+        kg, vg = (None if ki is None else t.index_select(0, ki) for t in (kf, vf))
+        gqs, gks, gvs = [], [], []
+        for it in grp.items:
             gq, gk, gv = _part_backward(
-                dof.index_select(0, rows).reshape(r, x, bq, dv_),
-                qq,
-                kk,
-                vv,
-                of.index_select(0, rows).reshape(r, x, bq, dv_),
-                lse_b.index_select(0, rows).reshape(r, x, bq),
-                bucket.bias(q.dtype, sl),
+                _q_side(it, dof, dog, bq),
+                _q_side(it, qf, qg, bq),
+                _k_side(it, kf, kg, bk),
+                _k_side(it, vf, vg, bk),
+                _q_side(it, of, og, bq),
+                _q_side(it, lse_b, lg, bq),
+                it.bucket.bias(q.dtype, it.sl),
                 scale,
             )
-            cols = bucket.kflat[sl].reshape(-1)
-            dq.index_add_(0, rows, gq.reshape(-1, bq, d).to(acc))
-            dk.index_add_(0, cols, gk.reshape(-1, bk, d).to(acc))
-            dv.index_add_(0, cols, gv.reshape(-1, bk, dv_).to(acc))
+            if it.q_spec is not None:
+                _view(dq, it.q_spec, it.r, it.x, bq).add_(gq)
+            else:
+                gqs.append(gq.reshape(-1, bq, d))
+            gks.append(gk.reshape(-1, bk, d))
+            gvs.append(gv.reshape(-1, bk, dv_))
+        if gqs:
+            assert qi is not None
+            dq.index_add_(0, qi, torch.cat(gqs).to(acc))
+        dk.index_add_(0, grp.k_all, torch.cat(gks).to(acc))
+        dv.index_add_(0, grp.k_all, torch.cat(gvs).to(acc))
     dq = dq.reshape(b, h, nq * bq, d)[:, :, :n].to(q.dtype)
     dk = dk.reshape(b, hk, nk * bk, d)[:, :, :m].to(k.dtype)
     dv = dv.reshape(b, hk, nk * bk, dv_)[:, :, :m].to(v.dtype)
