@@ -246,3 +246,31 @@ def test_triton_autotune_configs_are_pruned_to_valid_tiles() -> None:
     assert kept and all(c.kwargs["SPLIT_M"] == 1 for c in kept)
     assert any(c.kwargs["SPLIT_N"] == 2 for c in kept)
     assert len(tri._prune(configs, {}, BQ=128, BK=128)) == len(configs)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: BlockMask.causal(70, 90, block_size=16),
+        lambda: BlockMask.sliding_window(70, 20, M=90, block_size=16),
+        lambda: (
+            BlockMask.document(torch.tensor([0] * 30 + [1] * 25 + [2] * 15), block_size=8)
+            & BlockMask.causal(70, block_size=8)
+        ),
+        lambda: (
+            BlockMask.sliding_window(70, 9, block_size=(16, 8)) | BlockMask.global_tokens(70, 5, block_size=(16, 8))
+        ),
+    ],
+)
+def test_structured_patterns_forward_and_gradients(make) -> None:
+    """Patterns whose key blocks are contiguous runs take the strided-view (no-copy) path."""
+    bm = make()
+    n, m = bm.seq_lengths
+    q, k, v = make_qkv(2, 4, n, 16, m=m, h_kv=2, dtype=torch.float64, logit_scale=4.0, seed=n + m)
+    dense = bm.to_dense()
+    qkv = tuple(t.requires_grad_() for t in (q, k, v))
+    out = block_sparse_attention(*qkv, bm)
+    ref = reference_attention(*qkv, mask=dense)
+    assert_close(out, ref)
+    for got, want, name in zip(_grads(out, qkv), _grads(ref, qkv), ("dq", "dk", "dv")):
+        assert_close(got, want, name=name)

@@ -312,6 +312,29 @@ def _affine(idx: Tensor) -> tuple[int, int, int] | None:
     return (base, sr, sx) if torch.equal(idx, want) else None
 
 
+def _affine_segments(bucket: _Bucket) -> list[slice] | None:
+    """Split a bucket's rows into maximal runs whose query and key blocks are affine (see _Item),
+    or None when some row's key blocks are not one contiguous run (then they are gathered)."""
+    kf, qf = bucket.kflat, bucket.qflat
+    r, x, c = kf.shape
+    if c > 1 and not bool((kf[..., 1:] - kf[..., :-1] == 1).all()):
+        return None
+    if x > 1:
+        dx = kf[:, 1:, 0] - kf[:, :-1, 0]
+        qx = qf[:, 1:] - qf[:, :-1]
+        if not (bool((dx == dx[0, 0]).all()) and bool((qx == qx[0, 0]).all())):
+            return None
+    ks, qs = kf[:, 0, 0].tolist(), qf[:, 0].tolist()
+    out, start = [], 0
+    for i in range(1, r + 1):
+        if i < r and (i - start < 2 or (ks[i] - ks[i - 1] == ks[start + 1] - ks[start]
+                                        and qs[i] - qs[i - 1] == qs[start + 1] - qs[start])):  # fmt: skip
+            continue
+        out.append(slice(start, i))
+        start = i
+    return out
+
+
 class _Item:
     """One fused attention call: rows ``sl`` of a bucket.
 
@@ -375,8 +398,13 @@ def _groups(bm: Any, b: int, h: int, hk: int, d: int, bk: int) -> tuple[list[_Gr
         r, x = bucket.qflat.shape
         c = bucket.kflat.shape[2]
         step = max(1, _GATHER_ELEMS // max(1, x * c * bk * d))
-        for s0 in range(0, r, step):
-            it = _Item(bucket, slice(s0, min(r, s0 + step)))
+        segments = _affine_segments(bucket)
+        if segments is not None and len(segments) <= max(1, r // 2):
+            slices = segments  # strided views: no copies, no memory bound needed
+        else:
+            slices = [slice(s0, min(r, s0 + step)) for s0 in range(0, r, step)]
+        for sl in slices:
+            it = _Item(bucket, sl)
             size = it.r * it.x * c * bk * d if it.k_spec is None else 0
             if items and size_acc + size > _GATHER_ELEMS:
                 groups.append(_Group(items))
