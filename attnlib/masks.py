@@ -1127,7 +1127,12 @@ class BlockMask:
         active &= scores > float("-inf")
         empty = torch.zeros(0, bq, bk, dtype=torch.bool, device=scores.device)
         layout = torch.zeros_like(active)
-        return cls._from_states(layout, active, empty, block_size=(bq, bk), seq_lengths=(n, m))
+        ab, ah = active.shape[:2]
+
+        def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            return active[b if ab > 1 else b * 0, h if ah > 1 else h * 0, q // bq, kv // bk]
+
+        return cls._from_states(layout, active, empty, block_size=(bq, bk), seq_lengths=(n, m), mask_mod=mask_mod)
 
     # -- FlexAttention interop -------------------------------------------------------------
 

@@ -198,10 +198,12 @@ def test_patterns_round_trip_with_flex() -> None:
         BlockMask.causal(100, block_size=32).restrict(torch.rand(4, 4) > 0.3),
         BlockMask.grat((8, 8), (2, 4), block_size=16),
         BlockMask.dilated(96, 1, 2, causal=True, block_size=16),
+        BlockMask.from_topk(torch.randn(2, 3, 4, 5), k=2, block_size=16, seq_lengths=(60, 70)),
     ):
         flex = bm.to_flex()
         assert torch.equal(BlockMask.from_flex(flex).to_dense(), bm.to_dense())
-        assert torch.equal(create_mask(flex.mask_mod, 1, 1, *bm.seq_lengths), bm.to_dense())
+        assert bm.mask_mod is not None  # Flex gets a cheap mask_mod, not a dense lookup
+        assert torch.equal(create_mask(flex.mask_mod, *bm.shape), bm.to_dense())
 
 
 def test_pattern_errors() -> None:
