@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     from torch.nn.attention.flex_attention import flex_attention
 
+    # one compiled graph per (N, mask): lift dynamo's recompile limit so Flex never falls back to eager
+    torch._dynamo.config.recompile_limit = 10_000
+    torch._dynamo.config.accumulated_recompile_limit = 10_000
     flex = torch.compile(flex_attention, dynamic=False)
     rows: list[list[object]] = []
     records: list[dict[str, object]] = []

@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
+    torch._dynamo.config.recompile_limit = 10_000  # one graph per shape: never fall back to eager Flex
+    torch._dynamo.config.accumulated_recompile_limit = 10_000
     flex = torch.compile(flex_attention, dynamic=False)
     info = machine_info()
     checks: list[dict[str, object]] = []

@@ -32,8 +32,9 @@ from torch import Tensor
 
 __all__ = ["backward", "forward"]
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+_LOG2E = 1.4426950408889634  # host-side constant
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # kernel-side constants must be constexpr
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 def _fwd(
@@ -44,7 +45,7 @@ def _fwd(
     H, G, N, M, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr, SPLIT_M: tl.constexpr, SPLIT_N: tl.constexpr,
-    EVEN_N: tl.constexpr, PREC: tl.constexpr,
+    EVEN_N: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     BLOCK_M: tl.constexpr = BQ // SPLIT_M
     BLOCK_N: tl.constexpr = BK // SPLIT_N
@@ -64,9 +65,9 @@ def _fwd(
         mask=(offs_m[:, None] < N) & (offs_d[None, :] < D),
         other=0.0,
     )
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC)
     lay = b * snb + h * snh + qb
     lst = b * sib + h * sih + qb * siq
     til = b * stb + h * sth + qb * stq
@@ -91,7 +92,7 @@ def _fwd(
                     mask=kin[:, None] & (offs_d[None, :] < D),
                     other=0.0,
                 )
-                s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+                s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * qk_scale
                 if phase == 0:
                     tile = tl.load(TILES + til + t * stp + rm[:, None] * BK + rn[None, :])
                     s = tl.where(tile != 0, s, float("-inf"))
@@ -107,7 +108,7 @@ def _fwd(
                     mask=kin[:, None] & (offs_dv[None, :] < DV),
                     other=0.0,
                 )
-                acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PREC)
+                acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PREC, out_dtype=ACC)
                 m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
@@ -129,7 +130,7 @@ def _bwd_dkdv(
     HKV, G, N, M, sm_scale, qk_scale,
     D: tl.constexpr, DV_: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr, SPLIT_M: tl.constexpr, SPLIT_N: tl.constexpr,
-    EVEN_N: tl.constexpr, PREC: tl.constexpr,
+    EVEN_N: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     BLOCK_M: tl.constexpr = BQ // SPLIT_M
     BLOCK_N: tl.constexpr = BK // SPLIT_N
@@ -154,8 +155,8 @@ def _bwd_dkdv(
         mask=kin[:, None] & (offs_dv[None, :] < DV_),
         other=0.0,
     )
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC)
     for g in range(0, G):
         h = hk * G + g
         lay = b * snb + h * snh + kb
@@ -190,7 +191,7 @@ def _bwd_dkdv(
                     )
                     lse = tl.load(LSE + lbase + offs_m, mask=qin, other=float("inf"))
                     delta = tl.load(DELTA + lbase + offs_m, mask=qin, other=0.0)
-                    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+                    s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * qk_scale
                     p = tl.math.exp2(s - lse[:, None] * LOG2E)
                     if phase == 0:
                         tile = tl.load(
@@ -199,10 +200,10 @@ def _bwd_dkdv(
                         p = tl.where(tile != 0, p, 0.0)
                     elif not EVEN_N:
                         p = tl.where(kin[None, :], p, 0.0)
-                    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-                    dp = tl.dot(do, tl.trans(vv), input_precision=PREC)
+                    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC, out_dtype=ACC)
+                    dp = tl.dot(do, tl.trans(vv), input_precision=PREC, out_dtype=ACC)
                     ds = p * (dp - delta[:, None])
-                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC, out_dtype=ACC)
     dk = dk * sm_scale
     tl.store(
         DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
@@ -224,7 +225,7 @@ def _bwd_dq(
     H, G, N, M, sm_scale, qk_scale,
     D: tl.constexpr, DV_: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr, SPLIT_M: tl.constexpr, SPLIT_N: tl.constexpr,
-    EVEN_N: tl.constexpr, PREC: tl.constexpr,
+    EVEN_N: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     BLOCK_M: tl.constexpr = BQ // SPLIT_M
     BLOCK_N: tl.constexpr = BK // SPLIT_N
@@ -252,7 +253,7 @@ def _bwd_dq(
     )
     lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=qin, other=float("inf"))
     delta = tl.load(DELTA + b * slb + h * slh + offs_m, mask=qin, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     lay = b * snb + h * snh + qb
     lst = b * sib + h * sih + qb * siq
     til = b * stb + h * sth + qb * stq
@@ -282,16 +283,16 @@ def _bwd_dq(
                     mask=kin[:, None] & (offs_dv[None, :] < DV_),
                     other=0.0,
                 )
-                s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+                s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * qk_scale
                 p = tl.math.exp2(s - lse[:, None] * LOG2E)
                 if phase == 0:
                     tile = tl.load(TILES + til + t * stp + rm[:, None] * BK + rn[None, :])
                     p = tl.where(tile != 0, p, 0.0)
                 elif not EVEN_N:
                     p = tl.where(kin[None, :], p, 0.0)
-                dp = tl.dot(do, tl.trans(vv), input_precision=PREC)
+                dp = tl.dot(do, tl.trans(vv), input_precision=PREC, out_dtype=ACC)
                 ds = p * (dp - delta[:, None])
-                dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC, out_dtype=ACC)
     dq = dq * sm_scale
     tl.store(
         DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqn + offs_d[None, :],
@@ -387,7 +388,8 @@ def _tiles(bm: Any) -> Tensor:
 def _common(q: Tensor, v: Tensor, bm: Any) -> dict[str, Any]:
     d, dv = q.shape[-1], v.shape[-1]
     bq, bk = bm.block_size
-    prec = "ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    exact = q.dtype == torch.float64 or (q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+    prec = "ieee" if exact else "tf32"
     return {
         "D": d,
         "BLOCK_D": max(16, triton.next_power_of_2(d)),
@@ -395,6 +397,7 @@ def _common(q: Tensor, v: Tensor, bm: Any) -> dict[str, Any]:
         "BK": bk,
         "EVEN_N": bm.seq_lengths[1] % bk == 0,
         "PREC": prec,
+        "ACC": tl.float64 if q.dtype == torch.float64 else tl.float32,
         "_dv": dv,
         "BLOCK_DV": max(16, triton.next_power_of_2(dv)),
     }
@@ -406,7 +409,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, bm: Any, scale: float) -> tuple[Ten
     b, h, n, _ = q.shape
     hk, m = k.shape[1], k.shape[2]
     out = torch.empty(b, h, n, v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, h, n, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
     kvn, kvi, fkvn, fkvi = _layout(bm, False)
     tiles = _tiles(bm)
     meta = _common(q, v, bm)
@@ -419,7 +422,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, bm: Any, scale: float) -> tuple[Ten
         lse.stride(0), lse.stride(1),
         _bstride(kvn, 0), _bstride(kvn, 1), _bstride(kvi, 0), _bstride(kvi, 1), kvi.stride(2),
         _bstride(tiles, 0), _bstride(tiles, 1), tiles.stride(2), tiles.stride(3),
-        h, h // hk, n, m, scale * LOG2E,
+        h, h // hk, n, m, scale * _LOG2E,
     )  # fmt: skip
     _launch("fwd", nq, b * h, q, args, {**meta, "DV": dv})
     return out, lse
@@ -433,7 +436,8 @@ def backward(
     b, h, n, _ = q.shape
     hk, m = k.shape[1], k.shape[2]
     g = h // hk
-    delta = (do.float() * out.float()).sum(-1).contiguous()
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    delta = (do.to(acc) * out.to(acc)).sum(-1).contiguous()
     lse_b = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).contiguous()
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
@@ -453,7 +457,7 @@ def backward(
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         _bstride(qn, 0), _bstride(qn, 1), _bstride(qi, 0), _bstride(qi, 1), qi.stride(2),
         _bstride(tiles, 0), _bstride(tiles, 1), tiles.stride(2), tiles.stride(3),
-        hk, g, n, m, scale, scale * LOG2E,
+        hk, g, n, m, scale, scale * _LOG2E,
     )  # fmt: skip
     _launch("dkdv", nk, b * hk, q, args_kv, meta)
     args_q = (
@@ -463,7 +467,7 @@ def backward(
         lse_b.stride(0), lse_b.stride(1), dq.stride(0), dq.stride(1), dq.stride(2),
         _bstride(kvn, 0), _bstride(kvn, 1), _bstride(kvi, 0), _bstride(kvi, 1), kvi.stride(2),
         _bstride(tiles, 0), _bstride(tiles, 1), tiles.stride(2), tiles.stride(3),
-        h, g, n, m, scale, scale * LOG2E,
+        h, g, n, m, scale, scale * _LOG2E,
     )  # fmt: skip
     _launch("dq", nq, b * h, q, args_q, meta)
     return dq, dk, dv

@@ -79,8 +79,12 @@ def triton_supports(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> s
             f"Triton kernels run on CUDA tensors, got tensors on {q.device}; set TRITON_INTERPRET=1 "
             "to run them on the CPU through Triton's interpreter (slow, for tests), or use backend='torch'"
         )
-    if q.dtype not in _TRITON_DTYPES:
-        return f"the Triton kernel supports float16, bfloat16 and float32, got {q.dtype}; use backend='torch'"
+    interpreted = not q.is_cuda  # CPU tensors only reach here under TRITON_INTERPRET=1
+    if q.dtype not in _TRITON_DTYPES and not (interpreted and q.dtype == torch.float64):
+        return (
+            f"the Triton kernel supports float16, bfloat16 and float32 (and float64 under the interpreter), "
+            f"got {q.dtype}; use backend='torch'"
+        )
     bq, bk = block_mask.block_size
     if bq not in _TRITON_BLOCKS or bk not in _TRITON_BLOCKS:
         return f"the Triton kernel needs block sizes in {_TRITON_BLOCKS}, got {(bq, bk)}; use backend='torch'"
@@ -511,6 +515,19 @@ def _k_side(it: _Item, flat: Tensor, gathered: Tensor | None, bk: int) -> Tensor
     return gathered[it.k_off : it.k_off + n].view(it.r, it.x, it.c * bk, flat.shape[-1])
 
 
+def _add_runs(acc: Tensor, grad: Tensor, it: _Item, bk: int) -> None:
+    """acc[kflat] += grad for an item whose key blocks are affine runs (windows may overlap
+    across rows, so add the j-th block of every row at a time: those never overlap)."""
+    assert it.k_spec is not None
+    base, sr, sx = it.k_spec
+    g = grad.reshape(it.r, it.x, it.c, bk, grad.shape[-1]).to(acc.dtype)
+    if sr == 0 or it.r == 1:  # every row reads the same blocks
+        _view(acc, (base, sr, sx), 1, it.x, it.c * bk).add_(g.sum(0, keepdim=True).reshape(1, it.x, -1, grad.shape[-1]))
+        return
+    for j in range(it.c):
+        _view(acc, (base + j, sr, sx), it.r, it.x, bk).add_(g[:, :, j])
+
+
 def _torch_forward(q: Tensor, k: Tensor, v: Tensor, bm: Any, scale: float) -> tuple[Tensor, Tensor]:
     b, h, n, d = q.shape
     hk = k.shape[1]
@@ -591,13 +608,19 @@ def _torch_backward(
                 _view(dq, it.q_spec, it.r, it.x, bq).add_(gq)
             else:
                 gqs.append(gq.reshape(-1, bq, d))
-            gks.append(gk.reshape(-1, bk, d))
-            gvs.append(gv.reshape(-1, bk, dv_))
+            if it.k_spec is not None:
+                _add_runs(dk, gk, it, bk)
+                _add_runs(dv, gv, it, bk)
+            else:
+                gks.append(gk.reshape(-1, bk, d))
+                gvs.append(gv.reshape(-1, bk, dv_))
         if gqs:
             assert qi is not None
             dq.index_add_(0, qi, torch.cat(gqs).to(acc))
-        dk.index_add_(0, grp.k_all, torch.cat(gks).to(acc))
-        dv.index_add_(0, grp.k_all, torch.cat(gvs).to(acc))
+        if gks:
+            assert ki is not None
+            dk.index_add_(0, ki, torch.cat(gks).to(acc))
+            dv.index_add_(0, ki, torch.cat(gvs).to(acc))
     dq = dq.reshape(b, h, nq * bq, d)[:, :, :n].to(q.dtype)
     dk = dk.reshape(b, hk, nk * bk, d)[:, :, :m].to(k.dtype)
     dv = dv.reshape(b, hk, nk * bk, dv_)[:, :, :m].to(v.dtype)
