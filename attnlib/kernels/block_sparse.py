@@ -212,41 +212,65 @@ class _BlockSparseFn(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------
 
 
-_BIAS_CACHE_ELEMS = 1 << 22  # cache a bucket's float mask per dtype when at most this many elements
+_BIAS_CACHE_ELEMS = 1 << 24  # float-mask elements a plan may keep cached (per dtype); the rest is rebuilt per call
 
 
 class _Bucket:
     """Query blocks that visit the same number c of key blocks (full and partial together).
 
     Attributes: qflat (R, X) flat index (b·H + h)·n_q + I of every expanded query block;
-    kflat (R, X, c) flat index (b·H_kv + h_kv)·n_k + J of its key blocks (ascending); tiles
-    (R, 1, bq, c·bk) bool element mask, or None when every block is full; row_any (R, 1, bq)
-    rows with at least one allowed key (None when tiles is None).
+    kflat (R, X, c) flat index (b·H_kv + h_kv)·n_k + J of its key blocks (ascending);
+    the element masks of its non-full blocks only - rows ``prow`` (P,), positions ``pcol``
+    (P,) among the c blocks, tiles ``ptile`` (P, bq, bk) - and row_any (R, 1, bq), the rows
+    with at least one allowed key (None when every block is full).
     """
 
-    def __init__(self, qflat: Tensor, kflat: Tensor, tiles: Tensor | None) -> None:
-        self.qflat, self.kflat, self.tiles = qflat, kflat, tiles
-        self.row_any = None if tiles is None else tiles.any(-1)
+    def __init__(
+        self, qflat: Tensor, kflat: Tensor, prow: Tensor, pcol: Tensor, ptile: Tensor, budget: list[int]
+    ) -> None:
+        self.qflat, self.kflat = qflat, kflat
+        self.prow, self.pcol, self.ptile = prow, pcol, ptile
+        self._budget = budget
         self._bias: dict[torch.dtype, Tensor] = {}
+        self.row_any: Tensor | None = None
+        r, c = kflat.shape[0], kflat.shape[2]
+        if prow.numel():
+            bq = ptile.shape[1]
+            n_masked = torch.zeros(r, dtype=torch.long, device=qflat.device).index_add_(0, prow, torch.ones_like(prow))
+            dense_rows = n_masked < c  # rows with at least one full block
+            any_p = torch.zeros(r, bq, dtype=torch.bool, device=qflat.device)
+            any_p.index_put_((prow,), ptile.any(-1), accumulate=True)
+            self.row_any = (dense_rows[:, None] | any_p)[:, None, :]
 
     def bias(self, dtype: torch.dtype, sl: slice) -> Tensor | None:
         """Additive mask (R, 1, bq, c·bk) of rows ``sl``: 0 where allowed, -inf elsewhere (None if all full)."""
-        if self.tiles is None:
+        if self.row_any is None:
             return None
         if dtype in self._bias:
             return self._bias[dtype][sl]
-        t = self.tiles if self.tiles.numel() <= _BIAS_CACHE_ELEMS else self.tiles[sl]
-        b = torch.zeros(t.shape, dtype=dtype, device=t.device).masked_fill_(~t, float("-inf"))
-        if self.tiles.numel() <= _BIAS_CACHE_ELEMS:
-            self._bias[dtype] = b
-            return b[sl]
-        return b
+        r, c = self.kflat.shape[0], self.kflat.shape[2]
+        bq, bk = self.ptile.shape[1:]
+        whole = r * bq * c * bk <= self._budget[0]
+        start, stop = (0, r) if whole else (sl.start, sl.stop)
+        out = torch.zeros(stop - start, bq, c, bk, dtype=dtype, device=self.ptile.device)
+        sel = (self.prow >= start) & (self.prow < stop)
+        vals = torch.zeros(self.ptile[sel].shape, dtype=dtype, device=out.device).masked_fill_(
+            ~self.ptile[sel], float("-inf")
+        )
+        out[self.prow[sel] - start, :, self.pcol[sel], :] = vals
+        out = out.view(stop - start, 1, bq, c * bk)
+        if whole:
+            self._budget[0] -= out.numel()
+            self._bias[dtype] = out
+            return out[sl]
+        return out
 
 
 def _plan(bm: Any, b: int, h: int, hk: int) -> list[_Bucket]:
     """Buckets for the call sizes (B, H, H_kv); cached on the BlockMask (its layout never changes).
 
-    Memory: the element masks of the buckets that hold partial blocks, O(active blocks · bq · bk) bools.
+    Memory: the element masks of the partial blocks (as in the BlockMask) plus a bounded cache of
+    float masks; no full-width mask is stored.
     """
     key = f"torch_plan/{b}/{h}/{hk}"
     cache = getattr(bm, "_cache", None)
@@ -280,6 +304,7 @@ def _plan(bm: Any, b: int, h: int, hk: int) -> list[_Bucket]:
     counts = st.sum(-1)
     order = torch.argsort(st.to(torch.int8), dim=-1, descending=True, stable=True)
     plan: list[_Bucket] = []
+    budget = [_BIAS_CACHE_ELEMS]
     for c in torch.unique(counts).tolist():
         if c == 0:
             continue
@@ -289,18 +314,17 @@ def _plan(bm: Any, b: int, h: int, hk: int) -> list[_Bucket]:
         bidx = (unit_b[units, None] if ex_b is None else ex_b[None, :]).expand(r, nx_b * nx_h)
         hidx = (unit_h[units, None] if ex_h is None else ex_h[None, :]).expand(r, nx_b * nx_h)
         s = flat_slots[units[:, None], kblk]  # (R, c): >= 0 partial slot, -1 full, -2 full tail block
-        tiles = None
-        if bool((s != -1).any()):
-            t = torch.ones(r, c, bq, bk, dtype=torch.bool, device=dev)
-            if flat_tiles.shape[1]:
-                sel = s >= 0
-                t[sel] = flat_tiles[units[:, None].expand(r, c)[sel], s[sel]]
-            if tail_tile is not None:
-                t[s == -2] = tail_tile
-            tiles = t.permute(0, 2, 1, 3).reshape(r, 1, bq, c * bk).contiguous()
+        prow, pcol = torch.nonzero(s != -1, as_tuple=True)
+        ptile = torch.zeros(prow.numel(), bq, bk, dtype=torch.bool, device=dev)
+        ps = s[prow, pcol]
+        if flat_tiles.shape[1]:
+            sel = ps >= 0
+            ptile[sel] = flat_tiles[units[prow[sel]], ps[sel]]
+        if tail_tile is not None:
+            ptile[ps == -2] = tail_tile
         qflat = (bidx * h + hidx) * nq + unit_i[units][:, None]
         kflat = ((bidx * hk + hidx // (h // hk)) * nk)[:, :, None] + kblk[:, None, :]
-        plan.append(_Bucket(qflat.contiguous(), kflat.contiguous(), tiles))
+        plan.append(_Bucket(qflat.contiguous(), kflat.contiguous(), prow, pcol, ptile, budget))
     if cache is not None:
         cache[key] = plan
     return plan
