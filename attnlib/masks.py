@@ -22,6 +22,7 @@ Everything a variant receives is normalised into one :class:`AttentionMask` by
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -39,6 +40,7 @@ __all__ = [
     "MaskLike",
     "SlidingWindow",
     "causal_mask",
+    "grat_permutation",
     "normalize_mask",
     "sliding_window",
     "window_mask",
@@ -137,6 +139,92 @@ def _ordered(active: Tensor) -> tuple[Tensor, Tensor]:
     return num, idx
 
 
+def _listed(num: Tensor, idx: Tensor) -> Tensor:
+    """(count (…,), indices (…, n_k)) -> (…, n_k) bool of the listed ids (unlisted entries are don't-care)."""
+    nk = idx.shape[-1]
+    valid = torch.arange(nk, device=idx.device) < num[..., None]
+    target = torch.where(valid, idx.long(), nk)
+    out = torch.zeros(*idx.shape[:-1], nk + 1, dtype=torch.bool, device=idx.device)
+    out.scatter_(-1, target, valid)
+    return out[..., :nk].contiguous()
+
+
+def _check_nm(n: object, m: object, where: str) -> tuple[int, int]:
+    for name, val in (("N", n), ("M", m)):
+        if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+            raise ValueError(f"{where}: {name} must be a positive int, got {val!r}")
+    return n, m  # type: ignore[return-value]
+
+
+def _nonneg(name: str, val: object, where: str, *, allow_none: bool = False) -> int | None:
+    if val is None and allow_none:
+        return None
+    if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+        raise ValueError(f"{where}: {name} must be a non-negative int, got {val!r}")
+    return val
+
+
+def _spans(
+    n: int, m: int, bq: int, bk: int, device: torch.device | str | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per query block: first/last *position* (i + M - N), shape (n_q, 1); per key block: first/last key, (1, n_k)."""
+    nq, nk = math.ceil(n / bq), math.ceil(m / bk)
+    qlo = torch.arange(nq, device=device) * bq
+    qhi = (qlo + bq).clamp(max=n) - 1
+    klo = torch.arange(nk, device=device) * bk
+    khi = (klo + bk).clamp(max=m) - 1
+    off = m - n
+    return (qlo + off)[:, None], (qhi + off)[:, None], klo[None, :], khi[None, :]
+
+
+def grat_permutation(
+    grid: int | tuple[int, ...], group: int | tuple[int, ...], *, device: torch.device | str | None = None
+) -> Tensor:
+    """Token order that makes GRAT groups contiguous (raster order -> group-major order).
+
+    Args:
+        grid: token grid (T,), (H, W) or (T, H, W) in raster order (last axis fastest).
+        group: group shape, same rank as ``grid``. Groups at a ragged edge are smaller.
+
+    Returns:
+        perm (prod(grid),) int64 such that ``x[..., perm, :]`` lists the tokens group by group
+        (groups in raster order of the group grid, tokens in raster order inside a group).
+        Undo with ``inv = torch.argsort(perm)``.
+    """
+    grid_t, group_t = _grid_pair(grid, group)
+    coords = _unravel(torch.arange(math.prod(grid_t), device=device), grid_t)
+    ng = tuple(math.ceil(g / s) for g, s in zip(grid_t, group_t))
+    gid = _ravel([c // s for c, s in zip(coords, group_t)], ng)
+    within = _ravel([c % s for c, s in zip(coords, group_t)], group_t)
+    return torch.argsort(gid * math.prod(group_t) + within, stable=True)
+
+
+def _grid_pair(grid: int | tuple[int, ...], group: int | tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    g = (grid,) if isinstance(grid, int) else tuple(grid)
+    s = (group,) if isinstance(group, int) else tuple(group)
+    if not 1 <= len(g) <= 3 or len(s) != len(g):
+        raise ValueError(f"GRAT: grid and group must be 1-3 ints of the same rank, got grid={grid!r}, group={group!r}")
+    for name, vals in (("grid", g), ("group", s)):
+        if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in vals):
+            raise ValueError(f"GRAT: {name} entries must be positive ints, got {vals!r}")
+    return g, s
+
+
+def _unravel(idx: Tensor, shape: tuple[int, ...]) -> list[Tensor]:
+    out = []
+    for size in reversed(shape):
+        out.append(idx % size)
+        idx = idx // size
+    return out[::-1]
+
+
+def _ravel(coords: list[Tensor], shape: tuple[int, ...]) -> Tensor:
+    out = torch.zeros_like(coords[0])
+    for c, size in zip(coords, shape):
+        out = out * size + c
+    return out
+
+
 class BlockMask:
     """A block-sparse attention layout with exact element-wise masks on partial blocks.
 
@@ -179,6 +267,8 @@ class BlockMask:
         self.full_kv_indices = full_kv_indices
         self.partial_tiles = partial_tiles
         self.mask_mod = mask_mod
+        # derived structures (transposed LUT, kernel plans), computed once per layout
+        self._cache: dict[str, Any] = {}
 
     # -- basic properties ------------------------------------------------------------------
 
@@ -228,32 +318,217 @@ class BlockMask:
 
     def block_states(self) -> tuple[Tensor, Tensor]:
         """(partial, full) bool tensors of shape (B', H', n_q, n_k): which blocks are which."""
-        _nq, nk = self.num_blocks
-        ar = torch.arange(nk, device=self.device)
-        partial = torch.zeros(self.kv_indices.shape, dtype=torch.bool, device=self.device)
-        full = torch.zeros_like(partial)
-        sel = ar < self.kv_num_blocks[..., None]
-        partial.scatter_(-1, self.kv_indices.long(), sel)
-        sel_f = ar < self.full_kv_num_blocks[..., None]
-        full.scatter_(-1, self.full_kv_indices.long(), sel_f)
-        return partial, full
+        if "states" not in self._cache:
+            self._cache["states"] = (
+                _listed(self.kv_num_blocks, self.kv_indices),
+                _listed(self.full_kv_num_blocks, self.full_kv_indices),
+            )
+        partial, full = self._cache["states"]
+        return partial.clone(), full.clone()
+
+    def tile_slots(self) -> Tensor:
+        """(B', H', n_q, n_k) int64: slot t of each partial block in ``partial_tiles[b, h, I]`` (-1 if not partial)."""
+        if "slots" not in self._cache:
+            nk = self.kv_indices.shape[-1]
+            p = self.partial_tiles.shape[3]
+            ar = torch.arange(p, device=self.device)
+            valid = ar < self.kv_num_blocks[..., None]
+            target = torch.where(valid, self.kv_indices[..., :p].long(), nk)
+            out = torch.full((*self.kv_indices.shape[:-1], nk + 1), -1, dtype=torch.long, device=self.device)
+            out.scatter_(-1, target, ar.expand_as(target).contiguous())
+            self._cache["slots"] = out[..., :nk].contiguous()
+        return self._cache["slots"]
+
+    def dense_rows(self, start: int, end: int) -> Tensor:
+        """Rows ``start:end`` of :meth:`to_dense`: bool (B', H', end - start, M).
+
+        Only the query blocks overlapping the range are expanded, so memory is
+        O((end - start + bq) · M), never N x M.
+        """
+        n, m = self.seq_lengths
+        if not 0 <= start <= end <= n:
+            raise ValueError(f"BlockMask.dense_rows: need 0 <= start <= end <= N={n}, got start={start}, end={end}")
+        bq, bk = self.block_size
+        bp, hp = self.kv_num_blocks.shape[:2]
+        i0, i1 = start // bq, max(start // bq, -(-end // bq))
+        _, full = self.block_states()
+        rows = i1 - i0
+        nk = self.num_blocks[1]
+        tiles = full[:, :, i0:i1, :, None, None].expand(bp, hp, rows, nk, bq, bk).clone()
+        slots = self.tile_slots()[:, :, i0:i1]
+        b, h, i, j = torch.nonzero(slots >= 0, as_tuple=True)
+        if b.numel():
+            tiles[b, h, i, j] = self.partial_tiles[b, h, i + i0, slots[b, h, i, j]]
+        dense = tiles.permute(0, 1, 2, 4, 3, 5).reshape(bp, hp, rows * bq, nk * bk)
+        return dense[..., start - i0 * bq : end - i0 * bq, :m]
 
     def to_dense(self) -> Tensor:
         """The element-wise mask, a bool tensor of shape (B', H', N, M)."""
+        return self.dense_rows(0, self.seq_lengths[0]).contiguous()
+
+    # -- transposed layout (for the dK/dV pass of block-sparse kernels) ---------------------
+
+    def _transposed(self) -> dict[str, Tensor]:
+        if "transposed" not in self._cache:
+            partial, full = self.block_states()
+            slots = self.tile_slots()
+            qn, qi = _ordered(partial.transpose(-1, -2))
+            qs = slots.transpose(-1, -2).gather(-1, qi.long()).clamp_min(0).to(torch.int32)
+            fqn, fqi = _ordered(full.transpose(-1, -2))
+            self._cache["transposed"] = {
+                "q_num_blocks": qn.contiguous(),
+                "q_indices": qi.contiguous(),
+                "q_tile_slots": qs.contiguous(),
+                "full_q_num_blocks": fqn.contiguous(),
+                "full_q_indices": fqi.contiguous(),
+            }
+        return self._cache["transposed"]
+
+    @property
+    def q_num_blocks(self) -> Tensor:
+        """(B', H', n_k) int32: number of query blocks that visit key block J as a *partial* block."""
+        return self._transposed()["q_num_blocks"]
+
+    @property
+    def q_indices(self) -> Tensor:
+        """(B', H', n_k, n_q) int32: those query-block ids first, ascending (the transposed LUT)."""
+        return self._transposed()["q_indices"]
+
+    @property
+    def q_tile_slots(self) -> Tensor:
+        """(B', H', n_k, n_q) int32: for the t-th entry I of ``q_indices[b, h, J]``, the slot of
+        block (I, J) in ``partial_tiles[b, h, I]`` (its element mask)."""
+        return self._transposed()["q_tile_slots"]
+
+    @property
+    def full_q_num_blocks(self) -> Tensor:
+        """(B', H', n_k) int32: number of query blocks that visit key block J as a *full* block."""
+        return self._transposed()["full_q_num_blocks"]
+
+    @property
+    def full_q_indices(self) -> Tensor:
+        """(B', H', n_k, n_q) int32: those query-block ids first, ascending."""
+        return self._transposed()["full_q_indices"]
+
+    # -- block-level algebra ----------------------------------------------------------------
+
+    def _in_range(self, i: Tensor, j: Tensor) -> Tensor:
+        """(K, bq, bk) bool: which pairs of blocks (i[K], j[K]) lie inside (N, M)."""
         bq, bk = self.block_size
         n, m = self.seq_lengths
-        nq, nk = self.num_blocks
+        r = torch.arange(bq, device=i.device)
+        c = torch.arange(bk, device=i.device)
+        return ((i[:, None, None] * bq + r[None, :, None]) < n) & ((j[:, None, None] * bk + c[None, None, :]) < m)
+
+    def _tiles_at(self, b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
+        """Element masks (K, bq, bk) of blocks (b, h, i, j) (indices into the broadcast layout)."""
         bp, hp = self.kv_num_blocks.shape[:2]
+        b = b if bp > 1 else torch.zeros_like(b)
+        h = h if hp > 1 else torch.zeros_like(h)
         _, full = self.block_states()
-        tiles = full[..., None, None].expand(bp, hp, nq, nk, bq, bk).clone()
-        p = self.partial_tiles.shape[3]
-        if p:
-            valid = torch.arange(p, device=self.device) < self.kv_num_blocks[..., None]
-            idx = self.kv_indices[..., :p].long()
-            bi, hi, qi, ti = torch.nonzero(valid, as_tuple=True)
-            tiles[bi, hi, qi, idx[bi, hi, qi, ti]] = self.partial_tiles[bi, hi, qi, ti]
-        dense = tiles.permute(0, 1, 2, 4, 3, 5).reshape(bp, hp, nq * bq, nk * bk)
-        return dense[..., :n, :m].contiguous()
+        out = full[b, h, i, j][:, None, None] & self._in_range(i, j)
+        s = self.tile_slots()[b, h, i, j]
+        sel = s >= 0
+        if bool(sel.any()):
+            out[sel] = self.partial_tiles[b[sel], h[sel], i[sel], s[sel]]
+        return out
+
+    def restrict(self, active: Tensor) -> BlockMask:
+        """Keep only the blocks where ``active`` is True (a block-level filter).
+
+        ``active``: bool, broadcastable to (B'', H'', n_q, n_k), e.g. a top-k selection of
+        learned block scores. Kept partial blocks keep their element mask, so the result
+        equals this mask AND the block selection. Its (B', H') is the broadcast of both.
+        """
+        nq, nk = self.num_blocks
+        if not isinstance(active, Tensor) or active.dtype != torch.bool:
+            raise ValueError(
+                f"BlockMask.restrict expects a bool tensor (…, n_q={nq}, n_k={nk}), got {_describe(active)}"
+            )
+        if active.dim() == 2:
+            active = active[None, None]
+        if active.dim() != 4 or tuple(active.shape[-2:]) != (nq, nk):
+            raise ValueError(
+                f"BlockMask.restrict expects shape (n_q, n_k) or (B, H, n_q, n_k) with (n_q, n_k) = {(nq, nk)}, "
+                f"got {tuple(active.shape)}"
+            )
+        partial, full = self.block_states()
+        shape = torch.broadcast_shapes(partial.shape, active.shape)
+        active = active.to(self.device)
+        p_new = partial.expand(shape) & active
+        f_new = full.expand(shape) & active
+        b, h, i, j = torch.nonzero(p_new, as_tuple=True)
+        tiles = self._tiles_at(b, h, i, j)
+        mm = self.mask_mod
+        new_mm: MaskModFn | None = None
+        if mm is not None:
+            bq, bk = self.block_size
+            act = active
+            ab, ah = act.shape[:2]
+
+            def new_mm(bb: Tensor, hh: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+                sel = act[bb if ab > 1 else bb * 0, hh if ah > 1 else hh * 0, q // bq, kv // bk]
+                return mm(bb, hh, q, kv) & sel
+
+        return BlockMask._from_states(
+            p_new, f_new, tiles, block_size=self.block_size, seq_lengths=self.seq_lengths, mask_mod=new_mm
+        )
+
+    def _combine(self, other: BlockMask, op: str) -> BlockMask:
+        if not isinstance(other, BlockMask):
+            return NotImplemented
+        if other.block_size != self.block_size or other.seq_lengths != self.seq_lengths:
+            raise ValueError(
+                f"cannot combine BlockMasks with different layouts: block_size {self.block_size} vs "
+                f"{other.block_size}, seq_lengths {self.seq_lengths} vs {other.seq_lengths}"
+            )
+        if other.device != self.device:
+            raise ValueError(f"cannot combine BlockMasks on {self.device} and {other.device}")
+        pa, fa = self.block_states()
+        pb, fb = other.block_states()
+        shape = torch.broadcast_shapes(pa.shape, pb.shape)
+        pa, fa, pb, fb = (t.expand(shape) for t in (pa, fa, pb, fb))
+        if op == "and":
+            full = fa & fb
+            mixed = (pa & (pb | fb)) | (fa & pb)
+        else:
+            full = fa | fb
+            mixed = (pa | pb) & ~full
+        b, h, i, j = torch.nonzero(mixed, as_tuple=True)
+        ta, tb = self._tiles_at(b, h, i, j), other._tiles_at(b, h, i, j)
+        tiles = ta & tb if op == "and" else ta | tb
+        cnt = tiles.sum((1, 2))
+        cap = self._in_range(i, j).sum((1, 2))
+        is_full = cnt == cap
+        is_part = (cnt > 0) & ~is_full
+        full = full.clone()
+        full[b[is_full], h[is_full], i[is_full], j[is_full]] = True
+        partial = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        partial[b[is_part], h[is_part], i[is_part], j[is_part]] = True
+        ma, mb = self.mask_mod, other.mask_mod
+        mm: MaskModFn | None = None
+        if ma is not None and mb is not None:
+            if op == "and":
+
+                def mm(bb: Tensor, hh: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+                    return ma(bb, hh, q, kv) & mb(bb, hh, q, kv)
+
+            else:
+
+                def mm(bb: Tensor, hh: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+                    return ma(bb, hh, q, kv) | mb(bb, hh, q, kv)
+
+        return BlockMask._from_states(
+            partial, full, tiles[is_part], block_size=self.block_size, seq_lengths=self.seq_lengths, mask_mod=mm
+        )
+
+    def __and__(self, other: BlockMask) -> BlockMask:
+        """Intersection: pairs allowed by both masks (same block size and sequence lengths)."""
+        return self._combine(other, "and")
+
+    def __or__(self, other: BlockMask) -> BlockMask:
+        """Union: pairs allowed by either mask, e.g. ``sliding_window(...) | global_tokens(...)``."""
+        return self._combine(other, "or")
 
     @classmethod
     def _from_row_blocks(
@@ -360,6 +635,504 @@ class BlockMask:
                 yield torch.as_tensor(out, device=device).to(torch.bool).expand(bb, hh, q.shape[2], M)
 
         return cls._from_row_blocks(rows(), block_size=(bq, bk), seq_lengths=(N, M), mask_mod=mask_mod)
+
+    # -- generic builders -----------------------------------------------------------------
+
+    @classmethod
+    def _from_states(
+        cls,
+        partial: Tensor,
+        full: Tensor,
+        tiles: Tensor,
+        *,
+        block_size: tuple[int, int],
+        seq_lengths: tuple[int, int],
+        mask_mod: MaskModFn | None = None,
+    ) -> BlockMask:
+        """Assemble a layout from block states (B', H', n_q, n_k) (disjoint) and the element
+        masks ``tiles`` (P_total, bq, bk) of the partial blocks in row-major order."""
+        bq, bk = block_size
+        kv_num, kv_idx = _ordered(partial)
+        f_num, f_idx = _ordered(full)
+        bp, hp, nq, _ = partial.shape
+        pmax = int(kv_num.max()) if kv_num.numel() else 0
+        pt = torch.zeros(bp, hp, nq, pmax, bq, bk, dtype=torch.bool, device=partial.device)
+        if pmax:
+            rank = partial.to(torch.int64).cumsum(-1) - 1
+            b, h, i, j = torch.nonzero(partial, as_tuple=True)
+            pt[b, h, i, rank[b, h, i, j]] = tiles
+        return cls(
+            block_size=(bq, bk),
+            seq_lengths=seq_lengths,
+            kv_num_blocks=kv_num,
+            kv_indices=kv_idx,
+            full_kv_num_blocks=f_num,
+            full_kv_indices=f_idx,
+            partial_tiles=pt,
+            mask_mod=mask_mod,
+        )
+
+    @classmethod
+    def _from_rule(
+        cls,
+        mask_mod: MaskModFn,
+        maybe: Tensor,
+        sure_full: Tensor | None,
+        *,
+        block_size: tuple[int, int],
+        seq_lengths: tuple[int, int],
+        chunk_elems: int = 1 << 22,
+    ) -> BlockMask:
+        """Layout of ``mask_mod`` when the caller knows which blocks can hold allowed pairs.
+
+        ``maybe`` (B', H', n_q, n_k) bool: a superset of the active blocks; ``sure_full``: blocks
+        known to be full (not evaluated). ``mask_mod`` is evaluated on the other candidate
+        tiles only, so building costs O(candidate blocks · bq · bk), not O(N · M).
+        """
+        bq, bk = block_size
+        n, m = seq_lengths
+        dev = maybe.device
+        full = torch.zeros_like(maybe) if sure_full is None else sure_full.expand_as(maybe).clone()
+        b, h, i, j = torch.nonzero(maybe & ~full, as_tuple=True)
+        r = torch.arange(bq, device=dev)[None, :, None]
+        c = torch.arange(bk, device=dev)[None, None, :]
+        step = max(1, chunk_elems // (bq * bk))
+        kf, kp, tiles = [], [], []
+        for s in range(0, b.numel(), step):
+            sl = slice(s, s + step)
+            qi = i[sl, None, None] * bq + r
+            kv = j[sl, None, None] * bk + c
+            ok = (qi < n) & (kv < m)
+            val = mask_mod(b[sl, None, None], h[sl, None, None], qi.clamp(max=n - 1), kv.clamp(max=m - 1))
+            val = torch.as_tensor(val, device=dev).to(torch.bool).expand(ok.shape) & ok
+            cnt = val.sum((1, 2))
+            is_full = cnt == ok.sum((1, 2))
+            is_part = (cnt > 0) & ~is_full
+            kf.append(is_full)
+            kp.append(is_part)
+            tiles.append(val[is_part])
+        partial = torch.zeros_like(maybe)
+        if kf:
+            f_sel, p_sel = torch.cat(kf), torch.cat(kp)
+            full[b[f_sel], h[f_sel], i[f_sel], j[f_sel]] = True
+            partial[b[p_sel], h[p_sel], i[p_sel], j[p_sel]] = True
+            tile_t = torch.cat(tiles)
+        else:
+            tile_t = torch.zeros(0, bq, bk, dtype=torch.bool, device=dev)
+        return cls._from_states(
+            partial, full, tile_t, block_size=block_size, seq_lengths=seq_lengths, mask_mod=mask_mod
+        )
+
+    # -- patterns -------------------------------------------------------------------------
+
+    @classmethod
+    def causal(
+        cls,
+        N: int,
+        M: int | None = None,
+        *,
+        block_size: int | tuple[int, int] = 128,
+        device: torch.device | str | None = None,
+    ) -> BlockMask:
+        """Causal layout, bottom-right aligned: query i may attend keys j <= i + (M - N).
+
+        Blocks strictly below the diagonal are full, diagonal blocks partial. Built in
+        O(active blocks), never O(N · M).
+        """
+        n, m = _check_nm(N, N if M is None else M, "BlockMask.causal")
+        bq, bk = _as_pair(block_size)
+        plo, phi, klo, khi = _spans(n, m, bq, bk, device)
+        off = m - n
+
+        def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            return kv <= q + off
+
+        return cls._from_rule(
+            mask_mod, (klo <= phi)[None, None], (khi <= plo)[None, None], block_size=(bq, bk), seq_lengths=(n, m)
+        )
+
+    @classmethod
+    def sliding_window(
+        cls,
+        N: int,
+        left: int | None,
+        right: int | None = None,
+        *,
+        M: int | None = None,
+        causal: bool = False,
+        block_size: int | tuple[int, int] = 128,
+        device: torch.device | str | None = None,
+    ) -> BlockMask:
+        """Sliding-window layout: query position p = i + (M - N) may attend keys
+        ``p - left <= j <= p + right`` (the :class:`SlidingWindow` rule).
+
+        ``right`` defaults to ``left`` (the band |i - j| <= left); ``causal=True`` sets
+        ``right = 0`` (keys p - left .. p). ``None`` means unbounded on that side.
+        Built in O(active blocks).
+        """
+        where = "BlockMask.sliding_window"
+        n, m = _check_nm(N, N if M is None else M, where)
+        lo = _nonneg("left", left, where, allow_none=True)
+        hi = lo if right is None and not causal else _nonneg("right", right, where, allow_none=True)
+        if causal:
+            hi = 0
+        return cls._window(n, m, lo, hi, _as_pair(block_size), device)
+
+    @classmethod
+    def _window(
+        cls,
+        n: int,
+        m: int,
+        lo: int | None,
+        hi: int | None,
+        block_size: tuple[int, int],
+        device: torch.device | str | None,
+    ) -> BlockMask:
+        """Keys ``p - lo <= j <= p + hi`` (None = unbounded) for position p = i + m - n."""
+        bq, bk = block_size
+        plo, phi, klo, khi = _spans(n, m, bq, bk, device)
+        off = m - n
+        sure = torch.ones_like(klo <= phi)
+        maybe = torch.ones_like(sure)
+        if lo is not None:
+            sure = sure & (klo >= phi - lo)
+            maybe = maybe & (khi >= plo - lo)
+        if hi is not None:
+            sure = sure & (khi <= plo + hi)
+            maybe = maybe & (klo <= phi + hi)
+
+        def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            ok = kv >= 0
+            if lo is not None:
+                ok = ok & (kv >= q + off - lo)
+            if hi is not None:
+                ok = ok & (kv <= q + off + hi)
+            return ok
+
+        return cls._from_rule(mask_mod, maybe[None, None], sure[None, None], block_size=(bq, bk), seq_lengths=(n, m))
+
+    @classmethod
+    def _block_rule(
+        cls,
+        rule: Callable[[Tensor], Tensor],
+        n: int,
+        m: int,
+        causal: bool,
+        block_size: int | tuple[int, int],
+        device: torch.device | str | None,
+    ) -> BlockMask:
+        """Layout of a rule on the block distance d = pb(i) - J, where pb(i) = (i + M - N) // bk
+        is the key block holding query i's position (plus token-level causality if asked)."""
+        bq, bk = _as_pair(block_size)
+        off = m - n
+        plo, phi, _, _ = _spans(n, m, bq, bk, device)
+        nk = math.ceil(m / bk)
+        kb = torch.arange(nk, device=device)[None, :]
+        pb_lo, pb_hi = torch.div(plo, bk, rounding_mode="floor"), torch.div(phi, bk, rounding_mode="floor")
+        maybe = torch.zeros(plo.shape[0], nk, dtype=torch.bool, device=device)
+        for t in range(int((pb_hi - pb_lo).max()) + 1):
+            pb = pb_lo + t
+            maybe |= rule(pb - kb) & (pb <= pb_hi)
+        if causal:
+            maybe &= kb * bk <= phi
+
+        def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            d = torch.div(q + off, bk, rounding_mode="floor") - torch.div(kv, bk, rounding_mode="floor")
+            ok = rule(d)
+            if causal:
+                ok = ok & (kv <= q + off)
+            return ok
+
+        return cls._from_rule(mask_mod, maybe[None, None], None, block_size=(bq, bk), seq_lengths=(n, m))
+
+    @classmethod
+    def dilated(
+        cls,
+        N: int,
+        window: int,
+        dilation: int = 2,
+        *,
+        M: int | None = None,
+        causal: bool = False,
+        block_size: int | tuple[int, int] = 128,
+        device: torch.device | str | None = None,
+    ) -> BlockMask:
+        """Dilated sliding window at block granularity (LongNet / dilated Longformer style).
+
+        With ``pb(i) = (i + M - N) // bk`` the key block of query i's position and
+        ``d = pb(i) - J``, key block J is allowed iff ``|d| <= window · dilation`` and
+        ``d % dilation == 0``: ``window`` blocks on each side, every ``dilation``-th block.
+        ``causal=True`` keeps ``d >= 0`` and token-level ``j <= i + M - N``.
+        """
+        where = "BlockMask.dilated"
+        n, m = _check_nm(N, N if M is None else M, where)
+        w = _nonneg("window", window, where)
+        dil = _nonneg("dilation", dilation, where)
+        if not dil:
+            raise ValueError(f"{where}: dilation must be >= 1, got {dilation!r}")
+        assert w is not None
+
+        def rule(d: Tensor) -> Tensor:
+            ok = (d.abs() <= w * dil) & (d % dil == 0)
+            return ok & (d >= 0) if causal else ok
+
+        return cls._block_rule(rule, n, m, causal, block_size, device)
+
+    @classmethod
+    def strided(
+        cls,
+        N: int,
+        stride: int,
+        *,
+        local: int | None = None,
+        M: int | None = None,
+        causal: bool = False,
+        block_size: int | tuple[int, int] = 128,
+        device: torch.device | str | None = None,
+    ) -> BlockMask:
+        """Sparse Transformer "strided" pattern (Child et al. 2019) at block granularity.
+
+        With d = pb(i) - J as in :meth:`dilated`, key block J is allowed iff ``|d| < local``
+        (the local part, default ``local = stride``) or ``d % stride == 0`` (the strided
+        part: every ``stride``-th block). ``causal=True`` keeps ``d >= 0`` and ``j <= i + M - N``.
+        """
+        where = "BlockMask.strided"
+        n, m = _check_nm(N, N if M is None else M, where)
+        st = _nonneg("stride", stride, where)
+        if not st:
+            raise ValueError(f"{where}: stride must be >= 1, got {stride!r}")
+        loc = st if local is None else _nonneg("local", local, where)
+        assert loc is not None
+
+        def rule(d: Tensor) -> Tensor:
+            ok = (d.abs() < loc) | (d % st == 0)
+            return ok & (d >= 0) if causal else ok
+
+        return cls._block_rule(rule, n, m, causal, block_size, device)
+
+    @classmethod
+    def global_tokens(
+        cls,
+        N: int,
+        num_global: int,
+        *,
+        M: int | None = None,
+        causal: bool = False,
+        block_size: int | tuple[int, int] = 128,
+        device: torch.device | str | None = None,
+    ) -> BlockMask:
+        """Global tokens (Longformer / BigBird / ETC): the first ``num_global`` queries attend
+        every key and every query attends the first ``num_global`` keys (with ``causal=True``
+        also only keys j <= i + M - N). Combine with a local pattern with ``|``:
+        ``BlockMask.sliding_window(N, w) | BlockMask.global_tokens(N, g)``.
+        """
+        where = "BlockMask.global_tokens"
+        n, m = _check_nm(N, N if M is None else M, where)
+        g = _nonneg("num_global", num_global, where)
+        bq, bk = _as_pair(block_size)
+        plo, phi, klo, khi = _spans(n, m, bq, bk, device)
+        qlo, qhi = plo - (m - n), phi - (m - n)  # query indices
+        maybe = (qlo < g) | (klo < g)
+        sure = (qhi < g) | (khi < g)
+        off = m - n
+        if causal:
+            maybe = maybe & (klo <= phi)
+            sure = sure & (khi <= plo)
+
+        def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            ok = (q < g) | (kv < g)
+            return ok & (kv <= q + off) if causal else ok
+
+        return cls._from_rule(mask_mod, maybe[None, None], sure[None, None], block_size=(bq, bk), seq_lengths=(n, m))
+
+    @classmethod
+    def document(
+        cls,
+        doc_ids: Tensor,
+        *,
+        causal: bool = False,
+        block_size: int | tuple[int, int] = 128,
+    ) -> BlockMask:
+        """Document (packed-sequence) mask: token i attends j iff ``doc_ids[i] == doc_ids[j]``
+        (and j <= i with ``causal=True``). ``doc_ids``: int tensor (N,) or (B, N)."""
+        if not isinstance(doc_ids, Tensor) or doc_ids.dtype.is_floating_point or doc_ids.dim() not in (1, 2):
+            raise ValueError(f"BlockMask.document expects an int tensor (N,) or (B, N), got {_describe(doc_ids)}")
+        ids = doc_ids[None] if doc_ids.dim() == 1 else doc_ids
+        bp, n = ids.shape
+        _check_nm(n, n, "BlockMask.document")
+        bq, bk = _as_pair(block_size)
+        _, inv = torch.unique(ids, return_inverse=True)
+        ndoc = int(inv.max()) + 1
+        pos = torch.arange(n, device=ids.device)
+
+        def occupancy(bs: int) -> Tensor:
+            occ = torch.zeros(bp, math.ceil(n / bs), ndoc, device=ids.device)
+            occ[torch.arange(bp, device=ids.device)[:, None], pos // bs, inv] = 1.0
+            return occ
+
+        maybe = torch.einsum("bid,bjd->bij", occupancy(bq), occupancy(bk)) > 0
+        if causal:
+            _, phi, klo, _ = _spans(n, n, bq, bk, ids.device)
+            maybe = maybe & (klo <= phi)
+
+        def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            ok = ids[b, q] == ids[b, kv]
+            return ok & (kv <= q) if causal else ok
+
+        return cls._from_rule(mask_mod, maybe[:, None], None, block_size=(bq, bk), seq_lengths=(n, n))
+
+    @classmethod
+    def grat(
+        cls,
+        grid: int | tuple[int, ...],
+        group: int | tuple[int, ...],
+        *,
+        mode: str = "criss_cross",
+        radius: int = 1,
+        num_extra: int = 0,
+        block_size: int | tuple[int, int] = 128,
+        device: torch.device | str | None = None,
+    ) -> BlockMask:
+        """GRAT layout (Ren et al. 2025, "Grouping First, Attending Smartly"), in group-major order.
+
+        The token grid (T,), (H, W) or (T, H, W) is cut into groups of shape ``group``; the
+        tokens are listed group by group (:func:`grat_permutation`), so every group is a
+        contiguous run and all queries of a group share one set of key groups:
+
+        * ``mode="criss_cross"`` (GRAT-X): key groups in the same group-row, -column (or
+          frame) as the query's group, i.e. sharing at least one group coordinate (in 1D: the
+          query's own group);
+        * ``mode="surrounding"`` (GRAT-B): key groups within ``radius`` groups along every axis.
+
+        ``num_extra`` tokens after the grid (e.g. text tokens) attend every key and are
+        attended by every query. N = M = prod(grid) + num_extra. When the group size is a
+        multiple of the block size every block is full or empty (no element masks).
+        """
+        grid_t, group_t = _grid_pair(grid, group)
+        if mode not in ("criss_cross", "surrounding"):
+            raise ValueError(f"BlockMask.grat: mode must be 'criss_cross' or 'surrounding', got {mode!r}")
+        r = _nonneg("radius", radius, "BlockMask.grat")
+        extra = _nonneg("num_extra", num_extra, "BlockMask.grat")
+        assert r is not None and extra is not None
+        t = math.prod(grid_t)
+        n = t + extra
+        bq, bk = _as_pair(block_size)
+        ng = tuple(math.ceil(g / s) for g, s in zip(grid_t, group_t))
+        perm = grat_permutation(grid_t, group_t, device=device)
+        coords = _unravel(perm, grid_t)
+        tok_gid = _ravel([c // s for c, s in zip(coords, group_t)], ng)  # group of each grouped position
+        n_groups = math.prod(ng)
+        gc = torch.stack(_unravel(torch.arange(n_groups, device=device), ng), -1)  # (G, rank)
+        diff = gc[:, None, :] - gc[None, :, :]
+        if mode == "criss_cross":
+            allowed = (diff == 0).any(-1)
+        else:
+            allowed = (diff.abs() <= r).all(-1)
+        # extra tokens form group id n_groups, allowed with everything
+        allowed_x = torch.ones(n_groups + 1, n_groups + 1, dtype=torch.bool, device=device)
+        allowed_x[:n_groups, :n_groups] = allowed
+        gid = torch.cat([tok_gid, torch.full((extra,), n_groups, dtype=torch.long, device=device)])
+
+        def occupancy(bs: int) -> Tensor:
+            occ = torch.zeros(math.ceil(n / bs), n_groups + 1, device=device)
+            occ[torch.arange(n, device=device) // bs, gid] = 1.0
+            return occ
+
+        occ_q, occ_k = occupancy(bq), occupancy(bk)
+        maybe = (occ_q @ allowed_x.float() @ occ_k.T) > 0
+        # blocks inside one group are exactly full or empty: no element evaluation needed
+        pure_q, pure_k = occ_q.sum(-1) == 1, occ_k.sum(-1) == 1
+        gq, gk = occ_q.argmax(-1), occ_k.argmax(-1)
+        sure = pure_q[:, None] & pure_k[None, :] & allowed_x[gq][:, gk]
+
+        def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            return allowed_x[gid[q], gid[kv]]
+
+        return cls._from_rule(mask_mod, maybe[None, None], sure[None, None], block_size=(bq, bk), seq_lengths=(n, n))
+
+    @classmethod
+    def from_key_padding(cls, key_padding: Tensor, N: int, *, block_size: int | tuple[int, int] = 128) -> BlockMask:
+        """Layout of a key-padding mask (B, M) (True = real key) for N queries; B' = B, H' = 1."""
+        if not isinstance(key_padding, Tensor) or key_padding.dtype != torch.bool or key_padding.dim() != 2:
+            raise ValueError(f"BlockMask.from_key_padding expects a bool tensor (B, M), got {_describe(key_padding)}")
+        bb, m = key_padding.shape
+        n, _ = _check_nm(N, m, "BlockMask.from_key_padding")
+        bq, bk = _as_pair(block_size)
+        nq, nk = math.ceil(n / bq), math.ceil(m / bk)
+        kp = torch.nn.functional.pad(key_padding, (0, nk * bk - m)).view(bb, nk, bk)
+        cnt = kp.sum(-1)
+        cap = (torch.arange(nk, device=kp.device) * bk + bk).clamp(max=m) - torch.arange(nk, device=kp.device) * bk
+        full = (cnt == cap)[:, None, None, :].expand(bb, 1, nq, nk)
+        maybe = (cnt > 0)[:, None, None, :].expand(bb, 1, nq, nk)
+
+        def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            return key_padding[b, kv]
+
+        return cls._from_rule(mask_mod, maybe, full, block_size=(bq, bk), seq_lengths=(n, m))
+
+    @classmethod
+    def from_topk(
+        cls,
+        scores: Tensor,
+        k: int | None = None,
+        density: float | None = None,
+        *,
+        block_size: int | tuple[int, int] = 128,
+        seq_lengths: tuple[int, int] | None = None,
+    ) -> BlockMask:
+        """Keep, for every query block, the ``k`` key blocks with the highest scores.
+
+        Args:
+            scores: (n_q, n_k) or (B', H', n_q, n_k) float block scores (e.g. a learned gate);
+                ``-inf`` entries are never kept, so a row keeps min(k, #finite) blocks.
+            k: blocks per query block (>= 1), or
+            density: fraction of key blocks per row, k = max(1, round(density · n_k)).
+            block_size: (bq, bk) of the layout.
+            seq_lengths: (N, M); default (n_q · bq, n_k · bk).
+
+        Kept blocks are *full*; AND an element mask (causal, padding) with ``&`` or use
+        :meth:`restrict` on that mask to keep its element masks.
+        """
+        if not isinstance(scores, Tensor) or not scores.is_floating_point() or scores.dim() not in (2, 4):
+            raise ValueError(
+                f"BlockMask.from_topk expects float scores (n_q, n_k) or (B, H, n_q, n_k), got {_describe(scores)}"
+            )
+        if scores.dim() == 2:
+            scores = scores[None, None]
+        if bool(torch.isnan(scores).any()):
+            raise ValueError("BlockMask.from_topk: scores contain NaN")
+        nq, nk = scores.shape[-2:]
+        if (k is None) == (density is None):
+            raise ValueError(
+                f"BlockMask.from_topk: give exactly one of k and density, got k={k!r}, density={density!r}"
+            )
+        if k is None:
+            if not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
+                raise ValueError(f"BlockMask.from_topk: density must be in (0, 1], got {density!r}")
+            k = max(1, round(float(density) * nk))
+        elif isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"BlockMask.from_topk: k must be an int >= 1, got {k!r}")
+        bq, bk = _as_pair(block_size)
+        if seq_lengths is None:
+            seq_lengths = (nq * bq, nk * bk)
+        n, m = _check_nm(*seq_lengths, "BlockMask.from_topk")
+        if (math.ceil(n / bq), math.ceil(m / bk)) != (nq, nk):
+            raise ValueError(
+                f"BlockMask.from_topk: scores have (n_q, n_k) = {(nq, nk)} but seq_lengths {seq_lengths} with "
+                f"block_size {(bq, bk)} need {(math.ceil(n / bq), math.ceil(m / bk))}"
+            )
+        top = scores.topk(min(k, nk), dim=-1).indices
+        active = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        active.scatter_(-1, top, True)
+        active &= scores > float("-inf")
+        empty = torch.zeros(0, bq, bk, dtype=torch.bool, device=scores.device)
+        layout = torch.zeros_like(active)
+        ab, ah = active.shape[:2]
+
+        def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            return active[b if ab > 1 else b * 0, h if ah > 1 else h * 0, q // bq, kv // bk]
+
+        return cls._from_states(layout, active, empty, block_size=(bq, bk), seq_lengths=(n, m), mask_mod=mask_mod)
 
     # -- FlexAttention interop -------------------------------------------------------------
 
@@ -551,9 +1324,39 @@ class AttentionMask:
         if self.full is not None:
             out = _and(out, self.full[..., start:end, :])
         if self.block is not None:
-            if "block" not in self._dense_cache:
-                self._dense_cache["block"] = self.block.to_dense().to(self.device)
-            out = _and(out, self._dense_cache["block"][..., start:end, :])
+            out = _and(out, self.block.dense_rows(start, end).to(self.device))
+        return out
+
+    def as_block_mask(self, block_size: int | tuple[int, int] = 128) -> BlockMask | None:
+        """The combined constraint as one :class:`BlockMask` (None when nothing constrains the call).
+
+        Causal and sliding-window parts are built from the block geometry (O(active blocks),
+        cached per shape), key padding in O(B · active blocks), a full mask from its rows
+        (O(N · M), like the mask itself); a BlockMask with another block size is re-tiled
+        from its rows. The parts are ANDed block by block.
+        """
+        bq, bk = _as_pair(block_size)
+        n, m, dev = self.n, self.m, self.device
+        parts: list[BlockMask] = []
+        if self.block is not None:
+            if self.block.block_size == (bq, bk):
+                parts.append(self.block)
+            else:
+                rows = (self.block.dense_rows(s, min(n, s + bq)) for s in range(0, n, bq))
+                parts.append(BlockMask._from_row_blocks(rows, block_size=(bq, bk), seq_lengths=(n, m)))
+        if self.causal:
+            parts.append(_cached_pattern("causal", n, m, bq, bk, None, None, str(dev)))
+        if self.window is not None:
+            parts.append(_cached_pattern("window", n, m, bq, bk, self.window.left, self.window.right, str(dev)))
+        if self.key_padding is not None:
+            parts.append(BlockMask.from_key_padding(self.key_padding, n, block_size=(bq, bk)))
+        if self.full is not None:
+            parts.append(BlockMask.from_dense(self.full, (bq, bk)))
+        if not parts:
+            return None
+        out = parts[0]
+        for p in parts[1:]:
+            out = out & p
         return out
 
     def empty_rows(self) -> Tensor | None:
@@ -566,6 +1369,16 @@ class AttentionMask:
         assert d is not None
         rows = ~d.any(-1)
         return rows if bool(rows.any()) else None
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_pattern(
+    kind: str, n: int, m: int, bq: int, bk: int, left: int | None, right: int | None, device: str
+) -> BlockMask:
+    """Causal / sliding-window layouts, cached per shape (they are immutable)."""
+    if kind == "causal":
+        return BlockMask.causal(n, m, block_size=(bq, bk), device=device)
+    return BlockMask._window(n, m, left, right, (bq, bk), device)
 
 
 def _describe(x: object) -> str:

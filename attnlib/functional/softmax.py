@@ -18,7 +18,7 @@ from torch import Tensor
 
 from attnlib._validation import check_qkv
 from attnlib.errors import UnsupportedError
-from attnlib.masks import AttentionMask, MaskLike, normalize_mask
+from attnlib.masks import AttentionMask, BlockMask, MaskLike, normalize_mask
 
 __all__ = [
     "Backend",
@@ -29,7 +29,7 @@ __all__ = [
     "softmax_importance",
 ]
 
-Backend = Literal["auto", "sdpa", "flex", "math"]
+Backend = Literal["auto", "sdpa", "flex", "math", "block_sparse"]
 
 
 def repeat_kv(x: Tensor, groups: int) -> Tensor:
@@ -133,6 +133,26 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, am: AttentionMask, scale: float, comp
     return out
 
 
+def _block_sparse(q: Tensor, k: Tensor, v: Tensor, am: AttentionMask, scale: float) -> Tensor:
+    """Route through the block-sparse kernel: every mask is folded into one BlockMask."""
+    from attnlib.kernels import block_sparse_attention
+
+    block_size = am.block.block_size if am.block is not None else (128, 128)
+    bm = am.as_block_mask(block_size)
+    if bm is None:  # nothing constrains the call: one full block row per query block
+        bm = BlockMask.from_topk(
+            torch.zeros(_ceil(am.n, block_size[0]), _ceil(am.m, block_size[1]), device=q.device),
+            k=_ceil(am.m, block_size[1]),
+            block_size=block_size,
+            seq_lengths=(am.n, am.m),
+        )
+    return block_sparse_attention(q, k, v, bm, scale=scale)  # type: ignore[return-value]
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def softmax_attention(
     q: Tensor,
     k: Tensor,
@@ -156,7 +176,10 @@ def softmax_attention(
         dropout_p: dropout on the attention probabilities (pass 0.0 in eval).
         backend: "sdpa" (PyTorch fused kernels), "flex" (FlexAttention; masks become a
             FlexAttention BlockMask), "math" (explicit, any dtype incl. float64, can return
-            weights) or "auto" (math when weights are requested, else SDPA).
+            weights), "block_sparse" (:func:`attnlib.kernels.block_sparse_attention`; all
+            masks are combined into one BlockMask) or "auto": math when weights are
+            requested; the block-sparse kernel when the masks include a BlockMask (and no
+            dropout), so the BlockMask is never densified; else SDPA.
         return_weights: also return the (B, H, N, M) attention weights (math backend).
         compile_flex: run FlexAttention through ``torch.compile`` (the fast path).
 
@@ -167,15 +190,19 @@ def softmax_attention(
     check_qkv(q, k, v, where="softmax_attention")
     am = as_attention_mask(q, k, mask, causal)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if backend not in ("auto", "sdpa", "flex", "math"):
-        raise ValueError(f"backend must be 'auto', 'sdpa', 'flex' or 'math', got {backend!r}")
-    if return_weights and backend in ("sdpa", "flex"):
+    if backend not in ("auto", "sdpa", "flex", "math", "block_sparse"):
+        raise ValueError(f"backend must be 'auto', 'sdpa', 'flex', 'math' or 'block_sparse', got {backend!r}")
+    if return_weights and backend in ("sdpa", "flex", "block_sparse"):
         raise UnsupportedError(
             f"softmax_attention: backend {backend!r} cannot return weights; use backend='math' or 'auto'"
         )
     if backend == "math" or (backend == "auto" and return_weights):
         out, w = _math(q, k, v, am.dense(), scale, dropout_p)
         return (out, w) if return_weights else out
+    if backend == "block_sparse" or (backend == "auto" and am.block is not None and dropout_p == 0):
+        if dropout_p > 0:
+            raise UnsupportedError("softmax_attention: the 'block_sparse' backend has no attention dropout")
+        return _block_sparse(q, k, v, am, scale)
     if backend == "flex":
         if dropout_p > 0:
             raise UnsupportedError("softmax_attention: the 'flex' backend has no attention dropout")

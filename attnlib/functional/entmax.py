@@ -1,0 +1,319 @@
+"""Sparse probability maps: sparsemax, 1.5-entmax, alpha-entmax, and attention built on them.
+
+alpha-entmax (Peters, Niculae & Martins 2019; Correia, Niculae & Martins 2019, "Adaptively
+Sparse Transformers") maps scores z (along ``dim``) to
+
+    p_i = [(alpha - 1) z_i - tau]_+ ^ (1 / (alpha - 1)),   tau such that sum_i p_i = 1,
+
+with alpha > 1: alpha -> 1 is softmax, alpha = 2 is sparsemax (Martins & Astudillo 2016).
+Unlike softmax it gives exact zeros. Here:
+
+* :func:`sparsemax` and :func:`entmax15` - exact, sort-based thresholds (O(n log n));
+* :func:`entmax_bisect` - any alpha > 1 (a float or a tensor, e.g. learned per head) by
+  bisection on tau: 50 halvings of [max z' - 1, max z' - n^(1 - alpha)], z' = (alpha - 1) z,
+  then renormalised;
+* closed-form backward passes: with g = p^(2 - alpha) on the support,
+  dz = g ⊙ dp - g · <g, dp> / sum(g); for alpha,
+  d alpha = sum_i dp_i [(p_i - g~_i) / (alpha - 1)^2 - (p_i log p_i - g~_i H) / (alpha - 1)],
+  g~ = g / sum(g), H = sum_i p_i log p_i.
+
+Masked entries are ``-inf`` and get probability 0; a slice that is entirely ``-inf`` maps to
+zeros (never NaN). Half-precision inputs are computed in float32.
+:func:`entmax_attention` applies a map to masked attention scores, query chunk by query chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from attnlib._validation import check_qkv
+from attnlib.functional.softmax import as_attention_mask, repeat_kv
+from attnlib.masks import MaskLike
+
+__all__ = ["entmax15", "entmax_attention", "entmax_bisect", "sparsemax"]
+
+
+def _prep(x: Tensor, dim: int) -> tuple[Tensor, Tensor, torch.dtype]:
+    """Move ``dim`` last, upcast half types, shift by the max; return (z, empty-slice mask, dtype)."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise ValueError(f"expected a floating-point tensor, got {type(x).__name__}")
+    dtype = x.dtype
+    z = x.movedim(dim, -1)
+    if dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
+    mx = z.amax(-1, keepdim=True)
+    empty = torch.isneginf(mx)
+    z = torch.where(empty, torch.zeros_like(z), z - torch.where(empty, torch.zeros_like(mx), mx))
+    return z, empty, dtype
+
+
+def _finish(p: Tensor, empty: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
+    return p.masked_fill(empty, 0.0).to(dtype).movedim(-1, dim)
+
+
+class _Sparsemax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, dim: int) -> Tensor:
+        z, empty, dtype = _prep(x, dim)
+        zs, _ = torch.sort(z, dim=-1, descending=True)
+        cs = zs.cumsum(-1)
+        k = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+        support = (1 + k * zs) > cs
+        kstar = support.sum(-1, keepdim=True).clamp_min(1)
+        tau = (cs.gather(-1, kstar - 1) - 1) / kstar.to(z.dtype)
+        p = torch.clamp(z - tau, min=0)
+        out = _finish(p, empty, dim, dtype)
+        ctx.save_for_backward(out)
+        ctx.dim = dim
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dp: Tensor) -> tuple[Tensor, None]:
+        (p,) = ctx.saved_tensors
+        sup = (p > 0).to(dp.dtype)
+        cnt = sup.sum(ctx.dim, keepdim=True)
+        mean = (dp * sup).sum(ctx.dim, keepdim=True) / cnt.clamp_min(1)
+        return sup * (dp - mean), None
+
+
+class _Entmax15(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, dim: int) -> Tensor:
+        z, empty, dtype = _prep(x, dim)
+        z = z / 2
+        zs, _ = torch.sort(z, dim=-1, descending=True)
+        k = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+        mean = zs.cumsum(-1) / k
+        mean_sq = (zs * zs).cumsum(-1) / k
+        ss = k * (mean_sq - mean * mean)
+        delta = torch.clamp((1 - ss) / k, min=0)
+        tau = mean - torch.sqrt(delta)
+        kstar = (tau <= zs).sum(-1, keepdim=True).clamp_min(1)
+        tau_star = tau.gather(-1, kstar - 1)
+        p = torch.clamp(z - tau_star, min=0) ** 2
+        out = _finish(p, empty, dim, dtype)
+        ctx.save_for_backward(out)
+        ctx.dim = dim
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dp: Tensor) -> tuple[Tensor, None]:
+        (p,) = ctx.saved_tensors
+        g = p.sqrt()
+        gd = g * dp
+        den = g.sum(ctx.dim, keepdim=True)
+        q = gd.sum(ctx.dim, keepdim=True) / torch.where(den == 0, torch.ones_like(den), den)
+        return gd - q * g, None
+
+
+def _p_alpha(x: Tensor, alpha: Tensor) -> Tensor:
+    return torch.clamp(x, min=0) ** (1 / (alpha - 1))
+
+
+class _EntmaxBisect(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, alpha: Tensor, dim: int, n_iter: int, ensure_sum_one: bool) -> Tensor:
+        z, empty, dtype = _prep(x, dim)
+        a = alpha.to(z.dtype).movedim(dim, -1).expand(*z.shape[:-1], 1)
+        zz = z * (a - 1)
+        mx = zz.amax(-1, keepdim=True)
+        n = z.shape[-1]
+        tau_lo = mx - 1.0
+        tau_hi = mx - (1.0 / n) ** (a - 1)
+        f_lo = _p_alpha(zz - tau_lo, a).sum(-1, keepdim=True) - 1
+        dm = tau_hi - tau_lo
+        p = torch.zeros_like(zz)
+        for _ in range(n_iter):
+            dm = dm / 2
+            tau_m = tau_lo + dm
+            p = _p_alpha(zz - tau_m, a)
+            f_m = p.sum(-1, keepdim=True) - 1
+            tau_lo = torch.where(f_m * f_lo >= 0, tau_m, tau_lo)
+        if ensure_sum_one:
+            s = p.sum(-1, keepdim=True)
+            p = p / torch.where(s == 0, torch.ones_like(s), s)
+        out = _finish(p, empty, dim, dtype)
+        ctx.save_for_backward(out, alpha)
+        ctx.dim = dim
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dp: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        p, alpha = ctx.saved_tensors
+        dim = ctx.dim
+        acc = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+        pa, dpa, a = p.to(acc), dp.to(acc), alpha.to(acc)
+        pos = pa > 0
+        g = torch.where(pos, pa.clamp_min(1e-300 if acc == torch.float64 else 1e-38) ** (2 - a), torch.zeros_like(pa))
+        gsum = g.sum(dim, keepdim=True)
+        gsum_safe = torch.where(gsum == 0, torch.ones_like(gsum), gsum)
+        gd = g * dpa
+        dx = gd - g * gd.sum(dim, keepdim=True) / gsum_safe
+        d_alpha = None
+        if ctx.needs_input_grad[1]:
+            s = torch.where(pos, pa * torch.log(torch.where(pos, pa, torch.ones_like(pa))), torch.zeros_like(pa))
+            ent = s.sum(dim, keepdim=True)
+            g_sk = g / gsum_safe
+            da = dpa * (pa - g_sk) / (a - 1) ** 2 - dpa * (s - g_sk * ent) / (a - 1)
+            da = da.sum(dim, keepdim=True)
+            # reduce to alpha's shape (it was broadcast against x)
+            da = da.sum_to_size(alpha.shape) if alpha.dim() else da.sum()
+            d_alpha = da.to(alpha.dtype)
+        return dx.to(dp.dtype), d_alpha, None, None, None
+
+
+def _dim(x: Tensor, dim: int, where: str) -> int:
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"{where}: dim {dim} is out of range for a tensor of shape {tuple(x.shape)}")
+    return dim % x.dim()
+
+
+def sparsemax(x: Tensor, dim: int = -1) -> Tensor:
+    """Sparsemax (alpha = 2): the Euclidean projection of ``x`` onto the simplex along ``dim``.
+
+    Any shape; returns the same shape and dtype. ``-inf`` entries get 0; all-``-inf`` slices give zeros.
+    """
+    if not isinstance(x, Tensor):
+        raise ValueError(f"sparsemax expects a tensor, got {type(x).__name__}")
+    return _Sparsemax.apply(x, _dim(x, dim, "sparsemax"))
+
+
+def entmax15(x: Tensor, dim: int = -1) -> Tensor:
+    """1.5-entmax along ``dim`` by its exact sort-based threshold. Same shape and dtype as ``x``."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"entmax15 expects a tensor, got {type(x).__name__}")
+    return _Entmax15.apply(x, _dim(x, dim, "entmax15"))
+
+
+def entmax_bisect(
+    x: Tensor, alpha: float | Tensor = 1.5, dim: int = -1, n_iter: int = 50, ensure_sum_one: bool = True
+) -> Tensor:
+    """alpha-entmax along ``dim`` by bisection on the threshold (any alpha > 1).
+
+    Args:
+        x: scores, any shape.
+        alpha: a float > 1, or a tensor broadcastable to ``x`` with size 1 along ``dim``
+            (e.g. (1, H, 1, 1) for one alpha per head); differentiable.
+        dim: the normalised dimension.
+        n_iter: bisection steps (50 reach float64 precision; ~24 suffice in float32).
+        ensure_sum_one: renormalise the result (sum exactly 1).
+
+    Returns:
+        Probabilities, same shape and dtype as ``x``; gradients flow to ``x`` and ``alpha``.
+    """
+    if not isinstance(x, Tensor):
+        raise ValueError(f"entmax_bisect expects a tensor, got {type(x).__name__}")
+    d = _dim(x, dim, "entmax_bisect")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+        raise ValueError(f"entmax_bisect: n_iter must be a positive int, got {n_iter!r}")
+    if not isinstance(alpha, Tensor):
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not float(alpha) > 1.0:
+            raise ValueError(f"entmax_bisect: alpha must be > 1 (alpha -> 1 is softmax), got {alpha!r}")
+        alpha_t = torch.full([1] * x.dim(), float(alpha), dtype=x.dtype, device=x.device)
+    else:
+        alpha_t = alpha
+        if bool((alpha_t.detach() <= 1).any()):
+            raise ValueError("entmax_bisect: every alpha must be > 1 (alpha -> 1 is softmax)")
+        while alpha_t.dim() < x.dim():
+            alpha_t = alpha_t.unsqueeze(0)
+        try:
+            shape = torch.broadcast_shapes(alpha_t.shape, x.shape)
+        except RuntimeError as err:
+            raise ValueError(
+                f"entmax_bisect: alpha of shape {tuple(alpha.shape)} does not broadcast to x {tuple(x.shape)}"
+            ) from err
+        if alpha_t.shape[d] != 1 or shape != x.shape:
+            raise ValueError(
+                f"entmax_bisect: alpha must broadcast to x {tuple(x.shape)} with size 1 along dim {dim}, "
+                f"got {tuple(alpha.shape)}"
+            )
+    return _EntmaxBisect.apply(x, alpha_t, d, n_iter, ensure_sum_one)
+
+
+def _entmax_map(s: Tensor, alpha: float | Tensor, n_iter: int) -> Tensor:
+    if isinstance(alpha, Tensor):
+        return entmax_bisect(s, alpha, -1, n_iter)
+    if float(alpha) == 2.0:
+        return sparsemax(s, -1)
+    if float(alpha) == 1.5:
+        return entmax15(s, -1)
+    return entmax_bisect(s, float(alpha), -1, n_iter)
+
+
+def entmax_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    alpha: float | Tensor = 1.5,
+    mask: MaskLike | list[MaskLike] = None,
+    causal: bool = False,
+    scale: float | None = None,
+    n_iter: int = 50,
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+    return_importance: bool = False,
+    chunk_size: int = 256,
+) -> Tensor | tuple[Tensor, ...]:
+    """Attention with alpha-entmax instead of softmax: ``entmax_alpha(q k^T · scale + mask) v``.
+
+    Args:
+        q: (B, H, N, D); k: (B, H_kv, M, D); v: (B, H_kv, M, Dv).
+        alpha: float > 1 (2: sparsemax, 1.5: exact entmax15, other: bisection) or a tensor
+            of shape (H,) - one alpha per head, differentiable (bisection).
+        mask, causal: as :func:`attnlib.functional.softmax_attention`; masked keys get 0.
+        scale: logit scale, default D**-0.5.
+        n_iter: bisection steps.
+        dropout_p: dropout on the probabilities.
+        return_weights: also return the (B, H, N, M) probabilities.
+        return_importance: also return the (B, H, M) mass per key averaged over queries.
+        chunk_size: query rows per step (memory O(chunk_size · M)).
+
+    Returns:
+        out (B, H, N, Dv), then weights and/or importance when requested. Rows with no
+        allowed key are zeros.
+    """
+    check_qkv(q, k, v, where="entmax_attention")
+    am = as_attention_mask(q, k, mask, causal)
+    b, h, n, d = q.shape
+    scale = d**-0.5 if scale is None else float(scale)
+    if isinstance(alpha, Tensor):
+        if alpha.shape not in ((h,), (1,), ()):
+            raise ValueError(
+                f"entmax_attention: a tensor alpha must have shape (H,) = ({h},), got {tuple(alpha.shape)}"
+            )
+        alpha = alpha.reshape(1, -1, 1, 1)
+    elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not float(alpha) > 1.0:
+        raise ValueError(f"entmax_attention: alpha must be > 1, got {alpha!r}")
+    g = h // k.shape[1]
+    kk, vv = repeat_kv(k, g), repeat_kv(v, g)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    outs, weights = [], []
+    imp = torch.zeros(b, h, k.shape[2], dtype=acc, device=q.device) if return_importance else None
+    for s0 in range(0, n, chunk_size):
+        s1 = min(n, s0 + chunk_size)
+        s = torch.matmul(q[:, :, s0:s1], kk.transpose(-1, -2)).to(acc) * scale
+        allowed = am.dense_rows(s0, s1)
+        if allowed is not None:
+            s = s.masked_fill(~allowed, float("-inf"))
+        p = _entmax_map(s, alpha, n_iter)
+        if imp is not None:
+            imp = imp + p.sum(2)
+        if return_weights:
+            weights.append(p.to(q.dtype))
+        pd = F.dropout(p, dropout_p) if dropout_p > 0 else p
+        outs.append(torch.matmul(pd.to(v.dtype), vv))
+    res: list[Tensor] = [torch.cat(outs, 2)]
+    if return_weights:
+        res.append(torch.cat(weights, 2))
+    if imp is not None:
+        res.append((imp / n).to(q.dtype))
+    return res[0] if len(res) == 1 else tuple(res)

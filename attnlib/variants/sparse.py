@@ -1,0 +1,1220 @@
+"""Sparse attention family: block-sparse patterns, GRAT, SeerAttention, MoSA, Sparsifiner, SwinBERT mask.
+
+All block-structured variants run on :func:`attnlib.kernels.block_sparse_attention` (Triton on
+CUDA, the fused PyTorch path elsewhere); caller masks (causal, key padding, full, window,
+BlockMask) are folded into the same :class:`attnlib.masks.BlockMask`, so they are exact
+softmax attention under "caller masks AND the variant's pattern".
+
+* ``block_sparse`` - a static pattern (sliding window, dilated, strided, global tokens,
+  Longformer window+global, causal, dense) chosen by config.
+* ``grat`` - GRAT (Ren et al. 2025, "Grouping First, Attending Smartly", arXiv 2505.14687):
+  contiguous token groups share one key set (criss-cross or surrounding groups); training-free.
+* ``seer`` - SeerAttention (Gao et al. 2024, arXiv 2410.13276) AttnGate: block-pooled Q/K,
+  per-head projections, block scores -> top-k / threshold BlockMask; self-distillation KL.
+* ``mosa`` - MoSA (Piękos, Csordás & Schmidhuber 2025, arXiv 2505.00315): each head's router
+  picks its tokens (expert choice), attention among them, scaled by the router score.
+* ``sparsifiner`` - Sparsifiner (Wei et al., CVPR 2023): low-rank connectivity predictor ->
+  top-K instance-dependent mask; reconstruction loss toward the dense attention.
+* ``swinbert_mask`` - SwinBERT's learnable soft attention mask (Lin et al., CVPR 2022) with its
+  L1 sparsity loss; binarised into a BlockMask at inference.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlib.functional.softmax import softmax_attention, softmax_importance
+from attnlib.kernels import block_sparse_attention
+from attnlib.masks import AttentionMask, BlockMask, grat_permutation
+from attnlib.positional import apply_rotary
+from attnlib.registry import Capabilities, register_variant
+from attnlib.variants.base import AttentionCore, CoreOutput
+
+__all__ = [
+    "BlockSparseAttention",
+    "GRATAttention",
+    "MoSAAttention",
+    "SeerAttention",
+    "SparsifinerAttention",
+    "SwinBERTMaskAttention",
+    "freeze_all_but_gates",
+]
+
+
+# ------------------------------------------------------------------------------------------
+# shared helpers
+# ------------------------------------------------------------------------------------------
+
+
+def _pos_int(name: str, val: object, where: str) -> int:
+    if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+        raise ValueError(f"{where}: {name} must be a positive int, got {val!r}")
+    return val
+
+
+def _fraction(name: str, val: object, where: str) -> float:
+    if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0.0 < float(val) <= 1.0:
+        raise ValueError(f"{where}: {name} must be in (0, 1], got {val!r}")
+    return float(val)
+
+
+@functools.lru_cache(maxsize=16)
+def _all_blocks(n: int, m: int, bq: int, bk: int, device: str) -> BlockMask:
+    """Every block kept (all full): the layout of unconstrained attention."""
+    nq, nk = math.ceil(n / bq), math.ceil(m / bk)
+    return BlockMask.from_topk(torch.zeros(nq, nk, device=device), k=nk, block_size=(bq, bk), seq_lengths=(n, m))
+
+
+def _with_caller(am: AttentionMask, pattern: BlockMask | None, block_size: tuple[int, int]) -> BlockMask:
+    """pattern AND every caller mask, as one BlockMask."""
+    caller = am.as_block_mask(block_size)
+    if pattern is None:
+        return caller if caller is not None else _all_blocks(am.n, am.m, *block_size, str(am.device))
+    return pattern if caller is None else pattern & caller
+
+
+def _run_block(
+    q: Tensor, k: Tensor, v: Tensor, bm: BlockMask, scale: float | None, need_weights: bool, need_importance: bool
+) -> CoreOutput:
+    """Exact attention under ``bm`` through the block-sparse kernel (+ weights / importance on request)."""
+    out = block_sparse_attention(q, k, v, bm, scale=scale)
+    w = imp = None
+    if need_weights:
+        _, w = softmax_attention(q, k, v, mask=bm, scale=scale, backend="math", return_weights=True)
+        imp = w.mean(2) if need_importance else None
+    elif need_importance:
+        imp = softmax_importance(q, k, mask=bm, scale=scale)
+    return CoreOutput(out, weights=w, importance=imp)  # type: ignore[arg-type]
+
+
+_BLOCK_CAPS = dict(
+    causal=True,
+    cross=True,
+    key_padding=True,
+    full_mask=True,
+    block_mask=True,
+    window=True,
+    causal_cross=True,
+    exact=False,
+    has_weights=True,
+    attn_dropout=False,
+    gqa=True,
+    family="sparse",
+)
+
+
+# ------------------------------------------------------------------------------------------
+# block_sparse: static patterns
+# ------------------------------------------------------------------------------------------
+
+_PATTERNS = ("sliding_window", "dilated", "strided", "global_tokens", "longformer", "causal", "dense")
+
+
+@register_variant("block_sparse")
+class BlockSparseAttention(AttentionCore):
+    """Exact softmax attention restricted to a static block-sparse pattern.
+
+    Args:
+        pattern: "sliding_window" (|i - j| <= window, keys i - window .. i when causal),
+            "dilated" (``window_blocks`` blocks each side, every ``dilation``-th block),
+            "strided" (Sparse Transformer: ``local`` blocks + every ``stride``-th block),
+            "global_tokens" (first ``num_global`` tokens global), "longformer"
+            (sliding_window | global_tokens), "causal" or "dense".
+        block_size: mask block (64 or 128 for the Triton kernel; any size on the PyTorch path).
+        window: token radius of the sliding window.
+        window_blocks, dilation: for "dilated".
+        stride, local: for "strided" (in blocks).
+        num_global: global tokens for "global_tokens" / "longformer".
+        scale: logit scale, default head_dim**-0.5.
+
+    Equals exact softmax attention under the caller's masks AND the pattern. The pattern is
+    built once per (N, M, device) and cached. See :class:`attnlib.masks.BlockMask`.
+    """
+
+    capabilities = Capabilities(
+        **_BLOCK_CAPS,  # type: ignore[arg-type]
+        complexity="O(N·density·N)",
+        trainable=False,
+        permutation_equivariant=False,
+        paper="Child et al. 2019 (Sparse Transformer); Beltagy et al. 2020 (Longformer); block-sparse FlashAttention",
+    )
+
+    def __init__(
+        self,
+        *,
+        num_heads: int,
+        head_dim: int,
+        pattern: str = "sliding_window",
+        block_size: int = 128,
+        window: int = 256,
+        window_blocks: int = 2,
+        dilation: int = 2,
+        stride: int = 4,
+        local: int | None = None,
+        num_global: int = 16,
+        scale: float | None = None,
+    ) -> None:
+        super().__init__(num_heads=num_heads, head_dim=head_dim)
+        where = "block_sparse"
+        if pattern not in _PATTERNS:
+            raise ValueError(f"{where}: pattern must be one of {_PATTERNS}, got {pattern!r}")
+        self.pattern = pattern
+        self.block_size = _pos_int("block_size", block_size, where)
+        self.window = _pos_int("window", window, where)
+        self.window_blocks = _pos_int("window_blocks", window_blocks, where)
+        self.dilation = _pos_int("dilation", dilation, where)
+        self.stride = _pos_int("stride", stride, where)
+        self.local = None if local is None else _pos_int("local", local, where)
+        self.num_global = _pos_int("num_global", num_global, where)
+        self.scale = scale
+        self._cache: dict[tuple[int, int, str], BlockMask | None] = {}
+
+    @classmethod
+    def conformance_kwargs(cls) -> dict[str, Any]:
+        return {"pattern": "longformer", "block_size": 4, "window": 3, "num_global": 2}
+
+    def block_mask(self, n: int, m: int, device: torch.device | str) -> BlockMask | None:
+        """The pattern for N queries and M keys (None for "dense"), cached."""
+        key = (n, m, str(device))
+        if key not in self._cache:
+            bs, p = self.block_size, self.pattern
+            kw: dict[str, Any] = {"M": m, "block_size": bs, "device": device}
+            bm: BlockMask | None
+            if p == "sliding_window":
+                bm = BlockMask.sliding_window(n, self.window, **kw)
+            elif p == "dilated":
+                bm = BlockMask.dilated(n, self.window_blocks, self.dilation, **kw)
+            elif p == "strided":
+                bm = BlockMask.strided(n, self.stride, local=self.local, **kw)
+            elif p == "global_tokens":
+                bm = BlockMask.global_tokens(n, self.num_global, **kw)
+            elif p == "longformer":
+                bm = BlockMask.sliding_window(n, self.window, **kw) | BlockMask.global_tokens(n, self.num_global, **kw)
+            elif p == "causal":
+                bm = BlockMask.causal(n, m, block_size=bs, device=device)
+            else:
+                bm = None
+            self._cache[key] = bm
+        return self._cache[key]
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: AttentionMask,
+        *,
+        need_weights: bool,
+        need_importance: bool,
+        dropout_p: float,
+    ) -> CoreOutput:
+        bm = _with_caller(mask, self.block_mask(mask.n, mask.m, q.device), (self.block_size, self.block_size))
+        return _run_block(q, k, v, bm, self.scale, need_weights, need_importance)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", pattern={self.pattern!r}, block_size={self.block_size}"
+
+
+# ------------------------------------------------------------------------------------------
+# GRAT
+# ------------------------------------------------------------------------------------------
+
+
+@register_variant("grat")
+class GRATAttention(AttentionCore):
+    """GRAT: group-shared sparse attention (training-free).
+
+    Tokens on a grid are cut into contiguous groups; every query of a group attends the same
+    key groups - its criss-cross (GRAT-X: groups sharing a group row / column / frame) or its
+    surrounding groups (GRAT-B: within ``radius`` groups per axis). The tokens are reordered
+    group by group (:func:`attnlib.masks.grat_permutation`), attention runs on the
+    block-sparse kernel with :meth:`attnlib.masks.BlockMask.grat`, and outputs are put back
+    in the original order. Tokens after the grid (N > prod(grid), e.g. text tokens) attend
+    everything and are attended by everything, as in the official code.
+
+    Args:
+        grid: token grid (H, W) or (T, H, W) in raster order; None = 1D (the sequence itself).
+        group: group shape (same rank as grid; an int in 1D).
+        mode: "criss_cross" (GRAT-X) or "surrounding" (GRAT-B).
+        radius: GRAT-B radius in groups.
+        block_size: kernel mask block; a divisor of the group size gives full blocks only.
+        scale: logit scale, default head_dim**-0.5.
+
+    Equals exact softmax attention under the caller's masks AND the group mask (built in the
+    grouped order; caller masks are permuted with the tokens).
+    """
+
+    capabilities = Capabilities(
+        causal=True,
+        cross=False,
+        key_padding=True,
+        full_mask=True,
+        block_mask=False,
+        window=False,
+        causal_cross=False,
+        complexity="O(N·density·N)",
+        exact=False,
+        has_weights=True,
+        trainable=False,
+        attn_dropout=False,
+        gqa=True,
+        permutation_equivariant=False,
+        family="sparse",
+        paper="Ren et al. 2025, Grouping First, Attending Smartly (GRAT), arXiv 2505.14687",
+    )
+
+    def __init__(
+        self,
+        *,
+        num_heads: int,
+        head_dim: int,
+        grid: tuple[int, ...] | list[int] | None = None,
+        group: int | tuple[int, ...] | list[int] = 64,
+        mode: str = "criss_cross",
+        radius: int = 1,
+        block_size: int = 64,
+        scale: float | None = None,
+    ) -> None:
+        super().__init__(num_heads=num_heads, head_dim=head_dim)
+        where = "grat"
+        self.grid = None if grid is None else tuple(int(g) for g in grid)
+        self.group = (group,) if isinstance(group, int) else tuple(int(g) for g in group)
+        if self.grid is not None and len(self.grid) != len(self.group):
+            raise ValueError(f"{where}: grid {self.grid} and group {self.group} must have the same rank")
+        if self.grid is None and len(self.group) != 1:
+            raise ValueError(f"{where}: without a grid (1D) the group must be one int, got {self.group}")
+        if mode not in ("criss_cross", "surrounding"):
+            raise ValueError(f"{where}: mode must be 'criss_cross' or 'surrounding', got {mode!r}")
+        if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
+            raise ValueError(f"{where}: radius must be a non-negative int, got {radius!r}")
+        self.mode, self.radius = mode, radius
+        self.block_size = _pos_int("block_size", block_size, where)
+        self.scale = scale
+        self._cache: dict[tuple[int, str], tuple[BlockMask, Tensor | None]] = {}
+
+    @classmethod
+    def conformance_kwargs(cls) -> dict[str, Any]:
+        return {"group": 4, "block_size": 4, "mode": "surrounding", "radius": 1}
+
+    def layout(self, n: int, device: torch.device | str) -> tuple[BlockMask, Tensor | None]:
+        """(BlockMask in grouped order, permutation of the N tokens or None if identity), cached."""
+        key = (n, str(device))
+        if key not in self._cache:
+            grid = self.grid if self.grid is not None else (n,)
+            t = math.prod(grid)
+            if t > n:
+                raise ValueError(f"grat: grid {grid} has {t} tokens but the sequence has only N={n}")
+            bm = BlockMask.grat(
+                grid,
+                self.group,
+                mode=self.mode,
+                radius=self.radius,
+                num_extra=n - t,
+                block_size=self.block_size,
+                device=device,
+            )
+            perm = grat_permutation(grid, self.group, device=device)
+            perm = torch.cat([perm, torch.arange(t, n, device=perm.device)])
+            ident = bool((perm == torch.arange(n, device=perm.device)).all())
+            self._cache[key] = (bm, None if ident else perm)
+        return self._cache[key]
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: AttentionMask,
+        *,
+        need_weights: bool,
+        need_importance: bool,
+        dropout_p: float,
+    ) -> CoreOutput:
+        n = q.shape[2]
+        bm, perm = self.layout(n, q.device)
+        bs = (self.block_size, self.block_size)
+        if perm is None:
+            return _run_block(q, k, v, _with_caller(mask, bm, bs), self.scale, need_weights, need_importance)
+        inv = torch.argsort(perm)
+        # caller masks in the grouped order
+        if not mask.is_empty:
+            pos = perm
+            causal, kp, full = mask.causal, mask.key_padding, mask.full
+            extra = BlockMask._from_rule(
+                lambda b, h, qi, kv: _grat_caller(b, h, qi, kv, pos, causal, kp, full),
+                torch.ones(
+                    kp.shape[0] if kp is not None else (full.shape[0] if full is not None else 1),
+                    full.shape[1] if full is not None else 1,
+                    *bm.num_blocks,
+                    dtype=torch.bool,
+                    device=q.device,
+                ),
+                None,
+                block_size=bs,
+                seq_lengths=(n, n),
+            )
+            bm = bm & extra
+        res = _run_block(q[:, :, perm], k[:, :, perm], v[:, :, perm], bm, self.scale, need_weights, need_importance)
+        out = res.out[:, :, inv]
+        w = res.weights[:, :, inv][:, :, :, inv] if res.weights is not None else None
+        imp = res.importance[:, :, inv] if res.importance is not None else None
+        return CoreOutput(out, weights=w, importance=imp)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", grid={self.grid}, group={self.group}, mode={self.mode!r}"
+
+
+def _grat_caller(
+    b: Tensor, h: Tensor, qi: Tensor, kv: Tensor, pos: Tensor, causal: bool, kp: Tensor | None, full: Tensor | None
+) -> Tensor:
+    """Caller masks evaluated in GRAT's grouped order (pos[i] = original index of grouped token i)."""
+    oq, ok_ = pos[qi], pos[kv]
+    ok = torch.ones(torch.broadcast_shapes(oq.shape, ok_.shape), dtype=torch.bool, device=qi.device)
+    if causal:
+        ok = ok & (ok_ <= oq)
+    if kp is not None:
+        ok = ok & kp[b if kp.shape[0] > 1 else b * 0, ok_]
+    if full is not None:
+        ok = ok & full[b if full.shape[0] > 1 else b * 0, h if full.shape[1] > 1 else h * 0, oq, ok_]
+    return ok
+
+
+# ------------------------------------------------------------------------------------------
+# SeerAttention
+# ------------------------------------------------------------------------------------------
+
+
+def _pool(x: Tensor, size: int, ops: tuple[str, ...], valid: Tensor | None = None) -> Tensor:
+    """Block pooling with ceil mode over valid tokens: x (B, H, L, D) -> (B, H, ceil(L/size), len(ops)·D).
+
+    ``valid`` (B, L) bool excludes padding tokens; a block without valid tokens pools to 0.
+    """
+    b, h, n, d = x.shape
+    nb = math.ceil(n / size)
+    pad = nb * size - n
+    xb = F.pad(x, (0, 0, 0, pad)).view(b, h, nb, size, d)
+    vm = (torch.arange(nb * size, device=x.device) < n).view(1, 1, nb, size, 1)
+    if valid is not None:
+        vm = vm & F.pad(valid, (0, pad)).view(valid.shape[0], 1, nb, size, 1)
+    some = vm.any(3)
+    outs = []
+    for op in ops:
+        if op == "avg":
+            outs.append((xb * vm).sum(3) / vm.sum(3).clamp_min(1).to(x.dtype))
+        elif op == "max":
+            outs.append(torch.where(some, xb.masked_fill(~vm, float("-inf")).amax(3), 0.0))
+        else:  # min
+            outs.append(torch.where(some, xb.masked_fill(~vm, float("inf")).amin(3), 0.0))
+    return torch.cat(outs, -1)
+
+
+def _rope_positions(x: Tensor, pos: Tensor, base: float) -> Tensor:
+    """Rotary embedding of x (B, H, n, d) at (float) positions pos (n,)."""
+    d = x.shape[-1]
+    inv = base ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
+    ang = pos.to(torch.float64)[:, None] * inv[None, :]
+    return apply_rotary(x, ang.cos(), ang.sin())
+
+
+def _block_max_attention(
+    q: Tensor, k: Tensor, mask: AttentionMask, scale: float, bq: int, bk: int, chunk_blocks: int = 8
+) -> Tensor:
+    """SeerAttention's distillation target: GT[I, J] = max_{i in I, j in J} softmax(q k^T)[i, j],
+    row-normalised. q (B, H, N, D), k (B, H, M, D) -> (B, H, n_q, n_k), computed over query
+    chunks (memory O(chunk · M))."""
+    b, h, n, _ = q.shape
+    m = k.shape[2]
+    nq, nk = math.ceil(n / bq), math.ceil(m / bk)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.zeros(b, h, nq, nk, dtype=acc, device=q.device)
+    rows = chunk_blocks * bq
+    for s0 in range(0, n, rows):
+        s1 = min(n, s0 + rows)
+        s = torch.matmul(q[:, :, s0:s1], k.transpose(-1, -2)).to(acc) * scale
+        allowed = mask.dense_rows(s0, s1)
+        if allowed is not None:
+            s = s.masked_fill(~allowed, float("-inf"))
+        p = torch.softmax(s, -1).nan_to_num(0.0)  # empty rows -> 0
+        nr = s1 - s0
+        i0 = s0 // bq
+        nblk = math.ceil(nr / bq)
+        p = F.pad(p, (0, nk * bk - m, 0, nblk * bq - nr))
+        p = p.view(b, h, nblk, bq, nk, bk).amax((3, 5))
+        out[:, :, i0 : i0 + nblk] = p
+    den = out.sum(-1, keepdim=True)
+    return out / torch.where(den == 0, torch.ones_like(den), den)
+
+
+@register_variant("seer")
+class SeerAttention(AttentionCore):
+    """SeerAttention: a learned AttnGate predicts the block-sparse mask of each head.
+
+    Gate (prefill gate of the official code): Q is pooled per block (``q_pool``, default
+    avg), K per block (``k_pool``, default max, min, avg; ceil mode); per-head linear maps
+    (no bias) to ``gate_dim``, where the Q map is omitted when ``q_pool`` has one op and
+    ``gate_dim == head_dim``; optional RoPE on the pooled vectors at block positions (first
+    token of each block); block logits ``S = Q~ K~^T / sqrt(gate_dim)`` with disallowed blocks
+    (caller masks, incl. causal) at -inf. Selection: top-k per query block by ``density``
+    (causal: k = max(1, floor((1 - sqrt(1 - density)) · n)), the official ``nz_ratio`` rule;
+    otherwise k = max(1, round(density · n_k))), or ``threshold`` on softmax(S). With causal
+    masks the block(s) holding each query's own position are always kept (no empty rows). The
+    selected blocks restrict the caller's BlockMask and run on the block-sparse kernel.
+
+    Training (the frozen-base recipe): the output is the *dense* attention (the model behaves
+    exactly like the base model) and ``aux_loss`` = ``loss_scale`` · KL(GT || softmax(S)) with
+    GT the row-normalised block max-pooled dense attention, on query blocks I >= skip_first·n_q,
+    averaged over all elements (PyTorch ``KLDivLoss`` 'mean'). Use :func:`freeze_all_but_gates`
+    to train only the gates. ``train_sparse=True`` runs the sparse kernel in training too.
+
+    Deviation: the gate K projection is per *query* head (the official one is per KV head; the
+    two coincide without grouped-query attention), and the gate pools the q/k the core
+    receives (after the module's RoPE, if any; the official gate pools pre-RoPE vectors and
+    re-rotates the pooled ones - ``gate_rope`` does the re-rotation).
+
+    Args:
+        block_size: gate / mask block (official 64).
+        density: fraction of blocks kept (top-k), or
+        threshold: keep blocks with gate probability > threshold (overrides density).
+        gate_dim: gate hidden size d_g (official 128).
+        q_pool, k_pool: pooling ops among "avg", "max", "min".
+        gate_rope, rope_base: RoPE on pooled gate vectors at block positions.
+        loss_scale: gate loss scale (official 10).
+        skip_first: fraction of leading query blocks left out of the loss (official 1/4).
+        train_sparse: use the sparse kernel in training as well.
+        causal_gate: under causal masks, score only key blocks entirely in the past of a
+            query block, from the previous query block's pooled queries (block 0: its first
+            query), and keep the own-position blocks. The official prefill gate pools the
+            whole query block and scores the diagonal block, so its mask depends on later
+            tokens of the same block; ``causal_gate=False`` reproduces that.
+        scale: attention logit scale, default head_dim**-0.5.
+    """
+
+    capabilities = Capabilities(
+        **_BLOCK_CAPS,  # type: ignore[arg-type]
+        complexity="O(N·density·N) + O((N/b)^2)",
+        trainable=True,
+        permutation_equivariant=False,
+        paper="Gao et al. 2024, SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs, arXiv 2410.13276",
+    )
+
+    def __init__(
+        self,
+        *,
+        num_heads: int,
+        head_dim: int,
+        block_size: int = 64,
+        density: float = 0.5,
+        threshold: float | None = None,
+        gate_dim: int = 128,
+        q_pool: tuple[str, ...] | list[str] = ("avg",),
+        k_pool: tuple[str, ...] | list[str] = ("max", "min", "avg"),
+        gate_rope: bool = True,
+        rope_base: float = 10000.0,
+        loss_scale: float = 10.0,
+        skip_first: float = 0.25,
+        train_sparse: bool = False,
+        causal_gate: bool = True,
+        scale: float | None = None,
+    ) -> None:
+        super().__init__(num_heads=num_heads, head_dim=head_dim)
+        where = "seer"
+        self.causal_gate = bool(causal_gate)
+        self.block_size = _pos_int("block_size", block_size, where)
+        self.density = _fraction("density", density, where)
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+            raise ValueError(f"{where}: threshold must be a float or None, got {threshold!r}")
+        self.threshold = None if threshold is None else float(threshold)
+        self.gate_dim = _pos_int("gate_dim", gate_dim, where)
+        if gate_rope and self.gate_dim % 2:
+            raise ValueError(f"{where}: gate_rope needs an even gate_dim, got {gate_dim}")
+        self.q_pool, self.k_pool = tuple(q_pool), tuple(k_pool)
+        for ops in (self.q_pool, self.k_pool):
+            if not ops or any(o not in ("avg", "max", "min") for o in ops):
+                raise ValueError(f"{where}: pooling ops must be a non-empty list of 'avg', 'max', 'min', got {ops}")
+        self.gate_rope, self.rope_base = bool(gate_rope), float(rope_base)
+        self.loss_scale = float(loss_scale)
+        if not 0.0 <= float(skip_first) < 1.0:
+            raise ValueError(f"{where}: skip_first must be in [0, 1), got {skip_first!r}")
+        self.skip_first = float(skip_first)
+        self.train_sparse = bool(train_sparse)
+        self.scale = scale
+        self.q_gate: nn.Parameter | None = None
+        if not (len(self.q_pool) == 1 and self.gate_dim == head_dim):
+            self.q_gate = nn.Parameter(torch.empty(num_heads, len(self.q_pool) * head_dim, self.gate_dim))
+        self.k_gate = nn.Parameter(torch.empty(num_heads, len(self.k_pool) * head_dim, self.gate_dim))
+        for p in (self.q_gate, self.k_gate):
+            if p is not None:
+                for hh in range(num_heads):
+                    nn.init.xavier_uniform_(p.data[hh])
+
+    @classmethod
+    def conformance_kwargs(cls) -> dict[str, Any]:
+        return {"block_size": 4, "density": 0.5, "gate_dim": 8}
+
+    def gate_logits(
+        self,
+        q: Tensor,
+        k: Tensor,
+        allowed: Tensor | None = None,
+        *,
+        causal: bool = False,
+        key_valid: Tensor | None = None,
+    ) -> Tensor:
+        """Block logits (B, H, n_q, n_k), float32 (float64 for float64 inputs).
+
+        ``allowed`` (block level, broadcastable) sets the rest to -inf; ``key_valid`` (B, M)
+        keeps padding out of the pooling. With ``causal`` and ``causal_gate`` query block I is
+        represented by query block I - 1 (block 0 by its first query) and only key blocks
+        entirely before it are scored, so the gate never reads future tokens.
+        """
+        _, h, n, _ = q.shape
+        m = k.shape[2]
+        bs = self.block_size
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q_valid = key_valid if key_valid is not None and n == m else None
+        qp = _pool(q.to(acc), bs, self.q_pool, q_valid)
+        kp = _pool(k.to(acc), bs, self.k_pool, key_valid)
+        gated = causal and self.causal_gate
+        if gated:
+            first = q[:, :, :1].to(acc).repeat(1, 1, 1, len(self.q_pool))
+            qp = torch.cat([first, qp[:, :, :-1]], 2)
+        if kp.shape[1] != h:
+            kp = kp.repeat_interleave(h // kp.shape[1], 1)
+        qg = qp if self.q_gate is None else torch.einsum("bhnd,hde->bhne", qp, self.q_gate.to(acc))
+        kg = torch.einsum("bhnd,hde->bhne", kp, self.k_gate.to(acc))
+        if self.gate_rope:
+            qpos = torch.arange(qg.shape[2], device=q.device) * bs + (m - n)
+            kpos = torch.arange(kg.shape[2], device=q.device) * bs
+            qg = _rope_positions(qg, qpos, self.rope_base)
+            kg = _rope_positions(kg, kpos, self.rope_base)
+        s = torch.matmul(qg, kg.transpose(-1, -2)) / math.sqrt(self.gate_dim)
+        if allowed is not None:
+            s = s.masked_fill(~allowed, float("-inf"))
+        if gated:
+            first_pos = (torch.arange(s.shape[2], device=q.device) * bs + (m - n)).clamp(min=0)
+            past = torch.arange(s.shape[3], device=q.device)[None, :] < (first_pos // bs)[:, None]
+            s = s.masked_fill(~past, float("-inf"))
+        return s
+
+    def own_blocks(self, n: int, m: int, device: torch.device) -> Tensor:
+        """(n_q, n_k) bool: key blocks holding the positions of each query block's rows (causal)."""
+        bs = self.block_size
+        nq, nk = math.ceil(n / bs), math.ceil(m / bs)
+        first = torch.arange(nq, device=device) * bs + (m - n)
+        last = (torch.arange(nq, device=device) * bs + bs).clamp(max=n) - 1 + (m - n)
+        j = torch.arange(nk, device=device)[None, :]
+        return (j >= first[:, None].clamp(min=0) // bs) & (j <= last[:, None] // bs)
+
+    def select(self, logits: Tensor, allowed: Tensor, causal: bool, n: int, m: int) -> Tensor:
+        """Block selection (B, H, n_q, n_k) bool from gate logits and the caller's allowed blocks."""
+        nk = logits.shape[-1]
+        finite = logits > float("-inf")
+        if self.threshold is not None:
+            sel = torch.softmax(logits, -1).nan_to_num(0.0) > self.threshold
+        else:
+            if causal:
+                kk = max(1, math.floor((1 - math.sqrt(1 - self.density)) * nk))
+            else:
+                kk = max(1, round(self.density * nk))
+            top = logits.topk(min(kk, nk), dim=-1).indices
+            sel = torch.zeros_like(finite).scatter_(-1, top, True)
+        sel = sel & finite
+        if causal:  # keep the block(s) holding each query block's own positions
+            sel = sel | (self.own_blocks(n, m, logits.device) & allowed)
+        return sel
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: AttentionMask,
+        *,
+        need_weights: bool,
+        need_importance: bool,
+        dropout_p: float,
+    ) -> CoreOutput:
+        b, h, n, _ = q.shape
+        m = k.shape[2]
+        bs = (self.block_size, self.block_size)
+        scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
+        base = _with_caller(mask, None, bs)
+        partial, full = base.block_states()
+        allowed = (partial | full).expand(b, h, -1, -1)
+        logits = self.gate_logits(q, k, allowed, causal=mask.causal, key_valid=mask.key_padding)
+        aux = None
+        if self.training:
+            kk = k.repeat_interleave(h // k.shape[1], 1) if k.shape[1] != h else k
+            with torch.no_grad():
+                gt = _block_max_attention(q.detach(), kk.detach(), mask, scale, *bs)
+            gt = gt * (logits.detach() > float("-inf"))  # the target lives on the scored blocks
+            aux = self.loss_scale * self._kl(logits, gt)
+            if not self.train_sparse:
+                if need_weights:
+                    out, w = softmax_attention(q, k, v, mask=mask, scale=scale, backend="math", return_weights=True)
+                    return CoreOutput(out, weights=w, importance=w.mean(2) if need_importance else None, aux_loss=aux)
+                out = softmax_attention(q, k, v, mask=mask, scale=scale)
+                imp = softmax_importance(q, k, mask=mask, scale=scale) if need_importance else None
+                return CoreOutput(out, importance=imp, aux_loss=aux)  # type: ignore[arg-type]
+        with torch.no_grad():
+            sel = self.select(logits.detach(), allowed, mask.causal, n, m)
+        bm = base.restrict(sel)
+        res = _run_block(q, k, v, bm, scale, need_weights, need_importance)
+        res.aux_loss = aux
+        return res
+
+    def _kl(self, logits: Tensor, gt: Tensor) -> Tensor:
+        nq = logits.shape[2]
+        start = int(nq * self.skip_first)
+        if start >= nq:
+            start = 0
+        lg, t = logits[:, :, start:], gt[:, :, start:].to(logits.dtype)
+        den = t.sum(-1, keepdim=True)
+        t = t / torch.where(den == 0, torch.ones_like(den), den)
+        dead = ~(lg > float("-inf")).any(-1, keepdim=True)  # rows with nothing to score
+        logp = torch.log_softmax(lg.masked_fill(dead, 0.0), -1)
+        keep = t > 0
+        term = torch.where(keep, t * (torch.log(torch.where(keep, t, torch.ones_like(t))) - logp), torch.zeros_like(t))
+        return term.sum() / term.numel()
+
+    def extra_repr(self) -> str:
+        sel = f"threshold={self.threshold}" if self.threshold is not None else f"density={self.density}"
+        return super().extra_repr() + f", block_size={self.block_size}, {sel}, gate_dim={self.gate_dim}"
+
+
+def freeze_all_but_gates(model: nn.Module) -> list[nn.Parameter]:
+    """SeerAttention's recipe: freeze every parameter of ``model`` except the AttnGates'.
+
+    Returns the gate parameters (pass them to the optimizer). Raises ValueError when the
+    model has no ``seer`` attention.
+    """
+    gates = [p for mod in model.modules() if isinstance(mod, SeerAttention) for p in mod.parameters()]
+    if not gates:
+        raise ValueError("freeze_all_but_gates: the model has no 'seer' attention")
+    ids = {id(p) for p in gates}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    return gates
+
+
+# ------------------------------------------------------------------------------------------
+# MoSA
+# ------------------------------------------------------------------------------------------
+
+
+@register_variant("mosa")
+class MoSAAttention(AttentionCore):
+    """MoSA: Mixture of Sparse Attention with expert-choice routing per head.
+
+    Router ``r = sigmoid(x W_r)`` (one score per head and token, computed in float32); head e
+    keeps its top-k tokens, k = clamp(floor(N / sparsity), min_tokens, N) (expert choice),
+    attends among them only (causal by original positions when causal), multiplies the
+    result by the router score (the router's only gradient path) and scatters it back;
+    tokens a head did not pick get 0 from it. Key padding: pad tokens are never picked.
+
+    Expert choice reads the whole sequence, so whether token t is picked depends on later
+    tokens (the official code's leak, issue #3). ``causal_routing=True`` instead picks token
+    t iff ``r_t > threshold`` - a per-token decision, so causal outputs never depend on the
+    future (k then varies per head). ``causal_routing=None`` (default) uses it exactly for
+    causal calls.
+
+    Router input: the concatenated per-head queries (= x W_q), a reparametrisation of the
+    official ``x W_r`` (the core does not see x).
+
+    Args:
+        sparsity: rho, k = N / rho (1 keeps every token).
+        causal_routing: None (auto), True (threshold routing) or False (expert choice).
+        threshold: router score threshold for causal routing.
+        include_first: token 0 is always picked.
+        min_tokens: smallest k (official 2).
+        router_bias: bias in the router (official: none).
+        scale: logit scale, default head_dim**-0.5.
+    """
+
+    capabilities = Capabilities(
+        causal=True,
+        cross=False,
+        key_padding=True,
+        full_mask=True,
+        block_mask=False,
+        window=False,
+        causal_cross=False,
+        complexity="O((N/rho)^2 + N)",
+        exact=False,
+        has_weights=True,
+        trainable=True,
+        attn_dropout=True,
+        gqa=False,
+        permutation_equivariant=True,
+        family="sparse",
+        paper="Piękos, Csordás & Schmidhuber 2025, Mixture of Sparse Attention (MoSA), arXiv 2505.00315",
+    )
+
+    def __init__(
+        self,
+        *,
+        num_heads: int,
+        head_dim: int,
+        sparsity: float = 4.0,
+        causal_routing: bool | None = None,
+        threshold: float = 0.5,
+        include_first: bool = False,
+        min_tokens: int = 2,
+        router_bias: bool = False,
+        scale: float | None = None,
+    ) -> None:
+        super().__init__(num_heads=num_heads, head_dim=head_dim)
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or float(sparsity) < 1.0:
+            raise ValueError(f"mosa: sparsity must be a number >= 1 (k = N / sparsity), got {sparsity!r}")
+        if not 0.0 <= float(threshold) < 1.0:
+            raise ValueError(f"mosa: threshold must be in [0, 1), got {threshold!r}")
+        self.sparsity = float(sparsity)
+        self.causal_routing = causal_routing
+        self.threshold = float(threshold)
+        self.include_first = bool(include_first)
+        self.min_tokens = _pos_int("min_tokens", min_tokens, "mosa")
+        self.scale = scale
+        self.router = nn.Linear(num_heads * head_dim, num_heads, bias=router_bias)
+
+    @classmethod
+    def conformance_kwargs(cls) -> dict[str, Any]:
+        return {"sparsity": 2.0}
+
+    def route(self, q: Tensor, mask: AttentionMask) -> tuple[Tensor, Tensor, Tensor]:
+        """(scores r (B, H, N) float32, picked positions idx (B, H, K) ascending, slot_valid (B, H, K))."""
+        b, h, n, d = q.shape
+        x = q.transpose(1, 2).reshape(b, n, h * d)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # router in >= fp32
+        bias = None if self.router.bias is None else self.router.bias.to(acc)
+        logits = F.linear(x.to(acc), self.router.weight.to(acc), bias)
+        r = torch.sigmoid(logits).transpose(1, 2)  # (B, H, N)
+        valid = torch.ones(b, 1, n, dtype=torch.bool, device=q.device)
+        if mask.key_padding is not None:
+            valid = valid & mask.key_padding[:, None, :]
+        causal_routing = mask.causal if self.causal_routing is None else self.causal_routing
+        if causal_routing:
+            pick = (r.detach() > self.threshold) & valid
+            if self.include_first:
+                pick[..., 0] = valid[..., 0].expand_as(pick[..., 0])
+            cnt = pick.sum(-1)
+            kmax = max(1, int(cnt.max()))
+            order = torch.argsort((~pick).to(torch.int8), dim=-1, stable=True)[..., :kmax]
+            slot_valid = torch.arange(kmax, device=q.device) < cnt[..., None]
+            return r, order, slot_valid
+        kk = min(n, max(self.min_tokens, math.floor(n / self.sparsity)))
+        score = r.detach().masked_fill(~valid, float("-inf"))
+        if self.include_first:
+            score[..., 0] = torch.where(valid[..., 0], float("inf"), float("-inf"))
+        top = score.topk(kk, dim=-1).indices
+        idx, _ = top.sort(-1)
+        slot_valid = torch.gather(valid.expand(b, h, n), -1, idx)
+        return r, idx, slot_valid
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: AttentionMask,
+        *,
+        need_weights: bool,
+        need_importance: bool,
+        dropout_p: float,
+    ) -> CoreOutput:
+        b, h, n, d = q.shape
+        r, idx, slot_valid = self.route(q, mask)
+        kk = idx.shape[-1]
+        gi = idx[..., None]
+        qg = torch.gather(q, 2, gi.expand(b, h, kk, d))
+        kg = torch.gather(k, 2, gi.expand(b, h, kk, d))
+        vg = torch.gather(v, 2, gi.expand(b, h, kk, v.shape[-1]))
+        rg = torch.gather(r, 2, idx).to(q.dtype) * slot_valid
+        allowed = slot_valid[..., None, :] & slot_valid[..., :, None]  # (B, H, K, K)
+        if mask.causal:
+            allowed = allowed & (idx[..., None, :] <= idx[..., :, None])
+        if mask.full is not None:
+            fb = mask.full.expand(b, h, n, n)
+            allowed = allowed & fb.gather(2, gi.expand(b, h, kk, n)).gather(3, idx[..., None, :].expand(b, h, kk, kk))
+        if need_weights or need_importance:
+            out_g, w_g = softmax_attention(
+                qg, kg, vg, mask=allowed, scale=self.scale, dropout_p=dropout_p, backend="math", return_weights=True
+            )
+        else:
+            out_g = softmax_attention(qg, kg, vg, mask=allowed, scale=self.scale, dropout_p=dropout_p)
+            w_g = None
+        out_g = out_g * rg[..., None]
+        out = torch.zeros(b, h, n, v.shape[-1], dtype=out_g.dtype, device=q.device)
+        out = out.scatter(2, gi.expand(b, h, kk, v.shape[-1]), out_g)
+        weights = imp = None
+        if w_g is not None:
+            wr = w_g * rg[..., None]
+            if need_weights:
+                full_w = torch.zeros(b, h, kk, n, dtype=wr.dtype, device=q.device)
+                full_w = full_w.scatter(3, idx[..., None, :].expand(b, h, kk, kk), wr)
+                weights = torch.zeros(b, h, n, n, dtype=wr.dtype, device=q.device)
+                weights = weights.scatter(2, gi.expand(b, h, kk, n), full_w)
+            if need_importance:
+                imp = torch.zeros(b, h, n, dtype=wr.dtype, device=q.device)
+                imp = imp.scatter_add(2, idx, wr.sum(2)) / n
+        return CoreOutput(out, weights=weights, importance=imp)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", sparsity={self.sparsity}, causal_routing={self.causal_routing}"
+
+
+# ------------------------------------------------------------------------------------------
+# Sparsifiner
+# ------------------------------------------------------------------------------------------
+
+
+@register_variant("sparsifiner")
+class SparsifinerAttention(AttentionCore):
+    """Sparsifiner: a low-rank connectivity predictor picks K keys per query.
+
+    Predictor (official code): channel reduction ``q_c = q W_q + b``, ``k_c = k W_k + b``
+    (D -> D / reduce_c_factor, shared over heads); key down-projection over tokens
+    ``K_down = k_c^T P_down`` (P_down: num_tokens x n_d, n_d = num_tokens // reduce_n_factor);
+    ``Cf = softmax(q_c K_down · predictor_scale)`` over n_d; ``A^ = Cf W_up`` with
+    W_up = P_back^T. Outside the reconstruction stage Cf keeps its top ``basis_topk`` entries
+    and W_up becomes |W_up| with entries <= ``basis_threshold`` zeroed. The mask keeps the
+    top K = ceil(keep_rate · N) entries of A^ per query (detached; caller masks respected);
+    the first ``num_dense_queries`` query rows (CLS) stay dense. Attention then runs on the
+    K gathered keys per query (O(N·K·D)).
+
+    ``aux_loss`` (training) = ``recon_weight`` · sum((A^_raw - A)^2) over the sparse rows, A
+    the dense attention (detached): the stage-1 reconstruction loss, the predictor's only
+    gradient (the mask has none). ``reconstruct=True`` is stage 1: dense attention output.
+
+    Args:
+        num_tokens: sequence length the token projections are sized for (N <= num_tokens;
+            shorter sequences use the first N rows).
+        keep_rate: fraction of keys per query (official 0.25).
+        reduce_n_factor, reduce_c_factor: predictor ranks (official 6 and 2).
+        basis_topk, basis_threshold: sparsified basis (official 8 and 0.02).
+        num_dense_queries: leading query rows kept dense (1 = the CLS token).
+        predictor_scale: logit scale of the predictor (official code: num_heads**-0.5).
+        recon_weight: weight of the reconstruction loss (official 0.01).
+        reconstruct: stage 1 (dense output, raw basis).
+        scale: attention logit scale, default head_dim**-0.5.
+    """
+
+    capabilities = Capabilities(
+        causal=True,
+        cross=False,
+        key_padding=True,
+        full_mask=True,
+        block_mask=False,
+        window=False,
+        causal_cross=False,
+        complexity="O(N·K·D) + O(N^2·n_d)",
+        exact=False,
+        has_weights=True,
+        trainable=True,
+        attn_dropout=True,
+        gqa=False,
+        permutation_equivariant=False,
+        family="sparse",
+        paper="Wei et al. 2023, Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient ViTs (CVPR)",
+    )
+
+    def __init__(
+        self,
+        *,
+        num_heads: int,
+        head_dim: int,
+        num_tokens: int = 197,
+        keep_rate: float = 0.25,
+        reduce_n_factor: int = 6,
+        reduce_c_factor: int = 2,
+        basis_topk: int = 8,
+        basis_threshold: float = 0.02,
+        num_dense_queries: int = 1,
+        predictor_scale: float | None = None,
+        recon_weight: float = 0.01,
+        reconstruct: bool = False,
+        scale: float | None = None,
+    ) -> None:
+        super().__init__(num_heads=num_heads, head_dim=head_dim)
+        where = "sparsifiner"
+        self.num_tokens = _pos_int("num_tokens", num_tokens, where)
+        self.keep_rate = _fraction("keep_rate", keep_rate, where)
+        n_d = max(1, self.num_tokens // _pos_int("reduce_n_factor", reduce_n_factor, where))
+        c = max(1, head_dim // _pos_int("reduce_c_factor", reduce_c_factor, where))
+        self.basis_topk = _pos_int("basis_topk", basis_topk, where)
+        self.basis_threshold = float(basis_threshold)
+        if isinstance(num_dense_queries, bool) or not isinstance(num_dense_queries, int) or num_dense_queries < 0:
+            raise ValueError(f"{where}: num_dense_queries must be a non-negative int, got {num_dense_queries!r}")
+        self.num_dense_queries = num_dense_queries
+        self.predictor_scale = num_heads**-0.5 if predictor_scale is None else float(predictor_scale)
+        self.recon_weight = float(recon_weight)
+        self.reconstruct = bool(reconstruct)
+        self.scale = scale
+        self.q_reduce = nn.Linear(head_dim, c)
+        self.k_reduce = nn.Linear(head_dim, c)
+        self.down = nn.Parameter(torch.empty(self.num_tokens, n_d))
+        self.up = nn.Parameter(torch.empty(self.num_tokens, n_d))
+        nn.init.trunc_normal_(self.down, std=0.02)
+        nn.init.trunc_normal_(self.up, std=0.02)
+
+    @classmethod
+    def conformance_kwargs(cls) -> dict[str, Any]:
+        return {"num_tokens": 64, "keep_rate": 0.5, "reduce_n_factor": 4, "basis_topk": 4}
+
+    def approx_attention(
+        self, q: Tensor, k: Tensor, *, sparse_basis: bool, causal: bool = False, key_valid: Tensor | None = None
+    ) -> Tensor:
+        """The predictor's A^ (B, H, N, N), in float32 (float64 for float64 inputs).
+
+        ``key_valid`` (B, N) leaves padding keys out of the token down-projection; with
+        ``causal`` query i uses the down-projection of keys j <= i only (a prefix sum), so the
+        predicted mask never depends on later tokens.
+        """
+        n = q.shape[2]
+        if n > self.num_tokens:
+            raise ValueError(f"sparsifiner: sequence length N={n} exceeds num_tokens={self.num_tokens}")
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # ranking needs precision
+        wq, bq_, wk, bk_ = (
+            t.to(acc) for t in (self.q_reduce.weight, self.q_reduce.bias, self.k_reduce.weight, self.k_reduce.bias)
+        )
+        qc, kc = F.linear(q.to(acc), wq, bq_), F.linear(k.to(acc), wk, bk_)
+        if key_valid is not None:
+            kc = kc * key_valid[:, None, :, None].to(acc)
+        down = self.down[:n].to(acc)
+        if causal:
+            k_down = torch.einsum("bhnc,nd->bhncd", kc, down).cumsum(2)
+            logits = torch.einsum("bhnc,bhncd->bhnd", qc, k_down)
+        else:
+            logits = torch.einsum("bhnc,bhcd->bhnd", qc, torch.einsum("bhnc,nd->bhcd", kc, down))
+        cf = torch.softmax(logits * self.predictor_scale, -1)
+        w_up = self.up[:n].to(acc).T  # (n_d, N)
+        if sparse_basis:
+            top = cf.topk(min(self.basis_topk, cf.shape[-1]), -1).indices
+            cf = torch.zeros_like(cf).scatter(-1, top, cf.gather(-1, top))
+            w_up = w_up.abs()
+            w_up = w_up * (w_up > self.basis_threshold)
+        return torch.matmul(cf, w_up)
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: AttentionMask,
+        *,
+        need_weights: bool,
+        need_importance: bool,
+        dropout_p: float,
+    ) -> CoreOutput:
+        b, h, n, d = q.shape
+        if n > self.num_tokens:
+            raise ValueError(f"sparsifiner: sequence length N={n} exceeds num_tokens={self.num_tokens}")
+        scale = d**-0.5 if self.scale is None else self.scale
+        allowed = mask.dense()
+        aux = None
+        if self.training:
+            a_raw = self.approx_attention(q, k, sparse_basis=False, causal=mask.causal, key_valid=mask.key_padding)
+            with torch.no_grad():
+                s = torch.matmul(q, k.transpose(-1, -2)) * scale
+                if allowed is not None:
+                    s = s.masked_fill(~allowed, float("-inf"))
+                acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+                teacher = torch.softmax(s.to(acc), -1).nan_to_num(0.0)
+            nd = self.num_dense_queries
+            aux = self.recon_weight * (a_raw[:, :, nd:] - teacher[:, :, nd:].to(a_raw.dtype)).square().sum()
+        if self.reconstruct:
+            if need_weights:
+                out, w = softmax_attention(
+                    q, k, v, mask=mask, scale=scale, dropout_p=dropout_p, backend="math", return_weights=True
+                )
+                return CoreOutput(out, weights=w, importance=w.mean(2) if need_importance else None, aux_loss=aux)
+            out = softmax_attention(q, k, v, mask=mask, scale=scale, dropout_p=dropout_p)
+            imp = softmax_importance(q, k, mask=mask, scale=scale) if need_importance else None
+            return CoreOutput(out, importance=imp, aux_loss=aux)  # type: ignore[arg-type]
+        kk = min(n, math.ceil(self.keep_rate * n))
+        with torch.no_grad():
+            a_hat = self.approx_attention(q, k, sparse_basis=True, causal=mask.causal, key_valid=mask.key_padding)
+            if allowed is not None:
+                a_hat = a_hat.masked_fill(~allowed, float("-inf"))
+            idx = a_hat.topk(kk, -1).indices  # (B, H, N, K)
+        # gathered attention over K keys per query; dense rows (CLS) separately
+        kg = torch.gather(k[:, :, None].expand(b, h, n, n, d), 3, idx[..., None].expand(b, h, n, kk, d))
+        vg = torch.gather(
+            v[:, :, None].expand(b, h, n, n, v.shape[-1]), 3, idx[..., None].expand(b, h, n, kk, v.shape[-1])
+        )
+        s = torch.einsum("bhnd,bhnkd->bhnk", q, kg) * scale
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        s = s.to(acc)
+        if allowed is not None:
+            ok = torch.gather(allowed.expand(b, h, n, n), 3, idx)
+            s = s.masked_fill(~ok, float("-inf"))
+        p = torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype)
+        pd = F.dropout(p, dropout_p) if dropout_p > 0 else p
+        out = torch.einsum("bhnk,bhnkd->bhnd", pd, vg)
+        nd = min(self.num_dense_queries, n)
+        w_dense = None
+        if nd:
+            dmask = None if allowed is None else allowed[:, :, :nd]
+            o_d, w_dense = softmax_attention(
+                q[:, :, :nd], k, v, mask=dmask, scale=scale, dropout_p=dropout_p, backend="math", return_weights=True
+            )
+            out = torch.cat([o_d, out[:, :, nd:]], 2)
+        weights = imp = None
+        if need_weights or need_importance:
+            w = torch.zeros(b, h, n, n, dtype=p.dtype, device=q.device).scatter(3, idx, p)
+            if w_dense is not None:
+                w = torch.cat([w_dense, w[:, :, nd:]], 2)
+            weights = w if need_weights else None
+            imp = w.mean(2) if need_importance else None
+        return CoreOutput(out, weights=weights, importance=imp, aux_loss=aux)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_tokens={self.num_tokens}, keep_rate={self.keep_rate}"
+
+
+# ------------------------------------------------------------------------------------------
+# SwinBERT learnable sparse mask
+# ------------------------------------------------------------------------------------------
+
+
+@register_variant("swinbert_mask")
+class SwinBERTMaskAttention(AttentionCore):
+    """SwinBERT's learnable sparse attention mask over (video) tokens.
+
+    A parameter V (num_tokens x num_tokens) gives the soft mask ``S = I + (1 - I) ⊙ sigmoid(V)``
+    over the last ``num_tokens`` tokens of the sequence (SwinBERT's [text; video] order; all
+    tokens when N == num_tokens; a shorter sequence uses the leading N x N block of V),
+    shared by all heads and samples. Training: S enters the
+    logits as the additive bias ``-mask_scale · (1 - S)`` (BERT's -10000 convention) and
+    ``aux_loss = sparsity_weight · mean((1 - I) ⊙ sigmoid(V))`` (the L1 sparsity loss).
+    Inference with ``hard_at_inference``: S is binarised at ``threshold`` into a BlockMask
+    and attention runs on the block-sparse kernel (soft bias otherwise).
+
+    Args:
+        num_tokens: masked tokens M_v (official: 784 = 16·7·7).
+        sparsity_weight: lambda of the L1 loss (official 0.5).
+        mask_scale: bias magnitude (official 1e4).
+        hard_at_inference, threshold: binarise in eval mode (official soft2hard, 0.5).
+        block_size: BlockMask block of the binarised mask.
+        init_std: V ~ N(0, init_std) (official nn.Embedding default 1).
+        scale: logit scale, default head_dim**-0.5.
+    """
+
+    capabilities = Capabilities(
+        causal=True,
+        cross=False,
+        key_padding=True,
+        full_mask=True,
+        block_mask=False,
+        window=False,
+        causal_cross=False,
+        complexity="O(N^2) train, O(N·density·N) eval",
+        exact=False,
+        has_weights=True,
+        trainable=True,
+        attn_dropout=False,
+        gqa=True,
+        permutation_equivariant=False,
+        family="sparse",
+        paper="Lin et al. 2022, SwinBERT: End-to-End Transformers with Sparse Attention for Video Captioning (CVPR)",
+    )
+
+    def __init__(
+        self,
+        *,
+        num_heads: int,
+        head_dim: int,
+        num_tokens: int = 784,
+        sparsity_weight: float = 0.5,
+        mask_scale: float = 1e4,
+        hard_at_inference: bool = True,
+        threshold: float = 0.5,
+        block_size: int = 64,
+        init_std: float = 1.0,
+        scale: float | None = None,
+    ) -> None:
+        super().__init__(num_heads=num_heads, head_dim=head_dim)
+        where = "swinbert_mask"
+        self.num_tokens = _pos_int("num_tokens", num_tokens, where)
+        self.sparsity_weight = float(sparsity_weight)
+        self.mask_scale = float(mask_scale)
+        self.hard_at_inference = bool(hard_at_inference)
+        self.threshold = float(threshold)
+        self.block_size = _pos_int("block_size", block_size, where)
+        self.scale = scale
+        self.mask_logits = nn.Parameter(torch.randn(self.num_tokens, self.num_tokens) * float(init_std))
+        self._hard: tuple[tuple[Any, ...], BlockMask] | None = None
+
+    @classmethod
+    def conformance_kwargs(cls) -> dict[str, Any]:
+        return {"num_tokens": 8, "block_size": 4}
+
+    def soft_mask(self, size: int | None = None) -> Tensor:
+        """S = I + (1 - I) ⊙ sigmoid(V), (size, size) with size <= num_tokens (the leading block of V)."""
+        size = self.num_tokens if size is None else size
+        eye = torch.eye(size, dtype=self.mask_logits.dtype, device=self.mask_logits.device)
+        return eye + (1 - eye) * torch.sigmoid(self.mask_logits[:size, :size])
+
+    def sparsity_loss(self) -> Tensor:
+        """sparsity_weight · mean((1 - I) ⊙ sigmoid(V))."""
+        eye = torch.eye(self.num_tokens, dtype=self.mask_logits.dtype, device=self.mask_logits.device)
+        return self.sparsity_weight * ((1 - eye) * torch.sigmoid(self.mask_logits)).abs().mean()
+
+    def _start(self, n: int) -> int:
+        return max(0, n - self.num_tokens)
+
+    def hard_block_mask(self, n: int, device: torch.device) -> BlockMask:
+        """The binarised mask (S >= threshold) embedded in (N, N), as a BlockMask (cached)."""
+        key = (n, str(device), self.mask_logits._version, self.mask_logits.data_ptr(), self.threshold)
+        if self._hard is None or self._hard[0] != key:
+            s0 = self._start(n)
+            dense = torch.ones(n, n, dtype=torch.bool, device=device)
+            with torch.no_grad():
+                dense[s0:, s0:] = self.soft_mask(n - s0).to(device) >= self.threshold
+            self._hard = (key, BlockMask.from_dense(dense, self.block_size))
+        return self._hard[1]
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: AttentionMask,
+        *,
+        need_weights: bool,
+        need_importance: bool,
+        dropout_p: float,
+    ) -> CoreOutput:
+        _b, h, n, d = q.shape
+        scale = d**-0.5 if self.scale is None else self.scale
+        if not self.training and self.hard_at_inference:
+            bm = _with_caller(mask, self.hard_block_mask(n, q.device), (self.block_size, self.block_size))
+            return _run_block(q, k, v, bm, scale, need_weights, need_importance)
+        s0 = self._start(n)
+        g = h // k.shape[1]
+        kk = k.repeat_interleave(g, 1) if g > 1 else k
+        vv = v.repeat_interleave(g, 1) if g > 1 else v
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        s = torch.matmul(q, kk.transpose(-1, -2)).to(acc) * scale
+        bias = -self.mask_scale * (1 - self.soft_mask(n - s0).to(acc))
+        s = torch.cat([s[..., :s0, :], torch.cat([s[..., s0:, :s0], s[..., s0:, s0:] + bias], -1)], -2)
+        allowed = mask.dense()
+        if allowed is not None:
+            s = s.masked_fill(~allowed, float("-inf"))
+        w = torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype)
+        out = torch.matmul(w, vv)
+        aux = self.sparsity_loss() if self.training else None
+        return CoreOutput(
+            out,
+            weights=w if need_weights else None,
+            importance=w.mean(2) if need_importance else None,
+            aux_loss=aux,
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_tokens={self.num_tokens}, hard_at_inference={self.hard_at_inference}"
