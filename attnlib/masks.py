@@ -108,6 +108,14 @@ class SlidingWindow:
             if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 0):
                 raise ValueError(f"SlidingWindow.{side} must be a non-negative int or None, got {val!r}")
 
+    def intersect(self, other: SlidingWindow) -> SlidingWindow:
+        """The window allowed by both (the smaller radius on each side)."""
+
+        def side(a: int | None, b: int | None) -> int | None:
+            return b if a is None else a if b is None else min(a, b)
+
+        return SlidingWindow(side(self.left, other.left), side(self.right, other.right))
+
     def dense(self, n: int, m: int, device: torch.device | str | None = None) -> Tensor:
         """The window as a dense bool tensor of shape (N, M)."""
         return window_mask(n, m, left=self.left, right=self.right, device=device)
@@ -1381,6 +1389,13 @@ def _cached_pattern(
     return BlockMask._window(n, m, left, right, (bq, bk), device)
 
 
+def _and_blocks(a: BlockMask, b: BlockMask) -> BlockMask:
+    """Intersection of two BlockMasks (re-blocked to ``a``'s block size when they differ)."""
+    if a.block_size == b.block_size:
+        return a & b
+    return BlockMask.from_dense(a.to_dense() & b.to_dense(), a.block_size)
+
+
 def _describe(x: object) -> str:
     if isinstance(x, Tensor):
         return f"tensor of shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
@@ -1426,9 +1441,7 @@ def normalize_mask(
                 _merge(out, k, item)
             continue
         if isinstance(item, SlidingWindow):
-            if out.window is not None:
-                raise ValueError("more than one SlidingWindow given; combine them into one")
-            out.window = item
+            out.window = item if out.window is None else out.window.intersect(item)
             continue
         if isinstance(item, BlockMask):
             bb, hh, bn, bm = item.shape
@@ -1439,9 +1452,7 @@ def normalize_mask(
                 )
             if item.device != device:
                 raise ValueError(f"BlockMask is on {item.device} but the inputs are on {device}")
-            if out.block is not None:
-                raise ValueError("more than one BlockMask given; combine them into one")
-            out.block = item
+            out.block = item if out.block is None else _and_blocks(out.block, item)
             continue
         if not isinstance(item, Tensor):
             raise ValueError(

@@ -121,3 +121,12 @@ def test_normalize_mask_kinds_and_dense() -> None:
 def test_normalize_mask_errors(mask, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         _norm(mask)
+
+
+def test_normalize_mask_intersects_repeated_windows_and_block_masks() -> None:
+    am = _norm([SlidingWindow(3, None), SlidingWindow(None, 1), SlidingWindow(2, 4)], n=7, m=7)
+    assert am.window == SlidingWindow(2, 1)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(7, 7, generator=g) > 0.4, torch.rand(7, 7, generator=g) > 0.4
+    am = _norm([BlockMask.from_dense(a, 4), BlockMask.from_dense(b, 2)], n=7, m=7)
+    assert torch.equal(am.dense()[0, 0], a & b)

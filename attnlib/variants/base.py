@@ -83,11 +83,12 @@ class AttentionCore(nn.Module):
         self.num_heads = num_heads
         self.head_dim = head_dim
 
-    def implied_mask(self) -> MaskLike:
-        """Constraints the variant itself imposes (e.g. ``local``'s band), or None.
+    def implied_mask(self, n: int, m: int, device: torch.device | str = "cpu") -> MaskLike:
+        """Constraints the variant itself imposes on N queries and M keys, or None.
 
-        An ``exact`` variant equals exact softmax attention under the caller's masks AND
-        this mask; the conformance suite checks exactly that.
+        E.g. ``local``'s band, ``block_sparse``'s pattern. An ``exact`` variant equals exact
+        softmax attention under the caller's masks AND this mask; the conformance suite and the
+        benchmark correctness gate check exactly that. May be O(N·M) (used by oracles only).
         """
         return None
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from attnlib.functional.local import local_attention, local_importance
@@ -134,7 +135,7 @@ class LocalAttention(AttentionCore):
         self.chunk_size = chunk_size
         self.scale = scale
 
-    def implied_mask(self) -> MaskLike:
+    def implied_mask(self, n: int, m: int, device: torch.device | str = "cpu") -> MaskLike:
         return SlidingWindow(self.window, self.window)
 
     @classmethod
@@ -157,7 +158,7 @@ class LocalAttention(AttentionCore):
                 q,
                 k,
                 v,
-                mask=[mask, self.implied_mask()],
+                mask=[mask, self.implied_mask(mask.n, mask.m, q.device)],
                 scale=self.scale,
                 dropout_p=dropout_p,
                 backend="math",

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from attnlib.functional.softmax import softmax_attention, softmax_importance
 from attnlib.kernels import block_sparse_attention
-from attnlib.masks import AttentionMask, BlockMask, grat_permutation
+from attnlib.masks import AttentionMask, BlockMask, MaskLike, grat_permutation
 from attnlib.positional import apply_rotary
 from attnlib.registry import Capabilities, register_variant
 from attnlib.variants.base import AttentionCore, CoreOutput
@@ -138,7 +138,7 @@ class BlockSparseAttention(AttentionCore):
     """
 
     capabilities = Capabilities(
-        **_BLOCK_CAPS,  # type: ignore[arg-type]
+        **{**_BLOCK_CAPS, "exact": True},  # type: ignore[arg-type]
         complexity="O(N·density·N)",
         trainable=False,
         permutation_equivariant=False,
@@ -203,6 +203,9 @@ class BlockSparseAttention(AttentionCore):
             self._cache[key] = bm
         return self._cache[key]
 
+    def implied_mask(self, n: int, m: int, device: torch.device | str = "cpu") -> MaskLike:
+        return self.block_mask(n, m, device)
+
     def attend(
         self,
         q: Tensor,
@@ -259,7 +262,7 @@ class GRATAttention(AttentionCore):
         window=False,
         causal_cross=False,
         complexity="O(N·density·N)",
-        exact=False,
+        exact=True,
         has_weights=True,
         trainable=False,
         attn_dropout=False,
@@ -324,6 +327,15 @@ class GRATAttention(AttentionCore):
             ident = bool((perm == torch.arange(n, device=perm.device)).all())
             self._cache[key] = (bm, None if ident else perm)
         return self._cache[key]
+
+    def implied_mask(self, n: int, m: int, device: torch.device | str = "cpu") -> MaskLike:
+        """The group mask in the original token order: bool (1, 1, N, N) (O(N^2); for oracles)."""
+        bm, perm = self.layout(n, device)
+        dense = bm.to_dense()
+        if perm is None:
+            return dense
+        inv = torch.argsort(perm)
+        return dense[:, :, inv][:, :, :, inv]
 
     def attend(
         self,

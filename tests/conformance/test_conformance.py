@@ -149,7 +149,7 @@ def test_exact_core_equals_float64_reference(name: str) -> None:
         q, k, v = make_qkv(B, H, N, HEAD, m=m, dtype=torch.float64, logit_scale=4.0, seed=7)
         am = amask(mask, causal=causal, m=m)
         res = cr(q, k, v, am, cross=m != N, need_weights=True, need_importance=True)
-        ref, w = reference_attention(q, k, v, mask=[am, cr.implied_mask()], return_weights=True)
+        ref, w = reference_attention(q, k, v, mask=[am, cr.implied_mask(N, m)], return_weights=True)
         assert_close(res.out, ref, name=f"{name}/{label} out")
         assert res.weights is not None, f"{name} declares has_weights but returned none"
         assert_close(res.weights, w, name=f"{name}/{label} weights")
@@ -167,9 +167,9 @@ def test_exact_fp32_within_flex_rule(name: str) -> None:
     cr = core(name, dtype=torch.float32)
     causal = caps(name).causal
     q, k, v = make_qkv(B, H, 64, HEAD, dtype=torch.float64, logit_scale=8.0, seed=2)
-    golden = reference_attention(q, k, v, mask=[cr.implied_mask()], causal=causal)
+    golden = reference_attention(q, k, v, mask=[cr.implied_mask(64, 64)], causal=causal)
     qf, kf, vf = (t.float() for t in (q, k, v))
-    eager = softmax_attention(qf, kf, vf, mask=[cr.implied_mask()], causal=causal, backend="math")
+    eager = softmax_attention(qf, kf, vf, mask=[cr.implied_mask(64, 64)], causal=causal, backend="math")
     am = normalize_mask(None, causal=causal, batch=B, heads=H, n=64, m=64, device=torch.device("cpu"))
     assert_close(cr(qf, kf, vf, am).out, golden, eager, name=name)
 
