@@ -4,6 +4,15 @@ Tensors are (B, H, N, D) for queries and (B, H_kv, M, D) for keys/values unless 
 says otherwise. Masks follow :mod:`attnlib.masks` (True = may attend).
 """
 
+from attnlib.functional.kernelized import (
+    draw_random_features,
+    fourier_mixing,
+    kernelized_rpe_attention,
+    kernelized_rpe_reference,
+    positive_random_features,
+    toeplitz_matmul,
+    toeplitz_matrix,
+)
 from attnlib.functional.local import local_attention, local_importance
 from attnlib.functional.softmax import (
     reference_attention,
@@ -13,10 +22,17 @@ from attnlib.functional.softmax import (
 )
 
 __all__ = [
+    "draw_random_features",
+    "fourier_mixing",
+    "kernelized_rpe_attention",
+    "kernelized_rpe_reference",
     "local_attention",
     "local_importance",
+    "positive_random_features",
     "reference_attention",
     "repeat_kv",
     "softmax_attention",
     "softmax_importance",
+    "toeplitz_matmul",
+    "toeplitz_matrix",
 ]
