@@ -14,6 +14,7 @@ from attnlib.functional.kernelized import (
     toeplitz_matrix,
 )
 from attnlib.functional.local import local_attention, local_importance
+from attnlib.functional.sinkhorn import sinkhorn_attention
 from attnlib.functional.softmax import (
     reference_attention,
     repeat_kv,
@@ -31,6 +32,7 @@ __all__ = [
     "positive_random_features",
     "reference_attention",
     "repeat_kv",
+    "sinkhorn_attention",
     "softmax_attention",
     "softmax_importance",
     "toeplitz_matmul",

@@ -6,7 +6,7 @@ module (or a new one imported here), decorate it with ``@register_variant("name"
 ``capabilities`` and add ``configs/attention/<name>.yaml`` - the conformance suite picks it up.
 """
 
-from attnlib.variants import dense, kernelized
+from attnlib.variants import dense, kernelized, ot
 from attnlib.variants.base import AttentionCore, CoreOutput
 
-__all__ = ["AttentionCore", "CoreOutput", "dense", "kernelized"]
+__all__ = ["AttentionCore", "CoreOutput", "dense", "kernelized", "ot"]
