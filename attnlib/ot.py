@@ -192,15 +192,17 @@ def _sinkhorn_log(
     g: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Log-domain Sinkhorn on the log-kernel ``logk`` (..., N, M); returns potentials (f, g)
-    with plan ``exp(logk + f_i + g_j)``: the columns match b exactly, the rows up to convergence."""
-    pair = pb.pair
+    with plan ``exp(logk + f_i + g_j)``: the columns match b exactly, the rows up to convergence.
+
+    ``logk`` is NEG on padded pairs and the potentials are 0 on padded points, so the sums need
+    no further masking (NEG + finite stays ~NEG)."""
     if f is None:
         f = torch.zeros_like(pb.log_a)
     if g is None:
         g = torch.zeros_like(pb.log_b)
     for it in range(n_iters):
-        f = torch.where(pb.rmask, pb.log_a - masked_logsumexp(logk + g[..., None, :], pair, -1), 0.0)
-        g = torch.where(pb.cmask, pb.log_b - masked_logsumexp(logk + f[..., :, None], pair, -2), 0.0)
+        f = torch.where(pb.rmask, pb.log_a - masked_logsumexp(logk + g[..., None, :], None, -1), 0.0)
+        g = torch.where(pb.cmask, pb.log_b - masked_logsumexp(logk + f[..., :, None], None, -2), 0.0)
         if tol is not None and (it + 1) % check_every == 0:
             with torch.no_grad():
                 rows = pb.plan(logk + f[..., :, None] + g[..., None, :]).sum(-1)
@@ -260,7 +262,7 @@ def sinkhorn(
 
 
 def _ipot_log(pb: _Problem, cost: Tensor, beta: float, n_iters: int, inner_iters: int) -> Tensor:
-    """Log-domain IPOT on (possibly linearised) cost; returns the log-plan."""
+    """Log-domain IPOT on (possibly linearised) cost; returns the log-plan (NEG on padded pairs)."""
     pair = pb.pair
     logg = (-cost / beta).masked_fill(~pair, NEG)
     logt = torch.zeros_like(logg).masked_fill(~pair, NEG)  # T = 1 1^T on real pairs
@@ -271,10 +273,10 @@ def _ipot_log(pb: _Problem, cost: Tensor, beta: float, n_iters: int, inner_iters
         logq = logg + logt  # Q = G * T
         for _ in range(inner_iters):
             log_delta = torch.where(
-                pb.rmask, pb.log_a - masked_logsumexp(logq + log_sigma[..., None, :], pair, -1), 0.0
+                pb.rmask, pb.log_a - masked_logsumexp(logq + log_sigma[..., None, :], None, -1), 0.0
             )
             log_sigma = torch.where(
-                pb.cmask, pb.log_b - masked_logsumexp(logq + log_delta[..., :, None], pair, -2), 0.0
+                pb.cmask, pb.log_b - masked_logsumexp(logq + log_delta[..., :, None], None, -2), 0.0
             )
         logt = (log_delta[..., :, None] + logq + log_sigma[..., None, :]).masked_fill(~pair, NEG)
     return logt
