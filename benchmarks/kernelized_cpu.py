@@ -52,8 +52,8 @@ def main() -> None:
         q, k, v = (torch.randn(1, h, n, d, generator=g) for _ in range(3))
         bias = torch.randn(h, 2 * n - 1, generator=g) * 0.5
         for causal in (False, True):
-            fns[f"kernelized_rpe causal={causal} N={n}"] = (
-                lambda q=q, k=k, v=v, b=bias, c=causal: kernelized_rpe_attention(q, k, v, b, w, causal=c)
+            fns[f"kernelized_rpe causal={causal} N={n}"] = lambda q=q, k=k, v=v, b=bias, c=causal: (
+                kernelized_rpe_attention(q, k, v, b, w, causal=c)
             )
             if not args.no_softmax:
                 fns[f"softmax (SDPA) causal={causal} N={n}"] = lambda q=q, k=k, v=v, c=causal: (

@@ -4,16 +4,18 @@ A tiny image-text matcher is trained on scikit-learn's 8x8 digits (no download):
 (2x2 pixels + their position) of an image are one set, the words of a sentence such as
 "this is the digit seven" the other. The words cross-attend to the patches with attnlib's
 ``got`` attention - its weights are the optimal-transport plan between word queries and patch
-keys - and the model learns to tell the true sentence from one with a wrong digit word. The GOT
-regulariser (Wasserstein + Gromov-Wasserstein distance between the two sets) comes back as the
-attention's ``aux_loss`` and is added to the loss, as in Chen et al. (ICML 2020).
+keys - and the model learns which of the ten sentences belongs to the image. The GOT regulariser
+(:class:`attnlib.ot.GOTRegularizer`: Wasserstein + Gromov-Wasserstein distance between the word and
+patch features of the true pairs) is added to the loss, as in Chen et al. (ICML 2020). (The
+``got`` variant can return the same regulariser itself as ``aux_loss``; here it is applied to the
+encoder outputs instead.)
 
 After training, the script aligns a held-out digit with its sentence and saves a picture: the
 image, the transport plan (words x patches) and the patches each word is transported to. It
 also prints the Wasserstein / Gromov-Wasserstein plans of :func:`attnlib.ot.got_distance`.
 
 Run: ``python examples/ot_alignment.py [--steps 300] [--out examples/ot_alignment.png]``
-(about half a minute on a laptop CPU).
+(one to two minutes on a 2-core CPU; prints the held-out matching accuracy, ~80%).
 """
 
 from __future__ import annotations
@@ -54,28 +56,39 @@ def sentences(labels: torch.Tensor) -> torch.Tensor:
 
 
 class Matcher(nn.Module):
-    """Words cross-attend to patches with OT attention; a small head scores the match."""
+    """Words cross-attend to patches with OT (``got``) attention; a small head scores the digit word."""
 
     def __init__(self, dim: int = 32) -> None:
         super().__init__()
         self.patch = nn.Sequential(nn.Linear(20, dim), nn.GELU(), nn.Linear(dim, dim))
         self.word = nn.Embedding(len(VOCAB), dim)
-        self.attn = attnlib.Attention(dim, 1, variant="got", n_iters=10, wd_weight=0.1, gwd_weight=0.1)
-        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1))
+        # the GOT regulariser is applied to the encoders below, so the attention's own is off
+        self.attn = attnlib.Attention(dim, 1, variant="got", n_iters=10, wd_weight=0.0, gwd_weight=0.0)
+        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, 1))
 
-    def forward(self, img: torch.Tensor, tokens: torch.Tensor, return_extras: bool = False):
-        ctx = self.patch(patches(img))
-        w = self.word(tokens)
+    def encode(self, img: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 8, 8), (B, 5) -> word features (B, 5, dim), patch features (B, 16, dim)."""
+        return self.word(tokens), self.patch(patches(img))
+
+    def forward(self, img: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Match score (B,) of each (image, sentence) pair and the alignment weights (B, 5, 16)."""
+        w, ctx = self.encode(img, tokens)
         y, extras = self.attn(w, ctx, return_extras=True)
-        score = self.head(w + y).mean(1).squeeze(-1)
-        return (score, extras, w, ctx) if return_extras else score
+        return self.head(w[:, -1] + y[:, -1]).squeeze(-1), extras.weights[:, 0]
+
+
+def scores_for_all_words(model: Matcher, img: torch.Tensor) -> torch.Tensor:
+    """(B, 8, 8) -> (B, 10): the score of "this is the digit <word>" for every word."""
+    b = img.shape[0]
+    toks = sentences(torch.arange(10).repeat(b))
+    return model(img.repeat_interleave(10, 0), toks)[0].view(b, 10)
 
 
 def main() -> None:
     """Train, align a held-out digit, save the picture."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("ot_alignment.png"))
     args = ap.parse_args()
@@ -86,36 +99,33 @@ def main() -> None:
     perm = torch.randperm(len(labels))
     train, test = perm[:1500], perm[1500:]
     model = Matcher()
+    got = ot.GOTRegularizer(wd_weight=0.1, gwd_weight=0.1)  # Chen et al.'s VQA weights
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for step in range(args.steps):
         idx = train[torch.randint(len(train), (args.batch,))]
         img, lab = images[idx], labels[idx]
-        wrong = (lab + torch.randint(1, 10, lab.shape)) % 10  # a different digit word
-        img2 = torch.cat([img, img])
-        toks = sentences(torch.cat([lab, wrong]))
-        target = torch.cat([torch.ones(len(lab)), torch.zeros(len(lab))])
-        bce = F.binary_cross_entropy_with_logits(model(img2, toks), target)
-        loss = bce + attnlib.aux_loss(model)  # + the GOT regulariser of the attention
+        ce = F.cross_entropy(scores_for_all_words(model, img), lab)  # which sentence is the right one?
+        reg = got(*model.encode(img, sentences(lab)))  # align words and patches of the true pairs
+        loss = ce + reg
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  matching loss {bce.item():.3f}  total {loss.item():.3f}")
+        if step % 25 == 0 or step == args.steps - 1:
+            print(f"step {step:4d}  matching loss {ce.item():.3f}  GOT regulariser {reg.item():.4f}")
     model.eval()
     with torch.no_grad():
         img, lab = images[test], labels[test]
-        scores = model(img[:, None].expand(-1, 10, 8, 8).reshape(-1, 8, 8), sentences(torch.arange(10).repeat(len(lab))))
-        pred = scores.view(len(lab), 10).argmax(1)
+        pred = scores_for_all_words(model, img).argmax(1)
         print(f"held-out: the true sentence scores highest for {(pred == lab).float().mean().item():.1%} of digits")
         i = int(test[0])
-        _, extras, w, ctx = model(images[i : i + 1], sentences(labels[i : i + 1]), return_extras=True)
-        plan = extras.weights[0, 0]  # (5 words, 16 patches), rows sum to 1
-        q, k, _ = model.attn.project(w, ctx)
-        wd, gwd, t_w, t_g = ot.got_distance(q[:, 0], k[:, 0], return_plans=True)
-    words = PREFIX + [WORDS[int(labels[i])]]
+        one = images[i : i + 1]
+        _, weights = model(one, sentences(labels[i : i + 1]))
+        plan = weights[0]  # (5 words, 16 patches), rows rescaled to sum to 1
+        wd, gwd, t_w, _ = ot.got_distance(*model.encode(one, sentences(labels[i : i + 1])), return_plans=True)
+    words = [*PREFIX, WORDS[int(labels[i])]]
     print(f"digit {int(labels[i])}: WD(words, patches) = {wd.item():.4f}, GWD = {gwd.item():.4f}")
-    print("GOT Wasserstein plan (x 16, words x patches):\n", np.round(t_w[0].numpy() * 16, 2))
+    print("GOT Wasserstein plan x 16 (words x patches):\n", np.round(t_w[0].numpy() * 16, 2))
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1, 2.2, 1]})
     axes[0].imshow(images[i], cmap="gray_r")
@@ -131,7 +141,7 @@ def main() -> None:
     axes[1].set_xlabel("patch (row, col)")
     axes[1].set_title("got attention = OT plan (rows rescaled to 1)")
     fig.colorbar(im, ax=axes[1], fraction=0.03)
-    target = plan[-1].reshape(4, 4).numpy()
+    target = plan[-1].reshape(4, 4).numpy()  # the digit word's row
     axes[2].imshow(images[i], cmap="gray_r")
     axes[2].imshow(np.kron(target, np.ones((2, 2))), cmap="Reds", alpha=0.55)
     axes[2].set_title(f"patches transported to '{words[-1]}'")
