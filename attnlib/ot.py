@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -58,6 +59,15 @@ PlanGrad = Literal["unroll", "envelope"]
 # ------------------------------------------------------------------------------------------
 # input handling
 # ------------------------------------------------------------------------------------------
+
+
+def _as_tensor(x: object, device: torch.device | None = None) -> object:
+    """numpy arrays / nested lists become tensors (dtype kept: float64 stays float64); tensors and None pass."""
+    if x is None or isinstance(x, Tensor):
+        return x
+    if isinstance(x, (np.ndarray, list, tuple)):
+        return torch.as_tensor(np.asarray(x), device=device)
+    return x
 
 
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
@@ -129,7 +139,9 @@ class _Problem:
         b_mask: Tensor | None,
         where: str,
     ) -> None:
+        cost = _as_tensor(cost)  # type: ignore[assignment]
         _check_cost(cost, where)
+        a, b, a_mask, b_mask = (_as_tensor(t, cost.device) for t in (a, b, a_mask, b_mask))  # type: ignore[assignment]
         *lead, n, m = cost.shape
         lead_t = tuple(lead)
         dev = cost.device
@@ -174,6 +186,7 @@ class _Problem:
 
 def transport_cost(cost: Tensor, plan: Tensor) -> Tensor:
     """``<C, P> = sum_ij C_ij P_ij``: cost (..., N, M), plan (..., N, M) -> (...)."""
+    cost, plan = _as_tensor(cost), _as_tensor(plan)  # type: ignore[assignment]
     return (cost * plan).sum((-1, -2))
 
 
@@ -345,6 +358,7 @@ def gw_cost(cx: Tensor, cy: Tensor, plan: Tensor, a: Tensor | None = None, b: Te
     a, b. Shapes: cx (..., N, N), cy (..., M, M), plan (..., N, M) -> (...).
     """
     where = "gw_cost"
+    cx, cy, plan, a, b = (_as_tensor(t) for t in (cx, cy, plan, a, b))  # type: ignore[assignment]
     _check_square(cx, "cx", where)
     _check_square(cy, "cy", where)
     if not isinstance(plan, Tensor) or plan.shape[-2:] != (cx.shape[-1], cy.shape[-1]):
@@ -407,6 +421,7 @@ def gromov_wasserstein(
         (plan (..., N, M), value (...)).
     """
     where = "gromov_wasserstein"
+    cx, cy = _as_tensor(cx), _as_tensor(cy)  # type: ignore[assignment]
     _check_square(cx, "cx", where)
     _check_square(cy, "cy", where)
     _check_solver(solver, plan_grad, where)
@@ -436,6 +451,7 @@ def gromov_wasserstein(
 
 def cosine_cost(x: Tensor, y: Tensor, eps: float = 1e-12) -> Tensor:
     """Cosine distance ``C_ij = 1 - cos(x_i, y_j)``: x (..., N, D), y (..., M, D) -> (..., N, M) in [0, 2]."""
+    x, y = _as_tensor(x), _as_tensor(y)  # type: ignore[assignment]
     if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.dim() < 2 or y.dim() < 2:
         raise ValueError(f"cosine_cost expects x (..., N, D) and y (..., M, D), got {describe(x)} and {describe(y)}")
     if x.shape[-1] != y.shape[-1]:
@@ -530,6 +546,7 @@ def got_distance(
         give 0.
     """
     where = "got_distance"
+    x, y, x_mask, y_mask = (_as_tensor(t) for t in (x, y, x_mask, y_mask))  # type: ignore[assignment]
     _check_solver(solver, plan_grad, where)
     for name, val in (("wd_weight", wd_weight), ("gwd_weight", gwd_weight)):
         if isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0:

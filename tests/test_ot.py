@@ -374,3 +374,14 @@ def test_bad_inputs_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="not a got_distance option"):
         GOTRegularizer(x_mask=None)
     assert ot.__all__  # the public names are documented
+
+
+def test_numpy_inputs_are_accepted() -> None:
+    cost, a, b = problem(5, 4, 12)
+    plan = sinkhorn(cost, a, b, eps=0.1, n_iters=3000, tol=1e-12)
+    assert isinstance(plan, torch.Tensor) and plan.dtype == torch.float64
+    ref = pot.sinkhorn(a, b, cost, 0.1, method="sinkhorn_log", numItermax=100_000, stopThr=1e-13)
+    np.testing.assert_allclose(plan.numpy(), ref, atol=1e-10)
+    cx, cy = spaces(5, 4, 3)
+    _, value = gromov_wasserstein(cx, cy, a, b)
+    assert float(value) == pytest.approx(float(gw_cost(cx, cy, _.numpy(), a, b)), abs=1e-14)
