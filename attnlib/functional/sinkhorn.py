@@ -104,21 +104,21 @@ def sinkhorn_attention(
         m_real = cols.sum(-1, keepdim=True).to(ct).clamp_min(1)
         log_row = torch.zeros((), dtype=ct, device=q.device)
         log_col = torch.log(n_real.clamp_min(1) / m_real)  # columns carry N_real / M_real each
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, NEG)  # NEG + finite potentials stays ~NEG: no refill needed
     f = torch.zeros(b, h, n, dtype=ct, device=q.device)  # log row scalings
     gpot = torch.zeros(b, h, m, dtype=ct, device=q.device)  # log column scalings
     for it in range(n_iters):
         if it % 2 == 0:
-            f = log_row - masked_logsumexp(logits + gpot[..., None, :], allowed, -1)
+            f = log_row - torch.logsumexp(logits + gpot[..., None, :], -1)
             if rows is not None:
                 f = torch.where(rows, f, torch.zeros_like(f))
         else:
-            gpot = log_col - masked_logsumexp(logits + f[..., :, None], allowed, -2)
+            gpot = log_col - torch.logsumexp(logits + f[..., :, None], -2)
             if cols is not None:
                 gpot = torch.where(cols, gpot, torch.zeros_like(gpot))
     z = logits + f[..., :, None] + gpot[..., None, :]
-    if allowed is not None:
-        z = z.masked_fill(~allowed, NEG)
-    p = torch.exp(z)  # exp(NEG) == 0 exactly on disallowed pairs
+    p = torch.exp(z)  # exp(~NEG) == 0 exactly on disallowed pairs
     pd = F.dropout(p, p=dropout_p) if dropout_p > 0 else p
     out = torch.matmul(pd, v.to(ct)).to(q.dtype)
     if return_weights:
