@@ -78,6 +78,13 @@ def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     return dt
 
 
+def _broadcasts_to(have: torch.Size, want: tuple[int, ...]) -> bool:
+    try:
+        return tuple(torch.broadcast_shapes(have, want)) == tuple(want)
+    except RuntimeError:
+        return False
+
+
 def _check_mask(mask: Tensor | None, shape: tuple[int, ...], name: str, where: str, device: torch.device) -> None:
     if mask is None:
         return
@@ -85,10 +92,8 @@ def _check_mask(mask: Tensor | None, shape: tuple[int, ...], name: str, where: s
         raise ValueError(
             f"{where}: {name} must be a bool tensor of shape {shape} (True = real point), got {describe(mask)}"
         )
-    try:
-        torch.broadcast_shapes(mask.shape, shape)
-    except RuntimeError:
-        raise ValueError(f"{where}: {name} must have shape {shape}, got {tuple(mask.shape)}") from None
+    if not _broadcasts_to(mask.shape, shape):
+        raise ValueError(f"{where}: {name} must have shape {shape}, got {tuple(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"{where}: {name} is on {mask.device} but the cost is on {device}")
 
@@ -98,10 +103,8 @@ def _check_marginal(x: Tensor | None, shape: tuple[int, ...], name: str, where: 
         return
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise ValueError(f"{where}: {name} must be a floating tensor of shape {shape} (a marginal), got {describe(x)}")
-    try:
-        torch.broadcast_shapes(x.shape, shape)
-    except RuntimeError:
-        raise ValueError(f"{where}: {name} must have shape {shape}, got {tuple(x.shape)}") from None
+    if not _broadcasts_to(x.shape, shape):
+        raise ValueError(f"{where}: {name} must have shape {shape}, got {tuple(x.shape)}")
     if x.device != device:
         raise ValueError(f"{where}: {name} is on {x.device} but the cost is on {device}")
     if bool((x < 0).any()) or not bool(torch.isfinite(x).all()):
@@ -165,9 +168,18 @@ class _Problem:
         self.rmask = rmask & live
         self.cmask = cmask & live
         self.pair = self.rmask[..., :, None] & self.cmask[..., None, :]
-        self.masked = a_mask is not None or b_mask is not None or a is not None or b is not None
         self.a = self._marginal(a, self.rmask)
         self.b = self._marginal(b, self.cmask)
+        if a is not None or b is not None:  # balanced OT: equal total mass in every example
+            sa, sb = self.a.sum(-1), self.b.sum(-1)
+            half = any(t is not None and t.dtype in (torch.float16, torch.bfloat16) for t in (a, b))
+            tol = 1e-2 if half else 1e-5
+            if bool(((sa - sb).abs() > tol * torch.maximum(sa, sb)).any()):
+                got_a, got_b = sa.detach().flatten()[:4].tolist(), sb.detach().flatten()[:4].tolist()
+                raise ValueError(
+                    f"{where}: a and b must carry the same total mass in every example (after padding "
+                    f"is removed); got sums {got_a} and {got_b}"
+                )
         # log marginals, 0 on padded points (never log 0)
         self.log_a = torch.where(self.rmask, torch.log(torch.where(self.rmask, self.a, torch.ones_like(self.a))), 0.0)
         self.log_b = torch.where(self.cmask, torch.log(torch.where(self.cmask, self.b, torch.ones_like(self.b))), 0.0)

@@ -385,3 +385,13 @@ def test_numpy_inputs_are_accepted() -> None:
     cx, cy = spaces(5, 4, 3)
     _, value = gromov_wasserstein(cx, cy, a, b)
     assert float(value) == pytest.approx(float(gw_cost(cx, cy, _.numpy(), a, b)), abs=1e-14)
+
+
+def test_unbalanced_marginals_and_wrong_mask_shapes_raise() -> None:
+    c = torch.rand(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="same total mass"):
+        sinkhorn(c, torch.full((4,), 0.25, dtype=torch.float64), torch.full((3,), 0.5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="same total mass"):
+        ipot(c, torch.full((4,), 0.5, dtype=torch.float64))  # b defaults to uniform (mass 1)
+    with pytest.raises(ValueError, match=r"a_mask must have shape \(4,\)"):
+        sinkhorn(c, a_mask=torch.ones(2, 4, dtype=torch.bool))
