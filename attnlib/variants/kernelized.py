@@ -7,6 +7,12 @@
   ``b_r = -inf`` for ``r > 0``. The math is :func:`attnlib.functional.kernelized_rpe_attention`.
 * ``fnet`` - "FNet: Mixing Tokens with Fourier Transforms" (Lee-Thorp et al., NAACL 2022):
   ``Re(FFT2)`` over (sequence, hidden); parameter-free, non-causal, no masks, self only.
+
+Not here: the "spectral token mixer" of Kiruluta (2025, "From Attention to Atoms", arXiv
+2505.00033). Only its abstract and figure caption could be read; they describe a learned Fourier
+dictionary with conv mixing coefficients and a pointer-generator head (FFTs only in an STFT
+loss), not an attention layer, and the atom formula, normalisation and losses could not be
+confirmed - so no ``spectral`` variant is offered.
 """
 
 from __future__ import annotations
