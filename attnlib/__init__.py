@@ -9,7 +9,7 @@ See :func:`available` for the registered variants and :func:`variant_info` for w
 supports. Masks are boolean with True = may attend (:mod:`attnlib.masks`).
 """
 
-from attnlib import functional, kernels, masks, variants
+from attnlib import functional, kernels, masks, ot, variants
 from attnlib.attention import Attention, AttentionExtras, aux_loss, build_attention
 from attnlib.errors import UnsupportedError
 from attnlib.masks import BlockMask, SlidingWindow
@@ -30,6 +30,7 @@ __all__ = [
     "functional",
     "kernels",
     "masks",
+    "ot",
     "register_variant",
     "variant_info",
     "variants",

@@ -81,7 +81,7 @@ def assert_close(
     half = dt in (torch.float16, torch.bfloat16)
     if atol is None:
         atol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dt, 2e-2)
-        atol *= max(1.0, float(golden.double().abs().max()))
+        atol *= max(1.0, float(golden.detach().double().abs().max()))
     err = max_error(actual, golden)
     if eager is not None and dt != torch.float64:
         factor = (1.1 if half else 10.0) if factor is None else factor

@@ -6,7 +6,7 @@ module (or a new one imported here), decorate it with ``@register_variant("name"
 ``capabilities`` and add ``configs/attention/<name>.yaml`` - the conformance suite picks it up.
 """
 
-from attnlib.variants import dense, entmax, sparse
+from attnlib.variants import dense, entmax, kernelized, ot, sparse
 from attnlib.variants.base import AttentionCore, CoreOutput
 
-__all__ = ["AttentionCore", "CoreOutput", "dense", "entmax", "sparse"]
+__all__ = ["AttentionCore", "CoreOutput", "dense", "entmax", "kernelized", "ot", "sparse"]

@@ -1,0 +1,393 @@
+"""Kernelized attention with relative positions via FFT (Luo et al. 2021) and FNet Fourier mixing.
+
+* :func:`kernelized_rpe_attention` - "Stable, Fast and Accurate: Kernelized Attention with
+  Relative Positional Encoding" (Luo et al., NeurIPS 2021), Algorithm 1. Queries and keys are
+  L2-normalised, mapped by positive random features
+  ``phi(x) = exp(W x - |x|^2 / 2) / sqrt(m)`` (so ``E[phi(q)·phi(k)] = exp(q·k)``), and a
+  relative-position bias ``b_r`` over offsets ``r = j - i`` multiplies the kernel by
+  ``c_r = exp(b_r)``::
+
+      out_i = sum_j c_{j-i} phi(q_i)·phi(k_j) v_j / sum_j c_{j-i} phi(q_i)·phi(k_j)
+
+  ``C = [c_{j-i}]`` is a Toeplitz matrix, so both sums are Toeplitz matrix products computed
+  by FFT: O(N log N) time and O(N) memory in the sequence length. ``causal=True`` sets
+  ``c_r = 0`` for future offsets (``b_r = -inf`` for ``r > 0``); the FFT path stays exact.
+* :func:`kernelized_rpe_reference` - the same attention as an explicit (N, N) matrix (the
+  "dense Toeplitz form"), float64: the oracle of the FFT path.
+* :func:`toeplitz_matmul` - ``y_i = sum_j c_{j-i} x_j`` by FFT, and :func:`toeplitz_matrix`.
+* :func:`fourier_mixing` - FNet (Lee-Thorp et al., NAACL 2022): ``Re(FFT2(x))`` over
+  (sequence, hidden); no parameters.
+
+Relative-position bias layout everywhere: a tensor whose last dim has ``2N - 1`` entries, entry
+``r + N - 1`` holding ``b_r`` for offset ``r = j - i`` in ``-(N-1) .. N-1`` (key j, query i).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlib._validation import check_qkv, describe
+
+__all__ = [
+    "draw_random_features",
+    "fourier_mixing",
+    "kernelized_rpe_attention",
+    "kernelized_rpe_reference",
+    "positive_random_features",
+    "toeplitz_matmul",
+    "toeplitz_matrix",
+]
+
+_CHUNK_ELEMS = 1 << 24  # real elements of one FFT batch (features x values x padded length)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half inputs (FFT and exp in fp32), else the input dtype."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _fft_length(n: int) -> int:
+    """Smallest power of two >= 2n - 1 (no circular wrap-around for a length-n Toeplitz product)."""
+    return 1 << max(0, (2 * n - 2).bit_length())
+
+
+def draw_random_features(
+    num_features: int,
+    dim: int,
+    *,
+    orthogonal: bool = False,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Random projection W (num_features, dim) for :func:`positive_random_features`.
+
+    Rows are i.i.d. N(0, I_dim) (Algorithm 1 of Luo et al.). With ``orthogonal=True`` rows come
+    in blocks of ``dim`` orthogonal directions, each rescaled to the norm of a Gaussian vector
+    (Performer's ORF), which keeps every row marginally N(0, I) and lowers the variance.
+    """
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    if not orthogonal:
+        w = torch.randn(num_features, dim, generator=generator, dtype=torch.float64)
+        return w.to(dtype=dtype, device=device)
+    blocks = []
+    for _ in range(math.ceil(num_features / dim)):
+        g = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+        qm, r = torch.linalg.qr(g)
+        sign = torch.sign(torch.diagonal(r))
+        qm = qm * torch.where(sign == 0, torch.ones_like(sign), sign)[None, :]  # uniform (Haar) rotation
+        blocks.append(qm.T)
+    w = torch.cat(blocks)[:num_features]
+    norms = torch.randn(num_features, dim, generator=generator, dtype=torch.float64).norm(dim=-1, keepdim=True)
+    return (w * norms).to(dtype=dtype, device=device)
+
+
+def positive_random_features(x: Tensor, projection: Tensor) -> Tensor:
+    """Positive random features ``phi(x) = exp(W x - |x|^2 / 2) / sqrt(m)``.
+
+    Args:
+        x: (..., H, N, D) (the head axis is dim -3 when ``projection`` is per head).
+        projection: W, (m, D) shared by all heads, or (H, m, D) per head.
+
+    Returns:
+        (..., H, N, m), positive; ``E_W[phi(x)·phi(y)] = exp(x·y)`` for W with N(0, I) rows.
+    """
+    if projection.dim() not in (2, 3) or projection.shape[-1] != x.shape[-1]:
+        raise ValueError(f"projection must be (m, D) or (H, m, D) with D={x.shape[-1]}, got {describe(projection)}")
+    m = projection.shape[-2]
+    wx = x @ projection.transpose(-1, -2)  # (m, D) or (H, m, D) broadcast over (..., H, N, D)
+    return torch.exp(wx - 0.5 * x.square().sum(-1, keepdim=True)) / math.sqrt(m)
+
+
+def toeplitz_matrix(c: Tensor) -> Tensor:
+    """Dense Toeplitz matrix ``T[..., i, j] = c[..., (j - i) + N - 1]`` from c (..., 2N - 1) -> (..., N, N)."""
+    length = c.shape[-1]
+    if length % 2 != 1:
+        raise ValueError(f"c must have 2N - 1 (odd) entries in its last dim, got {length}")
+    n = (length + 1) // 2
+    idx = torch.arange(n, device=c.device)
+    return c[..., idx[None, :] - idx[:, None] + n - 1]
+
+
+def _toeplitz_kernel_fft(c: Tensor, n: int, length: int) -> Tensor:
+    """rfft of the circulant first column g with g[k mod L] = c_{-k}, k = -(n-1)..n-1."""
+    g = c.new_zeros((*c.shape[:-1], length))
+    g[..., :n] = c[..., :n].flip(-1)  # k = 0..n-1 -> c_{-k} at index n-1-k
+    if n > 1:
+        g[..., length - n + 1 :] = c[..., n:].flip(-1)  # k = -(n-1)..-1 at L+k -> c_{-k}
+    return torch.fft.rfft(g, n=length)
+
+
+_REFINE_RATIO = 8  # causal prefix refinement: each level recomputes the first 1/8 of the rows
+_REFINE_MIN = 32
+
+
+class _ToeplitzPlan:
+    """FFT kernels for ``y_i = sum_j c_{j-i} a_j`` on (..., C, N) inputs, with causal refinement.
+
+    FFT round-off is absolute, about eps·(the whole signal's magnitude), the same for every row.
+    Non-causal rows all sum about N terms, so that is a small relative error. A causal row i
+    sums only i + 1 terms: the first rows of a long sequence would get a relative error of
+    ~eps·N / i (4e-4 at N = 4096 in fp32). So, for causal products, the first N/8 rows are
+    recomputed from an FFT over the first N/8 keys only (exact for them, since causal rows
+    never read later keys), then the first N/64, ... - every row's error is then relative to a
+    prefix at most 8x its own length, for about 1/7 extra work.
+    """
+
+    def __init__(self, c: Tensor, n: int, causal: bool) -> None:
+        self.n = n
+        self.levels: list[tuple[int, int, Tensor]] = []  # (prefix rows p, FFT length, rfft(kernel))
+        self.base: Tensor | None = None  # dense (1, H|1, p, p) Toeplitz^T for the smallest prefix
+        p = n
+        while True:
+            if causal and p <= _REFINE_MIN:
+                self.base = toeplitz_matrix(c[..., n - p : n + p - 1]).transpose(-1, -2)[None]
+                break
+            length = _fft_length(p)
+            kern = _toeplitz_kernel_fft(c[..., n - p : n + p - 1], p, length)
+            self.levels.append((p, length, kern[None, :, None, :]))
+            if not causal:
+                break
+            p = -(-p // _REFINE_RATIO)
+
+    def apply(self, a: Tensor) -> Tensor:
+        """a (B, H, C, N') -> (B, H, C, N) for N' >= N (a may come zero-padded to the FFT length)."""
+        y: Tensor | None = None
+        for p, length, kern in self.levels:
+            src = a if a.shape[-1] == length and p == self.n else a[..., :p]
+            part = torch.fft.irfft(torch.fft.rfft(src, n=length) * kern, n=length)[..., :p]
+            if y is None:
+                y = part
+            else:
+                y[..., :p] = part  # autograd-safe: irfft's backward does not read its output
+        if self.base is not None:
+            p = self.base.shape[-1]
+            part = a[..., :p] @ self.base
+            if y is None:
+                y = part
+            else:
+                y[..., :p] = part
+        assert y is not None
+        return y
+
+
+def toeplitz_matmul(c: Tensor, x: Tensor) -> Tensor:
+    """Toeplitz product ``y[..., i, :] = sum_j c[..., (j - i) + N - 1] x[..., j, :]`` by FFT.
+
+    Args:
+        c: (..., 2N - 1) over offsets -(N-1)..N-1 (broadcast against x's leading dims).
+        x: (..., N, C).
+
+    Returns:
+        (..., N, C), equal to ``toeplitz_matrix(c) @ x`` up to FFT round-off; O(N log N) time.
+        Half-precision inputs are computed in float32 and cast back.
+    """
+    n = x.shape[-2]
+    if c.shape[-1] != 2 * n - 1:
+        raise ValueError(f"c must have 2N - 1 = {2 * n - 1} entries for x with N={n}, got shape {tuple(c.shape)}")
+    ct = _compute_dtype(torch.promote_types(c.dtype, x.dtype))
+    length = _fft_length(n)
+    kern = _toeplitz_kernel_fft(c.to(ct), n, length)  # (..., F)
+    xf = torch.fft.rfft(x.to(ct).transpose(-1, -2), n=length)  # (..., C, F)
+    y = torch.fft.irfft(xf * kern[..., None, :], n=length)[..., :n]
+    return y.transpose(-1, -2).to(x.dtype)
+
+
+def _check_rpe(q: Tensor, k: Tensor, v: Tensor, rpe_bias: Tensor, projection: Tensor, where: str) -> None:
+    check_qkv(q, k, v, where=where)
+    _, h, n, d = q.shape
+    if k.shape[1] != h:
+        raise ValueError(f"{where}: needs as many key/value heads as query heads, got H={h} and H_kv={k.shape[1]}")
+    if k.shape[2] != n:
+        raise ValueError(
+            f"{where}: relative positions need self-attention (N == M), got N={n} queries and M={k.shape[2]} keys"
+        )
+    if not isinstance(rpe_bias, Tensor) or rpe_bias.dim() not in (1, 2) or rpe_bias.shape[-1] != 2 * n - 1:
+        raise ValueError(
+            f"{where}: rpe_bias must be (2N - 1,) or (H, 2N - 1) = ({h}, {2 * n - 1}) over offsets "
+            f"-(N-1)..N-1, got {describe(rpe_bias)}"
+        )
+    if rpe_bias.dim() == 2 and rpe_bias.shape[0] not in (1, h):
+        raise ValueError(f"{where}: rpe_bias has {rpe_bias.shape[0]} heads, expected 1 or H={h}")
+    if not isinstance(projection, Tensor) or projection.dim() not in (2, 3) or projection.shape[-1] != d:
+        raise ValueError(f"{where}: projection must be (m, D={d}) or (H, m, D), got {describe(projection)}")
+    if projection.dim() == 3 and projection.shape[0] not in (1, h):
+        raise ValueError(f"{where}: projection has {projection.shape[0]} heads, expected 1 or H={h}")
+
+
+def _check_key_padding(key_padding: Tensor | None, b: int, n: int, device: torch.device, where: str) -> None:
+    if key_padding is None:
+        return
+    if not isinstance(key_padding, Tensor) or key_padding.dtype != torch.bool or tuple(key_padding.shape) != (b, n):
+        raise ValueError(f"{where}: key_padding must be a bool tensor (B, N) = ({b}, {n}), got {describe(key_padding)}")
+    if key_padding.device != device:
+        raise ValueError(f"{where}: key_padding is on {key_padding.device} but q is on {device}")
+
+
+def _bias_table(rpe_bias: Tensor, n: int, causal: bool, ct: torch.dtype) -> Tensor:
+    """(H|1, 2N-1) log-weights with -inf on future offsets when causal."""
+    bias = rpe_bias.to(ct)
+    if bias.dim() == 1:
+        bias = bias[None]
+    if causal and n > 1:
+        future = torch.arange(2 * n - 1, device=bias.device) > n - 1
+        bias = bias.masked_fill(future, float("-inf"))
+    return bias
+
+
+def _empty_rows(key_padding: Tensor | None, causal: bool) -> Tensor | None:
+    """(B, 1, N, 1) True where a query has no allowed key, or None when none can."""
+    if key_padding is None:
+        return None
+    seen = key_padding.cumsum(-1) > 0 if causal else key_padding.any(-1, keepdim=True).expand_as(key_padding)
+    return (~seen)[:, None, :, None]
+
+
+def kernelized_rpe_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rpe_bias: Tensor,
+    projection: Tensor,
+    *,
+    causal: bool = False,
+    key_padding: Tensor | None = None,
+    eps: float = 1e-6,
+    return_importance: bool = False,
+    feature_chunk: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Kernelized attention with relative-position bias by FFT (Luo et al. 2021, Algorithm 1).
+
+    Args:
+        q, k: (B, H, N, D); normalised to unit L2 norm here (no 1/sqrt(D), no temperature).
+        v: (B, H, N, Dv).
+        rpe_bias: b, (H, 2N - 1) or (2N - 1,): entry ``r + N - 1`` is the bias of offset
+            ``r = j - i``; the kernel is multiplied by ``exp(b_r)``.
+        projection: random-feature matrix W, (m, D) or (H, m, D) (see :func:`draw_random_features`).
+        causal: ``exp(b_r) = 0`` for ``r > 0`` (no key after the query).
+        key_padding: bool (B, N), True = real key; padded keys get zero weight.
+        eps: lower clamp of the normaliser (it is positive in exact arithmetic; FFT round-off
+            can bring a tiny one to <= 0).
+        return_importance: also return the attention mass each key receives, averaged over the
+            N queries, (B, H, N), by one more (transposed) Toeplitz product.
+        feature_chunk: random features per FFT batch (memory O(B·H·chunk·Dv·N)); default
+            picks a chunk of about 16M elements.
+
+    Returns:
+        out (B, H, N, Dv) in q's dtype (computed in >= float32), or (out, importance).
+        Queries with no allowed key (all keys padded / before them) return zeros.
+        O(B·H·m·Dv·N log N) time, O(B·H·chunk·Dv·N) memory.
+    """
+    where = "kernelized_rpe_attention"
+    _check_rpe(q, k, v, rpe_bias, projection, where)
+    b, h, n, _ = q.shape
+    dv = v.shape[-1]
+    _check_key_padding(key_padding, b, n, q.device, where)
+    ct = _compute_dtype(q.dtype)
+    w = projection.to(ct)
+    phi_q = positive_random_features(F.normalize(q.to(ct), dim=-1), w)  # (B, H, N, m)
+    phi_k = positive_random_features(F.normalize(k.to(ct), dim=-1), w)
+    if key_padding is not None:
+        phi_k = phi_k * key_padding[:, None, :, None].to(ct)
+    bias = _bias_table(rpe_bias, n, causal, ct)
+    # a global shift of b cancels in the ratio; it keeps exp(b) <= 1 (fp32 FFT round-off ~ max c)
+    c = torch.exp(bias - bias.amax(-1, keepdim=True).detach())  # (H|1, 2N-1)
+    plan = _ToeplitzPlan(c, n, causal)
+    m = phi_k.shape[-1]
+    length = _fft_length(n)
+    # (B, H, channels, N) layouts, zero-padded to the FFT length once (the FFT runs on contiguous rows)
+    vv = torch.cat([v.to(ct), torch.ones_like(v[..., :1], dtype=ct)], -1)  # last channel: the normaliser
+    vv_t = F.pad(vv.transpose(-1, -2), (0, length - n))  # (B, H, Dv+1, L)
+    phi_k_t = F.pad(phi_k.transpose(-1, -2), (0, length - n))  # (B, H, m, L)
+    phi_q_t = phi_q.transpose(-1, -2)  # (B, H, m, N)
+    if feature_chunk is None:
+        feature_chunk = max(1, _CHUNK_ELEMS // max(1, b * h * (dv + 1) * length))
+    acc = None
+    for s in range(0, m, feature_chunk):
+        e = min(m, s + feature_chunk)
+        a = phi_k_t[:, :, s:e, None, :] * vv_t[:, :, None, :, :]  # A_j = phi(k_j)[s:e] (x) [v_j, 1]
+        y = plan.apply(a.reshape(b, h, (e - s) * (dv + 1), length)).reshape(b, h, e - s, dv + 1, n)
+        part = (y * phi_q_t[:, :, s:e, None, :]).sum(2)  # (B, H, Dv+1, N): sum_a phi(q_i)_a D[a, :, i]
+        acc = part if acc is None else acc + part
+    assert acc is not None
+    acc = acc.transpose(-1, -2)  # (B, H, N, Dv+1)
+    num, den = acc[..., :dv], acc[..., dv:]
+    empty = _empty_rows(key_padding, causal)
+    out = num / den.clamp_min(eps)
+    if empty is not None:
+        out = out.masked_fill(empty, 0.0)
+    out = out.to(q.dtype)
+    if not return_importance:
+        return out
+    # importance_j = (1/N) phi(k_j) · sum_i c_{j-i} phi(q_i) / den_i  (the transposed Toeplitz product)
+    u = phi_q / den.clamp_min(eps)
+    if empty is not None:
+        u = u.masked_fill(empty, 0.0)
+    t = _ToeplitzPlan(c.flip(-1), n, False).apply(u.transpose(-1, -2))
+    imp = (phi_k * t.transpose(-1, -2)).sum(-1) / n
+    return out, imp.to(q.dtype)
+
+
+def kernelized_rpe_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rpe_bias: Tensor,
+    projection: Tensor,
+    *,
+    causal: bool = False,
+    key_padding: Tensor | None = None,
+    dtype: torch.dtype | None = torch.float64,
+) -> tuple[Tensor, Tensor]:
+    """The dense (N, N) form of :func:`kernelized_rpe_attention`: the oracle of the FFT path.
+
+    ``W_ij = phi(q_i)·phi(k_j) exp(b_{j-i}) [j allowed] / sum_j (...)``, out = W v. Computed in
+    ``dtype`` (float64 by default; None = q's dtype promoted to >= float32). O(N^2) memory.
+
+    Returns:
+        (out (B, H, N, Dv), weights (B, H, N, N)); rows with no allowed key are zero.
+    """
+    where = "kernelized_rpe_reference"
+    _check_rpe(q, k, v, rpe_bias, projection, where)
+    b, _, n, _ = q.shape
+    _check_key_padding(key_padding, b, n, q.device, where)
+    ct = _compute_dtype(q.dtype) if dtype is None else dtype
+    w = projection.to(ct)
+    phi_q = positive_random_features(F.normalize(q.to(ct), dim=-1), w)
+    phi_k = positive_random_features(F.normalize(k.to(ct), dim=-1), w)
+    bias = _bias_table(rpe_bias, n, causal, ct)  # (H|1, 2N-1)
+    cmat = torch.exp(toeplitz_matrix(bias))  # (H|1, N, N), 0 on future offsets when causal
+    scores = (phi_q @ phi_k.transpose(-1, -2)) * cmat[None]
+    if key_padding is not None:
+        scores = scores * key_padding[:, None, None, :].to(ct)
+    den = scores.sum(-1, keepdim=True)
+    weights = torch.where(den > 0, scores / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(scores))
+    return weights @ v.to(ct), weights
+
+
+def fourier_mixing(x: Tensor, *, dims: tuple[int, int] = (-2, -1), norm: str = "backward") -> Tensor:
+    """FNet token mixing: the real part of the 2-D DFT over (sequence, hidden).
+
+    ``Y = Re(F_N X F_C)`` with ``F_n[a, c] = exp(-2 pi i a c / n)`` (Lee-Thorp et al. 2022).
+
+    Args:
+        x: (B, N, C) (any leading dims); ``dims`` names the (sequence, hidden) axes.
+        norm: "backward" (the paper: unnormalised DFT, output variance ~ N·C/2 x input's) or
+            "ortho" (scaled by 1/sqrt(N·C), variance-preserving; not in the paper).
+
+    Returns:
+        A real tensor of x's shape and dtype (half inputs are transformed in float32).
+    """
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
+        raise ValueError(f"fourier_mixing expects a floating tensor with >= 2 dims (B, N, C), got {describe(x)}")
+    if norm not in ("backward", "ortho"):
+        raise ValueError(f"norm must be 'backward' (FNet) or 'ortho', got {norm!r}")
+    y = torch.fft.fftn(x.to(_compute_dtype(x.dtype)), dim=dims, norm=norm).real
+    return y.to(x.dtype)

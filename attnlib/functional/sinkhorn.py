@@ -1,0 +1,126 @@
+"""Doubly-stochastic (Sinkhorn) attention - Sander, Ablin, Blondel & Peyré, "Sinkformers:
+Transformers with Doubly Stochastic Attention" (AISTATS 2022).
+
+The softmax's row normalisation of ``K = exp(q k^T · scale)`` is replaced by Sinkhorn's
+alternating normalisations in the log domain: step 1 normalises rows (to 1), step 2 columns
+(to N/M, so the total mass stays N), step 3 rows again, ... ``n_iters`` counts the steps, so
+``n_iters=1`` is exactly softmax attention and the matrix approaches a doubly-stochastic one as
+``n_iters`` grows (the Sinkformers convention).
+
+Masking: disallowed (query, key) pairs get zero weight; padded queries (``query_mask``) take part
+in no column sum and return zeros - in self-attention with key padding the padded tokens are
+padded queries too. Rows with no allowed key return zeros; columns with no allowed query stay
+zero. The row/column targets use the numbers of real queries and keys, so padding does not
+change the result for the real tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlib._validation import check_qkv, describe
+from attnlib.functional.softmax import as_attention_mask, repeat_kv
+from attnlib.masks import MaskLike
+
+__all__ = ["NEG", "masked_logsumexp", "sinkhorn_attention"]
+
+NEG = -1e30  # finite "minus infinity": keeps every log-domain quantity and gradient finite
+
+
+def masked_logsumexp(x: Tensor, valid: Tensor | None, dim: int) -> Tensor:
+    """``log sum_{valid} exp(x)`` along ``dim``; entries outside ``valid`` count as exp(NEG) = 0.
+
+    An all-invalid slice returns about ``NEG`` (finite), never -inf or NaN, and its gradient is
+    finite, so callers can select it away with ``torch.where``.
+    """
+    if valid is not None:
+        x = x.masked_fill(~valid, NEG)
+    return torch.logsumexp(x, dim=dim)
+
+
+def sinkhorn_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskLike | list[MaskLike] = None,
+    causal: bool = False,
+    query_mask: Tensor | None = None,
+    scale: float | None = None,
+    n_iters: int = 3,
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Sinkhorn attention: ``P v`` with P the Sinkhorn normalisation of ``exp(q k^T · scale)``.
+
+    Args:
+        q: (B, H, N, D); k: (B, H_kv, M, D); v: (B, H_kv, M, Dv) (H a multiple of H_kv).
+        mask: attnlib masks (True = may attend): key padding (B, M), full (B|1, H|1, N, M), ...
+        causal: bottom-right aligned causal constraint on the pairs. Note that column
+            normalisation lets later queries influence earlier outputs, so the result is not
+            causal in the autoregressive sense for ``n_iters >= 2`` (the attention variant does
+            not offer it).
+        query_mask: (B, N) bool, False = padded query (zero row, excluded from column sums).
+        scale: logit scale, default D**-0.5.
+        n_iters: normalisation steps, rows first (1 = softmax).
+        dropout_p: dropout on P (training).
+        return_weights: also return P (B, H, N, M) (before dropout).
+
+    Returns:
+        out (B, H, N, Dv) in q's dtype (the iterations run in >= float32), or (out, P).
+    """
+    check_qkv(q, k, v, where="sinkhorn_attention")
+    if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
+        raise ValueError(f"sinkhorn_attention: n_iters must be an int >= 1 (1 = softmax), got {n_iters!r}")
+    b, h, n, d = q.shape
+    m = k.shape[2]
+    if query_mask is not None and (
+        not isinstance(query_mask, Tensor) or query_mask.dtype != torch.bool or tuple(query_mask.shape) != (b, n)
+    ):
+        raise ValueError(
+            f"sinkhorn_attention: query_mask must be a bool tensor (B, N) = ({b}, {n}), got {describe(query_mask)}"
+        )
+    am = as_attention_mask(q, k, mask, causal)
+    g = h // k.shape[1]
+    k, v = repeat_kv(k, g), repeat_kv(v, g)
+    ct = torch.promote_types(q.dtype, torch.float32)
+    scale = d**-0.5 if scale is None else scale
+    logits = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale  # (B, H, N, M)
+    allowed = am.dense()
+    if query_mask is not None:
+        qm = query_mask[:, None, :, None]
+        allowed = qm if allowed is None else allowed & qm
+    if allowed is None:
+        log_row = torch.zeros((), dtype=ct, device=q.device)
+        log_col = torch.full((), float(torch.log(torch.tensor(n / m, dtype=torch.float64))), dtype=ct, device=q.device)
+        rows = cols = None
+    else:
+        allowed = allowed.expand(b, h, n, m)
+        rows = allowed.any(-1)  # (B, H, N): queries with at least one key
+        cols = allowed.any(-2)  # (B, H, M): keys with at least one query
+        n_real = rows.sum(-1, keepdim=True).to(ct)
+        m_real = cols.sum(-1, keepdim=True).to(ct).clamp_min(1)
+        log_row = torch.zeros((), dtype=ct, device=q.device)
+        log_col = torch.log(n_real.clamp_min(1) / m_real)  # columns carry N_real / M_real each
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, NEG)  # NEG + finite potentials stays ~NEG: no refill needed
+    f = torch.zeros(b, h, n, dtype=ct, device=q.device)  # log row scalings
+    gpot = torch.zeros(b, h, m, dtype=ct, device=q.device)  # log column scalings
+    for it in range(n_iters):
+        if it % 2 == 0:
+            f = log_row - torch.logsumexp(logits + gpot[..., None, :], -1)
+            if rows is not None:
+                f = torch.where(rows, f, torch.zeros_like(f))
+        else:
+            gpot = log_col - torch.logsumexp(logits + f[..., :, None], -2)
+            if cols is not None:
+                gpot = torch.where(cols, gpot, torch.zeros_like(gpot))
+    z = logits + f[..., :, None] + gpot[..., None, :]
+    p = torch.exp(z)  # exp(~NEG) == 0 exactly on disallowed pairs
+    pd = F.dropout(p, p=dropout_p) if dropout_p > 0 else p
+    out = torch.matmul(pd, v.to(ct)).to(q.dtype)
+    if return_weights:
+        return out, p.to(q.dtype)
+    return out

@@ -1,0 +1,273 @@
+"""Optimal-transport family: ``sinkhorn`` (Sinkformers) and ``got`` (Graph Optimal Transport).
+
+* ``sinkhorn`` - Sander, Ablin, Blondel & Peyré, "Sinkformers: Transformers with Doubly
+  Stochastic Attention" (AISTATS 2022): the softmax is replaced by ``n_iters`` alternating
+  row/column normalisations of ``exp(q k^T / sqrt(D))`` (``n_iters=1`` is softmax exactly).
+  Math: :func:`attnlib.functional.sinkhorn.sinkhorn_attention`.
+* ``got`` - Chen et al., "Graph Optimal Transport for Cross-Domain Alignment" (ICML 2020): the
+  attention weights are the OT plan between queries and keys (IPOT on cosine costs, rows
+  rescaled to sum to 1), and the GOT regulariser (Wasserstein + Gromov-Wasserstein distance
+  between the query and key sets of every head) is returned as ``aux_loss`` in training.
+  Math: :func:`attnlib.ot.ot_attention`, :func:`attnlib.ot.got_distance`.
+
+Both normalise over queries as well as keys, so with key padding in self-attention the padded
+positions are padded queries too: they take part in no column sum and return zeros.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from einops import rearrange
+from torch import Tensor
+
+from attnlib import ot
+from attnlib.functional.sinkhorn import sinkhorn_attention
+from attnlib.masks import AttentionMask
+from attnlib.registry import Capabilities, register_variant
+from attnlib.variants.base import AttentionCore, CoreOutput
+
+__all__ = ["GOTAttention", "SinkhornAttention"]
+
+
+class _QueryPaddingMixin(AttentionCore):
+    """Records whether the call is cross-attention: self-attention key padding also pads queries."""
+
+    _cross: bool = False
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, cross: bool = False, **kw: Any):  # type: ignore[override]
+        self._cross = bool(cross)
+        return super().forward(q, k, v, mask, cross=cross, **kw)
+
+    def query_mask(self, mask: AttentionMask) -> Tensor | None:
+        """(B, N) bool padding of the queries: the key padding in self-attention, else None."""
+        if self._cross or mask.key_padding is None or mask.n != mask.m:
+            return None
+        return mask.key_padding
+
+
+@register_variant("sinkhorn")
+class SinkhornAttention(_QueryPaddingMixin):
+    """Doubly-stochastic attention by Sinkhorn normalisation (Sinkformers).
+
+    Args:
+        num_heads, head_dim: set by :class:`attnlib.Attention`.
+        n_iters: normalisation steps, rows first: 1 = softmax, 2 = rows then columns, ... The
+            last step is a row step for odd n_iters (rows sum to 1 exactly); Sinkformers use
+            3-21 (default 3).
+        scale: logit scale, default head_dim**-0.5.
+
+    Column sums are N_real / M_real (the total mass of N_real rows summing to 1). Not causal:
+    a column normalisation lets every query influence every other query's weights.
+    """
+
+    capabilities = Capabilities(
+        causal=False,
+        cross=True,
+        key_padding=True,
+        full_mask=True,
+        block_mask=True,
+        window=True,
+        complexity="O(N^2·iters)",
+        exact=False,
+        has_weights=True,
+        trainable=False,
+        attn_dropout=True,
+        gqa=True,
+        permutation_equivariant=True,
+        family="ot",
+        paper="Sander et al. 2022, Sinkformers: Transformers with Doubly Stochastic Attention",
+    )
+
+    def __init__(self, *, num_heads: int, head_dim: int, n_iters: int = 3, scale: float | None = None) -> None:
+        super().__init__(num_heads=num_heads, head_dim=head_dim)
+        if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
+            raise ValueError(f"sinkhorn: n_iters must be an int >= 1 (1 = softmax), got {n_iters!r}")
+        self.n_iters = n_iters
+        self.scale = scale
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: AttentionMask,
+        *,
+        need_weights: bool,
+        need_importance: bool,
+        dropout_p: float,
+    ) -> CoreOutput:
+        out, w = sinkhorn_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            query_mask=self.query_mask(mask),
+            scale=self.scale,
+            n_iters=self.n_iters,
+            dropout_p=dropout_p,
+            return_weights=True,
+        )
+        return CoreOutput(out, weights=w if need_weights else None, importance=w.mean(2) if need_importance else None)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", n_iters={self.n_iters}"
+
+
+@register_variant("got")
+class GOTAttention(_QueryPaddingMixin):
+    """Attention by optimal transport (GOT), returning the GOT regulariser as ``aux_loss``.
+
+    Per head, the weights are the OT plan between the queries and the keys (uniform masses over
+    the real tokens, cost ``1 - cos(q_i, k_j)`` or ``-q·k/sqrt(D)``, solved by IPOT and
+    differentiated through), rows rescaled to sum to 1; ``out = weights @ v``. With IPOT the
+    plan tends to an exact OT plan (sparse; a permutation when N == M) as ``n_iters`` grows.
+
+    In training mode ``aux_loss = mean over (batch, head) of wd_weight·WD(q, k) +
+    gwd_weight·GWD(q, k)`` (:func:`attnlib.ot.got_distance`, pruned cosine costs, GOT's
+    defaults): add ``attnlib.aux_loss(model)`` to the loss. In eval mode no aux loss is computed.
+
+    Args:
+        cost: "cosine" (GOT) or "dot".
+        solver: "ipot" (``beta``) or "sinkhorn" (``eps``) for the attention plan.
+        beta, eps, n_iters: solver settings of the attention plan (0.5, 0.05, 20).
+        wd_weight, gwd_weight: weights of the regulariser (GOT VQA: 0.1, 0.1; 0 disables a term).
+        prune: GOT pruning fraction of the regulariser's costs (0.1).
+        shared_plan: one fused plan for WD and GWD (the paper's form) instead of two.
+        reg_plan_grad: "envelope" (default, as the GOT code: the regulariser's plans carry no
+            gradient, memory O(N·M)) or "unroll".
+    """
+
+    capabilities = Capabilities(
+        causal=False,
+        cross=True,
+        key_padding=True,
+        full_mask=False,
+        block_mask=False,
+        window=False,
+        complexity="O(N·M·iters)",
+        exact=False,
+        has_weights=True,
+        trainable=False,
+        attn_dropout=False,
+        gqa=False,
+        permutation_equivariant=True,
+        family="ot",
+        paper="Chen et al. 2020, Graph Optimal Transport for Cross-Domain Alignment",
+    )
+
+    def __init__(
+        self,
+        *,
+        num_heads: int,
+        head_dim: int,
+        cost: str = "cosine",
+        solver: str = "ipot",
+        beta: float = 0.5,
+        eps: float = 0.05,
+        n_iters: int = 20,
+        wd_weight: float = 0.1,
+        gwd_weight: float = 0.1,
+        prune: float | None = 0.1,
+        shared_plan: bool = False,
+        reg_plan_grad: str = "envelope",
+    ) -> None:
+        super().__init__(num_heads=num_heads, head_dim=head_dim)
+        if cost not in ("cosine", "dot"):
+            raise ValueError(f"got: cost must be 'cosine' or 'dot', got {cost!r}")
+        if solver not in ("ipot", "sinkhorn"):
+            raise ValueError(f"got: solver must be 'ipot' or 'sinkhorn', got {solver!r}")
+        if reg_plan_grad not in ("envelope", "unroll"):
+            raise ValueError(f"got: reg_plan_grad must be 'envelope' or 'unroll', got {reg_plan_grad!r}")
+        for name, val in (("beta", beta), ("eps", eps)):
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or val <= 0:
+                raise ValueError(f"got: {name} must be a positive number, got {val!r}")
+        if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
+            raise ValueError(f"got: n_iters must be an int >= 1, got {n_iters!r}")
+        for name, val in (("wd_weight", wd_weight), ("gwd_weight", gwd_weight)):
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0:
+                raise ValueError(f"got: {name} must be a non-negative number, got {val!r}")
+        self.cost = cost
+        self.solver = solver
+        self.beta = float(beta)
+        self.eps = float(eps)
+        self.n_iters = n_iters
+        self.wd_weight = float(wd_weight)
+        self.gwd_weight = float(gwd_weight)
+        self.prune = prune
+        self.shared_plan = bool(shared_plan)
+        self.reg_plan_grad = reg_plan_grad
+
+    @classmethod
+    def conformance_kwargs(cls) -> dict[str, Any]:
+        return {"n_iters": 5}
+
+    def regularizer(self, q: Tensor, k: Tensor, query_mask: Tensor | None, key_mask: Tensor | None) -> Tensor:
+        """GOT regulariser between the query and key sets of every (batch, head): a scalar."""
+        h = q.shape[1]
+        x = rearrange(q, "b h n d -> (b h) n d")
+        y = rearrange(k, "b h m d -> (b h) m d")
+        xm = None if query_mask is None else query_mask.repeat_interleave(h, 0)
+        ym = None if key_mask is None else key_mask.repeat_interleave(h, 0)
+        wd, gwd = ot.got_distance(
+            x,
+            y,
+            x_mask=xm,
+            y_mask=ym,
+            wd_weight=self.wd_weight,
+            gwd_weight=self.gwd_weight,
+            prune=self.prune,
+            shared_plan=self.shared_plan,
+            plan_grad=self.reg_plan_grad,  # type: ignore[arg-type]
+        )
+        live = None
+        if xm is not None or ym is not None:
+            lx = xm.any(-1) if xm is not None else wd.new_ones(wd.shape, dtype=bool)  # type: ignore[call-overload]
+            ly = ym.any(-1) if ym is not None else wd.new_ones(wd.shape, dtype=bool)  # type: ignore[call-overload]
+            live = (lx & ly).to(wd.dtype)
+        per = self.wd_weight * wd + self.gwd_weight * gwd
+        if live is None:
+            return per.mean().to(q.dtype)
+        return ((per * live).sum() / live.sum().clamp_min(1.0)).to(q.dtype)
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: AttentionMask,
+        *,
+        need_weights: bool,
+        need_importance: bool,
+        dropout_p: float,
+    ) -> CoreOutput:
+        qm = self.query_mask(mask)
+        km = mask.key_padding
+        out, w = ot.ot_attention(
+            q,
+            k,
+            v,
+            key_mask=km,
+            query_mask=qm,
+            cost=self.cost,  # type: ignore[arg-type]
+            solver=self.solver,  # type: ignore[arg-type]
+            beta=self.beta,
+            eps=self.eps,
+            n_iters=self.n_iters,
+            return_weights=True,
+        )
+        aux = None
+        if self.training and (self.wd_weight > 0 or self.gwd_weight > 0):
+            aux = self.regularizer(q, k, qm, km)
+        return CoreOutput(
+            out,
+            weights=w if need_weights else None,
+            importance=w.mean(2) if need_importance else None,
+            aux_loss=aux,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            super().extra_repr() + f", solver={self.solver!r}, n_iters={self.n_iters}, wd_weight={self.wd_weight}, "
+            f"gwd_weight={self.gwd_weight}"
+        )
