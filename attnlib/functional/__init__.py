@@ -1,9 +1,26 @@
 """Pure tensor functions (no parameters): the math of every variant, plus float64 references.
 
 Tensors are (B, H, N, D) for queries and (B, H_kv, M, D) for keys/values unless a function
-says otherwise. Masks follow :mod:`attnlib.masks` (True = may attend).
+says otherwise (the AFT functions work per channel on (..., T, C)). Masks follow
+:mod:`attnlib.masks` (True = may attend).
 """
 
+from attnlib.functional.aft import aft_conv, aft_full, aft_local, aft_simple
+from attnlib.functional.ecoformer import (
+    binarize,
+    ecoformer_attention,
+    hash_kernel_features,
+    kernelized_hash,
+    learn_ksh_hash,
+)
+from attnlib.functional.flow import flow_attention
+from attnlib.functional.linear import (
+    cosformer_attention,
+    linear_attention,
+    linear_self_attention,
+    performer_attention,
+    performer_projection,
+)
 from attnlib.functional.local import local_attention, local_importance
 from attnlib.functional.softmax import (
     reference_attention,
@@ -13,8 +30,23 @@ from attnlib.functional.softmax import (
 )
 
 __all__ = [
+    "aft_conv",
+    "aft_full",
+    "aft_local",
+    "aft_simple",
+    "binarize",
+    "cosformer_attention",
+    "ecoformer_attention",
+    "flow_attention",
+    "hash_kernel_features",
+    "kernelized_hash",
+    "learn_ksh_hash",
+    "linear_attention",
+    "linear_self_attention",
     "local_attention",
     "local_importance",
+    "performer_attention",
+    "performer_projection",
     "reference_attention",
     "repeat_kv",
     "softmax_attention",

@@ -1,0 +1,247 @@
+"""Shared machinery of the linear-attention family (internal).
+
+Everything here works on *feature-mapped* queries and keys: ``qf`` (B, H, N, F) and ``kf``
+(B, H, M, F), values ``v`` (B, H, M, Dv). The implicit attention matrix is
+``A = qf @ kf^T`` (B, H, N, M) (lower-triangular when causal); it is never formed outside
+the explicit reference paths.
+
+* :func:`linear_scan` - ``num = A @ v`` and ``den = A @ 1`` in O(N·F·Dv): one pass for the
+  non-causal form, the chunked parallel form for the causal one (intra-chunk C x C products,
+  inter-chunk running state ``S = Σ kf^T v``, ``z = Σ kf``), optionally with per-chunk state
+  decay for features stabilised by a running maximum (Performer).
+* :func:`column_mass` - ``Σ_i r_i · kf_j`` over the queries that see key j, i.e. the column
+  sums of the implicit matrix ``diag(s) A`` for row scales folded into ``r = s ⊙ qf``. This
+  gives every variant's ``importance`` in O(N·F).
+* mask helpers: the family supports ``causal`` (N == M) and key padding only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlib.errors import UnsupportedError
+from attnlib.masks import AttentionMask, MaskLike, normalize_mask
+
+__all__ = [
+    "acc_dtype",
+    "causal_chunk_max",
+    "column_mass",
+    "linear_scan",
+    "pack_result",
+    "prefix_mask",
+    "safe_div",
+    "split_mask",
+]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32 for fp16/bf16 inputs, the input dtype otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def split_mask(
+    q: Tensor,
+    k: Tensor,
+    mask: MaskLike | list[MaskLike],
+    causal: bool,
+    *,
+    where: str,
+) -> tuple[Tensor | None, bool]:
+    """Normalise ``mask``/``causal`` for q (B, H, N, D), k (B, H, M, D) -> (key padding (B, M) | None, causal).
+
+    The linear family honours key padding and ``causal`` (self-attention, N == M) only;
+    anything else raises :class:`attnlib.UnsupportedError` naming ``where`` and the mask.
+    """
+    b, h, n, _ = q.shape
+    m = k.shape[2]
+    am = mask if isinstance(mask, AttentionMask) else None
+    if am is None or am.causal != causal:
+        am = normalize_mask(mask, causal=causal, batch=b, heads=h, n=n, m=m, device=q.device)
+    bad = [kind for kind in am.kinds() if kind not in ("causal", "key_padding")]
+    if bad:
+        raise UnsupportedError(
+            f"{where} supports causal=True and key-padding (B, M) masks only (a linear-time form has no "
+            f"N x M matrix to mask); got {', '.join(bad)}"
+        )
+    if am.causal and n != m:
+        raise UnsupportedError(f"{where} supports causal=True only with N == M, got N={n}, M={m}")
+    return am.key_padding, am.causal
+
+
+def safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` where ``den != 0``, else 0 (finite gradients; rows with no key -> 0)."""
+    ok = den != 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def prefix_mask(n: int, device: torch.device) -> Tensor:
+    """Lower-triangular (n, n) bool mask (j <= i)."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+
+
+def _chunks(x: Tensor, c: int) -> Tensor:
+    """(B, H, N, F) -> (B, H, nc, c, F), zero-padded at the end."""
+    b, h, n, f = x.shape
+    nc = math.ceil(n / c)
+    if nc * c != n:
+        x = F.pad(x, (0, 0, 0, nc * c - n))
+    return x.reshape(b, h, nc, c, f)
+
+
+def causal_chunk_max(s: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Running maximum of per-key log-scales, at chunk granularity.
+
+    Args:
+        s: (B, H, N) log-scales (-inf for keys to ignore).
+        chunk_size: C.
+
+    Returns:
+        shift (B, H, N): for key j in chunk c, ``S_c = max_{j' in chunks <= c} s_j'`` (0 when
+        all are -inf), and log_decay (B, H, nc): ``S_{c-1} - S_c`` (0 for c = 0), the log of
+        the factor by which the running state of :func:`linear_scan` is rescaled entering c.
+    """
+    b, h, n = s.shape
+    c = min(chunk_size, n)
+    nc = math.ceil(n / c)
+    sp = F.pad(s, (0, nc * c - n), value=float("-inf")) if nc * c != n else s
+    cm = sp.reshape(b, h, nc, c).amax(-1).cummax(-1).values
+    cm = torch.where(torch.isfinite(cm), cm, torch.zeros_like(cm))
+    log_decay = torch.cat([torch.zeros_like(cm[..., :1]), cm[..., :-1] - cm[..., 1:]], -1)
+    shift = cm.repeat_interleave(c, -1)[..., :n]
+    return shift, log_decay
+
+
+def linear_scan(
+    qf: Tensor,
+    kf: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    chunk_size: int = 64,
+    log_decay: Tensor | None = None,
+    need_den: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """``num = A @ v`` and ``den = A @ 1`` for the implicit ``A = qf kf^T`` (lower-triangular if causal).
+
+    Args:
+        qf: (B, H, N, F) query features; kf: (B, H, M, F) key features; v: (B, H, M, Dv).
+        causal: restrict to j <= i (needs N == M); computed by the chunked parallel form.
+        chunk_size: C of the chunked form: intra-chunk (C x C) products plus a running
+            (F x Dv) state; time O(N·C·(F + Dv) + N·F·Dv), no N x N tensor.
+        log_decay: optional (B, H, nc) log-factors (<= 0) applied to the running state when it
+            enters chunk c (see :func:`causal_chunk_max`); None = no decay.
+        need_den: also return ``den``.
+
+    Returns:
+        (num (B, H, N, Dv), den (B, H, N) or None), in the dtype of the inputs.
+    """
+    if not causal:
+        kv = kf.transpose(-1, -2) @ v  # (B, H, F, Dv)
+        num = qf @ kv
+        den = (qf @ kf.sum(-2, keepdim=True).transpose(-1, -2)).squeeze(-1) if need_den else None
+        return num, den
+    b, h, n, _ = qf.shape
+    c = max(1, min(int(chunk_size), n))
+    qc, kc, vc = _chunks(qf, c), _chunks(kf, c), _chunks(v, c)
+    nc = qc.shape[2]
+    scores = (qc @ kc.transpose(-1, -2)).masked_fill(~prefix_mask(c, qf.device), 0.0)
+    num = scores @ vc
+    den = scores.sum(-1) if need_den else None
+    kv = kc.transpose(-1, -2) @ vc  # (B, H, nc, F, Dv)
+    ks = kc.sum(-2) if need_den else None  # (B, H, nc, F)
+    if log_decay is None:
+        state = F.pad(kv[:, :, :-1].cumsum(2), (0, 0, 0, 0, 1, 0))
+        zstate = F.pad(ks[:, :, :-1].cumsum(2), (0, 0, 1, 0)) if ks is not None else None
+    else:
+        decay = log_decay.exp()
+        run = torch.zeros_like(kv[:, :, 0])
+        zrun = torch.zeros_like(ks[:, :, 0]) if ks is not None else None
+        states, zstates = [], []
+        for ci in range(nc):
+            d = decay[:, :, ci]
+            run = run * d[..., None, None]
+            states.append(run)
+            run = run + kv[:, :, ci]
+            if zrun is not None and ks is not None:
+                zrun = zrun * d[..., None]
+                zstates.append(zrun)
+                zrun = zrun + ks[:, :, ci]
+        state = torch.stack(states, 2)
+        zstate = torch.stack(zstates, 2) if zstates else None
+    num = num + qc @ state
+    if den is not None and zstate is not None:
+        den = den + (qc @ zstate.unsqueeze(-1)).squeeze(-1)
+    num = num.reshape(b, h, nc * c, -1)[:, :, :n]
+    if den is not None:
+        den = den.reshape(b, h, nc * c)[:, :, :n]
+    return num, den
+
+
+def column_mass(
+    r: Tensor,
+    kf: Tensor,
+    *,
+    causal: bool,
+    chunk_size: int = 64,
+    log_decay: Tensor | None = None,
+) -> Tensor:
+    """Column sums of the implicit matrix ``r kf^T``: ``mass_j = kf_j · Σ_{i (>= j if causal)} r_i``.
+
+    With ``r_i = qf_i / den_i`` this is the attention mass key j receives, summed over the
+    queries, in O(N·F) time and memory.
+
+    Args:
+        r: (B, H, N, F) row-scaled query features; kf: (B, H, M, F).
+        causal: sum over i >= j only (N == M).
+        chunk_size, log_decay: as in :func:`linear_scan` when the key features were
+            stabilised per chunk (then key j's features are rescaled by
+            ``exp(S_{c(j)} - S_{c(i)})`` for queries i in later chunks).
+
+    Returns:
+        (B, H, M).
+    """
+    if not causal:
+        return (kf * r.sum(-2, keepdim=True)).sum(-1)
+    if log_decay is None:
+        suffix = r.flip(-2).cumsum(-2).flip(-2)
+        return (kf * suffix).sum(-1)
+    b, h, n, _f = r.shape
+    c = max(1, min(int(chunk_size), n))
+    rc, kc = _chunks(r, c), _chunks(kf, c)
+    nc = rc.shape[2]
+    intra = rc.flip(-2).cumsum(-2).flip(-2)  # (B, H, nc, c, F)
+    totals = rc.sum(-2)  # (B, H, nc, F)
+    decay = log_decay.exp()
+    tail = torch.zeros_like(totals[:, :, 0])
+    tails = [tail]
+    for ci in range(nc - 1, 0, -1):
+        tail = decay[:, :, ci, None] * (totals[:, :, ci] + tail)
+        tails.append(tail)
+    tail_all = torch.stack(tails[::-1], 2)  # (B, H, nc, F): mass from chunks after c
+    mass = (kc * (intra + tail_all[:, :, :, None, :])).sum(-1)
+    return mass.reshape(b, h, nc * c)[:, :, :n]
+
+
+def pack_result(
+    out: Tensor,
+    weights: Tensor | None,
+    importance: Tensor | None,
+    *,
+    return_weights: bool,
+    return_importance: bool,
+) -> Tensor | tuple[Tensor, ...]:
+    """``out``, or ``(out, weights?, importance?)`` in that order for the requested extras."""
+    if not return_weights and not return_importance:
+        return out
+    res: list[Tensor] = [out]
+    if return_weights:
+        assert weights is not None
+        res.append(weights)
+    if return_importance:
+        assert importance is not None
+        res.append(importance)
+    return tuple(res)
