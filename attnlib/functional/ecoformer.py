@@ -50,8 +50,10 @@ from attnlib.functional.softmax import repeat_kv
 from attnlib.masks import MaskLike
 
 __all__ = [
+    "anchor_distances",
     "binarize",
     "ecoformer_attention",
+    "hash_from_distances",
     "hash_kernel_features",
     "kernelized_hash",
     "learn_ksh_hash",
@@ -91,6 +93,18 @@ def _bandwidth(dbar: Tensor, valid: Tensor | None, causal: bool) -> Tensor:
     return sig[..., None]
 
 
+def anchor_distances(x: Tensor, anchors: Tensor) -> Tensor:
+    """Squared distances ``|x̂_i - a_l|^2`` of the normalised tokens to the anchors.
+
+    x (B, H, N, D), anchors (H, m, D) -> (B, H, N, m) in float32 or better.
+    """
+    dt = acc_dtype(x.dtype)
+    xh = F.normalize(x.to(dt), dim=-1, eps=1e-12)
+    a = anchors.to(dt)
+    sq = xh.square().sum(-1, keepdim=True) + a.square().sum(-1)[None, :, None, :]
+    return (sq - 2 * xh @ a.transpose(-1, -2)).clamp_min(0.0)
+
+
 def hash_kernel_features(
     x: Tensor,
     anchors: Tensor,
@@ -109,16 +123,19 @@ def hash_kernel_features(
     Returns:
         (B, H, N, m) in float32 or better.
     """
-    dt = acc_dtype(x.dtype)
-    xh = F.normalize(x.to(dt), dim=-1, eps=1e-12)
-    a = anchors.to(dt)
-    sq = xh.square().sum(-1, keepdim=True) + a.square().sum(-1)[None, :, None, :]
-    d = (sq - 2 * xh @ a.transpose(-1, -2)).clamp_min(0.0)
-    sig = _bandwidth(d.mean(-1), valid, causal)
-    kf = torch.exp(-d / (2 * sig))
-    if center is not None:
-        kf = kf - center.to(dt)[None, :, None, :]
-    return kf
+    d = anchor_distances(x, anchors)
+    return _kernel(d, _bandwidth(d.mean(-1), valid, causal), center)
+
+
+def _kernel(d: Tensor, sigma: Tensor, center: Tensor | None) -> Tensor:
+    kf = torch.exp(-d / (2 * sigma))
+    return kf if center is None else kf - center.to(kf.dtype)[None, :, None, :]
+
+
+def hash_from_distances(d: Tensor, sigma: Tensor, center: Tensor | None, projection: Tensor) -> Tensor:
+    """Codes from anchor distances d (B, H, N, m) and a given bandwidth σ (broadcastable to d)."""
+    kf = _kernel(d, sigma, center)
+    return binarize(torch.einsum("bhnm,hrm->bhnr", kf, projection.to(kf.dtype)))
 
 
 def kernelized_hash(
@@ -134,9 +151,8 @@ def kernelized_hash(
 
     Returns (B, H, N, b) codes in float32 or better (straight-through gradient).
     """
-    kf = hash_kernel_features(x, anchors, center, causal=causal, valid=valid)
-    y = torch.einsum("bhnm,hrm->bhnr", kf, projection.to(kf.dtype))
-    return binarize(y)
+    d = anchor_distances(x, anchors)
+    return hash_from_distances(d, _bandwidth(d.mean(-1), valid, causal), center, projection)
 
 
 def ecoformer_attention(

@@ -4,9 +4,12 @@ Each core maps q (B, H, N, D), k/v (B, H_kv, M, D) to (B, H, N, Dv); see
 :class:`attnlib.variants.base.AttentionCore`. To add a variant: write a class in its family
 module (or a new one imported here), decorate it with ``@register_variant("name")``, give it
 ``capabilities`` and add ``configs/attention/<name>.yaml`` - the conformance suite picks it up.
+
+Families: ``dense`` (softmax, local), ``linear`` (linear, performer, cosformer, lsa,
+ecoformer), ``flow`` (flow), ``aft`` (aft_full, aft_local, aft_simple, aft_conv).
 """
 
-from attnlib.variants import dense
+from attnlib.variants import aft, dense, flow, linear
 from attnlib.variants.base import AttentionCore, CoreOutput
 
-__all__ = ["AttentionCore", "CoreOutput", "dense"]
+__all__ = ["AttentionCore", "CoreOutput", "aft", "dense", "flow", "linear"]
