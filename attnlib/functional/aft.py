@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attnlib.errors import UnsupportedError
@@ -88,14 +89,22 @@ def _gate(q: Tensor, query_gate: str) -> Tensor:
     raise ValueError(f"query_gate must be 'sigmoid' or 'none', got {query_gate!r}")
 
 
+def _rows(buf: Tensor, first: int, count: int) -> Tensor:
+    """``buf[..., first:first + count, :]`` with zero rows where the index is outside [0, T)."""
+    t = buf.shape[-2]
+    a, b = max(first, 0), min(first + count, t)
+    if b <= a:
+        return buf.new_zeros(*buf.shape[:-2], count, buf.shape[-1])
+    return F.pad(buf[..., a:b, :], (0, 0, a - first, first + count - b))
+
+
 def _aft(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     *,
     block: BlockFn | None,
-    window: tuple[int, int] | None,
-    global_part: bool,
+    band: tuple[int, int] | None,
     causal: bool,
     valid: Tensor | None,
     chunk_size: int,
@@ -104,9 +113,18 @@ def _aft(
 ) -> tuple[Tensor, Tensor | None]:
     """Shared AFT evaluation over row chunks.
 
-    ``block`` yields w blocks; ``window = (left, right)`` restricts the keys a row chunk
-    visits (None = all); ``global_part``: add ``Σ e^K V`` with weight 1 outside the pair terms
-    (local/conv/simple) - then pair weights are ``e^w - 1``.
+    Three modes: ``block`` and ``band is None`` - AFT-full (the pair bias on every allowed key);
+    ``block`` and ``band = (left, right)`` - AFT-local/conv (bias on keys t' in
+    [t - left, t + right], weight e^0 = 1 elsewhere); ``block is None`` - AFT-simple.
+
+    For row t (shifts: K by m per channel, the row's bias by r)::
+
+        num_t = e^{-r_t} · OUT_t + Σ_{t' in band} e^{w_tt' - r_t} e^{K_t' - m} V_t'
+
+    where OUT_t sums ``e^{K_t' - m} V_t'`` over the keys outside the band - read from prefix
+    and suffix sums (never as total minus band, which cancels catastrophically when the band
+    biases are very negative). Causal: m is a running maximum at chunk granularity; prefix
+    sums of earlier chunks are rescaled to the current chunk's m as they are read.
     """
     t, tk = q.shape[-2], k.shape[-2]
     dt = acc_dtype(q.dtype)
@@ -116,108 +134,148 @@ def _aft(
     kmask = k if valid is None else k.masked_fill(valid == 0, low)
     vf = None if valid is None else valid.to(dt)
     lead = torch.broadcast_shapes((*k.shape[:-2], 1, k.shape[-1]), (*v.shape[:-2], 1, v.shape[-1]))
-    zero_c = torch.zeros(lead, dtype=dt, device=q.device)
+    ch = lead[-1]
+    simple = block is None
+    full = block is not None and band is None
+    left, right = band if band is not None else (0, 0)
 
     def expk(lo: int, hi: int, m: Tensor) -> Tensor:
         e = torch.exp(k[..., lo:hi, :] - m)
         return e if vf is None else e * vf[..., lo:hi, :]
 
+    def finite(m: Tensor) -> Tensor:
+        return torch.where(m > low / 2, m, torch.zeros_like(m))
+
+    # ---- key sums outside the pair terms ---------------------------------------------------
+    m_glob = None
     if not causal:
-        m_glob = kmask.amax(-2, keepdim=True).detach()
-        m_glob = torch.where(m_glob > low / 2, m_glob, torch.zeros_like(m_glob))
-        if global_part:
+        m_glob = finite(kmask.amax(-2, keepdim=True).detach())
+        if not full:
             e_all = expk(0, tk, m_glob)
-            g_num_all = (e_all * v).sum(-2, keepdim=True)
-            g_den_all = e_all.sum(-2, keepdim=True)
-    m_run = torch.full(lead, low, dtype=dt, device=q.device) if causal else None
-    carry_num = zero_c.clone() if causal else None
-    carry_den = zero_c.clone() if causal else None
+            ev_all = e_all * v
+            if simple:
+                tot_num, tot_den = ev_all.sum(-2, keepdim=True), e_all.sum(-2, keepdim=True)
+            else:
+                pre_num, pre_den = ev_all.cumsum(-2), e_all.cumsum(-2)
+                suf_num, suf_den = ev_all.flip(-2).cumsum(-2).flip(-2), e_all.flip(-2).cumsum(-2).flip(-2)
+    else:
+        shape_tc = (*lead[:-2], t, ch)
+        pre_num_c = torch.zeros(shape_tc, dtype=dt, device=q.device) if not full else None
+        pre_den_c = torch.zeros(shape_tc, dtype=dt, device=q.device) if not full else None
+        m_pos = torch.zeros(shape_tc, dtype=dt, device=q.device)  # the chunk shift of every position
+        m_run = torch.full(lead, low, dtype=dt, device=q.device)
+        carry_num = torch.zeros(lead, dtype=dt, device=q.device)
+        carry_den = torch.zeros(lead, dtype=dt, device=q.device)
+
     outs: list[Tensor] = []
-    mass = torch.zeros(*lead[:-2], tk, lead[-1], dtype=dt, device=q.device) if need_importance else None
-    chunk_info: list[tuple[int, int, Tensor, Tensor]] = []  # causal importance: (s, e, m_c, U_c)
-    u_glob = zero_c.clone() if (need_importance and global_part and not causal) else None
+    mass = torch.zeros(*lead[:-2], tk, ch, dtype=dt, device=q.device) if need_importance else None
+    u_rows: list[Tensor] = []  # importance: e^{-r_t} / den_t of every row (out-of-band weight)
     for s in range(0, t, c):
         e = min(t, s + c)
         if causal:
-            assert m_run is not None and carry_num is not None and carry_den is not None
             m_new = torch.maximum(m_run, kmask[..., s:e, :].amax(-2, keepdim=True).detach())
-            m_c = torch.where(m_new > low / 2, m_new, torch.zeros_like(m_new))
+            m_c = finite(m_new)
             m_prev = torch.where(m_run > low / 2, m_run, m_c)
             m_run = m_new
-            scale = torch.exp(m_prev - m_c)
-            carry_num, carry_den = carry_num * scale, carry_den * scale
+            m_pos[..., s:e, :] = m_c
+            if not full:
+                scale = torch.exp(m_prev - m_c)
+                ek_c = expk(s, e, m_c)
+                p_num = (ek_c * v[..., s:e, :]).cumsum(-2) + carry_num * scale
+                p_den = ek_c.cumsum(-2) + carry_den * scale
+                pre_num_c[..., s:e, :] = p_num
+                pre_den_c[..., s:e, :] = p_den
+                carry_num, carry_den = p_num[..., -1:, :], p_den[..., -1:, :]
         else:
+            assert m_glob is not None
             m_c = m_glob
-        # key range of the pair terms
-        if window is None:
-            lo, hi = 0, (e if causal else tk)
-        else:
-            lo, hi = max(0, s - window[0]), min(tk, e + window[1])
+        # out-of-band sums for the chunk's rows
+        out_num = out_den = None
+        if simple:
+            if causal:
+                out_num, out_den = pre_num_c[..., s:e, :], pre_den_c[..., s:e, :]
+            else:
+                out_num, out_den = tot_num, tot_den
+        elif not full:
+            if causal:
+                j0 = s - left - 1  # keys <= t - left - 1, stored relative to their own chunk's shift
+                resc = torch.exp(_rows(m_pos, j0, e - s) - m_c) * (torch.arange(j0, j0 + e - s, device=q.device) >= 0)[
+                    :, None
+                ].to(dt)
+                out_num = _rows(pre_num_c, j0, e - s) * resc
+                out_den = _rows(pre_den_c, j0, e - s) * resc
+            else:
+                out_num = _rows(pre_num, s - left - 1, e - s) + _rows(suf_num, s + right + 1, e - s)
+                out_den = _rows(pre_den, s - left - 1, e - s) + _rows(suf_den, s + right + 1, e - s)
+        # pair terms
+        pair = None
+        g_scale: Tensor | float = 1.0
+        num = torch.zeros(*lead[:-2], e - s, ch, dtype=dt, device=q.device)
+        den = torch.zeros_like(num)
+        if block is not None:
+            lo, hi = (0, e if causal else tk) if full else (max(0, s - left), min(tk, e + right))
             if causal:
                 hi = min(hi, e)
-        num = torch.zeros(*lead[:-2], e - s, v.shape[-1], dtype=dt, device=q.device)
-        den = torch.zeros(*lead[:-2], e - s, lead[-1], dtype=dt, device=q.device)
-        g_scale = None
-        pair = None
-        if block is not None and hi > lo:
             wb, allowed = block(s, e, lo, hi)
             wb = wb.to(dt)
+            rows = torch.arange(s, e, device=q.device)[:, None]
+            cols = torch.arange(lo, hi, device=q.device)[None, :]
             if causal:
-                rows = torch.arange(s, e, device=q.device)[:, None]
-                cols = torch.arange(lo, hi, device=q.device)[None, :]
                 allowed = allowed & (cols <= rows)
+            if not full:
+                allowed = allowed & (cols >= rows - left) & (cols <= rows + right)
             wmax = wb.masked_fill(~allowed, low).amax(-1, keepdim=True).detach()
-            if global_part:
-                r = wmax.clamp_min(0.0)
-                pair = torch.where(allowed, torch.exp(wb - r) - torch.exp(-r), torch.zeros_like(wb))
-                g_scale = torch.exp(-r)  # (..., Cq, 1)
-            else:
-                r = torch.where(wmax > low / 2, wmax, torch.zeros_like(wmax))
-                pair = torch.where(allowed, torch.exp(wb - r), torch.zeros_like(wb))
+            r = finite(wmax) if full else wmax.clamp_min(0.0)
+            pair = torch.where(allowed, torch.exp(wb - r), torch.zeros_like(wb))
             ek = expk(lo, hi, m_c)
             num = num + _bmm(pair, ek * v[..., lo:hi, :])
             den = den + _bmm(pair, ek)
-        if global_part:
-            if causal:
-                assert carry_num is not None and carry_den is not None
-                ek_c = expk(s, e, m_c)
-                inum = (ek_c * v[..., s:e, :]).cumsum(-2) + carry_num
-                iden = ek_c.cumsum(-2) + carry_den
-                carry_num, carry_den = inum[..., -1:, :], iden[..., -1:, :]
-            else:
-                inum, iden = g_num_all, g_den_all
-            gs = 1.0 if g_scale is None else g_scale
-            num = num + gs * inum
-            den = den + gs * iden
+            if not full:
+                g_scale = torch.exp(-r)
+        if out_num is not None and out_den is not None:
+            num = num + g_scale * out_num
+            den = den + g_scale * out_den
         outs.append(_gate(q[..., s:e, :], query_gate) * safe_div(num, den))
         if need_importance:
             assert mass is not None
             p = safe_div(torch.ones_like(den), den)  # (..., Cq, C)
             if pair is not None:
                 mass[..., lo:hi, :] += _bmm(pair.transpose(-1, -2), p) * expk(lo, hi, m_c)
-            if global_part:
-                pg = p * (1.0 if g_scale is None else g_scale)
-                if causal:
-                    chunk_info.append((s, e, m_c, pg))
-                else:
-                    assert u_glob is not None
-                    u_glob = u_glob + pg.sum(-2, keepdim=True)
+            if not full:
+                u_rows.append((p * g_scale).expand_as(p))
     out = torch.cat(outs, -2)
     if not need_importance:
         return out, None
     assert mass is not None
-    if global_part and not causal:
-        mass += expk(0, tk, m_glob) * u_glob
-    if global_part and causal:
-        tail = torch.zeros_like(zero_c)
-        m_next: Tensor | None = None
-        for s, e, m_c, pg in reversed(chunk_info):
-            if m_next is not None:
-                tail = tail * torch.exp(m_c - m_next)
-            intra = pg.flip(-2).cumsum(-2).flip(-2)
-            mass[..., s:e, :] += expk(s, e, m_c) * (intra + tail)
-            tail = tail + pg.sum(-2, keepdim=True)
-            m_next = m_c
+    if not full:
+        u = torch.cat(u_rows, -2)  # (..., T, C)
+        if not causal:
+            e_all = expk(0, tk, m_glob)
+            if simple:
+                mass += e_all * u.sum(-2, keepdim=True)
+            else:  # rows t >= t' + left + 1 and rows t <= t' - right - 1 see key t' outside their band
+                suf_u = u.flip(-2).cumsum(-2).flip(-2)
+                pre_u = u.cumsum(-2)
+                mass += e_all * (_rows(suf_u, left + 1, tk) + _rows(pre_u, -right - 1, tk))
+        else:  # Σ_{t >= t' + gap} u_t e^{K_t' - m_c(t)}, by a reverse scan over chunks
+            gap = 0 if simple else left + 1
+            suf_u = torch.zeros_like(u)
+            tail = torch.zeros(lead, dtype=dt, device=q.device)
+            m_next = None
+            for s in reversed(range(0, t, c)):
+                e = min(t, s + c)
+                m_c = m_pos[..., s : s + 1, :]
+                if m_next is not None:
+                    tail = tail * torch.exp(m_c - m_next)
+                intra = u[..., s:e, :].flip(-2).cumsum(-2).flip(-2) + tail
+                suf_u[..., s:e, :] = intra
+                tail = intra[..., :1, :]
+                m_next = m_c
+            e_own = torch.exp(k - m_pos) if vf is None else torch.exp(k - m_pos) * vf
+            resc = torch.exp(m_pos - _rows(m_pos, gap, tk)) * (torch.arange(tk, device=q.device) + gap < t)[:, None].to(
+                dt
+            )
+            mass += e_own * _rows(suf_u, gap, tk) * resc
     return out, mass / t
 
 
@@ -291,8 +349,7 @@ def aft_full(
         k,
         v,
         block=block,
-        window=None,
-        global_part=False,
+        band=None,
         causal=causal,
         valid=_key_valid(mask, k, "aft_full"),
         chunk_size=chunk_size,
@@ -355,8 +412,7 @@ def aft_local(
         k,
         v,
         block=block,
-        window=(s_w - 1, s_w - 1),
-        global_part=True,
+        band=(s_w - 1, s_w - 1),
         causal=causal,
         valid=_key_valid(mask, k, "aft_local"),
         chunk_size=chunk_size,
@@ -392,8 +448,7 @@ def aft_simple(
         k,
         v,
         block=None,
-        window=(0, 0),
-        global_part=True,
+        band=None,
         causal=causal,
         valid=_key_valid(mask, k, "aft_simple"),
         chunk_size=chunk_size,
@@ -463,8 +518,7 @@ def aft_conv(
         k.expand_as(v) if k.shape[-1] == 1 else k,
         v,
         block=lambda s, e, lo, hi: _expand_heads(block(s, e, lo, hi)),
-        window=(left, right),
-        global_part=True,
+        band=(left, right),
         causal=causal,
         valid=_key_valid(mask, k, "aft_conv"),
         chunk_size=chunk_size,
