@@ -171,6 +171,6 @@ def test_aft_modules() -> None:
         attnlib.Attention(32, 4, variant="aft_local").double()(x, context=x)
     with pytest.raises(ValueError, match="window"):
         attnlib.Attention(32, 4, variant="aft_local", window=0)
-    y, ex = attnlib.Attention(32, 4, variant="aft_full", causal=True).double()(x, return_extras=True)
+    _, ex = attnlib.Attention(32, 4, variant="aft_full", causal=True).double()(x, return_extras=True)
     assert ex.weights is None and ex.importance is not None and ex.importance.shape == (2, 12)
     torch.testing.assert_close(ex.importance.sum(-1), torch.ones(2, dtype=torch.float64), rtol=0, atol=ATOL)
