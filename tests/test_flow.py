@@ -60,6 +60,7 @@ def ref_flow(q, k, v, *, causal=False, clamp=None, kp=None, qp=None, comp_on=Tru
 CASES = [(33, 33, False), (33, 33, True), (20, 13, False), (13, 27, False)]
 
 
+@pytest.mark.usefixtures("block_size")
 @pytest.mark.parametrize(("n", "m", "causal"), CASES)
 @pytest.mark.parametrize("clamp", [None, 1.0])
 def test_flow_equals_quadratic_definition(n: int, m: int, causal: bool, clamp: float | None) -> None:
@@ -69,11 +70,14 @@ def test_flow_equals_quadratic_definition(n: int, m: int, causal: bool, clamp: f
         out, imp = flow_attention(q, k, v, causal=causal, competition_clamp=clamp, chunk_size=c, return_importance=True)
         torch.testing.assert_close(out, out_ref, rtol=0, atol=ATOL)
         torch.testing.assert_close(imp, w_ref.mean(-2), rtol=0, atol=ATOL)
+        fast = flow_attention(q, k, v, causal=causal, competition_clamp=clamp, chunk_size=c)
+        torch.testing.assert_close(fast, out_ref, rtol=0, atol=ATOL)
     out_e, w = flow_attention(q, k, v, causal=causal, competition_clamp=clamp, return_weights=True)
     torch.testing.assert_close(w, w_ref, rtol=0, atol=ATOL)
     torch.testing.assert_close(out_e, w @ v, rtol=0, atol=ATOL)
 
 
+@pytest.mark.usefixtures("block_size")
 @pytest.mark.parametrize("causal", [False, True])
 def test_flow_padding_removes_tokens_from_every_flow(causal: bool) -> None:
     n = 25
@@ -84,6 +88,8 @@ def test_flow_padding_removes_tokens_from_every_flow(causal: bool) -> None:
     out_ref, w_ref, _ = ref_flow(q, k, v, causal=causal, kp=kp, qp=kp)
     out, imp = flow_attention(q, k, v, causal=causal, mask=kp, query_padding=kp, chunk_size=4, return_importance=True)
     torch.testing.assert_close(out, out_ref, rtol=0, atol=ATOL)
+    fast = flow_attention(q, k, v, causal=causal, mask=kp, query_padding=kp, chunk_size=4)
+    torch.testing.assert_close(fast, out_ref, rtol=0, atol=ATOL)
     torch.testing.assert_close(imp, w_ref.mean(-2), rtol=0, atol=ATOL)
     # the same as running on the real tokens only (batch row 0)
     idx = torch.nonzero(kp[0]).squeeze(1)

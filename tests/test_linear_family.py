@@ -116,6 +116,7 @@ def _check(fn, ref, n, m, hkv, causal, padded, chunks=(1, 7, 16, 64)):
         out, imp = fn(q, k, v, causal=causal, mask=kp, chunk_size=c, return_importance=True)
         torch.testing.assert_close(out, out_ref, rtol=0, atol=ATOL)
         torch.testing.assert_close(imp, imp_ref, rtol=0, atol=ATOL)
+        torch.testing.assert_close(fn(q, k, v, causal=causal, mask=kp, chunk_size=c), out_ref, rtol=0, atol=ATOL)
     out_e, w, imp_e = fn(q, k, v, causal=causal, mask=kp, return_weights=True, return_importance=True)
     torch.testing.assert_close(w, w_ref, rtol=0, atol=ATOL)
     torch.testing.assert_close(out_e, w @ _expand(v, 4), rtol=0, atol=ATOL)
@@ -125,10 +126,12 @@ def _check(fn, ref, n, m, hkv, causal, padded, chunks=(1, 7, 16, 64)):
 
 
 @pytest.mark.parametrize(("n", "m", "hkv", "causal", "padded"), list(_cases()))
+@pytest.mark.usefixtures("block_size")
 def test_linear_attention_oracle(n, m, hkv, causal, padded) -> None:
     _check(linear_attention, ref_linear, n, m, hkv, causal, padded)
 
 
+@pytest.mark.usefixtures("block_size")
 def test_linear_attention_relu_feature_map() -> None:
     def fn(*a, **kw):
         return linear_attention(*a, feature_map="relu", **kw)
@@ -137,6 +140,7 @@ def test_linear_attention_relu_feature_map() -> None:
 
 
 @pytest.mark.parametrize(("n", "m", "hkv", "causal", "padded"), list(_cases()))
+@pytest.mark.usefixtures("block_size")
 def test_cosformer_oracle(n, m, hkv, causal, padded) -> None:
     _check(cosformer_attention, ref_cosformer, n, m, hkv, causal, padded)
 
@@ -154,6 +158,7 @@ def test_cosformer_max_len_and_left_equals_right_product() -> None:
 @pytest.mark.parametrize(
     ("n", "m", "hkv", "causal", "padded"), [c for c in _cases() if c[0] == 37] + [(19, 30, 4, False, True)]
 )
+@pytest.mark.usefixtures("block_size")
 def test_lsa_oracle(normalize, n, m, hkv, causal, padded) -> None:
     def fn(*a, **kw):
         return linear_self_attention(*a, normalize=normalize, **kw)
@@ -184,6 +189,7 @@ def test_lsa_hand_weights_equal_one_gd_step() -> None:
 
 
 @pytest.mark.parametrize(("n", "m", "hkv", "causal", "padded"), list(_cases()))
+@pytest.mark.usefixtures("block_size")
 def test_performer_equals_favor_estimator(n, m, hkv, causal, padded) -> None:
     w_proj = performer_projection(24, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
 

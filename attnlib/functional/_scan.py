@@ -18,6 +18,7 @@ the explicit reference paths.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +29,11 @@ from attnlib.masks import AttentionMask, MaskLike, normalize_mask
 
 __all__ = [
     "acc_dtype",
+    "block_rows",
+    "blocked_attention",
     "causal_chunk_max",
     "column_mass",
+    "grad_free",
     "linear_scan",
     "pack_result",
     "prefix_mask",
@@ -245,3 +249,173 @@ def pack_result(
         assert importance is not None
         res.append(importance)
     return tuple(res)
+
+
+# --------------------------------------------------------------------------------------------
+# blocked fast path (outputs only)
+# --------------------------------------------------------------------------------------------
+
+FeatureFn = Callable[[Tensor, int], Tensor]  # (x block (B, H, L, D), first position) -> (B, H, L, F)
+FinishFn = Callable[[Tensor, Tensor | None, int, int], Tensor]  # (num, den, start, end) -> out rows
+
+
+def grad_free(*ts: Tensor) -> bool:
+    """True when no autograd graph is being recorded through ``ts`` (in-place updates are safe)."""
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in ts)
+
+
+BLOCK_ELEMENTS = 1 << 19  # target size of a block's temporaries (elements); tests shrink it
+
+
+def block_rows(b: int, h: int, width: int, chunk: int, n: int) -> int:
+    """Rows per block so that a block's temporaries hold about BLOCK_ELEMENTS elements (a multiple of ``chunk``)."""
+    rows = max(chunk, BLOCK_ELEMENTS // max(1, b * h * width))
+    rows = max(chunk, rows // chunk * chunk)
+    return min(rows, max(chunk, math.ceil(n / chunk) * chunk))
+
+
+def blocked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    qmap: FeatureFn,
+    kmap: FeatureFn,
+    finish: FinishFn,
+    causal: bool,
+    chunk_size: int,
+    key_valid: Tensor | None = None,
+    key_logits: bool = False,
+    need_den: bool = True,
+    width: int | None = None,
+) -> Tensor:
+    """``out = finish(A v, A 1)`` for ``A = qmap(Q) kmap(K)^T`` without full-size temporaries.
+
+    Features are computed per block of rows (so they stay in cache and no (N, F) tensor is
+    allocated); non-causal: one pass over key blocks accumulating ``S = Σ kf^T v``, ``z = Σ kf``,
+    then one pass over query blocks; causal: one pass over blocks of chunks (intra-chunk C x C
+    products, exclusive chunk states, a running state carried across blocks). Used for the
+    output when neither weights nor importance are requested.
+
+    Args:
+        q: (B, H, N, D), k: (B, H, M, D), v: (B, H, M, Dv), all in the accumulation dtype.
+        qmap, kmap: feature maps of a block ``(x, first position) -> (B, H, L, F)``.
+        finish: ``(num (B, H, L, Dv), den (B, H, L) | None, start, end) -> out rows``; may
+            modify num/den in place.
+        causal: j <= i (N == M). chunk_size: C.
+        key_valid: (B, M) bool of real keys or None.
+        key_logits: kmap returns log-features; they are exponentiated with a running maximum
+            (per key block, resp. per chunk when causal) and the state rescaled as it grows.
+        need_den: accumulate the denominator.
+        width: feature width F (for the block size; default D).
+
+    Returns:
+        (B, H, N, Dv).
+    """
+    b, h, n, d = q.shape
+    m, dv = k.shape[2], v.shape[-1]
+    c = max(1, min(int(chunk_size), n))
+    rows = block_rows(b, h, max(width or d, dv), c, max(n, m))
+    out = q.new_empty(b, h, n, dv)
+    inplace = grad_free(q, k, v)
+
+    def keys(s: int, e: int) -> Tensor:
+        kf = kmap(k[:, :, s:e], s)
+        if key_valid is not None:
+            kv_ = key_valid[:, None, s:e, None]
+            kf = kf.masked_fill(~kv_, float("-inf")) if key_logits else kf * kv_.to(kf.dtype)
+        return kf
+
+    if not causal:
+        state: Tensor | None = None
+        z: Tensor | None = None
+        shift: Tensor | None = None
+        for s in range(0, m, rows):
+            e = min(m, s + rows)
+            kf = keys(s, e)
+            if key_logits:
+                bm = kf.amax((-1, -2)).detach()  # (B, H); -inf while only padded keys were seen
+                new = bm if shift is None else torch.maximum(shift, bm)
+                use = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+                if state is not None and shift is not None:
+                    f = torch.where(torch.isfinite(shift), torch.exp(shift - use), torch.zeros_like(use))
+                    state = state * f[..., None, None]
+                    z = z * f[..., None] if z is not None else None
+                shift = new
+                kf = torch.exp(kf - use[..., None, None])
+            kvb = kf.transpose(-1, -2) @ v[:, :, s:e]
+            state = kvb if state is None else state + kvb
+            if need_den:
+                zb = kf.sum(-2)
+                z = zb if z is None else z + zb
+        assert state is not None
+        for s in range(0, n, rows):
+            e = min(n, s + rows)
+            qf = qmap(q[:, :, s:e], s)
+            num = qf @ state
+            den = torch.einsum("...lf,...f->...l", qf, z) if (need_den and z is not None) else None
+            out[:, :, s:e] = finish(num, den, s, e)
+        return out
+
+    f_dim: int | None = None
+    state = z = None
+    shift = None
+    tri = prefix_mask(c, q.device)
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        length = e - s
+        g = math.ceil(length / c)
+        pad = g * c - length
+        qf, kf, vb = qmap(q[:, :, s:e], s), keys(s, e), v[:, :, s:e]
+        if pad:
+            qf = F.pad(qf, (0, 0, 0, pad))
+            kf = F.pad(kf, (0, 0, 0, pad), value=float("-inf") if key_logits else 0.0)
+            vb = F.pad(vb, (0, 0, 0, pad))
+        f_dim = qf.shape[-1]
+        qc = qf.reshape(b, h, g, c, f_dim)
+        kc = kf.reshape(b, h, g, c, f_dim)
+        vc = vb.reshape(b, h, g, c, dv)
+        if state is None:
+            state = q.new_zeros(b, h, f_dim, dv)
+            z = q.new_zeros(b, h, f_dim)
+        decay = None
+        if key_logits:
+            cmax = kc.detach().amax((-1, -2))  # (B, H, g)
+            prev = shift if shift is not None else torch.full_like(cmax[..., 0], float("-inf"))
+            run = torch.cat([prev[..., None], cmax], -1).cummax(-1).values  # -inf until a real key
+            use = torch.where(torch.isfinite(run), run, torch.zeros_like(run))
+            # state rescale entering chunk i (the state is still zero where the old max is -inf)
+            decay = torch.where(
+                torch.isfinite(run[..., :-1]), torch.exp(run[..., :-1] - use[..., 1:]), torch.zeros_like(cmax)
+            )
+            shift = run[..., -1]
+            kc = torch.exp(kc - use[..., 1:, None, None])
+        scores = qc @ kc.transpose(-1, -2)
+        scores = scores.masked_fill_(~tri, 0.0) if inplace else scores.masked_fill(~tri, 0.0)
+        num = scores @ vc
+        den = scores.sum(-1) if need_den else None
+        kvc = kc.transpose(-1, -2) @ vc  # (B, H, g, F, Dv) -> exclusive states, in place
+        ksc = kc.sum(-2) if need_den else None
+        assert z is not None
+        for i in range(g):
+            if decay is not None:
+                state = state * decay[:, :, i, None, None]
+                z = z * decay[:, :, i, None]
+            tmp = kvc[:, :, i].clone()
+            kvc[:, :, i] = state
+            state = state + tmp
+            if ksc is not None:
+                tz = ksc[:, :, i].clone()
+                ksc[:, :, i] = z
+                z = z + tz
+        if inplace:
+            num.view(-1, c, dv).baddbmm_(qc.reshape(-1, c, f_dim), kvc.view(-1, f_dim, dv))
+        else:
+            num = num + qc @ kvc
+        if den is not None and ksc is not None:
+            inter = torch.einsum("...lf,...f->...l", qc, ksc)
+            den = den.add_(inter) if inplace else den + inter
+        num = num.reshape(b, h, g * c, dv)[:, :, :length]
+        den = den.reshape(b, h, g * c)[:, :, :length] if den is not None else None
+        out[:, :, s:e] = finish(num, den, s, e)
+    return out

@@ -38,6 +38,7 @@ and pre-summed vectors instead (about 1e-7 difference).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -48,7 +49,9 @@ from torch import Tensor
 from attnlib._validation import check_qkv
 from attnlib.functional._scan import (
     acc_dtype,
+    block_rows,
     column_mass,
+    grad_free,
     linear_scan,
     pack_result,
     prefix_mask,
@@ -198,6 +201,35 @@ def flow_attention(
     g = q.shape[1] // k.shape[1]
     dt = acc_dtype(q.dtype)
     q, k, v = q.to(dt), repeat_kv(k, g).to(dt), repeat_kv(v, g).to(dt)
+    if causal and not (explicit or return_weights or return_importance):
+        valid = kp if query_padding is None else (query_padding if kp is None else query_padding & kp)
+        out = _flow_fast_causal(
+            q,
+            k,
+            v,
+            phi,
+            eps=eps,
+            clamp=competition_clamp,
+            competition=competition,
+            allocation=allocation,
+            valid=valid,
+            chunk_size=chunk_size,
+        )
+        return out.to(out_dtype)
+    if not (explicit or return_weights or return_importance):
+        out = _flow_fast_noncausal(
+            q,
+            k,
+            v,
+            phi,
+            eps=eps,
+            clamp=competition_clamp,
+            competition=competition,
+            allocation=allocation,
+            q_valid=query_padding,
+            k_valid=kp,
+        )
+        return out.to(out_dtype)
     qf, kf = phi(q), phi(k)
     if query_padding is not None:
         qf = qf * query_padding[:, None, :, None].to(dt)
@@ -235,3 +267,207 @@ def flow_attention(
     weights = weights.to(out_dtype) if weights is not None else None
     importance = importance.to(out_dtype) if importance is not None else None
     return pack_result(out, weights, importance, return_weights=return_weights, return_importance=return_importance)
+
+
+# --------------------------------------------------------------------------------------------
+# fast paths (outputs only): no (N, F) cumulative sums, features per block
+# --------------------------------------------------------------------------------------------
+
+
+def _mv(x: Tensor, vec: Tensor) -> Tensor:
+    """x (..., L, F) @ vec (..., F) -> (..., L) (einsum: much faster than a bmm with one column on CPU)."""
+    return torch.einsum("...lf,...f->...l", x, vec)
+
+
+def _vm(w: Tensor, x: Tensor) -> Tensor:
+    """Σ_l w_l x_l: w (..., L), x (..., L, F) -> (..., F)."""
+    return torch.einsum("...l,...lf->...f", w, x)
+
+
+def _flow_fast_noncausal(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    phi: Callable[[Tensor], Tensor],
+    *,
+    eps: float,
+    clamp: float | None,
+    competition: bool,
+    allocation: bool,
+    q_valid: Tensor | None,
+    k_valid: Tensor | None,
+) -> Tensor:
+    """Non-causal Flowformer in three passes over row blocks; every flow is a matrix-vector product.
+
+    Features are recomputed per block (cheaper than materialising (N, F) tensors): queries
+    (sums; I and Σ q̃/I; Î and the output), keys (sums; O, Σ k̃/O and Ô; Σ k̃^T comp v).
+    """
+    b, h, n, _ = q.shape
+    m, dv = k.shape[2], v.shape[-1]
+    dt = q.dtype
+    rows = block_rows(b, h, max(q.shape[-1], dv), 1, max(n, m))
+
+    def feats(x: Tensor, valid: Tensor | None, s: int, e: int) -> Tensor:
+        f = phi(x[:, :, s:e])
+        return f if valid is None else f * valid[:, None, s:e, None].to(dt)
+
+    def blocks(length: int) -> range:
+        return range(0, length, rows)
+
+    q_sum = sum(feats(q, q_valid, s, min(n, s + rows)).sum(-2) for s in blocks(n))
+    k_sum = sum(feats(k, k_valid, s, min(m, s + rows)).sum(-2) for s in blocks(m))
+    i_cl = q.new_empty(b, h, n)
+    acc_q = 0.0
+    for s in blocks(n):
+        e = min(n, s + rows)
+        qf = feats(q, q_valid, s, e)
+        i_cl[:, :, s:e] = _mv(qf, k_sum).clamp_min(eps)
+        acc_q = acc_q + _vm(i_cl[:, :, s:e].reciprocal(), qf)  # Σ_i q̃_i / I_i
+    acc_k = 0.0
+    o_hat = q.new_empty(b, h, m)
+    for s in blocks(m):
+        e = min(m, s + rows)
+        kf = feats(k, k_valid, s, e)
+        o_cl = _mv(kf, q_sum).clamp_min(eps)
+        acc_k = acc_k + _vm(o_cl.reciprocal(), kf)  # Σ_j k̃_j / O_j
+        o_hat[:, :, s:e] = _mv(kf, acc_q)
+    comp = None
+    if competition:
+        if clamp is not None:
+            o_hat = o_hat.clamp(-clamp, clamp)
+        m_k = float(m) if k_valid is None else k_valid.sum(-1, dtype=dt)[:, None, None]
+        if k_valid is not None:
+            o_hat = o_hat.masked_fill(~k_valid[:, None, :], torch.finfo(dt).min / 4)
+        comp = m_k * torch.softmax(o_hat, -1)
+        if k_valid is not None:
+            comp = comp * k_valid[:, None, :].to(dt)
+    ratio = None
+    if allocation:
+        n_q = float(n) if q_valid is None else q_valid.sum(-1, dtype=dt)[:, None, None]
+        m_k2 = float(m) if k_valid is None else k_valid.sum(-1, dtype=dt)[:, None, None].clamp_min(1.0)
+        ratio = n_q / m_k2
+    kv: Tensor | float = 0.0
+    for s in blocks(m):
+        e = min(m, s + rows)
+        vb = v[:, :, s:e] if comp is None else v[:, :, s:e] * comp[:, :, s:e, None]
+        kv = kv + feats(k, k_valid, s, e).transpose(-1, -2) @ vb
+    out = q.new_empty(b, h, n, dv)
+    inplace = grad_free(q, k, v)
+    for s in blocks(n):
+        e = min(n, s + rows)
+        qf = feats(q, q_valid, s, e)
+        row = torch.sigmoid(_mv(qf, acc_k) * ratio) if ratio is not None else torch.ones_like(i_cl[:, :, s:e])
+        row = (row / i_cl[:, :, s:e]).unsqueeze(-1)
+        o = qf @ kv
+        out[:, :, s:e] = o.mul_(row) if inplace else o * row
+    return out
+
+
+def _flow_fast_causal(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    phi: Callable[[Tensor], Tensor],
+    *,
+    eps: float,
+    clamp: float | None,
+    competition: bool,
+    allocation: bool,
+    valid: Tensor | None,
+    chunk_size: int,
+) -> Tensor:
+    """Causal Flowformer in one sweep over blocks of chunks.
+
+    Per chunk, ``S = q̃_c k̃_c^T`` (C x C) gives every intra-chunk term: ``I`` (row sums of
+    tril S), ``O`` (column sums of triu S), ``Î`` (tril S @ t/O), ``Ô`` ((t/I)^T triu S) and the
+    output (tril S @ comp·v); running sums of k̃, q̃, k̃ t/O, q̃ t/I, the running log-sum-exp of
+    Ô and the state ``Σ k̃^T comp v`` carry the earlier chunks. No (N, F) prefix sum is built.
+    """
+    b, h, n, _ = q.shape
+    dv = v.shape[-1]
+    dt = q.dtype
+    c = max(1, min(int(chunk_size), n))
+    low = torch.finfo(dt).min / 4
+    vmask = torch.ones(b, n, dtype=torch.bool, device=q.device) if valid is None else valid
+    pos_all = vmask.to(dt).cumsum(-1)  # (B, N): 1-based position among real tokens
+    out = q.new_empty(b, h, n, dv)
+    inplace = grad_free(q, k, v)
+    tri = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    carry: dict[str, Tensor] = {}
+    rows = block_rows(b, h, max(q.shape[-1], dv), c, n)
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        length = e - s
+        g = math.ceil(length / c)
+        pad = g * c - length
+        vm = vmask[:, None, s:e, None].to(dt)
+        qf, kf, vb = phi(q[:, :, s:e]) * vm, phi(k[:, :, s:e]) * vm, v[:, :, s:e]
+        pos = pos_all[:, None, s:e]
+        ok = vmask[:, None, s:e]
+        if pad:
+            qf, kf, vb = (F.pad(x, (0, 0, 0, pad)) for x in (qf, kf, vb))
+            pos = F.pad(pos, (0, pad), value=1.0)
+            ok = F.pad(ok, (0, pad), value=False)
+        f = qf.shape[-1]
+        qc, kc, vc = qf.reshape(b, h, g, c, f), kf.reshape(b, h, g, c, f), vb.reshape(b, h, g, c, dv)
+        t = pos.reshape(b, 1, g, c)
+        t1 = t.clamp_min(1.0)
+        okc = ok.reshape(b, 1, g, c)
+        if not carry:
+            zf = q.new_zeros(b, h, f)
+            carry = {
+                "k": zf,
+                "q": zf,
+                "kw": zf,
+                "qu": zf,
+                "lse": torch.full((b, h, 1), low, dtype=dt, device=q.device),
+                "S": q.new_zeros(b, h, f, dv),
+            }
+
+        def excl(x: Tensor, start: Tensor) -> Tensor:
+            """Exclusive prefix over the block's chunks plus the carry: x (B, H, g, F)."""
+            return start[:, :, None] + F.pad(x[:, :, :-1].cumsum(2), (0, 0, 1, 0))
+
+        sc = qc @ kc.transpose(-1, -2)  # (B, H, g, c, c)
+        lo = sc.masked_fill(~tri, 0.0)  # j <= i
+        up = sc.masked_fill(~tri.T, 0.0)  # i <= j
+        ks, qs = kc.sum(-2), qc.sum(-2)
+        i_cl = (lo.sum(-1) + _mv(qc, excl(ks, carry["k"]))).clamp_min(eps)
+        o_cl = (up.sum(-2) + _mv(kc, excl(qs, carry["q"]))).clamp_min(eps)
+        w = t / o_cl
+        u = t / i_cl
+        kw = (w.unsqueeze(-2) @ kc).squeeze(-2)  # (B, H, g, F): Σ_chunk k̃ t/O
+        qu = (u.unsqueeze(-2) @ qc).squeeze(-2)
+        i_hat = (_mv(lo, w) + _mv(qc, excl(kw, carry["kw"]))) / t1
+        if competition:
+            o_hat = ((u.unsqueeze(-2) @ up).squeeze(-2) + _mv(kc, excl(qu, carry["qu"]))) / t1
+            if clamp is not None:
+                o_hat = o_hat.clamp(-clamp, clamp)
+            logits = o_hat.masked_fill(~okc, low).reshape(b, h, g * c)
+            lse = torch.logaddexp(carry["lse"], torch.logcumsumexp(logits, -1))
+            comp = (t.reshape(b, 1, g * c) * torch.exp(logits - lse)).masked_fill(~ok.reshape(b, 1, g * c), 0.0)
+            comp = comp.reshape(b, h, g, c)
+            carry["lse"] = lse[..., -1:]
+            cv = vc * comp[..., None]
+        else:
+            cv = vc * okc[..., None].to(dt)
+        num = lo @ cv
+        kvc = kc.transpose(-1, -2) @ cv  # (B, H, g, F, Dv) -> exclusive states
+        state = carry["S"]
+        for i in range(g):
+            tmp = kvc[:, :, i].clone()
+            kvc[:, :, i] = state
+            state = state + tmp
+        carry["S"] = state
+        if inplace:
+            num.view(-1, c, dv).baddbmm_(qc.reshape(-1, c, f), kvc.view(-1, f, dv))
+        else:
+            num = num + qc @ kvc
+        row = (torch.sigmoid(i_hat) if allocation else torch.ones_like(i_hat)) / i_cl
+        res = num.mul_(row[..., None]) if inplace else num * row[..., None]
+        out[:, :, s:e] = res.reshape(b, h, g * c, dv)[:, :, :length]
+        carry["k"] = carry["k"] + ks.sum(2)
+        carry["q"] = carry["q"] + qs.sum(2)
+        carry["kw"] = carry["kw"] + kw.sum(2)
+        carry["qu"] = carry["qu"] + qu.sum(2)
+    return out

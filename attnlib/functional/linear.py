@@ -32,8 +32,10 @@ from torch import Tensor
 from attnlib._validation import check_qkv
 from attnlib.functional._scan import (
     acc_dtype,
+    blocked_attention,
     causal_chunk_max,
     column_mass,
+    grad_free,
     linear_scan,
     pack_result,
     prefix_mask,
@@ -104,6 +106,26 @@ def _causal_zero(a: Tensor, causal: bool) -> Tensor:
     return a.masked_fill(~prefix_mask(a.shape[-1], a.device), 0.0) if causal else a
 
 
+def _finisher(eps_mode: str, eps: float, inplace: bool) -> Callable[[Tensor, Tensor | None, int, int], Tensor]:
+    """Row normalisation of the blocked fast path: num / norm(den) (see :func:`_normalised`)."""
+
+    def finish(num: Tensor, den: Tensor | None, s: int, e: int) -> Tensor:
+        assert den is not None
+        if eps_mode == "add":
+            d = den.add_(eps) if inplace else den + eps
+        elif eps_mode == "clamp":
+            d = den.clamp_min_(eps) if inplace else den.clamp_min(eps)
+        else:  # guard: a zero denominator means a zero numerator (no key with weight)
+            d = torch.where(den != 0, den, torch.ones_like(den))
+        return num.div_(d.unsqueeze(-1)) if inplace else num / d.unsqueeze(-1)
+
+    return finish
+
+
+def _fast(q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, causal: bool, chunk_size: int, **kw: object) -> Tensor:
+    return blocked_attention(q, k, v, causal=causal, chunk_size=chunk_size, key_valid=kp, **kw)  # type: ignore[arg-type]
+
+
 # --------------------------------------------------------------------------------------------
 # Linear Transformer
 # --------------------------------------------------------------------------------------------
@@ -143,6 +165,19 @@ def linear_attention(
     out_dtype = q.dtype
     q, k, v, kp, causal, _ = _prepare(q, k, v, mask, causal, "linear_attention")
     phi = _feature_map(feature_map)
+    if not (explicit or return_weights or return_importance):
+        inplace = grad_free(q, k, v)
+        if feature_map == "elu" and inplace:
+
+            def fmap(x: Tensor, start: int) -> Tensor:
+                return F.elu(x).add_(1.0)
+        else:
+
+            def fmap(x: Tensor, start: int) -> Tensor:
+                return phi(x)
+
+        out = _fast(q, k, v, kp, causal, chunk_size, qmap=fmap, kmap=fmap, finish=_finisher("add", eps, inplace))
+        return out.to(out_dtype)
     qf, kf = phi(q), _mask_keys(phi(k), kp)
     return _normalised(
         qf, kf, v, causal, eps, "add", chunk_size, explicit, return_weights, return_importance, out_dtype
@@ -317,6 +352,29 @@ def performer_attention(
         )
     q, k, v, kp, causal, _dt = _prepare(q, k, v, mask, causal, "performer_attention")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not (explicit or return_weights or return_importance):
+
+        def qmap(x: Tensor, start: int) -> Tensor:
+            a = performer_feature_logits(x, projection, scale)
+            return torch.exp(a - a.amax(-1, keepdim=True).detach())
+
+        def kmap(x: Tensor, start: int) -> Tensor:
+            return performer_feature_logits(x, projection, scale)
+
+        out = _fast(
+            q,
+            k,
+            v,
+            kp,
+            causal,
+            chunk_size,
+            qmap=qmap,
+            kmap=kmap,
+            finish=_finisher("guard", 0.0, grad_free(q, k, v, projection)),
+            key_logits=True,
+            width=projection.shape[0],
+        )
+        return out.to(out_dtype)
     aq = performer_feature_logits(q, projection, scale)
     ak = performer_feature_logits(k, projection, scale)
     qf = torch.exp(aq - aq.amax(-1, keepdim=True).detach())
@@ -360,8 +418,8 @@ def cosformer_features(x: Tensor, length: int, *, offset: int = 0) -> Tensor:
     t = x.shape[-2]
     pos = torch.arange(offset + 1, offset + t + 1, device=x.device, dtype=x.dtype)
     ang = (math.pi / 2) * pos / length
-    r = F.relu(x)
-    return torch.cat([r * ang.sin()[:, None], r * ang.cos()[:, None]], -1)
+    trig = torch.stack([ang.sin(), ang.cos()], -1)[:, :, None]  # (T, 2, 1)
+    return (F.relu(x).unsqueeze(-2) * trig).flatten(-2)
 
 
 def cosformer_attention(
@@ -402,6 +460,25 @@ def cosformer_attention(
     length = max(n, m) if max_len is None else int(max_len)
     if length < max(n, m):
         raise ValueError(f"cosformer_attention: max_len={max_len} is shorter than the sequences (N={n}, M={m})")
+    if not (explicit or return_weights or return_importance):
+
+        def fmap(x: Tensor, start: int) -> Tensor:
+            return cosformer_features(x, length, offset=start)
+
+        inplace = grad_free(q, k, v)
+        out = _fast(
+            q,
+            k,
+            v,
+            kp,
+            causal,
+            chunk_size,
+            qmap=fmap,
+            kmap=fmap,
+            finish=_finisher("clamp", eps, inplace),
+            width=2 * q.shape[-1],
+        )
+        return out.to(out_dtype)
     qf = cosformer_features(q, length)
     kf = _mask_keys(cosformer_features(k, length), kp)
     return _normalised(
@@ -466,9 +543,24 @@ def linear_self_attention(
     out_dtype = q.dtype
     q, k, v, kp, causal, dt = _prepare(q, k, v, mask, causal, "linear_self_attention")
     b, _, n, _ = q.shape
+    cnt = lsa_counts(kp, b, n, k.shape[2], causal, normalize, q.device, dt)
+    if not (explicit or return_weights or return_importance):
+        inplace = grad_free(q, k, v)
+
+        def qmap(x: Tensor, start: int) -> Tensor:
+            return x * scale if scale != 1.0 else x
+
+        def kmap(x: Tensor, start: int) -> Tensor:
+            return x
+
+        def finish(num: Tensor, den: Tensor | None, s: int, e: int) -> Tensor:
+            c = cnt if cnt.shape[2] == 1 else cnt[:, :, s:e]
+            return num.div_(c) if inplace else num / c
+
+        out = _fast(q, k, v, kp, causal, chunk_size, qmap=qmap, kmap=kmap, finish=finish, need_den=False)
+        return out.to(out_dtype)
     qf = q * scale
     kf = _mask_keys(k, kp)
-    cnt = lsa_counts(kp, b, n, k.shape[2], causal, normalize, q.device, dt)
     weights = importance = None
     if explicit or return_weights:
         w = _causal_zero(qf @ kf.transpose(-1, -2), causal) / cnt
