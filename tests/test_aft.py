@@ -71,6 +71,8 @@ def test_aft_full_local_simple_oracles(causal: bool, padded: bool) -> None:
             ref, ref_imp = ref_aft(q, k, v, wdef, causal=causal, kp=kp)
             torch.testing.assert_close(out, ref, rtol=0, atol=ATOL, msg=f"{label} c={c}")
             torch.testing.assert_close(imp, ref_imp, rtol=0, atol=ATOL, msg=f"{label} importance c={c}")
+            fast = fn(causal=causal, mask=kp, chunk_size=c)  # without importance (fast paths)
+            torch.testing.assert_close(fast, ref, rtol=0, atol=ATOL, msg=f"{label} fast c={c}")
 
 
 @pytest.mark.parametrize("causal", [False, True])

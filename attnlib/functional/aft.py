@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlib.errors import UnsupportedError
-from attnlib.functional._scan import acc_dtype, safe_div
+from attnlib.functional._scan import acc_dtype, prefix_sum, safe_div
 
 __all__ = ["aft_conv", "aft_full", "aft_local", "aft_simple"]
 
@@ -156,8 +156,8 @@ def _aft(
             if simple:
                 tot_num, tot_den = ev_all.sum(-2, keepdim=True), e_all.sum(-2, keepdim=True)
             else:
-                pre_num, pre_den = ev_all.cumsum(-2), e_all.cumsum(-2)
-                suf_num, suf_den = ev_all.flip(-2).cumsum(-2).flip(-2), e_all.flip(-2).cumsum(-2).flip(-2)
+                pre_num, pre_den = prefix_sum(ev_all), prefix_sum(e_all)
+                suf_num, suf_den = prefix_sum(ev_all, reverse=True), prefix_sum(e_all, reverse=True)
     else:
         shape_tc = (*lead[:-2], t, ch)
         pre_num_c = torch.zeros(shape_tc, dtype=dt, device=q.device) if not full else None
@@ -254,8 +254,8 @@ def _aft(
             if simple:
                 mass += e_all * u.sum(-2, keepdim=True)
             else:  # rows t >= t' + left + 1 and rows t <= t' - right - 1 see key t' outside their band
-                suf_u = u.flip(-2).cumsum(-2).flip(-2)
-                pre_u = u.cumsum(-2)
+                suf_u = prefix_sum(u, reverse=True)
+                pre_u = prefix_sum(u)
                 mass += e_all * (_rows(suf_u, left + 1, tk) + _rows(pre_u, -right - 1, tk))
         else:  # Σ_{t >= t' + gap} u_t e^{K_t' - m_c(t)}, by a reverse scan over chunks
             gap = 0 if simple else left + 1
@@ -443,6 +443,16 @@ def aft_simple(
     _check(q, k, v, "aft_simple")
     t, tk = q.shape[-2], k.shape[-2]
     _check_causal(causal, t, tk, "aft_simple")
+    if not causal and not return_importance:  # one pooled vector per channel, broadcast over t
+        dt = acc_dtype(q.dtype)
+        valid = _key_valid(mask, k, "aft_simple")
+        kk = k.to(dt)
+        if valid is not None:
+            kk = kk.masked_fill(~valid, float("-inf"))
+        m = kk.amax(-2, keepdim=True).detach()
+        e = torch.exp(kk - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+        pooled = safe_div((e * v.to(dt)).sum(-2, keepdim=True), e.sum(-2, keepdim=True))
+        return (_gate(q.to(dt), query_gate) * pooled).to(q.dtype)
     out, imp = _aft(
         q,
         k,
