@@ -41,14 +41,19 @@ BAR_TIME = {("linear", False): 30, ("flow", False): 30, ("cosformer", False): 30
 BAR_MEMORY = 9.0
 
 
-def make_impl(name: str, n: int, causal: bool):
-    """A zero-argument callable running ``name`` ('sdpa' or a variant) on fresh inputs of length n."""
+def make_inputs(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, H, n, D), standard normal, seeded."""
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(B, H, n, D, generator=g) for _ in range(3))  # type: ignore[return-value]
+
+
+def make_impl(name: str, n: int, causal: bool, qkv: tuple[torch.Tensor, ...] | None = None):
+    """A zero-argument callable running ``name`` ('sdpa' or a variant) on inputs of length n."""
     import attnlib
     from attnlib.masks import normalize_mask
     from attnlib.registry import get_variant
 
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, n, D, generator=g) for _ in range(3))
+    q, k, v = make_inputs(n) if qkv is None else qkv
     if name == "sdpa":
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     kwargs = {"max_len": n} if name in ("aft_local", "aft_full") else {}
@@ -95,7 +100,7 @@ def main() -> None:
     ap.add_argument("--ns", type=int, nargs="*", default=NS)
     ap.add_argument("--variants", nargs="*", default=VARIANTS)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats (3 above N=16384)")
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved repeats (3 above N=16384)")
     ap.add_argument("--sdpa-max-n", type=int, default=65536, help="skip SDPA timing above this N")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--quick", action="store_true", help="N in {1024, 8192, 16384}")
@@ -116,7 +121,8 @@ def main() -> None:
         for n in ns:
             names = (["sdpa"] if n <= args.sdpa_max_n else []) + list(args.variants)
             with torch.no_grad():
-                fns = {nm: make_impl(nm, n, causal) for nm in names}
+                qkv = make_inputs(n)  # shared by every implementation
+                fns = {nm: make_impl(nm, n, causal, qkv) for nm in names}
                 reps = args.repeats if n <= 16384 else 3
                 med = interleaved_medians(fns, repeats=reps, warmup=2 if n <= 16384 else 1)
             for nm in names:
