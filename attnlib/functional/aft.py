@@ -21,8 +21,13 @@ i.e. implicit attention with one head per channel whose maps are never materiali
 Causal forms restrict the sums to t' <= t (N == M). Stabilisation (exact, every shift
 cancels in the ratio): K is shifted per channel by its maximum over the keys in use (causal:
 a running maximum at chunk granularity, with the prefix sums rescaled as it grows), and each
-row of w by ``max(0, max w)`` (or its maximum for AFT-full). Computation is in float32 or
-better. Rows with no (real) key return zeros.
+row of w by ``max(0, max w)`` (or its maximum for AFT-full). For AFT-local/conv the keys
+outside a row's band are summed from prefix and suffix sums, never as "all keys minus the
+band" (that subtraction cancels catastrophically in float32 when band biases are very
+negative). Computation is in float32 or better. Rows with no (real) key return zeros.
+Limitation: K and w are shifted separately (a joint shift would need a (T, T', C) tensor),
+so in float32 a term ``e^{K_t' + w_tt'}`` whose two factors are each below ~e^-87 of their
+maxima is flushed to zero even when their sum is not small (|K|, |w| in the tens and more).
 
 Tensors: q, k, v are (..., T, C) / (..., T', C) with any leading dims, e.g. (B, T, C) or
 (B, H, T, D) (AFT-conv: (B, H, T, D) with w (H, s)). Key padding ``mask`` is (B, T') with B
