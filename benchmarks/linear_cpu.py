@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7, help="interleaved repeats (3 above N=16384)")
     ap.add_argument("--sdpa-max-n", type=int, default=65536, help="skip SDPA timing above this N")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--no-time", action="store_true", help="memory only")
     ap.add_argument("--quick", action="store_true", help="N in {1024, 8192, 16384}")
     ap.add_argument("--out", default="linear_cpu")
     ap.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
@@ -120,11 +121,14 @@ def main() -> None:
     for causal in (False, True):
         for n in ns:
             names = (["sdpa"] if n <= args.sdpa_max_n else []) + list(args.variants)
-            with torch.no_grad():
-                qkv = make_inputs(n)  # shared by every implementation
-                fns = {nm: make_impl(nm, n, causal, qkv) for nm in names}
-                reps = args.repeats if n <= 16384 else 3
-                med = interleaved_medians(fns, repeats=reps, warmup=2 if n <= 16384 else 1)
+            med: dict[str, float | None] = dict.fromkeys(names)
+            if not args.no_time:
+                with torch.no_grad():
+                    qkv = make_inputs(n)  # shared by every implementation
+                    fns = {nm: make_impl(nm, n, causal, qkv) for nm in names}
+                    reps = args.repeats if n <= 16384 else 3
+                    med.update(interleaved_medians(fns, repeats=reps, warmup=2 if n <= 16384 else 1))
+                    del fns, qkv
             for nm in names:
                 rec: dict[str, object] = {"impl": nm, "n": n, "causal": causal, "time_s": med[nm]}
                 if not args.no_memory and (nm != "sdpa" or n <= args.sdpa_max_n):
@@ -132,7 +136,10 @@ def main() -> None:
                 records.append(rec)
             print(
                 f"[{time.time() - t_start:6.0f}s] causal={causal} N={n}: "
-                + ", ".join(f"{nm} {med[nm] * 1e3:.1f} ms" for nm in names),
+                + ", ".join(
+                    f"{nm} {(med[nm] or 0) * 1e3:.1f} ms / {_get(records, nm, n, causal, 'peak_mib') or 0:.0f} MiB"
+                    for nm in names
+                ),
                 flush=True,
             )
     write(records, info, ns, args)
@@ -165,6 +172,8 @@ def write(records, info, ns, args) -> None:
         rows = []
         for n in ns:
             sd = _get(records, "sdpa", n, causal)
+            if sd is None and all(_get(records, nm, n, causal) is None for nm in args.variants):
+                continue
             row: list[object] = [n, f"{sd * 1e3:.1f}" if sd else "-"]
             for nm in args.variants:
                 tv = _get(records, nm, n, causal)

@@ -32,6 +32,7 @@ __all__ = [
     "block_rows",
     "blocked_attention",
     "causal_chunk_max",
+    "chunk_states",
     "column_mass",
     "grad_free",
     "linear_scan",
@@ -302,6 +303,35 @@ def block_rows(b: int, h: int, width: int, chunk: int, n: int) -> int:
     return min(rows, max(chunk, math.ceil(n / chunk) * chunk))
 
 
+def chunk_states(x: Tensor, carry: Tensor, log_decay: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Exclusive running states over the chunks of a block, as one triangular matmul.
+
+    With ``state_i = d_i (state_{i-1} + x_{i-1})`` and ``state_0 = d_0 · carry``:
+    ``state_i = e^{D_i} carry + Σ_{j<i} e^{D_i - D_j} x_j`` for ``D_i = Σ_{l<=i} log d_l``
+    (every exponent <= 0: the decays are <= 1).
+
+    Args:
+        x: (B, H, g, ...) per-chunk contributions; carry: (B, H, ...) state entering chunk 0.
+        log_decay: (B, H, g) ``log d_i`` (<= 0) or None (no decay).
+
+    Returns:
+        (states (B, H, g, ...) entering each chunk, state after the last chunk (B, H, ...)).
+    """
+    b, h, g = x.shape[:3]
+    rest = x.shape[3:]
+    xf = x.reshape(b, h, g, -1)
+    cf = carry.reshape(b, h, 1, -1)
+    lower = torch.ones(g, g, dtype=torch.bool, device=x.device).tril(-1)
+    if log_decay is None:
+        states = lower.to(x.dtype) @ xf + cf
+    else:
+        cum = log_decay.cumsum(-1)
+        rel = (cum[..., :, None] - cum[..., None, :]).masked_fill(~lower, float("-inf"))
+        states = torch.exp(rel) @ xf + torch.exp(cum)[..., None] * cf
+    after = states[:, :, -1] + xf[:, :, -1]
+    return states.reshape(b, h, g, *rest), after.reshape(b, h, *rest)
+
+
 def blocked_attention(
     q: Tensor,
     k: Tensor,
@@ -406,36 +436,25 @@ def blocked_attention(
         if state is None:
             state = q.new_zeros(b, h, f_dim, dv)
             z = q.new_zeros(b, h, f_dim)
-        decay = None
+        log_decay = None
         if key_logits:
             cmax = kc.detach().amax((-1, -2))  # (B, H, g)
             prev = shift if shift is not None else torch.full_like(cmax[..., 0], float("-inf"))
             run = torch.cat([prev[..., None], cmax], -1).cummax(-1).values  # -inf until a real key
             use = torch.where(torch.isfinite(run), run, torch.zeros_like(run))
-            # state rescale entering chunk i (the state is still zero where the old max is -inf)
-            decay = torch.where(
-                torch.isfinite(run[..., :-1]), torch.exp(run[..., :-1] - use[..., 1:]), torch.zeros_like(cmax)
-            )
+            # log of the state rescale entering chunk i (where the old max is -inf the state is still zero)
+            log_decay = torch.where(torch.isfinite(run[..., :-1]), run[..., :-1] - use[..., 1:], torch.zeros_like(cmax))
             shift = run[..., -1]
             kc = torch.exp(kc - use[..., 1:, None, None])
         scores = qc @ kc.transpose(-1, -2)
         scores = scores.masked_fill_(~tri, 0.0) if inplace else scores.masked_fill(~tri, 0.0)
         num = scores @ vc
         den = scores.sum(-1) if need_den else None
-        kvc = kc.transpose(-1, -2) @ vc  # (B, H, g, F, Dv) -> exclusive states, in place
-        ksc = kc.sum(-2) if need_den else None
         assert z is not None
-        for i in range(g):
-            if decay is not None:
-                state = state * decay[:, :, i, None, None]
-                z = z * decay[:, :, i, None]
-            tmp = kvc[:, :, i].clone()
-            kvc[:, :, i] = state
-            state = state + tmp
-            if ksc is not None:
-                tz = ksc[:, :, i].clone()
-                ksc[:, :, i] = z
-                z = z + tz
+        kvc, state = chunk_states(kc.transpose(-1, -2) @ vc, state, log_decay)  # (B, H, g, F, Dv)
+        ksc = None
+        if need_den:
+            ksc, z = chunk_states(kc.sum(-2), z, log_decay)
         if inplace:
             num.view(-1, c, dv).baddbmm_(qc.reshape(-1, c, f_dim), kvc.view(-1, f_dim, dv))
         else:

@@ -50,6 +50,7 @@ from attnlib._validation import check_qkv
 from attnlib.functional._scan import (
     acc_dtype,
     block_rows,
+    chunk_states,
     column_mass,
     grad_free,
     linear_scan,
@@ -452,13 +453,7 @@ def _flow_fast_causal(
         else:
             cv = vc * okc[..., None].to(dt)
         num = lo @ cv
-        kvc = kc.transpose(-1, -2) @ cv  # (B, H, g, F, Dv) -> exclusive states
-        state = carry["S"]
-        for i in range(g):
-            tmp = kvc[:, :, i].clone()
-            kvc[:, :, i] = state
-            state = state + tmp
-        carry["S"] = state
+        kvc, carry["S"] = chunk_states(kc.transpose(-1, -2) @ cv, carry["S"], None)  # (B, H, g, F, Dv)
         if inplace:
             num.view(-1, c, dv).baddbmm_(qc.reshape(-1, c, f), kvc.view(-1, f, dv))
         else:
