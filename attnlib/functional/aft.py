@@ -161,8 +161,10 @@ def _aft(
             if simple:
                 tot_num, tot_den = ev_all.sum(-2, keepdim=True), e_all.sum(-2, keepdim=True)
             else:
-                pre_num, pre_den = prefix_sum(ev_all), prefix_sum(e_all)
-                suf_num, suf_den = prefix_sum(ev_all, reverse=True), prefix_sum(e_all, reverse=True)
+                pre_num, suf_num = prefix_sum(ev_all), prefix_sum(ev_all, reverse=True)
+                del ev_all
+                pre_den, suf_den = prefix_sum(e_all), prefix_sum(e_all, reverse=True)
+                del e_all
     else:
         shape_tc = (*lead[:-2], t, ch)
         pre_num_c = torch.zeros(shape_tc, dtype=dt, device=q.device) if not full else None

@@ -80,7 +80,9 @@ class _AFTCore(KernelCore):
     def __init__(self, *, num_heads: int, head_dim: int, chunk_size: int = 128) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, chunk_size=chunk_size)
 
-    def _call(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _call(
+        self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None, imp: bool
+    ) -> Tensor | tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def attend(
@@ -94,8 +96,11 @@ class _AFTCore(KernelCore):
         need_importance: bool,
         dropout_p: float,
     ) -> CoreOutput:
-        out, imp = self._call(q, k, v, causal=mask.causal, mask=mask.key_padding)
-        return CoreOutput(out, importance=imp.mean(-1) if need_importance else None)
+        res = self._call(q, k, v, causal=mask.causal, mask=mask.key_padding, imp=need_importance)
+        if isinstance(res, Tensor):
+            return CoreOutput(res)
+        out, imp = res
+        return CoreOutput(out, importance=imp.mean(-1))
 
     # -- recurrent step ---------------------------------------------------------------------
 
@@ -217,9 +222,11 @@ class AFTFull(_AFTCore):
         super().__init__(num_heads=num_heads, head_dim=head_dim, chunk_size=chunk_size)
         self.bias = _PositionBias(max_len, factor_dim, init_std)
 
-    def _call(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _call(
+        self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None, imp: bool
+    ) -> Tensor | tuple[Tensor, Tensor]:
         w = self.bias.factors(q.shape[2], k.shape[2], self.name)
-        return aft_full(q, k, v, w, causal=causal, mask=mask, chunk_size=self.chunk_size, return_importance=True)  # type: ignore[return-value]
+        return aft_full(q, k, v, w, causal=causal, mask=mask, chunk_size=self.chunk_size, return_importance=imp)  # type: ignore[return-value]
 
     def _keep(self) -> int | None:
         return None
@@ -258,10 +265,12 @@ class AFTLocal(_AFTCore):
         self.window = positive_int("aft_local: window", window)
         self.bias = _PositionBias(max_len, factor_dim, init_std)
 
-    def _call(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _call(
+        self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None, imp: bool
+    ) -> Tensor | tuple[Tensor, Tensor]:
         w = self.bias.factors(q.shape[2], k.shape[2], self.name)
         return aft_local(  # type: ignore[return-value]
-            q, k, v, w, self.window, causal=causal, mask=mask, chunk_size=self.chunk_size, return_importance=True
+            q, k, v, w, self.window, causal=causal, mask=mask, chunk_size=self.chunk_size, return_importance=imp
         )
 
     def _keep(self) -> int | None:
@@ -291,8 +300,10 @@ class AFTSimple(_AFTCore):
     def __init__(self, *, num_heads: int, head_dim: int, chunk_size: int = 256) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, chunk_size=chunk_size)
 
-    def _call(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        return aft_simple(q, k, v, causal=causal, mask=mask, chunk_size=self.chunk_size, return_importance=True)  # type: ignore[return-value]
+    def _call(
+        self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None, imp: bool
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        return aft_simple(q, k, v, causal=causal, mask=mask, chunk_size=self.chunk_size, return_importance=imp)  # type: ignore[return-value]
 
     def _keep(self) -> int | None:
         return 0
@@ -343,10 +354,12 @@ class AFTConv(_AFTCore):
             w = torch.zeros_like(w)
         return self.gamma[:, None] * w + self.beta[:, None]
 
-    def _call(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _call(
+        self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None, imp: bool
+    ) -> Tensor | tuple[Tensor, Tensor]:
         kk = k.mean(-1, keepdim=True) if self.key_per_head else k
         return aft_conv(  # type: ignore[return-value]
-            q, kk, v, self.filter(), causal=causal, mask=mask, chunk_size=self.chunk_size, return_importance=True
+            q, kk, v, self.filter(), causal=causal, mask=mask, chunk_size=self.chunk_size, return_importance=imp
         )
 
     def _keep(self) -> int | None:
