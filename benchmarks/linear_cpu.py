@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -116,6 +117,7 @@ def main() -> None:
     ns = [1024, 8192, 16384] if args.quick else args.ns
     info = machine_info()
     info.update({"B": B, "H": H, "D": D, "dtype": "float32", "threads": args.threads})
+    info["loadavg_start"] = "/".join(f"{x:.1f}" for x in os.getloadavg())
     records: list[dict[str, object]] = []
     t_start = time.time()
     for causal in (False, True):
@@ -142,6 +144,7 @@ def main() -> None:
                 ),
                 flush=True,
             )
+    info["loadavg_end"] = "/".join(f"{x:.1f}" for x in os.getloadavg())
     write(records, info, ns, args)
 
 
@@ -163,7 +166,9 @@ def write(records, info, ns, args) -> None:
         "",
         "Machine: " + ", ".join(f"{k}={v}" for k, v in info.items()),
         "",
-        "**Measured on a shared, busy machine (other jobs running); quote ratios, and rerun on a quiet one.**",
+        "**Measured on a shared, busy machine (other jobs running; see the load averages above, 2 cores):"
+        " quote ratios, and rerun on a quiet one. Under oversubscription the blocked linear-family paths"
+        " (many short parallel regions) slow down far more than SDPA's single fused kernel.**",
         "",
     ]
     for causal in (False, True):
