@@ -172,8 +172,6 @@ def write(records, info, ns, args) -> None:
         "",
     ]
     for causal in (False, True):
-        lines.append(f"## {'Causal' if causal else 'Non-causal'}: time (ms) and speed-up vs SDPA")
-        lines.append("")
         rows = []
         for n in ns:
             sd = _get(records, "sdpa", n, causal)
@@ -184,7 +182,9 @@ def write(records, info, ns, args) -> None:
                 tv = _get(records, nm, n, causal)
                 row.append("-" if tv is None else f"{tv * 1e3:.1f}" + (f" ({sd / tv:.1f}x)" if sd else ""))
             rows.append(row)
-        lines += [markdown_table(["N", "sdpa", *args.variants], rows), ""]
+        if rows:
+            lines.append(f"## {'Causal' if causal else 'Non-causal'}: time (ms) and speed-up vs SDPA")
+            lines += ["", markdown_table(["N", "sdpa", *args.variants], rows), ""]
         if not args.no_memory:
             lines.append(f"## {'Causal' if causal else 'Non-causal'}: peak memory (MiB)")
             lines.append("")
