@@ -16,3 +16,15 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["one_block", "many_blocks"])
+def block_size(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the default block size of the linear family's fast path, and with blocks
+    of one chunk (so running states are carried across many blocks). Use with
+    ``pytestmark = pytest.mark.usefixtures("block_size")`` or per test."""
+    if request.param == "many_blocks":
+        from attnlib.functional import _scan
+
+        monkeypatch.setattr(_scan, "BLOCK_ELEMENTS", 1)
+    return request.param

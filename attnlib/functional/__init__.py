@@ -1,10 +1,20 @@
 """Pure tensor functions (no parameters): the math of every variant, plus float64 references.
 
 Tensors are (B, H, N, D) for queries and (B, H_kv, M, D) for keys/values unless a function
-says otherwise. Masks follow :mod:`attnlib.masks` (True = may attend).
+says otherwise (the AFT functions work per channel on (..., T, C)). Masks follow
+:mod:`attnlib.masks` (True = may attend).
 """
 
+from attnlib.functional.aft import aft_conv, aft_full, aft_local, aft_simple
+from attnlib.functional.ecoformer import (
+    binarize,
+    ecoformer_attention,
+    hash_kernel_features,
+    kernelized_hash,
+    learn_ksh_hash,
+)
 from attnlib.functional.entmax import entmax15, entmax_attention, entmax_bisect, sparsemax
+from attnlib.functional.flow import flow_attention
 from attnlib.functional.kernelized import (
     draw_random_features,
     fourier_mixing,
@@ -13,6 +23,13 @@ from attnlib.functional.kernelized import (
     positive_random_features,
     toeplitz_matmul,
     toeplitz_matrix,
+)
+from attnlib.functional.linear import (
+    cosformer_attention,
+    linear_attention,
+    linear_self_attention,
+    performer_attention,
+    performer_projection,
 )
 from attnlib.functional.local import local_attention, local_importance
 from attnlib.functional.sinkhorn import sinkhorn_attention
@@ -24,15 +41,30 @@ from attnlib.functional.softmax import (
 )
 
 __all__ = [
+    "aft_conv",
+    "aft_full",
+    "aft_local",
+    "aft_simple",
+    "binarize",
+    "cosformer_attention",
     "draw_random_features",
+    "ecoformer_attention",
     "entmax15",
     "entmax_attention",
     "entmax_bisect",
+    "flow_attention",
     "fourier_mixing",
+    "hash_kernel_features",
+    "kernelized_hash",
     "kernelized_rpe_attention",
     "kernelized_rpe_reference",
+    "learn_ksh_hash",
+    "linear_attention",
+    "linear_self_attention",
     "local_attention",
     "local_importance",
+    "performer_attention",
+    "performer_projection",
     "positive_random_features",
     "reference_attention",
     "repeat_kv",

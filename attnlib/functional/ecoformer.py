@@ -1,0 +1,394 @@
+"""EcoFormer (Liu et al., "EcoFormer: Energy-Saving Attention with Linear Complexity", NeurIPS 2022).
+
+Queries and keys are hashed to b-bit codes ``h ∈ {-1, +1}^b`` by kernelised hash functions
+(KSH, Liu et al. CVPR 2012): with ``x̂ = x / |x|``, m anchors ``a_l`` and bandwidth σ::
+
+    d_il = |x̂_i - a_l|^2,   κ_il = exp(-d_il / (2σ)) - μ_l,   y_i = A κ_i,   h_i = sign(y_i)
+
+(``sign(0) = +1``; backward: straight-through, gradient passed where |y| < 1). σ is the mean
+of d over the sample's tokens (recomputed every call, as in the official code; causal: the
+mean over the tokens up to i, so no future token changes a code). Since
+``h_i·h_j = b - 2·Hamming(h_i, h_j)``, the Hamming affinity ``s_ij = b - D_H = (b + h_i·h_j)/2``
+is a dot product of the features ``[h_i, 1]`` and ``[h_j/2, b/2]``, giving attention in linear
+time with (for ±1 codes) additions only:
+
+* ``bias_mode="consistent"`` (default): ``out_i = Σ_j s_ij v_j / Σ_j s_ij`` - weights >= 0 that
+  sum to 1.
+* ``bias_mode="faithful"`` (released code, ``linear_attention_bias``; self-attention only):
+  ``out_i = [h_i^T Σ_j h_j v_j^T + c·v_i] / [h_i·Σ_j h_j + c·n]`` with ``c = b + 1`` and n the
+  number of keys: its implied weights ``(h_i·h_j + c δ_ij) / Z_i`` neither sum to 1 nor stay
+  >= 0. Needed to load released checkpoints.
+
+The hash functions are learned once from the layer's own attention structure
+(:func:`learn_ksh_hash`): the top-k most / least similar (query, key) pairs by cosine similarity
+are the positives / negatives, and the rows of A are fitted greedily bit by bit (the official
+code's ``train_hashing_weight_woeig``: tanh relaxation, SGD with Nesterov momentum, a bit kept
+only if its binarised loss improved, residual update ``R <- R - y_q y_k^T``). This step is
+O(N^2) in memory; it runs once, on at most ``max_tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlib._validation import check_qkv
+from attnlib.errors import UnsupportedError
+from attnlib.functional._scan import (
+    acc_dtype,
+    column_mass,
+    linear_scan,
+    pack_result,
+    prefix_mask,
+    safe_div,
+    split_mask,
+)
+from attnlib.functional.softmax import repeat_kv
+from attnlib.masks import MaskLike
+
+__all__ = [
+    "anchor_distances",
+    "binarize",
+    "ecoformer_attention",
+    "hash_from_distances",
+    "hash_kernel_features",
+    "kernelized_hash",
+    "learn_ksh_hash",
+]
+
+Result = Tensor | tuple[Tensor, ...]
+BiasMode = Literal["consistent", "faithful"]
+
+
+class _SignSTE(torch.autograd.Function):
+    """sign with sign(0) = +1; straight-through gradient where |y| < 1 (hardtanh STE)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(y)
+        return torch.where(y >= 0, torch.ones_like(y), -torch.ones_like(y))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (y,) = ctx.saved_tensors
+        return grad * (y.abs() < 1).to(grad.dtype)
+
+
+def binarize(y: Tensor) -> Tensor:
+    """Codes in {-1, +1} (``y >= 0`` -> +1) with the straight-through gradient of |y| < 1."""
+    return _SignSTE.apply(y)
+
+
+def _bandwidth(dbar: Tensor, valid: Tensor | None, causal: bool) -> Tensor:
+    """dbar (B, H, N) per-token mean distance -> σ (B, H, N|1, 1): sample mean or prefix mean."""
+    w = torch.ones_like(dbar) if valid is None else valid[:, None, :].to(dbar.dtype).expand_as(dbar)
+    if causal:
+        sig = (dbar * w).cumsum(-1) / w.cumsum(-1).clamp_min(1.0)
+    else:
+        sig = (dbar * w).sum(-1, keepdim=True) / w.sum(-1, keepdim=True).clamp_min(1.0)
+    sig = torch.where(sig > 0, sig, torch.ones_like(sig))
+    return sig[..., None]
+
+
+def anchor_distances(x: Tensor, anchors: Tensor) -> Tensor:
+    """Squared distances ``|x̂_i - a_l|^2`` of the normalised tokens to the anchors.
+
+    x (B, H, N, D), anchors (H, m, D) -> (B, H, N, m) in float32 or better.
+    """
+    dt = acc_dtype(x.dtype)
+    xh = F.normalize(x.to(dt), dim=-1, eps=1e-12)
+    a = anchors.to(dt)
+    sq = xh.square().sum(-1, keepdim=True) + a.square().sum(-1)[None, :, None, :]
+    return (sq - 2 * xh @ a.transpose(-1, -2)).clamp_min(0.0)
+
+
+def hash_kernel_features(
+    x: Tensor,
+    anchors: Tensor,
+    center: Tensor | None = None,
+    *,
+    causal: bool = False,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """Centred Gaussian-kernel features ``κ_il = exp(-|x̂_i - a_l|^2 / (2σ)) - μ_l``.
+
+    Args:
+        x: (B, H, N, D); anchors: (H, m, D) (unit vectors); center μ: (H, m) or None (no centring).
+        causal: σ is the mean distance over tokens <= i (else over the whole sample).
+        valid: (B, N) bool of real tokens (excluded from σ) or None.
+
+    Returns:
+        (B, H, N, m) in float32 or better.
+    """
+    d = anchor_distances(x, anchors)
+    return _kernel(d, _bandwidth(d.mean(-1), valid, causal), center)
+
+
+def _kernel(d: Tensor, sigma: Tensor, center: Tensor | None) -> Tensor:
+    kf = torch.exp(-d / (2 * sigma))
+    return kf if center is None else kf - center.to(kf.dtype)[None, :, None, :]
+
+
+def hash_from_distances(d: Tensor, sigma: Tensor, center: Tensor | None, projection: Tensor) -> Tensor:
+    """Codes from anchor distances d (B, H, N, m) and a given bandwidth σ (broadcastable to d)."""
+    kf = _kernel(d, sigma, center)
+    return binarize(torch.einsum("bhnm,hrm->bhnr", kf, projection.to(kf.dtype)))
+
+
+def kernelized_hash(
+    x: Tensor,
+    anchors: Tensor,
+    projection: Tensor,
+    center: Tensor | None = None,
+    *,
+    causal: bool = False,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """b-bit codes ``sign(A κ(x))`` in {-1, +1}: x (B, H, N, D), anchors (H, m, D), projection A (H, b, m).
+
+    Returns (B, H, N, b) codes in float32 or better (straight-through gradient).
+    """
+    d = anchor_distances(x, anchors)
+    return hash_from_distances(d, _bandwidth(d.mean(-1), valid, causal), center, projection)
+
+
+def ecoformer_attention(
+    q_codes: Tensor,
+    k_codes: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    bias_mode: BiasMode = "consistent",
+    mask: MaskLike | list[MaskLike] = None,
+    chunk_size: int = 64,
+    explicit: bool = False,
+    return_weights: bool = False,
+    return_importance: bool = False,
+) -> Result:
+    """Hamming-affinity attention on binary codes (see the module docstring for both bias modes).
+
+    Args:
+        q_codes: (B, H, N, b) in {-1, +1}; k_codes: (B, H_kv, M, b); v: (B, H_kv, M, Dv).
+        causal: prefix sums (N == M), chunked parallel form.
+        bias_mode: "consistent" (rows sum to 1, weights >= 0) or "faithful" (official code; needs N == M).
+        mask: key padding (B, M). Padded keys leave every sum and the count n.
+        chunk_size, explicit, return_weights, return_importance: as in :mod:`attnlib.functional.linear`.
+
+    Returns:
+        (B, H, N, Dv) in v's dtype, or ``(out, weights?, importance?)``.
+    """
+    if bias_mode not in ("consistent", "faithful"):
+        raise ValueError(f"bias_mode must be 'consistent' or 'faithful', got {bias_mode!r}")
+    out_dtype = v.dtype
+    dt = acc_dtype(v.dtype)
+    q_codes, k_codes, v = q_codes.to(dt), k_codes.to(dt), v.to(dt)
+    check_qkv(q_codes, k_codes, v, where="ecoformer_attention")
+    kp, causal = split_mask(q_codes, k_codes, mask, causal, where="ecoformer_attention")
+    g = q_codes.shape[1] // k_codes.shape[1]
+    k_codes, v = repeat_kv(k_codes, g), repeat_kv(v, g)
+    b, _, n, nbits = q_codes.shape
+    m = k_codes.shape[2]
+    kvalid = None if kp is None else kp[:, None, :, None].to(dt)
+    weights = importance = None
+    if bias_mode == "consistent":
+        ones = torch.ones_like(q_codes[..., :1])
+        qf = torch.cat([q_codes, ones], -1)
+        kf = torch.cat([k_codes * 0.5, torch.full_like(k_codes[..., :1], nbits / 2)], -1)
+        if kvalid is not None:
+            kf = kf * kvalid
+        if explicit or return_weights:
+            a = qf @ kf.transpose(-1, -2)
+            if causal:
+                a = a.masked_fill(~prefix_mask(n, a.device), 0.0)
+            w = safe_div(a, a.sum(-1, keepdim=True))
+            out, weights = w @ v, w
+            importance = w.mean(-2) if return_importance else None
+        else:
+            num, den = linear_scan(qf, kf, v, causal=causal, chunk_size=chunk_size)
+            assert den is not None
+            out = safe_div(num, den[..., None])
+            if return_importance:
+                importance = column_mass(safe_div(qf, den[..., None]), kf, causal=causal) / n
+    else:
+        if n != m:
+            raise UnsupportedError(
+                f"ecoformer_attention bias_mode='faithful' adds each query's own value (self-attention), "
+                f"so it needs N == M, got N={n}, M={m}"
+            )
+        c = float(nbits + 1)
+        kf = k_codes if kvalid is None else k_codes * kvalid
+        diag = torch.ones(b, 1, n, 1, dtype=dt, device=v.device) if kvalid is None else kvalid
+        cnt_src = diag[:, :, :, 0]
+        cnt = (cnt_src.cumsum(-1) if causal else cnt_src.sum(-1, keepdim=True).expand(b, 1, n))[..., None]
+        if explicit or return_weights:
+            a = q_codes @ kf.transpose(-1, -2)
+            if causal:
+                a = a.masked_fill(~prefix_mask(n, a.device), 0.0)
+            den = a.sum(-1, keepdim=True) + c * cnt
+            a = a + c * torch.diag_embed(diag[..., 0])
+            w = safe_div(a, den)
+            out, weights = w @ v, w
+            importance = w.mean(-2) if return_importance else None
+        else:
+            num, den = linear_scan(q_codes, kf, v, causal=causal, chunk_size=chunk_size)
+            assert den is not None
+            den = den[..., None] + c * cnt
+            num = num + c * diag * v
+            out = safe_div(num, den)
+            if return_importance:
+                importance = column_mass(safe_div(q_codes, den), kf, causal=causal) / n
+                importance = importance + c * safe_div(diag, den)[..., 0] / n
+    out = out.to(out_dtype)
+    weights = weights.to(out_dtype) if weights is not None else None
+    importance = importance.to(out_dtype) if importance is not None else None
+    return pack_result(out, weights, importance, return_weights=return_weights, return_importance=return_importance)
+
+
+def _sample_rows(n: int, k: int, generator: torch.Generator | None, valid: Tensor | None) -> Tensor:
+    """k indices among the valid rows of one sample (with replacement when there are fewer)."""
+    idx = torch.arange(n) if valid is None else torch.nonzero(valid.cpu(), as_tuple=True)[0]
+    if idx.numel() == 0:
+        idx = torch.arange(n)
+    if idx.numel() >= k:
+        return idx[torch.randperm(idx.numel(), generator=generator)[:k]]
+    return idx[torch.randint(idx.numel(), (k,), generator=generator)]
+
+
+def _supervision(q: Tensor, k: Tensor, allowed: Tensor | None, topk: int) -> Tensor:
+    """S0 (B, H, N, M): +1 on each row's top-k cosine similarities, -1 on its bottom-k, 0 elsewhere."""
+    sim = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
+    m = sim.shape[-1]
+    kk = max(1, min(topk, m // 2))
+    s0 = torch.zeros_like(sim)
+    hi = sim if allowed is None else sim.masked_fill(~allowed, float("-inf"))
+    lo = sim if allowed is None else sim.masked_fill(~allowed, float("inf"))
+    vals, idx = (-lo).topk(kk, -1)
+    s0.scatter_(-1, idx, torch.where(torch.isfinite(vals), -1.0, 0.0).to(s0.dtype))
+    vals, idx = hi.topk(kk, -1)
+    s0.scatter_(-1, idx, torch.where(torch.isfinite(vals), 1.0, 0.0).to(s0.dtype))
+    if allowed is not None:
+        s0 = s0 * allowed
+    return s0
+
+
+def learn_ksh_hash(
+    q: Tensor,
+    k: Tensor,
+    projection: Tensor,
+    *,
+    num_anchors: int,
+    topk: int = 10,
+    lr: float = 5e-4,
+    momentum: float = 0.9,
+    iters: int = 100,
+    causal: bool = False,
+    key_padding: Tensor | None = None,
+    max_tokens: int | None = 2048,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """Learn EcoFormer's kernelised hash functions from one batch (greedy bitwise KSH).
+
+    Args:
+        q: (B, H, N, D), k: (B, H, M, D) (detached inside).
+        projection: (H, b, m) initial A (e.g. N(0, 1)); a learned copy is returned.
+        num_anchors: m; anchors are m random (real) key tokens of the first sample, normalised.
+        topk: positives / negatives per query row.
+        lr, momentum, iters: Nesterov SGD on each bit (official: 5e-4, 0.9, 100).
+        causal: the supervision only uses pairs j <= i (and σ is the prefix mean).
+        key_padding: (B, M) bool of real keys (also used as query padding when N == M).
+        max_tokens: learn on at most this many tokens (a random ordered subset; None = all);
+            the supervision matrix is (B, H, N, M).
+        generator: CPU generator for anchors and subsampling.
+
+    Returns:
+        dict: anchors (H, m, D), center (H, m), projection (H, b, m), loss_before (H, b) and
+        loss_after (H, b) - the binarised loss of each bit at its initial and accepted value.
+    """
+    with torch.no_grad():
+        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q, k = q.detach().to(dt), k.detach().to(dt)
+        b, h, n, _ = q.shape
+        m = k.shape[2]
+        kp = key_padding
+        qp = key_padding if (key_padding is not None and n == m) else None
+        if max_tokens is not None and max(n, m) > max_tokens:
+            if n == m:
+                sel = torch.randperm(n, generator=generator)[:max_tokens].sort().values.to(q.device)
+                q, k = q[:, :, sel], k[:, :, sel]
+                kp = kp[:, sel] if kp is not None else None
+                qp = qp[:, sel] if qp is not None else None
+            else:
+                sq = torch.randperm(n, generator=generator)[: min(n, max_tokens)].sort().values.to(q.device)
+                sk = torch.randperm(m, generator=generator)[: min(m, max_tokens)].sort().values.to(q.device)
+                q, k = q[:, :, sq], k[:, :, sk]
+                kp = kp[:, sk] if kp is not None else None
+            n, m = q.shape[2], k.shape[2]
+        rows = _sample_rows(m, num_anchors, generator, None if kp is None else kp[0])
+        anchors = F.normalize(k[0][:, rows.to(k.device)], dim=-1)  # (H, m_anchors, D)
+        kq = hash_kernel_features(q, anchors, None, causal=causal, valid=qp)
+        kk = hash_kernel_features(k, anchors, None, causal=causal, valid=kp)
+        wq = torch.ones(b, n, dtype=dt, device=q.device) if qp is None else qp.to(dt)
+        wk = torch.ones(b, m, dtype=dt, device=q.device) if kp is None else kp.to(dt)
+        tot = (kq * wq[:, None, :, None]).sum((0, 2)) + (kk * wk[:, None, :, None]).sum((0, 2))
+        center = tot / (wq.sum() + wk.sum()).clamp_min(1.0)  # (H, m)
+        kq = (kq - center[None, :, None, :]) * wq[:, None, :, None]
+        kk = (kk - center[None, :, None, :]) * wk[:, None, :, None]
+        allowed = None
+        if causal or kp is not None or qp is not None:
+            allowed = torch.ones(b, 1, n, m, dtype=torch.bool, device=q.device)
+            if causal:
+                allowed = allowed & prefix_mask(n, q.device)
+            if kp is not None:
+                allowed = allowed & kp[:, None, None, :]
+            if qp is not None:
+                allowed = allowed & qp[:, None, :, None]
+        nbits = projection.shape[1]
+        resid = nbits * _supervision(q, k, allowed, topk)
+        proj = projection.detach().to(dt).clone()
+        before = torch.zeros(h, nbits, dtype=dt)
+        after = torch.zeros(h, nbits, dtype=dt)
+        scale = 1.0 / (n * nbits)
+
+        def loss(a: Tensor, binary: bool) -> Tensor:
+            yq = torch.einsum("bhnm,hm->bhn", kq, a)
+            yk = torch.einsum("bhnm,hm->bhn", kk, a)
+            if binary:
+                yq = torch.where(yq >= 0, 1.0, -1.0).to(dt)
+                yk = torch.where(yk >= 0, 1.0, -1.0).to(dt)
+            else:
+                yq, yk = torch.tanh(yq / 2), torch.tanh(yk / 2)  # = 2 sigmoid(y) - 1
+            return -(yq[..., :, None] * resid * yk[..., None, :]).sum((0, 2, 3)) * scale  # (H,)
+
+        for r in range(nbits):
+            a0 = proj[:, r].clone()
+            l0 = loss(a0, True)
+            a = a0.clone().requires_grad_(True)
+            opt = torch.optim.SGD([a], lr=lr, momentum=momentum, nesterov=True)
+            with torch.enable_grad():
+                for _ in range(iters):
+                    opt.zero_grad()
+                    loss(a, False).sum().backward()
+                    opt.step()
+            a1 = a.detach()
+            l1 = loss(a1, True)
+            if not torch.isfinite(a1).all():
+                a1, l1 = a0, l0
+            keep = (l1 < l0)[:, None]
+            best = torch.where(keep, a1, a0)
+            proj[:, r] = best
+            before[:, r] = l0.cpu()
+            after[:, r] = torch.minimum(l0, l1).cpu()
+            yq = torch.where(torch.einsum("bhnm,hm->bhn", kq, best) >= 0, 1.0, -1.0).to(dt)
+            yk = torch.where(torch.einsum("bhnm,hm->bhn", kk, best) >= 0, 1.0, -1.0).to(dt)
+            outer = yq[..., :, None] * yk[..., None, :]
+            resid = resid - (outer if allowed is None else outer * allowed)
+        return {
+            "anchors": anchors,
+            "center": center,
+            "projection": proj,
+            "loss_before": before,
+            "loss_after": after,
+        }
