@@ -30,19 +30,19 @@ _TOK = {t: i for i, t in enumerate(VOCAB)}
 _VALUE_P = 0.25
 
 
-class _TooLong(Exception):
+class _TooLongError(Exception):
     pass
 
 
 def _tree(rng: random.Random, depth: int, max_depth: int, max_args: int, budget: list[int]) -> tuple[list[str], int]:
-    """(tokens, value) of a random subtree; raises _TooLong once the tree exceeds the token budget.
+    """(tokens, value) of a random subtree; raises _TooLongError once the tree exceeds the token budget.
 
     Abandoning a tree that is already too long does not change the distribution of the trees
     that are kept (they never reach the budget).
     """
     budget[0] -= 1
     if budget[0] < 0:
-        raise _TooLong
+        raise _TooLongError
     if depth >= max_depth or rng.random() > _VALUE_P:
         v = rng.randrange(10)
         return [str(v)], v
@@ -56,7 +56,7 @@ def _tree(rng: random.Random, depth: int, max_depth: int, max_args: int, budget:
     op = rng.choice(OPS)
     budget[0] -= 1  # the closing bracket
     if budget[0] < 0:
-        raise _TooLong
+        raise _TooLongError
     return [op, *toks, "]"], _apply(op, vals)
 
 
@@ -112,7 +112,7 @@ def generate_listops(
             )
         try:
             toks, v = _tree(rng, 1, max_depth, max_args, [max_length - 1])
-        except _TooLong:
+        except _TooLongError:
             continue
         if min_length < len(toks) < max_length and tuple(toks) not in seen:
             seen.add(tuple(toks))
