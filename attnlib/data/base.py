@@ -131,13 +131,20 @@ class DataModule:
         return {"epoch": p // self.num_train(), "offset": p % self.num_train(), "samples_seen": p}
 
     def train_batch(self, step: int, *, rank: int = 0, world: int = 1) -> Batch:
-        """This rank's share of the global training batch of ``step``."""
+        """This rank's share of the global training batch of ``step``.
+
+        The global batch (examples and augmentation) depends on ``(seed, step)`` only; rank r
+        of ``world`` gets rows ``r * B / world .. (r + 1) * B / world`` of it, so DDP training
+        sees the same data as a single process.
+        """
         self.ensure_setup()
         if self.batch_size % world:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by the number of processes ({world})")
-        idx = self.train_indices(step)
-        idx = idx[rank * (self.batch_size // world) : (rank + 1) * (self.batch_size // world)]
-        return self.collate(idx, seeded_generator(self.seed, 2, step, rank))
+        batch = self.collate(self.train_indices(step), seeded_generator(self.seed, 2, step))
+        if world == 1:
+            return batch
+        per = self.batch_size // world
+        return {k: v[rank * per : (rank + 1) * per] for k, v in batch.items()}
 
     def eval_batches(self, split: str, *, rank: int = 0, world: int = 1, limit: int | None = None) -> Iterator[Batch]:
         """Batches of ``split`` for this rank (rank r gets batches r, r + world, ...)."""

@@ -128,8 +128,8 @@ class DecoderLM(nn.Module):
         """Empty decoding caches for ``batch`` sequences (see :meth:`attnlib.Attention.init_cache`)."""
         return DecoderCache([blk.attn.init_cache(batch, mode=mode) for blk in self.blocks])
 
-    def forward(self, tokens: Tensor, mask: Tensor | None = None, cache: DecoderCache | None = None) -> Tensor:
-        """tokens (B, N) long -> logits (B, N, V); see the class docstring for mask and cache."""
+    def features(self, tokens: Tensor, mask: Tensor | None = None, cache: DecoderCache | None = None) -> Tensor:
+        """tokens (B, N) long -> final-norm hidden states (B, N, dim)."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"tokens must be a (B, N) integer tensor, got {tokens.dtype} {tuple(tokens.shape)}")
         start = 0 if cache is None else cache.length
@@ -142,7 +142,25 @@ class DecoderLM(nn.Module):
         x = self.drop(x)
         for i, blk in enumerate(self.blocks):
             x = blk(x, mask=mask, cache=None if cache is None else cache.layers[i])
-        return self.head(self.norm(x))
+        return self.norm(x)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        mask: Tensor | None = None,
+        cache: DecoderCache | None = None,
+        *,
+        select: Tensor | None = None,
+    ) -> Tensor:
+        """tokens (B, N) long -> logits (B, N, V); see the class docstring for mask and cache.
+
+        ``select`` (B, N) bool returns only the logits of the selected positions, (K, V) -
+        cheaper when few positions carry a target (e.g. associative recall).
+        """
+        h = self.features(tokens, mask, cache)
+        if select is not None:
+            h = h[select]
+        return self.head(h)
 
     @torch.no_grad()
     def generate(
