@@ -247,7 +247,7 @@ def _train(
             sched.step()
             step += 1
             train_seconds += time.perf_counter() - t0
-            run_loss += float(loss)
+            run_loss += float(loss.detach())
             run_items += items
             run_n += 1
             if bar is not None:
@@ -263,7 +263,10 @@ def _train(
                     logger.log(step, "train", stats)
                 if bar is not None:
                     bar.set_postfix(
-                        loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", ips=f"{stats['items_per_s']:.0f}"
+                        loss=f"{stats['loss']:.4f}",
+                        lr=f"{stats['lr']:.2e}",
+                        ips=f"{stats['items_per_s']:.0f}",
+                        refresh=False,
                     )
                 run_loss, run_items, run_n, t_log = 0.0, 0, 0, time.perf_counter()
             if t["eval_every"] and step % int(t["eval_every"]) == 0 and step < total:
