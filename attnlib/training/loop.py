@@ -181,6 +181,7 @@ def _train(
 
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     start, train_seconds = 0, 0.0
+    run_loss, run_items, run_n = 0.0, 0, 0  # running sums since the last train log line
     resume_from = _resume_path(cfg.get("resume", False), run_dir)
     if resume_from is not None:
         if resume_from.exists():
@@ -191,6 +192,7 @@ def _train(
             sched.load_state_dict(ck["scheduler"])
             scaler.load_state_dict(ck["scaler"])
             start, train_seconds = int(ck["step"]), float(ck["train_seconds"])
+            run_loss, run_items, run_n = ck["log_state"]
             states = ck["rng"]
             if len(states) == info.world:
                 restore_rng(states[info.rank])
@@ -221,7 +223,7 @@ def _train(
         bar = tqdm(total=total, initial=start, desc=f"{cfg.model.name}/{variant}", dynamic_ncols=True, mininterval=1.0)
 
     last_good = start if resume_from is not None and resume_from.exists() else None
-    run_loss, run_items, run_n, t_log = 0.0, 0, 0, time.perf_counter()
+    t_log = time.perf_counter()
     step = start
     model.train()
     try:
@@ -277,7 +279,8 @@ def _train(
                     (bar.write if bar is not None else print)(f"step {step}: val {msg}")
                 t_log = time.perf_counter()
             if (t["checkpoint_every"] and step % int(t["checkpoint_every"]) == 0) or step == total:
-                _save(ckpt_path, model, opt, sched, scaler, step, train_seconds, cfg, info, data)
+                _save(ckpt_path, model, opt, sched, scaler, step, train_seconds, cfg, info, data,
+                      (run_loss, run_items, run_n))  # fmt: skip
                 last_good = step
                 t_log = time.perf_counter()
     finally:
@@ -343,6 +346,7 @@ def _save(
     cfg: DictConfig,
     info: DistInfo,
     data: Any,
+    log_state: tuple[float, int, int],
 ) -> None:
     rng = capture_rng()
     states = [rng]
@@ -362,6 +366,7 @@ def _save(
                 "data_position": data.position(step),
                 "config": _plain(cfg),
                 "world_size": info.world,
+                "log_state": log_state,
             },
             path,
         )
