@@ -109,8 +109,12 @@ def test_chars_split_by_path_hash(tmp_path) -> None:
         assert sum(f"# module {i}\n" in t for t in text.values()) == 1  # each file in exactly one split
     b = d.train_batch(5)
     assert b["tokens"].shape == (4, 17) and b["tokens"].max() < 256
-    assert torch.equal(b["tokens"], CharsData(root=str(root), seq_len=16, batch_size=4, val_fraction=0.2,
-                                               test_fraction=0.2, cache_dir=str(tmp_path / "c")).train_batch(5)["tokens"])  # fmt: skip
+    assert torch.equal(
+        b["tokens"],
+        CharsData(
+            root=str(root), seq_len=16, batch_size=4, val_fraction=0.2, test_fraction=0.2, cache_dir=str(tmp_path / "c")
+        ).train_batch(5)["tokens"],
+    )
     ev = next(d.eval_batches("val"))["tokens"]
     assert torch.equal(ev[0, -1], ev[1, 0])  # consecutive windows share their boundary byte
     with pytest.raises(FileNotFoundError, match="no files matching"):

@@ -206,8 +206,18 @@ CAUSAL_VARIANTS = [n for n in attnlib.available() if attnlib.variant_info(n).cau
 
 def _decode_equals_full(variant: str, kwargs: dict | None = None, *, gqa: int | None = None) -> str:
     torch.manual_seed(0)
-    lm = DecoderLM(attention={"variant": variant, **(kwargs or {})}, vocab_size=37, dim=16, depth=2, num_heads=2,
-                   num_kv_heads=gqa).double().eval()  # fmt: skip
+    lm = (
+        DecoderLM(
+            attention={"variant": variant, **(kwargs or {})},
+            vocab_size=37,
+            dim=16,
+            depth=2,
+            num_heads=2,
+            num_kv_heads=gqa,
+        )
+        .double()
+        .eval()
+    )
     x = torch.randint(0, 37, (2, 13))
     with torch.no_grad():
         full = lm(x)
@@ -240,8 +250,11 @@ def test_incremental_decoding_equals_full_forward(variant: str) -> None:
 @pytest.mark.parametrize("mode", ["kv", "recompute"])
 def test_softmax_decoding_modes_and_gqa(mode: str) -> None:
     torch.manual_seed(0)
-    lm = DecoderLM(attention={"variant": "softmax"}, vocab_size=37, dim=32, depth=2, num_heads=4,
-                   num_kv_heads=2).double().eval()  # fmt: skip
+    lm = (
+        DecoderLM(attention={"variant": "softmax"}, vocab_size=37, dim=32, depth=2, num_heads=4, num_kv_heads=2)
+        .double()
+        .eval()
+    )
     x = torch.randint(0, 37, (2, 9))
     cache = lm.init_cache(2, mode=mode)
     inc = torch.cat([lm(x[:, :1], cache=cache)] + [lm(x[:, t : t + 1], cache=cache) for t in range(1, 9)], 1)
@@ -278,8 +291,10 @@ class _RecurrentLinear(AttentionCore):
 
     def initial_state(self, batch, *, dtype, device):
         d = self.head_dim
-        return {"S": torch.zeros(batch, self.num_heads, d, d, dtype=dtype, device=device),
-                "z": torch.zeros(batch, self.num_heads, d, dtype=dtype, device=device)}  # fmt: skip
+        return {
+            "S": torch.zeros(batch, self.num_heads, d, d, dtype=dtype, device=device),
+            "z": torch.zeros(batch, self.num_heads, d, dtype=dtype, device=device),
+        }
 
     def step(self, q, k, v, state):
         qf, kf = self._phi(q[:, :, 0]), self._phi(k[:, :, 0])
@@ -324,8 +339,11 @@ def test_kv_cache_key_padding_and_reorder() -> None:
     keep[0, :2] = False  # left padding of sequence 0
     full = attn(x, mask=keep)
     cache = attn.init_cache(2)
-    inc = torch.cat([attn(x[:, :3], cache=cache, mask=keep[:, :3])] +
-                    [attn(x[:, t : t + 1], cache=cache, mask=keep[:, : t + 1]) for t in range(3, 6)], 1)  # fmt: skip
+    inc = torch.cat(
+        [attn(x[:, :3], cache=cache, mask=keep[:, :3])]
+        + [attn(x[:, t : t + 1], cache=cache, mask=keep[:, : t + 1]) for t in range(3, 6)],
+        1,
+    )
     torch.testing.assert_close(inc[:, 2:], full[:, 2:], rtol=0, atol=1e-12)
     cache.reorder(torch.tensor([1]))
     assert cache.batch == 1 and cache.k.shape[0] == 1

@@ -24,8 +24,14 @@ from attnlib.training import loop as loop_mod
 CONFIGS = Path(attnlib.__file__).parent / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 QUIET = ["trainer.progress=false", "trainer.tensorboard=false", "trainer.threads=1"]
-TINY_TRAIN = ["trainer.max_steps=4", "trainer.warmup_steps=1", "trainer.eval_every=2", "trainer.log_every=2",
-              "trainer.checkpoint_every=2", "trainer.eval_limit=16"]  # fmt: skip
+TINY_TRAIN = [
+    "trainer.max_steps=4",
+    "trainer.warmup_steps=1",
+    "trainer.eval_every=2",
+    "trainer.log_every=2",
+    "trainer.checkpoint_every=2",
+    "trainer.eval_limit=16",
+]
 TINY_MODEL = ["model.dim=16", "model.depth=1", "model.num_heads=2"]
 TINY_DATA = {
     "vit_digits": ["data.batch_size=16"],
@@ -38,7 +44,7 @@ TINY_DATA = {
         "data.vocab_size=64",
         "data.seq_len=32",
         "data.num_kv_pairs=4",
-    ],  # fmt: skip
+    ],
     "listops": [
         "data.num_train=32",
         "data.num_val=8",
@@ -46,7 +52,7 @@ TINY_DATA = {
         "data.batch_size=8",
         "data.min_length=8",
         "data.max_length=24",
-    ],  # fmt: skip
+    ],
     "asr_digits": [
         "data.num_train=8",
         "data.num_val=4",
@@ -55,7 +61,7 @@ TINY_DATA = {
         "data.max_digits=2",
         "model.n_mels=20",
         "data.workers=2",
-    ],  # fmt: skip
+    ],
 }
 TINY_DATA["asr_digits_branchformer"] = TINY_DATA["asr_digits"]
 MAIN_METRIC = {"classify": "accuracy", "lm": "bpc", "recall": "accuracy", "ctc": "cer"}
@@ -139,20 +145,31 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-RESUME_RUN = ["experiment=vit_digits", *QUIET, "trainer.max_steps=150", "trainer.warmup_steps=10",
-              "trainer.eval_every=50", "trainer.log_every=10", "trainer.checkpoint_every=5", *TINY_MODEL,
-              "model.drop_path=0.2", "data.batch_size=16"]  # fmt: skip
+RESUME_RUN = [
+    "experiment=vit_digits",
+    *QUIET,
+    "trainer.max_steps=150",
+    "trainer.warmup_steps=10",
+    "trainer.eval_every=50",
+    "trainer.log_every=10",
+    "trainer.checkpoint_every=5",
+    *TINY_MODEL,
+    "model.drop_path=0.2",
+    "data.batch_size=16",
+]
 
 
 @pytest.mark.slow
 def test_sigkill_and_resume_reach_identical_metrics(tmp_path: Path) -> None:
     """An uninterrupted run and a run killed with SIGKILL mid-training, then resumed, end identical."""
-    ref = subprocess.run(_cli(*RESUME_RUN, f"hydra.run.dir={tmp_path / 'ref'}"), env=_env(), capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    ref = subprocess.run(
+        _cli(*RESUME_RUN, f"hydra.run.dir={tmp_path / 'ref'}"), env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert ref.returncode == 0, ref.stderr[-3000:]
     run = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(*RESUME_RUN, f"hydra.run.dir={run}"), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        _cli(*RESUME_RUN, f"hydra.run.dir={run}"), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     ckpt = run / "checkpoints" / "last.pt"
     deadline = time.time() + 240
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
@@ -164,8 +181,13 @@ def test_sigkill_and_resume_reach_identical_metrics(tmp_path: Path) -> None:
     assert not (run / "results.json").exists(), "the run finished before it could be killed"
     killed_at = load_checkpoint(ckpt)["step"]
     assert 0 < killed_at < 150
-    res = subprocess.run(_cli(*RESUME_RUN, f"hydra.run.dir={run}", "resume=true"), env=_env(), capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    res = subprocess.run(
+        _cli(*RESUME_RUN, f"hydra.run.dir={run}", "resume=true"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resumed from {ckpt} at step {killed_at}" in res.stdout + res.stderr
     a = json.loads((tmp_path / "ref" / "results.json").read_text())
@@ -181,13 +203,33 @@ def test_sigkill_and_resume_reach_identical_metrics(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
     """torchrun --nproc_per_node=2 (gloo on CPU): same data, averaged gradients -> the 1-process result."""
-    args = ["experiment=vit_digits", *QUIET, "trainer.max_steps=6", "trainer.warmup_steps=1", "trainer.eval_every=3",
-            "trainer.checkpoint_every=3", "trainer.eval_limit=64", *TINY_MODEL, "model.drop_path=0", "data.batch_size=16"]  # fmt: skip
-    one = subprocess.run(_cli(*args, f"hydra.run.dir={tmp_path / 'one'}"), env=_env(), capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
+    args = [
+        "experiment=vit_digits",
+        *QUIET,
+        "trainer.max_steps=6",
+        "trainer.warmup_steps=1",
+        "trainer.eval_every=3",
+        "trainer.checkpoint_every=3",
+        "trainer.eval_limit=64",
+        *TINY_MODEL,
+        "model.drop_path=0",
+        "data.batch_size=16",
+    ]
+    one = subprocess.run(
+        _cli(*args, f"hydra.run.dir={tmp_path / 'one'}"), env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "attnlib.cli.train", *args, f"hydra.run.dir={tmp_path / 'two'}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "attnlib.cli.train",
+        *args,
+        f"hydra.run.dir={tmp_path / 'two'}",
+    ]
     two = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a = json.loads((tmp_path / "one" / "results.json").read_text())
@@ -200,8 +242,16 @@ def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_multirun_sweep_over_attention(tmp_path: Path) -> None:
-    args = ["-m", "experiment=vit_digits", "attention=softmax,local", *QUIET, *TINY_TRAIN, *TINY_MODEL,
-            *TINY_DATA["vit_digits"], f"hydra.sweep.dir={tmp_path}"]  # fmt: skip
+    args = [
+        "-m",
+        "experiment=vit_digits",
+        "attention=softmax,local",
+        *QUIET,
+        *TINY_TRAIN,
+        *TINY_MODEL,
+        *TINY_DATA["vit_digits"],
+        f"hydra.sweep.dir={tmp_path}",
+    ]
     r = subprocess.run(_cli(*args), env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     found = {json.loads(p.read_text())["variant"]: p.parent.name for p in tmp_path.glob("*/results.json")}
