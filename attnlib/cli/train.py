@@ -32,12 +32,24 @@ log = logging.getLogger("attnlib.train")
 _RANK_DIR: list[str] = []
 
 
+def _program() -> str:
+    """How the user invoked the app: ``attnlib-train`` when that is on PATH, else the script's path."""
+    argv0 = sys.argv[0]
+    if os.path.basename(argv0) == "attnlib-train":
+        on_path = shutil.which("attnlib-train")
+        if on_path and os.path.realpath(on_path) == os.path.realpath(argv0):
+            return "attnlib-train"
+        return os.path.relpath(argv0)
+    return "attnlib-train"
+
+
 def _swap_hint(overrides: list[str], variant: str) -> str:
+    """The same command line with another attention variant."""
     import attnlib
 
     kept = [o for o in overrides if not o.startswith(("attention=", "attention.", "hydra.", "resume="))]
     alt = next((v for v in ("flow", "local", "softmax") if v != variant and v in attnlib.available()), "softmax")
-    return " ".join(["attnlib-train", *kept, f"attention={alt}"])
+    return " ".join([_program(), *kept, f"attention={alt}"])
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
