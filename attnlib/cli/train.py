@@ -39,7 +39,8 @@ def _program() -> str:
         on_path = shutil.which("attnlib-train")
         if on_path and os.path.realpath(on_path) == os.path.realpath(argv0):
             return "attnlib-train"
-        return os.path.relpath(argv0)
+        rel = os.path.relpath(argv0)
+        return rel if not rel.startswith("..") else os.path.abspath(argv0)
     return "attnlib-train"
 
 
