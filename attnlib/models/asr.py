@@ -368,6 +368,7 @@ class CTCEncoder(nn.Module):
         vocab_size: output symbols V including the CTC blank at index ``blank`` (0).
         sample_rate, n_mels, win_ms, hop_ms: front end.
         dim, depth, num_heads: encoder shape.
+        subsample_channels: channels of the subsampling convolutions (default ``dim``).
         dropout, attn_dropout, drop_path: regularisation.
         rope: rotary (relative) positions in the attention.
         specaugment: SpecAugment settings (freq_masks, freq_width, time_masks, time_ratio) or None.
@@ -391,6 +392,7 @@ class CTCEncoder(nn.Module):
         dim: int = 144,
         depth: int = 4,
         num_heads: int = 4,
+        subsample_channels: int | None = None,
         dropout: float = 0.1,
         attn_dropout: float = 0.0,
         drop_path: float = 0.0,
@@ -405,7 +407,7 @@ class CTCEncoder(nn.Module):
         self.vocab_size, self.blank = vocab_size, blank
         self.frontend = LogMelFrontend(sample_rate, n_mels, win_ms=win_ms, hop_ms=hop_ms)
         self.specaugment = SpecAugment(**(specaugment or {})) if specaugment is not None else None
-        self.subsample = ConvSubsampling(n_mels, dim)
+        self.subsample = ConvSubsampling(n_mels, dim, subsample_channels)
         self.drop = nn.Dropout(dropout)
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
