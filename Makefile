@@ -9,7 +9,7 @@ TORCH_PIN := 2.13.0
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test lint info bench-overhead setup clean
+.PHONY: demo compare test lint info bench-overhead setup clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,13 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+# Train a ViT on scikit-learn's digits with softmax attention on the CPU (~2 min, >= 97% test
+# accuracy); it ends by printing the one-line command that swaps the attention.
 demo: $(STAMP)
+	$(VENV)/bin/attnlib-train experiment=vit_digits
+
+# Capability matrix and a CPU speed/accuracy comparison of every registered variant.
+compare: $(STAMP)
 	$(PY) examples/compare_variants.py
 
 test: $(STAMP)

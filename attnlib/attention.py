@@ -24,7 +24,7 @@ from attnlib.positional import RotaryEmbedding
 from attnlib.registry import Capabilities, get_variant
 from attnlib.variants.base import AttentionCore
 
-__all__ = ["Attention", "AttentionExtras", "aux_loss", "build_attention"]
+__all__ = ["Attention", "AttentionCache", "AttentionExtras", "aux_loss", "build_attention", "decode_mode"]
 
 
 @dataclass
@@ -42,6 +42,81 @@ class AttentionExtras:
     weights: Tensor | None
     importance: Tensor | None
     aux_loss: Tensor | None
+
+
+_CACHE_MODES = ("recurrent", "kv", "recompute")
+
+
+def decode_mode(caps: Capabilities) -> str | None:
+    """How a causal module with these capabilities decodes incrementally, or None if it cannot.
+
+    * ``"recurrent"`` (``caps.recurrent``): the variant's own ``step`` with an O(1)-size state.
+    * ``"kv"`` (``caps.causal_cross``): keys/values are cached and new queries attend to the
+      whole cache with a bottom-right aligned causal mask.
+    * ``"recompute"`` (``caps.causal`` only): queries, keys and values of every position are
+      cached and the causal core runs over the whole prefix; only the new rows are kept. Exact
+      for any variant without future leakage, at O(prefix) cost per step.
+    """
+    if caps.recurrent:
+        return "recurrent"
+    if caps.causal_cross:
+        return "kv"
+    if caps.causal:
+        return "recompute"
+    return None
+
+
+class AttentionCache:
+    """Incremental-decoding state of one :class:`Attention` (see :meth:`Attention.init_cache`).
+
+    Attributes:
+        mode: ``"recurrent"``, ``"kv"`` or ``"recompute"`` (see :func:`decode_mode`).
+        length: tokens consumed so far (the rotary position of the next token).
+        k, v: (B, H_kv, capacity, D) key/value buffers (``kv`` and ``recompute`` modes; the first
+            ``length`` positions are valid), rotary positions already applied.
+        q: (B, H, capacity, D) query buffer (``recompute`` mode only).
+        state: the variant's recurrent state (``recurrent`` mode only).
+    """
+
+    def __init__(self, mode: str, batch: int) -> None:
+        if mode not in _CACHE_MODES:
+            raise ValueError(f"cache mode must be one of {_CACHE_MODES}, got {mode!r}")
+        self.mode = mode
+        self.batch = batch
+        self.length = 0
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+        self.q: Tensor | None = None
+        self.state: dict[str, Tensor] | None = None
+
+    @staticmethod
+    def _append(buf: Tensor | None, new: Tensor, length: int) -> Tensor:
+        """Write new (B, H, n, D) at positions length..length+n of buf, growing it by doubling."""
+        need = length + new.shape[2]
+        if buf is None or buf.shape[2] < need:
+            cap = max(16, 1 << (need - 1).bit_length())
+            grown = new.new_zeros(new.shape[0], new.shape[1], cap, new.shape[3])
+            if buf is not None and length:
+                grown[:, :, :length] = buf[:, :, :length]
+            buf = grown
+        buf[:, :, length:need] = new
+        return buf
+
+    def reorder(self, index: Tensor) -> None:
+        """Select/reorder batch entries in place (beam search): index (B',) long."""
+        for name in ("k", "v", "q"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index))
+        if self.state is not None:
+            self.state = {
+                key: (t.index_select(0, index) if t.dim() > 0 and t.shape[0] == self.batch else t)
+                for key, t in self.state.items()
+            }
+        self.batch = int(index.numel())
+
+    def __repr__(self) -> str:
+        return f"AttentionCache(mode={self.mode!r}, batch={self.batch}, length={self.length})"
 
 
 def _check_variant_kwargs(variant: str, cls: type[AttentionCore], kwargs: dict[str, Any]) -> None:
@@ -203,6 +278,7 @@ class Attention(nn.Module):
         return_extras: bool = False,
         need_weights: bool = True,
         position_offset: int = 0,
+        cache: AttentionCache | None = None,
     ) -> Tensor | tuple[Tensor, AttentionExtras]:
         """Attend.
 
@@ -216,10 +292,16 @@ class Attention(nn.Module):
             need_weights: with ``return_extras``, compute the (B, H, N, M) weights where the
                 variant has them (O(N·M) memory); set False when only importance is needed.
             position_offset: rotary position of the first query (for incremental decoding).
+            cache: an :class:`AttentionCache` from :meth:`init_cache` for incremental causal
+                decoding: x holds the next N tokens, which attend to every token the cache has
+                seen plus themselves (causally); the cache is updated in place. ``mask`` may
+                then only be key padding over all tokens so far, (B, cache.length + N).
 
         Returns:
             (B, N, dim), or ((B, N, dim), AttentionExtras) when ``return_extras``.
         """
+        if cache is not None:
+            return self._forward_cached(x, cache, mask, context, return_extras, position_offset)
         self._check_inputs(x, context)
         q, k, v = self.project(x, context)
         if self.rope is not None:
@@ -252,6 +334,110 @@ class Attention(nn.Module):
             return y
         imp = res.importance.mean(1) if res.importance is not None else None
         return y, AttentionExtras(weights=res.weights, importance=imp, aux_loss=res.aux_loss)
+
+    # -- incremental decoding ----------------------------------------------------------------
+
+    def init_cache(self, batch: int, *, mode: str | None = None) -> AttentionCache:
+        """An empty decoding cache for ``batch`` sequences (pass it as ``forward(x, cache=...)``).
+
+        ``mode`` defaults to :func:`decode_mode` of the variant's capabilities: the variant's
+        recurrent ``step`` where it has one, else a key/value cache where it supports causal
+        attention with N != M, else recomputation over the cached prefix. Raises ValueError for
+        a non-causal module and :class:`attnlib.UnsupportedError` when the variant cannot decode.
+        """
+        _positive_int("batch", batch)
+        if not self.causal:
+            raise ValueError(
+                f"init_cache needs a causal Attention (build it with causal=True); this {self.variant!r} module is not"
+            )
+        caps = self.core.capabilities
+        default = decode_mode(caps)
+        mode = default if mode is None else mode
+        if mode not in _CACHE_MODES:
+            raise ValueError(f"cache mode must be one of {_CACHE_MODES} or None, got {mode!r}")
+        if mode == "recurrent" and not caps.recurrent:
+            raise UnsupportedError(f"variant {self.variant!r} has no recurrent step (capabilities.recurrent=False)")
+        if mode == "kv" and not caps.causal_cross:
+            raise UnsupportedError(
+                f"variant {self.variant!r} cannot attend from new queries to a longer key cache "
+                "(capabilities.causal_cross=False); use mode='recompute'"
+            )
+        cache = AttentionCache(mode, batch)
+        if mode == "recurrent":
+            w = self.in_proj.weight
+            cache.state = self.core.initial_state(batch, dtype=w.dtype, device=w.device)
+        return cache
+
+    def _forward_cached(
+        self,
+        x: Tensor,
+        cache: AttentionCache,
+        mask: MaskLike | list[MaskLike],
+        context: Tensor | None,
+        return_extras: bool,
+        position_offset: int,
+    ) -> Tensor:
+        """Incremental causal decoding of x (B, N, dim) after the cache's tokens -> (B, N, dim)."""
+        if not isinstance(cache, AttentionCache):
+            raise ValueError(f"cache must be an AttentionCache from init_cache(), got {describe(cache)}")
+        if context is not None:
+            raise ValueError("cache= is for causal self-attention decoding; context must be None")
+        if return_extras:
+            raise ValueError("return_extras is not available with cache=; call forward without a cache for extras")
+        if position_offset:
+            raise ValueError("with cache=, positions come from cache.length; do not pass position_offset")
+        self._check_inputs(x, None)
+        b, n = x.shape[0], x.shape[1]
+        if b != cache.batch:
+            raise ValueError(f"batch mismatch: x has B={b} but the cache was made for B={cache.batch}")
+        start = cache.length
+        q, k, v = self.project(x)
+        if self.rope is not None:
+            q = self.rope(q, start)
+            k = self.rope(k, start)
+        caps = self.core.capabilities
+        g = self.num_heads // self.num_kv_heads
+        p = self.dropout if self.training else 0.0
+        if cache.mode == "recurrent":
+            if mask is not None:
+                raise UnsupportedError(
+                    f"variant {self.variant!r} decodes with its recurrent step, which takes no mask; "
+                    "decode sequences without padding (or use init_cache(mode='recompute'))"
+                )
+            if g > 1:
+                k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+            state = cache.state
+            if state is None:
+                raise ValueError("recurrent cache has no state; make caches with Attention.init_cache()")
+            outs = []
+            for t in range(n):
+                o, state = self.core.step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
+                outs.append(o)
+            cache.state = state
+            out = torch.cat(outs, 2) if n > 1 else outs[0]
+            self.pending_aux_loss = None
+        else:
+            total = start + n
+            cache.k = cache._append(cache.k, k, start)
+            cache.v = cache._append(cache.v, v, start)
+            kk, vv = cache.k[:, :, :total], cache.v[:, :, :total]
+            if cache.mode == "recompute":
+                cache.q = cache._append(cache.q, q, start)
+                q = cache.q[:, :, :total]
+            am = normalize_mask(
+                mask, causal=True, batch=b, heads=self.num_heads, n=q.shape[2], m=total, device=x.device
+            )
+            if am.full is not None or am.window is not None or am.block is not None:
+                raise ValueError("with cache=, mask may only be key padding (B, cache.length + N)")
+            if not caps.gqa and g > 1:
+                kk, vv = kk.repeat_interleave(g, 1), vv.repeat_interleave(g, 1)
+            res = self.core(q, kk, vv, am, dropout_p=p if caps.attn_dropout else 0.0)
+            out = res.out[:, :, -n:]
+            self.pending_aux_loss = res.aux_loss
+        cache.length = start + n
+        if p > 0 and not caps.attn_dropout:
+            out = F.dropout(out, p)
+        return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
 
     def extra_repr(self) -> str:
         return (

@@ -59,8 +59,9 @@ def _chunks(
     """
     b, h, n, d = q.shape
     causal = am.causal
+    window = min(window, max(n - 1, 1))  # no key is farther than n - 1: same band, less padding
     left, right = window, (0 if causal else window)
-    c = chunk_size or default_chunk_size(window, causal)
+    c = min(chunk_size or default_chunk_size(window, causal), n)  # short sequences: one chunk of n
     nch = math.ceil(n / c)
     span = left + right
     seg = c + span  # L: keys visible to one chunk

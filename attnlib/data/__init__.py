@@ -1,0 +1,62 @@
+"""Local data for the backbones - nothing is downloaded; everything is generated or read from disk.
+
+* ``digits`` - scikit-learn's bundled 8x8 digit images (ViT).
+* ``chars`` - byte-level LM over local text (default: the running Python's stdlib ``.py`` files).
+* ``mqar`` - Zoology's multi-query associative recall.
+* ``listops`` - the LRA ListOps grammar, length configurable.
+* ``speech_digits`` - spoken digit strings synthesised with espeak-ng.
+
+:func:`build_data` builds one from a data config (``name`` + keyword arguments).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from attnlib.data.base import DataModule, cache_dir
+from attnlib.data.chars import CharsData
+from attnlib.data.digits import DigitsData
+from attnlib.data.listops import ListOpsData
+from attnlib.data.mqar import MQARData
+from attnlib.data.speech_digits import SpeechDigitsData
+
+__all__ = [
+    "DATASETS",
+    "CharsData",
+    "DataModule",
+    "DigitsData",
+    "ListOpsData",
+    "MQARData",
+    "SpeechDigitsData",
+    "build_data",
+    "cache_dir",
+]
+
+#: Data config name -> class.
+DATASETS: dict[str, type[DataModule]] = {
+    "digits": DigitsData,
+    "chars": CharsData,
+    "mqar": MQARData,
+    "listops": ListOpsData,
+    "speech_digits": SpeechDigitsData,
+}
+
+
+def build_data(cfg: Mapping[str, Any] | Any, **overrides: Any) -> DataModule:
+    """Build a data module from a config with ``name`` (one of :data:`DATASETS`) and its options."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if not isinstance(cfg, Mapping) or "name" not in cfg:
+        raise ValueError(f"data config must be a mapping with a 'name' (one of {sorted(DATASETS)}), got {cfg!r}")
+    kwargs = dict(cfg)
+    name = kwargs.pop("name")
+    if name not in DATASETS:
+        raise ValueError(f"unknown data {name!r}; known: {', '.join(sorted(DATASETS))}")
+    kwargs.update(overrides)
+    return DATASETS[name](**kwargs)

@@ -1,0 +1,100 @@
+"""Backbones whose attention is any registered variant, chosen by an attention *config*.
+
+* :class:`ViT` - image classification.
+* :class:`DecoderLM` - causal language model with KV-cache / recurrent decoding and ``generate``.
+* :class:`EncoderClassifier` - bidirectional encoder for padded token sequences (ListOps).
+* :class:`ConformerCTC`, :class:`BranchformerCTC` - speech recognition with a CTC head.
+
+:func:`build_model` builds one from a model config (``name`` + keyword arguments, the
+contents of ``configs/model/<name>.yaml``) and an attention config. A variant that lacks a
+capability the model needs raises :class:`attnlib.UnsupportedError` at build time, naming the
+variant and the capability.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from attnlib.models.asr import BranchformerCTC, ConformerCTC, CTCEncoder, LogMelFrontend, ctc_greedy_decode
+from attnlib.models.blocks import (
+    DropPath,
+    FeedForward,
+    TransformerBlock,
+    attention_dict,
+    check_attention,
+    make_attention,
+    variants_serving,
+)
+from attnlib.models.encoder import EncoderClassifier
+from attnlib.models.lm import DecoderCache, DecoderLM
+from attnlib.models.vit import ViT
+
+__all__ = [
+    "MODELS",
+    "MODEL_NEEDS",
+    "BranchformerCTC",
+    "CTCEncoder",
+    "ConformerCTC",
+    "DecoderCache",
+    "DecoderLM",
+    "DropPath",
+    "EncoderClassifier",
+    "FeedForward",
+    "LogMelFrontend",
+    "TransformerBlock",
+    "ViT",
+    "attention_dict",
+    "build_model",
+    "check_attention",
+    "ctc_greedy_decode",
+    "make_attention",
+    "variants_serving",
+]
+
+#: Model config name -> class.
+MODELS: dict[str, type[nn.Module]] = {
+    "vit": ViT,
+    "lm": DecoderLM,
+    "encoder": EncoderClassifier,
+    "conformer": ConformerCTC,
+    "branchformer": BranchformerCTC,
+}
+
+#: Model config name -> capabilities its attention needs (field -> reason).
+MODEL_NEEDS: dict[str, dict[str, str]] = {
+    "vit": {},
+    "lm": {"causal": "next-token prediction must not see later tokens"},
+    "encoder": {"key_padding": "batches of different-length sequences are padded"},
+    "conformer": {"key_padding": "utterances of different lengths are padded in a batch"},
+    "branchformer": {"key_padding": "utterances of different lengths are padded in a batch"},
+}
+
+
+def build_model(cfg: Mapping[str, Any] | Any, attention: Mapping[str, Any] | Any, **overrides: Any) -> nn.Module:
+    """Build a backbone from a model config and an attention config.
+
+    Args:
+        cfg: dict / DictConfig with ``name`` (one of :data:`MODELS`) and the model's keyword arguments.
+        attention: attention config, e.g. ``{"variant": "flow"}``.
+        **overrides: keyword arguments that win over ``cfg`` (the data module's sizes, e.g.
+            ``num_classes``, ``vocab_size``, ``sample_rate``).
+    """
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if not isinstance(cfg, Mapping) or "name" not in cfg:
+        raise ValueError(f"model config must be a mapping with a 'name' (one of {sorted(MODELS)}), got {cfg!r}")
+    kwargs = dict(cfg)
+    name = kwargs.pop("name")
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+    kwargs.update(overrides)
+    check_attention(attention, MODEL_NEEDS[name], model=MODELS[name].__name__)
+    return MODELS[name](attention=attention_dict(attention), **kwargs)

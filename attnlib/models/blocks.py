@@ -1,0 +1,272 @@
+"""Building blocks shared by the backbones.
+
+Every block takes an attention *config* - a dict or OmegaConf DictConfig such as
+``{"variant": "local", "window": 32}`` (the contents of ``configs/attention/<name>.yaml``) -
+never a class, so any registered variant fits any block whose needs its capabilities meet.
+:func:`check_attention` reads the variant's :class:`attnlib.Capabilities` at build time and
+raises :class:`attnlib.UnsupportedError` naming the variant and the missing capability.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlib.attention import Attention, AttentionCache, build_attention
+from attnlib.errors import UnsupportedError
+from attnlib.registry import available, variant_info
+from attnlib.variants.base import AttentionCore
+
+__all__ = [
+    "DropPath",
+    "FeedForward",
+    "TransformerBlock",
+    "attention_dict",
+    "check_attention",
+    "init_weights",
+    "make_attention",
+    "variants_serving",
+]
+
+AttentionConfig = Mapping[str, Any] | Any  # dict or omegaconf.DictConfig
+
+# Keys of an attention config that belong to the model, not to the attention.
+_MODEL_OWNED = ("dim", "num_heads", "causal")
+
+
+def attention_dict(cfg: AttentionConfig) -> dict[str, Any]:
+    """A plain dict copy of an attention config (dict / DictConfig), with ``name`` read as ``variant``.
+
+    Raises ValueError when it is not a mapping or names no variant.
+    """
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover - hydra-core is a dependency
+        pass
+    if isinstance(cfg, str):
+        cfg = {"variant": cfg}
+    if not isinstance(cfg, Mapping):
+        raise ValueError(
+            f"an attention config must be a mapping like {{'variant': 'softmax'}} (or a variant name), "
+            f"got {type(cfg).__name__}"
+        )
+    data = dict(cfg)
+    if "name" in data and "variant" not in data:
+        data["variant"] = data.pop("name")
+    if "variant" not in data:
+        raise ValueError(f"attention config names no variant (expected a 'variant' key), got keys {sorted(data)}")
+    return data
+
+
+def variants_serving(needs: Mapping[str, str] | list[str]) -> list[str]:
+    """Registered variants whose capabilities include every field in ``needs``."""
+    return [n for n in available() if all(getattr(variant_info(n), f) for f in needs)]
+
+
+def check_attention(cfg: AttentionConfig, needs: Mapping[str, str], *, model: str) -> str:
+    """Check at build time that the configured variant has the capabilities a model needs.
+
+    Args:
+        cfg: attention config (dict / DictConfig / variant name).
+        needs: capability field -> why the model needs it, e.g. ``{"causal": "next-token prediction"}``.
+        model: the model's name, for the message.
+
+    Returns:
+        The variant name. Raises ValueError for an unknown variant and
+        :class:`attnlib.UnsupportedError` naming the variant and each missing capability.
+    """
+    name = attention_dict(cfg)["variant"]
+    caps = variant_info(name)  # ValueError with close matches for unknown names
+    missing = [f for f in needs if not getattr(caps, f)]
+    if missing:
+        why = "; ".join(f"capabilities.{f}=True ({needs[f]})" for f in missing)
+        ok = variants_serving(needs)
+        raise UnsupportedError(
+            f"{model} cannot use attention variant {name!r}: it needs {why}, but {name!r} has "
+            + ", ".join(f"{f}=False" for f in missing)
+            + f". Variants that can serve {model}: {', '.join(ok) or 'none'}"
+        )
+    return name
+
+
+def make_attention(
+    cfg: AttentionConfig,
+    *,
+    dim: int,
+    num_heads: int,
+    causal: bool = False,
+    needs: Mapping[str, str] | None = None,
+    model: str = "this block",
+    **defaults: Any,
+) -> Attention:
+    """Build the :class:`attnlib.Attention` of a block from an attention config.
+
+    ``dim``, ``num_heads`` and ``causal`` are the model's (a config that sets them raises
+    ValueError); ``defaults`` (e.g. ``dropout``, ``rope``, ``num_kv_heads``) apply unless the
+    config sets them. ``needs`` are checked with :func:`check_attention` first.
+    """
+    data = attention_dict(cfg)
+    clash = [k for k in _MODEL_OWNED if k in data]
+    if clash:
+        raise ValueError(
+            f"attention config sets {clash}, which the model decides ({model}: dim={dim}, num_heads={num_heads}, "
+            f"causal={causal}); set them on the model instead"
+        )
+    all_needs = dict(needs or {})
+    if causal:
+        all_needs.setdefault("causal", "causal self-attention")
+    check_attention(data, all_needs, model=model)
+    for key, value in defaults.items():
+        data.setdefault(key, value)
+    return build_attention(data, dim=dim, num_heads=num_heads, causal=causal)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016): drop the whole residual branch per sample.
+
+    ``forward(x (B, ...)) -> (B, ...)``: in training each sample's branch is zeroed with
+    probability p and the kept ones scaled by 1 / (1 - p); identity in eval.
+    """
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {p}")
+        self.p = float(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: (B, N, dim) -> (B, N, dim).
+
+    Args:
+        dim: width; hidden: inner width.
+        activation: "gelu", "silu" (Swish) or "swiglu" (gated; Shazeer 2020).
+        dropout: after the activation and at the output.
+    """
+
+    def __init__(self, dim: int, hidden: int, *, activation: str = "gelu", dropout: float = 0.0) -> None:
+        super().__init__()
+        if activation not in ("gelu", "silu", "swiglu"):
+            raise ValueError(f"activation must be 'gelu', 'silu' or 'swiglu', got {activation!r}")
+        self.activation = activation
+        self.fc1 = nn.Linear(dim, 2 * hidden if activation == "swiglu" else hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)
+        if self.activation == "swiglu":
+            a, g = h.chunk(2, -1)
+            h = F.silu(g) * a
+        elif self.activation == "silu":
+            h = F.silu(h)
+        else:
+            h = F.gelu(h)
+        return self.drop(self.fc2(self.drop(h)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``, with drop path.
+
+    Args:
+        dim, num_heads: width and attention heads.
+        attention: attention config (dict / DictConfig), e.g. ``{"variant": "softmax"}``.
+        causal: causal self-attention (the variant must declare ``causal``).
+        needs: further capabilities the caller needs (field -> reason), checked at build time.
+        model: name used in error messages.
+        mlp_ratio: MLP hidden width / dim.
+        activation: MLP activation ("gelu", "silu", "swiglu").
+        dropout: residual-branch dropout; attn_dropout: the attention's dropout.
+        drop_path: stochastic-depth probability of both branches.
+        rope: rotary positions inside the attention; rope_base: their frequency base.
+        num_kv_heads: grouped-query attention key/value heads.
+
+    Shapes: ``forward(x (B, N, dim), mask=None | (B, N) key padding, cache=None) -> (B, N, dim)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        attention: AttentionConfig,
+        *,
+        causal: bool = False,
+        needs: Mapping[str, str] | None = None,
+        model: str = "TransformerBlock",
+        mlp_ratio: float = 4.0,
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        drop_path: float = 0.0,
+        rope: bool = False,
+        rope_base: float = 10000.0,
+        num_kv_heads: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        kv = {} if num_kv_heads is None else {"num_kv_heads": num_kv_heads}
+        self.attn = make_attention(
+            attention,
+            dim=dim,
+            num_heads=num_heads,
+            causal=causal,
+            needs=needs,
+            model=model,
+            dropout=attn_dropout,
+            rope=rope,
+            **({"rope_base": rope_base} if rope else {}),
+            **kv,
+        )
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = FeedForward(dim, int(dim * mlp_ratio), activation=activation, dropout=dropout)
+        self.drop = nn.Dropout(dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, cache: AttentionCache | None = None) -> Tensor:
+        """x (B, N, dim); mask (B, M) key padding (True = real token); cache for decoding."""
+        a = (
+            self.attn(self.norm1(x), mask=mask, cache=cache)
+            if cache is not None
+            else self.attn(self.norm1(x), mask=mask)
+        )
+        x = x + self.drop_path(self.drop(a))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def init_weights(model: nn.Module, std: float = 0.02) -> None:
+    """Truncated-normal Linear/Embedding weights (std), zero biases, unit LayerNorms.
+
+    Modules inside an attention variant's core are left alone: a variant initialises its own
+    parameters the way its paper says.
+    """
+    skip: set[int] = set()
+    for mod in model.modules():
+        if isinstance(mod, AttentionCore):
+            skip.update(id(m) for m in mod.modules())
+    for mod in model.modules():
+        if id(mod) in skip:
+            continue
+        if isinstance(mod, (nn.Linear, nn.Embedding)):
+            nn.init.trunc_normal_(mod.weight, std=std, a=-2 * std, b=2 * std)
+            if getattr(mod, "bias", None) is not None:
+                nn.init.zeros_(mod.bias)
+        elif isinstance(mod, nn.LayerNorm) and mod.elementwise_affine:
+            nn.init.ones_(mod.weight)
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)

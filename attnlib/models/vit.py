@@ -1,0 +1,132 @@
+"""Vision Transformer (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words").
+
+Patch embedding (a strided convolution), a class token or mean pooling, learned absolute
+positions, pre-norm blocks with stochastic depth, and a linear head. The attention is any
+registered variant, given as a config.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from attnlib.models.blocks import AttentionConfig, TransformerBlock, init_weights
+
+__all__ = ["ViT"]
+
+
+def _pair(x: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
+    t = (x, x) if isinstance(x, int) else tuple(x)
+    if len(t) != 2 or any(not isinstance(v, int) or v <= 0 for v in t):
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {x!r}")
+    return t  # type: ignore[return-value]
+
+
+class ViT(nn.Module):
+    """Vision Transformer classifier.
+
+    Args:
+        attention: attention config, e.g. ``{"variant": "softmax"}``.
+        img_size: image (H, W) or side; must be divisible by ``patch_size``.
+        patch_size: patch (P_h, P_w) or side.
+        in_chans: image channels C.
+        num_classes: classes K.
+        dim, depth, num_heads, mlp_ratio: transformer width, blocks, heads, MLP ratio.
+        pool: "cls" (class token) or "mean" (mean of patch tokens).
+        drop_path: stochastic depth rate, linearly increasing over the blocks to this value.
+        dropout: dropout on embeddings and residual branches; attn_dropout: in the attention.
+        rope: rotary positions inside the attention (1-D over the patch sequence) in addition
+            to the learned absolute positions.
+
+    Shapes: ``forward(images (B, C, H, W), patch_mask=None | (B, num_patches) bool) -> (B, K)``.
+    ``patch_mask`` marks real patches (True) for variable-size images padded to ``img_size``.
+    """
+
+    def __init__(
+        self,
+        *,
+        attention: AttentionConfig,
+        img_size: int | tuple[int, int] = 8,
+        patch_size: int | tuple[int, int] = 2,
+        in_chans: int = 1,
+        num_classes: int = 10,
+        dim: int = 64,
+        depth: int = 4,
+        num_heads: int = 4,
+        mlp_ratio: float = 2.0,
+        pool: str = "cls",
+        drop_path: float = 0.0,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        rope: bool = False,
+    ) -> None:
+        super().__init__()
+        ih, iw = _pair(img_size, "img_size")
+        ph, pw = _pair(patch_size, "patch_size")
+        if ih % ph or iw % pw:
+            raise ValueError(f"img_size {(ih, iw)} must be divisible by patch_size {(ph, pw)}")
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        self.img_size, self.patch_size, self.in_chans = (ih, iw), (ph, pw), in_chans
+        self.grid = (ih // ph, iw // pw)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.pool = pool
+        self.patch_embed = nn.Conv2d(in_chans, dim, kernel_size=(ph, pw), stride=(ph, pw))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
+        n_tok = self.num_patches + (pool == "cls")
+        self.pos_embed = nn.Parameter(torch.randn(1, n_tok, dim) * 0.02)
+        self.drop = nn.Dropout(dropout)
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            TransformerBlock(
+                dim,
+                num_heads,
+                attention,
+                model="ViT",
+                mlp_ratio=mlp_ratio,
+                dropout=dropout,
+                attn_dropout=attn_dropout,
+                drop_path=r,
+                rope=rope,
+            )
+            for r in rates
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        init_weights(self)
+
+    def features(self, images: Tensor, patch_mask: Tensor | None = None) -> Tensor:
+        """images (B, C, H, W) -> pooled features (B, dim)."""
+        if images.dim() != 4 or tuple(images.shape[1:]) != (self.in_chans, *self.img_size):
+            raise ValueError(
+                f"ViT expects images of shape (B, {self.in_chans}, {self.img_size[0]}, {self.img_size[1]}), "
+                f"got {tuple(images.shape)}"
+            )
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, P, dim)
+        b = x.shape[0]
+        mask = None
+        if patch_mask is not None:
+            if patch_mask.dtype != torch.bool or tuple(patch_mask.shape) != (b, self.num_patches):
+                raise ValueError(
+                    f"patch_mask must be bool (B, num_patches) = ({b}, {self.num_patches}), "
+                    f"got {patch_mask.dtype} {tuple(patch_mask.shape)}"
+                )
+            mask = patch_mask
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(b, -1, -1), x], 1)
+            if mask is not None:
+                mask = torch.cat([mask.new_ones(b, 1), mask], 1)
+        x = self.drop(x + self.pos_embed)
+        for blk in self.blocks:
+            x = blk(x, mask=mask)
+        x = self.norm(x)
+        if self.cls_token is not None:
+            return x[:, 0]
+        if mask is None:
+            return x.mean(1)
+        w = mask.to(x.dtype).unsqueeze(-1)
+        return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+    def forward(self, images: Tensor, patch_mask: Tensor | None = None) -> Tensor:
+        """images (B, C, H, W) -> class logits (B, num_classes)."""
+        return self.head(self.features(images, patch_mask))
