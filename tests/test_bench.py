@@ -88,6 +88,7 @@ def _tiny_speed(**kw) -> SpeedConfig:
         runs=2,
         block_s=0.0,
         memory=False,
+        isolate=False,
         progress=False,
         gate_n=64,
         gate_heads=1,
@@ -281,14 +282,16 @@ def test_memory_runner_measures_allocation_in_fresh_process() -> None:
 
 def test_speed_memory_column_on_cpu() -> None:
     res = run_speed(
-        _tiny_speed(n=[128], memory=True),
+        _tiny_speed(n=[128], memory=True, isolate=True, passes=["fwd", "fwd_bwd"]),
         [MethodSpec(label="sdpa", kind="sdpa"), MethodSpec(label="math", kind="math")],
         log=lambda *_: None,
     )
-    mem = {r["method"]: r["mem_peak_mb"] for r in res["rows"]}
+    mem = {(r["method"], r["pass"]): r["mem_peak_mb"] for r in res["rows"]}
     # math materialises the (1, 1, 128, 128) fp32 scores (64 KiB) at least twice; sdpa does not
-    assert mem["math"] > mem["sdpa"] and mem["math"] >= 2 * 128 * 128 * 4 / 2**20
-    assert all("fresh process" in r["mem_method"] for r in res["rows"])
+    assert mem[("math", "fwd")] > mem[("sdpa", "fwd")] and mem[("math", "fwd")] >= 2 * 128 * 128 * 4 / 2**20
+    assert mem[("sdpa", "fwd_bwd")] > mem[("sdpa", "fwd")]  # + gradients of q, k, v
+    assert all("fresh process" in r["mem_method"] and "fresh process" in r["timer"] for r in res["rows"])
+    assert all(r["status"] == "ok" and r["runs"] == 2 and r["error_rel"] < 1e-5 for r in res["rows"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -420,6 +423,7 @@ def test_cli_speed_end_to_end_and_compare(tmp_path: Path) -> None:
         "speed.passes=[fwd]",
         "speed.runs=2",
         "speed.memory=false",
+        "speed.isolate=false",
         "speed.baselines=[sdpa]",
         "speed.gate_n=64",
         "progress=false",

@@ -439,16 +439,16 @@ class Runner:
         with torch.no_grad():
             return self._forward().detach()
 
-    def call(self) -> None:
-        """One timed call."""
+    def call(self) -> Tensor:
+        """One timed call; returns the forward output (detached)."""
         if self.case.pass_ == "fwd":
             with torch.no_grad():
-                self._forward()
-            return
+                return self._forward()
         for t in self.grad_to_none:
             t.grad = None
         out = self._forward()
         out.backward(self.inputs.grad_out)
+        return out.detach()
 
 
 def spec_for_child(spec: MethodSpec) -> MethodSpec:

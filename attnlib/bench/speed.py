@@ -22,12 +22,21 @@ import torch
 
 from attnlib.bench.gate import exactness_gate, row_errors
 from attnlib.bench.isolate import IsolatedError, peak_rss_growth, run_isolated
-from attnlib.bench.methods import BASELINES, Case, Inputs, MethodSpec, Runner, spec_for_child
+from attnlib.bench.methods import (
+    BASELINES,
+    FLEX_DYNAMIC,
+    Case,
+    Inputs,
+    MethodSpec,
+    Runner,
+    set_flex_dynamic,
+    spec_for_child,
+)
 from attnlib.bench.timing import Timing, time_cpu_interleaved, time_cuda
 from attnlib.errors import UnsupportedError
 from attnlib.registry import available
 
-__all__ = ["SpeedConfig", "crossover", "crossovers", "resolve_methods", "run_speed"]
+__all__ = ["SpeedConfig", "crossover", "crossovers", "measure_case", "resolve_methods", "run_speed"]
 
 
 @dataclass
@@ -36,8 +45,10 @@ class SpeedConfig:
 
     ``n`` is the grid for every method; ``long_n`` adds points for sub-quadratic methods only
     (no SDPA ratio there). Quadratic methods (and the baselines) run ``fwd_bwd`` only up to
-    ``fwd_bwd_max_n``. A method whose single call exceeds ``max_call_s`` is not run at larger
-    N; no new configuration starts after ``time_budget_s``.
+    ``fwd_bwd_max_n``. With ``isolate`` (default) every CPU configuration runs in a fresh process
+    (check, peak RSS growth, timing); CUDA configurations run in-process. A method whose single
+    call exceeds ``max_call_s`` is not run at larger N; no new configuration starts after
+    ``time_budget_s``.
     """
 
     n: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
@@ -55,7 +66,8 @@ class SpeedConfig:
     block_s: float = 0.02
     threads: int | None = 2
     memory: bool = True
-    memory_timeout_s: float = 600.0
+    isolate: bool = True
+    case_timeout_s: float = 900.0
     max_call_s: float = 60.0
     time_budget_s: float | None = None
     gate_n: int = 256
@@ -137,16 +149,6 @@ def resolve_methods(
                 skipped[label] = f"{name!r} is not registered"
                 print(f"[attnlib-bench] skipping {label!r}: {name!r} is not registered")
     return methods, skipped
-
-
-def _memory_child(spec: MethodSpec, case: dict[str, Any], seed: int, threads: int | None) -> dict[str, Any]:
-    """Runs in a fresh process: peak RSS growth of one call of ``spec`` at ``case``."""
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    c = _case_from_dict(case)
-    runner = Runner(spec, c, Inputs.make(c, seed=seed))
-    return peak_rss_growth(runner.call)
 
 
 def _case_from_dict(d: dict[str, Any]) -> Case:
@@ -266,12 +268,10 @@ class _SpeedRun:
         failed = self._gate(device, head_dim, causal)
         too_slow: dict[tuple[str, str], int] = {}
         for n in grid:
-            inputs: Inputs | None = None
-            errors: dict[str, dict[str, Any]] = {}  # forward-output errors, shared by both passes
             for pass_ in cfg.passes:
                 case = Case(device, dtype, cfg.batch, cfg.heads, head_dim, n, causal, pass_)
                 self.bar.set_description(f"speed {device} {dtype} d{head_dim} N={n} causal={causal} {pass_}")
-                group: dict[str, tuple[Runner, dict[str, Any]]] = {}
+                group: dict[str, dict[str, Any]] = {}
                 for spec in self.methods:
                     self.bar.update(1)
                     if _applicable(spec, n, pass_, cfg) is not None:
@@ -286,116 +286,117 @@ class _SpeedRun:
                     if cfg.time_budget_s is not None and time.perf_counter() - self.t_start > cfg.time_budget_s:
                         self.rows.append(_row(spec, case, status="skipped", reason="time budget exhausted"))
                         continue
-                    if inputs is None:
-                        inputs = Inputs.make(case, seed=cfg.seed)
-                    row, runner = self._prepare(spec, case, inputs, errors)
-                    if runner is None:
-                        self.rows.append(row)
-                    elif row.get("first_s", 0.0) > cfg.max_call_s:
+                    row = self._measure(spec, case)
+                    if max(row.get("first_s") or 0.0, row.get("median_s") or 0.0) > cfg.max_call_s:
                         too_slow[(spec.label, pass_)] = n
-                        row.update(Timing.from_times([row["first_s"]], timer="single call (> max_call_s)").as_dict())
-                        row["reason"] = f"one call only: {row['first_s']:.1f}s > max_call_s"
-                        self.rows.append(row)
-                    else:
-                        group[spec.label] = (runner, row)
-                self._time_group(case, group)
-                del group
+                    if row["status"] == "ok":
+                        group[spec.label] = row
+                    self.rows.append(row)
+                sd = group.get("sdpa")
+                if sd is not None:
+                    for r in group.values():
+                        r["ratio_sdpa"] = r["median_s"] / sd["median_s"]
                 gc.collect()
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()
-            del inputs
 
-    def _prepare(
-        self, spec: MethodSpec, case: Case, inputs: Inputs, errors: dict[str, dict[str, Any]]
-    ) -> tuple[dict[str, Any], Runner | None]:
-        """Build, check, measure memory and probe one method; (row, runner or None if it will not be timed)."""
+    def _measure(self, spec: MethodSpec, case: Case) -> dict[str, Any]:
         cfg = self.cfg
-        row = _row(spec, case)
+        opts = {
+            "error_rows": cfg.error_rows,
+            "runs": cfg.runs,
+            "warmup": cfg.warmup,
+            "block_s": cfg.block_s,
+            "threads": cfg.threads,
+            "memory": cfg.memory,
+            "max_call_s": cfg.max_call_s,
+            "seed": cfg.seed,
+            "cuda_warmup_ms": cfg.cuda_warmup_ms,
+            "cuda_rep_ms": cfg.cuda_rep_ms,
+            "flex_dynamic": FLEX_DYNAMIC["value"],
+            "isolated": False,
+        }
+        if case.device.startswith("cuda") or not cfg.isolate:
+            return measure_case(spec, case.as_dict(), opts)
+        opts["isolated"] = True
         try:
-            torch.manual_seed(cfg.seed)
-            runner = Runner(spec, case, inputs)
-            row.update(runner.info)
-            if spec.label not in errors:
-                t0 = time.perf_counter()
-                out = runner.forward_output()
-                first = time.perf_counter() - t0
-                errors[spec.label] = {**row_errors(runner, out, rows=cfg.error_rows), "first_fwd_s": first}
-                del out
-            row.update(errors[spec.label])
-        except (UnsupportedError, NotImplementedError) as e:
-            return _row(spec, case, status="n/a", reason=_short(e)), None
-        except Exception as e:
-            return _row(spec, case, status="error", reason=_short(e)), None
-        if row.get("gate") == "FAILED":
-            row.update(status="FAILED", reason=row.get("gate_msg", ""))
-            return row, None
-        cuda = case.device.startswith("cuda")
-        if cfg.memory and not cuda:  # before timing: a config that exhausts memory dies in the child
-            try:
-                mem = run_isolated(
-                    _memory_child,
-                    spec_for_child(spec),
-                    case.as_dict(),
-                    cfg.seed,
-                    cfg.threads,
-                    timeout=cfg.memory_timeout_s,
-                )
-                row["mem_peak_mb"] = mem["peak_bytes"] / 2**20
-                row["mem_method"] = mem["method"]
-            except IsolatedError as e:
-                msg = _short(e)
-                unsupported = "NotImplementedError" in msg or "UnsupportedError" in msg
-                row.update(
-                    status="n/a" if unsupported else "error", reason=msg if unsupported else f"memory run: {msg}"
-                )
-                return row, None
-        try:  # first warm-up call; reveals unsupported passes (e.g. no Flex backward on CPU)
-            t0 = time.perf_counter()
-            runner.call()
-            if cuda:
-                torch.cuda.synchronize()
-            row["first_s"] = time.perf_counter() - t0
-            if cuda and cfg.memory:
-                row["mem_peak_mb"] = _cuda_peak(runner) / 2**20
-                row["mem_method"] = "torch.cuda.max_memory_allocated - allocated before the call"
-        except (UnsupportedError, NotImplementedError) as e:
-            row.update(status="n/a", reason=_short(e))
-            return row, None
-        except Exception as e:
-            row.update(status="error", reason=_short(e))
-            return row, None
-        return row, runner
+            return run_isolated(measure_case, spec_for_child(spec), case.as_dict(), opts, timeout=cfg.case_timeout_s)
+        except IsolatedError as e:
+            return _row(spec, case, status="error", reason=f"fresh-process run: {_short(e)}")
 
-    def _time_group(self, case: Case, group: dict[str, tuple[Runner, dict[str, Any]]]) -> None:
-        cfg = self.cfg
-        if not group:
-            return
-        if case.device.startswith("cuda"):
-            timings = {
-                k: time_cuda(
-                    r.call, grad_to_none=r.grad_to_none or None, warmup_ms=cfg.cuda_warmup_ms, rep_ms=cfg.cuda_rep_ms
-                )
-                for k, (r, _) in group.items()
-            }
-        else:
-            timings = time_cpu_interleaved(
-                {k: r.call for k, (r, _) in group.items()},
-                runs=cfg.runs,
-                warmup=cfg.warmup,
-                threads=cfg.threads,
-                block_s=cfg.block_s,
+
+def measure_case(spec: MethodSpec, case_d: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
+    """Everything about one (method, case), meant for a fresh process: check, memory, timing.
+
+    1. one call (the warm-up; includes ``torch.compile`` for Flex, reported as ``first_s``) whose
+       forward output is checked against float64 attention on sampled rows (FAILED: stop here);
+    2. peak memory of one more call (CPU: RSS growth, only when ``opts["isolated"]`` - the peak
+       counter is process-wide; CUDA: ``max_memory_allocated``);
+    3. timing: ``opts["runs"]`` runs (CPU ``torch.utils.benchmark``; CUDA ``do_bench``), unless one
+       call exceeded ``max_call_s``.
+    Returns the result row.
+    """
+    case = _case_from_dict(case_d)
+    if opts.get("threads"):
+        torch.set_num_threads(int(opts["threads"]))
+    set_flex_dynamic(bool(opts.get("flex_dynamic", False)))
+    cuda = case.device.startswith("cuda")
+    row = _row(spec, case)
+    try:
+        torch.manual_seed(int(opts.get("seed", 0)))
+        runner = Runner(spec, case, Inputs.make(case, seed=int(opts.get("seed", 0))))
+        row.update(runner.info)
+        t0 = time.perf_counter()
+        out = runner.call()
+        if cuda:
+            torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+    except (UnsupportedError, NotImplementedError) as e:
+        return _row(spec, case, status="n/a", reason=_short(e))
+    except Exception as e:
+        return _row(spec, case, status="error", reason=_short(e))
+    row["first_s"] = first
+    row.update(row_errors(runner, out, rows=int(opts.get("error_rows", 32))))
+    del out
+    if row.get("gate") == "FAILED":
+        row.update(status="FAILED", reason=row.get("gate_msg", ""))
+        return row
+    if opts.get("memory", True):
+        if cuda:
+            row["mem_peak_mb"] = _cuda_peak(runner) / 2**20
+            row["mem_method"] = "torch.cuda.max_memory_allocated - allocated before the call"
+        elif opts.get("isolated"):
+            mem = peak_rss_growth(runner.call, warmup=False)
+            row["mem_peak_mb"] = mem["peak_bytes"] / 2**20
+            row["mem_method"] = "peak RSS growth of one warm call, fresh process per configuration"
+    max_call = float(opts.get("max_call_s", 60.0))
+    if first > max_call:
+        row.update(Timing.from_times([first], timer="single call (> max_call_s)").as_dict())
+        row["first_s"] = first
+        row["reason"] = f"one call only: {first:.1f}s > max_call_s"
+    else:
+        if cuda:
+            t = time_cuda(
+                runner.call,
+                grad_to_none=runner.grad_to_none or None,
+                warmup_ms=int(opts.get("cuda_warmup_ms", 25)),
+                rep_ms=int(opts.get("cuda_rep_ms", 100)),
             )
-        for k, t in timings.items():
-            row = group[k][1]
-            first = row.get("first_s")
-            row.update(t.as_dict())
-            row["first_s"] = first
-            row["gflops_eff"] = case.flops() / t.median_s / 1e9
-            self.rows.append(row)
-        sd = timings.get("sdpa")
-        if sd is not None:
-            for k, t in timings.items():
-                group[k][1]["ratio_sdpa"] = t.median_s / sd.median_s
+        else:
+            threads = opts.get("threads") or torch.get_num_threads()
+            t = time_cpu_interleaved(
+                {spec.label: runner.call},
+                runs=int(opts.get("runs", 5)),
+                warmup=int(opts.get("warmup", 1)),
+                threads=int(threads),
+                block_s=float(opts.get("block_s", 0.02)),
+            )[spec.label]
+            where = "fresh process per configuration" if opts.get("isolated") else "in-process"
+            t.timer = f"torch.utils.benchmark.Timer, {threads} threads, {where}"
+        row.update(t.as_dict())
+        row["first_s"] = first
+    row["gflops_eff"] = case.flops() / row["median_s"] / 1e9
+    return row
 
 
 def _short(e: BaseException, limit: int = 300) -> str:

@@ -85,25 +85,31 @@ def time_cpu_interleaved(
     warmup: int = 1,
     threads: int | None = None,
     block_s: float = 0.02,
+    warm_s: dict[str, float] | None = None,
 ) -> dict[str, Timing]:
     """Median per-call time of each callable, interleaved round-robin (CPU).
 
     Args:
         fns: label -> zero-argument callable.
         runs: timed rounds (>= 1; use >= 5 for published numbers).
-        warmup: untimed calls per callable before timing (>= 1: the first call's time decides
-            ``number``, the calls per timed block).
+        warmup: untimed calls per callable before timing (the last one's time decides
+            ``number``, the calls per timed block); may be 0 for a callable whose warm call time
+            is given in ``warm_s`` (it was already warmed up by the caller).
         threads: torch intra-op threads during timing (default: the current setting).
         block_s: minimum duration of one timed block; short calls are repeated ``number`` times.
+        warm_s: label -> time of a warm call made by the caller (used when ``warmup`` is 0).
     """
-    if runs < 1 or warmup < 1:
-        raise ValueError(f"runs and warmup must be >= 1, got runs={runs}, warmup={warmup}")
+    warm_s = warm_s or {}
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    if warmup == 0 and set(fns) - set(warm_s):
+        raise ValueError("warmup=0 needs warm_s (a warm call time) for every callable")
     threads = torch.get_num_threads() if threads is None else int(threads)
     torch.set_num_threads(threads)
     timers: dict[str, tuple[tbench.Timer, int, float]] = {}
     for label, fn in fns.items():
         first = None
-        last = 0.0
+        last = warm_s.get(label, 0.0)
         for i in range(warmup):
             t0 = time.perf_counter()
             fn()
