@@ -135,6 +135,8 @@ def test_approximate_rows_report_error_and_are_timed() -> None:
     row = next(r for r in res["rows"] if r["method"] == "tempered")
     assert row["kind"] == "approx" and row["status"] == "ok" and row["median_s"] > 0
     assert 1e-3 < row["error_rel"] < 2.0  # temperature 0.5 is visibly off softmax
+    assert math.isclose(row["ratio_sdpa"], row["median_s"] / row["sdpa_median_s"])  # paired, interleaved SDPA runs
+    assert "interleaved with SDPA" in row["timer"]
     assert not res["gates"]  # approximate variants have no exactness gate
 
 

@@ -156,7 +156,8 @@ def speed_markdown(result: dict[str, Any], *, title: str, command: str, notes: S
         f"B={cfg.get('batch')}, H={cfg.get('heads')}; inputs: Gaussian q/k with logit std 1 "
         "(`attnlib.testing.make_qkv`). **time**: median of "
         f">= {cfg.get('runs')} timed runs after warm-up ({_timer_text(rows)}); `(k×)` = time / SDPA time "
-        "at the same point (< 1 is faster). **memory**: "
+        "at the same point (< 1 is faster; on CPU from SDPA runs interleaved with the method's in the same "
+        "process). **memory**: "
         + (
             "peak RSS growth of one call in a fresh process (after one warm-up call), MiB. "
             if not any(str(r.get("device", "")).startswith("cuda") for r in rows)

@@ -46,7 +46,9 @@ class SpeedConfig:
     ``n`` is the grid for every method; ``long_n`` adds points for sub-quadratic methods only
     (no SDPA ratio there). Quadratic methods (and the baselines) run ``fwd_bwd`` only up to
     ``fwd_bwd_max_n``. With ``isolate`` (default) every CPU configuration runs in a fresh process
-    (check, peak RSS growth, timing); CUDA configurations run in-process. A method whose single
+    (check, peak RSS growth, timing); with ``pair_sdpa`` SDPA is timed in the same process,
+    interleaved with the method, and ``ratio_sdpa`` comes from those paired runs (robust to load
+    changes between configurations). CUDA configurations run in-process. A method whose single
     call exceeds ``max_call_s`` is not run at larger N; no new configuration starts after
     ``time_budget_s``.
     """
@@ -67,6 +69,7 @@ class SpeedConfig:
     threads: int | None = 2
     memory: bool = True
     isolate: bool = True
+    pair_sdpa: bool = True
     case_timeout_s: float = 900.0
     max_call_s: float = 60.0
     time_budget_s: float | None = None
@@ -295,7 +298,7 @@ class _SpeedRun:
                 sd = group.get("sdpa")
                 if sd is not None:
                     for r in group.values():
-                        r["ratio_sdpa"] = r["median_s"] / sd["median_s"]
+                        r.setdefault("ratio_sdpa", r["median_s"] / sd["median_s"])
                 gc.collect()
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()
@@ -315,6 +318,7 @@ class _SpeedRun:
             "cuda_rep_ms": cfg.cuda_rep_ms,
             "flex_dynamic": FLEX_DYNAMIC["value"],
             "isolated": False,
+            "pair_sdpa": cfg.pair_sdpa and case.n in cfg.n and any(m.kind == "sdpa" for m in self.methods),
         }
         if case.device.startswith("cuda") or not cfg.isolate:
             return measure_case(spec, case.as_dict(), opts)
@@ -384,15 +388,24 @@ def measure_case(spec: MethodSpec, case_d: dict[str, Any], opts: dict[str, Any])
             )
         else:
             threads = opts.get("threads") or torch.get_num_threads()
-            t = time_cpu_interleaved(
-                {spec.label: runner.call},
+            fns = {spec.label: runner.call}
+            if opts.get("pair_sdpa") and spec.kind != "sdpa":
+                # SDPA on the same inputs, interleaved with the method: a ratio robust to machine drift
+                fns["__sdpa__"] = Runner(MethodSpec(label="sdpa", kind="sdpa"), case, runner.inputs).call
+            ts = time_cpu_interleaved(
+                fns,
                 runs=int(opts.get("runs", 5)),
                 warmup=int(opts.get("warmup", 1)),
                 threads=int(threads),
                 block_s=float(opts.get("block_s", 0.02)),
-            )[spec.label]
+            )
+            t = ts[spec.label]
             where = "fresh process per configuration" if opts.get("isolated") else "in-process"
             t.timer = f"torch.utils.benchmark.Timer, {threads} threads, {where}"
+            if "__sdpa__" in ts:
+                t.timer += ", interleaved with SDPA"
+                row["sdpa_median_s"] = ts["__sdpa__"].median_s
+                row["ratio_sdpa"] = t.median_s / ts["__sdpa__"].median_s
         row.update(t.as_dict())
         row["first_s"] = first
     row["gflops_eff"] = case.flops() / row["median_s"] / 1e9
@@ -437,7 +450,11 @@ def crossover(ns: Sequence[int], ratios: Sequence[float], *, win_below: float = 
 
 
 def crossovers(rows: Iterable[dict[str, Any]], baseline: str = "sdpa", win_below: float = 0.95) -> list[dict[str, Any]]:
-    """:func:`crossover` for every method and (device, dtype, head_dim, causal, pass) with timed rows."""
+    """:func:`crossover` for every method and (device, dtype, head_dim, causal, pass) with timed rows.
+
+    Uses a row's own ``ratio_sdpa`` (paired, interleaved runs) when present, else the ratio of the
+    medians of the two rows.
+    """
     ok = [r for r in rows if r.get("status") == "ok" and r.get("median_s")]
     base = {
         (r["device"], r["dtype"], r["head_dim"], r["causal"], r["pass"], r["n"]): r["median_s"]
@@ -450,8 +467,11 @@ def crossovers(rows: Iterable[dict[str, Any]], baseline: str = "sdpa", win_below
             continue
         key = (r["method"], r["device"], r["dtype"], r["head_dim"], r["causal"], r["pass"])
         b = base.get((*key[1:], r["n"]))
-        if b:
-            series.setdefault(key, []).append((r["n"], r["median_s"] / b))
+        ratio = r.get("ratio_sdpa") if baseline == "sdpa" else None
+        if ratio is None and b:
+            ratio = r["median_s"] / b
+        if ratio is not None and b:
+            series.setdefault(key, []).append((r["n"], ratio))
     out = []
     for key, pts in series.items():
         c = crossover([p[0] for p in pts], [p[1] for p in pts], win_below=win_below)
