@@ -289,7 +289,9 @@ class _SpeedRun:
                     if cfg.time_budget_s is not None and time.perf_counter() - self.t_start > cfg.time_budget_s:
                         self.rows.append(_row(spec, case, status="skipped", reason="time budget exhausted"))
                         continue
+                    t_case = time.perf_counter()
                     row = self._measure(spec, case)
+                    row["case_wall_s"] = time.perf_counter() - t_case
                     if max(row.get("first_s") or 0.0, row.get("median_s") or 0.0) > cfg.max_call_s:
                         too_slow[(spec.label, pass_)] = n
                     if row["status"] == "ok":
@@ -360,6 +362,7 @@ def measure_case(spec: MethodSpec, case_d: dict[str, Any], opts: dict[str, Any])
     except Exception as e:
         return _row(spec, case, status="error", reason=_short(e))
     row["first_s"] = first
+    warm: dict[str, float] = {}
     row.update(row_errors(runner, out, rows=int(opts.get("error_rows", 32))))
     del out
     if row.get("gate") == "FAILED":
@@ -370,7 +373,9 @@ def measure_case(spec: MethodSpec, case_d: dict[str, Any], opts: dict[str, Any])
             row["mem_peak_mb"] = _cuda_peak(runner) / 2**20
             row["mem_method"] = "torch.cuda.max_memory_allocated - allocated before the call"
         elif opts.get("isolated"):
+            t0 = time.perf_counter()
             mem = peak_rss_growth(runner.call, warmup=False)
+            warm["call"] = time.perf_counter() - t0  # a warm call: no further warm-up needed
             row["mem_peak_mb"] = mem["peak_bytes"] / 2**20
             row["mem_method"] = "peak RSS growth of one warm call, fresh process per configuration"
     max_call = float(opts.get("max_call_s", 60.0))
@@ -398,6 +403,7 @@ def measure_case(spec: MethodSpec, case_d: dict[str, Any], opts: dict[str, Any])
                 warmup=int(opts.get("warmup", 1)),
                 threads=int(threads),
                 block_s=float(opts.get("block_s", 0.02)),
+                warm_s={spec.label: warm["call"]} if "call" in warm else None,
             )
             t = ts[spec.label]
             where = "fresh process per configuration" if opts.get("isolated") else "in-process"

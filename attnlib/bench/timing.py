@@ -93,24 +93,24 @@ def time_cpu_interleaved(
         fns: label -> zero-argument callable.
         runs: timed rounds (>= 1; use >= 5 for published numbers).
         warmup: untimed calls per callable before timing (the last one's time decides
-            ``number``, the calls per timed block); may be 0 for a callable whose warm call time
-            is given in ``warm_s`` (it was already warmed up by the caller).
+            ``number``, the calls per timed block), except for callables listed in ``warm_s``.
         threads: torch intra-op threads during timing (default: the current setting).
         block_s: minimum duration of one timed block; short calls are repeated ``number`` times.
-        warm_s: label -> time of a warm call made by the caller (used when ``warmup`` is 0).
+        warm_s: label -> time of a warm call the caller already made: that callable gets no
+            further warm-up and ``number`` follows from this time.
     """
     warm_s = warm_s or {}
     if runs < 1 or warmup < 0:
         raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
     if warmup == 0 and set(fns) - set(warm_s):
-        raise ValueError("warmup=0 needs warm_s (a warm call time) for every callable")
+        raise ValueError("warmup=0 needs warm_s (a warm call time) for every callable not warmed up")
     threads = torch.get_num_threads() if threads is None else int(threads)
     torch.set_num_threads(threads)
     timers: dict[str, tuple[tbench.Timer, int, float]] = {}
     for label, fn in fns.items():
         first = None
         last = warm_s.get(label, 0.0)
-        for i in range(warmup):
+        for i in range(0 if label in warm_s else warmup):
             t0 = time.perf_counter()
             fn()
             last = time.perf_counter() - t0
