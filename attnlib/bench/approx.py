@@ -10,8 +10,9 @@ scale (:func:`attnlib.testing.make_qkv`), in float64 so only the approximation s
 
 as a function of N and of the logit scale (defaults of the variant), and as a function of each
 *approximation knob* (number of random features, hash bits, kept density, ...) at ``knob_n``.
-Knobs come from ``AttentionCore.approximation_knobs()`` (a variant's own declaration) unless the
-config gives ``approx.knobs.<variant>``. Errors are averaged over seeds (the random inputs and
+Knobs come from ``approx.knobs.<variant>`` (the user's choice), else from
+``AttentionCore.approximation_knobs()`` (the variant's own declaration), else from
+``approx.fallback_knobs.<variant>`` (the config's defaults for variants that declare none). Errors are averaged over seeds (the random inputs and
 the variant's own randomness, e.g. random features, both change with the seed). Variants with
 trainable parameters are evaluated at initialisation, which the table says.
 """
@@ -52,17 +53,23 @@ class ApproxConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     grads: bool = True
     knobs: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    fallback_knobs: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     threads: int | None = 2
     progress: bool = True
 
 
-def discover_knobs(spec: MethodSpec, override: dict[str, list[Any]] | None = None) -> tuple[dict[str, list], list[str]]:
-    """The variant's knobs: ``override`` (from the config) or ``approximation_knobs()``.
+def discover_knobs(
+    spec: MethodSpec,
+    override: dict[str, list[Any]] | None = None,
+    fallback: dict[str, list[Any]] | None = None,
+) -> tuple[dict[str, list], list[str]]:
+    """The variant's knobs: ``override`` (the user's), else ``approximation_knobs()`` (the variant's
+    own declaration), else ``fallback`` (the config's guess for variants that declare none).
 
     Returns (knobs, notes); knobs the constructor does not accept are dropped with a note.
     """
     cls = spec.core_class()
-    knobs = dict(override) if override else dict(cls.approximation_knobs())
+    knobs = dict(override or cls.approximation_knobs() or fallback or {})
     params = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     notes = []
@@ -138,7 +145,12 @@ def run_approx(cfg: ApproxConfig, specs: list[MethodSpec], *, log: Any = print) 
     plan: list[tuple[MethodSpec, str, Any, int, bool, float]] = []
     knob_info: dict[str, dict[str, list]] = {}
     for spec in approx_specs:
-        knobs, kn = discover_knobs(spec, cfg.knobs.get(spec.label) or cfg.knobs.get(spec.variant or ""))
+        key = spec.variant or ""
+        knobs, kn = discover_knobs(
+            spec,
+            cfg.knobs.get(spec.label) or cfg.knobs.get(key),
+            cfg.fallback_knobs.get(spec.label) or cfg.fallback_knobs.get(key),
+        )
         notes += kn
         knob_info[spec.label] = knobs
         for causal in cfg.causal:
