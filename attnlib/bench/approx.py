@@ -12,9 +12,10 @@ as a function of N and of the logit scale (defaults of the variant), and as a fu
 *approximation knob* (number of random features, hash bits, kept density, ...) at ``knob_n``.
 Knobs come from ``approx.knobs.<variant>`` (the user's choice), else from
 ``AttentionCore.approximation_knobs()`` (the variant's own declaration), else from
-``approx.fallback_knobs.<variant>`` (the config's defaults for variants that declare none). Errors are averaged over seeds (the random inputs and
-the variant's own randomness, e.g. random features, both change with the seed). Variants with
-trainable parameters are evaluated at initialisation, which the table says.
+``approx.fallback_knobs.<variant>`` (the config's defaults for variants that declare none).
+Errors are averaged over seeds (the random inputs and the variant's own randomness, e.g. random
+features, both change with the seed). Variants with trainable parameters are evaluated at
+initialisation, which the table says.
 """
 
 from __future__ import annotations
