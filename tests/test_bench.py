@@ -307,6 +307,9 @@ def test_approx_mode_errors_and_knobs(tmp_path: Path) -> None:
     assert knobs == {"temperature": [0.5, 1.0]} and not notes
     _, notes = discover_knobs(spec, {"num_features": [1, 2]})
     assert "not a constructor argument" in notes[0]
+    assert discover_knobs(spec, None, {"temperature": [9.0]})[0] == {"temperature": [0.5, 1.0]}  # declared wins
+    plain = MethodSpec(label="softmax", variant="softmax")  # declares no knob: the config fallback applies
+    assert discover_knobs(plain, None, {"scale": [0.1]})[0] == {"scale": [0.1]}
     cfg = ApproxConfig(n=[32, 64], logit_scale=[1.0, 4.0], knob_n=32, heads=1, head_dim=8, seeds=[0], progress=False)
     res = run_approx(cfg, [spec, MethodSpec(label="softmax", variant="softmax")], log=lambda *_: None)
     pts = res["points"]
@@ -448,13 +451,22 @@ def test_cli_speed_end_to_end_and_compare(tmp_path: Path) -> None:
     assert verdicts <= {"same", "faster", "REGRESSION"} and isinstance(res2["regressions"], int)
     assert (tmp_path / "again_compare.md").exists()
     # mode=compare on two saved files
-    slow = json.loads((tmp_path / "speed.json").read_text())
-    for r in slow["rows"]:
+    base = json.loads((tmp_path / "speed.json").read_text())
+    for r in base["rows"]:
+        r["noise"] = 0.0  # the measured spread on a busy machine can be anything; pin it
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    for r in base["rows"]:
         r["median_s"] *= 3
-        r["noise"] = 0.0
-    (tmp_path / "slow.json").write_text(json.dumps(slow))
-    res3 = run(_cfg("mode=compare", f"compare={tmp_path / 'speed.json'}", f"current={tmp_path / 'slow.json'}"))
+    (tmp_path / "slow.json").write_text(json.dumps(base))
+    res3 = run(_cfg("mode=compare", f"compare={tmp_path / 'base.json'}", f"current={tmp_path / 'slow.json'}"))
     assert res3["regressions"] == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_gpu_preset_without_cuda_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        run(_cfg("bench=gpu_quick", f"out_dir={tmp_path}"))
+    assert not list(tmp_path.iterdir())
 
 
 def test_translate_argv_and_slug() -> None:

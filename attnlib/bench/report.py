@@ -160,7 +160,7 @@ def speed_markdown(result: dict[str, Any], *, title: str, command: str, notes: S
         "process). **memory**: "
         + (
             "peak RSS growth of one call in a fresh process (after one warm-up call), MiB. "
-            if not any(str(r.get("device", "")).startswith("cuda") for r in rows)
+            if not any(str(d).startswith("cuda") for d in cfg.get("device", []))
             else "`max_memory_allocated` growth during one call, MiB. "
         )
         + "**error**: relative error (Frobenius) of the output on the first and last "

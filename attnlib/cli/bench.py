@@ -71,6 +71,14 @@ def run(cfg: DictConfig | dict[str, Any], *, overrides: list[str] | None = None)
     if threads:
         torch.set_num_threads(int(threads))
     speed_raw = dict(c.get("speed") or {})
+    if mode == "speed":
+        devices = [str(d) for d in speed_raw.get("device") or ["cpu"]]
+        runnable = [d for d in devices if not d.startswith("cuda") or torch.cuda.is_available()]
+        if not runnable:
+            raise ValueError(
+                f"speed.device={devices} but CUDA is not available on this machine: nothing can be measured "
+                "(the GPU preset bench=gpu_quick needs a CUDA device); no results were written"
+            )
     device0 = (speed_raw.get("device") or ["cpu"])[0] if mode == "speed" else "cpu"
     machine = c.get("machine") or "auto"
     if machine == "auto":
