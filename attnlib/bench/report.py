@@ -298,6 +298,9 @@ def plot_lines(
     if plt is None or not panels:
         return None
     dashed = set(dashed)
+    labels = list(dict.fromkeys(label for lines in panels.values() for label in lines))
+    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    color = {label: cmap(i % cmap.N) for i, label in enumerate(labels)}  # one colour per line label in every panel
     k = len(panels)
     cols = min(k, 2)
     nrows = math.ceil(k / cols)
@@ -312,6 +315,7 @@ def plot_lines(
                 [p[1] for p in pts],
                 marker="o",
                 linestyle="--" if label in dashed else "-",
+                color=color[label],
                 label=label,
             )
         if logx:
