@@ -461,6 +461,9 @@ def test_cli_speed_end_to_end_and_compare(tmp_path: Path) -> None:
     (tmp_path / "slow.json").write_text(json.dumps(base))
     res3 = run(_cfg("mode=compare", f"compare={tmp_path / 'base.json'}", f"current={tmp_path / 'slow.json'}"))
     assert res3["regressions"] == 3
+    (tmp_path / "speed.md").unlink()
+    run(_cfg("mode=render", f"current={tmp_path / 'speed.json'}"))
+    assert (tmp_path / "speed.md").read_text() == md  # the markdown is a function of the JSON
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")

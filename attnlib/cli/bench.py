@@ -9,6 +9,7 @@ Examples::
     attnlib-bench bench=gpu_quick                # H100-sized preset (needs CUDA)
     attnlib-bench --compare benchmarks/results/<machine>/speed.json   # regression gate
     attnlib-bench mode=compare compare=old.json current=new.json      # gate two saved runs
+    attnlib-bench mode=render current=benchmarks/results/<machine>/speed.json   # redo markdown + plots
 
 Configs: ``attnlib/configs/bench/`` (``config.yaml`` and the presets). Results go to
 ``benchmarks/results/<machine>/<name>.{md,json}`` plus ``<name>_*.png`` plots.
@@ -65,8 +66,10 @@ def run(cfg: DictConfig | dict[str, Any], *, overrides: list[str] | None = None)
 
     c = _container(cfg)
     mode = str(c.get("mode", "speed"))
-    if mode not in ("speed", "approx", "quality", "compare"):
-        raise ValueError(f"mode must be speed, approx, quality or compare, got {mode!r}")
+    if mode not in ("speed", "approx", "quality", "compare", "render"):
+        raise ValueError(f"mode must be speed, approx, quality, compare or render, got {mode!r}")
+    if mode == "render":
+        return _render_only(c)
     threads = c.get("threads")
     if threads:
         torch.set_num_threads(int(threads))
@@ -231,6 +234,29 @@ def _compare_only(c: dict[str, Any], out_dir: Path, name: str, result: dict[str,
     out_dir = Path(c["out_dir"]) if c.get("out_dir") else Path(c["current"]).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     result["regressions"] = _gate(c, load_rows(c["current"]), out_dir, name, result)
+    return result
+
+
+def _render_only(c: dict[str, Any]) -> dict[str, Any]:
+    """``mode=render current=<results.json>``: rewrite the markdown and plots of a saved run."""
+    import json
+
+    if not c.get("current"):
+        raise ValueError("mode=render needs current=<results.json> (a file written by attnlib-bench)")
+    path = Path(c["current"])
+    if not path.exists():
+        raise FileNotFoundError(f"mode=render: no such results file {str(path)!r}")
+    result = json.loads(path.read_text())
+    mode = result.get("mode")
+    if mode not in ("speed", "approx", "quality"):
+        raise ValueError(f"{str(path)!r} is not a speed/approx/quality results file (mode={mode!r})")
+    out_dir = path.parent
+    md, plots = _render(
+        mode, result, out_dir, path.stem, result.get("command", "attnlib-bench"), bool(c.get("plots", True))
+    )
+    (out_dir / f"{path.stem}.md").write_text(md)
+    result["paths"] = [str(out_dir / f"{path.stem}.md"), *map(str, plots)]
+    print(f"[attnlib-bench] wrote {', '.join(result['paths'])}")
     return result
 
 
