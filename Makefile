@@ -9,7 +9,7 @@ TORCH_PIN := 2.13.0
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo compare test lint info bench-overhead setup clean
+.PHONY: demo compare test lint info bench-overhead bench bench-speed bench-approx bench-quality bench-smoke setup clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,21 @@ info: $(STAMP)
 
 bench-overhead: $(STAMP)
 	$(PY) benchmarks/module_overhead.py
+
+# Regenerate every committed CPU result table and plot (benchmarks/results/<machine>/): run on a quiet machine.
+bench: bench-speed bench-approx bench-quality bench-overhead
+
+bench-speed: $(STAMP)
+	$(VENV)/bin/attnlib-bench bench=cpu_full
+
+bench-approx: $(STAMP)
+	$(VENV)/bin/attnlib-bench bench=approx_full
+
+bench-quality: $(STAMP)
+	$(VENV)/bin/attnlib-bench bench=quality_cpu
+
+bench-smoke: $(STAMP)
+	$(VENV)/bin/attnlib-bench bench=smoke out_dir=/tmp/attnlib-bench-smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -97,6 +97,25 @@ class AttentionCore(nn.Module):
         """Constructor kwargs for the small inputs of the conformance suite (N around 16)."""
         return {}
 
+    @classmethod
+    def approximation_knobs(cls) -> dict[str, list[Any]]:
+        """The constructor kwargs that trade accuracy for speed, with values worth sweeping.
+
+        E.g. ``{"num_features": [16, 64, 256]}`` for random features, ``{"num_bits": [8, 16, 32]}``
+        for hashing, ``{"density": [0.1, 0.25, 0.5]}`` for kept blocks. ``attnlib-bench mode=approx``
+        sweeps each knob (one at a time, the others at their defaults) and plots the error vs
+        exact softmax against it. Default: no knob.
+        """
+        return {}
+
+    @classmethod
+    def benchmark_kwargs(cls, n: int) -> dict[str, Any]:
+        """Constructor kwargs a benchmark at sequence length ``n`` needs (e.g. a maximum length >= n).
+
+        Merged under the user's own settings by ``attnlib-bench``. Default: none.
+        """
+        return {}
+
     def forward(
         self,
         q: Tensor,
