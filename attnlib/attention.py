@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from attnlib._config import to_plain_dict
 from attnlib._validation import describe
 from attnlib.errors import UnsupportedError
 from attnlib.masks import MaskLike, normalize_mask
@@ -477,16 +478,7 @@ def build_attention(cfg: Mapping[str, Any] | Any = None, /, **overrides: Any) ->
     if cfg is None:
         data: dict[str, Any] = {}
     else:
-        try:
-            from omegaconf import DictConfig, OmegaConf
-
-            if isinstance(cfg, DictConfig):
-                cfg = OmegaConf.to_container(cfg, resolve=True)
-        except ImportError:  # pragma: no cover - hydra-core is a runtime dependency
-            pass
-        if not isinstance(cfg, Mapping):
-            raise ValueError(f"build_attention expects a mapping / DictConfig, got {describe(cfg)}")
-        data = dict(cfg)
+        data = to_plain_dict(cfg, what="build_attention config")
     data.update(overrides)
     if "name" in data:
         if "variant" in data and data["variant"] != data["name"]:

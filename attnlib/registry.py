@@ -8,9 +8,10 @@ instead of special-casing names.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, TypeVar
+
+from attnlib._config import close_matches_hint
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnlib.variants.base import AttentionCore
@@ -112,8 +113,7 @@ def available() -> list[str]:
 def get_variant(name: str) -> type[AttentionCore]:
     """The core class registered as ``name``; unknown names raise ValueError with close matches."""
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        hint = close_matches_hint(name, _REGISTRY)
         raise ValueError(f"unknown attention variant {name!r}{hint} Registered variants: {', '.join(available())}")
     return _REGISTRY[name]
 

@@ -122,7 +122,7 @@ def test_chars_split_by_path_hash(tmp_path) -> None:
 
 
 def test_build_data_errors() -> None:
-    with pytest.raises(ValueError, match="unknown data 'digitz'"):
+    with pytest.raises(ValueError, match="unknown data 'digitz'; did you mean 'digits'"):
         build_data({"name": "digitz"})
     with pytest.raises(TypeError):
         build_data({"name": "digits", "nope": 1})

@@ -153,7 +153,7 @@ def test_check_attention_and_config_errors() -> None:
         DecoderLM(attention={"variant": "softmax", "causal": False}, vocab_size=10, **TINY)
     with pytest.raises(ValueError, match="got unknown option"):
         ViT(attention={"variant": "softmax", "windw": 3}, **TINY)
-    with pytest.raises(ValueError, match="unknown model 'vitt'"):
+    with pytest.raises(ValueError, match="unknown model 'vitt'; did you mean 'vit'"):
         build_model({"name": "vitt"}, {"variant": "softmax"})
     with pytest.raises(ValueError, match=r"ViT expects images of shape \(B, 1, 8, 8\)"):
         ViT(attention={"variant": "softmax"}, **TINY)(torch.randn(2, 1, 9, 9))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from attnlib._config import split_named_config
 from attnlib.data.base import DataModule, cache_dir
 from attnlib.data.chars import CharsData
 from attnlib.data.digits import DigitsData
@@ -45,18 +46,6 @@ DATASETS: dict[str, type[DataModule]] = {
 
 def build_data(cfg: Mapping[str, Any] | Any, **overrides: Any) -> DataModule:
     """Build a data module from a config with ``name`` (one of :data:`DATASETS`) and its options."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if not isinstance(cfg, Mapping) or "name" not in cfg:
-        raise ValueError(f"data config must be a mapping with a 'name' (one of {sorted(DATASETS)}), got {cfg!r}")
-    kwargs = dict(cfg)
-    name = kwargs.pop("name")
-    if name not in DATASETS:
-        raise ValueError(f"unknown data {name!r}; known: {', '.join(sorted(DATASETS))}")
+    name, kwargs = split_named_config(cfg, DATASETS, what="data")
     kwargs.update(overrides)
     return DATASETS[name](**kwargs)

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from attnlib._config import split_named_config
 from attnlib.models.asr import BranchformerCTC, ConformerCTC, CTCEncoder, LogMelFrontend, ctc_greedy_decode
 from attnlib.models.blocks import (
     DropPath,
@@ -82,19 +83,7 @@ def build_model(cfg: Mapping[str, Any] | Any, attention: Mapping[str, Any] | Any
         **overrides: keyword arguments that win over ``cfg`` (the data module's sizes, e.g.
             ``num_classes``, ``vocab_size``, ``sample_rate``).
     """
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if not isinstance(cfg, Mapping) or "name" not in cfg:
-        raise ValueError(f"model config must be a mapping with a 'name' (one of {sorted(MODELS)}), got {cfg!r}")
-    kwargs = dict(cfg)
-    name = kwargs.pop("name")
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+    name, kwargs = split_named_config(cfg, MODELS, what="model")
     kwargs.update(overrides)
     check_attention(attention, MODEL_NEEDS[name], model=MODELS[name].__name__)
     return MODELS[name](attention=attention_dict(attention), **kwargs)
