@@ -287,15 +287,18 @@ def test_sparsifiner_gather_equals_masked_dense(causal: bool) -> None:
     if causal:
         a_hat = a_hat.masked_fill(~causal_mask(n), float("-inf"))
     kk = math.ceil(0.25 * n)
-    sel = torch.zeros(B, H, n, n, dtype=torch.bool).scatter(-1, a_hat.topk(kk, -1).indices, True)
+    sel = torch.zeros(B, H, n, n, dtype=torch.bool)
+    for i in range(n):  # causal: row i keeps ceil(0.25 * (i + 1)) of the i + 1 keys it may see
+        k_i = math.ceil(0.25 * (i + 1)) if causal else kk
+        sel[:, :, i].scatter_(-1, a_hat[:, :, i].topk(k_i, -1).indices, True)
     sel[:, :, 0] = True  # CLS row dense
     res = cr(q, k, v, am(n, causal=causal), need_weights=True)
     ref, w = reference_attention(q, k, v, mask=sel, causal=causal, return_weights=True)
     assert_close(res.out, ref)
     assert_close(res.weights, w)
-    assert ((res.weights[:, :, 1:] != 0).sum(-1) <= kk).all()
-    if not causal:
-        assert ((res.weights[:, :, 1:] != 0).sum(-1) == kk).all()
+    kept = (res.weights[:, :, 1:] != 0).sum(-1)
+    expect = torch.tensor([math.ceil(0.25 * (i + 1)) if causal else kk for i in range(1, n)])
+    assert (kept == expect).all()
 
 
 def test_sparsifiner_reconstruction_loss() -> None:

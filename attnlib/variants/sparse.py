@@ -895,7 +895,8 @@ class SparsifinerAttention(AttentionCore):
     ``Cf = softmax(q_c K_down · predictor_scale)`` over n_d; ``A^ = Cf W_up`` with
     W_up = P_back^T. Outside the reconstruction stage Cf keeps its top ``basis_topk`` entries
     and W_up becomes |W_up| with entries <= ``basis_threshold`` zeroed. The mask keeps the
-    top K = ceil(keep_rate · N) entries of A^ per query (detached; caller masks respected);
+    top K = ceil(keep_rate · N) entries of A^ per query (detached; caller masks respected;
+    with ``causal`` query i keeps ceil(keep_rate · (i + 1)), so prefixes do not depend on N);
     the first ``num_dense_queries`` query rows (CLS) stay dense. Attention then runs on the
     K gathered keys per query (O(N·K·D)).
 
@@ -1049,11 +1050,18 @@ class SparsifinerAttention(AttentionCore):
             imp = softmax_importance(q, k, mask=mask, scale=scale) if need_importance else None
             return CoreOutput(out, importance=imp, aux_loss=aux)  # type: ignore[arg-type]
         kk = min(n, math.ceil(self.keep_rate * n))
+        rank_ok = None
+        if mask.causal and allowed is not None:
+            # causal: query i keeps ceil(keep_rate * #keys it may see), so a prefix's output
+            # does not depend on the sequence length (incremental decoding == full forward)
+            k_row = (allowed.sum(-1, keepdim=True) * self.keep_rate).ceil().clamp(min=1)  # (B|1, H|1, N, 1)
+            kk = min(n, int(k_row.max()))
+            rank_ok = torch.arange(kk, device=q.device) < k_row  # (B|1, H|1, N, K)
         with torch.no_grad():
             a_hat = self.approx_attention(q, k, sparse_basis=True, causal=mask.causal, key_valid=mask.key_padding)
             if allowed is not None:
                 a_hat = a_hat.masked_fill(~allowed, float("-inf"))
-            idx = a_hat.topk(kk, -1).indices  # (B, H, N, K)
+            idx = a_hat.topk(kk, -1).indices  # (B, H, N, K), best first
         # gathered attention over K keys per query; dense rows (CLS) separately
         kg = torch.gather(k[:, :, None].expand(b, h, n, n, d), 3, idx[..., None].expand(b, h, n, kk, d))
         vg = torch.gather(
@@ -1064,6 +1072,8 @@ class SparsifinerAttention(AttentionCore):
         s = s.to(acc)
         if allowed is not None:
             ok = torch.gather(allowed.expand(b, h, n, n), 3, idx)
+            if rank_ok is not None:
+                ok = ok & rank_ok
             s = s.masked_fill(~ok, float("-inf"))
         p = torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype)
         pd = F.dropout(p, dropout_p) if dropout_p > 0 else p
