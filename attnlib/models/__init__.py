@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from attnlib.errors import UnsupportedError
 from attnlib.models.asr import BranchformerCTC, ConformerCTC, CTCEncoder, LogMelFrontend, ctc_greedy_decode
 from attnlib.models.blocks import (
     DropPath,
@@ -26,6 +27,7 @@ from attnlib.models.blocks import (
     attention_dict,
     check_attention,
     make_attention,
+    make_pruning,
     variants_serving,
 )
 from attnlib.models.encoder import EncoderClassifier
@@ -35,6 +37,7 @@ from attnlib.models.vit import ViT
 __all__ = [
     "MODELS",
     "MODEL_NEEDS",
+    "PRUNABLE",
     "BranchformerCTC",
     "CTCEncoder",
     "ConformerCTC",
@@ -51,6 +54,7 @@ __all__ = [
     "check_attention",
     "ctc_greedy_decode",
     "make_attention",
+    "make_pruning",
     "variants_serving",
 ]
 
@@ -70,6 +74,16 @@ MODEL_NEEDS: dict[str, dict[str, str]] = {
     "encoder": {"key_padding": "batches of different-length sequences are padded"},
     "conformer": {"key_padding": "utterances of different lengths are padded in a batch"},
     "branchformer": {"key_padding": "utterances of different lengths are padded in a batch"},
+}
+
+
+#: Models that accept a ``pruning:`` config (:mod:`attnlib.pruning`).
+PRUNABLE = ("lm", "vit")
+
+_NO_PRUNING = {
+    "conformer": ConformerCTC.PRUNING_NOTE,
+    "branchformer": ConformerCTC.PRUNING_NOTE,
+    "encoder": "Its padded sequence classification could use it, but it is not wired in yet.",
 }
 
 
@@ -97,4 +111,10 @@ def build_model(cfg: Mapping[str, Any] | Any, attention: Mapping[str, Any] | Any
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
     kwargs.update(overrides)
     check_attention(attention, MODEL_NEEDS[name], model=MODELS[name].__name__)
+    if "pruning" in kwargs and name not in PRUNABLE:
+        if kwargs.pop("pruning") is not None:
+            raise UnsupportedError(
+                f"model {name!r} ({MODELS[name].__name__}) takes no token pruning; models with a "
+                f"pruning config: {', '.join(sorted(PRUNABLE))}. {_NO_PRUNING.get(name, '')}".strip()
+            )
     return MODELS[name](attention=attention_dict(attention), **kwargs)
