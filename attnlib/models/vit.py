@@ -105,6 +105,8 @@ class ViT(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         init_weights(self)
+        if self.pruning is not None:
+            self.pruning.reset_parameters()
 
     def features(self, images: Tensor, patch_mask: Tensor | None = None) -> Tensor:
         """images (B, C, H, W) -> pooled features (B, dim)."""

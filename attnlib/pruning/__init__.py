@@ -27,19 +27,27 @@ from attnlib.pruning.base import (
     register_pruner,
     select_tokens,
 )
+from attnlib.pruning.evolve import EvolveResult, evolve
 from attnlib.pruning.ltp import LTPPruner
+from attnlib.pruning.namm import NAMMEviction, NAMMScorer, NAMMState, stft_magnitudes
 from attnlib.pruning.topk import TopKPruner
 
 __all__ = [
+    "EvolveResult",
     "LTPPruner",
+    "NAMMEviction",
+    "NAMMScorer",
+    "NAMMState",
     "PruneOutput",
     "PruningPlan",
     "TokenPruner",
     "TopKPruner",
     "available",
     "build_pruning",
+    "evolve",
     "get_pruner",
     "pruning_dict",
     "register_pruner",
     "select_tokens",
+    "stft_magnitudes",
 ]

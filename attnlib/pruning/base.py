@@ -251,6 +251,12 @@ class PruningPlan(nn.Module):
             out |= index == (p if p >= 0 else n_total + p)
         return out
 
+    def reset_parameters(self) -> None:
+        """Re-apply the pruners' own initialisation (call after a model-wide weight init)."""
+        for mod in self.modules():
+            if mod is not self and hasattr(mod, "reset_pruner_parameters"):
+                mod.reset_pruner_parameters()
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, layers={self.layers}, protect={self.protect}"
 
