@@ -213,7 +213,10 @@ class DecoderLM(nn.Module):
             if pr is None:
                 x = blk(x, mask=mask, positions=positions)
                 continue
-            x, imp = blk(x, mask=mask, positions=positions, return_importance=pr.needs_importance)
+            if pr.needs_importance:
+                x, imp = blk(x, mask=mask, positions=positions, return_importance=True)
+            else:
+                x, imp = blk(x, mask=mask, positions=positions), None
             out = pr(x, imp, mask, self.pruning.protected(index, n0, [-1]))
             if out.x is x:
                 continue

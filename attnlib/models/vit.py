@@ -155,7 +155,10 @@ class ViT(nn.Module):
             if pr is None:
                 x = blk(x, mask=mask, positions=positions)
                 continue
-            x, imp = blk(x, mask=mask, positions=positions, return_importance=pr.needs_importance)
+            if pr.needs_importance:
+                x, imp = blk(x, mask=mask, positions=positions, return_importance=True)
+            else:
+                x, imp = blk(x, mask=mask, positions=positions), None
             out = pr(x, imp, mask, self.pruning.protected(index, n0, default))
             index = torch.where(out.index >= 0, index.gather(1, out.index.clamp_min(0)), out.index)
             x, mask = out.x, out.mask

@@ -28,26 +28,33 @@ from attnlib.pruning.base import (
     select_tokens,
 )
 from attnlib.pruning.evolve import EvolveResult, evolve
+from attnlib.pruning.iared2 import IARed2Pruner, iared2_reward, reinforce_loss
 from attnlib.pruning.ltp import LTPPruner
 from attnlib.pruning.namm import NAMMEviction, NAMMScorer, NAMMState, stft_magnitudes
+from attnlib.pruning.tokenlearner import TokenFuser, TokenLearnerPruner
 from attnlib.pruning.topk import TopKPruner
 
 __all__ = [
     "EvolveResult",
+    "IARed2Pruner",
     "LTPPruner",
     "NAMMEviction",
     "NAMMScorer",
     "NAMMState",
     "PruneOutput",
     "PruningPlan",
+    "TokenFuser",
+    "TokenLearnerPruner",
     "TokenPruner",
     "TopKPruner",
     "available",
     "build_pruning",
     "evolve",
     "get_pruner",
+    "iared2_reward",
     "pruning_dict",
     "register_pruner",
+    "reinforce_loss",
     "select_tokens",
     "stft_magnitudes",
 ]
