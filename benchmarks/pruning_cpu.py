@@ -137,7 +137,8 @@ def main() -> None:
         "interleaved medians of "
         f"{args.repeats} rounds, batch 256, inference.",
         "",
-        "| config | tokens after block 0 (of 17) | test acc | drop (points) | GFLOPs/img | FLOPs ratio | img/s | speed-up |",
+        "| config | tokens after block 0 (of 17) | test acc | drop (points) | GFLOPs/img | FLOPs ratio | img/s "
+        "| speed-up |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for label, r in rows.items():
