@@ -73,8 +73,12 @@ class AttentionCache:
     Attributes:
         mode: ``"recurrent"``, ``"kv"`` or ``"recompute"`` (see :func:`decode_mode`).
         length: tokens consumed so far (the rotary position of the next token).
+        size: entries held in the key/value buffers; equals ``length`` unless entries were
+            evicted with :meth:`evict` (KV-cache eviction, :mod:`attnlib.pruning`).
+        valid: (B, size) bool, which held entries are real (after an eviction that kept
+            different counts per sequence), or None when all are.
         k, v: (B, H_kv, capacity, D) key/value buffers (``kv`` and ``recompute`` modes; the first
-            ``length`` positions are valid), rotary positions already applied.
+            ``size`` entries are valid), rotary positions already applied.
         q: (B, H, capacity, D) query buffer (``recompute`` mode only).
         state: the variant's recurrent state (``recurrent`` mode only).
     """
@@ -85,6 +89,8 @@ class AttentionCache:
         self.mode = mode
         self.batch = batch
         self.length = 0
+        self.size = 0
+        self.valid: Tensor | None = None
         self.k: Tensor | None = None
         self.v: Tensor | None = None
         self.q: Tensor | None = None
@@ -103,8 +109,42 @@ class AttentionCache:
         buf[:, :, length:need] = new
         return buf
 
+    def evict(self, index: Tensor, valid: Tensor | None = None) -> None:
+        """Keep only the cached entries ``index`` (B, K) long (ascending per row) - KV-cache eviction.
+
+        ``valid`` (B, K) bool marks padding entries (rows that keep fewer than K); they are
+        masked out of every later attention. Only ``kv`` caches can evict (a ``recompute``
+        cache re-runs queries over the prefix and a recurrent state has no entries). The
+        rotary position of the next token (``length``) is unchanged: cached keys are stored
+        already rotated, so evicting them is safe.
+        """
+        if self.mode != "kv":
+            raise ValueError(f"only a 'kv' cache can evict entries, this cache is {self.mode!r}")
+        if index.dim() != 2 or index.shape[0] != self.batch or index.dtype != torch.long:
+            raise ValueError(f"index must be (B={self.batch}, K) long, got {index.dtype} {tuple(index.shape)}")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.size):
+            raise ValueError(f"index entries must lie in [0, size={self.size})")
+        if valid is not None and tuple(valid.shape) != tuple(index.shape):
+            raise ValueError(f"valid must match index {tuple(index.shape)}, got {tuple(valid.shape)}")
+        k_new = index.shape[1]
+        for name in ("k", "v"):
+            buf = getattr(self, name)
+            if buf is None:
+                continue
+            idx = index[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3])
+            kept = buf[:, :, : self.size].gather(2, idx)
+            buf[:, :, :k_new] = kept
+        old = self.valid
+        if old is not None:
+            keep_valid = old.gather(1, index)
+            valid = keep_valid if valid is None else valid & keep_valid
+        self.valid = None if valid is None or bool(valid.all()) else valid
+        self.size = k_new
+
     def reorder(self, index: Tensor) -> None:
         """Select/reorder batch entries in place (beam search): index (B',) long."""
+        if self.valid is not None:
+            self.valid = self.valid.index_select(0, index)
         for name in ("k", "v", "q"):
             t = getattr(self, name)
             if t is not None:
@@ -117,7 +157,7 @@ class AttentionCache:
         self.batch = int(index.numel())
 
     def __repr__(self) -> str:
-        return f"AttentionCache(mode={self.mode!r}, batch={self.batch}, length={self.length})"
+        return f"AttentionCache(mode={self.mode!r}, batch={self.batch}, length={self.length}, size={self.size})"
 
 
 def _check_variant_kwargs(variant: str, cls: type[AttentionCore], kwargs: dict[str, Any]) -> None:
@@ -280,6 +320,7 @@ class Attention(nn.Module):
         need_weights: bool = True,
         position_offset: int = 0,
         cache: AttentionCache | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, AttentionExtras]:
         """Attend.
 
@@ -297,17 +338,26 @@ class Attention(nn.Module):
                 decoding: x holds the next N tokens, which attend to every token the cache has
                 seen plus themselves (causally); the cache is updated in place. ``mask`` may
                 then only be key padding over all tokens so far, (B, cache.length + N).
+                With ``return_extras`` a ``kv`` cache also reports the importance of every
+                cached key for the new queries, (B, cache.size + N).
+            positions: (B, N) or (N,) long rotary position of each token (self-attention
+                only), e.g. the original positions of the tokens a pruner kept; default
+                ``position_offset + arange(N)``.
 
         Returns:
             (B, N, dim), or ((B, N, dim), AttentionExtras) when ``return_extras``.
         """
         if cache is not None:
+            if positions is not None:
+                raise ValueError("with cache=, positions come from cache.length; do not pass positions")
             return self._forward_cached(x, cache, mask, context, return_extras, position_offset)
         self._check_inputs(x, context)
         q, k, v = self.project(x, context)
+        if positions is not None and context is not None:
+            raise ValueError("positions= is for self-attention; got a context")
         if self.rope is not None:
-            q = self.rope(q, position_offset)
-            k = self.rope(k, position_offset)
+            q = self.rope(q, position_offset, positions)
+            k = self.rope(k, position_offset, positions)
         b, h, n, _ = q.shape
         m = k.shape[2]
         am = normalize_mask(mask, causal=self.causal, batch=b, heads=h, n=n, m=m, device=x.device)
@@ -377,14 +427,17 @@ class Attention(nn.Module):
         context: Tensor | None,
         return_extras: bool,
         position_offset: int,
-    ) -> Tensor:
+    ) -> Tensor | tuple[Tensor, AttentionExtras]:
         """Incremental causal decoding of x (B, N, dim) after the cache's tokens -> (B, N, dim)."""
         if not isinstance(cache, AttentionCache):
             raise ValueError(f"cache must be an AttentionCache from init_cache(), got {describe(cache)}")
         if context is not None:
             raise ValueError("cache= is for causal self-attention decoding; context must be None")
-        if return_extras:
-            raise ValueError("return_extras is not available with cache=; call forward without a cache for extras")
+        if return_extras and cache.mode != "kv":
+            raise ValueError(
+                f"return_extras is not available with a {cache.mode!r} cache (only with a 'kv' cache); "
+                "call forward without a cache for extras"
+            )
         if position_offset:
             raise ValueError("with cache=, positions come from cache.length; do not pass position_offset")
         self._check_inputs(x, None)
@@ -392,6 +445,7 @@ class Attention(nn.Module):
         if b != cache.batch:
             raise ValueError(f"batch mismatch: x has B={b} but the cache was made for B={cache.batch}")
         start = cache.length
+        fill = cache.size
         q, k, v = self.project(x)
         if self.rope is not None:
             q = self.rope(q, start)
@@ -417,10 +471,16 @@ class Attention(nn.Module):
             cache.state = state
             out = torch.cat(outs, 2) if n > 1 else outs[0]
             self.pending_aux_loss = None
+            res = None
         else:
-            total = start + n
-            cache.k = cache._append(cache.k, k, start)
-            cache.v = cache._append(cache.v, v, start)
+            total = fill + n
+            if cache.size != cache.length and mask is not None:
+                raise ValueError(
+                    "this cache has evicted entries; a key-padding mask over all tokens so far no longer "
+                    "lines up with it - decode without mask= after eviction"
+                )
+            cache.k = cache._append(cache.k, k, fill)
+            cache.v = cache._append(cache.v, v, fill)
             kk, vv = cache.k[:, :, :total], cache.v[:, :, :total]
             if cache.mode == "recompute":
                 cache.q = cache._append(cache.q, q, start)
@@ -430,15 +490,27 @@ class Attention(nn.Module):
             )
             if am.full is not None or am.window is not None or am.block is not None:
                 raise ValueError("with cache=, mask may only be key padding (B, cache.length + N)")
+            if cache.valid is not None:
+                held = torch.cat([cache.valid, cache.valid.new_ones(b, n)], 1)
+                am = normalize_mask(
+                    held, causal=True, batch=b, heads=self.num_heads, n=q.shape[2], m=total, device=x.device
+                )
             if not caps.gqa and g > 1:
                 kk, vv = kk.repeat_interleave(g, 1), vv.repeat_interleave(g, 1)
-            res = self.core(q, kk, vv, am, dropout_p=p if caps.attn_dropout else 0.0)
+            res = self.core(q, kk, vv, am, need_importance=return_extras, dropout_p=p if caps.attn_dropout else 0.0)
             out = res.out[:, :, -n:]
             self.pending_aux_loss = res.aux_loss
+            if cache.valid is not None:
+                cache.valid = torch.cat([cache.valid, cache.valid.new_ones(b, n)], 1)
         cache.length = start + n
+        cache.size = fill + n
         if p > 0 and not caps.attn_dropout:
             out = F.dropout(out, p)
-        return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
+        y = self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
+        if not return_extras:
+            return y
+        imp = res.importance.mean(1) if res is not None and res.importance is not None else None
+        return y, AttentionExtras(weights=None, importance=imp, aux_loss=None if res is None else res.aux_loss)
 
     def extra_repr(self) -> str:
         return (

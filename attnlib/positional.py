@@ -50,8 +50,21 @@ class RotaryEmbedding(nn.Module):
             self._cache[key] = hit
         return hit
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
-        """x (B, H, N, D) at positions offset .. offset + N - 1 -> rotated (B, H, N, D)."""
+    def forward(self, x: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
+        """x (B, H, N, D) at positions offset .. offset + N - 1 -> rotated (B, H, N, D).
+
+        ``positions`` (B, N) or (N,) long gives each token its own position instead (e.g. the
+        original positions of the tokens a pruner kept); ``offset`` is then added to them.
+        """
         n = x.shape[-2]
+        if positions is not None:
+            if positions.shape[-1] != n or positions.dim() not in (1, 2):
+                raise ValueError(f"positions must be (B, N) or (N,) with N={n}, got shape {tuple(positions.shape)}")
+            pos = positions.long() + offset
+            cos, sin = self.angles(int(pos.max()) + 1, x.device)
+            c, s = cos[pos], sin[pos]  # (B, N, D/2) or (N, D/2)
+            if c.dim() == 3:
+                c, s = c[:, None], s[:, None]
+            return apply_rotary(x, c, s)
         cos, sin = self.angles(offset + n, x.device)
         return apply_rotary(x, cos[offset : offset + n], sin[offset : offset + n])

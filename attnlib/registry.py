@@ -47,6 +47,8 @@ class Capabilities:
         permutation_equivariant: without masks and ``causal``, permuting the tokens permutes
             the output (no positional structure inside the variant).
         recurrent: has a recurrent ``step`` form for causal decoding.
+        importance: reports ``importance`` (attention mass each key receives) through
+            ``return_extras`` - what token pruning (:mod:`attnlib.pruning`) ranks tokens by.
         family: the variant family ("dense", "sparse", "linear", ...).
         paper: short reference to the defining paper.
     """
@@ -66,6 +68,7 @@ class Capabilities:
     gqa: bool = False
     permutation_equivariant: bool = False
     recurrent: bool = False
+    importance: bool = True
     family: str = ""
     paper: str = ""
 

@@ -21,6 +21,7 @@ _COLUMNS = [
     ("has_weights", "weights"),
     ("trainable", "params"),
     ("recurrent", "step"),
+    ("importance", "importance"),
 ]
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from attnlib._config import split_named_config
+from attnlib.errors import UnsupportedError
 from attnlib.models.asr import BranchformerCTC, ConformerCTC, CTCEncoder, LogMelFrontend, ctc_greedy_decode
 from attnlib.models.blocks import (
     DropPath,
@@ -27,6 +28,7 @@ from attnlib.models.blocks import (
     attention_dict,
     check_attention,
     make_attention,
+    make_pruning,
     variants_serving,
 )
 from attnlib.models.encoder import EncoderClassifier
@@ -36,6 +38,7 @@ from attnlib.models.vit import ViT
 __all__ = [
     "MODELS",
     "MODEL_NEEDS",
+    "PRUNABLE",
     "BranchformerCTC",
     "CTCEncoder",
     "ConformerCTC",
@@ -52,6 +55,7 @@ __all__ = [
     "check_attention",
     "ctc_greedy_decode",
     "make_attention",
+    "make_pruning",
     "variants_serving",
 ]
 
@@ -74,6 +78,16 @@ MODEL_NEEDS: dict[str, dict[str, str]] = {
 }
 
 
+#: Models that accept a ``pruning:`` config (:mod:`attnlib.pruning`).
+PRUNABLE = ("lm", "vit")
+
+_NO_PRUNING = {
+    "conformer": ConformerCTC.PRUNING_NOTE,
+    "branchformer": ConformerCTC.PRUNING_NOTE,
+    "encoder": "Its padded sequence classification could use it, but it is not wired in yet.",
+}
+
+
 def build_model(cfg: Mapping[str, Any] | Any, attention: Mapping[str, Any] | Any, **overrides: Any) -> nn.Module:
     """Build a backbone from a model config and an attention config.
 
@@ -86,4 +100,10 @@ def build_model(cfg: Mapping[str, Any] | Any, attention: Mapping[str, Any] | Any
     name, kwargs = split_named_config(cfg, MODELS, what="model")
     kwargs.update(overrides)
     check_attention(attention, MODEL_NEEDS[name], model=MODELS[name].__name__)
+    if "pruning" in kwargs and name not in PRUNABLE:
+        if kwargs.pop("pruning") is not None:
+            raise UnsupportedError(
+                f"model {name!r} ({MODELS[name].__name__}) takes no token pruning; models with a "
+                f"pruning config: {', '.join(sorted(PRUNABLE))}. {_NO_PRUNING.get(name, '')}".strip()
+            )
     return MODELS[name](attention=attention_dict(attention), **kwargs)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlib.errors import UnsupportedError
 from attnlib.models.blocks import AttentionConfig, DropPath, FeedForward, init_weights, make_attention
 
 __all__ = [
@@ -379,6 +380,13 @@ class CTCEncoder(nn.Module):
 
     block_cls: type[nn.Module] = ConformerBlock
     model_name = "CTCEncoder"
+    #: Why a ``pruning:`` config is refused (see :mod:`attnlib.pruning`).
+    PRUNING_NOTE = (
+        "CTC needs one output frame per time step of an order-preserving, evenly sampled time axis with "
+        "out_length >= target_length (+ repeats); importance-based token dropping removes arbitrary frames, "
+        "which breaks the frame alignment, the convolution modules' neighbourhoods and the length bound. "
+        "Reduce time resolution with the subsampling front end instead (fixed-rate, length-valid downsampling)."
+    )
 
     def __init__(
         self,
@@ -399,9 +407,12 @@ class CTCEncoder(nn.Module):
         rope: bool = True,
         blank: int = 0,
         specaugment: dict | None = None,
+        pruning: object = None,
         **block_kwargs: object,
     ) -> None:
         super().__init__()
+        if pruning is not None:
+            raise UnsupportedError(f"{self.model_name} takes no token pruning: {self.PRUNING_NOTE}")
         if not 0 <= blank < vocab_size:
             raise ValueError(f"blank index {blank} out of range for vocab_size={vocab_size}")
         self.vocab_size, self.blank = vocab_size, blank

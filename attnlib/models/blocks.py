@@ -29,6 +29,7 @@ __all__ = [
     "check_attention",
     "init_weights",
     "make_attention",
+    "make_pruning",
     "variants_serving",
 ]
 
@@ -126,6 +127,46 @@ def make_attention(
     for key, value in defaults.items():
         data.setdefault(key, value)
     return build_attention(data, dim=dim, num_heads=num_heads, causal=causal)
+
+
+def make_pruning(
+    pruning: Any,
+    attention: AttentionConfig,
+    *,
+    dim: int,
+    depth: int,
+    model: str,
+    kinds: tuple[str, ...] = ("tokens",),
+    positional: bool = False,
+) -> Any:
+    """Build a model's :class:`attnlib.pruning.PruningPlan` from a ``pruning:`` config (None -> None).
+
+    Checks at build time that the attention variant reports ``importance`` when the pruner
+    ranks by it (:class:`attnlib.UnsupportedError` otherwise), that the pruner's kind is one the
+    model serves, and - for ``positional`` models (causal LMs, rotary positions) - that the
+    pruner keeps real tokens (no synthesised ones).
+    """
+    if pruning is None:
+        return None
+    from attnlib.pruning import build_pruning
+
+    plan = build_pruning(pruning, dim=dim, depth=depth, model=model)
+    if plan.kind not in kinds:
+        raise UnsupportedError(
+            f"{model} cannot use pruner {plan.name!r} (kind {plan.kind!r}); it serves pruners of kind "
+            f"{', '.join(repr(k) for k in kinds)}"
+        )
+    pruners = list(plan.pruners.values())
+    if any(getattr(p, "needs_importance", False) for p in pruners):
+        check_attention(
+            attention, {"importance": f"pruner {plan.name!r} ranks tokens by the attention they receive"}, model=model
+        )
+    if positional and any(getattr(p, "synthesizes", False) for p in pruners):
+        raise UnsupportedError(
+            f"{model} needs each token's position (causal order / rotary positions), but pruner {plan.name!r} "
+            "with these options synthesises new tokens (TokenLearner, EViT fusion); use a pruner that keeps real tokens"
+        )
+    return plan
 
 
 class DropPath(nn.Module):
@@ -238,15 +279,35 @@ class TransformerBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, cache: AttentionCache | None = None) -> Tensor:
-        """x (B, N, dim); mask (B, M) key padding (True = real token); cache for decoding."""
-        a = (
-            self.attn(self.norm1(x), mask=mask, cache=cache)
-            if cache is not None
-            else self.attn(self.norm1(x), mask=mask)
-        )
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        cache: AttentionCache | None = None,
+        *,
+        positions: Tensor | None = None,
+        return_importance: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
+        """x (B, N, dim); mask (B, M) key padding (True = real token); cache for decoding.
+
+        ``positions`` (B, N) long: rotary position of each token (after token pruning).
+        ``return_importance`` also returns the attention's importance (B, M) - the attention
+        mass each key received, averaged over heads and queries (None if the variant has none).
+        """
+        kw: dict = {"mask": mask}
+        if cache is not None:
+            kw["cache"] = cache
+        if positions is not None:
+            kw["positions"] = positions
+        imp = None
+        if return_importance:
+            a, extras = self.attn(self.norm1(x), return_extras=True, need_weights=False, **kw)
+            imp = extras.importance
+        else:
+            a = self.attn(self.norm1(x), **kw)
         x = x + self.drop_path(self.drop(a))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return (x, imp) if return_importance else x
 
 
 def init_weights(model: nn.Module, std: float = 0.02) -> None:

@@ -10,23 +10,29 @@ otherwise - in every case equal to the full forward token for token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlib.attention import AttentionCache
-from attnlib.models.blocks import AttentionConfig, TransformerBlock, init_weights
+from attnlib.models.blocks import AttentionConfig, TransformerBlock, init_weights, make_pruning
 
 __all__ = ["DecoderCache", "DecoderLM"]
 
 
 @dataclass
 class DecoderCache:
-    """Decoding state of a :class:`DecoderLM`: one :class:`attnlib.AttentionCache` per layer."""
+    """Decoding state of a :class:`DecoderLM`: one :class:`attnlib.AttentionCache` per layer.
+
+    ``eviction`` holds the KV-cache eviction state of each layer with a ``namm`` policy
+    (layer index -> :class:`attnlib.pruning.NAMMState`).
+    """
 
     layers: list[AttentionCache]
+    eviction: dict[int, Any] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -40,6 +46,8 @@ class DecoderCache:
 
     def reorder(self, index: Tensor) -> None:
         """Select/reorder batch entries of every layer (beam search): index (B',) long."""
+        if self.eviction:
+            raise ValueError("reorder is not supported with KV-cache eviction (namm) states")
         for c in self.layers:
             c.reorder(index)
 
@@ -57,6 +65,13 @@ class DecoderLM(nn.Module):
         max_len: longest sequence for learned positions (optional with rope).
         rope_base: rotary frequency base.
         tie_embeddings: output projection shares the token embedding matrix.
+        pruning: a pruning config (:mod:`attnlib.pruning`). Token pruners that keep real tokens
+            (``ltp``, ``topk`` without fusion, ``iared2``) act in the full-sequence forward: later
+            blocks run on the kept tokens (at their original rotary positions; the newest token
+            is protected by default) and every dropped token keeps the hidden state it had when
+            dropped (scatter-back), so logits come out for all N positions. They do not act in
+            cached decoding. ``namm`` evicts entries of ``kv`` decoding caches instead (the
+            full-sequence forward is unchanged).
 
     Shapes: ``forward(tokens (B, N) long, mask=None | (B, N) bool, cache=None) -> logits (B, N, V)``.
     With a cache, ``tokens`` are the next N tokens and ``mask`` (if any) covers every token so
@@ -81,6 +96,7 @@ class DecoderLM(nn.Module):
         max_len: int | None = None,
         rope_base: float = 10000.0,
         tie_embeddings: bool = True,
+        pruning: Any = None,
     ) -> None:
         super().__init__()
         if positions not in ("rope", "learned"):
@@ -113,9 +129,22 @@ class DecoderLM(nn.Module):
             )
             for r in rates
         )
+        self.pruning = make_pruning(
+            pruning, attention, dim=dim, depth=depth, model="DecoderLM", kinds=("tokens", "kv_cache"), positional=True
+        )
+        if self.pruning is not None and self.pruning.kind == "kv_cache":
+            from attnlib.models.blocks import check_attention
+
+            check_attention(
+                attention,
+                {"causal_cross": f"pruner {self.pruning.name!r} evicts entries of a key/value decoding cache"},
+                model="DecoderLM",
+            )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
         init_weights(self)
+        if self.pruning is not None:
+            self.pruning.reset_parameters()
         if tie_embeddings:
             self.head.weight = self.tok_emb.weight
 
@@ -126,7 +155,15 @@ class DecoderLM(nn.Module):
 
     def init_cache(self, batch: int, *, mode: str | None = None) -> DecoderCache:
         """Empty decoding caches for ``batch`` sequences (see :meth:`attnlib.Attention.init_cache`)."""
-        return DecoderCache([blk.attn.init_cache(batch, mode=mode) for blk in self.blocks])
+        layers = [blk.attn.init_cache(batch, mode=mode) for blk in self.blocks]
+        cache = DecoderCache(layers)
+        if self.pruning is not None and self.pruning.kind == "kv_cache":
+            w = self.tok_emb.weight
+            for i in self.pruning.layers:
+                if layers[i].mode != "kv":
+                    raise ValueError(f"pruner {self.pruning.name!r} needs 'kv' caches, got mode {layers[i].mode!r}")
+                cache.eviction[i] = self.pruning.get(i).init_state(batch, device=w.device)
+        return cache
 
     def features(self, tokens: Tensor, mask: Tensor | None = None, cache: DecoderCache | None = None) -> Tensor:
         """tokens (B, N) long -> final-norm hidden states (B, N, dim)."""
@@ -140,9 +177,55 @@ class DecoderLM(nn.Module):
                 raise ValueError(f"sequence of {start + n} tokens exceeds max_len={self.pos_emb.num_embeddings}")
             x = x + self.pos_emb(torch.arange(start, start + n, device=tokens.device))
         x = self.drop(x)
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, mask=mask, cache=None if cache is None else cache.layers[i])
+        plan = self.pruning
+        if plan is not None and plan.kind == "tokens" and cache is None:
+            x = self._pruned_blocks(x, mask)
+        elif plan is not None and plan.kind == "kv_cache" and cache is not None:
+            for i, blk in enumerate(self.blocks):
+                pol = plan.get(i)
+                if pol is None:
+                    x = blk(x, mask=mask, cache=cache.layers[i])
+                    continue
+                x, imp = blk(x, mask=mask, cache=cache.layers[i], return_importance=True)
+                pol.observe(cache.layers[i], imp, cache.eviction[i])
+        else:
+            for i, blk in enumerate(self.blocks):
+                x = blk(x, mask=mask, cache=None if cache is None else cache.layers[i])
         return self.norm(x)
+
+    def _pruned_blocks(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """Blocks with token pruners, full sequence: x (B, N, dim) -> (B, N, dim) (dropped tokens scattered back)."""
+        assert self.pruning is not None
+        b, n0, c = x.shape
+        index = torch.arange(n0, device=x.device).expand(b, n0)
+        canvas: Tensor | None = None
+        pruned = False
+
+        def write(canvas: Tensor | None, x: Tensor, index: Tensor, mask: Tensor | None) -> Tensor:
+            if canvas is None:
+                canvas = x.new_zeros(b, n0 + 1, c)
+            idx = index if mask is None else torch.where(mask, index, n0)  # padding -> a spare row
+            return canvas.scatter(1, idx[..., None].expand(-1, -1, c), x)
+
+        for i, blk in enumerate(self.blocks):
+            pr = self.pruning.get(i)
+            positions = index if pruned and self.positions == "rope" else None
+            if pr is None:
+                x = blk(x, mask=mask, positions=positions)
+                continue
+            if pr.needs_importance:
+                x, imp = blk(x, mask=mask, positions=positions, return_importance=True)
+            else:
+                x, imp = blk(x, mask=mask, positions=positions), None
+            out = pr(x, imp, mask, self.pruning.protected(index, n0, [-1]))
+            if out.x is x:
+                continue
+            canvas = write(canvas, x, index, mask)
+            index, x, mask = index.gather(1, out.index), out.x, out.mask
+            pruned = True
+        if canvas is None:
+            return x
+        return write(canvas, x, index, mask)[:, :n0]
 
     def forward(
         self,

@@ -7,10 +7,12 @@ registered variant, given as a config.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-from attnlib.models.blocks import AttentionConfig, TransformerBlock, init_weights
+from attnlib.models.blocks import AttentionConfig, TransformerBlock, init_weights, make_pruning
 
 __all__ = ["ViT"]
 
@@ -37,6 +39,11 @@ class ViT(nn.Module):
         dropout: dropout on embeddings and residual branches; attn_dropout: in the attention.
         rope: rotary positions inside the attention (1-D over the patch sequence) in addition
             to the learned absolute positions.
+        pruning: token-pruning config (:mod:`attnlib.pruning`), e.g. ``{"name": "topk",
+            "keep_ratio": 0.5, "layers": [1]}``: after each listed block the pruner drops tokens
+            (the class token is protected by default); later blocks run on the kept tokens.
+            ``last_kept_index`` then holds the original positions of the final tokens (B, N')
+            (-1 for synthesised ones).
 
     Shapes: ``forward(images (B, C, H, W), patch_mask=None | (B, num_patches) bool) -> (B, K)``.
     ``patch_mask`` marks real patches (True) for variable-size images padded to ``img_size``.
@@ -59,6 +66,7 @@ class ViT(nn.Module):
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
         rope: bool = False,
+        pruning: Any = None,
     ) -> None:
         super().__init__()
         ih, iw = _pair(img_size, "img_size")
@@ -91,9 +99,14 @@ class ViT(nn.Module):
             )
             for r in rates
         )
+        self.rope = rope
+        self.pruning = make_pruning(pruning, attention, dim=dim, depth=depth, model="ViT", positional=rope)
+        self.last_kept_index: Tensor | None = None
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         init_weights(self)
+        if self.pruning is not None:
+            self.pruning.reset_parameters()
 
     def features(self, images: Tensor, patch_mask: Tensor | None = None) -> Tensor:
         """images (B, C, H, W) -> pooled features (B, dim)."""
@@ -117,8 +130,11 @@ class ViT(nn.Module):
             if mask is not None:
                 mask = torch.cat([mask.new_ones(b, 1), mask], 1)
         x = self.drop(x + self.pos_embed)
-        for blk in self.blocks:
-            x = blk(x, mask=mask)
+        if self.pruning is None:
+            for blk in self.blocks:
+                x = blk(x, mask=mask)
+        else:
+            x, mask = self._pruned_blocks(x, mask)
         x = self.norm(x)
         if self.cls_token is not None:
             return x[:, 0]
@@ -126,6 +142,28 @@ class ViT(nn.Module):
             return x.mean(1)
         w = mask.to(x.dtype).unsqueeze(-1)
         return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+    def _pruned_blocks(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Run the blocks with the pruners after their layers: x (B, N, dim) -> (B, N', dim), mask (B, N') | None."""
+        assert self.pruning is not None
+        n0 = x.shape[1]
+        index = torch.arange(n0, device=x.device).expand(x.shape[0], n0)  # original positions
+        default = [0] if self.cls_token is not None else []
+        for i, blk in enumerate(self.blocks):
+            pr = self.pruning.get(i)
+            positions = index if self.rope else None
+            if pr is None:
+                x = blk(x, mask=mask, positions=positions)
+                continue
+            if pr.needs_importance:
+                x, imp = blk(x, mask=mask, positions=positions, return_importance=True)
+            else:
+                x, imp = blk(x, mask=mask, positions=positions), None
+            out = pr(x, imp, mask, self.pruning.protected(index, n0, default))
+            index = torch.where(out.index >= 0, index.gather(1, out.index.clamp_min(0)), out.index)
+            x, mask = out.x, out.mask
+        self.last_kept_index = index
+        return x, mask
 
     def forward(self, images: Tensor, patch_mask: Tensor | None = None) -> Tensor:
         """images (B, C, H, W) -> class logits (B, num_classes)."""

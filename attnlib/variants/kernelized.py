@@ -193,6 +193,7 @@ class FNetMixing(AttentionCore):
         attn_dropout=False,
         gqa=False,
         permutation_equivariant=False,
+        importance=False,
         family="kernelized",
         paper="Lee-Thorp et al. 2022, FNet: Mixing Tokens with Fourier Transforms",
     )

@@ -1,0 +1,126 @@
+"""LTP - Learned Token Pruning (Kim et al., KDD 2022, arXiv 2107.00910).
+
+A token's importance is the attention it receives, averaged over heads and queries (the
+attention contract's ``importance``). After block l, tokens whose importance is below a
+learned threshold are dropped:
+
+* threshold ``theta_l = final_threshold * l / depth + delta_l`` (a linear rise with depth, plus a
+  learnable offset ``delta_l`` initialised to 0);
+* **soft mode** (threshold search, training): the block output is multiplied token-wise by
+  ``mu_j = sigmoid((s_j - theta_l) / T)`` and ``aux_loss = lam * mean_j mu_j`` pushes the kept
+  ratio down (the LTP regulariser; summed over layers by :func:`attnlib.aux_loss`);
+* **hard mode** (inference, and fine-tuning with frozen thresholds): keep j iff
+  ``s_j >= max(min_threshold, theta_l)``, physically removing the others.
+
+``final_threshold = -inf`` disables pruning (identity, bit for bit). Deviations from the official
+code (kssteven418/LTP): pruned tokens are removed (not masked with -10000), a class token /
+protected tokens are never dropped, scores come from the attention without dropout, and the
+importance averages over queries of the block (padded query rows included, as in the contract).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from attnlib.pruning.base import PruneOutput, TokenPruner, register_pruner, select_tokens
+
+__all__ = ["LTPPruner"]
+
+_MODES = ("auto", "soft", "hard")
+
+
+@register_pruner("ltp")
+class LTPPruner(TokenPruner):
+    """Learned-threshold token pruning.
+
+    Args:
+        final_threshold: theta_final; layer l's base threshold is ``final_threshold * l / depth``
+            (LTP default 0.01). ``-inf`` keeps every token.
+        temperature: T of the soft mask (LTP default 1e-3).
+        lam: weight of the keep-ratio regulariser (LTP: 0.01-0.2, the main knob).
+        mode: "auto" (soft while training, hard in eval), "soft" or "hard".
+        min_threshold: floor of the hard threshold (LTP: 1e-5).
+        learn_threshold: make delta_l a trainable parameter (else a fixed buffer).
+        normalize: score ``N_valid * s_j`` instead of ``s_j`` (1 = uniform attention), which makes
+            thresholds independent of the sequence length (off in the paper).
+
+    Shapes: x (B, N, C), importance (B, N) -> x (B, N', C) (hard) or (B, N, C) (soft).
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        layer: int,
+        depth: int,
+        final_threshold: float = 0.01,
+        temperature: float = 1e-3,
+        lam: float = 0.1,
+        mode: str = "auto",
+        min_threshold: float = 1e-5,
+        learn_threshold: bool = True,
+        normalize: bool = False,
+    ) -> None:
+        super().__init__(dim=dim, layer=layer, depth=depth)
+        if mode not in _MODES:
+            raise ValueError(f"ltp mode must be one of {_MODES}, got {mode!r}")
+        if not temperature > 0:
+            raise ValueError(f"ltp temperature must be > 0, got {temperature!r}")
+        if math.isnan(final_threshold) or final_threshold == math.inf:
+            raise ValueError(f"ltp final_threshold must be a number or -inf, got {final_threshold!r}")
+        self.final_threshold, self.temperature, self.lam = float(final_threshold), float(temperature), float(lam)
+        self.mode, self.min_threshold, self.normalize = mode, float(min_threshold), bool(normalize)
+        delta = torch.zeros(())
+        if learn_threshold:
+            self.delta = nn.Parameter(delta)
+        else:
+            self.register_buffer("delta", delta)
+
+    @classmethod
+    def default_layers(cls, depth: int) -> list[int]:
+        """Every block but the first (threshold 0) and the last."""
+        return list(range(1, depth - 1)) or [0]
+
+    @property
+    def disabled(self) -> bool:
+        """True when the threshold is -inf (keep everything)."""
+        return self.final_threshold == -math.inf
+
+    def threshold(self) -> Tensor:
+        """theta_l = final_threshold * layer / depth + delta (scalar tensor)."""
+        return self.final_threshold * self.layer / self.depth + self.delta
+
+    def soft(self) -> bool:
+        """Whether the next call uses the soft mask."""
+        return self.mode == "soft" or (self.mode == "auto" and self.training)
+
+    def prune(self, x: Tensor, importance: Tensor | None, mask: Tensor | None, protected: Tensor | None) -> PruneOutput:
+        assert importance is not None
+        if self.disabled:
+            return self.identity(x, mask)
+        b, n, _ = x.shape
+        valid = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
+        prot = torch.zeros_like(valid) if protected is None else protected
+        s = importance.to(x.dtype)
+        if self.normalize:
+            s = s * valid.sum(1, keepdim=True).to(s.dtype)
+        theta = self.threshold().to(s.dtype)
+        cand = valid & ~prot
+        if self.soft():
+            mu = torch.sigmoid((s - theta) / self.temperature)
+            mu = torch.where(cand, mu, torch.ones_like(mu))
+            w = cand.to(mu.dtype)
+            aux = self.lam * (mu * w).sum() / w.sum().clamp_min(1.0)
+            return PruneOutput(x * mu[..., None], torch.arange(n, device=x.device).expand(b, n), mask, aux)
+        keep = (cand & (s >= torch.clamp(theta, min=self.min_threshold))) | (prot & valid)
+        xk, index, new_mask = select_tokens(x, keep)
+        return PruneOutput(xk, index, new_mask)
+
+    def extra_repr(self) -> str:
+        return (
+            f"layer={self.layer}, final_threshold={self.final_threshold}, temperature={self.temperature}, "
+            f"lam={self.lam}, mode={self.mode!r}"
+        )
