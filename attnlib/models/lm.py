@@ -57,6 +57,8 @@ class DecoderLM(nn.Module):
         max_len: longest sequence for learned positions (optional with rope).
         rope_base: rotary frequency base.
         tie_embeddings: output projection shares the token embedding matrix.
+        init: weight initialisation, "gpt2" (truncated normal, std 0.02) or "fan_in" (scaled by
+            the width; better for small models), see :func:`attnlib.models.blocks.init_weights`.
 
     Shapes: ``forward(tokens (B, N) long, mask=None | (B, N) bool, cache=None) -> logits (B, N, V)``.
     With a cache, ``tokens`` are the next N tokens and ``mask`` (if any) covers every token so
@@ -81,6 +83,7 @@ class DecoderLM(nn.Module):
         max_len: int | None = None,
         rope_base: float = 10000.0,
         tie_embeddings: bool = True,
+        init: str = "gpt2",
     ) -> None:
         super().__init__()
         if positions not in ("rope", "learned"):
@@ -115,7 +118,7 @@ class DecoderLM(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
-        init_weights(self)
+        init_weights(self, scheme=init)
         if tie_embeddings:
             self.head.weight = self.tok_emb.weight
 
