@@ -159,6 +159,28 @@ def test_check_attention_and_config_errors() -> None:
         ViT(attention={"variant": "softmax"}, **TINY)(torch.randn(2, 1, 9, 9))
 
 
+def test_init_schemes() -> None:
+    """gpt2: std 0.02 everywhere; fan_in: Linear U(+-1/sqrt(fan_in)), embeddings std 1/sqrt(dim)."""
+    torch.manual_seed(0)
+    dim, vocab = 64, 512
+    kw = {"attention": {"variant": "softmax"}, "vocab_size": vocab, "dim": dim, "depth": 1, "num_heads": 1}
+    gpt2 = DecoderLM(**kw)
+    fan = DecoderLM(**kw, init="fan_in", tie_embeddings=False)
+    assert abs(gpt2.tok_emb.weight.std().item() - 0.02 * 0.88) < 0.001  # trunc at 2 std: std * 0.88
+    assert abs(fan.tok_emb.weight.std().item() - dim**-0.5) < 0.003
+    qkv = [m for n, m in fan.named_modules() if isinstance(m, torch.nn.Linear) and m.in_features == dim]
+    assert qkv
+    for m in qkv:
+        w = m.weight
+        assert w.abs().max().item() <= dim**-0.5
+        assert abs(w.std().item() - (3 * dim) ** -0.5) < 0.01  # uniform(-b, b) has std b / sqrt(3)
+    fc2 = fan.blocks[0].mlp.fc2  # fan_in = hidden width, not dim
+    assert fc2.weight.abs().max().item() <= fc2.in_features**-0.5 < dim**-0.5
+    assert fc2.weight.abs().max().item() > 0.9 * fc2.in_features**-0.5
+    with pytest.raises(ValueError, match="init scheme must be one of"):
+        DecoderLM(**kw, init="xavier")
+
+
 # -- padding: a padded batch gives each sequence the output it gets alone -----------------------
 
 

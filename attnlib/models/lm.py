@@ -72,6 +72,8 @@ class DecoderLM(nn.Module):
             dropped (scatter-back), so logits come out for all N positions. They do not act in
             cached decoding. ``namm`` evicts entries of ``kv`` decoding caches instead (the
             full-sequence forward is unchanged).
+        init: weight initialisation, "gpt2" (truncated normal, std 0.02) or "fan_in" (scaled by
+            the width; better for small models), see :func:`attnlib.models.blocks.init_weights`.
 
     Shapes: ``forward(tokens (B, N) long, mask=None | (B, N) bool, cache=None) -> logits (B, N, V)``.
     With a cache, ``tokens`` are the next N tokens and ``mask`` (if any) covers every token so
@@ -97,6 +99,7 @@ class DecoderLM(nn.Module):
         rope_base: float = 10000.0,
         tie_embeddings: bool = True,
         pruning: Any = None,
+        init: str = "gpt2",
     ) -> None:
         super().__init__()
         if positions not in ("rope", "learned"):
@@ -142,7 +145,7 @@ class DecoderLM(nn.Module):
             )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
-        init_weights(self)
+        init_weights(self, scheme=init)
         if self.pruning is not None:
             self.pruning.reset_parameters()
         if tie_embeddings:
