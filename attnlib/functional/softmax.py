@@ -26,6 +26,7 @@ __all__ = [
     "reference_attention",
     "repeat_kv",
     "softmax_attention",
+    "softmax_attention_importance",
     "softmax_importance",
 ]
 
@@ -265,3 +266,66 @@ def softmax_importance(
             p = torch.softmax(scores, -1)
         acc += p.sum(2)
     return (acc / n).to(q.dtype)
+
+
+def softmax_attention_importance(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskLike | list[MaskLike] = None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    chunk_size: int = 512,
+) -> tuple[Tensor, Tensor]:
+    """Exact softmax attention and the importance of each key, from ONE pass over Q K^T.
+
+    Per chunk of ``chunk_size`` queries the weights ``w = softmax(q k^T · scale)`` (under the
+    masks) are formed explicitly, ``out = dropout(w) @ v`` and ``importance += w.sum(queries)``,
+    so the logits are computed once - unlike :func:`softmax_attention` followed by
+    :func:`softmax_importance` (two Q K^T passes). Memory is O(B·H·chunk_size·M), the same as
+    :func:`softmax_importance`; never N x M unless N <= chunk_size. The importance is taken
+    before dropout and accumulated in >= float32.
+
+    Args:
+        q: (B, H, N, D); k: (B, H_kv, M, D); v: (B, H_kv, M, Dv); H a multiple of H_kv.
+        mask, causal, scale, dropout_p: as in :func:`softmax_attention`.
+        chunk_size: queries per chunk (>= 1).
+
+    Returns:
+        ``(out (B, H, N, Dv), importance (B, H, M))`` with ``importance[b, h, j] =
+        mean_i w[b, h, i, j]`` (rows with no allowed key contribute zeros), in q's dtype.
+    """
+    check_qkv(q, k, v, where="softmax_attention_importance")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    am = as_attention_mask(q, k, mask, causal)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    b, h, n, _ = q.shape
+    g = h // k.shape[1]
+    kk, vv = repeat_kv(k, g), repeat_kv(v, g)
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kt = kk.transpose(-1, -2)
+    outs: list[Tensor] = []
+    imp: Tensor | None = None
+    for s in range(0, n, chunk_size):
+        e = min(n, s + chunk_size)
+        scores = torch.matmul(q[:, :, s:e], kt) * scale
+        acc = scores.to(acc_dtype)
+        allowed = am.dense_rows(s, e) if am.kinds() else None
+        if allowed is not None:
+            empty = ~allowed.any(-1, keepdim=True)
+            acc = acc.masked_fill(~(allowed | empty), float("-inf"))
+            p = torch.softmax(acc, dim=-1).masked_fill(empty, 0.0)
+        else:
+            p = torch.softmax(acc, dim=-1)
+        part = p.sum(2)
+        imp = part if imp is None else imp + part
+        w = p.to(q.dtype)
+        wd = F.dropout(w, p=dropout_p) if dropout_p > 0 else w
+        outs.append(torch.matmul(wd, vv))
+    if imp is None:  # N == 0
+        return q.new_zeros(b, h, 0, v.shape[-1]), q.new_zeros(b, h, k.shape[2])
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+    return out, (imp / n).to(q.dtype)

@@ -8,7 +8,10 @@ learned threshold are dropped:
   learnable offset ``delta_l`` initialised to 0);
 * **soft mode** (threshold search, training): the block output is multiplied token-wise by
   ``mu_j = sigmoid((s_j - theta_l) / T)`` and ``aux_loss = lam * mean_j mu_j`` pushes the kept
-  ratio down (the LTP regulariser; summed over layers by :func:`attnlib.aux_loss`);
+  ratio down (the LTP regulariser; summed over layers by :func:`attnlib.aux_loss`) - or, with
+  ``keep_target`` set, ``aux_loss = lam * (mean_j mu_j - keep_target)^2`` steers the soft keep
+  ratio to a target (the ratio loss of DynamicViT, Rao et al. 2021; an addition to LTP, whose
+  plain regulariser needs ``lam`` searched per target);
 * **hard mode** (inference, and fine-tuning with frozen thresholds): keep j iff
   ``s_j >= max(min_threshold, theta_l)``, physically removing the others.
 
@@ -46,6 +49,9 @@ class LTPPruner(TokenPruner):
         learn_threshold: make delta_l a trainable parameter (else a fixed buffer).
         normalize: score ``N_valid * s_j`` instead of ``s_j`` (1 = uniform attention), which makes
             thresholds independent of the sequence length (off in the paper).
+        keep_target: None (LTP's ``lam * mean mu``) or a fraction in (0, 1]: the soft keep ratio
+            (mean of mu over the real, unprotected tokens of the batch) is pulled to it by
+            ``lam * (mean mu - keep_target)^2``.
 
     Shapes: x (B, N, C), importance (B, N) -> x (B, N', C) (hard) or (B, N, C) (soft).
     """
@@ -63,6 +69,7 @@ class LTPPruner(TokenPruner):
         min_threshold: float = 1e-5,
         learn_threshold: bool = True,
         normalize: bool = False,
+        keep_target: float | None = None,
     ) -> None:
         super().__init__(dim=dim, layer=layer, depth=depth)
         if mode not in _MODES:
@@ -72,7 +79,10 @@ class LTPPruner(TokenPruner):
         if math.isnan(final_threshold) or final_threshold == math.inf:
             raise ValueError(f"ltp final_threshold must be a number or -inf, got {final_threshold!r}")
         self.final_threshold, self.temperature, self.lam = float(final_threshold), float(temperature), float(lam)
+        if keep_target is not None and not (isinstance(keep_target, (int, float)) and 0.0 < keep_target <= 1.0):
+            raise ValueError(f"ltp keep_target must be None or in (0, 1], got {keep_target!r}")
         self.mode, self.min_threshold, self.normalize = mode, float(min_threshold), bool(normalize)
+        self.keep_target = None if keep_target is None else float(keep_target)
         delta = torch.zeros(())
         if learn_threshold:
             self.delta = nn.Parameter(delta)
@@ -113,7 +123,8 @@ class LTPPruner(TokenPruner):
             mu = torch.sigmoid((s - theta) / self.temperature)
             mu = torch.where(cand, mu, torch.ones_like(mu))
             w = cand.to(mu.dtype)
-            aux = self.lam * (mu * w).sum() / w.sum().clamp_min(1.0)
+            ratio = (mu * w).sum() / w.sum().clamp_min(1.0)
+            aux = self.lam * (ratio if self.keep_target is None else (ratio - self.keep_target) ** 2)
             return PruneOutput(x * mu[..., None], torch.arange(n, device=x.device).expand(b, n), mask, aux)
         keep = (cand & (s >= torch.clamp(theta, min=self.min_threshold))) | (prot & valid)
         xk, index, new_mask = select_tokens(x, keep)
@@ -122,5 +133,5 @@ class LTPPruner(TokenPruner):
     def extra_repr(self) -> str:
         return (
             f"layer={self.layer}, final_threshold={self.final_threshold}, temperature={self.temperature}, "
-            f"lam={self.lam}, mode={self.mode!r}"
+            f"lam={self.lam}, mode={self.mode!r}, keep_target={self.keep_target}"
         )

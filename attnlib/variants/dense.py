@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from attnlib.functional.local import local_attention, local_importance
-from attnlib.functional.softmax import softmax_attention, softmax_importance
+from attnlib.functional.softmax import softmax_attention, softmax_attention_importance, softmax_importance
 from attnlib.masks import AttentionMask, MaskLike, SlidingWindow
 from attnlib.registry import Capabilities, register_variant
 from attnlib.variants.base import AttentionCore, CoreOutput
@@ -28,7 +28,9 @@ class SoftmaxAttention(AttentionCore):
 
     Args:
         num_heads, head_dim: set by :class:`attnlib.Attention`.
-        backend: "auto" (SDPA; math when weights are requested), "sdpa", "flex" or "math".
+        backend: "auto" (SDPA; math when weights are requested; a one-pass query-chunked math
+            path giving output and importance together when only importance is requested),
+            "sdpa", "flex" or "math".
         scale: logit scale, default head_dim**-0.5.
     """
 
@@ -81,6 +83,11 @@ class SoftmaxAttention(AttentionCore):
                 return_weights=True,
             )
             return CoreOutput(out, weights=w, importance=w.mean(2) if need_importance else None)
+        if need_importance and self.backend in ("auto", "math") and mask.block is None:
+            # one pass: explicit weights give out = w @ v and importance = w.mean(queries) together
+            # (query-chunked, O(chunk·M) memory) instead of SDPA plus a second Q K^T pass
+            out, imp = softmax_attention_importance(q, k, v, mask=mask, scale=self.scale, dropout_p=dropout_p)
+            return CoreOutput(out, importance=imp)
         out = softmax_attention(q, k, v, mask=mask, scale=self.scale, dropout_p=dropout_p, backend=self.backend)  # type: ignore[arg-type]
         imp = softmax_importance(q, k, mask=mask, scale=self.scale) if need_importance else None
         return CoreOutput(out, importance=imp)  # type: ignore[arg-type]
