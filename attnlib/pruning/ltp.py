@@ -89,6 +89,8 @@ class LTPPruner(TokenPruner):
             raise ValueError(f"ltp keep_target must be None or in (0, 1], got {keep_target!r}")
         self.mode, self.min_threshold, self.normalize = mode, float(min_threshold), bool(normalize)
         self.keep_target = None if keep_target is None else float(keep_target)
+        # keep-all (-inf) asks the block for no importance: the unpruned model's kernels, bit for bit
+        self.needs_importance = self.final_threshold != -math.inf  # type: ignore[misc]
         delta = torch.zeros(())
         if learn_threshold:
             self.delta = nn.Parameter(delta)
@@ -114,9 +116,9 @@ class LTPPruner(TokenPruner):
         return self.mode == "soft" or (self.mode == "auto" and self.training)
 
     def prune(self, x: Tensor, importance: Tensor | None, mask: Tensor | None, protected: Tensor | None) -> PruneOutput:
-        assert importance is not None
         if self.disabled:
             return self.identity(x, mask)
+        assert importance is not None
         b, n, _ = x.shape
         valid = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
         prot = torch.zeros_like(valid) if protected is None else protected

@@ -30,7 +30,7 @@ class SoftmaxAttention(AttentionCore):
         num_heads, head_dim: set by :class:`attnlib.Attention`.
         backend: "auto" (SDPA; math when weights are requested; a one-pass query-chunked math
             path giving output and importance together when only importance is requested),
-            "sdpa", "flex" or "math".
+            "sdpa", "flex" or "math". (Single-query steps with importance: SDPA plus the weight row.)
         scale: logit scale, default head_dim**-0.5.
     """
 
@@ -83,9 +83,11 @@ class SoftmaxAttention(AttentionCore):
                 return_weights=True,
             )
             return CoreOutput(out, weights=w, importance=w.mean(2) if need_importance else None)
-        if need_importance and self.backend in ("auto", "math") and mask.block is None:
+        if need_importance and self.backend in ("auto", "math") and mask.block is None and q.shape[2] > 1:
             # one pass: explicit weights give out = w @ v and importance = w.mean(queries) together
-            # (query-chunked, O(chunk·M) memory) instead of SDPA plus a second Q K^T pass
+            # (query-chunked, O(chunk·M) memory) instead of SDPA plus a second Q K^T pass. A single
+            # query (a decoding step) keeps SDPA plus its one weight row, so decoding with importance
+            # (namm eviction) gives bit-identical outputs to decoding without.
             out, imp = softmax_attention_importance(q, k, v, mask=mask, scale=self.scale, dropout_p=dropout_p)
             return CoreOutput(out, importance=imp)
         out = softmax_attention(q, k, v, mask=mask, scale=self.scale, dropout_p=dropout_p, backend=self.backend)  # type: ignore[arg-type]
