@@ -2,13 +2,15 @@
 
     .venv/bin/python benchmarks/pruning_cpu.py [--work /tmp/attnlib-pruning] [--threads 1] [--runs 9]
 
-1. Trains three models with the same recipe (``attnlib-train``, 2500 steps; cached in
+1. Trains four models with the same recipe (``attnlib-train``, 2500 steps; cached in
    ``--work``, reused when their checkpoints exist):
    * ``experiment=vit_digits`` - the unpruned softmax baseline;
    * ``experiment=vit_digits_topk`` - trained WITH top-k pruning after block 0 (keep 8 of the 16
-     patch tokens + the class token: blocks 1-3 run on 9 of 17 tokens);
-   * ``experiment=vit_digits_ltp`` - trained WITH Learned Token Pruning after block 0 (soft mask
-     and learned threshold in training, keep-ratio loss targeting 50%; hard pruning in eval).
+     patch tokens + the class token: blocks 1-3 run on 9 of 17 tokens); also with
+     ``model.pruning.fuse=true`` (EViT: the dropped tokens merged into one, 10 tokens);
+   * ``experiment=vit_digits_ltp`` - trained WITH Learned Token Pruning after block 0 (learned
+     threshold; hard pruning in the forward pass with straight-through soft-mask gradients, a
+     per-sample keep-ratio loss targeting 50%; hard pruning in eval).
 2. Evaluates on the 360 test digits: the trained models, the same weights at other eval-time
    keep ratios / thresholds (3 per pruner, as the issue asks), post-hoc pruning of the baseline
    (no pruning-aware training, for contrast) and the topk model with importance from a second
@@ -44,21 +46,26 @@ from attnlib.models import build_model
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "results"
 
-RUNS = {"base": "vit_digits", "topk": "vit_digits_topk", "ltp": "vit_digits_ltp"}
+RUNS: dict[str, list[str]] = {
+    "base": ["experiment=vit_digits"],
+    "topk": ["experiment=vit_digits_topk"],
+    "topk_fuse": ["experiment=vit_digits_topk", "model.pruning.fuse=true"],
+    "ltp": ["experiment=vit_digits_ltp"],
+}
 
 
-def train(work: Path, name: str, experiment: str) -> Path:
-    """Train (once) ``experiment`` into ``work/name``; returns the checkpoint path."""
+def train(work: Path, name: str, overrides: list[str]) -> Path:
+    """Train (once) with the ``attnlib-train`` ``overrides`` into ``work/name``; returns the checkpoint path."""
     run = work / name
     ck = run / "checkpoints" / "last.pt"
     if not (run / "results.json").exists():
         exe = Path(sys.executable).parent / "attnlib-train"
         t0 = time.perf_counter()
         subprocess.run(
-            [str(exe), f"experiment={experiment}", f"hydra.run.dir={run}", "trainer.progress=false", "resume=true"],
+            [str(exe), *overrides, f"hydra.run.dir={run}", "trainer.progress=false", "resume=true"],
             check=True,
         )
-        print(f"trained {experiment} in {time.perf_counter() - t0:.0f}s")
+        print(f"trained {' '.join(overrides)} in {time.perf_counter() - t0:.0f}s")
     return ck
 
 
@@ -139,6 +146,7 @@ def main() -> None:
     models: dict[str, tuple[Any, str]] = {
         "none (baseline)": (load(cks["base"], data), "trained unpruned"),
         "topk r=0.5": (load(cks["topk"], data), "trained with topk r=0.5 (bar config)"),
+        "topk r=0.5 + fuse": (load(cks["topk_fuse"], data), "trained with topk r=0.5, EViT fusion (+1 token)"),
         "topk r=0.5, 2-pass importance": (
             load(cks["topk"], data, backend="sdpa"),
             "same weights; importance by SDPA + a second QK^T pass (before this change)",
