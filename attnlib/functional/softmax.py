@@ -44,6 +44,23 @@ def as_attention_mask(q: Tensor, k: Tensor, mask: MaskLike | list[MaskLike], cau
     return normalize_mask(mask, causal=causal, batch=b, heads=h, n=n, m=k.shape[2], device=q.device)
 
 
+SHORT_ROW = 32
+"""Rows shorter than this take the explicit softmax on CPU (see :func:`_softmax_rows`)."""
+
+
+def _softmax_rows(x: Tensor) -> Tensor:
+    """Softmax over the last dim of x (..., M).
+
+    On CPU with M < :data:`SHORT_ROW` it is computed as ``exp(x - max) / sum`` explicitly:
+    PyTorch's CPU softmax kernel is several times slower on such short rows (e.g. 2.3 ms vs
+    0.34 ms for (1024, 9, 9) float32 on one thread) - the rows of a pruned ViT's attention.
+    """
+    if x.device.type == "cpu" and x.shape[-1] < SHORT_ROW:
+        e = (x - x.amax(-1, keepdim=True)).exp()
+        return e / e.sum(-1, keepdim=True)
+    return torch.softmax(x, dim=-1)
+
+
 def _math(
     q: Tensor,
     k: Tensor,
@@ -60,9 +77,9 @@ def _math(
     if allowed is not None:
         empty = ~allowed.any(-1, keepdim=True)
         acc = acc.masked_fill(~(allowed | empty), float("-inf"))
-        w = torch.softmax(acc, dim=-1).masked_fill(empty, 0.0)
+        w = _softmax_rows(acc).masked_fill(empty, 0.0)
     else:
-        w = torch.softmax(acc, dim=-1)
+        w = _softmax_rows(acc)
     w = w.to(q.dtype)
     wd = F.dropout(w, p=dropout_p) if dropout_p > 0 else w
     return torch.matmul(wd, v), w
@@ -261,9 +278,9 @@ def softmax_importance(
         if allowed is not None:
             empty = ~allowed.any(-1, keepdim=True)
             scores = scores.masked_fill(~(allowed | empty), float("-inf"))
-            p = torch.softmax(scores, -1).masked_fill(empty, 0.0)
+            p = _softmax_rows(scores).masked_fill(empty, 0.0)
         else:
-            p = torch.softmax(scores, -1)
+            p = _softmax_rows(scores)
         acc += p.sum(2)
     return (acc / n).to(q.dtype)
 
@@ -317,9 +334,9 @@ def softmax_attention_importance(
         if allowed is not None:
             empty = ~allowed.any(-1, keepdim=True)
             acc = acc.masked_fill(~(allowed | empty), float("-inf"))
-            p = torch.softmax(acc, dim=-1).masked_fill(empty, 0.0)
+            p = _softmax_rows(acc).masked_fill(empty, 0.0)
         else:
-            p = torch.softmax(acc, dim=-1)
+            p = _softmax_rows(acc)
         part = p.sum(2)
         imp = part if imp is None else imp + part
         w = p.to(q.dtype)
