@@ -2,21 +2,22 @@
 
     .venv/bin/python benchmarks/pruning_cpu.py [--work /tmp/attnlib-pruning] [--threads 1] [--runs 9]
 
-1. Trains four models with the same recipe (``attnlib-train``, 2500 steps; cached in
-   ``--work``, reused when their checkpoints exist):
+1. Trains three models per seed (``--seeds``, default 0) with the same recipe (``attnlib-train``,
+   2500 steps, about 2-3 minutes each; cached in ``--work``, reused when finished):
    * ``experiment=vit_digits`` - the unpruned softmax baseline;
    * ``experiment=vit_digits_topk`` - trained WITH top-k pruning after block 0 (keep 8 of the 16
-     patch tokens + the class token: blocks 1-3 run on 9 of 17 tokens); also with
-     ``model.pruning.fuse=true`` (EViT: the dropped tokens merged into one, 10 tokens);
+     patch tokens + the class token: blocks 1-3 run on 9 of 17 tokens);
    * ``experiment=vit_digits_ltp`` - trained WITH Learned Token Pruning after block 0 (learned
      threshold; hard pruning in the forward pass with straight-through soft-mask gradients, a
      per-sample keep-ratio loss targeting 50%; hard pruning in eval).
-2. Evaluates on the 360 test digits: the trained models, the same weights at other eval-time
+2. Evaluates on the 360 test digits (1 image = 0.28 points, so several seeds are worth running:
+   accuracies are means over the seeds): the trained models, the same weights at other eval-time
    keep ratios / thresholds (3 per pruner, as the issue asks), post-hoc pruning of the baseline
-   (no pruning-aware training, for contrast) and the topk model with importance from a second
-   Q K^T pass (``backend=sdpa``: SDPA output + :func:`softmax_importance`) instead of the
-   one-pass explicit path (:func:`softmax_attention_importance`).
-3. Throughput: batch 256, eval, ``torch.inference_mode``, interleaved rounds
+   (no pruning-aware training, for contrast) and the topk model run as before this change
+   (``backend=sdpa``: SDPA in every block and importance from a second Q K^T pass,
+   :func:`softmax_importance`, instead of the one-pass :func:`softmax_attention_importance` and
+   the explicit short-row path for < 32 keys on CPU).
+3. Throughput (the first seed's models): batch 256, eval, ``torch.inference_mode``, interleaved rounds
    (:func:`attnlib.bench.timing.time_cpu_interleaved`), median images/s; speed-up vs baseline.
 4. FLOPs: analytic 2 x multiply-adds of the blocks for the token counts actually run (padded
    counts: a batch runs at its longest row).
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -49,7 +51,6 @@ OUT = ROOT / "results"
 RUNS: dict[str, list[str]] = {
     "base": ["experiment=vit_digits"],
     "topk": ["experiment=vit_digits_topk"],
-    "topk_fuse": ["experiment=vit_digits_topk", "model.pruning.fuse=true"],
     "ltp": ["experiment=vit_digits_ltp"],
 }
 
@@ -120,49 +121,64 @@ class TokenCounter:
         return padded, real
 
 
+def build_models(cks: dict[str, dict[str, Any]], data: Any) -> dict[str, tuple[Any, str]]:
+    """label -> (model in eval mode, note): the trained models and eval-time variants of one seed."""
+    topk_cfg = dict(cks["topk"]["config"]["model"]["pruning"])
+    ltp_cfg = dict(cks["ltp"]["config"]["model"]["pruning"], mode="hard")
+    models: dict[str, tuple[Any, str]] = {
+        "none (baseline)": (load(cks["base"], data), "trained unpruned"),
+        "topk r=0.5": (load(cks["topk"], data), "trained with topk r=0.5 (bar config)"),
+        "topk r=0.5, before this change": (
+            load(cks["topk"], data, backend="sdpa"),
+            "same weights; SDPA in every block + importance from a second QK^T pass",
+        ),
+        "topk r=0.75": (load(cks["topk"], data, dict(topk_cfg, keep_ratio=0.75)), "trained at r=0.5, eval r=0.75"),
+        "topk r=0.25": (load(cks["topk"], data, dict(topk_cfg, keep_ratio=0.25)), "trained at r=0.5, eval r=0.25"),
+        "topk r=0.5 post-hoc": (load(cks["base"], data, topk_cfg), "baseline weights, no pruning-aware training"),
+        "ltp (learned threshold)": (load(cks["ltp"], data, ltp_cfg), "trained with ltp (bar config)"),
+    }
+    for scale in (0.75, 1.25):  # the trained model at scaled thresholds
+        m = load(cks["ltp"], data, ltp_cfg)
+        pr = m.pruning.get(ltp_cfg["layers"][0])
+        with torch.no_grad():
+            pr.delta.add_((scale - 1.0) * float(pr.threshold()))
+        models[f"ltp threshold x{scale}"] = (m, f"trained with ltp, eval threshold x{scale}")
+    return models
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/attnlib-pruning")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=9)
+    ap.add_argument("--seeds", default="0", help="comma-separated training seeds (accuracy = mean over them)")
     args = ap.parse_args()
     work = Path(args.work)
+    seeds = [int(x) for x in args.seeds.split(",")]
     t_start = time.perf_counter()
-    cks = {k: torch.load(train(work, k, e), map_location="cpu", weights_only=False) for k, e in RUNS.items()}
+    cks_by_seed = {
+        sd: {
+            k: torch.load(
+                train(work, k if sd == 0 else f"{k}_s{sd}", [*o, f"seed={sd}"]), map_location="cpu", weights_only=False
+            )
+            for k, o in RUNS.items()
+        }
+        for sd in seeds
+    }
     torch.set_num_threads(args.threads)
-    base_cfg = OmegaConf.create(cks["base"]["config"])
-    data = build_data(OmegaConf.to_container(base_cfg.data, resolve=True))
+    cks = cks_by_seed[seeds[0]]
+    data = build_data(OmegaConf.to_container(OmegaConf.create(cks["base"]["config"]).data, resolve=True))
     data.ensure_setup()
     batches = list(data.eval_batches("test"))
     xs = torch.cat([b["x"] for b in batches])
     ys = torch.cat([b["y"] for b in batches])
     bench_x = xs[torch.arange(256) % xs.shape[0]]
-
-    topk_cfg = dict(cks["topk"]["config"]["model"]["pruning"])
-    ltp_cfg = dict(cks["ltp"]["config"]["model"]["pruning"])
-    ltp_model = load(cks["ltp"], data)
-    learned = float(ltp_model.pruning.get(ltp_cfg["layers"][0]).threshold())
-
-    models: dict[str, tuple[Any, str]] = {
-        "none (baseline)": (load(cks["base"], data), "trained unpruned"),
-        "topk r=0.5": (load(cks["topk"], data), "trained with topk r=0.5 (bar config)"),
-        "topk r=0.5 + fuse": (load(cks["topk_fuse"], data), "trained with topk r=0.5, EViT fusion (+1 token)"),
-        "topk r=0.5, 2-pass importance": (
-            load(cks["topk"], data, backend="sdpa"),
-            "same weights; importance by SDPA + a second QK^T pass (before this change)",
-        ),
-        "topk r=0.75": (load(cks["topk"], data, dict(topk_cfg, keep_ratio=0.75)), "trained at r=0.5, eval r=0.75"),
-        "topk r=0.25": (load(cks["topk"], data, dict(topk_cfg, keep_ratio=0.25)), "trained at r=0.5, eval r=0.25"),
-        "topk r=0.5 post-hoc": (load(cks["base"], data, topk_cfg), "baseline weights, no pruning-aware training"),
-        f"ltp thr={learned:.2f} (learned)": (load(cks["ltp"], data, dict(ltp_cfg, mode="hard")), "trained with ltp"),
-    }
-    for scale in (0.75, 1.25):  # the trained model at scaled thresholds
-        m = load(cks["ltp"], data, dict(ltp_cfg, mode="hard"))
-        pr = m.pruning.get(ltp_cfg["layers"][0])
-        with torch.no_grad():
-            pr.delta.add_((scale - 1.0) * learned)
-        models[f"ltp thr={float(pr.threshold()):.2f}"] = (m, f"trained with ltp, eval threshold x{scale}")
-
+    accs: dict[str, list[float]] = {}
+    with torch.inference_mode():
+        for sd in seeds[1:]:
+            for label, (m, _) in build_models(cks_by_seed[sd], data).items():
+                accs.setdefault(label, []).append(float((m(xs).argmax(-1) == ys).float().mean()))
+    models = build_models(cks, data)  # the first seed's models are also timed
     n0 = 1 + models["none (baseline)"][0].num_patches
     ref = models["none (baseline)"][0]
     depth, dim = len(ref.blocks), ref.blocks[0].attn.dim
@@ -171,12 +187,14 @@ def main() -> None:
     with torch.inference_mode():
         for label, (m, note) in models.items():
             counter = TokenCounter(m)
-            acc = float((m(xs).argmax(-1) == ys).float().mean())
+            acc = [float((m(xs).argmax(-1) == ys).float().mean()), *accs.get(label, [])]
             m(bench_x)  # token counts of the timed batch
             padded, real = counter.per_block(n0)
             rows[label] = {
                 "note": note,
-                "accuracy": acc,
+                "accuracy": statistics.mean(acc),
+                "accuracy_per_seed": acc,
+                "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
                 "tokens_per_block_padded": padded,
                 "tokens_per_block_real": real,
                 "kept_fraction_later_blocks": sum(real[1:]) / ((depth - 1) * n0),
@@ -212,6 +230,7 @@ def main() -> None:
         runs=args.runs,
         seconds=time.perf_counter() - t_start,
         test_images=int(xs.shape[0]),
+        seeds=seeds,
         train_results={k: json.loads((work / k / "results.json").read_text()) for k in RUNS},
     )
     OUT.mkdir(parents=True, exist_ok=True)
@@ -222,8 +241,10 @@ def main() -> None:
         "",
         f"Machine: {meta['cpu']}, {meta['cores']} cores, {args.threads} thread(s), torch {meta['torch']}, load average "
         f"{load_s} - **busy machine**, shared with other jobs. Batch 256, inference, interleaved medians of "
-        f"{args.runs} rounds. Accuracy on the {xs.shape[0]} test digits. Pruning after block 0: blocks 1-3 run on "
-        "the kept tokens (17 = 16 patches + class token before). Rerun: `python benchmarks/pruning_cpu.py`.",
+        f"{args.runs} rounds. Test accuracy on the {xs.shape[0]} test digits, mean over training seeds {seeds} "
+        "(per seed in the JSON). Pruning after block 0: blocks 1-3 run on "
+        "the kept tokens (17 = 16 patches + class token before). Rerun: "
+        f"`python benchmarks/pruning_cpu.py --seeds {args.seeds}`.",
         "",
         "| config | tokens per block (real) | later-block keep | test acc | drop (points) | GFLOPs/img | FLOPs ratio "
         "| img/s | speed-up | note |",
@@ -232,7 +253,8 @@ def main() -> None:
     for label, r in rows.items():
         toks = "/".join(f"{v:.1f}".rstrip("0").rstrip(".") for v in r["tokens_per_block_real"])
         lines.append(
-            f"| {label} | {toks} | {100 * r['kept_fraction_later_blocks']:.0f}% | {100 * r['accuracy']:.2f}% | "
+            f"| {label} | {toks} | {100 * r['kept_fraction_later_blocks']:.0f}% | {100 * r['accuracy']:.2f}% "
+            f"(±{100 * r['accuracy_std']:.2f}) | "
             f"{r['acc_drop_points']:+.2f} | {r['gflops_per_image']:.5f} | {r['flops_ratio']:.2f}x | "
             f"{r['images_per_s']:.0f} | {r['speedup']:.2f}x | {r['note']} |"
         )
