@@ -8,6 +8,7 @@
    ``--seqs`` test windows of the model's 256-character context (16 x 256 = 4096 characters):
    no eviction (must equal the full forward pass), then ``namm`` eviction (every layer, every
    ``delay`` = 32 tokens; the newest ``protect_last`` tokens are never evicted) with
+   * for reference, recency only (every entry but the newest ``protect_last`` evicted);
    * a fixed "heavy-hitter" scorer: score = (DC of the EMA spectrum of the attention a token
      received, scaled so uniform attention = n_fft/2 * EMA mass) - theta, at several theta
      (the eviction strength): tokens that received little attention lately are evicted;
@@ -45,7 +46,7 @@ from attnlib.pruning import evolve
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "results"
 
-NAMM = {"name": "namm", "n_fft": 32, "hop": 16, "delay": 32, "protect_last": 32, "hidden": 25}
+NAMM = {"name": "namm", "n_fft": 32, "hop": 16, "delay": 32, "protect_last": 16, "hidden": 25}
 
 
 def train(work: Path, steps: int) -> Path:
@@ -144,6 +145,8 @@ def main() -> None:
 
     model = build(ck, data, NAMM)
     rows.append({"config": "namm, untrained scorer (score 0: keeps all)", **decode_bpc(model, test)})
+    heavy_hitter(model, math.inf)  # every unprotected entry scores -inf: a recency window, for reference
+    rows.append({"config": f"recency only: evict all but the newest {NAMM['protect_last']}", **decode_bpc(model, test)})
     best_theta, best_ev = None, -1.0
     for theta in [float(x) for x in args.thetas.split(",")]:
         heavy_hitter(model, theta)
