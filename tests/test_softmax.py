@@ -76,6 +76,19 @@ def test_one_pass_output_and_importance_equal_reference(chunk: int) -> None:
         softmax_attention_importance(q, k, v, chunk_size=0)
 
 
+def test_short_row_softmax_equals_torch_softmax() -> None:
+    """The explicit softmax used on CPU for rows shorter than SHORT_ROW keys (masked entries included)."""
+    from attnlib.functional.softmax import SHORT_ROW, _softmax_rows
+
+    g = torch.Generator().manual_seed(0)
+    for m in (1, 9, SHORT_ROW - 1, SHORT_ROW):
+        x = 4 * torch.randn(3, 5, m, dtype=torch.float64, generator=g)
+        x[..., 0] = float("-inf") if m > 1 else x[..., 0]
+        torch.testing.assert_close(_softmax_rows(x), torch.softmax(x, -1), rtol=0, atol=1e-15)
+        x32 = x.float()
+        torch.testing.assert_close(_softmax_rows(x32), torch.softmax(x32, -1), rtol=1e-6, atol=1e-7)
+
+
 def test_softmax_core_importance_comes_from_the_output_pass() -> None:
     """The softmax core asked for importance only returns the one-pass result (backend auto), exactly."""
     attn = attnlib.Attention(16, 2).double()
