@@ -205,6 +205,37 @@ def test_ltp_soft_mask_formula_aux_loss_and_zero_temperature_limit() -> None:
     torch.testing.assert_close(soft, x * hard_keep[..., None], rtol=0, atol=1e-12)
 
 
+def test_ltp_keep_target_is_per_sample_ratio_loss() -> None:
+    pr = P.LTPPruner(dim=4, layer=1, depth=4, final_threshold=0.2, temperature=0.01, lam=0.3, keep_target=0.25)
+    pr = pr.double().train()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    imp = torch.rand(2, 5, dtype=torch.float64) * 0.2
+    prot = torch.zeros(2, 5, dtype=torch.bool)
+    prot[:, 0] = True
+    mu = torch.sigmoid((imp - 0.05) / 0.01)[:, 1:]
+    out = pr(x, imp, None, prot)
+    torch.testing.assert_close(out.aux_loss, 0.3 * ((mu.mean(1) - 0.25) ** 2).mean(), rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="keep_target"):
+        P.LTPPruner(dim=4, layer=1, depth=4, keep_target=1.5)
+
+
+def test_ltp_straight_through_forward_is_hard_with_soft_gradients() -> None:
+    kw = {"final_threshold": 0.2, "temperature": 0.01, "lam": 0.3}
+    ste = P.LTPPruner(dim=4, layer=1, depth=4, mode="straight_through", **kw).double().train()
+    hard = P.LTPPruner(dim=4, layer=1, depth=4, mode="hard", **kw).double()
+    x = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+    imp = torch.tensor([[0.5, 0.01, 0.09, 0.07, 0.3, 0.0], [0.2, 0.2, 0.2, 0.2, 0.1, 0.1]], dtype=torch.float64)
+    prot = torch.zeros(2, 6, dtype=torch.bool)
+    prot[:, 0] = True
+    out, ref = ste(x, imp, None, prot), hard(x, imp, None, prot)
+    assert torch.equal(out.x, ref.x) and torch.equal(out.index, ref.index) and torch.equal(out.mask, ref.mask)
+    assert out.aux_loss is not None and ref.aux_loss is None
+    (out.x.sum() + out.aux_loss).backward()
+    assert torch.isfinite(ste.delta.grad) and ste.delta.grad.item() != 0  # the threshold learns
+    ste.eval()
+    assert ste(x, imp, None, prot).aux_loss is None  # eval: plain hard pruning
+
+
 def test_ltp_in_vit_trains_soft_and_prunes_hard() -> None:
     model = _vit({"name": "ltp", "final_threshold": 0.5, "normalize": True, "layers": [0, 1]})
     x = torch.randn(4, 1, 8, 8)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+import attnlib
 from attnlib.functional import (
     local_attention,
     local_importance,
     reference_attention,
     softmax_attention,
+    softmax_attention_importance,
     softmax_importance,
 )
 from attnlib.masks import BlockMask, SlidingWindow
@@ -51,6 +53,53 @@ def test_softmax_weights_and_importance() -> None:
     assert_close(w, wr)
     assert_close(softmax_importance(q, k, mask=kp, causal=True, chunk_size=3), wr.mean(2))
     assert not (w[..., ~kp[0]][0] != 0).any()  # masked keys get zero weight
+
+
+@pytest.mark.parametrize("chunk", [3, 512])
+def test_one_pass_output_and_importance_equal_reference(chunk: int) -> None:
+    """One Q K^T pass gives out and importance == the float64 oracle (GQA, masks, empty rows)."""
+    q, k, v = make_qkv(2, 4, 20, 8, m=13, h_kv=2, dtype=torch.float64, logit_scale=3.0)
+    kp = torch.rand(2, 13, generator=torch.Generator().manual_seed(1)) > 0.4
+    kp[1] = False  # a row with no allowed key: zeros, never NaN
+    out, imp = softmax_attention_importance(q, k, v, mask=kp, causal=True, chunk_size=chunk)
+    ref, wr = reference_attention(q, k, v, mask=kp, causal=True, return_weights=True)
+    assert_close(out, ref)
+    assert_close(imp, wr.mean(2))
+    assert out[1].abs().max() == 0 and imp[1].abs().max() == 0
+    # float32, no mask: the same as SDPA + the separate importance pass
+    q, k, v = make_qkv(3, 2, 17, 16, logit_scale=2.0)
+    out, imp = softmax_attention_importance(q, k, v, chunk_size=chunk)
+    ref, wr = reference_attention(q, k, v, return_weights=True)
+    assert_close(out, ref, softmax_attention(q, k, v, backend="math"))
+    torch.testing.assert_close(imp, softmax_importance(q, k), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="chunk_size"):
+        softmax_attention_importance(q, k, v, chunk_size=0)
+
+
+def test_short_row_softmax_equals_torch_softmax() -> None:
+    """The explicit softmax used on CPU for rows shorter than SHORT_ROW keys (masked entries included)."""
+    from attnlib.functional.softmax import SHORT_ROW, _softmax_rows
+
+    g = torch.Generator().manual_seed(0)
+    for m in (1, 9, SHORT_ROW - 1, SHORT_ROW):
+        x = 4 * torch.randn(3, 5, m, dtype=torch.float64, generator=g)
+        x[..., 0] = float("-inf") if m > 1 else x[..., 0]
+        torch.testing.assert_close(_softmax_rows(x), torch.softmax(x, -1), rtol=0, atol=1e-15)
+        x32 = x.float()
+        torch.testing.assert_close(_softmax_rows(x32), torch.softmax(x32, -1), rtol=1e-6, atol=1e-7)
+
+
+def test_softmax_core_importance_comes_from_the_output_pass() -> None:
+    """The softmax core asked for importance only returns the one-pass result (backend auto), exactly."""
+    attn = attnlib.Attention(16, 2).double()
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    kp = torch.ones(2, 9, dtype=torch.bool)
+    kp[0, 6:] = False
+    y, ex = attn(x, mask=kp, return_extras=True, need_weights=False)
+    y_w, ex_w = attn(x, mask=kp, return_extras=True, need_weights=True)  # explicit weights: the reference path
+    torch.testing.assert_close(y, y_w, rtol=0, atol=1e-14)
+    torch.testing.assert_close(ex.importance, ex_w.weights.mean((1, 2)), rtol=0, atol=1e-14)
+    torch.testing.assert_close(y, attn(x, mask=kp), rtol=1e-12, atol=1e-12)  # SDPA output without importance
 
 
 def test_softmax_causal_cross_is_bottom_right() -> None:

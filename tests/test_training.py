@@ -35,6 +35,8 @@ TINY_TRAIN = [
 TINY_MODEL = ["model.dim=16", "model.depth=1", "model.num_heads=2"]
 TINY_DATA = {
     "vit_digits": ["data.batch_size=16"],
+    "vit_digits_topk": ["data.batch_size=16"],
+    "vit_digits_ltp": ["data.batch_size=16"],
     "lm_chars": ["data.seq_len=16", "data.batch_size=4", "data.max_eval_tokens=256"],
     "mqar": [
         "data.num_train=64",

@@ -37,6 +37,7 @@ from attnlib.functional.softmax import (
     reference_attention,
     repeat_kv,
     softmax_attention,
+    softmax_attention_importance,
     softmax_importance,
 )
 
@@ -70,6 +71,7 @@ __all__ = [
     "repeat_kv",
     "sinkhorn_attention",
     "softmax_attention",
+    "softmax_attention_importance",
     "softmax_importance",
     "sparsemax",
     "toeplitz_matmul",

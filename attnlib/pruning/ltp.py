@@ -8,9 +8,17 @@ learned threshold are dropped:
   learnable offset ``delta_l`` initialised to 0);
 * **soft mode** (threshold search, training): the block output is multiplied token-wise by
   ``mu_j = sigmoid((s_j - theta_l) / T)`` and ``aux_loss = lam * mean_j mu_j`` pushes the kept
-  ratio down (the LTP regulariser; summed over layers by :func:`attnlib.aux_loss`);
+  ratio down (the LTP regulariser; summed over layers by :func:`attnlib.aux_loss`) - or, with
+  ``keep_target`` set, ``aux_loss = lam * mean_b (mean_j mu_bj - keep_target)^2`` steers each
+  sample's soft keep ratio to a target (the ratio loss of DynamicViT, Rao et al. 2021; an
+  addition to LTP, whose plain regulariser needs ``lam`` searched per target; per-sample targets
+  also keep the rows of a batch at similar lengths, which batched inference needs);
 * **hard mode** (inference, and fine-tuning with frozen thresholds): keep j iff
-  ``s_j >= max(min_threshold, theta_l)``, physically removing the others.
+  ``s_j >= max(min_threshold, theta_l)``, physically removing the others;
+* **straight-through mode** (training; an addition to LTP): the hard forward pass of inference,
+  with the kept tokens multiplied by ``mu_j / stopgrad(mu_j)`` (= 1), so the threshold and the
+  scores still get gradients and the trained model sees exactly what inference runs (soft-mask
+  training leaves "ghost" tokens that later blocks can still attend to; hard pruning drops them).
 
 ``final_threshold = -inf`` disables pruning (identity, bit for bit). Deviations from the official
 code (kssteven418/LTP): pruned tokens are removed (not masked with -10000), a class token /
@@ -29,7 +37,7 @@ from attnlib.pruning.base import PruneOutput, TokenPruner, register_pruner, sele
 
 __all__ = ["LTPPruner"]
 
-_MODES = ("auto", "soft", "hard")
+_MODES = ("auto", "soft", "hard", "straight_through")
 
 
 @register_pruner("ltp")
@@ -41,11 +49,15 @@ class LTPPruner(TokenPruner):
             (LTP default 0.01). ``-inf`` keeps every token.
         temperature: T of the soft mask (LTP default 1e-3).
         lam: weight of the keep-ratio regulariser (LTP: 0.01-0.2, the main knob).
-        mode: "auto" (soft while training, hard in eval), "soft" or "hard".
+        mode: "auto" (soft while training, hard in eval), "soft", "hard" or "straight_through"
+            (hard forward with soft-mask gradients while training, hard in eval).
         min_threshold: floor of the hard threshold (LTP: 1e-5).
         learn_threshold: make delta_l a trainable parameter (else a fixed buffer).
         normalize: score ``N_valid * s_j`` instead of ``s_j`` (1 = uniform attention), which makes
             thresholds independent of the sequence length (off in the paper).
+        keep_target: None (LTP's ``lam * mean mu`` over the batch) or a fraction in (0, 1]: each
+            sample's soft keep ratio (mean of mu over its real, unprotected tokens) is pulled to it
+            by ``lam * mean_b (ratio_b - keep_target)^2``.
 
     Shapes: x (B, N, C), importance (B, N) -> x (B, N', C) (hard) or (B, N, C) (soft).
     """
@@ -63,6 +75,7 @@ class LTPPruner(TokenPruner):
         min_threshold: float = 1e-5,
         learn_threshold: bool = True,
         normalize: bool = False,
+        keep_target: float | None = None,
     ) -> None:
         super().__init__(dim=dim, layer=layer, depth=depth)
         if mode not in _MODES:
@@ -72,7 +85,12 @@ class LTPPruner(TokenPruner):
         if math.isnan(final_threshold) or final_threshold == math.inf:
             raise ValueError(f"ltp final_threshold must be a number or -inf, got {final_threshold!r}")
         self.final_threshold, self.temperature, self.lam = float(final_threshold), float(temperature), float(lam)
+        if keep_target is not None and not (isinstance(keep_target, (int, float)) and 0.0 < keep_target <= 1.0):
+            raise ValueError(f"ltp keep_target must be None or in (0, 1], got {keep_target!r}")
         self.mode, self.min_threshold, self.normalize = mode, float(min_threshold), bool(normalize)
+        self.keep_target = None if keep_target is None else float(keep_target)
+        # keep-all (-inf) asks the block for no importance: the unpruned model's kernels, bit for bit
+        self.needs_importance = self.final_threshold != -math.inf  # type: ignore[misc]
         delta = torch.zeros(())
         if learn_threshold:
             self.delta = nn.Parameter(delta)
@@ -98,9 +116,9 @@ class LTPPruner(TokenPruner):
         return self.mode == "soft" or (self.mode == "auto" and self.training)
 
     def prune(self, x: Tensor, importance: Tensor | None, mask: Tensor | None, protected: Tensor | None) -> PruneOutput:
-        assert importance is not None
         if self.disabled:
             return self.identity(x, mask)
+        assert importance is not None
         b, n, _ = x.shape
         valid = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
         prot = torch.zeros_like(valid) if protected is None else protected
@@ -109,18 +127,28 @@ class LTPPruner(TokenPruner):
             s = s * valid.sum(1, keepdim=True).to(s.dtype)
         theta = self.threshold().to(s.dtype)
         cand = valid & ~prot
-        if self.soft():
+        ste = self.mode == "straight_through" and self.training
+        aux = None
+        if self.soft() or ste:
             mu = torch.sigmoid((s - theta) / self.temperature)
             mu = torch.where(cand, mu, torch.ones_like(mu))
             w = cand.to(mu.dtype)
-            aux = self.lam * (mu * w).sum() / w.sum().clamp_min(1.0)
-            return PruneOutput(x * mu[..., None], torch.arange(n, device=x.device).expand(b, n), mask, aux)
+            if self.keep_target is None:
+                aux = self.lam * (mu * w).sum() / w.sum().clamp_min(1.0)
+            else:
+                ratio = (mu * w).sum(1) / w.sum(1).clamp_min(1.0)
+                aux = self.lam * ((ratio - self.keep_target) ** 2).mean()
+            if not ste:
+                return PruneOutput(x * mu[..., None], torch.arange(n, device=x.device).expand(b, n), mask, aux)
         keep = (cand & (s >= torch.clamp(theta, min=self.min_threshold))) | (prot & valid)
+        if ste:  # kept tokens x mu / stopgrad(mu): value exactly 1 (mu >= 1/2 there), gradient of mu
+            den = torch.where(keep, mu.detach(), torch.ones_like(mu))
+            x = x * torch.where(keep, mu / den, torch.ones_like(mu))[..., None]
         xk, index, new_mask = select_tokens(x, keep)
-        return PruneOutput(xk, index, new_mask)
+        return PruneOutput(xk, index, new_mask, aux)
 
     def extra_repr(self) -> str:
         return (
             f"layer={self.layer}, final_threshold={self.final_threshold}, temperature={self.temperature}, "
-            f"lam={self.lam}, mode={self.mode!r}"
+            f"lam={self.lam}, mode={self.mode!r}, keep_target={self.keep_target}"
         )

@@ -44,11 +44,13 @@ class TopKPruner(TokenPruner):
             raise ValueError(f"topk min_keep must be an int >= 0, got {min_keep!r}")
         self.keep_ratio, self.fuse, self.min_keep = float(keep_ratio), bool(fuse), min_keep
         self.synthesizes = self.fuse  # type: ignore[misc]
+        # keep-all asks the block for no importance, so it runs the very kernels of the unpruned model
+        self.needs_importance = self.keep_ratio < 1.0  # type: ignore[misc]
 
     def prune(self, x: Tensor, importance: Tensor | None, mask: Tensor | None, protected: Tensor | None) -> PruneOutput:
-        assert importance is not None
         if self.keep_ratio >= 1.0:
             return self.identity(x, mask)
+        assert importance is not None
         b, n, _ = x.shape
         valid = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
         prot = torch.zeros_like(valid) if protected is None else protected

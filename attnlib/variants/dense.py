@@ -14,7 +14,12 @@ import torch
 from torch import Tensor
 
 from attnlib.functional.local import local_attention, local_importance
-from attnlib.functional.softmax import softmax_attention, softmax_importance
+from attnlib.functional.softmax import (
+    SHORT_ROW,
+    softmax_attention,
+    softmax_attention_importance,
+    softmax_importance,
+)
 from attnlib.masks import AttentionMask, MaskLike, SlidingWindow
 from attnlib.registry import Capabilities, register_variant
 from attnlib.variants.base import AttentionCore, CoreOutput
@@ -28,7 +33,11 @@ class SoftmaxAttention(AttentionCore):
 
     Args:
         num_heads, head_dim: set by :class:`attnlib.Attention`.
-        backend: "auto" (SDPA; math when weights are requested), "sdpa", "flex" or "math".
+        backend: "auto" (SDPA; math when weights are requested; a one-pass query-chunked math
+            path giving output and importance together when only importance is requested; on
+            CPU with fewer than ``SHORT_ROW`` = 32 keys always the explicit math path, faster
+            there than SDPA), "sdpa", "flex" or "math". (Single-query steps with importance and
+            many keys: SDPA plus the weight row, bit-identical to the step without importance.)
         scale: logit scale, default head_dim**-0.5.
     """
 
@@ -81,6 +90,20 @@ class SoftmaxAttention(AttentionCore):
                 return_weights=True,
             )
             return CoreOutput(out, weights=w, importance=w.mean(2) if need_importance else None)
+        short = self.backend == "auto" and q.device.type == "cpu" and k.shape[2] < SHORT_ROW and mask.block is None
+        if short and not need_importance:
+            # few keys on CPU: the explicit path beats SDPA's flash kernel, whose fixed per-(batch, head)
+            # cost dominates there (e.g. the 9-token blocks of a pruned ViT); same kernel as below, so
+            # asking for importance never changes the output bits
+            out = softmax_attention(q, k, v, mask=mask, scale=self.scale, dropout_p=dropout_p, backend="math")
+            return CoreOutput(out)  # type: ignore[arg-type]
+        if need_importance and self.backend in ("auto", "math") and mask.block is None and (q.shape[2] > 1 or short):
+            # one pass: explicit weights give out = w @ v and importance = w.mean(queries) together
+            # (query-chunked, O(chunk·M) memory) instead of SDPA plus a second Q K^T pass. A single
+            # query (a decoding step) keeps SDPA plus its one weight row, so decoding with importance
+            # (namm eviction) gives bit-identical outputs to decoding without.
+            out, imp = softmax_attention_importance(q, k, v, mask=mask, scale=self.scale, dropout_p=dropout_p)
+            return CoreOutput(out, importance=imp)
         out = softmax_attention(q, k, v, mask=mask, scale=self.scale, dropout_p=dropout_p, backend=self.backend)  # type: ignore[arg-type]
         imp = softmax_importance(q, k, mask=mask, scale=self.scale) if need_importance else None
         return CoreOutput(out, importance=imp)  # type: ignore[arg-type]
