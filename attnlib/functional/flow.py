@@ -285,6 +285,10 @@ def _vm(w: Tensor, x: Tensor) -> Tensor:
     return torch.einsum("...l,...lf->...f", w, x)
 
 
+FEATURE_CACHE_BYTES = 64 * 2**20
+"""Non-causal fast path: keep φ(Q), φ(K) blocks between passes while both fit in this many bytes."""
+
+
 def _flow_fast_noncausal(
     q: Tensor,
     k: Tensor,
@@ -308,9 +312,22 @@ def _flow_fast_noncausal(
     dt = q.dtype
     rows = block_rows(b, h, max(q.shape[-1], dv), 1, max(n, m))
 
+    # features of a block are reused by the later passes when both feature tensors together
+    # stay under FEATURE_CACHE_BYTES (e.g. N=16k, 8 heads, D=64: 64 MiB); above it they are
+    # recomputed per pass so the working memory stays O(block) (the 64k memory bar)
+    cache: dict[tuple[int, int, int], Tensor] | None = (
+        {} if (q.numel() + k.numel()) * q.element_size() <= FEATURE_CACHE_BYTES else None
+    )
+
     def feats(x: Tensor, valid: Tensor | None, s: int, e: int) -> Tensor:
+        key = (id(x), id(valid), s)  # q may be k; then the masks tell them apart
+        if cache is not None and key in cache:
+            return cache[key]
         f = phi(x[:, :, s:e])
-        return f if valid is None else f * valid[:, None, s:e, None].to(dt)
+        f = f if valid is None else f * valid[:, None, s:e, None].to(dt)
+        if cache is not None:
+            cache[key] = f
+        return f
 
     def blocks(length: int) -> range:
         return range(0, length, rows)
