@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnlib.registry import Capabilities
 from attnlib.variants.base import AttentionCore, CoreOutput
 
 __all__ = ["KernelCore", "acc", "positive_int", "unpack"]
@@ -56,3 +57,39 @@ class KernelCore(AttentionCore):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", chunk_size={self.chunk_size}" + (", explicit=True" if self.explicit else "")
+
+
+def kernel_family_caps(
+    paper: str,
+    *,
+    family: str,
+    complexity: str = "O(N)",
+    cross: bool = True,
+    has_weights: bool = True,
+    trainable: bool = False,
+    permutation_equivariant: bool = True,
+) -> Capabilities:
+    """Capabilities shared by the linear / flow / AFT cores (all :class:`KernelCore`).
+
+    They support causal (chunked parallel form + recurrent ``step``) and key padding, not full
+    masks, BlockMasks, windows, causal cross-attention, attention dropout or native GQA.
+    """
+    return Capabilities(
+        causal=True,
+        cross=cross,
+        key_padding=True,
+        full_mask=False,
+        block_mask=False,
+        window=False,
+        causal_cross=False,
+        complexity=complexity,
+        exact=False,
+        has_weights=has_weights,
+        trainable=trainable,
+        attn_dropout=False,
+        gqa=False,
+        permutation_equivariant=permutation_equivariant,
+        recurrent=True,
+        family=family,
+        paper=paper,
+    )

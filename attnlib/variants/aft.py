@@ -36,7 +36,7 @@ from attnlib.errors import UnsupportedError
 from attnlib.functional.aft import aft_conv, aft_full, aft_local, aft_simple, conv_offsets
 from attnlib.masks import AttentionMask
 from attnlib.registry import Capabilities, register_variant
-from attnlib.variants._common import KernelCore, positive_int
+from attnlib.variants._common import KernelCore, kernel_family_caps, positive_int
 from attnlib.variants.base import CoreOutput
 
 __all__ = ["AFTConv", "AFTFull", "AFTLocal", "AFTSimple"]
@@ -46,24 +46,14 @@ _PAPER = "Zhai et al. 2021, An Attention Free Transformer"
 
 
 def _caps(*, cross: bool, trainable: bool, permutation_equivariant: bool, complexity: str) -> Capabilities:
-    return Capabilities(
-        causal=True,
-        cross=cross,
-        key_padding=True,
-        full_mask=False,
-        block_mask=False,
-        window=False,
-        causal_cross=False,
-        complexity=complexity,
-        exact=False,
-        has_weights=False,
-        trainable=trainable,
-        attn_dropout=False,
-        gqa=False,
-        permutation_equivariant=permutation_equivariant,
-        recurrent=True,
+    return kernel_family_caps(
+        _PAPER,
         family="aft",
-        paper=_PAPER,
+        complexity=complexity,
+        cross=cross,
+        has_weights=False,  # per-channel maps: no (N, M) weights
+        trainable=trainable,
+        permutation_equivariant=permutation_equivariant,
     )
 
 

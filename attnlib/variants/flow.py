@@ -18,8 +18,8 @@ from torch import Tensor
 
 from attnlib.functional.flow import FLOW_FEATURE_MAPS, flow_attention
 from attnlib.masks import AttentionMask
-from attnlib.registry import Capabilities, register_variant
-from attnlib.variants._common import KernelCore, unpack
+from attnlib.registry import register_variant
+from attnlib.variants._common import KernelCore, kernel_family_caps, unpack
 from attnlib.variants.base import AttentionCore, CoreOutput
 
 __all__ = ["FLOW_PRESETS", "FlowAttention"]
@@ -54,24 +54,8 @@ class FlowAttention(KernelCore):
     otherwise feed the outgoing flows); in cross-attention only the keys are padded.
     """
 
-    capabilities = Capabilities(
-        causal=True,
-        cross=True,
-        key_padding=True,
-        full_mask=False,
-        block_mask=False,
-        window=False,
-        causal_cross=False,
-        complexity="O(N)",
-        exact=False,
-        has_weights=True,
-        trainable=False,
-        attn_dropout=False,
-        gqa=False,
-        permutation_equivariant=True,
-        recurrent=True,
-        family="flow",
-        paper="Wu et al. 2022, Flowformer: Linearizing Transformers with Conservation Flows",
+    capabilities = kernel_family_caps(
+        "Wu et al. 2022, Flowformer: Linearizing Transformers with Conservation Flows", family="flow"
     )
 
     def __init__(

@@ -56,7 +56,7 @@ from attnlib.functional.linear import (
 )
 from attnlib.masks import AttentionMask
 from attnlib.registry import Capabilities, register_variant
-from attnlib.variants._common import KernelCore, acc, positive_int, unpack
+from attnlib.variants._common import KernelCore, acc, kernel_family_caps, positive_int, unpack
 from attnlib.variants.base import CoreOutput
 
 __all__ = ["CosformerAttention", "EcoformerAttention", "LinearAttention", "LinearSelfAttention", "PerformerAttention"]
@@ -65,24 +65,8 @@ State = dict[str, Tensor]
 
 
 def _caps(paper: str, *, permutation_equivariant: bool = True, trainable: bool = False) -> Capabilities:
-    return Capabilities(
-        causal=True,
-        cross=True,
-        key_padding=True,
-        full_mask=False,
-        block_mask=False,
-        window=False,
-        causal_cross=False,
-        complexity="O(N)",
-        exact=False,
-        has_weights=True,
-        trainable=trainable,
-        attn_dropout=False,
-        gqa=False,
-        permutation_equivariant=permutation_equivariant,
-        recurrent=True,
-        family="linear",
-        paper=paper,
+    return kernel_family_caps(
+        paper, family="linear", trainable=trainable, permutation_equivariant=permutation_equivariant
     )
 
 
