@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from attnlib.bench.machine import machine_info, machine_slug
 from attnlib.bench.methods import Case, Inputs, MethodSpec, Runner, density_block_mask, is_subquadratic
 from attnlib.bench.quality import QualityConfig, TrainAppNotFoundError, quality_markdown, run_quality
 from attnlib.bench.speed import SpeedConfig, crossover, crossovers, resolve_methods, run_speed
+from attnlib.bench.timing import time_cpu_interleaved
 from attnlib.cli.bench import CONFIG_ROOT, _translate_argv, run
 from attnlib.functional import softmax_attention
 from attnlib.masks import AttentionMask
@@ -138,6 +140,32 @@ def test_approximate_rows_report_error_and_are_timed() -> None:
     assert math.isclose(row["ratio_sdpa"], row["median_s"] / row["sdpa_median_s"])  # paired, interleaved SDPA runs
     assert "interleaved with SDPA" in row["timer"]
     assert not res["gates"]  # approximate variants have no exactness gate
+
+
+def test_flex_backward_on_cpu_is_na_without_running() -> None:
+    methods = [MethodSpec(label="flex", kind="flex")]
+    res = run_speed(_tiny_speed(n=[64], passes=["fwd_bwd"], isolate=True), methods, log=lambda *_: None)
+    (row,) = res["rows"]
+    assert row["status"] == "n/a" and "backward on CPU" in row["reason"]
+    assert "case_wall_s" not in row and "median_s" not in row  # decided without a process or a call
+
+
+def test_interleaved_timer_makes_no_hidden_calls() -> None:
+    calls = {"a": 0, "b": 0}
+
+    def make(label: str) -> Callable[[], None]:
+        def fn() -> None:
+            calls[label] += 1
+
+        return fn
+
+    res = time_cpu_interleaved({"a": make("a"), "b": make("b")}, runs=3, warmup=1, block_s=0.0)
+    # one warm-up call + one call per timed run: torch's Timer.timeit would add 2 per run
+    assert calls == {"a": 4, "b": 4}
+    assert res["a"].runs == 3 and res["a"].number == 1 and all(t > 0 for t in res["a"].times_s)
+    calls.update(a=0, b=0)
+    time_cpu_interleaved({"a": make("a"), "b": make("b")}, runs=2, warmup=0, warm_s={"a": 0.0, "b": 1.0}, block_s=0.0)
+    assert calls == {"a": 2, "b": 2}
 
 
 def test_resolve_methods_skips_unregistered_and_adds_flex_same_mask() -> None:
