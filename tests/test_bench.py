@@ -150,6 +150,20 @@ def test_flex_backward_on_cpu_is_na_without_running() -> None:
     assert "case_wall_s" not in row and "median_s" not in row  # decided without a process or a call
 
 
+def test_fwd_bwd_and_pairing_limits() -> None:
+    methods = [MethodSpec(label="sdpa", kind="sdpa"), MethodSpec(label="linear", variant="linear")]
+    cfg = _tiny_speed(n=[64, 128], passes=["fwd", "fwd_bwd"], fwd_bwd_all_max_n=64, pair_sdpa_max_n=64)
+    res = run_speed(cfg, methods, log=lambda *_: None)
+    got = {(r["method"], r["n"], r["pass"]) for r in res["rows"]}
+    assert ("linear", 64, "fwd_bwd") in got and ("linear", 128, "fwd_bwd") not in got  # sub-quadratic capped too
+    assert ("linear", 128, "fwd") in got
+    rows = {(r["method"], r["n"], r["pass"]): r for r in res["rows"]}
+    assert "sdpa_median_s" in rows[("linear", 64, "fwd")]  # paired at 64
+    far = rows[("linear", 128, "fwd")]
+    assert "sdpa_median_s" not in far and "interleaved with SDPA" not in far["timer"]
+    assert math.isclose(far["ratio_sdpa"], far["median_s"] / rows[("sdpa", 128, "fwd")]["median_s"])
+
+
 def test_interleaved_timer_makes_no_hidden_calls() -> None:
     calls = {"a": 0, "b": 0}
 

@@ -157,7 +157,13 @@ def speed_markdown(result: dict[str, Any], *, title: str, command: str, notes: S
         "(`attnlib.testing.make_qkv`). **time**: median of "
         f">= {cfg.get('runs')} timed runs after warm-up ({_timer_text(rows)}); `(k×)` = time / SDPA time "
         "at the same point (< 1 is faster; on CPU from SDPA runs interleaved with the method's in the same "
-        "process). **memory**: "
+        "process"
+        + (
+            f", above N={cfg.get('pair_sdpa_max_n')} from the SDPA row of that point"
+            if cfg.get("pair_sdpa_max_n") is not None
+            else ""
+        )
+        + "). **memory**: "
         + (
             "peak RSS growth of one call in a fresh process (after one warm-up call), MiB. "
             if not any(str(d).startswith("cuda") for d in cfg.get("device", []))

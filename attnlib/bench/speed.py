@@ -45,12 +45,14 @@ class SpeedConfig:
 
     ``n`` is the grid for every method; ``long_n`` adds points for sub-quadratic methods only
     (no SDPA ratio there). Quadratic methods (and the baselines) run ``fwd_bwd`` only up to
-    ``fwd_bwd_max_n``. With ``isolate`` (default) every CPU configuration runs in a fresh process
-    (check, peak RSS growth, timing); with ``pair_sdpa`` SDPA is timed in the same process,
-    interleaved with the method, and ``ratio_sdpa`` comes from those paired runs (robust to load
-    changes between configurations). CUDA configurations run in-process. A method whose single
-    call exceeds ``max_call_s`` is not run at larger N; no new configuration starts after
-    ``time_budget_s``.
+    ``fwd_bwd_max_n``, every method only up to ``fwd_bwd_all_max_n`` (None: no limit). With
+    ``isolate`` (default) every CPU configuration runs in a fresh process (check, peak RSS
+    growth, timing); with ``pair_sdpa`` SDPA is timed in the same process, interleaved with the
+    method, and ``ratio_sdpa`` comes from those paired runs (robust to load changes between
+    configurations); above ``pair_sdpa_max_n`` (None: no limit) the ratio uses the SDPA row of
+    the same point instead (half the cost where SDPA calls take seconds). CUDA configurations
+    run in-process. A method whose single call exceeds ``max_call_s`` is not run at larger N;
+    no new configuration starts after ``time_budget_s``.
     """
 
     n: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
@@ -63,6 +65,7 @@ class SpeedConfig:
     causal: list[bool] = field(default_factory=lambda: [False, True])
     passes: list[str] = field(default_factory=lambda: ["fwd", "fwd_bwd"])
     fwd_bwd_max_n: int | None = 4096
+    fwd_bwd_all_max_n: int | None = None
     runs: int = 5
     warmup: int = 1
     block_s: float = 0.02
@@ -70,6 +73,7 @@ class SpeedConfig:
     memory: bool = True
     isolate: bool = True
     pair_sdpa: bool = True
+    pair_sdpa_max_n: int | None = None
     case_timeout_s: float = 900.0
     max_call_s: float = 60.0
     time_budget_s: float | None = None
@@ -179,6 +183,8 @@ def _applicable(spec: MethodSpec, n: int, pass_: str, cfg: SpeedConfig) -> str |
         return "quadratic: long-N points are for sub-quadratic methods"
     if pass_ == "fwd_bwd" and not spec.subquadratic and cfg.fwd_bwd_max_n is not None and n > cfg.fwd_bwd_max_n:
         return f"quadratic: fwd+bwd only up to N={cfg.fwd_bwd_max_n}"
+    if pass_ == "fwd_bwd" and cfg.fwd_bwd_all_max_n is not None and n > cfg.fwd_bwd_all_max_n:
+        return f"fwd+bwd only up to N={cfg.fwd_bwd_all_max_n}"
     return None
 
 
@@ -335,7 +341,10 @@ class _SpeedRun:
             "cuda_rep_ms": cfg.cuda_rep_ms,
             "flex_dynamic": FLEX_DYNAMIC["value"],
             "isolated": False,
-            "pair_sdpa": cfg.pair_sdpa and case.n in cfg.n and any(m.kind == "sdpa" for m in self.methods),
+            "pair_sdpa": cfg.pair_sdpa
+            and case.n in cfg.n
+            and (cfg.pair_sdpa_max_n is None or case.n <= cfg.pair_sdpa_max_n)
+            and any(m.kind == "sdpa" for m in self.methods),
         }
         if case.device.startswith("cuda") or not cfg.isolate:
             return measure_case(spec, case.as_dict(), opts)
