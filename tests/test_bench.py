@@ -17,7 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import Tensor
 
-from attnlib.bench.approx import ApproxConfig, approx_markdown, approx_plots, discover_knobs, run_approx
+from attnlib.bench.approx import ApproxConfig, approx_error, approx_markdown, approx_plots, discover_knobs, run_approx
 from attnlib.bench.compare import compare_rows, load_rows, row_noise
 from attnlib.bench.isolate import IsolatedError, alloc_probe, crash_probe, run_isolated
 from attnlib.bench.machine import machine_info, machine_slug
@@ -363,6 +363,18 @@ def test_approx_mode_errors_and_knobs(tmp_path: Path) -> None:
     assert len(off) == 4 and all(p["err_out"] > 1e-3 and p["err_dq"] > 1e-3 for p in off)
     by = {(p["n"], p["logit_scale"]): p["err_out"] for p in off}
     assert by[(64, 4.0)] != by[(64, 1.0)]  # each logit scale is its own point
+    assert [(p["knob"], p["n"], p["logit_scale"]) for p in off] == [
+        (None, 32, 1.0),
+        (None, 32, 4.0),
+        (None, 64, 1.0),
+        (None, 64, 4.0),
+    ]
+    cache: dict = {}  # the shared float64 reference gives exactly the uncached errors, per seed
+    point = {"n": 32, "causal": True, "logit_scale": 2.0, "cfg": cfg}
+    first = approx_error(spec, seed=1, ref_cache=cache, **point)
+    assert approx_error(spec, seed=1, ref_cache=cache, **point) == first == approx_error(spec, seed=1, **point)
+    other = approx_error(spec, seed=2, ref_cache=cache, **point)
+    assert len(cache) == 2 and other != first
     res["machine"] = machine_info(1)
     res["settings"] = {"batch": 1, "heads": 1, "head_dim": 8, "dtype": "float64", "seeds": [0], "knob_n": 32}
     md = approx_markdown(res, title="t", command="attnlib-bench mode=approx")

@@ -93,8 +93,14 @@ def approx_error(
     seed: int,
     cfg: ApproxConfig,
     kwargs: dict[str, Any] | None = None,
+    ref_cache: dict[tuple, tuple[torch.Tensor, list[torch.Tensor | None]]] | None = None,
 ) -> dict[str, float | None]:
-    """Errors of one (variant, N, causal, logit scale, seed, knob setting) vs float64 softmax."""
+    """Errors of one (variant, N, causal, logit scale, seed, knob setting) vs float64 softmax.
+
+    ``ref_cache`` (optional): float64 reference output and input gradients keyed by
+    ``(N, causal, logit scale, seed)``, shared by every variant and knob setting at that point
+    (the quadratic float64 reference with its backward dominates the cost at large N).
+    """
     dt = dtype_of(cfg.dtype)
     q, k, v = make_qkv(
         cfg.batch, cfg.heads, n, cfg.head_dim, logit_scale=logit_scale, dtype=dt, device=cfg.device, seed=seed
@@ -108,21 +114,30 @@ def approx_error(
     am = normalize_mask(None, causal=causal, batch=cfg.batch, heads=cfg.heads, n=n, m=n, device=q.device)
     leaves = [t.clone().requires_grad_(cfg.grads) for t in (q, k, v)]
     out = core(*leaves, am).out
-    ref_leaves = [t.double().clone().requires_grad_(cfg.grads) for t in (q, k, v)]
-    ref = reference_attention(*ref_leaves, causal=causal)
+    key = (n, causal, float(logit_scale), seed, cfg.grads)
+    if ref_cache is not None and key in ref_cache:
+        ref, ref_grads = ref_cache[key]
+    else:
+        ref_leaves = [t.double().clone().requires_grad_(cfg.grads) for t in (q, k, v)]
+        ref = reference_attention(*ref_leaves, causal=causal)
+        if cfg.grads:
+            ref.backward(grad_out.double())
+        ref = ref.detach()
+        ref_grads = [t.grad for t in ref_leaves]
+        if ref_cache is not None:
+            ref_cache[key] = (ref, ref_grads)
     res: dict[str, float | None] = {"out": rel_error(out, ref) if torch.isfinite(out).all() else float("nan")}
     if cfg.grads:
-        ref.backward(grad_out.double())
         try:
             out.backward(grad_out)
             grads = [t.grad for t in leaves]
         except RuntimeError:  # not differentiable (e.g. hard hashing without a surrogate)
             grads = [None, None, None]
-        for name, a, b in zip(("dq", "dk", "dv"), grads, (t.grad for t in ref_leaves)):
+        for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
             res[name] = rel_error(a, b) if a is not None and b is not None else None
-        if all(gr is not None for gr in grads):
+        if all(gr is not None for gr in grads) and all(gr is not None for gr in ref_grads):
             a = torch.cat([gr.flatten() for gr in grads])  # type: ignore[union-attr]
-            b = torch.cat([t.grad.flatten() for t in ref_leaves])  # type: ignore[union-attr]
+            b = torch.cat([gr.flatten() for gr in ref_grads])  # type: ignore[union-attr]
             res["grad"] = rel_error(a, b)
         else:
             res["grad"] = None
@@ -167,7 +182,17 @@ def run_approx(cfg: ApproxConfig, specs: list[MethodSpec], *, log: Any = print) 
                         plan.append((spec, knob, val, cfg.knob_n, causal, s))
     bar = progress_bar(total=len(plan), desc="approx", enabled=cfg.progress)
     points: list[dict[str, Any]] = []
-    for spec, knob, val, n, causal, s in plan:
+    # visit the plan grouped by (causal, N, logit scale) so that every variant and knob setting at
+    # a point reuses one float64 reference (kept only while its group runs); report in plan order
+    order = sorted(range(len(plan)), key=lambda i: (plan[i][4], plan[i][3], plan[i][5]))
+    ref_cache: dict[tuple, tuple[torch.Tensor, list[torch.Tensor | None]]] = {}
+    group: tuple | None = None
+    by_index: dict[int, dict[str, Any]] = {}
+    for idx in order:
+        spec, knob, val, n, causal, s = plan[idx]
+        if (causal, n, s) != group:
+            group = (causal, n, s)
+            ref_cache.clear()
         bar.set_description(f"approx {spec.label} N={n} scale={s}" + (f" {knob}={val}" if knob else ""))
         per_seed: list[dict[str, Any]] = []
         err_msg = ""
@@ -182,6 +207,7 @@ def run_approx(cfg: ApproxConfig, specs: list[MethodSpec], *, log: Any = print) 
                         seed=seed,
                         cfg=cfg,
                         kwargs={knob: val} if knob else None,
+                        ref_cache=ref_cache,
                     )
                 )
             except Exception as e:
@@ -204,8 +230,9 @@ def run_approx(cfg: ApproxConfig, specs: list[MethodSpec], *, log: Any = print) 
             p["status"] = "ok"
             for key in ("out", "dq", "dk", "dv", "grad"):
                 p[f"err_{key}"] = _mean([r.get(key) for r in per_seed])
-        points.append(p)
+        by_index[idx] = p
     bar.close()
+    points = [by_index[i] for i in range(len(plan))]
     for line in notes:
         log(f"[attnlib-bench] {line}")
     return {
