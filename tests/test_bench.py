@@ -152,7 +152,7 @@ def test_flex_backward_on_cpu_is_na_without_running() -> None:
 
 def test_fwd_bwd_and_pairing_limits() -> None:
     methods = [MethodSpec(label="sdpa", kind="sdpa"), MethodSpec(label="linear", variant="linear")]
-    cfg = _tiny_speed(n=[64, 128], passes=["fwd", "fwd_bwd"], fwd_bwd_all_max_n=64, pair_sdpa_max_n=64)
+    cfg = _tiny_speed(n=[64, 128], passes=["fwd", "fwd_bwd"], fwd_bwd_n=[64], pair_sdpa_max_n=64)
     res = run_speed(cfg, methods, log=lambda *_: None)
     got = {(r["method"], r["n"], r["pass"]) for r in res["rows"]}
     assert ("linear", 64, "fwd_bwd") in got and ("linear", 128, "fwd_bwd") not in got  # sub-quadratic capped too
@@ -162,6 +162,20 @@ def test_fwd_bwd_and_pairing_limits() -> None:
     far = rows[("linear", 128, "fwd")]
     assert "sdpa_median_s" not in far and "interleaved with SDPA" not in far["timer"]
     assert math.isclose(far["ratio_sdpa"], far["median_s"] / rows[("sdpa", 128, "fwd")]["median_s"])
+
+
+def test_speed_checkpoint_resumes_and_ignores_other_settings(tmp_path: Path) -> None:
+    ck = tmp_path / "speed.partial.jsonl"
+    methods = [MethodSpec(label="sdpa", kind="sdpa"), MethodSpec(label="softmax", variant="softmax")]
+    first = run_speed(_tiny_speed(n=[64], checkpoint=str(ck)), methods, log=lambda *_: None)
+    assert len(ck.read_text().splitlines()) == 1 + len(first["rows"])  # fingerprint + one line per row
+    with open(ck, "a") as f:
+        f.write('{"method": "cut by a kill')  # a torn last line is skipped
+    again = run_speed(_tiny_speed(n=[64], checkpoint=str(ck)), methods, log=lambda *_: None)
+    assert again["rows"] == first["rows"]  # reused, not re-measured (timings would differ)
+    more = run_speed(_tiny_speed(n=[64, 128], checkpoint=str(ck)), methods, log=lambda *_: None)
+    assert {r["n"] for r in more["rows"]} == {64, 128}
+    assert [r for r in more["rows"] if r["n"] == 64] != first["rows"]  # other settings: measured afresh
 
 
 def test_interleaved_timer_makes_no_hidden_calls() -> None:
@@ -499,7 +513,7 @@ def test_cli_speed_end_to_end_and_compare(tmp_path: Path) -> None:
     assert "`local`" in md and "`not_registered_yet`" in md and "Correctness gate" in md
     assert {r["method"] for r in data["rows"]} == {"sdpa", "softmax", "local"}
     assert all(r["status"] == "ok" and r["error_rel"] < 1e-5 for r in data["rows"])
-    assert res["paths"]
+    assert res["paths"] and not (tmp_path / "speed.partial.jsonl").exists()  # removed once the run ends
     # regression gate against the saved run: every row is present, nothing missing
     res2 = run(_cfg(*common, f"compare={tmp_path / 'speed.json'}", "name=again"))
     verdicts = {v["verdict"] for v in res2["compare_verdicts"]}

@@ -11,11 +11,14 @@ peak memory and error; :func:`crossovers` finds the N from which each method bea
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import json
 import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,14 +48,16 @@ class SpeedConfig:
 
     ``n`` is the grid for every method; ``long_n`` adds points for sub-quadratic methods only
     (no SDPA ratio there). Quadratic methods (and the baselines) run ``fwd_bwd`` only up to
-    ``fwd_bwd_max_n``, every method only up to ``fwd_bwd_all_max_n`` (None: no limit). With
+    ``fwd_bwd_max_n``, every method only at the N in ``fwd_bwd_n`` (None: every N). With
     ``isolate`` (default) every CPU configuration runs in a fresh process (check, peak RSS
     growth, timing); with ``pair_sdpa`` SDPA is timed in the same process, interleaved with the
     method, and ``ratio_sdpa`` comes from those paired runs (robust to load changes between
     configurations); above ``pair_sdpa_max_n`` (None: no limit) the ratio uses the SDPA row of
     the same point instead (half the cost where SDPA calls take seconds). CUDA configurations
     run in-process. A method whose single call exceeds ``max_call_s`` is not run at larger N;
-    no new configuration starts after ``time_budget_s``.
+    no new configuration starts after ``time_budget_s``. With ``checkpoint`` (a JSON-lines path)
+    every finished row is appended there and a rerun with the same settings reuses those rows, so
+    an interrupted long run resumes where it stopped.
     """
 
     n: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
@@ -65,7 +70,7 @@ class SpeedConfig:
     causal: list[bool] = field(default_factory=lambda: [False, True])
     passes: list[str] = field(default_factory=lambda: ["fwd", "fwd_bwd"])
     fwd_bwd_max_n: int | None = 4096
-    fwd_bwd_all_max_n: int | None = None
+    fwd_bwd_n: list[int] | None = None
     runs: int = 5
     warmup: int = 1
     block_s: float = 0.02
@@ -84,6 +89,7 @@ class SpeedConfig:
     progress: bool = True
     cuda_warmup_ms: int = 25
     cuda_rep_ms: int = 100
+    checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         if self.runs < 5:
@@ -183,9 +189,48 @@ def _applicable(spec: MethodSpec, n: int, pass_: str, cfg: SpeedConfig) -> str |
         return "quadratic: long-N points are for sub-quadratic methods"
     if pass_ == "fwd_bwd" and not spec.subquadratic and cfg.fwd_bwd_max_n is not None and n > cfg.fwd_bwd_max_n:
         return f"quadratic: fwd+bwd only up to N={cfg.fwd_bwd_max_n}"
-    if pass_ == "fwd_bwd" and cfg.fwd_bwd_all_max_n is not None and n > cfg.fwd_bwd_all_max_n:
-        return f"fwd+bwd only up to N={cfg.fwd_bwd_all_max_n}"
+    if pass_ == "fwd_bwd" and cfg.fwd_bwd_n is not None and n not in cfg.fwd_bwd_n:
+        return f"fwd+bwd only at N in {list(cfg.fwd_bwd_n)}"
     return None
+
+
+def _fingerprint(cfg: SpeedConfig, methods: Sequence[MethodSpec]) -> str:
+    """What a checkpointed row depends on: the settings (minus bookkeeping) and the methods."""
+    skip = {"checkpoint", "progress", "time_budget_s", "case_timeout_s"}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
+    return json.dumps({"settings": settings, "methods": [m.describe() for m in methods]}, sort_keys=True, default=str)
+
+
+def _row_key(label: str, case: Case) -> tuple:
+    return (label, case.device, case.dtype, case.head_dim, case.n, case.causal, case.pass_)
+
+
+def _load_checkpoint(path: str | None, fingerprint: str) -> dict[tuple, dict[str, Any]]:
+    """Rows of an earlier run with the same fingerprint (a new checkpoint is started otherwise)."""
+    if path is None:
+        return {}
+    p = Path(path)
+    done: dict[tuple, dict[str, Any]] = {}
+    if p.exists():
+        lines = p.read_text().splitlines()
+        if lines and json.loads(lines[0]).get("fingerprint") == fingerprint:
+            for line in lines[1:]:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill
+                    continue
+                key = (r["method"], r["device"], r["dtype"], r["head_dim"], r["n"], r["causal"], r["pass"])
+                done[key] = r
+            return done
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    return done
+
+
+def _append_checkpoint(path: str | None, row: dict[str, Any]) -> None:
+    if path is not None:
+        with open(path, "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
 
 
 def _known_unavailable(spec: MethodSpec, case: Case) -> str | None:
@@ -230,6 +275,7 @@ class _SpeedRun:
         self.rows: list[dict[str, Any]] = []
         self.gates: list[dict[str, Any]] = []
         self.t_start = time.perf_counter()
+        self.done = _load_checkpoint(cfg.checkpoint, _fingerprint(cfg, methods))
 
     def run(self) -> dict[str, Any]:
         from attnlib.bench.progress import progress_bar
@@ -310,9 +356,12 @@ class _SpeedRun:
                     if cfg.time_budget_s is not None and time.perf_counter() - self.t_start > cfg.time_budget_s:
                         self.rows.append(_row(spec, case, status="skipped", reason="time budget exhausted"))
                         continue
-                    t_case = time.perf_counter()
-                    row = self._measure(spec, case)
-                    row["case_wall_s"] = time.perf_counter() - t_case
+                    row = self.done.get(_row_key(spec.label, case))
+                    if row is None:
+                        t_case = time.perf_counter()
+                        row = self._measure(spec, case)
+                        row["case_wall_s"] = time.perf_counter() - t_case
+                        _append_checkpoint(cfg.checkpoint, row)
                     if max(row.get("first_s") or 0.0, row.get("median_s") or 0.0) > cfg.max_call_s:
                         too_slow[(spec.label, pass_)] = n
                     if row["status"] == "ok":

@@ -95,7 +95,10 @@ def run(cfg: DictConfig | dict[str, Any], *, overrides: list[str] | None = None)
     paths: list[Path] = []
     if mode == "compare":
         return _compare_only(c, out_dir, name, result)
+    checkpoint = out_dir / f"{name}.partial.jsonl"
     if mode == "speed":
+        if speed_raw.get("resume", True):
+            speed_raw["checkpoint"] = str(checkpoint)
         _run_speed(c, speed_raw, result)
     elif mode == "approx":
         _run_approx(c, result)
@@ -108,6 +111,7 @@ def run(cfg: DictConfig | dict[str, Any], *, overrides: list[str] | None = None)
     write_json(out_dir / f"{name}.json", result)
     paths += [out_dir / f"{name}.md", out_dir / f"{name}.json", *plots]
     print(f"[attnlib-bench] wrote {', '.join(str(p) for p in paths)}")
+    checkpoint.unlink(missing_ok=True)  # the run finished: its rows are in the JSON
     result["paths"] = [str(p) for p in paths]
     if mode == "speed" and c.get("compare"):
         result["regressions"] = _gate(c, result["rows"], out_dir, name, result)
