@@ -50,9 +50,23 @@ OUT = ROOT / "results"
 
 RUNS: dict[str, list[str]] = {
     "base": ["experiment=vit_digits"],
+    "dense_ft": ["experiment=vit_digits_finetune"],
+    "topk_ft": ["experiment=vit_digits_topk_ft"],
+    "topk_fuse_ft": ["experiment=vit_digits_topk_ft", "model.pruning.keep_ratio=0.4375", "model.pruning.fuse=true"],
+    "ltp_ft": ["experiment=vit_digits_ltp_ft"],
+}
+"""Training runs per seed; the ``*_ft`` ones start from the same seed's trained ``base`` (``init_from``)."""
+
+SCRATCH_RUNS: dict[str, list[str]] = {
     "topk": ["experiment=vit_digits_topk"],
     "ltp": ["experiment=vit_digits_ltp"],
 }
+"""With ``--scratch``: the pruned models trained from scratch (the previous bar configs), for contrast."""
+
+
+def run_name(key: str, seed: int) -> str:
+    """The run directory name of training run ``key`` at ``seed`` (seed 0 has no suffix)."""
+    return key if seed == 0 else f"{key}_s{seed}"
 
 
 def train(work: Path, name: str, overrides: list[str]) -> Path:
@@ -68,6 +82,16 @@ def train(work: Path, name: str, overrides: list[str]) -> Path:
         )
         print(f"trained {' '.join(overrides)} in {time.perf_counter() - t0:.0f}s")
     return ck
+
+
+def train_seed(work: Path, key: str, seed: int, runs: dict[str, list[str]]) -> Path:
+    """Train run ``key`` of ``runs`` at ``seed`` (warm-started runs first train their ``base``)."""
+    overrides = [*runs[key], f"seed={seed}"]
+    if key != "base":
+        base = train(work, run_name("base", seed), [*RUNS["base"], f"seed={seed}"])
+        if key.endswith("_ft"):
+            overrides.append(f"init_from={base}")
+    return train(work, run_name(key, seed), overrides)
 
 
 def block_flops(n: float, dim: int, hidden: int) -> float:
