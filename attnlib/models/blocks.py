@@ -310,6 +310,32 @@ class TransformerBlock(nn.Module):
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return (x, imp) if return_importance else x
 
+    def forward_groups(
+        self,
+        x: Tensor,
+        groups: list[tuple[int, int]],
+        *,
+        positions: Tensor | None = None,
+        return_importance: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
+        """The block on a ragged batch packed by length (no padding; see :mod:`attnlib.models.ragged`).
+
+        x (T, dim) packed tokens, ``groups`` ``[(rows_g, length_g), ...]``, ``positions`` (T,)
+        rotary positions -> (T, dim) (and importance (T,) | None with ``return_importance``).
+        Equals :meth:`forward` on each sequence alone. Stochastic depth needs whole rows, so a
+        block with ``drop_path > 0`` runs this only in eval.
+        """
+        if self.training and self.drop_path.p > 0:
+            raise UnsupportedError(
+                f"TransformerBlock.forward_groups: drop_path={self.drop_path.p} drops whole rows in training; "
+                "use forward() on the padded batch in training (or eval mode)"
+            )
+        res = self.attn.forward_groups(self.norm1(x), groups, positions=positions, return_importance=return_importance)
+        a, imp = res if return_importance else (res, None)
+        x = x + self.drop(a)
+        x = x + self.mlp(self.norm2(x))
+        return (x, imp) if return_importance else x
+
 
 INIT_SCHEMES = ("gpt2", "fan_in")
 
