@@ -186,3 +186,29 @@ def test_distill_loss_is_scaled_kl_and_mixes_with_ce() -> None:
     assert teacher.weight.grad is None and model.weight.grad is not None
     with pytest.raises(ValueError, match="classify"):
         train_loss(model, {"tokens": torch.zeros(2, 3, dtype=torch.long)}, "lm", teacher=teacher)
+
+
+def test_cls_score_ranks_by_the_class_token_attention_row() -> None:
+    m = _vit({"name": "topk", "layers": [0], "keep_ratio": 0.25, "score": "cls"})
+    x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        m(x)
+        kept = m.last_kept_index
+        h = m.patch_embed(x).flatten(2).transpose(1, 2)
+        h = torch.cat([m.cls_token.expand(5, -1, -1), h], 1) + m.pos_embed
+        blk = m.blocks[0]
+        _, ex = blk.attn(blk.norm1(h), return_extras=True, need_weights=True)
+        row = ex.weights[:, :, 0, 1:].mean(1)  # class token's attention to the 16 patches, head mean
+    expect = torch.cat([torch.zeros(5, 1, dtype=torch.long), 1 + row.topk(4, 1).indices.sort(1).values], 1)
+    assert torch.equal(kept, expect)
+    # the mean-received importance ranks differently on these inputs (the option changes something)
+    mean = _vit({"name": "topk", "layers": [0], "keep_ratio": 0.25})
+    with torch.no_grad():
+        mean(x)
+    assert not torch.equal(mean.last_kept_index, kept)
+    with pytest.raises(UnsupportedError, match="no class token"):
+        _vit({"name": "ltp", "layers": [0], "score": "cls"}, pool="mean")
+    with pytest.raises(UnsupportedError, match="has_weights"):
+        ViT(attention={"variant": "aft_full"}, pruning={"name": "topk", "score": "cls"}, dim=16, depth=2, num_heads=2)
+    with pytest.raises(ValueError, match="score must be one of"):
+        _vit({"name": "topk", "score": "max"})

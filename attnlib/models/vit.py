@@ -111,7 +111,9 @@ class ViT(nn.Module):
             for r in rates
         )
         self.rope = rope
-        self.pruning = make_pruning(pruning, attention, dim=dim, depth=depth, model="ViT", positional=rope)
+        self.pruning = make_pruning(
+            pruning, attention, dim=dim, depth=depth, model="ViT", positional=rope, cls_token=pool == "cls"
+        )
         self.last_kept_index: Tensor | None = None
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
@@ -169,6 +171,9 @@ class ViT(nn.Module):
         for i, blk in enumerate(self.blocks):
             pr = self.pruning.get(i)
             need_imp = pr is not None and pr.needs_importance
+            query = pr.score_query if need_imp else None
+            if groups is not None and query is not None:  # attention rows need the padded layout
+                x, groups = groups.unpack(x), None
             if groups is not None:
                 positions = groups.pack(index) if self.rope else None
                 res = blk.forward_groups(x, groups.groups, positions=positions, return_importance=need_imp)
@@ -184,7 +189,7 @@ class ViT(nn.Module):
                     x = blk(x, mask=mask, positions=positions)
                     continue
                 if need_imp:
-                    x, imp = blk(x, mask=mask, positions=positions, return_importance=True)
+                    x, imp = blk(x, mask=mask, positions=positions, return_importance=True, importance_query=query)
                 else:
                     x, imp = blk(x, mask=mask, positions=positions), None
             out = pr(x, imp, mask, self.pruning.protected(index, n0, default))

@@ -33,7 +33,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from attnlib.pruning.base import PruneOutput, TokenPruner, register_pruner, select_tokens
+from attnlib.pruning.base import PruneOutput, TokenPruner, register_pruner, score_query_of, select_tokens
 
 __all__ = ["LTPPruner"]
 
@@ -58,6 +58,9 @@ class LTPPruner(TokenPruner):
         keep_target: None (LTP's ``lam * mean mu`` over the batch) or a fraction in (0, 1]: each
             sample's soft keep ratio (mean of mu over its real, unprotected tokens) is pulled to it
             by ``lam * mean_b (ratio_b - keep_target)^2``.
+        score: ``"mean"`` (LTP: attention received, averaged over heads and queries) or
+            ``"cls"`` (the class token's attention row averaged over heads, as in EViT - an
+            addition to LTP for class-token classifiers; needs a variant with attention weights).
 
     Shapes: x (B, N, C), importance (B, N) -> x (B, N', C) (hard) or (B, N, C) (soft).
     """
@@ -76,6 +79,7 @@ class LTPPruner(TokenPruner):
         learn_threshold: bool = True,
         normalize: bool = False,
         keep_target: float | None = None,
+        score: str = "mean",
     ) -> None:
         super().__init__(dim=dim, layer=layer, depth=depth)
         if mode not in _MODES:
@@ -89,6 +93,8 @@ class LTPPruner(TokenPruner):
             raise ValueError(f"ltp keep_target must be None or in (0, 1], got {keep_target!r}")
         self.mode, self.min_threshold, self.normalize = mode, float(min_threshold), bool(normalize)
         self.keep_target = None if keep_target is None else float(keep_target)
+        self.score = score
+        self.score_query = score_query_of("ltp", score)
         # keep-all (-inf) asks the block for no importance: the unpruned model's kernels, bit for bit
         self.needs_importance = self.final_threshold != -math.inf  # type: ignore[misc]
         delta = torch.zeros(())
@@ -150,5 +156,5 @@ class LTPPruner(TokenPruner):
     def extra_repr(self) -> str:
         return (
             f"layer={self.layer}, final_threshold={self.final_threshold}, temperature={self.temperature}, "
-            f"lam={self.lam}, mode={self.mode!r}, keep_target={self.keep_target}"
+            f"lam={self.lam}, mode={self.mode!r}, keep_target={self.keep_target}, score={self.score!r}"
         )
