@@ -212,3 +212,24 @@ def test_cls_score_ranks_by_the_class_token_attention_row() -> None:
         ViT(attention={"variant": "aft_full"}, pruning={"name": "topk", "score": "cls"}, dim=16, depth=2, num_heads=2)
     with pytest.raises(ValueError, match="score must be one of"):
         _vit({"name": "topk", "score": "max"})
+
+
+def test_ltp_straight_through_ratio_loss_takes_the_hard_ratio_with_soft_gradient() -> None:
+    kw = {"final_threshold": 0.2, "temperature": 0.05, "lam": 0.3, "keep_target": 0.5}
+    ste = __import__("attnlib.pruning", fromlist=["LTPPruner"]).LTPPruner(
+        dim=4, layer=1, depth=4, mode="straight_through", **kw
+    )
+    ste = ste.double().train()
+    x = torch.randn(2, 6, 4, dtype=torch.float64)
+    imp = torch.tensor([[0.5, 0.01, 0.09, 0.07, 0.3, 0.0], [0.2, 0.2, 0.2, 0.2, 0.1, 0.1]], dtype=torch.float64)
+    prot = torch.zeros(2, 6, dtype=torch.bool)
+    prot[:, 0] = True
+    out = ste(x, imp, None, prot)
+    hard = (imp[:, 1:] >= 0.05).double()  # theta = 0.2 * 1 / 4
+    torch.testing.assert_close(out.aux_loss, 0.3 * ((hard.mean(1) - 0.5) ** 2).mean(), rtol=0, atol=1e-14)
+    out.aux_loss.backward()
+    mu = torch.sigmoid((imp[:, 1:] - 0.05) / 0.05)
+    # d aux / d delta = 0.3 * mean_b 2 (ratio_b - 0.5) * mean_j d mu_bj / d delta, d mu / d delta = -mu (1 - mu) / T
+    dmu = -(mu * (1 - mu) / 0.05).mean(1)
+    expect = 0.3 * (2 * (hard.mean(1) - 0.5) * dmu).mean()
+    torch.testing.assert_close(ste.delta.grad, expect, rtol=1e-12, atol=0)

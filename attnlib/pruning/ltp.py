@@ -19,6 +19,8 @@ learned threshold are dropped:
   with the kept tokens multiplied by ``mu_j / stopgrad(mu_j)`` (= 1), so the threshold and the
   scores still get gradients and the trained model sees exactly what inference runs (soft-mask
   training leaves "ghost" tokens that later blocks can still attend to; hard pruning drops them).
+  The keep-ratio loss likewise takes the hard mask's value with mu's gradient
+  (``hard_j + mu_j - stopgrad(mu_j)``), so ``keep_target`` is the fraction inference keeps.
 
 ``final_threshold = -inf`` disables pruning (identity, bit for bit). Deviations from the official
 code (kssteven418/LTP): pruned tokens are removed (not masked with -10000), a class token /
@@ -139,10 +141,16 @@ class LTPPruner(TokenPruner):
             mu = torch.sigmoid((s - theta) / self.temperature)
             mu = torch.where(cand, mu, torch.ones_like(mu))
             w = cand.to(mu.dtype)
+            # straight-through: the loss sees the hard mask inference runs (value), with mu's gradient
+            m = (
+                mu
+                if not ste
+                else mu + ((cand & (s >= torch.clamp(theta, min=self.min_threshold))).to(mu.dtype) - mu).detach()
+            )
             if self.keep_target is None:
-                aux = self.lam * (mu * w).sum() / w.sum().clamp_min(1.0)
+                aux = self.lam * (m * w).sum() / w.sum().clamp_min(1.0)
             else:
-                ratio = (mu * w).sum(1) / w.sum(1).clamp_min(1.0)
+                ratio = (m * w).sum(1) / w.sum(1).clamp_min(1.0)
                 aux = self.lam * ((ratio - self.keep_target) ** 2).mean()
             if not ste:
                 return PruneOutput(x * mu[..., None], torch.arange(n, device=x.device).expand(b, n), mask, aux)
