@@ -10,6 +10,8 @@
      - ``dense_ft`` - no pruning: the control that gets the same extra training;
      - ``topk_ft`` - top-k after block 0, 8 of the 16 patches kept + the class token (9 of 17);
      - ``topk_fuse_ft`` - 7 patches + class token + one EViT-fused token (also 9 of 17);
+     - ``topk2_ft`` - progressive top-k: 10 patches after block 0, 7 after block 1 (17/11/8/8,
+       the same 9 tokens per later block on average);
      - ``ltp_ft`` - Learned Token Pruning after block 0 (learned threshold, straight-through
        training, per-sample keep-ratio loss at 50%; hard pruning in eval).
    Pruners score tokens by ``score`` of the experiment config (``RUNS``).
@@ -56,6 +58,12 @@ RUNS: dict[str, list[str]] = {
     "topk_ft": ["experiment=vit_digits_topk_ft"],
     "topk_fuse_ft": ["experiment=vit_digits_topk_ft", "model.pruning.keep_ratio=0.4375", "model.pruning.fuse=true"],
     "ltp_ft": ["experiment=vit_digits_ltp_ft"],
+    "topk2_ft": [
+        "experiment=vit_digits_topk_ft",
+        "model.pruning.layers=[0,1]",
+        "model.pruning.keep_ratio=0.625",
+        "+model.pruning.per_layer={1:{keep_ratio:0.7}}",
+    ],
 }
 """Training runs per seed; the ``*_ft`` ones start from (and distil) the same seed's trained ``base``."""
 
@@ -158,6 +166,10 @@ def build_models(cks: dict[str, dict[str, Any]], data: Any) -> dict[str, tuple[A
         "topk 7 + fused (EViT)": (
             load(cks["topk_fuse_ft"], data),
             "fine-tuned with 7 patches + class + 1 fused token (same 9 tokens)",
+        ),
+        "topk progressive 10 -> 7 patches": (
+            load(cks["topk2_ft"], data),
+            "fine-tuned with topk after block 0 (10 patches) and block 1 (7): 17/11/8/8 tokens",
         ),
         "topk r=0.5 post-hoc": (load(cks["base"], data, topk_cfg), "baseline weights, no pruning-aware fine-tune"),
         "ltp": (load(cks["ltp_ft"], data, ltp_cfg), "bar config: baseline fine-tuned with ltp; packed by length"),
