@@ -195,6 +195,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (accuracy = mean over them)")
+    ap.add_argument("--note", default="", help="a sentence added to the markdown (e.g. where cached runs came from)")
     args = ap.parse_args()
     work = Path(args.work)
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -275,6 +276,7 @@ def main() -> None:
         test_images=int(xs.shape[0]),
         seeds=seeds,
         runs_overrides=RUNS,
+        user_note=args.note,
         train_results={
             run_name(k, sd): json.loads((work / run_name(k, sd) / "results.json").read_text())
             for sd in seeds
@@ -301,8 +303,9 @@ def main() -> None:
         "Recipe (identical for every fine-tuned row): the dense baseline (`experiment=vit_digits`, 2500 steps) is "
         "fine-tuned 1000 steps (peak lr 1e-3, warmup 50, cosine) with the pruner in place, distilling from the "
         "baseline (soft KD, weight 0.5, T = 1) - `experiment=vit_digits_finetune` / `_topk_ft` / `_ltp_ft` with "
-        "`init_from=<baseline>`. The control row gets the same fine-tune without pruning. "
-        f"Training overrides: `{json.dumps(RUNS)}`.",
+        "`init_from=<baseline>`. The control row gets the same fine-tune without pruning. The pruners rank by the "
+        "class token's attention row (`score: cls`), chosen over `mean` on the validation split (3 seeds). "
+        f"Training overrides: `{json.dumps(RUNS)}`. Finished runs in `--work` are reused. {args.note}",
         "",
         "| config | tokens per block (real) | later-block keep | test acc | drop vs baseline (points) "
         "| drop vs control | GFLOPs/img | FLOPs ratio | img/s | speed-up | note |",
