@@ -386,6 +386,111 @@ class Attention(nn.Module):
         imp = res.importance.mean(1) if res.importance is not None else None
         return y, AttentionExtras(weights=res.weights, importance=imp, aux_loss=res.aux_loss)
 
+    def forward_groups(
+        self,
+        x: Tensor,
+        groups: list[tuple[int, int]] | tuple[tuple[int, int], ...],
+        *,
+        positions: Tensor | None = None,
+        return_importance: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
+        """Self-attention over a ragged batch packed by length: no padding, no key-padding mask.
+
+        The batch's real tokens are concatenated into ``x`` (T, dim), grouped by sequence length:
+        group g holds ``rows_g`` sequences of ``length_g`` tokens each, stored contiguously and
+        row-major (sequence r of the group at offset + r * length_g), groups one after another, so
+        ``T = sum_g rows_g * length_g``. The projections run once over all T tokens; the variant's
+        core runs once per group on an unpadded (rows_g, H, length_g, D) batch. Each sequence
+        therefore gets exactly what :meth:`forward` gives it alone - unlike a padded batch, where
+        a variant that reduces over queries (``importance``) or a pruner downstream sees padding.
+        :func:`attnlib.models.ragged.group_by_length` builds the layout from a padded batch.
+
+        Args:
+            x: (T, dim) packed tokens.
+            groups: ``[(rows_g, length_g), ...]`` with rows_g >= 0, length_g >= 0 (empty groups skipped).
+            positions: (T,) long rotary position of each token (``rope=True``), default
+                ``arange(length_g)`` in every sequence.
+            return_importance: also return the importance (T,) of each token as a key (attention
+                mass received, averaged over heads and the queries of its sequence), None where
+                the variant has none.
+
+        Returns:
+            (T, dim), or ((T, dim), importance (T,) | None) with ``return_importance``.
+        """
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"forward_groups: x must be (T, dim={self.dim}) packed tokens, got {describe(x)}")
+        self._check_inputs(x[None] if x.shape[0] else x.new_zeros(1, 1, self.dim), None)
+        try:
+            sizes = [(int(r), int(n)) for r, n in groups]
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"forward_groups: groups must be a list of (rows, length) int pairs, got {groups!r}"
+            ) from None
+        if any(r < 0 or n < 0 for r, n in sizes) or sum(r * n for r, n in sizes) != x.shape[0]:
+            raise ValueError(
+                f"forward_groups: groups {sizes} (rows, length >= 0) must cover the T={x.shape[0]} tokens of x "
+                f"exactly (sum of rows * length = {sum(r * n for r, n in sizes)})"
+            )
+        if positions is not None and (positions.dim() != 1 or positions.shape[0] != x.shape[0]):
+            raise ValueError(f"forward_groups: positions must be (T,) = ({x.shape[0]},), got {describe(positions)}")
+        dq, dkv = self.dim, self.num_kv_heads * self.head_dim
+        qkv = self.in_proj(x)
+        caps = self.core.capabilities
+        p = self.dropout if self.training else 0.0
+        outs: list[Tensor] = []
+        imps: list[Tensor] = []
+        has_imp = return_importance
+        aux: Tensor | None = None
+        start = 0
+        for r, n in sizes:
+            t = r * n
+            if t == 0:
+                continue
+            part = qkv[start : start + t].view(r, n, -1)
+            q, k, v = part.split([dq, dkv, dkv], -1)
+            q = rearrange(q, "b n (h d) -> b h n d", h=self.num_heads)
+            k = rearrange(k, "b m (h d) -> b h m d", h=self.num_kv_heads)
+            v = rearrange(v, "b m (h d) -> b h m d", h=self.num_kv_heads)
+            if self.rope is not None:
+                pos = None if positions is None else positions[start : start + t].view(r, n)
+                q, k = self.rope(q, 0, pos), self.rope(k, 0, pos)
+            if not caps.gqa and self.num_kv_heads != self.num_heads:
+                g = self.num_heads // self.num_kv_heads
+                k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+            am = normalize_mask(None, causal=self.causal, batch=r, heads=self.num_heads, n=n, m=n, device=x.device)
+            res = self.core(
+                q,
+                k,
+                v,
+                am,
+                cross=False,
+                need_weights=False,
+                need_importance=return_importance,
+                dropout_p=p if caps.attn_dropout else 0.0,
+            )
+            out = res.out
+            if p > 0 and not caps.attn_dropout:
+                out = F.dropout(out, p)
+            outs.append(rearrange(out, "b h n d -> (b n) (h d)"))
+            if res.aux_loss is not None:
+                aux = res.aux_loss * t if aux is None else aux + res.aux_loss * t
+            if return_importance:
+                if res.importance is None:
+                    has_imp = False
+                else:
+                    imps.append(res.importance.mean(1).reshape(t))
+            start += t
+        if outs:
+            y = self.out_proj(torch.cat(outs, 0) if len(outs) > 1 else outs[0])
+        else:
+            y = self.out_proj(x.new_zeros(0, self.dim))
+        self.pending_aux_loss = None if aux is None else aux / max(x.shape[0], 1)  # token-weighted mean
+        if not return_importance:
+            return y
+        if not has_imp:
+            return y, None
+        return y, (torch.cat(imps) if imps else x.new_zeros(0))
+
     # -- incremental decoding ----------------------------------------------------------------
 
     def init_cache(self, batch: int, *, mode: str | None = None) -> AttentionCache:

@@ -37,6 +37,9 @@ TINY_DATA = {
     "vit_digits": ["data.batch_size=16"],
     "vit_digits_topk": ["data.batch_size=16"],
     "vit_digits_ltp": ["data.batch_size=16"],
+    "vit_digits_finetune": ["data.batch_size=16"],
+    "vit_digits_topk_ft": ["data.batch_size=16"],
+    "vit_digits_ltp_ft": ["data.batch_size=16"],
     "lm_chars": ["data.seq_len=16", "data.batch_size=4", "data.max_eval_tokens=256"],
     "mqar": [
         "data.num_train=64",
@@ -90,8 +93,14 @@ def test_every_experiment_trains_tiny(experiment: str, tmp_path: Path, chars_roo
     extra = TINY_DATA[experiment] + [f"data.cache_dir={tmp_path / 'cache'}"]
     if experiment == "lm_chars":
         extra.append(f"data.root={chars_root}")
+    if experiment.endswith(("_ft", "_finetune")):  # warm start from (and distil) a tiny trained dense model
+        dense = tmp_path / "dense"
+        train(_cfg("experiment=vit_digits", *QUIET, *TINY_TRAIN, *TINY_MODEL, *extra, "trainer.max_steps=2"), dense)
+        extra.append(f"init_from={dense}")
     cfg = _cfg(f"experiment={experiment}", *QUIET, *TINY_TRAIN, *TINY_MODEL, *extra)
     res = train(cfg, tmp_path / "run")
+    if experiment.endswith(("_ft", "_finetune")):
+        assert res["init_from"] == res["distill_from"] == str(tmp_path / "dense")
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved == pytest.approx(res)
     from attnlib.data import DATASETS

@@ -139,13 +139,15 @@ def make_pruning(
     model: str,
     kinds: tuple[str, ...] = ("tokens",),
     positional: bool = False,
+    cls_token: bool = False,
 ) -> Any:
     """Build a model's :class:`attnlib.pruning.PruningPlan` from a ``pruning:`` config (None -> None).
 
     Checks at build time that the attention variant reports ``importance`` when the pruner
     ranks by it (:class:`attnlib.UnsupportedError` otherwise), that the pruner's kind is one the
-    model serves, and - for ``positional`` models (causal LMs, rotary positions) - that the
-    pruner keeps real tokens (no synthesised ones).
+    model serves, that pruners scoring by the class token's attention row (``score="cls"``) get
+    a model with a ``cls_token`` and a variant with attention weights, and - for ``positional``
+    models (causal LMs, rotary positions) - that the pruner keeps real tokens (no synthesised ones).
     """
     if pruning is None:
         return None
@@ -161,6 +163,18 @@ def make_pruning(
     if any(getattr(p, "needs_importance", False) for p in pruners):
         check_attention(
             attention, {"importance": f"pruner {plan.name!r} ranks tokens by the attention they receive"}, model=model
+        )
+    scored = [p for p in pruners if getattr(p, "score_query", None) is not None]
+    if scored and not cls_token:
+        raise UnsupportedError(
+            f"{model}: pruner {plan.name!r} with score='cls' ranks tokens by the class token's attention row, "
+            f"but this {model} has no class token; use score='mean'"
+        )
+    if scored:
+        check_attention(
+            attention,
+            {"has_weights": f"pruner {plan.name!r} with score='cls' reads the class token's attention weights"},
+            model=model,
         )
     if positional and any(getattr(p, "synthesizes", False) for p in pruners):
         raise UnsupportedError(
@@ -288,12 +302,15 @@ class TransformerBlock(nn.Module):
         *,
         positions: Tensor | None = None,
         return_importance: bool = False,
+        importance_query: int | None = None,
     ) -> Tensor | tuple[Tensor, Tensor | None]:
         """x (B, N, dim); mask (B, M) key padding (True = real token); cache for decoding.
 
         ``positions`` (B, N) long: rotary position of each token (after token pruning).
         ``return_importance`` also returns the attention's importance (B, M) - the attention
-        mass each key received, averaged over heads and queries (None if the variant has none).
+        mass each key received, averaged over heads and queries (None if the variant has none) -
+        or, with ``importance_query=q``, query q's attention row averaged over heads (B, M)
+        (e.g. the class token's, EViT; needs a variant with attention weights).
         """
         kw: dict = {"mask": mask}
         if cache is not None:
@@ -302,12 +319,45 @@ class TransformerBlock(nn.Module):
             kw["positions"] = positions
         imp = None
         if return_importance:
-            a, extras = self.attn(self.norm1(x), return_extras=True, need_weights=False, **kw)
+            rows = importance_query is not None
+            a, extras = self.attn(self.norm1(x), return_extras=True, need_weights=rows, **kw)
             imp = extras.importance
+            if rows:
+                if extras.weights is None:
+                    raise UnsupportedError(
+                        f"importance_query needs attention weights, but variant {self.attn.variant!r} returned none"
+                    )
+                imp = extras.weights[:, :, importance_query, :].mean(1)
         else:
             a = self.attn(self.norm1(x), **kw)
         x = x + self.drop_path(self.drop(a))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return (x, imp) if return_importance else x
+
+    def forward_groups(
+        self,
+        x: Tensor,
+        groups: list[tuple[int, int]],
+        *,
+        positions: Tensor | None = None,
+        return_importance: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
+        """The block on a ragged batch packed by length (no padding; see :mod:`attnlib.models.ragged`).
+
+        x (T, dim) packed tokens, ``groups`` ``[(rows_g, length_g), ...]``, ``positions`` (T,)
+        rotary positions -> (T, dim) (and importance (T,) | None with ``return_importance``).
+        Equals :meth:`forward` on each sequence alone. Stochastic depth needs whole rows, so a
+        block with ``drop_path > 0`` runs this only in eval.
+        """
+        if self.training and self.drop_path.p > 0:
+            raise UnsupportedError(
+                f"TransformerBlock.forward_groups: drop_path={self.drop_path.p} drops whole rows in training; "
+                "use forward() on the padded batch in training (or eval mode)"
+            )
+        res = self.attn.forward_groups(self.norm1(x), groups, positions=positions, return_importance=return_importance)
+        a, imp = res if return_importance else (res, None)
+        x = x + self.drop(a)
+        x = x + self.mlp(self.norm2(x))
         return (x, imp) if return_importance else x
 
 

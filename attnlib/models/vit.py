@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlib.models.blocks import AttentionConfig, TransformerBlock, init_weights, make_pruning
+from attnlib.models.ragged import LengthGroups, group_by_length
 
 __all__ = ["ViT"]
 
@@ -44,6 +45,12 @@ class ViT(nn.Module):
             (the class token is protected by default); later blocks run on the kept tokens.
             ``last_kept_index`` then holds the original positions of the final tokens (B, N')
             (-1 for synthesised ones).
+        ragged: how rows that keep different numbers of tokens run the later blocks in eval:
+            ``"groups"`` (default) packs the real tokens and runs the attention once per distinct
+            length on unpadded rows (:mod:`attnlib.models.ragged`; no padding computed, each image
+            gets exactly its own-batch result); ``"pad"`` runs one padded batch with a key-padding
+            mask (the longest row's cost for every row). Training always pads (stochastic depth
+            and the pruners' training modes work on whole rows).
 
     Shapes: ``forward(images (B, C, H, W), patch_mask=None | (B, num_patches) bool) -> (B, K)``.
     ``patch_mask`` marks real patches (True) for variable-size images padded to ``img_size``.
@@ -67,8 +74,12 @@ class ViT(nn.Module):
         attn_dropout: float = 0.0,
         rope: bool = False,
         pruning: Any = None,
+        ragged: str = "groups",
     ) -> None:
         super().__init__()
+        if ragged not in ("groups", "pad"):
+            raise ValueError(f"ragged must be 'groups' or 'pad', got {ragged!r}")
+        self.ragged = ragged
         ih, iw = _pair(img_size, "img_size")
         ph, pw = _pair(patch_size, "patch_size")
         if ih % ph or iw % pw:
@@ -100,7 +111,9 @@ class ViT(nn.Module):
             for r in rates
         )
         self.rope = rope
-        self.pruning = make_pruning(pruning, attention, dim=dim, depth=depth, model="ViT", positional=rope)
+        self.pruning = make_pruning(
+            pruning, attention, dim=dim, depth=depth, model="ViT", positional=rope, cls_token=pool == "cls"
+        )
         self.last_kept_index: Tensor | None = None
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
@@ -144,24 +157,49 @@ class ViT(nn.Module):
         return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
 
     def _pruned_blocks(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Run the blocks with the pruners after their layers: x (B, N, dim) -> (B, N', dim), mask (B, N') | None."""
+        """Run the blocks with the pruners after their layers: x (B, N, dim) -> (B, N', dim), mask (B, N') | None.
+
+        After a pruner leaves rows of different lengths, eval with ``ragged="groups"`` runs the
+        next blocks on the packed real tokens (:class:`LengthGroups`) and unpacks them only for the
+        next pruner and at the end.
+        """
         assert self.pruning is not None
         n0 = x.shape[1]
         index = torch.arange(n0, device=x.device).expand(x.shape[0], n0)  # original positions
         default = [0] if self.cls_token is not None else []
+        groups: LengthGroups | None = None  # set while x is packed (T, dim)
         for i, blk in enumerate(self.blocks):
             pr = self.pruning.get(i)
-            positions = index if self.rope else None
-            if pr is None:
-                x = blk(x, mask=mask, positions=positions)
-                continue
-            if pr.needs_importance:
-                x, imp = blk(x, mask=mask, positions=positions, return_importance=True)
+            need_imp = pr is not None and pr.needs_importance
+            query = pr.score_query if need_imp else None
+            if groups is not None and query is not None:  # attention rows need the padded layout
+                x, groups = groups.unpack(x), None
+            if groups is not None:
+                positions = groups.pack(index) if self.rope else None
+                res = blk.forward_groups(x, groups.groups, positions=positions, return_importance=need_imp)
+                if pr is None:
+                    x = res  # type: ignore[assignment]
+                    continue
+                x, imp_p = res if need_imp else (res, None)  # type: ignore[misc]
+                imp = None if imp_p is None else groups.unpack(imp_p)
+                x, groups = groups.unpack(x), None
             else:
-                x, imp = blk(x, mask=mask, positions=positions), None
+                positions = index if self.rope else None
+                if pr is None:
+                    x = blk(x, mask=mask, positions=positions)
+                    continue
+                if need_imp:
+                    x, imp = blk(x, mask=mask, positions=positions, return_importance=True, importance_query=query)
+                else:
+                    x, imp = blk(x, mask=mask, positions=positions), None
             out = pr(x, imp, mask, self.pruning.protected(index, n0, default))
             index = torch.where(out.index >= 0, index.gather(1, out.index.clamp_min(0)), out.index)
             x, mask = out.x, out.mask
+            if mask is not None and self.ragged == "groups" and not self.training and i + 1 < len(self.blocks):
+                groups = group_by_length(mask)
+                x = groups.pack(x)
+        if groups is not None:
+            x = groups.unpack(x)
         self.last_kept_index = index
         return x, mask
 

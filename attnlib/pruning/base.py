@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from attnlib._config import close_matches_hint, to_plain_dict
 
 __all__ = [
+    "SCORES",
     "PruneOutput",
     "PruningPlan",
     "TokenPruner",
@@ -36,6 +37,7 @@ __all__ = [
     "get_pruner",
     "pruning_dict",
     "register_pruner",
+    "score_query_of",
     "select_tokens",
 ]
 
@@ -95,6 +97,17 @@ def _check_inputs(pruner: str, x: Tensor, importance: Tensor | None, mask: Tenso
             raise ValueError(f"pruner {pruner!r}: {name} must be bool, got {t.dtype}")
 
 
+SCORES = ("mean", "cls")
+"""Token scores of the ranking pruners: ``"mean"`` (attention received, averaged over queries) or ``"cls"``."""
+
+
+def score_query_of(pruner: str, score: str) -> int | None:
+    """The ``score_query`` of a ``score`` option (``"mean"`` -> None, ``"cls"`` -> 0); ValueError otherwise."""
+    if score not in SCORES:
+        raise ValueError(f"{pruner} score must be one of {SCORES}, got {score!r}")
+    return 0 if score == "cls" else None
+
+
 class TokenPruner(nn.Module):
     """Base class of the pruners registered with :func:`register_pruner`.
 
@@ -105,6 +118,10 @@ class TokenPruner(nn.Module):
             (evicts entries of a decoding KV cache, :class:`attnlib.models.DecoderLM` only).
         synthesizes: outputs tokens that are not input tokens (index -1), so it cannot serve
             models that need each token's position (causal LMs, rotary positions).
+        score_query: None (rank by ``importance``, the attention mass each token receives
+            averaged over all queries) or a query position whose attention row, averaged over
+            heads, is passed as ``importance`` instead (0 = the class token: EViT's rule); the
+            model then asks its block for the attention weights (variant with ``has_weights``).
 
     Constructor keywords every pruner receives: ``dim`` (C), ``layer`` (index of the block it
     follows) and ``depth`` (number of blocks). Subclasses implement :meth:`prune`.
@@ -114,6 +131,7 @@ class TokenPruner(nn.Module):
     needs_importance: ClassVar[bool] = True
     kind: ClassVar[str] = "tokens"
     synthesizes: ClassVar[bool] = False
+    score_query: int | None = None
 
     def __init__(self, *, dim: int, layer: int, depth: int) -> None:
         super().__init__()

@@ -19,6 +19,8 @@ learned threshold are dropped:
   with the kept tokens multiplied by ``mu_j / stopgrad(mu_j)`` (= 1), so the threshold and the
   scores still get gradients and the trained model sees exactly what inference runs (soft-mask
   training leaves "ghost" tokens that later blocks can still attend to; hard pruning drops them).
+  The keep-ratio loss likewise takes the hard mask's value with mu's gradient
+  (``hard_j + mu_j - stopgrad(mu_j)``), so ``keep_target`` is the fraction inference keeps.
 
 ``final_threshold = -inf`` disables pruning (identity, bit for bit). Deviations from the official
 code (kssteven418/LTP): pruned tokens are removed (not masked with -10000), a class token /
@@ -33,7 +35,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from attnlib.pruning.base import PruneOutput, TokenPruner, register_pruner, select_tokens
+from attnlib.pruning.base import PruneOutput, TokenPruner, register_pruner, score_query_of, select_tokens
 
 __all__ = ["LTPPruner"]
 
@@ -58,6 +60,9 @@ class LTPPruner(TokenPruner):
         keep_target: None (LTP's ``lam * mean mu`` over the batch) or a fraction in (0, 1]: each
             sample's soft keep ratio (mean of mu over its real, unprotected tokens) is pulled to it
             by ``lam * mean_b (ratio_b - keep_target)^2``.
+        score: ``"mean"`` (LTP: attention received, averaged over heads and queries) or
+            ``"cls"`` (the class token's attention row averaged over heads, as in EViT - an
+            addition to LTP for class-token classifiers; needs a variant with attention weights).
 
     Shapes: x (B, N, C), importance (B, N) -> x (B, N', C) (hard) or (B, N, C) (soft).
     """
@@ -76,6 +81,7 @@ class LTPPruner(TokenPruner):
         learn_threshold: bool = True,
         normalize: bool = False,
         keep_target: float | None = None,
+        score: str = "mean",
     ) -> None:
         super().__init__(dim=dim, layer=layer, depth=depth)
         if mode not in _MODES:
@@ -89,6 +95,8 @@ class LTPPruner(TokenPruner):
             raise ValueError(f"ltp keep_target must be None or in (0, 1], got {keep_target!r}")
         self.mode, self.min_threshold, self.normalize = mode, float(min_threshold), bool(normalize)
         self.keep_target = None if keep_target is None else float(keep_target)
+        self.score = score
+        self.score_query = score_query_of("ltp", score)
         # keep-all (-inf) asks the block for no importance: the unpruned model's kernels, bit for bit
         self.needs_importance = self.final_threshold != -math.inf  # type: ignore[misc]
         delta = torch.zeros(())
@@ -133,10 +141,16 @@ class LTPPruner(TokenPruner):
             mu = torch.sigmoid((s - theta) / self.temperature)
             mu = torch.where(cand, mu, torch.ones_like(mu))
             w = cand.to(mu.dtype)
+            # straight-through: the loss sees the hard mask inference runs (value), with mu's gradient
+            m = (
+                mu
+                if not ste
+                else mu + ((cand & (s >= torch.clamp(theta, min=self.min_threshold))).to(mu.dtype) - mu).detach()
+            )
             if self.keep_target is None:
-                aux = self.lam * (mu * w).sum() / w.sum().clamp_min(1.0)
+                aux = self.lam * (m * w).sum() / w.sum().clamp_min(1.0)
             else:
-                ratio = (mu * w).sum(1) / w.sum(1).clamp_min(1.0)
+                ratio = (m * w).sum(1) / w.sum(1).clamp_min(1.0)
                 aux = self.lam * ((ratio - self.keep_target) ** 2).mean()
             if not ste:
                 return PruneOutput(x * mu[..., None], torch.arange(n, device=x.device).expand(b, n), mask, aux)
@@ -150,5 +164,5 @@ class LTPPruner(TokenPruner):
     def extra_repr(self) -> str:
         return (
             f"layer={self.layer}, final_threshold={self.final_threshold}, temperature={self.temperature}, "
-            f"lam={self.lam}, mode={self.mode!r}, keep_target={self.keep_target}"
+            f"lam={self.lam}, mode={self.mode!r}, keep_target={self.keep_target}, score={self.score!r}"
         )

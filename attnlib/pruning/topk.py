@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from attnlib.pruning.base import PruneOutput, TokenPruner, register_pruner, select_tokens
+from attnlib.pruning.base import PruneOutput, TokenPruner, register_pruner, score_query_of, select_tokens
 
 __all__ = ["TopKPruner"]
 
@@ -30,12 +30,24 @@ class TopKPruner(TokenPruner):
         fuse: append one token, sum_j s_j x_j / sum_j s_j over the dropped tokens j (EViT);
             its index is -1.
         min_keep: keep at least this many unprotected tokens per row.
+        score: ``"mean"`` (default: attention received, averaged over heads and queries - the
+            contract's ``importance``, for any model) or ``"cls"`` (the class token's attention
+            row averaged over heads: EViT's exact rule; needs a class token and a variant with
+            attention weights).
 
     Shapes: x (B, N, C), importance (B, N) -> x (B, N', C), N' = protected + ceil(ratio * rest) (+1 fused).
     """
 
     def __init__(
-        self, *, dim: int, layer: int, depth: int, keep_ratio: float = 0.7, fuse: bool = False, min_keep: int = 1
+        self,
+        *,
+        dim: int,
+        layer: int,
+        depth: int,
+        keep_ratio: float = 0.7,
+        fuse: bool = False,
+        min_keep: int = 1,
+        score: str = "mean",
     ) -> None:
         super().__init__(dim=dim, layer=layer, depth=depth)
         if not isinstance(keep_ratio, (int, float)) or not 0.0 < keep_ratio <= 1.0:
@@ -43,6 +55,8 @@ class TopKPruner(TokenPruner):
         if not isinstance(min_keep, int) or min_keep < 0:
             raise ValueError(f"topk min_keep must be an int >= 0, got {min_keep!r}")
         self.keep_ratio, self.fuse, self.min_keep = float(keep_ratio), bool(fuse), min_keep
+        self.score = score
+        self.score_query = score_query_of("topk", score)
         self.synthesizes = self.fuse  # type: ignore[misc]
         # keep-all asks the block for no importance, so it runs the very kernels of the unpruned model
         self.needs_importance = self.keep_ratio < 1.0  # type: ignore[misc]
@@ -78,4 +92,4 @@ class TopKPruner(TokenPruner):
         )
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer}, keep_ratio={self.keep_ratio}, fuse={self.fuse}"
+        return f"layer={self.layer}, keep_ratio={self.keep_ratio}, fuse={self.fuse}, score={self.score!r}"

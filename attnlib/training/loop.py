@@ -35,7 +35,15 @@ from attnlib.training.distributed import DistInfo, init_distributed
 from attnlib.training.metrics import MetricLogger, format_table
 from attnlib.training.tasks import _to, evaluate, train_loss
 
-__all__ = ["TRAINER_DEFAULTS", "NonFiniteLossError", "build_optimizer", "lr_lambda", "train"]
+__all__ = [
+    "TRAINER_DEFAULTS",
+    "NonFiniteLossError",
+    "build_optimizer",
+    "init_weights_from",
+    "load_teacher",
+    "lr_lambda",
+    "train",
+]
 
 log = logging.getLogger("attnlib.train")
 
@@ -62,6 +70,8 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "progress": True,
     "tensorboard": True,
     "deterministic": False,
+    "distill_weight": 0.5,
+    "distill_temperature": 1.0,
 }
 
 # config sections that must match for a resume to continue the same run
@@ -119,11 +129,76 @@ def _resume_path(resume: Any, run_dir: Path) -> Path | None:
     return p / "checkpoints" / "last.pt" if p.is_dir() else p
 
 
+def init_weights_from(
+    model: nn.Module, source: str | os.PathLike[str], *, allow_missing: tuple[str, ...] = ("pruning.",)
+) -> list[str]:
+    """Warm start: copy a trained checkpoint's model weights into ``model`` (optimizer, schedule, step: fresh).
+
+    ``source`` is a checkpoint written by the trainer or its run directory
+    (``<dir>/checkpoints/last.pt``). Every parameter of the checkpoint must exist in ``model``
+    with the same shape, and every parameter of ``model`` must come from the checkpoint except
+    those whose names start with one of ``allow_missing`` (default: the pruners' own parameters,
+    ``pruning.*``, which a dense checkpoint lacks - so a trained unpruned model can be
+    fine-tuned with token pruning, the recipe of EViT, DynamicViT and LTP). Returns the names
+    left at their initial values; raises FileNotFoundError / ValueError naming what differs.
+    """
+    path = _resume_path(str(source), Path("."))
+    if path is None or not path.exists():
+        raise FileNotFoundError(f"init_from: no checkpoint at {source!r} (looked for {path})")
+    state = load_checkpoint(path, map_location="cpu")
+    if not isinstance(state, Mapping) or "model" not in state:
+        raise ValueError(f"init_from: {path} is not a checkpoint written by attnlib-train (no 'model' entry)")
+    own = _unwrap(model).state_dict()
+    src = state["model"]
+    unexpected = sorted(set(src) - set(own))
+    missing = sorted(k for k in set(own) - set(src) if not k.startswith(allow_missing))
+    shapes = sorted(f"{k}: {tuple(src[k].shape)} vs {tuple(own[k].shape)}" for k in set(src) & set(own)
+                    if tuple(src[k].shape) != tuple(own[k].shape))  # fmt: skip
+    if unexpected or missing or shapes:
+        raise ValueError(
+            f"init_from: {path} does not fit this model: "
+            + "; ".join(
+                f"{what} {items[:8]}{' ...' if len(items) > 8 else ''}"
+                for what, items in (
+                    ("keys not in the model", unexpected),
+                    ("model keys not in it", missing),
+                    ("shape (checkpoint vs model)", shapes),
+                )
+                if items
+            )
+        )
+    _unwrap(model).load_state_dict(src, strict=False)
+    return sorted(set(own) - set(src))
+
+
+def load_teacher(source: str | os.PathLike[str], data: Any) -> nn.Module:
+    """The model of a trainer checkpoint (or run dir), built from its own config, frozen, in eval mode.
+
+    ``data`` supplies the model's data-dependent sizes (``data.model_kwargs()``).
+    """
+    path = _resume_path(str(source), Path("."))
+    if path is None or not path.exists():
+        raise FileNotFoundError(f"distill_from: no checkpoint at {source!r} (looked for {path})")
+    ck = load_checkpoint(path, map_location="cpu")
+    if not isinstance(ck, Mapping) or "model" not in ck or "config" not in ck:
+        raise ValueError(f"distill_from: {path} is not a checkpoint written by attnlib-train")
+    conf = ck["config"]
+    teacher = build_model(conf["model"], conf["attention"], **data.model_kwargs())
+    teacher.load_state_dict(ck["model"])
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
 def train(cfg: DictConfig | Mapping[str, Any], run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Train and test one configuration; returns the flat results (also written to run_dir/results.json).
 
     ``cfg`` has ``attention``, ``model``, ``data``, ``trainer`` (see :data:`TRAINER_DEFAULTS`),
-    ``seed`` and ``resume`` (false | true = ``run_dir/checkpoints/last.pt`` | a path).
+    ``seed``, ``resume`` (false | true = ``run_dir/checkpoints/last.pt`` | a path) and
+    ``init_from`` (null | a checkpoint or run dir: warm start from its model weights with a fresh
+    optimizer and schedule, :func:`init_weights_from`; ignored when resuming from a checkpoint)
+    and ``distill_from`` (null | a checkpoint or run dir: a frozen teacher model for knowledge
+    distillation, classification only; ``trainer.distill_weight`` / ``distill_temperature``).
     """
     wall0 = time.perf_counter()
     cfg = OmegaConf.create(_plain(cfg))
@@ -204,6 +279,18 @@ def _train(
                 log.info("resumed from %s at step %d", resume_from, start)
         elif info.is_main:
             log.warning("resume requested but %s does not exist: starting from step 0", resume_from)
+    init_from = cfg.get("init_from", None)
+    if init_from not in (None, "", False) and start == 0:
+        fresh = init_weights_from(model, init_from)
+        if info.is_main:
+            log.info("initialised from %s (left at init: %s)", init_from, ", ".join(fresh) or "nothing")
+
+    teacher = None
+    if cfg.get("distill_from", None) not in (None, "", False):
+        teacher = load_teacher(cfg.distill_from, data).to(dev)
+        if info.is_main:
+            log.info("distilling from %s (weight %s, temperature %s)", cfg.distill_from, t["distill_weight"],
+                     t["distill_temperature"])  # fmt: skip
 
     if info.world > 1:
         kw = {"device_ids": [dev.index]} if dev.type == "cuda" else {}
@@ -232,7 +319,15 @@ def _train(
             batch = _to(data.train_batch(step, rank=info.rank, world=info.world), dev)
             aux_loss(model)  # drop stale auxiliary losses (e.g. from evaluation)
             with autocast() if autocast is not None else _null():
-                loss, items = train_loss(fwd_model, batch, data.task, label_smoothing=float(t["label_smoothing"]))
+                loss, items = train_loss(
+                    fwd_model,
+                    batch,
+                    data.task,
+                    label_smoothing=float(t["label_smoothing"]),
+                    teacher=teacher,
+                    distill_weight=float(t["distill_weight"]),
+                    distill_temperature=float(t["distill_temperature"]),
+                )
                 extra = aux_loss(model)
                 if t["aux_loss_weight"] and extra.requires_grad:
                     loss = loss + float(t["aux_loss_weight"]) * extra
@@ -304,6 +399,9 @@ def _train(
             "seed": seed,
         }
     )
+    for key in ("init_from", "distill_from"):
+        if cfg.get(key, None) not in (None, "", False):
+            results[key] = str(cfg[key])
     if logger is not None:
         logger.log(step, "val", val)
         logger.log(step, "test", test)

@@ -28,7 +28,7 @@ from attnlib.models.asr import ctc_greedy_decode
 from attnlib.training.distributed import DistInfo, all_reduce_sum
 from attnlib.training.metrics import edit_distance
 
-__all__ = ["TASKS", "evaluate", "train_loss"]
+__all__ = ["TASKS", "distill_loss", "evaluate", "train_loss"]
 
 TASKS = ("classify", "lm", "recall", "ctc")
 
@@ -37,13 +37,48 @@ def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
+def distill_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    """Soft knowledge distillation (Hinton et al. 2015): ``T^2 KL(softmax(t / T) || softmax(s / T))``.
+
+    student, teacher: (B, K) logits -> scalar, mean over the batch (computed in float32).
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"distill_loss: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ")
+    if not temperature > 0:
+        raise ValueError(f"distill_loss: temperature must be > 0, got {temperature!r}")
+    t = float(temperature)
+    log_p = F.log_softmax(student.float() / t, -1)
+    log_q = F.log_softmax(teacher.float() / t, -1)
+    return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * (t * t)
+
+
 def train_loss(
-    model: nn.Module, batch: dict[str, Any], task: str, *, label_smoothing: float = 0.0
+    model: nn.Module,
+    batch: dict[str, Any],
+    task: str,
+    *,
+    label_smoothing: float = 0.0,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 0.5,
+    distill_temperature: float = 1.0,
 ) -> tuple[Tensor, int]:
-    """(mean loss, items) of one batch; items counts examples/tokens/utterances for throughput."""
+    """(mean loss, items) of one batch; items counts examples/tokens/utterances for throughput.
+
+    With a ``teacher`` (classification only): ``(1 - distill_weight) * CE + distill_weight *``
+    :func:`distill_loss` of the model's logits to the teacher's (teacher run without gradients).
+    """
+    if teacher is not None and task != "classify":
+        raise ValueError(f"distillation (a teacher) is implemented for the classify task, got task {task!r}")
     if task == "classify":
-        logits = model(batch["x"], batch["mask"]) if "mask" in batch else model(batch["x"])
-        return F.cross_entropy(logits.float(), batch["y"], label_smoothing=label_smoothing), len(batch["y"])
+        args = (batch["x"], batch["mask"]) if "mask" in batch else (batch["x"],)
+        logits = model(*args)
+        loss = F.cross_entropy(logits.float(), batch["y"], label_smoothing=label_smoothing)
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher(*args)
+            kd = distill_loss(logits, t_logits, distill_temperature)
+            loss = (1.0 - distill_weight) * loss + distill_weight * kd
+        return loss, len(batch["y"])
     if task == "lm":
         tok = batch["tokens"]
         logits = model(tok[:, :-1])
