@@ -455,6 +455,14 @@ def test_quality_runner_with_stub(tmp_path: Path) -> None:
     # resume: finished runs are read back, failed ones are retried
     run_quality(cfg, ["softmax", "local"], runs_dir, log=lambda *_: None)
     assert len((runs_dir / "calls.txt").read_text().splitlines()) == 8 + 2
+    # a per-task budget: its own run directories (never a run of another budget) and the header says so
+    cfg.tasks["mqar"]["steps"] = 11
+    res = run_quality(cfg, ["softmax"], runs_dir, log=lambda *_: None)
+    calls = (runs_dir / "calls.txt").read_text().splitlines()
+    assert len(calls) == 10 + 2 and "experiment=mqar attention=softmax trainer.max_steps=11 seed=0" in calls[-2]
+    assert (runs_dir / "mqar" / "softmax" / "steps11-seed0" / "results.json").exists()
+    res.update(machine=machine_info(1), settings={"steps": 7, "seeds": [0, 1], "tasks": cfg.tasks})
+    assert "a fixed number of steps per task (mqar: 11, lm_chars: 7)" in quality_markdown(res, title="q", command="c")
 
 
 def test_quality_runner_reports_missing_train_app(tmp_path: Path) -> None:

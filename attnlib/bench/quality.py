@@ -49,7 +49,8 @@ class QualityConfig:
     """Settings of the quality mode (the ``quality:`` section of the Hydra config).
 
     ``tasks`` maps a table column to ``{"experiment": name, "metric": key in results.json,
-    "overrides": [extra Hydra overrides]}``.
+    "overrides": [extra Hydra overrides], "steps": optional step budget of that task (default
+    ``steps``)}``. Runs live in ``<runs_dir>/<task>/<variant>/steps<S>-seed<k>``.
     """
 
     train_command: list[str] = field(default_factory=lambda: ["attnlib-train"])
@@ -132,13 +133,14 @@ def run_quality(
     for task, variant, seed in plan:
         spec = cfg.tasks[task] or {}
         experiment = spec.get("experiment", task)
-        run_dir = runs_dir / task / variant / f"seed{seed}"
+        steps = int(spec.get("steps", cfg.steps))
+        run_dir = runs_dir / task / variant / f"steps{steps}-seed{seed}"  # another budget never reuses a run
         res_path = run_dir / "results.json"
         argv = [
             *cmd,
             f"experiment={experiment}",
             f"attention={variant}",
-            f"trainer.max_steps={spec.get('steps', cfg.steps)}",
+            f"trainer.max_steps={steps}",
             f"seed={seed}",
             f"hydra.run.dir={run_dir}",
             *[str(o) for o in spec.get("overrides", []) or []],
@@ -252,8 +254,13 @@ def quality_markdown(result: dict[str, Any], *, title: str, command: str, notes:
     variants = list(dict.fromkeys(r["variant"] for r in table))
     by = {(r["task"], r["variant"]): r for r in table}
     parts = [header(title, result["machine"], command, notes or [])]
+    task_steps = {t: (cfg.get("tasks", {}).get(t) or {}).get("steps", cfg.get("steps")) for t in tasks}
+    if len(set(task_steps.values())) == 1:
+        budget = f"{next(iter(task_steps.values()))} steps"
+    else:
+        budget = "a fixed number of steps per task (" + ", ".join(f"{t}: {s}" for t, s in task_steps.items()) + ")"
     parts.append(
-        f"Each variant trained with `attnlib-train` for {cfg.get('steps')} steps (fixed budget), seeds "
+        f"Each variant trained with `attnlib-train` for {budget} (fixed budget), seeds "
         f"{cfg.get('seeds')}; cell = test metric (mean ± std over seeds) · training time · parameters. "
         "↑ higher is better, ↓ lower is better."
     )
