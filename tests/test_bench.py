@@ -28,7 +28,7 @@ from attnlib.bench.timing import time_cpu_interleaved
 from attnlib.cli.bench import CONFIG_ROOT, _translate_argv, run
 from attnlib.functional import softmax_attention
 from attnlib.masks import AttentionMask
-from attnlib.registry import Capabilities
+from attnlib.registry import Capabilities, available
 from attnlib.variants.base import AttentionCore, CoreOutput
 
 # ------------------------------------------------------------------------------------------
@@ -176,6 +176,17 @@ def test_speed_checkpoint_resumes_and_ignores_other_settings(tmp_path: Path) -> 
     more = run_speed(_tiny_speed(n=[64, 128], checkpoint=str(ck)), methods, log=lambda *_: None)
     assert {r["n"] for r in more["rows"]} == {64, 128}
     assert [r for r in more["rows"] if r["n"] == 64] != first["rows"]  # other settings: measured afresh
+
+
+@pytest.mark.parametrize("variant", available())
+def test_every_variant_builds_for_benchmark_lengths(variant: str) -> None:
+    # N beyond every default size (AFT max_len 1024, sparsifiner num_tokens 197/784): the
+    # benchmark_kwargs hook must size the variant, not leave an error row in the speed table
+    spec = MethodSpec(label=variant, variant=variant)
+    case = Case("cpu", "float32", 1, 1, 8, 1100, False, "fwd")
+    runner = Runner(spec, case, Inputs.make(case, seed=0))
+    out = runner.call()
+    assert out.shape == (1, 1, 1100, 8) and torch.isfinite(out).all()
 
 
 def test_interleaved_timer_makes_no_hidden_calls() -> None:

@@ -360,7 +360,8 @@ def learn_ksh_hash(
                 yk = torch.where(yk >= 0, 1.0, -1.0).to(dt)
             else:
                 yq, yk = torch.tanh(yq / 2), torch.tanh(yk / 2)  # = 2 sigmoid(y) - 1
-            return -(yq[..., :, None] * resid * yk[..., None, :]).sum((0, 2, 3)) * scale  # (H,)
+            # Σ_{b,i,j} yq_i R_ij yk_j as matrix-vector products (no (N, M) temporaries in the loop)
+            return -torch.einsum("bhn,bhnm,bhm->h", yq, resid, yk) * scale  # (H,)
 
         for r in range(nbits):
             a0 = proj[:, r].clone()

@@ -185,8 +185,17 @@ class _PositionBias(nn.Module):
         return (self.u[pos] @ self.v[positions].T)[None]  # (1, L)
 
 
+class _LearnedBias:
+    """Mixin of the AFT cores with a learned (max_len x max_len) position bias."""
+
+    @classmethod
+    def benchmark_kwargs(cls, n: int) -> dict[str, Any]:
+        """A learned position bias long enough for sequence length ``n`` (benchmarks build at each N)."""
+        return {"max_len": max(1024, n)}
+
+
 @register_variant("aft_full")
-class AFTFull(_AFTCore):
+class AFTFull(_LearnedBias, _AFTCore):
     """AFT-full: learned pairwise bias ``w_{t,t'} = u_t·v_t'`` over every pair.
 
     Args:
@@ -230,7 +239,7 @@ class AFTFull(_AFTCore):
 
 
 @register_variant("aft_local")
-class AFTLocal(_AFTCore):
+class AFTLocal(_LearnedBias, _AFTCore):
     """AFT-local: the pairwise bias only inside ``|t - t'| < window`` (0, not -inf, outside).
 
     Args:

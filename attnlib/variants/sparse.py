@@ -936,6 +936,11 @@ class SparsifinerAttention(AttentionCore):
         paper="Wei et al. 2023, Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient ViTs (CVPR)",
     )
 
+    @classmethod
+    def benchmark_kwargs(cls, n: int) -> dict[str, Any]:
+        """Token projections sized for sequence length ``n`` (benchmarks build at each N)."""
+        return {"num_tokens": n}
+
     def __init__(
         self,
         *,
