@@ -1,0 +1,72 @@
+"""Replace some methods' rows of a saved speed run with the rows of a later run, then re-render.
+
+    python benchmarks/merge_speed_rows.py BASE.json PATCH.json [--methods a b ...]
+
+Used when a few variants were fixed after a long ``attnlib-bench bench=cpu_full`` run: rerun
+only them with the same preset (``variants=[...] name=<patch>``) and merge. Rows of BASE whose
+method appears in PATCH (or in ``--methods``) are replaced by PATCH's rows, crossovers are
+recomputed, ``merged_from`` in the JSON records the patch (its command, commit and date), and
+the markdown and plots of BASE are rewritten (``attnlib-bench mode=render``). Baseline rows
+(sdpa, flex) of PATCH are not merged: the patch's own ratios come from its paired SDPA runs
+(N <= ``pair_sdpa_max_n``) or from BASE's SDPA row at the same point after the merge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from attnlib.bench.report import write_json
+from attnlib.bench.speed import crossovers
+
+BASELINE_KINDS = ("baseline",)
+
+
+def merge(base: dict, patch: dict, methods: set[str]) -> dict:
+    """BASE with the rows of ``methods`` taken from PATCH (ratios above pairing recomputed vs BASE's SDPA)."""
+    keep = [r for r in base["rows"] if r["method"] not in methods]
+    new = [r for r in patch["rows"] if r["method"] in methods]
+    sdpa = {
+        (r["device"], r["dtype"], r["head_dim"], r["n"], r["causal"], r["pass"]): r
+        for r in keep
+        if r["method"] == "sdpa" and r.get("median_s")
+    }
+    for r in new:
+        if r.get("median_s") and "sdpa_median_s" not in r:  # not paired: ratio to BASE's SDPA row
+            s = sdpa.get((r["device"], r["dtype"], r["head_dim"], r["n"], r["causal"], r["pass"]))
+            r["ratio_sdpa"] = r["median_s"] / s["median_s"] if s else None
+    out = dict(base)
+    out["rows"] = keep + new
+    out["crossovers"] = crossovers(out["rows"])
+    info = patch.get("machine", {})
+    out.setdefault("merged_from", []).append(
+        {
+            "methods": sorted(methods),
+            "command": patch.get("command"),
+            "commit": info.get("commit"),
+            "date": info.get("date"),
+            "loadavg": info.get("loadavg"),
+        }
+    )
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("base", type=Path)
+    ap.add_argument("patch", type=Path)
+    ap.add_argument("--methods", nargs="*", default=None, help="default: every non-baseline method of PATCH")
+    a = ap.parse_args()
+    base, patch = json.loads(a.base.read_text()), json.loads(a.patch.read_text())
+    methods = set(a.methods) if a.methods else {r["method"] for r in patch["rows"] if r["kind"] not in BASELINE_KINDS}
+    write_json(a.base, merge(base, patch, methods))
+    print(f"merged {sorted(methods)} from {a.patch} into {a.base}")
+    bench = Path(sys.executable).with_name("attnlib-bench")
+    return subprocess.call([str(bench), "mode=render", f"current={a.base}"])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
