@@ -1,6 +1,8 @@
-"""Replace some methods' rows of a saved speed run with the rows of a later run, then re-render.
+"""Replace some methods' rows of a saved speed (or approx) run with a later run's, then re-render.
 
     python benchmarks/merge_speed_rows.py BASE.json PATCH.json [--methods a b ...]
+
+(approx results: their ``points`` of those methods are replaced; nothing is recomputed.)
 
 Used when a few variants were fixed after a long ``attnlib-bench bench=cpu_full`` run: rerun
 only them with the same preset (``variants=[...] name=<patch>``) and merge. Rows of BASE whose
@@ -61,8 +63,20 @@ def main() -> int:
     ap.add_argument("--methods", nargs="*", default=None, help="default: every non-baseline method of PATCH")
     a = ap.parse_args()
     base, patch = json.loads(a.base.read_text()), json.loads(a.patch.read_text())
-    methods = set(a.methods) if a.methods else {r["method"] for r in patch["rows"] if r["kind"] not in BASELINE_KINDS}
-    write_json(a.base, merge(base, patch, methods))
+    if base.get("mode") != patch.get("mode") or base.get("mode") not in ("speed", "approx"):
+        modes = (base.get("mode"), patch.get("mode"))
+        raise SystemExit(f"both files must be speed or both approx results, got {modes}")
+    key = "rows" if base["mode"] == "speed" else "points"
+    found = {r["method"] for r in patch[key] if r.get("kind") not in BASELINE_KINDS}
+    methods = set(a.methods) if a.methods else found
+    if base["mode"] == "speed":
+        merged = merge(base, patch, methods)
+    else:
+        merged = dict(base)
+        merged["points"] = [p for p in base["points"] if p["method"] not in methods]
+        merged["points"] += [p for p in patch["points"] if p["method"] in methods]
+        merged.setdefault("merged_from", []).append({"methods": sorted(methods), "command": patch.get("command")})
+    write_json(a.base, merged)
     print(f"merged {sorted(methods)} from {a.patch} into {a.base}")
     bench = Path(sys.executable).with_name("attnlib-bench")
     return subprocess.call([str(bench), "mode=render", f"current={a.base}"])
