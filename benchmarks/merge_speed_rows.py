@@ -5,8 +5,9 @@
 (approx results: their ``points`` of those methods are replaced; nothing is recomputed.)
 
 Used when a few variants were fixed after a long ``attnlib-bench bench=cpu_full`` run: rerun
-only them with the same preset (``variants=[...] name=<patch>``) and merge. Rows of BASE whose
-method appears in PATCH (or in ``--methods``) are replaced by PATCH's rows, crossovers are
+only them with the same preset (``variants=[...] name=<patch>``) and merge. Rows of BASE at a
+point (method, N, causal, pass, ...) that PATCH measured for one of its methods (or ``--methods``)
+are replaced by PATCH's rows; PATCH may be the ``.partial.jsonl`` of an unfinished run. Crossovers are
 recomputed, ``merged_from`` in the JSON records the patch (its command, commit and date), and
 the markdown and plots of BASE are rewritten (``attnlib-bench mode=render``). Baseline rows
 (sdpa, flex) of PATCH are not merged: the patch's own ratios come from its paired SDPA runs
@@ -27,10 +28,29 @@ from attnlib.bench.speed import crossovers
 BASELINE_KINDS = ("baseline",)
 
 
+def _key(r: dict) -> tuple:
+    return (r["method"], r["device"], r["dtype"], r["head_dim"], r["n"], r["causal"], r["pass"])
+
+
+def load(path: Path) -> dict:
+    """A results JSON, or the ``<name>.partial.jsonl`` checkpoint of an unfinished speed run."""
+    if path.suffix == ".jsonl":
+        lines = path.read_text().splitlines()[1:]
+        rows = []
+        for line in lines:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return {"mode": "speed", "rows": rows, "command": f"(unfinished run, checkpoint {path.name})"}
+    return json.loads(path.read_text())
+
+
 def merge(base: dict, patch: dict, methods: set[str]) -> dict:
     """BASE with the rows of ``methods`` taken from PATCH (ratios above pairing recomputed vs BASE's SDPA)."""
-    keep = [r for r in base["rows"] if r["method"] not in methods]
     new = [r for r in patch["rows"] if r["method"] in methods]
+    replaced = {_key(r) for r in new}
+    keep = [r for r in base["rows"] if _key(r) not in replaced]
     sdpa = {
         (r["device"], r["dtype"], r["head_dim"], r["n"], r["causal"], r["pass"]): r
         for r in keep
@@ -62,7 +82,7 @@ def main() -> int:
     ap.add_argument("patch", type=Path)
     ap.add_argument("--methods", nargs="*", default=None, help="default: every non-baseline method of PATCH")
     a = ap.parse_args()
-    base, patch = json.loads(a.base.read_text()), json.loads(a.patch.read_text())
+    base, patch = json.loads(a.base.read_text()), load(a.patch)
     if base.get("mode") != patch.get("mode") or base.get("mode") not in ("speed", "approx"):
         modes = (base.get("mode"), patch.get("mode"))
         raise SystemExit(f"both files must be speed or both approx results, got {modes}")
