@@ -98,6 +98,32 @@ def test_flow_padding_removes_tokens_from_every_flow(causal: bool) -> None:
     assert torch.equal(out[:, :, 0], torch.zeros_like(out[:, :, 0]))  # padded query -> 0
 
 
+@pytest.mark.parametrize("block", [1, 1 << 21])
+@pytest.mark.parametrize(("n", "m", "dv"), [(24, 24, 5), (24, 24, 8), (19, 30, 8), (30, 19, 11)])
+def test_flow_fast_noncausal_buffers(n: int, m: int, dv: int, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The no-grad path reuses feature buffers (and the output as φ(K)'s buffer when M == N, Dv == D):
+    equal to the definition for every shape relation, one or many slabs, with and without
+    autograd, and the inputs are left untouched."""
+    from attnlib.functional import _scan
+
+    monkeypatch.setattr(_scan, "BLOCK_ELEMENTS", block)
+    q, k, v = make_qkv(3, 2, n, 8, m=m, dv=dv, dtype=torch.float64, logit_scale=3.0, seed=n + dv)
+    kp = torch.rand(3, m, generator=torch.Generator().manual_seed(3)) > 0.3
+    kp[:, 0] = True
+    qp = torch.rand(3, n, generator=torch.Generator().manual_seed(4)) > 0.3
+    copies = [x.clone() for x in (q, k, v)]
+    for kpad, qpad in ((None, None), (kp, None), (kp, qp)):
+        out_ref, _, _ = ref_flow(q, k, v, kp=kpad, qp=qpad)
+        with torch.no_grad():
+            fast = flow_attention(q, k, v, mask=kpad, query_padding=qpad)
+        torch.testing.assert_close(fast, out_ref, rtol=0, atol=ATOL)
+        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+        slow = flow_attention(qg, kg, vg, mask=kpad, query_padding=qpad)
+        torch.testing.assert_close(slow.detach(), out_ref, rtol=0, atol=ATOL)
+    for x, c in zip((q, k, v), copies, strict=True):
+        assert torch.equal(x, c)
+
+
 def test_flow_cross_attention_key_padding_only() -> None:
     q, k, v = make_qkv(2, 3, 9, 8, m=14, dtype=torch.float64, seed=6)
     kp = torch.rand(2, 14, generator=torch.Generator().manual_seed(1)) > 0.4

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlib._validation import check_qkv
+from attnlib.functional import _scan
 from attnlib.functional._scan import (
     acc_dtype,
     block_rows,
@@ -285,8 +286,8 @@ def _vm(w: Tensor, x: Tensor) -> Tensor:
     return torch.einsum("...l,...lf->...f", w, x)
 
 
-FEATURE_CACHE_BYTES = 64 * 2**20
-"""Non-causal fast path: keep φ(Q), φ(K) blocks between passes while both fit in this many bytes."""
+SLAB_ELEMENTS = 1 << 21
+"""Non-causal fast path: heads per slab so that φ(Q) of a slab holds about this many elements."""
 
 
 def _flow_fast_noncausal(
@@ -302,82 +303,101 @@ def _flow_fast_noncausal(
     q_valid: Tensor | None,
     k_valid: Tensor | None,
 ) -> Tensor:
-    """Non-causal Flowformer in three passes over row blocks; every flow is a matrix-vector product.
+    """Non-causal Flowformer over slabs of (batch, heads); every flow is a matrix-vector product.
 
-    Features are recomputed per block (cheaper than materialising (N, F) tensors): queries
-    (sums; I and Σ q̃/I; Î and the output), keys (sums; O, Σ k̃/O and Ô; Σ k̃^T comp v).
+    A slab is several whole batch rows, or one batch row and as many heads, such that φ(Q) of
+    a slab holds about ``SLAB_ELEMENTS`` elements (at least one head; ``BLOCK_ELEMENTS == 1``
+    in the tests forces one head per slab). Per slab: features once, the sums Σ q̃ and Σ k̃,
+    ``1/I``, Σ q̃/I, ``1/O``, Ô, the competition softmax over the slab's whole key axis,
+    Σ k̃/O and the allocation gate (each a matrix-vector product), ``kv = Σ k̃^T comp v``, and
+    the output matmul written straight into the output. Without autograd φ(Q) goes to one
+    buffer reused by every slab and φ(K) into the slab's own output slice (when M == N and
+    Dv == F; it is dead before the output is written), updated in place: a call touches
+    little memory beyond its inputs and output. On the 2-core VM the first touch of a page
+    not used for a while costs microseconds, so memory touched per call is time (the
+    earlier row-blocked version with 64 MiB of cached features ran 2-3x slower in
+    interleaved benchmarks).
+
+    Args:
+        q: (B, H, N, F); k: (B, H, M, F); v: (B, H, M, Dv) (k, v already repeated for GQA).
+        phi: positive feature map; eps: lower clamp of the flows.
+        clamp, competition, allocation: as in :func:`flow_attention`.
+        q_valid: (B, N) bool or None; k_valid: (B, M) bool or None.
+
+    Returns:
+        (B, H, N, Dv).
     """
-    b, h, n, _ = q.shape
+    b, h, n, f = q.shape
     m, dv = k.shape[2], v.shape[-1]
     dt = q.dtype
-    rows = block_rows(b, h, max(q.shape[-1], dv), 1, max(n, m))
-
-    # features of a block are reused by the later passes when both feature tensors together
-    # stay under FEATURE_CACHE_BYTES (e.g. N=16k, 8 heads, D=64: 64 MiB); above it they are
-    # recomputed per pass so the working memory stays O(block) (the 64k memory bar)
-    cache: dict[tuple[int, int, int], Tensor] | None = (
-        {} if (q.numel() + k.numel()) * q.element_size() <= FEATURE_CACHE_BYTES else None
-    )
-
-    def feats(x: Tensor, valid: Tensor | None, s: int, e: int) -> Tensor:
-        key = (id(x), id(valid), s)  # q may be k; then the masks tell them apart
-        if cache is not None and key in cache:
-            return cache[key]
-        f = phi(x[:, :, s:e])
-        f = f if valid is None else f * valid[:, None, s:e, None].to(dt)
-        if cache is not None:
-            cache[key] = f
-        return f
-
-    def blocks(length: int) -> range:
-        return range(0, length, rows)
-
-    q_sum = sum(feats(q, q_valid, s, min(n, s + rows)).sum(-2) for s in blocks(n))
-    k_sum = sum(feats(k, k_valid, s, min(m, s + rows)).sum(-2) for s in blocks(m))
-    i_cl = q.new_empty(b, h, n)
-    acc_q = 0.0
-    for s in blocks(n):
-        e = min(n, s + rows)
-        qf = feats(q, q_valid, s, e)
-        i_cl[:, :, s:e] = _mv(qf, k_sum).clamp_min(eps)
-        acc_q = acc_q + _vm(i_cl[:, :, s:e].reciprocal(), qf)  # Σ_i q̃_i / I_i
-    acc_k = 0.0
-    o_hat = q.new_empty(b, h, m)
-    for s in blocks(m):
-        e = min(m, s + rows)
-        kf = feats(k, k_valid, s, e)
-        o_cl = _mv(kf, q_sum).clamp_min(eps)
-        acc_k = acc_k + _vm(o_cl.reciprocal(), kf)  # Σ_j k̃_j / O_j
-        o_hat[:, :, s:e] = _mv(kf, acc_q)
-    comp = None
-    if competition:
-        if clamp is not None:
-            o_hat = o_hat.clamp(-clamp, clamp)
-        m_k = float(m) if k_valid is None else k_valid.sum(-1, dtype=dt)[:, None, None]
-        if k_valid is not None:
-            o_hat = o_hat.masked_fill(~k_valid[:, None, :], torch.finfo(dt).min / 4)
-        comp = m_k * torch.softmax(o_hat, -1)
-        if k_valid is not None:
-            comp = comp * k_valid[:, None, :].to(dt)
-    ratio = None
-    if allocation:
-        n_q = float(n) if q_valid is None else q_valid.sum(-1, dtype=dt)[:, None, None]
-        m_k2 = float(m) if k_valid is None else k_valid.sum(-1, dtype=dt)[:, None, None].clamp_min(1.0)
-        ratio = n_q / m_k2
-    kv: Tensor | float = 0.0
-    for s in blocks(m):
-        e = min(m, s + rows)
-        vb = v[:, :, s:e] if comp is None else v[:, :, s:e] * comp[:, :, s:e, None]
-        kv = kv + feats(k, k_valid, s, e).transpose(-1, -2) @ vb
+    inplace = grad_free(q, k, v)  # no autograd: temporaries may be updated in place
+    own = inplace and any(phi is fn for fn in FLOW_FEATURE_MAPS.values())  # φ returns fresh tensors
+    per_head = max(n, m) * max(f, dv)
+    fit = SLAB_ELEMENTS // max(1, per_head) if _scan.BLOCK_ELEMENTS > 1 else 0  # heads whose features make one block
+    if fit >= h:  # whole batch rows per slab
+        step = max(1, fit // h)
+        slabs = [(b0, min(b, b0 + step), 0, h) for b0 in range(0, b, step)]
+    else:
+        step = max(1, fit)
+        slabs = [(bi, bi + 1, h0, min(h, h0 + step)) for bi in range(b) for h0 in range(0, h, step)]
     out = q.new_empty(b, h, n, dv)
-    inplace = grad_free(q, k, v)
-    for s in blocks(n):
-        e = min(n, s + rows)
-        qf = feats(q, q_valid, s, e)
-        row = torch.sigmoid(_mv(qf, acc_k) * ratio) if ratio is not None else torch.ones_like(i_cl[:, :, s:e])
-        row = (row / i_cl[:, :, s:e]).unsqueeze(-1)
-        o = qf @ kv
-        out[:, :, s:e] = o.mul_(row) if inplace else o * row
+    low = torch.finfo(dt).min / 4
+    bufs: dict[tuple[str | int, ...], Tensor] = {}
+    # φ(K) of a slab can live in the slab's output slice (dead once kv is formed): one buffer less
+    k_in_out = m == n and dv == f
+
+    def feats(x: Tensor, valid: Tensor | None, tag: str, dest: Tensor | None = None) -> Tensor:
+        if own and phi is torch.sigmoid:
+            if dest is None:
+                key = (tag, *x.shape)  # φ(Q) and φ(K) may have equal shapes: never one buffer
+                dest = bufs.get(key)
+                if dest is None:
+                    dest = bufs[key] = x.new_empty(x.shape)
+            y = torch.sigmoid(x, out=dest)
+        else:
+            y = phi(x)
+        if valid is None:
+            return y
+        w = valid[:, None, :, None].to(dt)
+        return y.mul_(w) if own else y * w
+
+    for b0, b1, h0, h1 in slabs:
+        qv = None if q_valid is None else q_valid[b0:b1]
+        kvd = None if k_valid is None else k_valid[b0:b1]
+        n_q = float(n) if qv is None else qv.sum(-1, dtype=dt)[:, None, None]
+        m_k = float(m) if kvd is None else kvd.sum(-1, dtype=dt)[:, None, None]
+        o = out[b0:b1, h0:h1]
+        qf = feats(q[b0:b1, h0:h1], qv, "q")
+        kf = feats(k[b0:b1, h0:h1], kvd, "k", o if k_in_out else None)
+        q_sum, k_sum = qf.sum(-2), kf.sum(-2)
+        inv_i = _mv(qf, k_sum).clamp_min(eps).reciprocal()  # 1 / I   (B', H', N)
+        acc_q = _vm(inv_i, qf)  # Σ_i q̃_i / I_i
+        inv_o = _mv(kf, q_sum).clamp_min(eps).reciprocal()  # 1 / O
+        vb = v[b0:b1, h0:h1]
+        if competition:
+            o_hat = _mv(kf, acc_q)
+            if clamp is not None:
+                o_hat = o_hat.clamp(-clamp, clamp)
+            if kvd is not None:
+                o_hat = o_hat.masked_fill(~kvd[:, None, :], low)
+            comp = torch.softmax(o_hat, -1) * m_k
+            if kvd is not None:
+                comp = comp * kvd[:, None, :].to(dt)
+        gate = None
+        if allocation:
+            acc_k = _vm(inv_o, kf)  # Σ_j k̃_j / O_j
+            ratio = n_q / (m_k if isinstance(m_k, float) else m_k.clamp_min(1.0))
+            gate = torch.sigmoid(_mv(qf, acc_k) * ratio)
+        if competition:
+            # kf is not needed after this: scale it in place instead of a (M, Dv) copy of v
+            kf = kf.mul_(comp[..., None]) if own else kf * comp[..., None]
+        kv = kf.transpose(-1, -2) @ vb  # (B', H', F, Dv)
+        row = inv_i if gate is None else gate * inv_i
+        if inplace:
+            torch.matmul(qf, kv, out=o)
+            o.mul_(row[..., None])
+        else:
+            o.copy_((qf @ kv) * row[..., None])
     return out
 
 
