@@ -355,3 +355,23 @@ def test_module_explicit_mode_matches_fast_path(name: str) -> None:
     torch.testing.assert_close(y, y2, rtol=0, atol=ATOL)
     torch.testing.assert_close(ex.importance, ex2.importance, rtol=0, atol=ATOL)
     assert ex.weights is None and ex2.weights is not None and ex2.weights.shape == (2, 4, 19, 19)
+
+
+@pytest.mark.parametrize("block", [1, 300, 1000, 5000, 1 << 21])
+@pytest.mark.parametrize("split_rows", [True, False])
+def test_slabs_cover_every_batch_row_and_head_once(
+    block: int, split_rows: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The non-causal work units partition (B, H) and their output slices are contiguous."""
+    from attnlib.functional import _scan
+
+    monkeypatch.setattr(_scan, "BLOCK_ELEMENTS", block)
+    b, h, n, width = 3, 4, 37, 8
+    units = _scan.slabs(b, h, n, width, 4, split_rows=split_rows)
+    seen = torch.zeros(b, h, dtype=torch.long)
+    out = torch.empty(b, h, n, 5)
+    for bsl, hsl, rows in units:
+        seen[bsl, hsl] += 1
+        assert rows == n or (split_rows and rows % 4 == 0 and rows < n)
+        assert out[bsl, hsl, :rows].is_contiguous()
+    assert torch.equal(seen, torch.ones_like(seen))

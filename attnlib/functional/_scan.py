@@ -285,7 +285,9 @@ def pack_result(
 # --------------------------------------------------------------------------------------------
 
 FeatureFn = Callable[[Tensor, int], Tensor]  # (x block (B, H, L, D), first position) -> (B, H, L, F)
-FinishFn = Callable[[Tensor, Tensor | None, int, int], Tensor]  # (num, den, start, end) -> out rows
+FinishFn = Callable[[Tensor, Tensor | None, slice, int, int], Tensor]
+"""(num (B', H', L, Dv), den (B', H', L) | None, batch rows, start, end) -> the output rows [start, end)
+of batch rows ``batch``; may return ``num`` modified in place."""
 
 
 def grad_free(*ts: Tensor) -> bool:
@@ -336,6 +338,30 @@ def chunk_states(x: Tensor, carry: Tensor, log_decay: Tensor | None) -> tuple[Te
     return states.reshape(b, h, g, *rest), after.reshape(b, h, *rest)
 
 
+def slabs(
+    b: int, h: int, length: int, width: int, chunk: int, *, split_rows: bool = True
+) -> list[tuple[slice, slice, int]]:
+    """Work units of the non-causal blocked path: (batch rows, heads, rows per block).
+
+    Each unit's output rows ``out[batch, heads, s:e]`` are contiguous (whole rows of whole
+    heads, or a row block of a single head), so the output matmul writes straight into them.
+    Units hold about ``BLOCK_ELEMENTS`` elements of width ``width``: several batch rows of all
+    heads, or one batch row and a few heads, over the whole length; when one head is larger,
+    one head at a time in blocks of rows (a multiple of ``chunk``), or over its whole length
+    when ``split_rows`` is False.
+    """
+    fit = BLOCK_ELEMENTS // max(1, length * width)  # heads of full length per unit
+    if not split_rows:
+        fit = max(1, fit)
+    if fit >= h:
+        step = max(1, fit // h)
+        return [(slice(b0, min(b, b0 + step)), slice(0, h), length) for b0 in range(0, b, step)]
+    if fit >= 1:
+        return [(slice(bi, bi + 1), slice(h0, min(h, h0 + fit)), length) for bi in range(b) for h0 in range(0, h, fit)]
+    rows = block_rows(1, 1, width, chunk, length)
+    return [(slice(bi, bi + 1), slice(hi, hi + 1), rows) for bi in range(b) for hi in range(h)]
+
+
 def blocked_attention(
     q: Tensor,
     k: Tensor,
@@ -353,17 +379,20 @@ def blocked_attention(
 ) -> Tensor:
     """``out = finish(A v, A 1)`` for ``A = qmap(Q) kmap(K)^T`` without full-size temporaries.
 
-    Features are computed per block of rows (so they stay in cache and no (N, F) tensor is
-    allocated); non-causal: one pass over key blocks accumulating ``S = Σ kf^T v``, ``z = Σ kf``,
-    then one pass over query blocks; causal: one pass over blocks of chunks (intra-chunk C x C
-    products, exclusive chunk states, a running state carried across blocks). Used for the
+    Features are computed per block (so no (B, H, N, F) tensor is allocated); non-causal: per
+    unit of :func:`slabs` (batch rows x heads x whole length, or row blocks of one head), one
+    pass over the keys accumulating ``S = Σ kf^T v``, ``z = Σ kf``, then one over the queries
+    with the output matmul written straight into ``out`` (no temporary + copy: on the 2-core
+    VM the first touch of memory costs more than the arithmetic); causal: one pass over blocks
+    of chunks (intra-chunk C x C products, exclusive chunk states, a running state carried
+    across blocks). Used for the
     output when neither weights nor importance are requested.
 
     Args:
         q: (B, H, N, D), k: (B, H, M, D), v: (B, H, M, Dv), all in the accumulation dtype.
         qmap, kmap: feature maps of a block ``(x, first position) -> (B, H, L, F)``.
-        finish: ``(num (B, H, L, Dv), den (B, H, L) | None, start, end) -> out rows``; may
-            modify num/den in place.
+        finish: ``(num (B', H', L, Dv), den (B', H', L) | None, batch rows (slice), start, end)
+            -> out rows``; may modify num/den in place (``num`` may already be the output slice).
         causal: j <= i (N == M). chunk_size: C.
         key_valid: (B, M) bool of real keys or None.
         key_logits: kmap returns log-features; they are exponentiated with a running maximum
@@ -389,34 +418,46 @@ def blocked_attention(
         return kf
 
     if not causal:
-        state: Tensor | None = None
-        z: Tensor | None = None
-        shift: Tensor | None = None
-        for s in range(0, m, rows):
-            e = min(m, s + rows)
-            kf = keys(s, e)
-            if key_logits:
-                bm = kf.amax((-1, -2)).detach()  # (B, H); -inf while only padded keys were seen
-                new = bm if shift is None else torch.maximum(shift, bm)
-                use = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
-                if state is not None and shift is not None:
-                    f = torch.where(torch.isfinite(shift), torch.exp(shift - use), torch.zeros_like(use))
-                    state = state * f[..., None, None]
-                    z = z * f[..., None] if z is not None else None
-                shift = new
-                kf = torch.exp(kf - use[..., None, None])
-            kvb = kf.transpose(-1, -2) @ v[:, :, s:e]
-            state = kvb if state is None else state + kvb
-            if need_den:
-                zb = kf.sum(-2)
-                z = zb if z is None else z + zb
-        assert state is not None
-        for s in range(0, n, rows):
-            e = min(n, s + rows)
-            qf = qmap(q[:, :, s:e], s)
-            num = qf @ state
-            den = torch.einsum("...lf,...f->...l", qf, z) if (need_den and z is not None) else None
-            out[:, :, s:e] = finish(num, den, s, e)
+        for bsl, hsl, rows_nc in slabs(b, h, max(n, m), max(width or d, dv), c):
+            kv_b = None if key_valid is None else key_valid[bsl]
+            state: Tensor | None = None
+            z: Tensor | None = None
+            shift: Tensor | None = None
+            for s in range(0, m, rows_nc):
+                e = min(m, s + rows_nc)
+                kf = kmap(k[bsl, hsl, s:e], s)
+                if kv_b is not None:
+                    kv_ = kv_b[:, None, s:e, None]
+                    kf = kf.masked_fill(~kv_, float("-inf")) if key_logits else kf * kv_.to(kf.dtype)
+                if key_logits:
+                    bm = kf.amax((-1, -2)).detach()  # (B', H'); -inf while only padded keys were seen
+                    new = bm if shift is None else torch.maximum(shift, bm)
+                    use = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+                    if state is not None and shift is not None:
+                        f = torch.where(torch.isfinite(shift), torch.exp(shift - use), torch.zeros_like(use))
+                        state = state * f[..., None, None]
+                        z = z * f[..., None] if z is not None else None
+                    shift = new
+                    kf = torch.exp(kf - use[..., None, None])
+                kvb = kf.transpose(-1, -2) @ v[bsl, hsl, s:e]
+                state = kvb if state is None else state + kvb
+                if need_den:
+                    zb = kf.sum(-2)
+                    z = zb if z is None else z + zb
+                del kf
+            assert state is not None
+            for s in range(0, n, rows_nc):
+                e = min(n, s + rows_nc)
+                qf = qmap(q[bsl, hsl, s:e], s)
+                o = out[bsl, hsl, s:e]  # contiguous: whole rows of whole heads, or rows of one head
+                if inplace:
+                    num = torch.matmul(qf, state, out=o)
+                else:
+                    num = qf @ state
+                den = torch.einsum("...lf,...f->...l", qf, z) if (need_den and z is not None) else None
+                res = finish(num, den, bsl, s, e)
+                if res is not o:
+                    o.copy_(res)
         return out
 
     f_dim: int | None = None
@@ -468,5 +509,5 @@ def blocked_attention(
             den = den.add_(inter) if inplace else den + inter
         num = num.reshape(b, h, g * c, dv)[:, :, :length]
         den = den.reshape(b, h, g * c)[:, :, :length] if den is not None else None
-        out[:, :, s:e] = finish(num, den, s, e)
+        out[:, :, s:e] = finish(num, den, slice(None), s, e)
     return out

@@ -47,7 +47,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlib._validation import check_qkv
-from attnlib.functional import _scan
 from attnlib.functional._scan import (
     acc_dtype,
     block_rows,
@@ -57,6 +56,7 @@ from attnlib.functional._scan import (
     linear_scan,
     pack_result,
     prefix_mask,
+    slabs,
     split_mask,
 )
 from attnlib.functional.softmax import repeat_kv
@@ -286,10 +286,6 @@ def _vm(w: Tensor, x: Tensor) -> Tensor:
     return torch.einsum("...l,...lf->...f", w, x)
 
 
-SLAB_ELEMENTS = 1 << 21
-"""Non-causal fast path: heads per slab so that φ(Q) of a slab holds about this many elements."""
-
-
 def _flow_fast_noncausal(
     q: Tensor,
     k: Tensor,
@@ -305,9 +301,9 @@ def _flow_fast_noncausal(
 ) -> Tensor:
     """Non-causal Flowformer over slabs of (batch, heads); every flow is a matrix-vector product.
 
-    A slab is several whole batch rows, or one batch row and as many heads, such that φ(Q) of
-    a slab holds about ``SLAB_ELEMENTS`` elements (at least one head; ``BLOCK_ELEMENTS == 1``
-    in the tests forces one head per slab). Per slab: features once, the sums Σ q̃ and Σ k̃,
+    Slabs come from :func:`attnlib.functional._scan.slabs`: several whole batch rows, or one
+    batch row and as many heads, such that φ(Q) of a slab holds about ``BLOCK_ELEMENTS``
+    elements (at least one head, over the whole length). Per slab: features once, the sums Σ q̃ and Σ k̃,
     ``1/I``, Σ q̃/I, ``1/O``, Ô, the competition softmax over the slab's whole key axis,
     Σ k̃/O and the allocation gate (each a matrix-vector product), ``kv = Σ k̃^T comp v``, and
     the output matmul written straight into the output. Without autograd φ(Q) goes to one
@@ -332,14 +328,6 @@ def _flow_fast_noncausal(
     dt = q.dtype
     inplace = grad_free(q, k, v)  # no autograd: temporaries may be updated in place
     own = inplace and any(phi is fn for fn in FLOW_FEATURE_MAPS.values())  # φ returns fresh tensors
-    per_head = max(n, m) * max(f, dv)
-    fit = SLAB_ELEMENTS // max(1, per_head) if _scan.BLOCK_ELEMENTS > 1 else 0  # heads whose features make one block
-    if fit >= h:  # whole batch rows per slab
-        step = max(1, fit // h)
-        slabs = [(b0, min(b, b0 + step), 0, h) for b0 in range(0, b, step)]
-    else:
-        step = max(1, fit)
-        slabs = [(bi, bi + 1, h0, min(h, h0 + step)) for bi in range(b) for h0 in range(0, h, step)]
     out = q.new_empty(b, h, n, dv)
     low = torch.finfo(dt).min / 4
     bufs: dict[tuple[str | int, ...], Tensor] = {}
@@ -361,21 +349,22 @@ def _flow_fast_noncausal(
         w = valid[:, None, :, None].to(dt)
         return y.mul_(w) if own else y * w
 
-    for b0, b1, h0, h1 in slabs:
-        qv = None if q_valid is None else q_valid[b0:b1]
-        kvd = None if k_valid is None else k_valid[b0:b1]
+    for bsl, hsl, _ in slabs(b, h, max(n, m), max(f, dv), 1, split_rows=False):
+        qv = None if q_valid is None else q_valid[bsl]
+        kvd = None if k_valid is None else k_valid[bsl]
         n_q = float(n) if qv is None else qv.sum(-1, dtype=dt)[:, None, None]
         m_k = float(m) if kvd is None else kvd.sum(-1, dtype=dt)[:, None, None]
-        o = out[b0:b1, h0:h1]
-        qf = feats(q[b0:b1, h0:h1], qv, "q")
-        kf = feats(k[b0:b1, h0:h1], kvd, "k", o if k_in_out else None)
-        q_sum, k_sum = qf.sum(-2), kf.sum(-2)
-        inv_i = _mv(qf, k_sum).clamp_min(eps).reciprocal()  # 1 / I   (B', H', N)
-        acc_q = _vm(inv_i, qf)  # Σ_i q̃_i / I_i
-        inv_o = _mv(kf, q_sum).clamp_min(eps).reciprocal()  # 1 / O
-        vb = v[b0:b1, h0:h1]
+        o = out[bsl, hsl]
+        qf = feats(q[bsl, hsl], qv, "q")
+        kf = feats(k[bsl, hsl], kvd, "k", o if k_in_out else None)
+        inv_i = _mv(qf, kf.sum(-2)).clamp_min(eps).reciprocal()  # 1 / I   (B', H', N)
+        # one pass over φ(Q) for (Σ_i q̃_i, Σ_i q̃_i / I_i), one over φ(K) for (O, Ô)
+        sums = torch.stack([torch.ones_like(inv_i), inv_i], -2) @ qf  # (B', H', 2, F)
+        flows = kf @ sums.transpose(-1, -2)  # (B', H', M, 2)
+        inv_o = flows[..., 0].clamp_min(eps).reciprocal()  # 1 / O
+        vb = v[bsl, hsl]
         if competition:
-            o_hat = _mv(kf, acc_q)
+            o_hat = flows[..., 1]
             if clamp is not None:
                 o_hat = o_hat.clamp(-clamp, clamp)
             if kvd is not None:

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from attnlib._validation import check_qkv
 from attnlib.functional._scan import (
+    FinishFn,
     acc_dtype,
     blocked_attention,
     causal_chunk_max,
@@ -106,10 +107,10 @@ def _causal_zero(a: Tensor, causal: bool) -> Tensor:
     return a.masked_fill(~prefix_mask(a.shape[-1], a.device), 0.0) if causal else a
 
 
-def _finisher(eps_mode: str, eps: float, inplace: bool) -> Callable[[Tensor, Tensor | None, int, int], Tensor]:
+def _finisher(eps_mode: str, eps: float, inplace: bool) -> FinishFn:
     """Row normalisation of the blocked fast path: num / norm(den) (see :func:`_normalised`)."""
 
-    def finish(num: Tensor, den: Tensor | None, s: int, e: int) -> Tensor:
+    def finish(num: Tensor, den: Tensor | None, batch: slice, s: int, e: int) -> Tensor:
         assert den is not None
         if eps_mode == "add":
             d = den.add_(eps) if inplace else den + eps
@@ -553,8 +554,9 @@ def linear_self_attention(
         def kmap(x: Tensor, start: int) -> Tensor:
             return x
 
-        def finish(num: Tensor, den: Tensor | None, s: int, e: int) -> Tensor:
-            c = cnt if cnt.shape[2] == 1 else cnt[:, :, s:e]
+        def finish(num: Tensor, den: Tensor | None, batch: slice, s: int, e: int) -> Tensor:
+            c = cnt if cnt.shape[0] == 1 else cnt[batch]  # (B' or 1, 1, N or 1, 1)
+            c = c if c.shape[2] == 1 else c[:, :, s:e]
             return num.div_(c) if inplace else num / c
 
         out = _fast(q, k, v, kp, causal, chunk_size, qmap=qmap, kmap=kmap, finish=finish, need_den=False)
