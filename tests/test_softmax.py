@@ -89,6 +89,26 @@ def test_short_row_softmax_equals_torch_softmax() -> None:
         torch.testing.assert_close(_softmax_rows(x32), torch.softmax(x32, -1), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("m", [1, 9, 31, 32, 40])
+def test_masked_row_softmax_zeros_masked_and_empty_rows(m: int) -> None:
+    """``_softmax_rows(x, allowed)``: equal to softmax over the allowed entries (float64 reference),
+    exact zeros where masked and on rows with nothing allowed, also when logits span more
+    than the float32 exponent range (the short-row path floors exponents to skip subnormals)."""
+    from attnlib.functional.softmax import _softmax_rows
+
+    g = torch.Generator().manual_seed(m)
+    x = 30 * torch.randn(4, 6, m, dtype=torch.float64, generator=g)  # exp(x - max) down to e^-200
+    allowed = torch.rand(4, 1, m, generator=g) > 0.4
+    allowed[0] = False  # a batch row with no allowed key
+    allowed[1, 0, 0] = True
+    ref = torch.softmax(x.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    for dt, tol in ((torch.float64, 1e-15), (torch.float32, 1e-6)):
+        p = _softmax_rows(x.to(dt), allowed)
+        torch.testing.assert_close(p.double(), ref, rtol=0, atol=tol)
+        assert torch.all(p.masked_select(~allowed.expand_as(p)) == 0)
+        assert torch.all(p[0] == 0)
+
+
 def test_softmax_core_importance_comes_from_the_output_pass() -> None:
     """The softmax core asked for importance only returns the one-pass result (backend auto), exactly."""
     attn = attnlib.Attention(16, 2).double()
