@@ -324,6 +324,15 @@ class BlockMask:
 
     # -- dense conversion ------------------------------------------------------------------
 
+    def all_full(self) -> bool:
+        """True when every (query block, key block) pair is a full block: the layout allows every
+        pair (dense attention). Cached (one device sync per layout)."""
+        if "all_full" not in self._cache:
+            n_k = self.num_blocks[1]
+            ok = bool((self.kv_num_blocks == 0).all()) and bool((self.full_kv_num_blocks == n_k).all())
+            self._cache["all_full"] = ok
+        return bool(self._cache["all_full"])
+
     def block_states(self) -> tuple[Tensor, Tensor]:
         """(partial, full) bool tensors of shape (B', H', n_q, n_k): which blocks are which."""
         if "states" not in self._cache:

@@ -99,6 +99,40 @@ def _grat_allowed(grid, group, mode, radius, extra):
     return out
 
 
+@pytest.mark.parametrize(("n", "window", "padded"), [(17, 256, False), (40, 8, False), (17, 256, True)])
+def test_block_sparse_all_full_layout_takes_the_dense_path(
+    n: int, window: int, padded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layout with every block full (window wider than the sequence, one block) is dense
+    attention: the kernel is skipped and the result equals the float64 reference; otherwise
+    (a real window, or key padding making blocks partial) the kernel runs."""
+    import attnlib.variants.sparse as sp
+
+    calls: list[int] = []
+    kernel = sp.block_sparse_attention
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return kernel(*a, **kw)
+
+    monkeypatch.setattr(sp, "block_sparse_attention", counting)
+    q, k, v = make_qkv(2, 4, n, 16, dtype=torch.float64, logit_scale=3.0, seed=n)
+    core = get_variant("block_sparse")(
+        num_heads=4, head_dim=16, pattern="sliding_window", window=window, block_size=128
+    )
+    kp = torch.ones(2, n, dtype=torch.bool)
+    if padded:
+        kp[1, -5:] = False
+    am = normalize_mask(kp if padded else None, causal=False, batch=2, heads=4, n=n, m=n, device=q.device)
+    out = core(q, k, v, am).out
+    allowed = window_mask(n, n, left=window, right=window) & kp[:, None, None, :]
+    assert_close(out, reference_attention(q, k, v, mask=allowed))
+    dense = window >= n and not padded
+    assert calls == ([] if dense else [1])
+    bm = BlockMask.sliding_window(n, window, window, block_size=128)
+    assert bm.all_full() == (window >= n)
+
+
 @pytest.mark.parametrize("mode", ["criss_cross", "surrounding"])
 def test_grat_equals_reference_with_the_group_mask(mode: str) -> None:
     grid, group, extra = (4, 6), (2, 3), 3
