@@ -182,10 +182,17 @@ def test_sigkill_and_resume_reach_identical_metrics(tmp_path: Path) -> None:
         _cli(*RESUME_RUN, f"hydra.run.dir={run}"), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     ckpt = run / "checkpoints" / "last.pt"
+    metrics = run / "metrics.csv"
+
+    def logged(step: int) -> bool:  # the run has logged step `step` (it logs every 10 steps)
+        return metrics.exists() and f"\n{step},train,loss," in metrics.read_text()
+
     deadline = time.time() + 240
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.15)  # land somewhere in the middle of later steps / a checkpoint write
+    # kill once step 30 is logged (not after a fixed sleep: on a fast, idle machine 150 tiny
+    # steps can finish within a fixed delay); checkpoints every 5 steps, so the kill lands at
+    # a varying point of later steps / checkpoint writes
+    while not (ckpt.exists() and logged(30)) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
