@@ -303,9 +303,10 @@ def _flow_fast_noncausal(
 
     Slabs come from :func:`attnlib.functional._scan.slabs`: several whole batch rows, or one
     batch row and as many heads, such that φ(Q) of a slab holds about ``BLOCK_ELEMENTS``
-    elements (at least one head, over the whole length). Per slab: features once, the sums Σ q̃ and Σ k̃,
-    ``1/I``, Σ q̃/I, ``1/O``, Ô, the competition softmax over the slab's whole key axis,
-    Σ k̃/O and the allocation gate (each a matrix-vector product), ``kv = Σ k̃^T comp v``, and
+    elements (at least one head, over the whole length). Per slab: features once; ``1/I``
+    from Σ k̃ (one matvec); (Σ q̃, Σ q̃/I) as one 2-row product over φ(Q); (O, Ô) as one
+    2-column product over φ(K); the competition softmax over the slab's whole key axis;
+    Σ k̃/O and the allocation gate (matvecs); ``kv = Σ k̃^T comp v``; and
     the output matmul written straight into the output. Without autograd φ(Q) goes to one
     buffer reused by every slab and φ(K) into the slab's own output slice (when M == N and
     Dv == F; it is dead before the output is written), updated in place: a call touches
