@@ -5,8 +5,9 @@
 
 ``--setting`` (:data:`SETTINGS`) picks the tokenisation of the same 8x8 digits: ``px2`` (default,
 ``experiment=vit_digits*``: 2x2 patches, 16 + class token = 17 tokens) or ``px1``
-(``experiment=vit_digits_px1*``: one token per pixel, 64 + class token = 65 tokens, 1500 dense
-steps + 500-step fine-tunes). Counts below are for px2; px1 keeps the same fractions (32 of 64).
+(``experiment=vit_digits_px1*``: one token per pixel, 64 + class token = 65 tokens, rotary positions,
+2400 dense steps + 800-step fine-tunes at batch 64). Counts below are for px2; px1 keeps the same
+fractions (32 of 64 patches).
 
 1. Trains per seed (``--seeds``; cached in ``--work``, reused when finished), all with ``attnlib-train``:
    * ``experiment=vit_digits`` - the unpruned softmax baseline (2500 steps from scratch);
@@ -83,9 +84,10 @@ class Setting:
     """One tokenisation of vit_digits: its training runs, patch count and output file stem.
 
     ``runs`` maps run keys to ``attnlib-train`` overrides (``base`` from scratch; ``*_ft`` warm-started
-    from ``base``). The fused run keeps ``patches // 2 - 1`` patches + class + 1 fused token and the
-    progressive run ``5/8`` of the patches after block 0 and ``7/10`` of those after block 1: the same
-    ``patches // 2 + 1`` tokens per later block on average as top-k at r = 0.5.
+    from ``base``). The fused run (px2 only: px1 has rotary positions) keeps ``patches // 2 - 1``
+    patches + class + 1 fused token and the progressive run ``5/8`` of the patches after block 0 and
+    ``7/10`` of those after block 1: the same ``patches // 2 + 1`` tokens per later block on average
+    as top-k at r = 0.5.
     """
 
     name: str
@@ -96,16 +98,11 @@ class Setting:
 
 
 def _px1_runs() -> dict[str, list[str]]:
-    fuse_ratio = (64 // 2 - 1) / 64  # 31 of 64 patches + the fused token
+    # no EViT-fused run: vit_digits_px1 uses rotary positions, and a fused token has no position
     return {
         "base": ["experiment=vit_digits_px1"],
         "dense_ft": ["experiment=vit_digits_px1_finetune"],
         "topk_ft": ["experiment=vit_digits_px1_topk_ft"],
-        "topk_fuse_ft": [
-            "experiment=vit_digits_px1_topk_ft",
-            f"model.pruning.keep_ratio={fuse_ratio}",
-            "model.pruning.fuse=true",
-        ],
         "ltp_ft": ["experiment=vit_digits_px1_ltp_ft"],
         "topk2_ft": [o.replace("vit_digits_topk_ft", "vit_digits_px1_topk_ft") for o in RUNS["topk2_ft"]],
     }
@@ -273,9 +270,10 @@ def main() -> None:
     stem = setting.out_stem + ("" if args.split == "test" else f"_{args.split}")
     t_start = time.perf_counter()
     load_start = machine_info(args.threads)["loadavg"]
-    # the bar's runs for every seed first, then the optional ones (partial results stay usable)
-    order = [k for k in runs if k not in OPTIONAL] + [k for k in runs if k in OPTIONAL]
-    ck_paths = {(k, sd): train_seed(work, k, sd, runs) for k in order for sd in seeds}
+    # the bar's runs seed by seed first, then the optional ones (partial results stay usable)
+    order = [(k, sd) for sd in seeds for k in runs if k not in OPTIONAL]
+    order += [(k, sd) for k in runs if k in OPTIONAL for sd in seeds]
+    ck_paths = {(k, sd): train_seed(work, k, sd, runs) for k, sd in order}
     cks_by_seed = {
         sd: {k: torch.load(ck_paths[k, sd], map_location="cpu", weights_only=False) for k in runs} for sd in seeds
     }
