@@ -1,6 +1,13 @@
 """Token pruning on CPU: accuracy, FLOPs and inference throughput of vit_digits with topk / ltp.
 
     .venv/bin/python benchmarks/pruning_cpu.py --seeds 0,1,2,3,4 [--work /tmp/attnlib-pruning] [--runs 9]
+    .venv/bin/python benchmarks/pruning_cpu.py --setting px1 --seeds 0,1,2 [--work /tmp/attnlib-pruning-px1]
+
+``--setting`` (:data:`SETTINGS`) picks the tokenisation of the same 8x8 digits: ``px2`` (default,
+``experiment=vit_digits*``: 2x2 patches, 16 + class token = 17 tokens) or ``px1``
+(``experiment=vit_digits_px1*``: one token per pixel, 64 + class token = 65 tokens, rotary positions,
+2400 dense steps + 800-step fine-tunes at batch 64). Counts below are for px2; px1 keeps the same
+fractions (32 of 64 patches).
 
 1. Trains per seed (``--seeds``; cached in ``--work``, reused when finished), all with ``attnlib-train``:
    * ``experiment=vit_digits`` - the unpruned softmax baseline (2500 steps from scratch);
@@ -26,8 +33,8 @@
 4. FLOPs: analytic 2 x multiply-adds of the blocks for the token counts actually run (padded
    counts where the batch is padded, real counts in the packed layout).
 
-Writes benchmarks/results/pruning_cpu.{json,md}. Machine, threads and load average (start and
-end) are recorded: on a shared, busy machine compare the ratios of the interleaved runs.
+Writes benchmarks/results/pruning_cpu{,_px1}.{json,md} (``Setting.out_stem``). Machine, threads and
+load average (start and end) are recorded: on a shared, busy machine compare the ratios of the interleaved runs.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +73,47 @@ RUNS: dict[str, list[str]] = {
         "+model.pruning.per_layer={1:{keep_ratio:0.7}}",
     ],
 }
-"""Training runs per seed; the ``*_ft`` ones start from (and distil) the same seed's trained ``base``."""
+"""Training runs per seed (px2); the ``*_ft`` ones start from (and distil) the same seed's trained ``base``."""
+
+OPTIONAL = ("topk_fuse_ft", "topk2_ft")
+"""Runs (and their rows) that ``--core-only`` skips; the others are the bar's rows."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One tokenisation of vit_digits: its training runs, patch count and output file stem.
+
+    ``runs`` maps run keys to ``attnlib-train`` overrides (``base`` from scratch; ``*_ft`` warm-started
+    from ``base``). The fused run (px2 only: px1 has rotary positions) keeps ``patches // 2 - 1``
+    patches + class + 1 fused token and the progressive run ``5/8`` of the patches after block 0 and
+    ``7/10`` of those after block 1: the same ``patches // 2 + 1`` tokens per later block on average
+    as top-k at r = 0.5.
+    """
+
+    name: str
+    patches: int
+    runs: dict[str, list[str]]
+    out_stem: str
+    ltp_scales: tuple[float, ...] = (0.25, 0.5, 3.0)
+
+
+def _px1_runs() -> dict[str, list[str]]:
+    # no EViT-fused run: vit_digits_px1 uses rotary positions, and a fused token has no position
+    return {
+        "base": ["experiment=vit_digits_px1"],
+        "dense_ft": ["experiment=vit_digits_px1_finetune"],
+        "topk_ft": ["experiment=vit_digits_px1_topk_ft"],
+        "ltp_ft": ["experiment=vit_digits_px1_ltp_ft"],
+        "topk2_ft": [o.replace("vit_digits_topk_ft", "vit_digits_px1_topk_ft") for o in RUNS["topk2_ft"]],
+    }
+
+
+SETTINGS: dict[str, Setting] = {
+    "px2": Setting("px2", 16, RUNS, "pruning_cpu"),
+    # px1 threshold scales picked on the validation split (seed 0) for the kept fraction: 72% / 44% / 33%
+    "px1": Setting("px1", 64, _px1_runs(), "pruning_cpu_px1", ltp_scales=(0.1, 3.0, 10.0)),
+}
+"""``--setting`` choices: px2 = 2x2 patches (17 tokens, the original table), px1 = pixels (65 tokens)."""
 
 
 def run_name(key: str, seed: int) -> str:
@@ -92,7 +140,7 @@ def train_seed(work: Path, key: str, seed: int, runs: dict[str, list[str]]) -> P
     """Train run ``key`` of ``runs`` at ``seed`` (warm-started runs first train their ``base``)."""
     overrides = [*runs[key], f"seed={seed}"]
     if key != "base":
-        base = train(work, run_name("base", seed), [*RUNS["base"], f"seed={seed}"])
+        base = train(work, run_name("base", seed), [*runs["base"], f"seed={seed}"])
         if key.endswith("_ft"):
             overrides.append(f"init_from={base}")
     return train(work, run_name(key, seed), overrides)
@@ -152,35 +200,49 @@ class TokenCounter:
         return padded, real
 
 
-def build_models(cks: dict[str, dict[str, Any]], data: Any) -> dict[str, tuple[Any, str]]:
-    """label -> (model in eval mode, note): the trained models and eval-time variants of one seed."""
+def _steps(ck: dict[str, Any]) -> int:
+    return int(ck["config"]["trainer"]["max_steps"])
+
+
+def build_models(cks: dict[str, dict[str, Any]], data: Any, setting: Setting) -> dict[str, tuple[Any, str]]:
+    """label -> (model in eval mode, note): the trained models and eval-time variants of one seed.
+
+    Rows of runs missing from ``cks`` (the optional fused / progressive ones) are left out.
+    """
     topk_cfg = dict(cks["topk_ft"]["config"]["model"]["pruning"])
     ltp_cfg = dict(cks["ltp_ft"]["config"]["model"]["pruning"], mode="hard")
     score = topk_cfg.get("score", "mean")
+    half = setting.patches // 2
+    ft = _steps(cks["dense_ft"])
     models: dict[str, tuple[Any, str]] = {
-        "none (baseline)": (load(cks["base"], data), "trained unpruned, 2500 steps"),
-        "none, fine-tuned (control)": (load(cks["dense_ft"], data), "baseline + the same 1000-step KD fine-tune"),
+        "none (baseline)": (load(cks["base"], data), f"trained unpruned, {_steps(cks['base'])} steps"),
+        "none, fine-tuned (control)": (load(cks["dense_ft"], data), f"baseline + the same {ft}-step KD fine-tune"),
         "topk r=0.5": (load(cks["topk_ft"], data), f"bar config: baseline fine-tuned with topk r=0.5, score={score}"),
         "topk r=0.75": (load(cks["topk_ft"], data, dict(topk_cfg, keep_ratio=0.75)), "topk r=0.5 model, eval r=0.75"),
         "topk r=0.25": (load(cks["topk_ft"], data, dict(topk_cfg, keep_ratio=0.25)), "topk r=0.5 model, eval r=0.25"),
-        "topk 7 + fused (EViT)": (
-            load(cks["topk_fuse_ft"], data),
-            "fine-tuned with 7 patches + class + 1 fused token (same 9 tokens)",
-        ),
-        "topk progressive 10 -> 7 patches": (
-            load(cks["topk2_ft"], data),
-            "fine-tuned with topk after block 0 (10 patches) and block 1 (7): 17/11/8/8 tokens",
-        ),
-        "topk r=0.5 post-hoc": (load(cks["base"], data, topk_cfg), "baseline weights, no pruning-aware fine-tune"),
-        "ltp": (load(cks["ltp_ft"], data, ltp_cfg), "bar config: baseline fine-tuned with ltp; packed by length"),
-        "ltp, padded batch": (
-            load(cks["ltp_ft"], data, ltp_cfg, ragged="pad"),
-            "same weights; rows padded to the longest (ragged=pad)",
-        ),
     }
-    # the trained model at scaled thresholds: the learned one sits in a wide gap of the (normalised,
-    # class-token) scores, so x0.75 / x1.25 barely change the kept count; these span 85% .. 51%
-    for scale in (0.25, 0.5, 3.0):
+    if "topk_fuse_ft" in cks:
+        models[f"topk {half - 1} + fused (EViT)"] = (
+            load(cks["topk_fuse_ft"], data),
+            f"fine-tuned with {half - 1} patches + class + 1 fused token (same {half + 1} tokens)",
+        )
+    if "topk2_ft" in cks:
+        p1 = setting.patches * 5 // 8
+        p2 = p1 * 7 // 10
+        models[f"topk progressive {p1} -> {p2} patches"] = (
+            load(cks["topk2_ft"], data),
+            f"fine-tuned with topk after block 0 ({p1} patches) and block 1 ({p2}): "
+            f"{setting.patches + 1}/{p1 + 1}/{p2 + 1}/{p2 + 1} tokens",
+        )
+    models["topk r=0.5 post-hoc"] = (load(cks["base"], data, topk_cfg), "baseline weights, no pruning-aware fine-tune")
+    models["ltp"] = (load(cks["ltp_ft"], data, ltp_cfg), "bar config: baseline fine-tuned with ltp; packed by length")
+    models["ltp, padded batch"] = (
+        load(cks["ltp_ft"], data, ltp_cfg, ragged="pad"),
+        "same weights; rows padded to the longest (ragged=pad)",
+    )
+    # the trained model at scaled thresholds (px2: the learned one sits in a wide gap of the
+    # normalised class-token scores, so x0.75 / x1.25 barely change the kept count)
+    for scale in setting.ltp_scales:
         m = load(cks["ltp_ft"], data, ltp_cfg)
         pr = m.pruning.get(ltp_cfg["layers"][0])
         with torch.no_grad():
@@ -191,34 +253,45 @@ def build_models(cks: dict[str, dict[str, Any]], data: Any) -> dict[str, tuple[A
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="/tmp/attnlib-pruning")
+    ap.add_argument("--setting", choices=sorted(SETTINGS), default="px2", help="tokenisation (see SETTINGS)")
+    ap.add_argument("--work", default=None, help="run cache (default /tmp/attnlib-pruning[-px1])")
+    ap.add_argument("--core-only", action="store_true", help=f"skip the optional runs and rows {OPTIONAL}")
+    ap.add_argument(
+        "--split", choices=("test", "val"), default="test", help="accuracy split (val: for tuning; writes *_val.*)"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (accuracy = mean over them)")
     ap.add_argument("--note", default="", help="a sentence added to the markdown (e.g. where cached runs came from)")
     args = ap.parse_args()
-    work = Path(args.work)
+    setting = SETTINGS[args.setting]
+    work = Path(args.work or ("/tmp/attnlib-pruning" + ("" if setting.name == "px2" else f"-{setting.name}")))
     seeds = [int(x) for x in args.seeds.split(",")]
+    runs = {k: v for k, v in setting.runs.items() if not (args.core_only and k in OPTIONAL)}
+    stem = setting.out_stem + ("" if args.split == "test" else f"_{args.split}")
     t_start = time.perf_counter()
     load_start = machine_info(args.threads)["loadavg"]
+    # the bar's runs seed by seed first, then the optional ones (partial results stay usable)
+    order = [(k, sd) for sd in seeds for k in runs if k not in OPTIONAL]
+    order += [(k, sd) for k in runs if k in OPTIONAL for sd in seeds]
+    ck_paths = {(k, sd): train_seed(work, k, sd, runs) for k, sd in order}
     cks_by_seed = {
-        sd: {k: torch.load(train_seed(work, k, sd, RUNS), map_location="cpu", weights_only=False) for k in RUNS}
-        for sd in seeds
+        sd: {k: torch.load(ck_paths[k, sd], map_location="cpu", weights_only=False) for k in runs} for sd in seeds
     }
     torch.set_num_threads(args.threads)
     cks = cks_by_seed[seeds[0]]
     data = build_data(OmegaConf.to_container(OmegaConf.create(cks["base"]["config"]).data, resolve=True))
     data.ensure_setup()
-    batches = list(data.eval_batches("test"))
+    batches = list(data.eval_batches(args.split))
     xs = torch.cat([b["x"] for b in batches])
     ys = torch.cat([b["y"] for b in batches])
     bench_x = xs[torch.arange(256) % xs.shape[0]]
     accs: dict[str, list[float]] = {}
     with torch.inference_mode():
         for sd in seeds[1:]:
-            for label, (m, _) in build_models(cks_by_seed[sd], data).items():
+            for label, (m, _) in build_models(cks_by_seed[sd], data, setting).items():
                 accs.setdefault(label, []).append(float((m(xs).argmax(-1) == ys).float().mean()))
-    models = build_models(cks, data)  # the first seed's models are also timed
+    models = build_models(cks, data, setting)  # the first seed's models are also timed
     n0 = 1 + models["none (baseline)"][0].num_patches
     ref = models["none (baseline)"][0]
     depth, dim = len(ref.blocks), ref.blocks[0].attn.dim
@@ -275,39 +348,48 @@ def main() -> None:
         seconds=time.perf_counter() - t_start,
         test_images=int(xs.shape[0]),
         seeds=seeds,
-        runs_overrides=RUNS,
+        setting=setting.name,
+        accuracy_split=args.split,
+        runs_overrides=runs,
         user_note=args.note,
         train_results={
             run_name(k, sd): json.loads((work / run_name(k, sd) / "results.json").read_text())
             for sd in seeds
-            for k in RUNS
+            for k in runs
         },
     )
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "pruning_cpu.json").write_text(json.dumps({"meta": meta, "vit_digits": rows}, indent=2, default=str))
+    (OUT / f"{stem}.json").write_text(json.dumps({"meta": meta, "vit_digits": rows}, indent=2, default=str))
 
     def fmt_load(v: Any) -> str:
         return ", ".join(f"{x:.2f}" for x in (v or []))
 
+    base_exp = runs["base"][0].removeprefix("experiment=")
+    px = {"px2": "2x2 patches", "px1": "one token per pixel (patch_size 1)"}.get(setting.name, setting.name)
+    rerun = f"--setting {setting.name} " if setting.name != "px2" else ""
+    rerun += "--core-only " if args.core_only else ""
+    rerun += f"--split {args.split} " if args.split != "test" else ""
     lines = [
-        "# Token pruning on CPU: vit_digits (softmax), pruned models fine-tuned from the dense baseline",
+        f"# Token pruning on CPU: vit_digits (softmax, {px}), pruned models fine-tuned from the dense baseline",
         "",
         f"Machine: {meta['cpu']}, {meta['cores']} cores, {args.threads} thread(s), torch {meta['torch']}, load average "
         f"{fmt_load(load_start)} at the start and {fmt_load(meta['loadavg'])} at the end - **shared, busy machine** "
         f"(other jobs ran at the same time). Batch 256, inference, interleaved medians of {args.runs} rounds "
-        f"(first seed's models). Test accuracy on the {xs.shape[0]} test digits: mean ± std over training seeds "
-        f"{seeds} - the same seeds for every row (per seed in the JSON). Pruning after block 0: blocks 1-3 run on "
-        "the kept tokens (17 = 16 patches + class token before). Rerun: "
-        f"`python benchmarks/pruning_cpu.py --seeds {args.seeds}`.",
+        f"(first seed's models). {args.split.capitalize()} accuracy on the {xs.shape[0]} {args.split} digits: "
+        f"mean ± std over training seeds {seeds} - the same seeds for every row (per seed in the JSON). Pruning "
+        f"after block 0: blocks 1-3 run on the kept tokens ({n0} = {n0 - 1} patches + class token before). Rerun: "
+        f"`python benchmarks/pruning_cpu.py {rerun}--seeds {args.seeds} --runs {args.runs}`.",
         "",
-        "Recipe (identical for every fine-tuned row): the dense baseline (`experiment=vit_digits`, 2500 steps) is "
-        "fine-tuned 1000 steps (peak lr 1e-3, warmup 50, cosine) with the pruner in place, distilling from the "
-        "baseline (soft KD, weight 0.5, T = 1) - `experiment=vit_digits_finetune` / `_topk_ft` / `_ltp_ft` with "
-        "`init_from=<baseline>`. The control row gets the same fine-tune without pruning. The pruners rank by the "
-        "class token's attention row (`score: cls`), chosen over `mean` on the validation split (3 seeds). "
-        f"Training overrides: `{json.dumps(RUNS)}`. Finished runs in `--work` are reused. {args.note}",
+        f"Recipe (identical for every fine-tuned row): the dense baseline (`experiment={base_exp}`, "
+        f"{_steps(cks['base'])} steps) is fine-tuned {_steps(cks['dense_ft'])} steps (peak lr "
+        f"{cks['dense_ft']['config']['trainer']['lr']:g}, warmup {cks['dense_ft']['config']['trainer']['warmup_steps']}"
+        ", cosine) with the pruner in place, distilling from the baseline (soft KD, weight 0.5, T = 1) - "
+        f"`{runs['dense_ft'][0]}` / `{runs['topk_ft'][0]}` / `{runs['ltp_ft'][0]}` with `init_from=<baseline>`. "
+        "The control row gets the same fine-tune without pruning. The pruners rank by the class token's attention "
+        "row (`score: cls`), chosen over `mean` on the validation split (3 seeds, patch 2). "
+        f"Training overrides: `{json.dumps(runs)}`. Finished runs in `--work` are reused. {args.note}",
         "",
-        "| config | tokens per block (real) | later-block keep | test acc | drop vs baseline (points) "
+        f"| config | tokens per block (real) | later-block keep | {args.split} acc | drop vs baseline (points) "
         "| drop vs control | GFLOPs/img | FLOPs ratio | img/s | speed-up | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -326,7 +408,7 @@ def main() -> None:
         "counts when packed by length); `tokens per block` are the mean real counts of the timed batch. "
         "Bar (issue 8): about 50% of tokens kept in the later layers, <= 1.5 points lost, >= 1.3x faster.",
     ]
-    (OUT / "pruning_cpu.md").write_text("\n".join(lines) + "\n")
+    (OUT / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -40,6 +40,10 @@ TINY_DATA = {
     "vit_digits_finetune": ["data.batch_size=16"],
     "vit_digits_topk_ft": ["data.batch_size=16"],
     "vit_digits_ltp_ft": ["data.batch_size=16"],
+    "vit_digits_px1": ["data.batch_size=16"],
+    "vit_digits_px1_finetune": ["data.batch_size=16"],
+    "vit_digits_px1_topk_ft": ["data.batch_size=16"],
+    "vit_digits_px1_ltp_ft": ["data.batch_size=16"],
     "lm_chars": ["data.seq_len=16", "data.batch_size=4", "data.max_eval_tokens=256"],
     "mqar": [
         "data.num_train=64",
@@ -95,7 +99,8 @@ def test_every_experiment_trains_tiny(experiment: str, tmp_path: Path, chars_roo
         extra.append(f"data.root={chars_root}")
     if experiment.endswith(("_ft", "_finetune")):  # warm start from (and distil) a tiny trained dense model
         dense = tmp_path / "dense"
-        train(_cfg("experiment=vit_digits", *QUIET, *TINY_TRAIN, *TINY_MODEL, *extra, "trainer.max_steps=2"), dense)
+        base = "vit_digits_px1" if experiment.startswith("vit_digits_px1") else "vit_digits"  # same patch size
+        train(_cfg(f"experiment={base}", *QUIET, *TINY_TRAIN, *TINY_MODEL, *extra, "trainer.max_steps=2"), dense)
         extra.append(f"init_from={dense}")
     cfg = _cfg(f"experiment={experiment}", *QUIET, *TINY_TRAIN, *TINY_MODEL, *extra)
     res = train(cfg, tmp_path / "run")
