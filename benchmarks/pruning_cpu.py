@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/pruning_cpu.py --seeds 0,1,2,3,4 [--work /tmp/attnlib-pruning] [--runs 9]
     .venv/bin/python benchmarks/pruning_cpu.py --setting px1 --seeds 0,1,2 [--work /tmp/attnlib-pruning-px1]
+    .venv/bin/python benchmarks/pruning_cpu.py --setting px1 --core-only --ft-steps 2400  # longer fine-tunes
 
 ``--setting`` (:data:`SETTINGS`) picks the tokenisation of the same 8x8 digits: ``px2`` (default,
 ``experiment=vit_digits*``: 2x2 patches, 16 + class token = 17 tokens) or ``px1``
@@ -116,9 +117,19 @@ SETTINGS: dict[str, Setting] = {
 """``--setting`` choices: px2 = 2x2 patches (17 tokens, the original table), px1 = pixels (65 tokens)."""
 
 
-def run_name(key: str, seed: int) -> str:
-    """The run directory name of training run ``key`` at ``seed`` (seed 0 has no suffix)."""
-    return key if seed == 0 else f"{key}_s{seed}"
+def run_name(key: str, seed: int, ft_steps: int | None = None) -> str:
+    """The run directory name of training run ``key`` at ``seed`` (seed 0 has no suffix; fine-tunes
+    with a ``--ft-steps`` budget end in ``_ft<steps>``, the shared ``base`` never does)."""
+    name = key if seed == 0 else f"{key}_s{seed}"
+    return name if ft_steps is None or key == "base" else f"{name}_ft{ft_steps}"
+
+
+def with_ft_steps(runs: dict[str, list[str]], ft_steps: int | None) -> dict[str, list[str]]:
+    """``runs`` with every fine-tune (every run but ``base``, the control included) trained
+    ``ft_steps`` steps instead of its experiment's budget (None: unchanged)."""
+    if ft_steps is None:
+        return runs
+    return {k: v if k == "base" else [*v, f"trainer.max_steps={ft_steps}"] for k, v in runs.items()}
 
 
 def train(work: Path, name: str, overrides: list[str]) -> Path:
@@ -136,14 +147,14 @@ def train(work: Path, name: str, overrides: list[str]) -> Path:
     return ck
 
 
-def train_seed(work: Path, key: str, seed: int, runs: dict[str, list[str]]) -> Path:
+def train_seed(work: Path, key: str, seed: int, runs: dict[str, list[str]], ft_steps: int | None = None) -> Path:
     """Train run ``key`` of ``runs`` at ``seed`` (warm-started runs first train their ``base``)."""
     overrides = [*runs[key], f"seed={seed}"]
     if key != "base":
         base = train(work, run_name("base", seed), [*runs["base"], f"seed={seed}"])
         if key.endswith("_ft"):
             overrides.append(f"init_from={base}")
-    return train(work, run_name(key, seed), overrides)
+    return train(work, run_name(key, seed, ft_steps), overrides)
 
 
 def block_flops(n: float, dim: int, hidden: int) -> float:
@@ -259,6 +270,12 @@ def main() -> None:
     ap.add_argument(
         "--split", choices=("test", "val"), default="test", help="accuracy split (val: for tuning; writes *_val.*)"
     )
+    ap.add_argument(
+        "--ft-steps",
+        type=int,
+        default=None,
+        help="fine-tune budget of every fine-tuned run, the control included (runs and outputs get _ft<N>)",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (accuracy = mean over them)")
@@ -268,13 +285,15 @@ def main() -> None:
     work = Path(args.work or ("/tmp/attnlib-pruning" + ("" if setting.name == "px2" else f"-{setting.name}")))
     seeds = [int(x) for x in args.seeds.split(",")]
     runs = {k: v for k, v in setting.runs.items() if not (args.core_only and k in OPTIONAL)}
-    stem = setting.out_stem + ("" if args.split == "test" else f"_{args.split}")
+    runs = with_ft_steps(runs, args.ft_steps)
+    stem = setting.out_stem + ("" if args.ft_steps is None else f"_ft{args.ft_steps}")
+    stem += "" if args.split == "test" else f"_{args.split}"
     t_start = time.perf_counter()
     load_start = machine_info(args.threads)["loadavg"]
     # the bar's runs seed by seed first, then the optional ones (partial results stay usable)
     order = [(k, sd) for sd in seeds for k in runs if k not in OPTIONAL]
     order += [(k, sd) for k in runs if k in OPTIONAL for sd in seeds]
-    ck_paths = {(k, sd): train_seed(work, k, sd, runs) for k, sd in order}
+    ck_paths = {(k, sd): train_seed(work, k, sd, runs, args.ft_steps) for k, sd in order}
     cks_by_seed = {
         sd: {k: torch.load(ck_paths[k, sd], map_location="cpu", weights_only=False) for k in runs} for sd in seeds
     }
@@ -353,7 +372,9 @@ def main() -> None:
         runs_overrides=runs,
         user_note=args.note,
         train_results={
-            run_name(k, sd): json.loads((work / run_name(k, sd) / "results.json").read_text())
+            run_name(k, sd, args.ft_steps): json.loads(
+                (work / run_name(k, sd, args.ft_steps) / "results.json").read_text()
+            )
             for sd in seeds
             for k in runs
         },
@@ -368,6 +389,7 @@ def main() -> None:
     px = {"px2": "2x2 patches", "px1": "one token per pixel (patch_size 1)"}.get(setting.name, setting.name)
     rerun = f"--setting {setting.name} " if setting.name != "px2" else ""
     rerun += "--core-only " if args.core_only else ""
+    rerun += f"--ft-steps {args.ft_steps} " if args.ft_steps is not None else ""
     rerun += f"--split {args.split} " if args.split != "test" else ""
     lines = [
         f"# Token pruning on CPU: vit_digits (softmax, {px}), pruned models fine-tuned from the dense baseline",

@@ -92,3 +92,17 @@ def test_setting_rows_prune_to_the_stated_token_counts(name: str) -> None:
             assert m(x).shape == (8, 10) and note
             if label in expect:
                 assert counter.per_block(n0)[1] == [float(v) for v in expect[label]], label
+
+
+def test_ft_steps_budget_and_run_names() -> None:
+    """``--ft-steps N``: every fine-tune (control included) gets N steps and its own run dir; the
+    dense base is shared."""
+    mod = _module()
+    runs = mod.with_ft_steps(mod.SETTINGS["px1"].runs, 2400)
+    assert runs["base"] == mod.SETTINGS["px1"].runs["base"]
+    assert all(v[-1] == "trainer.max_steps=2400" for k, v in runs.items() if k != "base")
+    assert mod.with_ft_steps(mod.RUNS, None) is mod.RUNS
+    assert mod.run_name("base", 1, 2400) == "base_s1"
+    assert mod.run_name("topk_ft", 0, 2400) == "topk_ft_ft2400"
+    assert mod.run_name("ltp_ft", 2, 2400) == "ltp_ft_s2_ft2400"
+    assert mod.run_name("ltp_ft", 2) == "ltp_ft_s2"
