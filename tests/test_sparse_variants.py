@@ -116,7 +116,7 @@ def test_block_sparse_all_full_layout_takes_the_dense_path(
         return kernel(*a, **kw)
 
     monkeypatch.setattr(sp, "block_sparse_attention", counting)
-    q, k, v = make_qkv(2, 4, n, 16, dtype=torch.float64, logit_scale=3.0, seed=n)
+    q, k, v = make_qkv(2, 4, n, 16, h_kv=2, dtype=torch.float64, logit_scale=3.0, seed=n)  # GQA on both paths
     core = get_variant("block_sparse")(
         num_heads=4, head_dim=16, pattern="sliding_window", window=window, block_size=128
     )
@@ -126,7 +126,7 @@ def test_block_sparse_all_full_layout_takes_the_dense_path(
     am = normalize_mask(kp if padded else None, causal=False, batch=2, heads=4, n=n, m=n, device=q.device)
     out = core(q, k, v, am).out
     allowed = window_mask(n, n, left=window, right=window) & kp[:, None, None, :]
-    assert_close(out, reference_attention(q, k, v, mask=allowed))
+    assert_close(out, reference_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), mask=allowed))
     dense = window >= n and not padded
     assert calls == ([] if dense else [1])
     bm = BlockMask.sliding_window(n, window, window, block_size=128)

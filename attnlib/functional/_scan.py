@@ -385,8 +385,7 @@ def blocked_attention(
     with the output matmul written straight into ``out`` (no temporary + copy: on the 2-core
     VM the first touch of memory costs more than the arithmetic); causal: one pass over blocks
     of chunks (intra-chunk C x C products, exclusive chunk states, a running state carried
-    across blocks). Used for the
-    output when neither weights nor importance are requested.
+    across blocks). Used for the output when neither weights nor importance are requested.
 
     Args:
         q: (B, H, N, D), k: (B, H, M, D), v: (B, H, M, Dv), all in the accumulation dtype.
@@ -410,25 +409,24 @@ def blocked_attention(
     out = q.new_empty(b, h, n, dv)
     inplace = grad_free(q, k, v)
 
-    def keys(s: int, e: int) -> Tensor:
-        kf = kmap(k[:, :, s:e], s)
+    every = slice(None)
+
+    def keys(s: int, e: int, bsl: slice = every, hsl: slice = every) -> Tensor:
+        """Key features of rows s:e (batch rows ``bsl``, heads ``hsl``), padded keys removed."""
+        kf = kmap(k[bsl, hsl, s:e], s)
         if key_valid is not None:
-            kv_ = key_valid[:, None, s:e, None]
+            kv_ = key_valid[bsl, None, s:e, None]
             kf = kf.masked_fill(~kv_, float("-inf")) if key_logits else kf * kv_.to(kf.dtype)
         return kf
 
     if not causal:
         for bsl, hsl, rows_nc in slabs(b, h, max(n, m), max(width or d, dv), c):
-            kv_b = None if key_valid is None else key_valid[bsl]
             state: Tensor | None = None
             z: Tensor | None = None
             shift: Tensor | None = None
             for s in range(0, m, rows_nc):
                 e = min(m, s + rows_nc)
-                kf = kmap(k[bsl, hsl, s:e], s)
-                if kv_b is not None:
-                    kv_ = kv_b[:, None, s:e, None]
-                    kf = kf.masked_fill(~kv_, float("-inf")) if key_logits else kf * kv_.to(kf.dtype)
+                kf = keys(s, e, bsl, hsl)
                 if key_logits:
                     bm = kf.amax((-1, -2)).detach()  # (B', H'); -inf while only padded keys were seen
                     new = bm if shift is None else torch.maximum(shift, bm)
