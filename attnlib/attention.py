@@ -23,7 +23,7 @@ from attnlib.errors import UnsupportedError
 from attnlib.masks import MaskLike, normalize_mask
 from attnlib.positional import RotaryEmbedding
 from attnlib.registry import Capabilities, get_variant
-from attnlib.variants.base import AttentionCore
+from attnlib.variants.base import AttentionCore, check_supported
 
 __all__ = ["Attention", "AttentionCache", "AttentionExtras", "aux_loss", "build_attention", "decode_mode"]
 
@@ -34,7 +34,7 @@ class AttentionExtras:
 
     Attributes:
         weights: (B, H, N, M) attention weights, or None where the variant has none (or
-            ``need_weights=False``).
+            ``need_weights=False``); (B, H, 1, M), one query's row, with ``weights_query``.
         importance: (B, M) attention mass each key receives, averaged over heads and
             queries, or None where the variant cannot compute it.
         aux_loss: scalar auxiliary loss of this call, or None.
@@ -321,6 +321,7 @@ class Attention(nn.Module):
         position_offset: int = 0,
         cache: AttentionCache | None = None,
         positions: Tensor | None = None,
+        weights_query: int | None = None,
     ) -> Tensor | tuple[Tensor, AttentionExtras]:
         """Attend.
 
@@ -343,6 +344,13 @@ class Attention(nn.Module):
             positions: (B, N) or (N,) long rotary position of each token (self-attention
                 only), e.g. the original positions of the tokens a pruner kept; default
                 ``position_offset + arange(N)``.
+            weights_query: with ``return_extras``, report only this query's row of the weights,
+                ``extras.weights`` (B, H, 1, M), and no importance - e.g. the class token's row
+                (0) that EViT-style pruning ranks by. Variants that can compute one row alone
+                (:meth:`AttentionCore.query_weights`; exact softmax) then keep their fast output
+                path; the others compute the full weights and the row is taken from them.
+                Negative values count from the end; UnsupportedError for a variant without
+                weights.
 
         Returns:
             (B, N, dim), or ((B, N, dim), AttentionExtras) when ``return_extras``.
@@ -350,6 +358,8 @@ class Attention(nn.Module):
         if cache is not None:
             if positions is not None:
                 raise ValueError("with cache=, positions come from cache.length; do not pass positions")
+            if weights_query is not None:
+                raise ValueError("weights_query= is not supported with cache= (decoding); pass it without a cache")
             return self._forward_cached(x, cache, mask, context, return_extras, position_offset)
         self._check_inputs(x, context)
         q, k, v = self.project(x, context)
@@ -366,16 +376,31 @@ class Attention(nn.Module):
             g = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
         p = self.dropout if self.training else 0.0
+        row: Tensor | None = None
+        one_row = return_extras and weights_query is not None
+        if one_row:
+            query = self._weights_query_index(weights_query, n)
+            if not caps.has_weights:
+                raise UnsupportedError(
+                    f"weights_query needs attention weights, but variant {self.variant!r} has none "
+                    "(capabilities.has_weights=False)"
+                )
+            check_supported(self.variant, caps, am, cross=context is not None)
+            row = self.core.query_weights(q, k, am, query)
         res = self.core(
             q,
             k,
             v,
             am,
             cross=context is not None,
-            need_weights=return_extras and need_weights,
-            need_importance=return_extras,
+            need_weights=(one_row and row is None) or (return_extras and need_weights and not one_row),
+            need_importance=return_extras and not one_row,
             dropout_p=p if caps.attn_dropout else 0.0,
         )
+        if one_row and row is None:
+            if res.weights is None:
+                raise UnsupportedError(f"weights_query needs attention weights, but variant {self.variant!r} has none")
+            row = res.weights[:, :, query : query + 1]
         out = res.out
         if p > 0 and not caps.attn_dropout:
             out = F.dropout(out, p)
@@ -383,8 +408,17 @@ class Attention(nn.Module):
         self.pending_aux_loss = res.aux_loss
         if not return_extras:
             return y
+        if one_row:
+            return y, AttentionExtras(weights=row, importance=None, aux_loss=res.aux_loss)
         imp = res.importance.mean(1) if res.importance is not None else None
         return y, AttentionExtras(weights=res.weights, importance=imp, aux_loss=res.aux_loss)
+
+    @staticmethod
+    def _weights_query_index(query: object, n: int) -> int:
+        """``weights_query`` as an index in [0, N); ValueError naming the range otherwise."""
+        if isinstance(query, bool) or not isinstance(query, int) or not -n <= query < n:
+            raise ValueError(f"weights_query must be an int in [-{n}, {n}) for N={n} queries, got {query!r}")
+        return query % n
 
     def forward_groups(
         self,

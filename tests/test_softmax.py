@@ -220,3 +220,45 @@ print((peak - base) / 1024)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     growth_mib = float(res.stdout.strip().splitlines()[-1])
     assert growth_mib < 1024, f"peak memory grew by {growth_mib:.0f} MiB"
+
+
+@pytest.mark.parametrize("m", [9, 40])  # short rows (explicit CPU softmax) and long ones
+def test_softmax_query_weights_equal_the_row_of_the_float64_weights(m: int) -> None:
+    """One query's weights under causal / key-padding / window / block masks and GQA == the oracle's row."""
+    from attnlib.functional import softmax_query_weights
+
+    n = 12
+    q, k, v = make_qkv(2, 4, n, 8, m=m, h_kv=2, logit_scale=3.0, dtype=torch.float64, seed=3)
+    kp = torch.rand(2, m, generator=torch.Generator().manual_seed(0)) > 0.3
+    kp[1] = False  # a batch row with no key: its weights are zeros
+    band = BlockMask.from_mask_mod(lambda b, h, i, j: j <= i + 4, None, None, n, m, block_size=4)
+    masks = [None, kp, SlidingWindow(3, 3), [kp, SlidingWindow(2, 5)], band]
+    for mask in masks:
+        for causal in (False, True):
+            _, w = reference_attention(q, k, v, mask=mask, causal=causal, return_weights=True)
+            for query in (0, 7, -1):
+                row = softmax_query_weights(q, k, query, mask=mask, causal=causal)
+                assert row.shape == (2, 4, 1, m)
+                torch.testing.assert_close(row, w[:, :, [query]].nan_to_num(0.0), rtol=0, atol=1e-14)
+    assert torch.equal(softmax_query_weights(q, k, 0, mask=kp)[1], torch.zeros(4, 1, m, dtype=torch.float64))
+    row32 = softmax_query_weights(q.float(), k.float(), 3, mask=kp)
+    ref32 = reference_attention(q, k, v, mask=kp, return_weights=True)[1][:, :, [3]]
+    torch.testing.assert_close(row32.double(), ref32, rtol=0, atol=1e-6)
+    for bad in (n, -n - 1, 1.0, True):
+        with pytest.raises(ValueError, match=rf"query must be an int in \[-{n}, {n}\)"):
+            softmax_query_weights(q, k, bad)  # type: ignore[arg-type]
+
+
+def test_weights_query_keeps_the_fast_output_path() -> None:
+    """The class-token row alone leaves the output on SDPA: bit-identical to a call without extras."""
+    attn = attnlib.Attention(16, 2, rope=True).eval()
+    x = torch.randn(3, 40, 16)
+    kp = torch.ones(3, 40, dtype=torch.bool)
+    kp[0, 30:] = False
+    y, ex = attn(x, mask=kp, return_extras=True, weights_query=0)
+    assert torch.equal(y, attn(x, mask=kp))
+    _, full = attn(x, mask=kp, return_extras=True, need_weights=True)
+    torch.testing.assert_close(ex.weights, full.weights[:, :, :1], rtol=0, atol=1e-6)
+    dec = attnlib.Attention(16, 2, causal=True)
+    with pytest.raises(ValueError, match="weights_query= is not supported with cache="):
+        dec(x[:, :2], cache=dec.init_cache(3), return_extras=True, weights_query=0)

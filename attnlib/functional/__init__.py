@@ -39,6 +39,7 @@ from attnlib.functional.softmax import (
     softmax_attention,
     softmax_attention_importance,
     softmax_importance,
+    softmax_query_weights,
 )
 
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
     "softmax_attention",
     "softmax_attention_importance",
     "softmax_importance",
+    "softmax_query_weights",
     "sparsemax",
     "toeplitz_matmul",
     "toeplitz_matrix",

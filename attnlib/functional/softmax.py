@@ -29,6 +29,7 @@ __all__ = [
     "softmax_attention",
     "softmax_attention_importance",
     "softmax_importance",
+    "softmax_query_weights",
 ]
 
 Backend = Literal["auto", "sdpa", "flex", "math", "block_sparse"]
@@ -308,6 +309,35 @@ def softmax_importance(
         p = _softmax_rows(scores, allowed)
         acc += p.sum(2)
     return (acc / n).to(q.dtype)
+
+
+def softmax_query_weights(
+    q: Tensor,
+    k: Tensor,
+    query: int,
+    *,
+    mask: MaskLike | list[MaskLike] = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """The softmax attention weights of ONE query row: (B, H, 1, M).
+
+    ``softmax(q[:, :, query] k^T · scale)`` under the masks (row ``query`` of the full weights;
+    an empty row gives zeros), in O(M) work per (batch, head) instead of O(N·M) - e.g. the class
+    token's row that EViT-style token pruning ranks by. q (B, H, N, D), k (B, H_kv, M, D);
+    ``query`` in [-N, N) (negative counts from the end).
+    """
+    check_qkv(q, k, k, where="softmax_query_weights")
+    n = q.shape[2]
+    if isinstance(query, bool) or not isinstance(query, int) or not -n <= query < n:
+        raise ValueError(f"softmax_query_weights: query must be an int in [-{n}, {n}) for N={n} queries, got {query!r}")
+    row = query % n
+    am = as_attention_mask(q, k, mask, causal)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    kk = repeat_kv(k, q.shape[1] // k.shape[1])
+    scores = torch.matmul(q[:, :, row : row + 1], kk.transpose(-1, -2)) * scale
+    acc = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
+    return _softmax_rows(acc, am.dense_rows(row, row + 1)).to(q.dtype)
 
 
 def softmax_attention_importance(

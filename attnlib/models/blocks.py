@@ -319,15 +319,17 @@ class TransformerBlock(nn.Module):
             kw["positions"] = positions
         imp = None
         if return_importance:
-            rows = importance_query is not None
-            a, extras = self.attn(self.norm1(x), return_extras=True, need_weights=rows, **kw)
-            imp = extras.importance
-            if rows:
-                if extras.weights is None:
+            if importance_query is None:
+                a, extras = self.attn(self.norm1(x), return_extras=True, need_weights=False, **kw)
+                imp = extras.importance
+            else:  # one query's row only: the variant keeps its fast output path where it can
+                if not self.attn.core.capabilities.has_weights:
                     raise UnsupportedError(
-                        f"importance_query needs attention weights, but variant {self.attn.variant!r} returned none"
+                        f"importance_query needs attention weights, but variant {self.attn.variant!r} has none"
                     )
-                imp = extras.weights[:, :, importance_query, :].mean(1)
+                a, extras = self.attn(self.norm1(x), return_extras=True, weights_query=importance_query, **kw)
+                assert extras.weights is not None
+                imp = extras.weights[:, :, 0, :].mean(1)
         else:
             a = self.attn(self.norm1(x), **kw)
         x = x + self.drop_path(self.drop(a))

@@ -170,6 +170,17 @@ class AttentionCore(nn.Module):
         """The variant's computation; see :meth:`forward` for shapes."""
         raise NotImplementedError
 
+    def query_weights(self, q: Tensor, k: Tensor, mask: AttentionMask, query: int) -> Tensor | None:
+        """The attention weights of query row ``query`` alone: (B, H, 1, M), or None.
+
+        q (B, H, N, D), k (B, H_kv, M, D), ``query`` in [0, N). None (the default) means the
+        variant has no cheaper way than its full weights: :class:`attnlib.Attention` then asks
+        :meth:`attend` for ``need_weights`` and takes the row. Variants whose full weights cost
+        O(N·M) but one row O(M) (exact softmax) override this, so a caller that needs one row
+        (the class token's, for EViT-style pruning) keeps the variant's fast output path.
+        """
+        return None
+
     # -- recurrent decoding (variants with ``capabilities.recurrent``) ------------------------
 
     def initial_state(self, batch: int, *, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:

@@ -19,6 +19,7 @@ from attnlib.functional.softmax import (
     softmax_attention,
     softmax_attention_importance,
     softmax_importance,
+    softmax_query_weights,
 )
 from attnlib.masks import AttentionMask, MaskLike, SlidingWindow
 from attnlib.registry import Capabilities, register_variant
@@ -107,6 +108,10 @@ class SoftmaxAttention(AttentionCore):
         out = softmax_attention(q, k, v, mask=mask, scale=self.scale, dropout_p=dropout_p, backend=self.backend)  # type: ignore[arg-type]
         imp = softmax_importance(q, k, mask=mask, scale=self.scale) if need_importance else None
         return CoreOutput(out, importance=imp)  # type: ignore[arg-type]
+
+    def query_weights(self, q: Tensor, k: Tensor, mask: AttentionMask, query: int) -> Tensor:
+        """Row ``query`` of the softmax weights alone: (B, H, 1, M), O(M) per (batch, head)."""
+        return softmax_query_weights(q, k, query, mask=mask, scale=self.scale)
 
 
 @register_variant("local")

@@ -332,6 +332,28 @@ def test_extras_contract(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", VARIANTS)
+def test_weights_query_is_one_row_of_the_weights(name: str) -> None:
+    """``weights_query=q`` reports row q of the full weights (B, H, 1, M) and the same output."""
+    c = caps(name)
+    attn = module(name, causal=c.causal)
+    x = inputs()
+    kp = key_padding(N) if c.key_padding else None
+    if not c.has_weights:
+        with pytest.raises(attnlib.UnsupportedError, match="has_weights=False"):
+            attn(x, mask=kp, return_extras=True, weights_query=0)
+        return
+    y, ex = attn(x, mask=kp, return_extras=True, need_weights=True)
+    assert ex.weights is not None
+    for query in (0, 5, -1):
+        y1, ex1 = attn(x, mask=kp, return_extras=True, weights_query=query)
+        assert ex1.weights is not None and ex1.weights.shape == (B, H, 1, N) and ex1.importance is None
+        assert_close(ex1.weights, ex.weights[:, :, [query]], name=f"{name} row {query}")
+        assert_close(y1, y, name=f"{name} output with weights_query")
+    with pytest.raises(ValueError, match=r"weights_query must be an int in \[-16, 16\)"):
+        attn(x, return_extras=True, weights_query=N)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
 def test_grouped_query_and_rope(name: str) -> None:
     attn = module(name, num_kv_heads=2, rope=True, causal=caps(name).causal)
     y = attn(inputs())
