@@ -310,6 +310,25 @@ class Attention(nn.Module):
         v = rearrange(v, "b m (h d) -> b h m d", h=self.num_kv_heads)
         return q, k, v
 
+    def _project_rotated(
+        self, x: Tensor, offset: int = 0, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Self-attention projections with rotary positions applied: x (B, N, C) -> q (B, H, N, D), k, v.
+
+        q and k are rotated together in the token-major layout of the projection's output
+        (:meth:`RotaryEmbedding.rotate_tokens`), before the heads are split off; the same values
+        as rotating the head-major q and k one by one, several times faster on CPU.
+        """
+        if self.rope is None:
+            return self.project(x)
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.in_proj(x)
+        qk = self.rope.rotate_tokens(qkv[..., : (hq + hkv) * d].unflatten(-1, (hq + hkv, d)), offset, positions)
+        q = rearrange(qk[..., :hq, :], "b n h d -> b h n d")
+        k = rearrange(qk[..., hq:, :], "b m h d -> b h m d")
+        v = rearrange(qkv[..., (hq + hkv) * d :], "b m (h d) -> b h m d", h=hkv)
+        return q, k, v
+
     def forward(
         self,
         x: Tensor,
@@ -362,12 +381,16 @@ class Attention(nn.Module):
                 raise ValueError("weights_query= is not supported with cache= (decoding); pass it without a cache")
             return self._forward_cached(x, cache, mask, context, return_extras, position_offset)
         self._check_inputs(x, context)
-        q, k, v = self.project(x, context)
         if positions is not None and context is not None:
             raise ValueError("positions= is for self-attention; got a context")
-        if self.rope is not None:
-            q = self.rope(q, position_offset, positions)
-            k = self.rope(k, position_offset, positions)
+        if self.rope is not None:  # self-attention (a context with rope raised above)
+            if positions is not None and (positions.dim() not in (1, 2) or positions.shape[-1] != x.shape[1]):
+                raise ValueError(
+                    f"positions must be (B, N) or (N,) with N={x.shape[1]}, got shape {tuple(positions.shape)}"
+                )
+            q, k, v = self._project_rotated(x, position_offset, positions)
+        else:
+            q, k, v = self.project(x, context)
         b, h, n, _ = q.shape
         m = k.shape[2]
         am = normalize_mask(mask, causal=self.causal, batch=b, heads=h, n=n, m=m, device=x.device)
@@ -469,6 +492,16 @@ class Attention(nn.Module):
             raise ValueError(f"forward_groups: positions must be (T,) = ({x.shape[0]},), got {describe(positions)}")
         dq, dkv = self.dim, self.num_kv_heads * self.head_dim
         qkv = self.in_proj(x)
+        if self.rope is not None:  # all T tokens at once, token-major (see _project_rotated)
+            if positions is None:
+                positions = torch.cat(
+                    [torch.arange(n, device=x.device).repeat(r) for r, n in sizes] or [x.new_zeros(0, dtype=torch.long)]
+                )
+            hd = self.num_heads + self.num_kv_heads
+            qk = self.rope.rotate_tokens(qkv[:, : dq + dkv].unflatten(-1, (hd, self.head_dim)), 0, positions)
+            qk = qk.flatten(1)
+        else:
+            qk = qkv[:, : dq + dkv]
         caps = self.core.capabilities
         p = self.dropout if self.training else 0.0
         outs: list[Tensor] = []
@@ -480,14 +513,11 @@ class Attention(nn.Module):
             t = r * n
             if t == 0:
                 continue
-            part = qkv[start : start + t].view(r, n, -1)
-            q, k, v = part.split([dq, dkv, dkv], -1)
+            q, k = qk[start : start + t].view(r, n, -1).split([dq, dkv], -1)
+            v = qkv[start : start + t, dq + dkv :].view(r, n, -1)
             q = rearrange(q, "b n (h d) -> b h n d", h=self.num_heads)
             k = rearrange(k, "b m (h d) -> b h m d", h=self.num_kv_heads)
             v = rearrange(v, "b m (h d) -> b h m d", h=self.num_kv_heads)
-            if self.rope is not None:
-                pos = None if positions is None else positions[start : start + t].view(r, n)
-                q, k = self.rope(q, 0, pos), self.rope(k, 0, pos)
             if not caps.gqa and self.num_kv_heads != self.num_heads:
                 g = self.num_heads // self.num_kv_heads
                 k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
@@ -585,10 +615,7 @@ class Attention(nn.Module):
             raise ValueError(f"batch mismatch: x has B={b} but the cache was made for B={cache.batch}")
         start = cache.length
         fill = cache.size
-        q, k, v = self.project(x)
-        if self.rope is not None:
-            q = self.rope(q, start)
-            k = self.rope(k, start)
+        q, k, v = self._project_rotated(x, start)
         caps = self.core.capabilities
         g = self.num_heads // self.num_kv_heads
         p = self.dropout if self.training else 0.0

@@ -13,8 +13,8 @@ from attnlib.positional import RotaryEmbedding
 from attnlib.testing import assert_close
 
 
-def _by_hand(attn: attnlib.Attention, x, context=None, mask=None, causal=False):
-    """Projections + float64 reference attention + output projection, written out."""
+def _by_hand(attn: attnlib.Attention, x, context=None, mask=None, causal=False, positions=None):
+    """Projections (+ head-major rotary positions) + float64 reference attention + output projection, written out."""
     w, b = attn.in_proj.weight.double(), attn.in_proj.bias.double()
     dq, dkv = attn.dim, attn.num_kv_heads * attn.head_dim
     src = x if context is None else context
@@ -24,6 +24,8 @@ def _by_hand(attn: attnlib.Attention, x, context=None, mask=None, causal=False):
     q = rearrange(q, "b n (h d) -> b h n d", h=attn.num_heads)
     k = rearrange(k, "b n (h d) -> b h n d", h=attn.num_kv_heads)
     v = rearrange(v, "b n (h d) -> b h n d", h=attn.num_kv_heads)
+    if attn.rope is not None:
+        q, k = attn.rope(q, 0, positions), attn.rope(k, 0, positions)
     o = reference_attention(q, k, v, mask=mask, causal=causal)
     o = rearrange(o, "b h n d -> b n (h d)")
     return o @ attn.out_proj.weight.double().T + attn.out_proj.bias.double()
@@ -41,6 +43,17 @@ def test_softmax_module_equals_hand_written(kv_heads: int, causal: bool) -> None
     assert_close(attn(x, ctx, mask=kp), _by_hand(attn, x, ctx, mask=kp, causal=causal))
 
 
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_rotary_module_equals_hand_written(kv_heads: int) -> None:
+    """The token-major q/k rotation inside the module == rotating head-major q and k in float64."""
+    torch.manual_seed(0)
+    attn = attnlib.Attention(32, 4, num_kv_heads=kv_heads, rope=True).double()
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    pos = torch.randint(0, 50, (2, 9))
+    assert_close(attn(x), _by_hand(attn, x))
+    assert_close(attn(x, positions=pos), _by_hand(attn, x, positions=pos))
+
+
 def test_rotary_matches_complex_rotation() -> None:
     rope = RotaryEmbedding(8)
     x = torch.randn(1, 2, 5, 8, dtype=torch.float64)
@@ -50,6 +63,31 @@ def test_rotary_matches_complex_rotation() -> None:
     ang = torch.arange(3, 8, dtype=torch.float64)[:, None] * inv
     zr = z * torch.polar(torch.ones_like(ang), ang)
     assert_close(got, torch.cat([zr.real, zr.imag], -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rotary_token_major_equals_head_major_bit_for_bit(dtype: torch.dtype) -> None:
+    """rotate_tokens on (B, N, G, D) == forward on the (B, G, N, D) view: offsets, (B, N) and (N,) positions."""
+    rope = RotaryEmbedding(8)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 5 * 8, generator=g, dtype=torch.float64).to(dtype)[..., :32].unflatten(-1, (4, 8))
+    head_major = x.transpose(1, 2)  # (B, G, N, D) view of the same numbers
+    pos2 = torch.randint(0, 90, (3, 7), generator=g)
+    pos1 = torch.randint(0, 90, (7,), generator=g)
+    for offset, pos in ((0, None), (5, None), (0, pos2), (3, pos1)):
+        got = rope.rotate_tokens(x, offset, pos)
+        assert got.is_contiguous() and got.shape == x.shape
+        assert torch.equal(got, rope(head_major, offset, pos).transpose(1, 2))
+    packed = x.reshape(21, 4, 8)  # (T, G, D) with per-token positions, as forward_groups uses it
+    assert torch.equal(
+        rope.rotate_tokens(packed, 0, pos2.reshape(-1)), rope.rotate_tokens(x, 0, pos2).reshape(21, 4, 8)
+    )
+    with pytest.raises(ValueError, match="positions must be"):
+        rope.rotate_tokens(x, 0, pos2[:, :5])
+    with pytest.raises(ValueError, match="must have B=3"):
+        rope.rotate_tokens(x, 0, pos2[:2])
+    with pytest.raises(ValueError, match="D=8"):
+        rope.rotate_tokens(torch.randn(3, 7, 4, 6))
 
 
 def test_rotary_attention_depends_on_relative_positions_only() -> None:

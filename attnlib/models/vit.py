@@ -183,8 +183,8 @@ class ViT(nn.Module):
                 x, imp_p = res if need_imp else (res, None)  # type: ignore[misc]
                 imp = None if imp_p is None else groups.unpack(imp_p)
                 x, groups = groups.unpack(x), None
-            else:
-                positions = index if self.rope else None
+            else:  # before the first pruner every row is still 0..N-1: default positions (no gather)
+                positions = index if self.rope and i > self.pruning.layers[0] else None
                 if pr is None:
                     x = blk(x, mask=mask, positions=positions)
                     continue
