@@ -21,7 +21,7 @@ from attnlib._config import to_plain_dict
 from attnlib._validation import describe
 from attnlib.errors import UnsupportedError
 from attnlib.masks import MaskLike, normalize_mask
-from attnlib.positional import RotaryEmbedding
+from attnlib.positional import RotaryEmbedding, RotaryPositions
 from attnlib.registry import Capabilities, get_variant
 from attnlib.variants.base import AttentionCore, check_supported
 
@@ -311,7 +311,7 @@ class Attention(nn.Module):
         return q, k, v
 
     def _project_rotated(
-        self, x: Tensor, offset: int = 0, positions: Tensor | None = None
+        self, x: Tensor, offset: int = 0, positions: Tensor | RotaryPositions | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Self-attention projections with rotary positions applied: x (B, N, C) -> q (B, H, N, D), k, v.
 
@@ -339,7 +339,7 @@ class Attention(nn.Module):
         need_weights: bool = True,
         position_offset: int = 0,
         cache: AttentionCache | None = None,
-        positions: Tensor | None = None,
+        positions: Tensor | RotaryPositions | None = None,
         weights_query: int | None = None,
     ) -> Tensor | tuple[Tensor, AttentionExtras]:
         """Attend.
@@ -362,7 +362,8 @@ class Attention(nn.Module):
                 cached key for the new queries, (B, cache.size + N).
             positions: (B, N) or (N,) long rotary position of each token (self-attention
                 only), e.g. the original positions of the tokens a pruner kept; default
-                ``position_offset + arange(N)``.
+                ``position_offset + arange(N)``. A :class:`attnlib.positional.RotaryPositions`
+                shares its gathered rotary tables with every other call given the same object.
             weights_query: with ``return_extras``, report only this query's row of the weights,
                 ``extras.weights`` (B, H, 1, M), and no importance - e.g. the class token's row
                 (0) that EViT-style pruning ranks by. Variants that can compute one row alone
@@ -448,7 +449,7 @@ class Attention(nn.Module):
         x: Tensor,
         groups: list[tuple[int, int]] | tuple[tuple[int, int], ...],
         *,
-        positions: Tensor | None = None,
+        positions: Tensor | RotaryPositions | None = None,
         return_importance: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor | None]:
         """Self-attention over a ragged batch packed by length: no padding, no key-padding mask.
@@ -466,7 +467,7 @@ class Attention(nn.Module):
             x: (T, dim) packed tokens.
             groups: ``[(rows_g, length_g), ...]`` with rows_g >= 0, length_g >= 0 (empty groups skipped).
             positions: (T,) long rotary position of each token (``rope=True``), default
-                ``arange(length_g)`` in every sequence.
+                ``arange(length_g)`` in every sequence; or a ``RotaryPositions`` (shared tables).
             return_importance: also return the importance (T,) of each token as a key (attention
                 mass received, averaged over heads and the queries of its sequence), None where
                 the variant has none.

@@ -10,7 +10,46 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RotaryEmbedding", "apply_rotary"]
+__all__ = ["RotaryEmbedding", "RotaryPositions", "apply_rotary"]
+
+
+class RotaryPositions:
+    """Per-token rotary positions whose gathered cos/sin tables are built once and shared.
+
+    Pass it wherever a ``positions`` tensor is accepted (:meth:`attnlib.Attention.forward`,
+    ``forward_groups``, :meth:`RotaryEmbedding.rotate_tokens`): every block that receives the
+    same object reuses one gather of the token-wide tables instead of repeating it (e.g. the
+    blocks after a token pruner, which all see the kept tokens' original positions; the gather is
+    a large share of such a block's rotary cost). The positions are copied on construction, so
+    later changes to the source tensor cannot make the cached tables stale.
+
+    Args:
+        positions: (B, N) or (N,) (or, packed, (T,)) long positions.
+    """
+
+    def __init__(self, positions: Tensor) -> None:
+        if not isinstance(positions, Tensor) or positions.dim() not in (1, 2) or positions.is_floating_point():
+            raise ValueError(f"RotaryPositions needs a (B, N) or (N,) integer tensor, got {positions!r:.80}")
+        self.positions = positions.long().clone()
+        self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of the positions: (B, N) or (N,)."""
+        return self.positions.shape
+
+    def dim(self) -> int:
+        """Number of dimensions of the positions (1 or 2)."""
+        return self.positions.dim()
+
+    def tables(self, rope: RotaryEmbedding, offset: int, heads: int, device: torch.device, dtype: torch.dtype):
+        """(cos, sin), each (*shape, heads, D), of ``positions + offset`` for ``rope``; cached per settings."""
+        key = (rope.head_dim, rope.base, offset, heads, dtype, str(device))
+        hit = self._tables.get(key)
+        if hit is None:
+            hit = rope.gather_tables(self.positions.to(device), offset, heads, dtype)
+            self._tables[key] = hit
+        return hit
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -60,13 +99,15 @@ class RotaryEmbedding(nn.Module):
             self._cache[key] = hit
         return hit
 
-    def forward(self, x: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, offset: int = 0, positions: Tensor | RotaryPositions | None = None) -> Tensor:
         """x (B, H, N, D) at positions offset .. offset + N - 1 -> rotated (B, H, N, D).
 
         ``positions`` (B, N) or (N,) long gives each token its own position instead (e.g. the
         original positions of the tokens a pruner kept); ``offset`` is then added to them.
         """
         n = x.shape[-2]
+        if isinstance(positions, RotaryPositions):
+            positions = positions.positions
         if positions is not None:
             if positions.shape[-1] != n or positions.dim() not in (1, 2):
                 raise ValueError(f"positions must be (B, N) or (N,) with N={n}, got shape {tuple(positions.shape)}")
@@ -92,13 +133,24 @@ class RotaryEmbedding(nn.Module):
             self._wide[key] = hit
         return hit
 
-    def rotate_tokens(self, x: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
+    def gather_tables(self, positions: Tensor, offset: int, heads: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and sin, each (*positions.shape, heads, D) in ``dtype``, of ``positions + offset`` (long)."""
+        pos = positions.long() + offset
+        if pos.numel() and int(pos.min()) < 0:
+            raise ValueError(f"rotary positions must be >= 0 (after the offset {offset}), got min {int(pos.min())}")
+        cos, sin, _ = self._wide_tables(int(pos.max()) + 1 if pos.numel() else 1, heads, positions.device, dtype)
+        flat = pos.reshape(-1)
+        shape = (*pos.shape, heads, self.head_dim)
+        return cos.index_select(0, flat).view(shape), sin.index_select(0, flat).view(shape)
+
+    def rotate_tokens(self, x: Tensor, offset: int = 0, positions: Tensor | RotaryPositions | None = None) -> Tensor:
         """Rotate heads stored token-major: x (B, N, G, D) (or (N, G, D)) -> rotated, same shape, contiguous.
 
         The layout of a projection's output before the heads are split off, so the query and key
         heads of a token (G = H + H_kv) are rotated together, in one pass. Positions are
-        ``offset .. offset + N - 1``, or ``positions`` (B, N) or (N,) long plus ``offset``.
-        Equals :meth:`forward` on the head-major view (same products and sums per element:
+        ``offset .. offset + N - 1``, or ``positions`` (B, N) or (N,) long plus ``offset`` (a
+        :class:`RotaryPositions` reuses its gathered tables across calls). Equals :meth:`forward`
+        on the head-major view (same products and sums per element:
         ``x * cos + rotate_half(x) * sin``, with ``rotate_half`` an exact signed-permutation
         matmul), several times faster on CPU: the cos/sin tables are as wide as a token's
         G * D features, so no operation runs over D/2-long rows.
@@ -119,11 +171,11 @@ class RotaryEmbedding(nn.Module):
                     f"positions (B, N) must have B={x.shape[0]} (or 1) rows for x of shape {tuple(x.shape)}, "
                     f"got shape {tuple(positions.shape)}"
                 )
-            pos = positions.long() + offset
-            cos, sin, rot = self._wide_tables(int(pos.max()) + 1 if pos.numel() else 1, g, x.device, x.dtype)
-            flat = pos.reshape(-1)
-            c = cos.index_select(0, flat).view(*pos.shape, g, d)
-            s = sin.index_select(0, flat).view(*pos.shape, g, d)
+            if isinstance(positions, RotaryPositions):
+                c, s = positions.tables(self, offset, g, x.device, x.dtype)
+            else:
+                c, s = self.gather_tables(positions, offset, g, x.dtype)
+            rot = self._wide_tables(1, g, x.device, x.dtype)[2]
         else:
             cos, sin, rot = self._wide_tables(offset + n, g, x.device, x.dtype)
             c, s = cos[offset : offset + n].view(n, g, d), sin[offset : offset + n].view(n, g, d)

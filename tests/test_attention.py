@@ -90,6 +90,31 @@ def test_rotary_token_major_equals_head_major_bit_for_bit(dtype: torch.dtype) ->
         rope.rotate_tokens(torch.randn(3, 7, 4, 6))
 
 
+def test_rotary_positions_share_one_gather_and_equal_plain_positions() -> None:
+    """A RotaryPositions object gives the plain-tensor result, gathers its tables once, and is a frozen copy."""
+    from attnlib.positional import RotaryPositions
+
+    torch.manual_seed(0)
+    attn = attnlib.Attention(32, 4, num_kv_heads=2, rope=True).double()
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    pos = torch.randint(0, 50, (2, 9))
+    shared = RotaryPositions(pos)
+    assert torch.equal(attn(x, positions=shared), attn(x, positions=pos))
+    tables = dict(shared._tables)
+    assert len(tables) == 1
+    attn(x, positions=shared)
+    assert all(shared._tables[k] is v for k, v in tables.items())  # reused, not rebuilt
+    pos += 7  # the object copied its positions: no stale tables
+    assert torch.equal(attn(x, positions=shared), attn(x, positions=pos - 7))
+    packed = RotaryPositions(pos.reshape(-1))
+    y = attn.forward_groups(x.reshape(18, 32), [(2, 9)], positions=packed)
+    torch.testing.assert_close(y, attn(x, positions=pos).reshape(18, 32), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="integer tensor"):
+        RotaryPositions(pos.double())
+    with pytest.raises(ValueError, match="must be >= 0"):
+        attn(x, positions=pos - 100)
+
+
 def test_rotary_attention_depends_on_relative_positions_only() -> None:
     torch.manual_seed(0)
     attn = attnlib.Attention(32, 4, rope=True, causal=True).double()

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from attnlib.attention import Attention, AttentionCache, build_attention
 from attnlib.errors import UnsupportedError
+from attnlib.positional import RotaryPositions
 from attnlib.registry import available, variant_info
 from attnlib.variants.base import AttentionCore
 
@@ -300,13 +301,14 @@ class TransformerBlock(nn.Module):
         mask: Tensor | None = None,
         cache: AttentionCache | None = None,
         *,
-        positions: Tensor | None = None,
+        positions: Tensor | RotaryPositions | None = None,
         return_importance: bool = False,
         importance_query: int | None = None,
     ) -> Tensor | tuple[Tensor, Tensor | None]:
         """x (B, N, dim); mask (B, M) key padding (True = real token); cache for decoding.
 
-        ``positions`` (B, N) long: rotary position of each token (after token pruning).
+        ``positions`` (B, N) long (or a shared :class:`attnlib.positional.RotaryPositions`): rotary
+        position of each token (after token pruning).
         ``return_importance`` also returns the attention's importance (B, M) - the attention
         mass each key received, averaged over heads and queries (None if the variant has none) -
         or, with ``importance_query=q``, query q's attention row averaged over heads (B, M)
@@ -341,7 +343,7 @@ class TransformerBlock(nn.Module):
         x: Tensor,
         groups: list[tuple[int, int]],
         *,
-        positions: Tensor | None = None,
+        positions: Tensor | RotaryPositions | None = None,
         return_importance: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor | None]:
         """The block on a ragged batch packed by length (no padding; see :mod:`attnlib.models.ragged`).

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from attnlib.models.blocks import AttentionConfig, TransformerBlock, init_weights, make_pruning
 from attnlib.models.ragged import LengthGroups, group_by_length
+from attnlib.positional import RotaryPositions
 
 __all__ = ["ViT"]
 
@@ -168,14 +169,17 @@ class ViT(nn.Module):
         index = torch.arange(n0, device=x.device).expand(x.shape[0], n0)  # original positions
         default = [0] if self.cls_token is not None else []
         groups: LengthGroups | None = None  # set while x is packed (T, dim)
+        # rotary positions of the kept tokens, built once per pruner and shared by the blocks after
+        # it (one gather of the rotary tables); None before the first pruner (rows still 0..N-1)
+        positions: RotaryPositions | None = None
         for i, blk in enumerate(self.blocks):
             pr = self.pruning.get(i)
             need_imp = pr is not None and pr.needs_importance
             query = pr.score_query if need_imp else None
             if groups is not None and query is not None:  # attention rows need the padded layout
                 x, groups = groups.unpack(x), None
+                positions = RotaryPositions(index) if self.rope else None
             if groups is not None:
-                positions = groups.pack(index) if self.rope else None
                 res = blk.forward_groups(x, groups.groups, positions=positions, return_importance=need_imp)
                 if pr is None:
                     x = res  # type: ignore[assignment]
@@ -183,8 +187,7 @@ class ViT(nn.Module):
                 x, imp_p = res if need_imp else (res, None)  # type: ignore[misc]
                 imp = None if imp_p is None else groups.unpack(imp_p)
                 x, groups = groups.unpack(x), None
-            else:  # before the first pruner every row is still 0..N-1: default positions (no gather)
-                positions = index if self.rope and i > self.pruning.layers[0] else None
+            else:
                 if pr is None:
                     x = blk(x, mask=mask, positions=positions)
                     continue
@@ -198,6 +201,8 @@ class ViT(nn.Module):
             if mask is not None and self.ragged == "groups" and not self.training and i + 1 < len(self.blocks):
                 groups = group_by_length(mask)
                 x = groups.pack(x)
+            if self.rope:
+                positions = RotaryPositions(index if groups is None else groups.pack(index))
         if groups is not None:
             x = groups.unpack(x)
         self.last_kept_index = index
