@@ -506,7 +506,7 @@ class Attention(nn.Module):
         hq = self.num_heads
         caps = self.core.capabilities
         p = self.dropout if self.training else 0.0
-        outs: list[Tensor] = []
+        merged: Tensor | None = None  # (T, H * Dv): each group's output copied in once (no cat)
         imps: list[Tensor] = []
         has_imp = return_importance
         aux: Tensor | None = None
@@ -537,7 +537,9 @@ class Attention(nn.Module):
             out = res.out
             if p > 0 and not caps.attn_dropout:
                 out = F.dropout(out, p)
-            outs.append(out.transpose(1, 2).reshape(t, -1))
+            if merged is None:
+                merged = out.new_empty(x.shape[0], out.shape[1] * out.shape[3])
+            merged[start : start + t].view(r, n, out.shape[1], out.shape[3]).copy_(out.transpose(1, 2))
             if res.aux_loss is not None:
                 aux = res.aux_loss * t if aux is None else aux + res.aux_loss * t
             if return_importance:
@@ -546,8 +548,8 @@ class Attention(nn.Module):
                 else:
                     imps.append(res.importance.mean(1).reshape(t))
             start += t
-        if outs:
-            y = self.out_proj(torch.cat(outs, 0) if len(outs) > 1 else outs[0])
+        if merged is not None:
+            y = self.out_proj(merged)
         else:
             y = self.out_proj(x.new_zeros(0, self.dim))
         self.pending_aux_loss = None if aux is None else aux / max(x.shape[0], 1)  # token-weighted mean

@@ -75,6 +75,15 @@ def test_attention_forward_groups_equals_each_sequence_alone(kw) -> None:
         torch.testing.assert_close(imp[off : off + n], ex.importance[0], rtol=0, atol=1e-13)
         off += n
     assert torch.equal(attn.forward_groups(xp, groups, positions=pp), y)
+    # gradients through the merged output buffer == through each sequence alone
+    xg = xp.clone().requires_grad_(True)
+    attn.forward_groups(xg, groups, positions=pp).square().sum().backward()
+    xr = [xs[i].clone().requires_grad_(True) for i in order]
+    refs = [
+        attn(t[None], **({"positions": pos[i][None]} if "rope" in kw else {})) for t, i in zip(xr, order, strict=True)
+    ]
+    sum(r.square().sum() for r in refs).backward()
+    torch.testing.assert_close(xg.grad, torch.cat([t.grad for t in xr]), rtol=0, atol=1e-12)
 
 
 def test_attention_forward_groups_errors() -> None:
