@@ -262,3 +262,31 @@ def test_weights_query_keeps_the_fast_output_path() -> None:
     dec = attnlib.Attention(16, 2, causal=True)
     with pytest.raises(ValueError, match="weights_query= is not supported with cache="):
         dec(x[:, :2], cache=dec.init_cache(3), return_extras=True, weights_query=0)
+
+
+def test_cpu_key_padding_rule_and_padded_sdpa_equals_the_reference() -> None:
+    """Keys padded to the CPU vector width (masked) give the reference softmax (masks, empty rows, GQA, grads)."""
+    from attnlib.functional.softmax import _cpu_vector_width, cpu_key_padding
+
+    w = _cpu_vector_width()
+    cpu = torch.device("cpu")
+    assert cpu_key_padding(2 * w - 1, cpu, torch.float32) == 1
+    assert cpu_key_padding(2 * w, cpu, torch.float32) == 0
+    assert cpu_key_padding(2 * w + 1, cpu, torch.float32) == (w - 1 if w <= 4 else 0)
+    assert cpu_key_padding(2 * w - 1, cpu, torch.float64) == 0
+    assert cpu_key_padding(2 * w - 1, torch.device("meta"), torch.float32) == 0
+    m = 2 * w - 2  # a padded length
+    assert cpu_key_padding(m, cpu, torch.float32) == 2
+    q, k, v = make_qkv(3, 4, 7, 16, m=m, h_kv=2, logit_scale=3.0, dtype=torch.float64, seed=4)
+    kp = torch.rand(3, m, generator=torch.Generator().manual_seed(1)) > 0.3
+    kp[2] = False  # a row with no key: zeros
+    for mask in (None, kp):
+        ref = reference_attention(q, k, v, mask=mask).nan_to_num(0.0)
+        q32, k32, v32 = (t.float().requires_grad_(True) for t in (q, k, v))
+        out = softmax_attention(q32, k32, v32, mask=mask, backend="sdpa")
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-6)
+        out.square().sum().backward()
+        qd, kd, vd = (t.clone().requires_grad_(True) for t in (q, k, v))
+        reference_attention(qd, kd, vd, mask=mask).nan_to_num(0.0).square().sum().backward()
+        for got, want in ((q32, qd), (k32, kd), (v32, vd)):
+            torch.testing.assert_close(got.grad.double(), want.grad, rtol=0, atol=1e-4)

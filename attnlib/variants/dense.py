@@ -15,7 +15,7 @@ from torch import Tensor
 
 from attnlib.functional.local import local_attention, local_importance
 from attnlib.functional.softmax import (
-    SHORT_ROW,
+    FEW_KEYS,
     softmax_attention,
     softmax_attention_importance,
     softmax_importance,
@@ -36,7 +36,7 @@ class SoftmaxAttention(AttentionCore):
         num_heads, head_dim: set by :class:`attnlib.Attention`.
         backend: "auto" (SDPA; math when weights are requested; a one-pass query-chunked math
             path giving output and importance together when only importance is requested; on
-            CPU with fewer than ``SHORT_ROW`` = 32 keys always the explicit math path, faster
+            CPU with fewer than ``FEW_KEYS`` = 16 keys always the explicit math path, faster
             there than SDPA), "sdpa", "flex" or "math". (Single-query steps with importance and
             many keys: SDPA plus the weight row, bit-identical to the step without importance.)
         scale: logit scale, default head_dim**-0.5.
@@ -91,7 +91,7 @@ class SoftmaxAttention(AttentionCore):
                 return_weights=True,
             )
             return CoreOutput(out, weights=w, importance=w.mean(2) if need_importance else None)
-        short = self.backend == "auto" and q.device.type == "cpu" and k.shape[2] < SHORT_ROW and mask.block is None
+        short = self.backend == "auto" and q.device.type == "cpu" and k.shape[2] < FEW_KEYS and mask.block is None
         if short and not need_importance:
             # few keys on CPU: the explicit path beats SDPA's flash kernel, whose fixed per-(batch, head)
             # cost dominates there (e.g. the 9-token blocks of a pruned ViT); same kernel as below, so
