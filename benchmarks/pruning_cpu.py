@@ -342,7 +342,7 @@ def main() -> None:
         return fn
 
     timings = time_cpu_interleaved(
-        {k: runner(m) for k, (m, _) in models.items()}, runs=args.runs, warmup=2, threads=args.threads
+        {k: runner(m) for k, (m, _) in models.items()}, runs=args.runs, warmup=2, threads=args.threads, shuffle=0
     )
     base = rows["none (baseline)"]
     ctrl = rows["none, fine-tuned (control)"]
@@ -358,8 +358,8 @@ def main() -> None:
         r["acc_drop_vs_control_points"] = 100 * (ctrl["accuracy"] - r["accuracy"])
     meta = machine_info(args.threads)
     meta.update(
-        note="shared, busy machine (other helpers' jobs and benchmarks ran at the same time); ratios of "
-        "interleaved runs are the meaningful numbers",
+        note="ratios of interleaved runs (order shuffled each round) are the meaningful numbers; the control "
+        "row (baseline architecture) shows the timing noise",
         loadavg_start=load_start,
         work=str(work),
         batch=256,
@@ -395,8 +395,9 @@ def main() -> None:
         f"# Token pruning on CPU: vit_digits (softmax, {px}), pruned models fine-tuned from the dense baseline",
         "",
         f"Machine: {meta['cpu']}, {meta['cores']} cores, {args.threads} thread(s), torch {meta['torch']}, load average "
-        f"{fmt_load(load_start)} at the start and {fmt_load(meta['loadavg'])} at the end - **shared, busy machine** "
-        f"(other jobs ran at the same time). Batch 256, inference, interleaved medians of {args.runs} rounds "
+        f"{fmt_load(load_start)} at the start and {fmt_load(meta['loadavg'])} at the end (the control row has the "
+        f"baseline's architecture: its speed-up shows the timing noise). Batch 256, inference, interleaved medians of "
+        f"{args.runs} rounds, the models in a new random order each round "
         f"(first seed's models). {args.split.capitalize()} accuracy on the {xs.shape[0]} {args.split} digits: "
         f"mean ± std over training seeds {seeds} - the same seeds for every row (per seed in the JSON). Pruning "
         f"after block 0: blocks 1-3 run on the kept tokens ({n0} = {n0 - 1} patches + class token before). Rerun: "

@@ -205,6 +205,14 @@ def test_interleaved_timer_makes_no_hidden_calls() -> None:
     calls.update(a=0, b=0)
     time_cpu_interleaved({"a": make("a"), "b": make("b")}, runs=2, warmup=0, warm_s={"a": 0.0, "b": 1.0}, block_s=0.0)
     assert calls == {"a": 2, "b": 2}
+    # shuffled rounds: every callable still timed once per round, and not always in the same slot
+    order: list[str] = []
+    fns = {k: (lambda k=k: order.append(k)) for k in "abcd"}
+    res = time_cpu_interleaved(fns, runs=12, warmup=0, warm_s=dict.fromkeys("abcd", 0.0), block_s=0.0, shuffle=0)
+    rounds = [order[i : i + 4] for i in range(0, len(order), 4)]
+    assert all(sorted(r) == list("abcd") for r in rounds) and len(rounds) == 12
+    assert len({r[0] for r in rounds}) > 1 and all(res[k].runs == 12 for k in "abcd")
+    assert "shuffled" in res["a"].timer
 
 
 def test_resolve_methods_skips_unregistered_and_adds_flex_same_mask() -> None:

@@ -12,6 +12,7 @@ CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flush before each call) with 
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -100,6 +101,7 @@ def time_cpu_interleaved(
     threads: int | None = None,
     block_s: float = 0.02,
     warm_s: dict[str, float] | None = None,
+    shuffle: int | None = None,
 ) -> dict[str, Timing]:
     """Median per-call time of each callable, interleaved round-robin (CPU).
 
@@ -112,6 +114,10 @@ def time_cpu_interleaved(
         block_s: minimum duration of one timed block; short calls are repeated ``number`` times.
         warm_s: label -> time of a warm call the caller already made: that callable gets no
             further warm-up and ``number`` follows from this time.
+        shuffle: None (the same order every round) or a seed: each round visits the callables
+            in a new random order, so no callable always runs first or after the same neighbour
+            (on a VM the call after a different workload can pay for cold memory; a fixed order
+            charges that to the same callable every round).
     """
     warm_s = warm_s or {}
     if runs < 1 or warmup < 0:
@@ -134,15 +140,21 @@ def time_cpu_interleaved(
         timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=label)
         timers[label] = (timer, number, first if first is not None else last)
     times: dict[str, list[float]] = {k: [] for k in fns}
+    rng = random.Random(shuffle)
+    labels = list(timers)
     for _ in range(runs):
-        for label, (timer, number, _first) in timers.items():
+        if shuffle is not None:
+            rng.shuffle(labels)
+        for label in labels:
+            timer, number, _first = timers[label]
             times[label].append(_timed_block(timer, number))
     return {
         k: Timing.from_times(
             v,
             number=timers[k][1],
             first_s=timers[k][2],
-            timer=f"torch.utils.benchmark.Timer, {threads} threads, interleaved",
+            timer=f"torch.utils.benchmark.Timer, {threads} threads, interleaved"
+            + ("" if shuffle is None else f" (order shuffled each round, seed {shuffle})"),
         )
         for k, v in times.items()
     }
