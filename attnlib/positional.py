@@ -42,7 +42,9 @@ class RotaryPositions:
         """Number of dimensions of the positions (1 or 2)."""
         return self.positions.dim()
 
-    def tables(self, rope: RotaryEmbedding, offset: int, heads: int, device: torch.device, dtype: torch.dtype):
+    def tables(
+        self, rope: RotaryEmbedding, offset: int, heads: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
         """(cos, sin), each (*shape, heads, D), of ``positions + offset`` for ``rope``; cached per settings."""
         key = (rope.head_dim, rope.base, offset, heads, dtype, str(device))
         hit = self._tables.get(key)
@@ -112,6 +114,8 @@ class RotaryEmbedding(nn.Module):
             if positions.shape[-1] != n or positions.dim() not in (1, 2):
                 raise ValueError(f"positions must be (B, N) or (N,) with N={n}, got shape {tuple(positions.shape)}")
             pos = positions.long() + offset
+            if pos.numel() and int(pos.min()) < 0:  # a negative index would wrap around the table
+                raise ValueError(f"rotary positions must be >= 0 (after the offset {offset}), got min {int(pos.min())}")
             cos, sin = self.angles(int(pos.max()) + 1, x.device)
             c, s = cos[pos], sin[pos]  # (B, N, D/2) or (N, D/2)
             if c.dim() == 3:

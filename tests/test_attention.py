@@ -113,6 +113,8 @@ def test_rotary_positions_share_one_gather_and_equal_plain_positions() -> None:
         RotaryPositions(pos.double())
     with pytest.raises(ValueError, match="must be >= 0"):
         attn(x, positions=pos - 100)
+    with pytest.raises(ValueError, match="must be >= 0"):  # the head-major path too (it wrapped around)
+        attn.rope(torch.randn(2, 4, 9, 8), 0, pos - 100)
 
 
 def test_rotary_attention_depends_on_relative_positions_only() -> None:
