@@ -5,8 +5,9 @@ runs as its registered core (``attnlib.registry.get_variant(name)``, what ``attn
 calls after its projections) under ``torch.no_grad()``; the baseline is
 ``torch.nn.functional.scaled_dot_product_attention`` (``is_causal`` for causal).
 
-* time: median of interleaved runs (all implementations round-robin per (N, causal), so load
-  drift on a shared machine hits all of them alike); speed-up = SDPA time / variant time.
+* time: median of interleaved runs (all implementations per (N, causal), in a new random order
+  each round, so load drift on a shared machine hits all of them alike and none always runs
+  first); speed-up = SDPA time / variant time.
 * memory: each (implementation, N, causal) runs once in a fresh subprocess; "peak" is the
   process's peak RSS during the call (VmHWM, reset just before it) minus its RSS just before
   (inputs and warm-up excluded), i.e. the attention's own working memory + output.
@@ -161,7 +162,8 @@ def write(records, info, ns, args) -> None:
         "# Linear / flow / AFT attention vs SDPA on the CPU",
         "",
         f"`python benchmarks/linear_cpu.py` - B={B}, H={H}, D={D}, fp32, {info['threads']} threads, forward "
-        "only (no grad). Times are medians of interleaved runs; speed-up = SDPA time / variant time. "
+        "only (no grad). Times are medians of interleaved runs (a new random order each round); speed-up = "
+        "SDPA time / variant time. "
         "Peak = max-RSS growth of one call in a fresh process (working memory + output).",
         "",
         "Machine: " + ", ".join(f"{k}={v}" for k, v in info.items()),

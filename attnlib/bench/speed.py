@@ -480,6 +480,7 @@ def measure_case(spec: MethodSpec, case_d: dict[str, Any], opts: dict[str, Any])
                 threads=int(threads),
                 block_s=float(opts.get("block_s", 0.02)),
                 warm_s={spec.label: warm["call"]} if "call" in warm else None,
+                shuffle=0 if len(fns) > 1 else None,
             )
             t = ts[spec.label]
             where = "fresh process per configuration" if opts.get("isolated") else "in-process"

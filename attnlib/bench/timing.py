@@ -205,7 +205,14 @@ def time_cuda(
     return Timing.from_times(times, first_s=first, timer="CUDA events (median)")  # pragma: no cover
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], *, repeats: int = 9, warmup: int = 2) -> dict[str, float]:
-    """Median wall time (s) of each callable, run round-robin so drift hits all equally."""
-    res = time_cpu_interleaved(fns, runs=repeats, warmup=warmup, block_s=0.0)
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], *, repeats: int = 9, warmup: int = 2, shuffle: int | None = 0
+) -> dict[str, float]:
+    """Median wall time (s) of each callable, interleaved so drift hits all equally.
+
+    Each round visits the callables in a new random order (``shuffle`` seed; None = the same
+    order every round, which on a VM charges the cost of following another workload to the same
+    callable - e.g. ~3% for the first of a pruning benchmark's models).
+    """
+    res = time_cpu_interleaved(fns, runs=repeats, warmup=warmup, block_s=0.0, shuffle=shuffle)
     return {k: v.median_s for k, v in res.items()}
