@@ -7,7 +7,9 @@ calls after its projections) under ``torch.no_grad()``; the baseline is
 
 * time: median of interleaved runs (all implementations per (N, causal), in a new random order
   each round, so load drift on a shared machine hits all of them alike and none always runs
-  first); speed-up = SDPA time / variant time.
+  first; one untimed call before each timed one, so none is timed right after another's 2-s
+  SDPA call, which on this project's VMs made the next call re-touch cold memory and run up to
+  2x slower); speed-up = SDPA time / variant time.
 * memory: each (implementation, N, causal) runs once in a fresh subprocess; "peak" is the
   process's peak RSS during the call (VmHWM, reset just before it) minus its RSS just before
   (inputs and warm-up excluded), i.e. the attention's own working memory + output.
@@ -130,7 +132,7 @@ def main() -> None:
                     qkv = make_inputs(n)  # shared by every implementation
                     fns = {nm: make_impl(nm, n, causal, qkv) for nm in names}
                     reps = args.repeats if n <= 16384 else 3
-                    med.update(interleaved_medians(fns, repeats=reps, warmup=2 if n <= 16384 else 1))
+                    med.update(interleaved_medians(fns, repeats=reps, warmup=2 if n <= 16384 else 1, rewarm=True))
                     del fns, qkv
             for nm in names:
                 rec: dict[str, object] = {"impl": nm, "n": n, "causal": causal, "time_s": med[nm]}
@@ -162,7 +164,8 @@ def write(records, info, ns, args) -> None:
         "# Linear / flow / AFT attention vs SDPA on the CPU",
         "",
         f"`python benchmarks/linear_cpu.py` - B={B}, H={H}, D={D}, fp32, {info['threads']} threads, forward "
-        "only (no grad). Times are medians of interleaved runs (a new random order each round); speed-up = "
+        "only (no grad). Times are medians of interleaved runs (a new random order each round, one untimed call "
+        "before each timed one); speed-up = "
         "SDPA time / variant time. "
         "Peak = max-RSS growth of one call in a fresh process (working memory + output).",
         "",

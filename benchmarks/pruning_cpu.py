@@ -342,7 +342,12 @@ def main() -> None:
         return fn
 
     timings = time_cpu_interleaved(
-        {k: runner(m) for k, (m, _) in models.items()}, runs=args.runs, warmup=2, threads=args.threads, shuffle=0
+        {k: runner(m) for k, (m, _) in models.items()},
+        runs=args.runs,
+        warmup=2,
+        threads=args.threads,
+        shuffle=0,
+        rewarm=True,
     )
     base = rows["none (baseline)"]
     ctrl = rows["none, fine-tuned (control)"]
@@ -397,7 +402,8 @@ def main() -> None:
         f"Machine: {meta['cpu']}, {meta['cores']} cores, {args.threads} thread(s), torch {meta['torch']}, load average "
         f"{fmt_load(load_start)} at the start and {fmt_load(meta['loadavg'])} at the end (the control row has the "
         f"baseline's architecture: its speed-up shows the timing noise). Batch 256, inference, interleaved medians of "
-        f"{args.runs} rounds, the models in a new random order each round "
+        f"{args.runs} rounds, the models in a new random order each round, each timed call preceded by an untimed "
+        f"one "
         f"(first seed's models). {args.split.capitalize()} accuracy on the {xs.shape[0]} {args.split} digits: "
         f"mean ± std over training seeds {seeds} - the same seeds for every row (per seed in the JSON). Pruning "
         f"after block 0: blocks 1-3 run on the kept tokens ({n0} = {n0 - 1} patches + class token before). Rerun: "

@@ -213,6 +213,10 @@ def test_interleaved_timer_makes_no_hidden_calls() -> None:
     assert all(sorted(r) == list("abcd") for r in rounds) and len(rounds) == 12
     assert len({r[0] for r in rounds}) > 1 and all(res[k].runs == 12 for k in "abcd")
     assert "shuffled" in res["a"].timer
+    order.clear()
+    res = time_cpu_interleaved(fns, runs=3, warmup=0, warm_s=dict.fromkeys("abcd", 0.0), block_s=0.0, rewarm=True)
+    assert [order[i] for i in range(0, 24, 2)] == [order[i] for i in range(1, 24, 2)] and len(order) == 24
+    assert "untimed call before each" in res["a"].timer
 
 
 def test_resolve_methods_skips_unregistered_and_adds_flex_same_mask() -> None:

@@ -102,6 +102,7 @@ def time_cpu_interleaved(
     block_s: float = 0.02,
     warm_s: dict[str, float] | None = None,
     shuffle: int | None = None,
+    rewarm: bool = False,
 ) -> dict[str, Timing]:
     """Median per-call time of each callable, interleaved round-robin (CPU).
 
@@ -118,6 +119,10 @@ def time_cpu_interleaved(
             in a new random order, so no callable always runs first or after the same neighbour
             (on a VM the call after a different workload can pay for cold memory; a fixed order
             charges that to the same callable every round).
+        rewarm: one untimed call before each timed block, so every round measures the callable
+            warm, as a loop calling it would see it, rather than right after another callable
+            (on this project's VMs the first call after a different large workload re-touches cold
+            memory: up to 2x for a 50 ms call timed right after a 2-s SDPA call).
     """
     warm_s = warm_s or {}
     if runs < 1 or warmup < 0:
@@ -147,6 +152,8 @@ def time_cpu_interleaved(
             rng.shuffle(labels)
         for label in labels:
             timer, number, _first = timers[label]
+            if rewarm:
+                fns[label]()
             times[label].append(_timed_block(timer, number))
     return {
         k: Timing.from_times(
@@ -154,7 +161,8 @@ def time_cpu_interleaved(
             number=timers[k][1],
             first_s=timers[k][2],
             timer=f"torch.utils.benchmark.Timer, {threads} threads, interleaved"
-            + ("" if shuffle is None else f" (order shuffled each round, seed {shuffle})"),
+            + ("" if shuffle is None else f" (order shuffled each round, seed {shuffle})")
+            + (", one untimed call before each timed block" if rewarm else ""),
         )
         for k, v in times.items()
     }
@@ -206,13 +214,19 @@ def time_cuda(
 
 
 def interleaved_medians(
-    fns: dict[str, Callable[[], object]], *, repeats: int = 9, warmup: int = 2, shuffle: int | None = 0
+    fns: dict[str, Callable[[], object]],
+    *,
+    repeats: int = 9,
+    warmup: int = 2,
+    shuffle: int | None = 0,
+    rewarm: bool = False,
 ) -> dict[str, float]:
     """Median wall time (s) of each callable, interleaved so drift hits all equally.
 
     Each round visits the callables in a new random order (``shuffle`` seed; None = the same
     order every round, which on a VM charges the cost of following another workload to the same
-    callable - e.g. ~3% for the first of a pruning benchmark's models).
+    callable - e.g. ~3% for the first of a pruning benchmark's models); ``rewarm``: see
+    :func:`time_cpu_interleaved`.
     """
-    res = time_cpu_interleaved(fns, runs=repeats, warmup=warmup, block_s=0.0, shuffle=shuffle)
+    res = time_cpu_interleaved(fns, runs=repeats, warmup=warmup, block_s=0.0, shuffle=shuffle, rewarm=rewarm)
     return {k: v.median_s for k, v in res.items()}
