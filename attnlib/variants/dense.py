@@ -203,5 +203,10 @@ class LocalAttention(AttentionCore):
         )
         return CoreOutput(out, importance=imp)
 
+    def query_weights(self, q: Tensor, k: Tensor, mask: AttentionMask, query: int) -> Tensor:
+        """Row ``query`` of the band's softmax weights alone: (B, H, 1, M), O(M) per (batch, head)."""
+        band = self.implied_mask(mask.n, mask.m, q.device)
+        return softmax_query_weights(q, k, query, mask=[mask, band], scale=self.scale)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", window={self.window}"
