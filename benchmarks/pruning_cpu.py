@@ -30,7 +30,9 @@ fractions (32 of 64 patches).
    (``ragged="pad"``) instead of the default packed-by-length layout (``ragged="groups"``,
    :mod:`attnlib.models.ragged`) for the speed contrast.
 3. Throughput (the first seed's models): batch 256, eval, ``torch.inference_mode``, interleaved rounds
-   (:func:`attnlib.bench.timing.time_cpu_interleaved`), median images/s; speed-up vs baseline.
+   (:func:`attnlib.bench.timing.time_cpu_interleaved`; a new random order each round and one untimed
+   call before each timed one, so no model is always first or timed right after another), median
+   images/s; speed-up vs baseline.
 4. FLOPs: analytic 2 x multiply-adds of the blocks for the token counts actually run (padded
    counts where the batch is padded, real counts in the packed layout).
 
