@@ -130,14 +130,15 @@ def cpu_key_padding(m: int, device: torch.device, dtype: torch.dtype) -> int:
     keys one by one, with a scalar ``exp`` ~5x the cost per key. So M = 30 costs 2.5x M = 32
     (5.2 vs 2.0 ms for (256, 4, M, 16) on one thread, AVX-512) and M = 38 1.5x M = 48. Padding the
     keys to the next multiple of W with an additive -inf mask gives the same softmax (the padded
-    keys weigh exactly 0). Returns the padding (0 unless on CPU, float32, and the tail is at least
-    W / 4 keys: shorter tails cost less than the padded keys and the copy).
+    keys weigh exactly 0). Returns the padding (0 unless on CPU, float32, and the tail is more
+    than W / 4 keys: shorter tails cost no more than the padded keys and the copy - M = 36 broke
+    even, M = 38 gained 1.27x; ``benchmarks/results/cpu_small_attention.md``).
     """
     if device.type != "cpu" or dtype != torch.float32:
         return 0
     w = _cpu_vector_width()
     tail = m % w
-    return w - tail if tail >= max(1, w // 4) else 0
+    return w - tail if tail > w // 4 else 0
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, am: AttentionMask, scale: float, dropout_p: float) -> Tensor:
