@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_qkv", "describe"]
+__all__ = ["check_index", "check_qkv", "describe"]
 
 
 def describe(x: object) -> str:
@@ -54,3 +54,10 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, where: str, same_head_dim: boo
 def floating_dtype_ok(dtype: torch.dtype) -> bool:
     """True for the float dtypes attnlib computes in (fp16, bf16, fp32, fp64)."""
     return dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_index(value: object, n: int, *, what: str) -> int:
+    """An int index into ``n`` items, ``[-n, n)`` (negative counts from the end), as ``[0, n)``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not -n <= value < n:
+        raise ValueError(f"{what} must be an int in [-{n}, {n}) for N={n} queries, got {value!r}")
+    return value % n

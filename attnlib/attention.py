@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from attnlib._config import to_plain_dict
-from attnlib._validation import describe
+from attnlib._validation import check_index, describe
 from attnlib.errors import UnsupportedError
 from attnlib.masks import MaskLike, normalize_mask
 from attnlib.positional import RotaryEmbedding, RotaryPositions
@@ -384,11 +384,11 @@ class Attention(nn.Module):
         self._check_inputs(x, context)
         if positions is not None and context is not None:
             raise ValueError("positions= is for self-attention; got a context")
-        if self.rope is not None:  # self-attention (a context with rope raised above)
-            if positions is not None and (positions.dim() not in (1, 2) or positions.shape[-1] != x.shape[1]):
-                raise ValueError(
-                    f"positions must be (B, N) or (N,) with N={x.shape[1]}, got shape {tuple(positions.shape)}"
-                )
+        if positions is not None and self.rope is None:
+            raise ValueError(
+                "positions= sets rotary positions, but this module has rope=False (build it with rope=True)"
+            )
+        if self.rope is not None:  # self-attention (a context with rope raised above); positions checked there
             q, k, v = self._project_rotated(x, position_offset, positions)
         else:
             q, k, v = self.project(x, context)
@@ -403,7 +403,7 @@ class Attention(nn.Module):
         row: Tensor | None = None
         one_row = return_extras and weights_query is not None
         if one_row:
-            query = self._weights_query_index(weights_query, n)
+            query = check_index(weights_query, n, what="weights_query")
             if not caps.has_weights:
                 raise UnsupportedError(
                     f"weights_query needs attention weights, but variant {self.variant!r} has none "
@@ -436,13 +436,6 @@ class Attention(nn.Module):
             return y, AttentionExtras(weights=row, importance=None, aux_loss=res.aux_loss)
         imp = res.importance.mean(1) if res.importance is not None else None
         return y, AttentionExtras(weights=res.weights, importance=imp, aux_loss=res.aux_loss)
-
-    @staticmethod
-    def _weights_query_index(query: object, n: int) -> int:
-        """``weights_query`` as an index in [0, N); ValueError naming the range otherwise."""
-        if isinstance(query, bool) or not isinstance(query, int) or not -n <= query < n:
-            raise ValueError(f"weights_query must be an int in [-{n}, {n}) for N={n} queries, got {query!r}")
-        return query % n
 
     def forward_groups(
         self,
@@ -489,6 +482,8 @@ class Attention(nn.Module):
                 f"forward_groups: groups {sizes} (rows, length >= 0) must cover the T={x.shape[0]} tokens of x "
                 f"exactly (sum of rows * length = {sum(r * n for r, n in sizes)})"
             )
+        if positions is not None and self.rope is None:
+            raise ValueError("forward_groups: positions= sets rotary positions, but this module has rope=False")
         if positions is not None and (positions.dim() != 1 or positions.shape[0] != x.shape[0]):
             raise ValueError(f"forward_groups: positions must be (T,) = ({x.shape[0]},), got {describe(positions)}")
         dq, dkv = self.dim, self.num_kv_heads * self.head_dim

@@ -62,6 +62,22 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
+def _check_positions(positions: Tensor | RotaryPositions, n: int, batch: int | None) -> None:
+    """Per-token positions must be (N,) or, when x has a batch dim ``batch``, (B, N) with B in (1, batch)."""
+    two_d = batch is not None and positions.dim() == 2 and positions.shape[0] in (1, batch)
+    if positions.shape[-1] != n or not (positions.dim() == 1 or two_d):
+        form = "(N,)" if batch is None else f"(B, N) with B={batch} (or 1) or (N,)"
+        raise ValueError(f"positions must be {form} with N={n}, got shape {tuple(positions.shape)}")
+
+
+def _offset_positions(positions: Tensor, offset: int) -> Tensor:
+    """``positions + offset`` as long, checked >= 0 (a negative index would wrap around a table)."""
+    pos = positions.long() + offset
+    if pos.numel() and int(pos.min()) < 0:
+        raise ValueError(f"rotary positions must be >= 0 (after the offset {offset}), got min {int(pos.min())}")
+    return pos
+
+
 def _rotate_half_matrix(d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """(D, D) signed permutation P with ``x @ P = cat(-x2, x1)`` for x = cat(x1, x2) (exact: one +-1 per column)."""
     h = d // 2
@@ -111,11 +127,8 @@ class RotaryEmbedding(nn.Module):
         if isinstance(positions, RotaryPositions):
             positions = positions.positions
         if positions is not None:
-            if positions.shape[-1] != n or positions.dim() not in (1, 2):
-                raise ValueError(f"positions must be (B, N) or (N,) with N={n}, got shape {tuple(positions.shape)}")
-            pos = positions.long() + offset
-            if pos.numel() and int(pos.min()) < 0:  # a negative index would wrap around the table
-                raise ValueError(f"rotary positions must be >= 0 (after the offset {offset}), got min {int(pos.min())}")
+            _check_positions(positions, n, x.shape[0] if x.dim() >= 3 else None)
+            pos = _offset_positions(positions, offset)
             cos, sin = self.angles(int(pos.max()) + 1, x.device)
             c, s = cos[pos], sin[pos]  # (B, N, D/2) or (N, D/2)
             if c.dim() == 3:
@@ -139,9 +152,7 @@ class RotaryEmbedding(nn.Module):
 
     def gather_tables(self, positions: Tensor, offset: int, heads: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos and sin, each (*positions.shape, heads, D) in ``dtype``, of ``positions + offset`` (long)."""
-        pos = positions.long() + offset
-        if pos.numel() and int(pos.min()) < 0:
-            raise ValueError(f"rotary positions must be >= 0 (after the offset {offset}), got min {int(pos.min())}")
+        pos = _offset_positions(positions, offset)
         cos, sin, _ = self._wide_tables(int(pos.max()) + 1 if pos.numel() else 1, heads, positions.device, dtype)
         flat = pos.reshape(-1)
         shape = (*pos.shape, heads, self.head_dim)
@@ -165,16 +176,7 @@ class RotaryEmbedding(nn.Module):
             )
         n, g, d = x.shape[-3], x.shape[-2], x.shape[-1]
         if positions is not None:
-            if positions.shape[-1] != n or positions.dim() not in (1, 2) or positions.dim() > x.dim() - 2:
-                raise ValueError(
-                    f"positions must be (B, N) or (N,) with N={n} for x of shape {tuple(x.shape)}, "
-                    f"got shape {tuple(positions.shape)}"
-                )
-            if positions.dim() == 2 and positions.shape[0] not in (1, x.shape[0]):
-                raise ValueError(
-                    f"positions (B, N) must have B={x.shape[0]} (or 1) rows for x of shape {tuple(x.shape)}, "
-                    f"got shape {tuple(positions.shape)}"
-                )
+            _check_positions(positions, n, x.shape[0] if x.dim() == 4 else None)
             if isinstance(positions, RotaryPositions):
                 c, s = positions.tables(self, offset, g, x.device, x.dtype)
             else:

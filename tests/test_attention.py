@@ -84,8 +84,10 @@ def test_rotary_token_major_equals_head_major_bit_for_bit(dtype: torch.dtype) ->
     )
     with pytest.raises(ValueError, match="positions must be"):
         rope.rotate_tokens(x, 0, pos2[:, :5])
-    with pytest.raises(ValueError, match="must have B=3"):
+    with pytest.raises(ValueError, match=r"\(B, N\) with B=3"):
         rope.rotate_tokens(x, 0, pos2[:2])
+    with pytest.raises(ValueError, match=r"must be \(N,\)"):  # packed (T, G, D) takes (T,) only
+        rope.rotate_tokens(packed, 0, pos2.reshape(1, -1))
     with pytest.raises(ValueError, match="D=8"):
         rope.rotate_tokens(torch.randn(3, 7, 4, 6))
 
@@ -113,6 +115,8 @@ def test_rotary_positions_share_one_gather_and_equal_plain_positions() -> None:
         RotaryPositions(pos.double())
     with pytest.raises(ValueError, match="must be >= 0"):
         attn(x, positions=pos - 100)
+    with pytest.raises(ValueError, match="rope=False"):  # positions would be silently ignored
+        attnlib.Attention(32, 4).double()(x, positions=pos)
     with pytest.raises(ValueError, match="must be >= 0"):  # the head-major path too (it wrapped around)
         attn.rope(torch.randn(2, 4, 9, 8), 0, pos - 100)
 

@@ -95,8 +95,10 @@ def test_attention_forward_groups_errors() -> None:
         attn.forward_groups(x[None], [(1, 10)])
     with pytest.raises(ValueError, match="int pairs"):
         attn.forward_groups(x, [5, 5])
+    with pytest.raises(ValueError, match="rope=False"):
+        attn.forward_groups(x, [(2, 5)], positions=torch.arange(10))
     with pytest.raises(ValueError, match="positions must be"):
-        attn.forward_groups(x, [(2, 5)], positions=torch.arange(9))
+        Attention(16, 4, rope=True).forward_groups(x, [(2, 5)], positions=torch.arange(9))
     blk = TransformerBlock(16, 4, {"variant": "softmax"}, drop_path=0.1).train()
     with pytest.raises(UnsupportedError, match="drop_path"):
         blk.forward_groups(x, [(2, 5)])

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlib._validation import check_qkv
+from attnlib._validation import check_index, check_qkv
 from attnlib.errors import UnsupportedError
 from attnlib.masks import AttentionMask, BlockMask, MaskLike, normalize_mask
 
@@ -144,18 +144,14 @@ def cpu_key_padding(m: int, device: torch.device, dtype: torch.dtype) -> int:
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, am: AttentionMask, scale: float, dropout_p: float) -> Tensor:
     gqa = q.shape[1] != k.shape[1]
     kinds = am.kinds()
-    pad = cpu_key_padding(am.m, q.device, q.dtype)
     if kinds == ["causal"] and am.n == am.m:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa)
+    pad = cpu_key_padding(am.m, q.device, q.dtype)
     if not kinds and not pad:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
-    if not kinds:  # only the padded keys are masked: an additive (1, M + pad) row
-        add = q.new_zeros(1, am.m + pad)
-        add[:, am.m :] = float("-inf")
-        k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=add, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
     allowed = am.dense()
-    assert allowed is not None
+    if allowed is None:  # no mask of the caller's: only the padded keys below are masked
+        allowed = torch.ones(1, 1, 1, am.m, dtype=torch.bool, device=q.device)
     if pad:
         allowed = F.pad(allowed, (0, pad), value=False)
         k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
@@ -372,10 +368,7 @@ def softmax_query_weights(
     ``query`` in [-N, N) (negative counts from the end).
     """
     check_qkv(q, k, k, where="softmax_query_weights")
-    n = q.shape[2]
-    if isinstance(query, bool) or not isinstance(query, int) or not -n <= query < n:
-        raise ValueError(f"softmax_query_weights: query must be an int in [-{n}, {n}) for N={n} queries, got {query!r}")
-    row = query % n
+    row = check_index(query, q.shape[2], what="softmax_query_weights: query")
     am = as_attention_mask(q, k, mask, causal)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     kk = repeat_kv(k, q.shape[1] // k.shape[1])

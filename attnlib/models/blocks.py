@@ -324,11 +324,7 @@ class TransformerBlock(nn.Module):
             if importance_query is None:
                 a, extras = self.attn(self.norm1(x), return_extras=True, need_weights=False, **kw)
                 imp = extras.importance
-            else:  # one query's row only: the variant keeps its fast output path where it can
-                if not self.attn.core.capabilities.has_weights:
-                    raise UnsupportedError(
-                        f"importance_query needs attention weights, but variant {self.attn.variant!r} has none"
-                    )
+            else:  # one query's row only (UnsupportedError for a variant without weights)
                 a, extras = self.attn(self.norm1(x), return_extras=True, weights_query=importance_query, **kw)
                 assert extras.weights is not None
                 imp = extras.weights[:, :, 0, :].mean(1)
