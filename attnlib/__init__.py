@@ -10,7 +10,8 @@ supports. Masks are boolean with True = may attend (:mod:`attnlib.masks`).
 """
 
 from attnlib import functional, kernels, masks, ot, variants
-from attnlib.attention import Attention, AttentionCache, AttentionExtras, aux_loss, build_attention
+from attnlib.attention import Attention, AttentionExtras, aux_loss, build_attention
+from attnlib.decoding import AttentionCache
 from attnlib.errors import UnsupportedError
 from attnlib.masks import BlockMask, SlidingWindow
 from attnlib.registry import Capabilities, available, register_variant, variant_info

@@ -2,7 +2,9 @@
 
 It owns what every variant shares - input projections, heads (with grouped-query attention),
 rotary positions, output projection, input validation - and holds one variant *core* chosen
-by registry name. Swapping the attention of a model is changing ``variant=``.
+by registry name. Swapping the attention of a model is changing ``variant=``. Incremental
+decoding lives in :mod:`attnlib.decoding` and packed ragged batches in :mod:`attnlib.packed`;
+the methods here delegate to them.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from attnlib import decoding, packed
 from attnlib._config import to_plain_dict
 from attnlib._validation import check_index, describe
+from attnlib.decoding import AttentionCache, decode_mode
 from attnlib.errors import UnsupportedError
-from attnlib.masks import MaskLike, normalize_mask
+from attnlib.masks import AttentionMask, MaskLike, normalize_mask
 from attnlib.positional import RotaryEmbedding, RotaryPositions
 from attnlib.registry import Capabilities, get_variant
-from attnlib.variants.base import AttentionCore, check_supported
+from attnlib.variants.base import AttentionCore, CoreOutput, check_supported
 
 __all__ = ["Attention", "AttentionCache", "AttentionExtras", "aux_loss", "build_attention", "decode_mode"]
 
@@ -43,121 +47,6 @@ class AttentionExtras:
     weights: Tensor | None
     importance: Tensor | None
     aux_loss: Tensor | None
-
-
-_CACHE_MODES = ("recurrent", "kv", "recompute")
-
-
-def decode_mode(caps: Capabilities) -> str | None:
-    """How a causal module with these capabilities decodes incrementally, or None if it cannot.
-
-    * ``"recurrent"`` (``caps.recurrent``): the variant's own ``step`` with an O(1)-size state.
-    * ``"kv"`` (``caps.causal_cross``): keys/values are cached and new queries attend to the
-      whole cache with a bottom-right aligned causal mask.
-    * ``"recompute"`` (``caps.causal`` only): queries, keys and values of every position are
-      cached and the causal core runs over the whole prefix; only the new rows are kept. Exact
-      for any variant without future leakage, at O(prefix) cost per step.
-    """
-    if caps.recurrent:
-        return "recurrent"
-    if caps.causal_cross:
-        return "kv"
-    if caps.causal:
-        return "recompute"
-    return None
-
-
-class AttentionCache:
-    """Incremental-decoding state of one :class:`Attention` (see :meth:`Attention.init_cache`).
-
-    Attributes:
-        mode: ``"recurrent"``, ``"kv"`` or ``"recompute"`` (see :func:`decode_mode`).
-        length: tokens consumed so far (the rotary position of the next token).
-        size: entries held in the key/value buffers; equals ``length`` unless entries were
-            evicted with :meth:`evict` (KV-cache eviction, :mod:`attnlib.pruning`).
-        valid: (B, size) bool, which held entries are real (after an eviction that kept
-            different counts per sequence), or None when all are.
-        k, v: (B, H_kv, capacity, D) key/value buffers (``kv`` and ``recompute`` modes; the first
-            ``size`` entries are valid), rotary positions already applied.
-        q: (B, H, capacity, D) query buffer (``recompute`` mode only).
-        state: the variant's recurrent state (``recurrent`` mode only).
-    """
-
-    def __init__(self, mode: str, batch: int) -> None:
-        if mode not in _CACHE_MODES:
-            raise ValueError(f"cache mode must be one of {_CACHE_MODES}, got {mode!r}")
-        self.mode = mode
-        self.batch = batch
-        self.length = 0
-        self.size = 0
-        self.valid: Tensor | None = None
-        self.k: Tensor | None = None
-        self.v: Tensor | None = None
-        self.q: Tensor | None = None
-        self.state: dict[str, Tensor] | None = None
-
-    @staticmethod
-    def _append(buf: Tensor | None, new: Tensor, length: int) -> Tensor:
-        """Write new (B, H, n, D) at positions length..length+n of buf, growing it by doubling."""
-        need = length + new.shape[2]
-        if buf is None or buf.shape[2] < need:
-            cap = max(16, 1 << (need - 1).bit_length())
-            grown = new.new_zeros(new.shape[0], new.shape[1], cap, new.shape[3])
-            if buf is not None and length:
-                grown[:, :, :length] = buf[:, :, :length]
-            buf = grown
-        buf[:, :, length:need] = new
-        return buf
-
-    def evict(self, index: Tensor, valid: Tensor | None = None) -> None:
-        """Keep only the cached entries ``index`` (B, K) long (ascending per row) - KV-cache eviction.
-
-        ``valid`` (B, K) bool marks padding entries (rows that keep fewer than K); they are
-        masked out of every later attention. Only ``kv`` caches can evict (a ``recompute``
-        cache re-runs queries over the prefix and a recurrent state has no entries). The
-        rotary position of the next token (``length``) is unchanged: cached keys are stored
-        already rotated, so evicting them is safe.
-        """
-        if self.mode != "kv":
-            raise ValueError(f"only a 'kv' cache can evict entries, this cache is {self.mode!r}")
-        if index.dim() != 2 or index.shape[0] != self.batch or index.dtype != torch.long:
-            raise ValueError(f"index must be (B={self.batch}, K) long, got {index.dtype} {tuple(index.shape)}")
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.size):
-            raise ValueError(f"index entries must lie in [0, size={self.size})")
-        if valid is not None and tuple(valid.shape) != tuple(index.shape):
-            raise ValueError(f"valid must match index {tuple(index.shape)}, got {tuple(valid.shape)}")
-        k_new = index.shape[1]
-        for name in ("k", "v"):
-            buf = getattr(self, name)
-            if buf is None:
-                continue
-            idx = index[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3])
-            kept = buf[:, :, : self.size].gather(2, idx)
-            buf[:, :, :k_new] = kept
-        old = self.valid
-        if old is not None:
-            keep_valid = old.gather(1, index)
-            valid = keep_valid if valid is None else valid & keep_valid
-        self.valid = None if valid is None or bool(valid.all()) else valid
-        self.size = k_new
-
-    def reorder(self, index: Tensor) -> None:
-        """Select/reorder batch entries in place (beam search): index (B',) long."""
-        if self.valid is not None:
-            self.valid = self.valid.index_select(0, index)
-        for name in ("k", "v", "q"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.index_select(0, index))
-        if self.state is not None:
-            self.state = {
-                key: (t.index_select(0, index) if t.dim() > 0 and t.shape[0] == self.batch else t)
-                for key, t in self.state.items()
-            }
-        self.batch = int(index.numel())
-
-    def __repr__(self) -> str:
-        return f"AttentionCache(mode={self.mode!r}, batch={self.batch}, length={self.length}, size={self.size})"
 
 
 def _check_variant_kwargs(variant: str, cls: type[AttentionCore], kwargs: dict[str, Any]) -> None:
@@ -310,24 +199,32 @@ class Attention(nn.Module):
         v = rearrange(v, "b m (h d) -> b h m d", h=self.num_kv_heads)
         return q, k, v
 
+    def _project_tokens(
+        self, x: Tensor, offset: int = 0, positions: Tensor | RotaryPositions | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Self-attention projections, token-major: x (..., C) -> qk (..., H + H_kv, D), v (..., H_kv, D).
+
+        With ``rope``, q and k are rotated together in this layout (:meth:`RotaryEmbedding.rotate_tokens`),
+        before the heads are split off; the same values as rotating the head-major q and k one by
+        one, several times faster on CPU.
+        """
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.in_proj(x)
+        qk = qkv[..., : (hq + hkv) * d].unflatten(-1, (hq + hkv, d))
+        if self.rope is not None:
+            qk = self.rope.rotate_tokens(qk, offset, positions)
+        return qk, qkv[..., (hq + hkv) * d :].unflatten(-1, (hkv, d))
+
     def _project_rotated(
         self, x: Tensor, offset: int = 0, positions: Tensor | RotaryPositions | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Self-attention projections with rotary positions applied: x (B, N, C) -> q (B, H, N, D), k, v.
-
-        q and k are rotated together in the token-major layout of the projection's output
-        (:meth:`RotaryEmbedding.rotate_tokens`), before the heads are split off; the same values
-        as rotating the head-major q and k one by one, several times faster on CPU.
-        """
+        """Self-attention projections with rotary positions applied: x (B, N, C) -> q (B, H, N, D), k, v."""
         if self.rope is None:
             return self.project(x)
-        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.in_proj(x)
-        qk = self.rope.rotate_tokens(qkv[..., : (hq + hkv) * d].unflatten(-1, (hq + hkv, d)), offset, positions)
-        q = rearrange(qk[..., :hq, :], "b n h d -> b h n d")
-        k = rearrange(qk[..., hq:, :], "b m h d -> b h m d")
-        v = rearrange(qkv[..., (hq + hkv) * d :], "b m (h d) -> b h m d", h=hkv)
-        return q, k, v
+        qk, v = self._project_tokens(x, offset, positions)
+        q = rearrange(qk[..., : self.num_heads, :], "b n h d -> b h n d")
+        k = rearrange(qk[..., self.num_heads :, :], "b m h d -> b h m d")
+        return q, k, rearrange(v, "b m h d -> b h m d")
 
     def forward(
         self,
@@ -376,11 +273,9 @@ class Attention(nn.Module):
             (B, N, dim), or ((B, N, dim), AttentionExtras) when ``return_extras``.
         """
         if cache is not None:
-            if positions is not None:
-                raise ValueError("with cache=, positions come from cache.length; do not pass positions")
-            if weights_query is not None:
-                raise ValueError("weights_query= is not supported with cache= (decoding); pass it without a cache")
-            return self._forward_cached(x, cache, mask, context, return_extras, position_offset)
+            return decoding.forward_cached(
+                self, x, cache, mask, context, return_extras, position_offset, positions, weights_query
+            )
         self._check_inputs(x, context)
         if positions is not None and context is not None:
             raise ValueError("positions= is for self-attention; got a context")
@@ -393,49 +288,72 @@ class Attention(nn.Module):
         else:
             q, k, v = self.project(x, context)
         b, h, n, _ = q.shape
-        m = k.shape[2]
-        am = normalize_mask(mask, causal=self.causal, batch=b, heads=h, n=n, m=m, device=x.device)
-        caps = self.core.capabilities
-        if not caps.gqa and self.num_kv_heads != self.num_heads:
-            g = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-        p = self.dropout if self.training else 0.0
+        am = normalize_mask(mask, causal=self.causal, batch=b, heads=h, n=n, m=k.shape[2], device=x.device)
+        k, v = self._repeat_kv(k, v)
+        cross = context is not None
         row: Tensor | None = None
         one_row = return_extras and weights_query is not None
         if one_row:
             query = check_index(weights_query, n, what="weights_query")
-            if not caps.has_weights:
+            if not self.capabilities.has_weights:
                 raise UnsupportedError(
                     f"weights_query needs attention weights, but variant {self.variant!r} has none "
                     "(capabilities.has_weights=False)"
                 )
-            check_supported(self.variant, caps, am, cross=context is not None)
+            check_supported(self.variant, self.capabilities, am, cross=cross)
             row = self.core.query_weights(q, k, am, query)
-        res = self.core(
+        res = self._attend(
             q,
             k,
             v,
             am,
-            cross=context is not None,
+            cross=cross,
             need_weights=(one_row and row is None) or (return_extras and need_weights and not one_row),
             need_importance=return_extras and not one_row,
-            dropout_p=p if caps.attn_dropout else 0.0,
         )
         if one_row and row is None:
             if res.weights is None:
                 raise UnsupportedError(f"weights_query needs attention weights, but variant {self.variant!r} has none")
             row = res.weights[:, :, query : query + 1]
-        out = res.out
-        if p > 0 and not caps.attn_dropout:
-            out = F.dropout(out, p)
-        y = self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
+        y = self._project_out(res.out)
         self.pending_aux_loss = res.aux_loss
         if not return_extras:
             return y
         if one_row:
-            return y, AttentionExtras(weights=row, importance=None, aux_loss=res.aux_loss)
-        imp = res.importance.mean(1) if res.importance is not None else None
-        return y, AttentionExtras(weights=res.weights, importance=imp, aux_loss=res.aux_loss)
+            return y, self._extras(res, weights=row, importance=False)
+        return y, self._extras(res, weights=res.weights)
+
+    # -- shared by forward, the cached forward (attnlib.decoding) and forward_groups (attnlib.packed)
+
+    def _repeat_kv(self, k: Tensor, v: Tensor, *, always: bool = False) -> tuple[Tensor, Tensor]:
+        """k, v (B, H_kv, M, D) -> (B, H, M, D) for a variant without grouped-query support
+        (``always``: whatever its capabilities, e.g. for its recurrent step); unchanged otherwise."""
+        g = self.num_heads // k.shape[1]
+        if g == 1 or (self.capabilities.gqa and not always):
+            return k, v
+        return k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, am: AttentionMask, **flags: bool) -> CoreOutput:
+        """The core on q, k, v (``flags``: its cross / need_weights / need_importance), with the
+        attention dropout where the variant applies it to its probabilities."""
+        p = self.dropout if self.training and self.capabilities.attn_dropout else 0.0
+        return self.core(q, k, v, am, dropout_p=p, **flags)
+
+    def _output_dropout(self, out: Tensor) -> Tensor:
+        """The attention dropout of a variant without one of its own: on its output (training only)."""
+        if self.training and self.dropout > 0 and not self.capabilities.attn_dropout:
+            return F.dropout(out, self.dropout)
+        return out
+
+    def _project_out(self, out: Tensor) -> Tensor:
+        """The core's output (B, H, N, Dv) -> (B, N, dim): output dropout, heads merged, output projection."""
+        return self.out_proj(rearrange(self._output_dropout(out), "b h n d -> b n (h d)"))
+
+    @staticmethod
+    def _extras(res: CoreOutput | None, *, weights: Tensor | None = None, importance: bool = True) -> AttentionExtras:
+        """AttentionExtras of a core call: importance averaged over heads (B, M) where wanted and computed."""
+        imp = res.importance.mean(1) if importance and res is not None and res.importance is not None else None
+        return AttentionExtras(weights=weights, importance=imp, aux_loss=None if res is None else res.aux_loss)
 
     def forward_groups(
         self,
@@ -468,91 +386,7 @@ class Attention(nn.Module):
         Returns:
             (T, dim), or ((T, dim), importance (T,) | None) with ``return_importance``.
         """
-        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"forward_groups: x must be (T, dim={self.dim}) packed tokens, got {describe(x)}")
-        self._check_inputs(x[None] if x.shape[0] else x.new_zeros(1, 1, self.dim), None)
-        try:
-            sizes = [(int(r), int(n)) for r, n in groups]
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"forward_groups: groups must be a list of (rows, length) int pairs, got {groups!r}"
-            ) from None
-        if any(r < 0 or n < 0 for r, n in sizes) or sum(r * n for r, n in sizes) != x.shape[0]:
-            raise ValueError(
-                f"forward_groups: groups {sizes} (rows, length >= 0) must cover the T={x.shape[0]} tokens of x "
-                f"exactly (sum of rows * length = {sum(r * n for r, n in sizes)})"
-            )
-        if positions is not None and self.rope is None:
-            raise ValueError("forward_groups: positions= sets rotary positions, but this module has rope=False")
-        if positions is not None and (positions.dim() != 1 or positions.shape[0] != x.shape[0]):
-            raise ValueError(f"forward_groups: positions must be (T,) = ({x.shape[0]},), got {describe(positions)}")
-        dq, dkv = self.dim, self.num_kv_heads * self.head_dim
-        qkv = self.in_proj(x)
-        if self.rope is not None:  # all T tokens at once, token-major (see _project_rotated)
-            if positions is None:
-                positions = torch.cat(
-                    [torch.arange(n, device=x.device).repeat(r) for r, n in sizes] or [x.new_zeros(0, dtype=torch.long)]
-                )
-            hd = self.num_heads + self.num_kv_heads
-            qk = self.rope.rotate_tokens(qkv[:, : dq + dkv].unflatten(-1, (hd, self.head_dim)), 0, positions)
-        else:
-            qk = qkv[:, : dq + dkv].unflatten(-1, (self.num_heads + self.num_kv_heads, self.head_dim))
-        vv = qkv[:, dq + dkv :].unflatten(-1, (self.num_kv_heads, self.head_dim))
-        hq = self.num_heads
-        caps = self.core.capabilities
-        p = self.dropout if self.training else 0.0
-        merged: Tensor | None = None  # (T, H * Dv): each group's output copied in once (no cat)
-        imps: list[Tensor] = []
-        has_imp = return_importance
-        aux: Tensor | None = None
-        start = 0
-        for r, n in sizes:
-            t = r * n
-            if t == 0:
-                continue
-            # plain views, not einops: this loop runs once per distinct length (dozens per batch)
-            # and einops' per-call overhead (~10 us each) was a measurable share of a pruned ViT block
-            part = qk[start : start + t].view(r, n, -1, self.head_dim)
-            q, k = part[:, :, :hq].transpose(1, 2), part[:, :, hq:].transpose(1, 2)
-            v = vv[start : start + t].view(r, n, -1, self.head_dim).transpose(1, 2)
-            if not caps.gqa and self.num_kv_heads != self.num_heads:
-                g = self.num_heads // self.num_kv_heads
-                k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-            am = normalize_mask(None, causal=self.causal, batch=r, heads=self.num_heads, n=n, m=n, device=x.device)
-            res = self.core(
-                q,
-                k,
-                v,
-                am,
-                cross=False,
-                need_weights=False,
-                need_importance=return_importance,
-                dropout_p=p if caps.attn_dropout else 0.0,
-            )
-            out = res.out
-            if p > 0 and not caps.attn_dropout:
-                out = F.dropout(out, p)
-            if merged is None:
-                merged = out.new_empty(x.shape[0], out.shape[1] * out.shape[3])
-            merged[start : start + t].view(r, n, out.shape[1], out.shape[3]).copy_(out.transpose(1, 2))
-            if res.aux_loss is not None:
-                aux = res.aux_loss * t if aux is None else aux + res.aux_loss * t
-            if return_importance:
-                if res.importance is None:
-                    has_imp = False
-                else:
-                    imps.append(res.importance.mean(1).reshape(t))
-            start += t
-        if merged is not None:
-            y = self.out_proj(merged)
-        else:
-            y = self.out_proj(x.new_zeros(0, self.dim))
-        self.pending_aux_loss = None if aux is None else aux / max(x.shape[0], 1)  # token-weighted mean
-        if not return_importance:
-            return y
-        if not has_imp:
-            return y, None
-        return y, (torch.cat(imps) if imps else x.new_zeros(0))
+        return packed.forward_groups(self, x, groups, positions=positions, return_importance=return_importance)
 
     # -- incremental decoding ----------------------------------------------------------------
 
@@ -564,118 +398,7 @@ class Attention(nn.Module):
         attention with N != M, else recomputation over the cached prefix. Raises ValueError for
         a non-causal module and :class:`attnlib.UnsupportedError` when the variant cannot decode.
         """
-        _positive_int("batch", batch)
-        if not self.causal:
-            raise ValueError(
-                f"init_cache needs a causal Attention (build it with causal=True); this {self.variant!r} module is not"
-            )
-        caps = self.core.capabilities
-        default = decode_mode(caps)
-        mode = default if mode is None else mode
-        if mode not in _CACHE_MODES:
-            raise ValueError(f"cache mode must be one of {_CACHE_MODES} or None, got {mode!r}")
-        if mode == "recurrent" and not caps.recurrent:
-            raise UnsupportedError(f"variant {self.variant!r} has no recurrent step (capabilities.recurrent=False)")
-        if mode == "kv" and not caps.causal_cross:
-            raise UnsupportedError(
-                f"variant {self.variant!r} cannot attend from new queries to a longer key cache "
-                "(capabilities.causal_cross=False); use mode='recompute'"
-            )
-        cache = AttentionCache(mode, batch)
-        if mode == "recurrent":
-            w = self.in_proj.weight
-            cache.state = self.core.initial_state(batch, dtype=w.dtype, device=w.device)
-        return cache
-
-    def _forward_cached(
-        self,
-        x: Tensor,
-        cache: AttentionCache,
-        mask: MaskLike | list[MaskLike],
-        context: Tensor | None,
-        return_extras: bool,
-        position_offset: int,
-    ) -> Tensor | tuple[Tensor, AttentionExtras]:
-        """Incremental causal decoding of x (B, N, dim) after the cache's tokens -> (B, N, dim)."""
-        if not isinstance(cache, AttentionCache):
-            raise ValueError(f"cache must be an AttentionCache from init_cache(), got {describe(cache)}")
-        if context is not None:
-            raise ValueError("cache= is for causal self-attention decoding; context must be None")
-        if return_extras and cache.mode != "kv":
-            raise ValueError(
-                f"return_extras is not available with a {cache.mode!r} cache (only with a 'kv' cache); "
-                "call forward without a cache for extras"
-            )
-        if position_offset:
-            raise ValueError("with cache=, positions come from cache.length; do not pass position_offset")
-        self._check_inputs(x, None)
-        b, n = x.shape[0], x.shape[1]
-        if b != cache.batch:
-            raise ValueError(f"batch mismatch: x has B={b} but the cache was made for B={cache.batch}")
-        start = cache.length
-        fill = cache.size
-        q, k, v = self._project_rotated(x, start)
-        caps = self.core.capabilities
-        g = self.num_heads // self.num_kv_heads
-        p = self.dropout if self.training else 0.0
-        if cache.mode == "recurrent":
-            if mask is not None:
-                raise UnsupportedError(
-                    f"variant {self.variant!r} decodes with its recurrent step, which takes no mask; "
-                    "decode sequences without padding (or use init_cache(mode='recompute'))"
-                )
-            if g > 1:
-                k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-            state = cache.state
-            if state is None:
-                raise ValueError("recurrent cache has no state; make caches with Attention.init_cache()")
-            outs = []
-            for t in range(n):
-                o, state = self.core.step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
-                outs.append(o)
-            cache.state = state
-            out = torch.cat(outs, 2) if n > 1 else outs[0]
-            self.pending_aux_loss = None
-            res = None
-        else:
-            total = fill + n
-            if cache.size != cache.length and mask is not None:
-                raise ValueError(
-                    "this cache has evicted entries; a key-padding mask over all tokens so far no longer "
-                    "lines up with it - decode without mask= after eviction"
-                )
-            cache.k = cache._append(cache.k, k, fill)
-            cache.v = cache._append(cache.v, v, fill)
-            kk, vv = cache.k[:, :, :total], cache.v[:, :, :total]
-            if cache.mode == "recompute":
-                cache.q = cache._append(cache.q, q, start)
-                q = cache.q[:, :, :total]
-            am = normalize_mask(
-                mask, causal=True, batch=b, heads=self.num_heads, n=q.shape[2], m=total, device=x.device
-            )
-            if am.full is not None or am.window is not None or am.block is not None:
-                raise ValueError("with cache=, mask may only be key padding (B, cache.length + N)")
-            if cache.valid is not None:
-                held = torch.cat([cache.valid, cache.valid.new_ones(b, n)], 1)
-                am = normalize_mask(
-                    held, causal=True, batch=b, heads=self.num_heads, n=q.shape[2], m=total, device=x.device
-                )
-            if not caps.gqa and g > 1:
-                kk, vv = kk.repeat_interleave(g, 1), vv.repeat_interleave(g, 1)
-            res = self.core(q, kk, vv, am, need_importance=return_extras, dropout_p=p if caps.attn_dropout else 0.0)
-            out = res.out[:, :, -n:]
-            self.pending_aux_loss = res.aux_loss
-            if cache.valid is not None:
-                cache.valid = torch.cat([cache.valid, cache.valid.new_ones(b, n)], 1)
-        cache.length = start + n
-        cache.size = fill + n
-        if p > 0 and not caps.attn_dropout:
-            out = F.dropout(out, p)
-        y = self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
-        if not return_extras:
-            return y
-        imp = res.importance.mean(1) if res is not None and res.importance is not None else None
-        return y, AttentionExtras(weights=None, importance=imp, aux_loss=None if res is None else res.aux_loss)
+        return decoding.init_cache(self, _positive_int("batch", batch), mode)
 
     def extra_repr(self) -> str:
         return (

@@ -6,7 +6,7 @@ call before each timed one). Three tables:
 
 1. **Keys M** (q, k, v of shape (256, 4, M, 16)): raw ``F.scaled_dot_product_attention``; the
    ``softmax`` core's CPU path (what ``attnlib.Attention(variant="softmax")`` runs: the explicit
-   path below ``FEW_KEYS`` keys, else SDPA with the keys padded to the vector width when
+   path below ``attnlib.dispatch.FEW_KEYS`` keys, else SDPA with the keys padded to the vector width when
    ``cpu_key_padding`` says so); and the explicit path alone (``backend="math"``).
 2. **Rotary positions** on the q and k of a (256, 65, 64) batch with 4 heads: the head-major
    rotation of q and k one by one (``RotaryEmbedding.forward``, the pre-stop-13 path) vs the
@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, interleaved_medians, machine_info, markdown_table
 
 import attnlib
+from attnlib.dispatch import cpu_key_padding, few_keys_explicit
 from attnlib.functional import softmax_attention
-from attnlib.functional.softmax import FEW_KEYS, cpu_key_padding
 from attnlib.masks import normalize_mask
 from attnlib.variants.dense import SoftmaxAttention
 
@@ -61,7 +61,8 @@ def keys_table(repeats: int) -> list[dict[str, object]]:
             "math": lambda q=q, k=k, v=v: softmax_attention(q, k, v, backend="math"),
         }
         med = interleaved_medians(fns, repeats=repeats, rewarm=True)
-        path = "explicit" if m < FEW_KEYS else f"SDPA, keys padded to {m + cpu_key_padding(m, q.device, q.dtype)}"
+        pad = cpu_key_padding(m, q.device, q.dtype)
+        path = "explicit" if few_keys_explicit(m, q.device) else f"SDPA, keys padded to {m + pad}"
         rows.append({"m": m, "attnlib_path": path, **{f"{k}_ms": 1e3 * t for k, t in med.items()}})
     return rows
 

@@ -160,6 +160,14 @@ def test_aux_loss_sums_pending_and_clears() -> None:
     assert attnlib.aux_loss(model).item() == 0.0
 
 
+def test_decoding_names_keep_their_old_import_paths() -> None:
+    """AttentionCache and decode_mode live in attnlib.decoding; attnlib and attnlib.attention re-export them."""
+    from attnlib import attention, decoding
+
+    assert attnlib.AttentionCache is attention.AttentionCache is decoding.AttentionCache
+    assert attention.decode_mode is decoding.decode_mode
+
+
 def test_capabilities_are_frozen_and_listed() -> None:
     info = attnlib.variant_info("softmax")
     assert info.exact and info.causal and info.complexity == "O(N^2)"

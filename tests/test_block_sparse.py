@@ -88,9 +88,9 @@ def test_torch_path_fp32_within_flex_rule() -> None:
 
 def test_explicit_torch_path_matches_fused(monkeypatch: pytest.MonkeyPatch) -> None:
     """The non-CPU fallback (explicit matmul per part) equals the reference too."""
-    import attnlib.kernels.block_sparse as bsk
+    from attnlib import dispatch
 
-    monkeypatch.setattr(bsk, "_cpu_flash_ok", lambda q, v: False)
+    monkeypatch.setattr(dispatch, "fused_cpu_block_parts", lambda device, d, dv: False)
     q, k, v = make_qkv(2, 4, 37, 16, m=45, h_kv=2, dtype=torch.float64, logit_scale=3.0, seed=4)
     dense = _random_mask((2, 1, 37, 45), 0.3, seed=5)
     bm = BlockMask.from_dense(dense, 8)

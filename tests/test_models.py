@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_module
 
 import attnlib
 from attnlib import registry
-from attnlib.attention import decode_mode
+from attnlib.decoding import decode_mode
 from attnlib.models import (
     MODEL_NEEDS,
     MODELS,

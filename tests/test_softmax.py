@@ -78,7 +78,8 @@ def test_one_pass_output_and_importance_equal_reference(chunk: int) -> None:
 
 def test_short_row_softmax_equals_torch_softmax() -> None:
     """The explicit softmax used on CPU for rows shorter than SHORT_ROW keys (masked entries included)."""
-    from attnlib.functional.softmax import SHORT_ROW, _softmax_rows
+    from attnlib.dispatch import SHORT_ROW
+    from attnlib.functional.softmax import _softmax_rows
 
     g = torch.Generator().manual_seed(0)
     for m in (1, 9, SHORT_ROW - 1, SHORT_ROW):
@@ -266,9 +267,9 @@ def test_weights_query_keeps_the_fast_output_path() -> None:
 
 def test_cpu_key_padding_rule_and_padded_sdpa_equals_the_reference() -> None:
     """Keys padded to the CPU vector width (masked) give the reference softmax (masks, empty rows, GQA, grads)."""
-    from attnlib.functional.softmax import _cpu_vector_width, cpu_key_padding
+    from attnlib.dispatch import cpu_key_padding, cpu_vector_width
 
-    w = _cpu_vector_width()
+    w = cpu_vector_width()
     cpu = torch.device("cpu")
     assert cpu_key_padding(2 * w - 1, cpu, torch.float32) == 1
     assert cpu_key_padding(2 * w, cpu, torch.float32) == 0

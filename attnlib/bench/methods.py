@@ -239,10 +239,6 @@ class Case:
             f *= 0.5
         return f * (3.5 if self.pass_ == "fwd_bwd" else 1.0)
 
-    def shape_key(self) -> tuple:
-        """Everything but the pass: cases sharing inputs and the forward output."""
-        return (self.device, self.dtype, self.batch, self.heads, self.head_dim, self.n, self.causal)
-
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict (``pass`` instead of ``pass_``)."""
         d = asdict(self)
@@ -400,7 +396,6 @@ class Runner:
             self._forward = self._sdpa_forward
         else:
             self._forward = self._math_forward
-        self.implied = implied
         self.reference_mask = (
             self._mask([self.caller_mask, implied]) if (implied is not None and spec.exact) else self.caller_mask
         )

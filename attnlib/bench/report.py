@@ -132,10 +132,6 @@ def _cell(r: dict[str, Any] | None) -> str:
     return f"{t} ({ratio:.2f}×)" if ratio is not None and r["method"] != "sdpa" else t
 
 
-def _cross_key(c: dict[str, Any]) -> tuple:
-    return (c["device"], c["dtype"], c["head_dim"], c["causal"], c["pass"])
-
-
 def _crossover_text(c: dict[str, Any]) -> str:
     if c["status"] == "unknown":
         return "–"
@@ -354,9 +350,6 @@ def plot_lines(
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
-
-
-_SPEED_PLOTS = (("median_s", "time per call (s)", "time"), ("mem_peak_mb", "peak memory (MiB)", "memory"))
 
 
 def speed_plots(result: dict[str, Any], out_dir: Path, name: str) -> list[Path]:

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnlib import dispatch
 from attnlib._validation import check_index, check_qkv
+from attnlib.dispatch import cpu_key_padding  # its documented name here
 from attnlib.errors import UnsupportedError
 from attnlib.masks import AttentionMask, BlockMask, MaskLike, normalize_mask
 
@@ -47,21 +49,9 @@ def as_attention_mask(q: Tensor, k: Tensor, mask: MaskLike | list[MaskLike], cau
     return normalize_mask(mask, causal=causal, batch=b, heads=h, n=n, m=k.shape[2], device=q.device)
 
 
-SHORT_ROW = 32
-"""Rows shorter than this take the explicit softmax on CPU (see :func:`_softmax_rows`)."""
-
-FEW_KEYS = 16
-"""Below this many keys the ``softmax`` variant's CPU path is the explicit one rather than SDPA.
-
-Measured for (256, 4, M, 16) fp32 on one thread (AVX-512): explicit 0.38 / 0.59 / 0.93 ms at
-M = 5 / 9 / 13 vs SDPA 0.83 / 0.98 / 1.19; from M = 15 on SDPA (with :func:`cpu_key_padding`)
-is as fast or faster (M = 30: 2.6 vs 6.5 ms).
-"""
-
-
 def _exp_floor(dtype: torch.dtype) -> float:
-    """Lowest exponent kept by the short-row softmax: ``exp`` of anything below it is a subnormal
-    (or 0) and costs ~65x a normal ``exp`` on CPU; the entries it lifts weigh < 1e-34 (fp32)."""
+    """Lowest exponent kept by the explicit softmax: ``exp`` of anything below it is a subnormal
+    (or 0), far slower to compute than a normal ``exp``; the entries it lifts weigh < 1e-34 (fp32)."""
     return math.log(torch.finfo(dtype).tiny) + 8.0
 
 
@@ -72,15 +62,13 @@ def _softmax_rows(x: Tensor, allowed: Tensor | None = None) -> Tensor:
         x: (..., M) logits (float32 or float64). allowed: bool broadcastable to x (True = may
             attend) or None.
 
-    On CPU with M < :data:`SHORT_ROW` it is computed as ``exp(x - max) / sum`` explicitly:
-    PyTorch's CPU softmax kernel is several times slower on such short rows (e.g. 2.3 ms vs
-    0.34 ms for (1024, 9, 9) float32 on one thread) - the rows of a pruned ViT's attention.
-    That path never takes ``exp`` of ``-inf`` or of subnormal results (10x and ~65x slower than
-    a normal ``exp`` on CPU): exponents are floored at :func:`_exp_floor` and masked entries are
-    zeroed after the ``exp`` (a padded batch of a pruned ViT was several times slower before).
+    Where :func:`attnlib.dispatch.softmax_rows_explicit` says so (short rows on CPU) it is
+    computed as ``exp(x - max) / sum`` explicitly, else by ``torch.softmax``. The explicit form
+    never takes ``exp`` of ``-inf`` or of subnormal results, both slow to compute: exponents are
+    floored at :func:`_exp_floor` and masked entries are zeroed after the ``exp``.
     """
     empty = None if allowed is None else ~allowed.any(-1, keepdim=True)
-    if x.device.type == "cpu" and x.shape[-1] < SHORT_ROW:
+    if dispatch.softmax_rows_explicit(x.shape[-1], x.device):
         xm = x if allowed is None else x.masked_fill(~allowed, float("-inf"))
         mx = xm.amax(-1, keepdim=True)
         if empty is not None:
@@ -115,38 +103,12 @@ def _math(
     return torch.matmul(wd, v), w
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu_vector_width() -> int:
-    """fp32 lanes of the CPU kernels PyTorch dispatches to (16 with AVX-512, 8 with AVX2, else 4)."""
-    cap = torch.backends.cpu.get_cpu_capability()
-    return 16 if "AVX512" in cap else 8 if "AVX2" in cap else 4
-
-
-def cpu_key_padding(m: int, device: torch.device, dtype: torch.dtype) -> int:
-    """Keys to append (masked out) before PyTorch's CPU SDPA so its key loops have no long scalar tail.
-
-    The CPU flash-attention kernel vectorises its per-row max / exp / sum over the keys in
-    chunks of the vector width W (16 fp32 lanes with AVX-512) and handles the last ``M % W``
-    keys one by one, with a scalar ``exp`` ~5x the cost per key. So M = 30 costs 2.5x M = 32
-    (5.2 vs 2.0 ms for (256, 4, M, 16) on one thread, AVX-512) and M = 38 1.5x M = 48. Padding the
-    keys to the next multiple of W with an additive -inf mask gives the same softmax (the padded
-    keys weigh exactly 0). Returns the padding (0 unless on CPU, float32, and the tail is more
-    than W / 4 keys: shorter tails cost no more than the padded keys and the copy - M = 36 broke
-    even, M = 38 gained 1.27x; ``benchmarks/results/cpu_small_attention.md``).
-    """
-    if device.type != "cpu" or dtype != torch.float32:
-        return 0
-    w = _cpu_vector_width()
-    tail = m % w
-    return w - tail if tail > w // 4 else 0
-
-
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, am: AttentionMask, scale: float, dropout_p: float) -> Tensor:
     gqa = q.shape[1] != k.shape[1]
     kinds = am.kinds()
     if kinds == ["causal"] and am.n == am.m:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa)
-    pad = cpu_key_padding(am.m, q.device, q.dtype)
+    pad = dispatch.cpu_key_padding(am.m, q.device, q.dtype)
     if not kinds and not pad:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
     allowed = am.dense()
@@ -256,9 +218,9 @@ def softmax_attention(
         backend: "sdpa" (PyTorch fused kernels), "flex" (FlexAttention; masks become a
             FlexAttention BlockMask), "math" (explicit, any dtype incl. float64, can return
             weights), "block_sparse" (:func:`attnlib.kernels.block_sparse_attention`; all
-            masks are combined into one BlockMask) or "auto": math when weights are
-            requested; the block-sparse kernel when the masks include a BlockMask (and no
-            dropout), so the BlockMask is never densified; else SDPA.
+            masks are combined into one BlockMask) or "auto" (:func:`attnlib.dispatch.softmax_backend`:
+            math when weights are requested; the block-sparse kernel when the masks include a
+            BlockMask and there is no dropout; else SDPA).
         return_weights: also return the (B, H, N, M) attention weights (math backend).
         compile_flex: run FlexAttention through ``torch.compile`` (the fast path).
 
@@ -275,14 +237,17 @@ def softmax_attention(
         raise UnsupportedError(
             f"softmax_attention: backend {backend!r} cannot return weights; use backend='math' or 'auto'"
         )
-    if backend == "math" or (backend == "auto" and return_weights):
+    route = dispatch.softmax_backend(
+        backend, return_weights=return_weights, block_mask=am.block is not None, dropout_p=dropout_p
+    )
+    if route == "math":
         out, w = _math(q, k, v, am.dense(), scale, dropout_p)
         return (out, w) if return_weights else out
-    if backend == "block_sparse" or (backend == "auto" and am.block is not None and dropout_p == 0):
+    if route == "block_sparse":
         if dropout_p > 0:
             raise UnsupportedError("softmax_attention: the 'block_sparse' backend has no attention dropout")
         return _block_sparse(q, k, v, am, scale)
-    if backend == "flex":
+    if route == "flex":
         if dropout_p > 0:
             raise UnsupportedError("softmax_attention: the 'flex' backend has no attention dropout")
         return _flex(q, k, v, am, scale, compile_flex)

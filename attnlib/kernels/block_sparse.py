@@ -16,7 +16,8 @@ the pairs a :class:`attnlib.masks.BlockMask` allows, visiting only its active bl
   gradients.
 
 This module sits at the bottom of attnlib's layers: it reads the BlockMask's public tensors
-(duck-typed) and imports nothing from attnlib but its error type.
+(duck-typed) and imports nothing from attnlib but its error type and :mod:`attnlib.dispatch`
+(which path runs where).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from attnlib import dispatch
 from attnlib.errors import UnsupportedError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -153,7 +155,8 @@ def block_sparse_attention(
         block_mask: :class:`attnlib.masks.BlockMask` for (N, M), shared (B'=1, H'=1) or per
             batch / head. Partial blocks are masked element-wise.
         scale: logit scale, default D**-0.5.
-        backend: "auto" (Triton on CUDA when it supports the call, else PyTorch), "triton" or
+        backend: "auto" (Triton where :func:`attnlib.dispatch.triton_preferred` says so - CUDA -
+            and it supports the call, else PyTorch), "triton" or
             "torch". With ``TRITON_INTERPRET=1``, "triton" runs CPU tensors through Triton's
             interpreter.
         return_lse: also return the natural-log log-sum-exp (B, H, N), float32 (float64 for
@@ -172,7 +175,7 @@ def block_sparse_attention(
         if why is not None:
             raise UnsupportedError(f"block_sparse_attention(backend='triton'): {why}")
         impl = "triton"
-    elif backend == "auto" and q.is_cuda and triton_supports(q, k, v, block_mask) is None:
+    elif backend == "auto" and dispatch.triton_preferred(q.device) and triton_supports(q, k, v, block_mask) is None:
         impl = "triton"
     else:
         impl = "torch"
@@ -452,13 +455,9 @@ def _groups(bm: Any, b: int, h: int, hk: int, d: int, bk: int) -> tuple[list[_Gr
     return groups, empty
 
 
-def _cpu_flash_ok(q: Tensor, v: Tensor) -> bool:
-    return q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
-
-
 def _part_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     """Attention of rows q (R, X, bq, D) over k/v (R, X, L, ·) with additive bias -> (out, lse)."""
-    if _cpu_flash_ok(q, v):
+    if dispatch.fused_cpu_block_parts(q.device, q.shape[-1], v.shape[-1]):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q,
             k,
@@ -485,7 +484,7 @@ def _part_backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bias: Tensor | None, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of one part given the *global* out and lse of its rows (lse = +inf on empty rows)."""
-    if _cpu_flash_ok(q, v):
+    if dispatch.fused_cpu_block_parts(q.device, q.shape[-1], v.shape[-1]):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             do,
             q,

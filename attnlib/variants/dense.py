@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnlib import dispatch
 from attnlib.functional.local import local_attention, local_importance
 from attnlib.functional.softmax import (
-    FEW_KEYS,
     softmax_attention,
     softmax_attention_importance,
     softmax_importance,
@@ -35,9 +35,9 @@ class SoftmaxAttention(AttentionCore):
     Args:
         num_heads, head_dim: set by :class:`attnlib.Attention`.
         backend: "auto" (SDPA; math when weights are requested; a one-pass query-chunked math
-            path giving output and importance together when only importance is requested; on
-            CPU with fewer than ``FEW_KEYS`` = 16 keys always the explicit math path, faster
-            there than SDPA), "sdpa", "flex" or "math". (Single-query steps with importance and
+            path giving output and importance together when only importance is requested; the
+            explicit math path where :func:`attnlib.dispatch.few_keys_explicit` says so (few
+            keys on CPU)), "sdpa", "flex" or "math". (Single-query steps with importance and
             many keys: SDPA plus the weight row, bit-identical to the step without importance.)
         scale: logit scale, default head_dim**-0.5.
     """
@@ -91,11 +91,10 @@ class SoftmaxAttention(AttentionCore):
                 return_weights=True,
             )
             return CoreOutput(out, weights=w, importance=w.mean(2) if need_importance else None)
-        short = self.backend == "auto" and q.device.type == "cpu" and k.shape[2] < FEW_KEYS and mask.block is None
+        short = self.backend == "auto" and mask.block is None and dispatch.few_keys_explicit(k.shape[2], q.device)
         if short and not need_importance:
-            # few keys on CPU: the explicit path beats SDPA's flash kernel, whose fixed per-(batch, head)
-            # cost dominates there (e.g. the 9-token blocks of a pruned ViT); same kernel as below, so
-            # asking for importance never changes the output bits
+            # the explicit path, the same kernel as below, so asking for importance never changes
+            # the output bits
             out = softmax_attention(q, k, v, mask=mask, scale=self.scale, dropout_p=dropout_p, backend="math")
             return CoreOutput(out)  # type: ignore[arg-type]
         if need_importance and self.backend in ("auto", "math") and mask.block is None and (q.shape[2] > 1 or short):

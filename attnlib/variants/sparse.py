@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlib import dispatch
 from attnlib.functional.softmax import softmax_attention, softmax_importance
 from attnlib.kernels import block_sparse_attention
 from attnlib.masks import AttentionMask, BlockMask, MaskLike, grat_permutation
@@ -84,12 +85,10 @@ def _run_block(
 ) -> CoreOutput:
     """Exact attention under ``bm`` through the block-sparse kernel (+ weights / importance on request).
 
-    A layout whose every block is full (e.g. a window wider than the sequence, or N below one
-    block) is dense attention: it takes the dense path (SDPA / the short-row CPU softmax)
-    instead of padding the sequence to the block size (17 tokens in 128-blocks trained a ViT
-    10x slower than softmax).
+    A layout that :func:`attnlib.dispatch.block_layout_as_dense` routes to dense attention (every
+    block full) takes the dense path (:func:`softmax_attention`) instead.
     """
-    if bm.all_full():
+    if dispatch.block_layout_as_dense(bm):
         out = softmax_attention(q, k, v, scale=scale)
     else:
         out = block_sparse_attention(q, k, v, bm, scale=scale)

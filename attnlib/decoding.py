@@ -1,0 +1,269 @@
+"""Incremental causal decoding for :class:`attnlib.Attention`: caches, decode modes, the cached forward.
+
+:meth:`attnlib.Attention.init_cache` makes an :class:`AttentionCache`;
+``Attention.forward(x, cache=...)`` feeds the next tokens through :func:`forward_cached`. How a
+module decodes follows from its variant's capabilities (:func:`decode_mode`): the variant's
+recurrent ``step``, a key/value cache, or recomputation over the cached prefix.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from attnlib._validation import describe
+from attnlib.errors import UnsupportedError
+from attnlib.masks import MaskLike, normalize_mask
+from attnlib.positional import RotaryPositions
+from attnlib.registry import Capabilities
+
+if TYPE_CHECKING:  # pragma: no cover
+    from attnlib.attention import Attention, AttentionExtras
+
+__all__ = ["AttentionCache", "decode_mode", "forward_cached", "init_cache"]
+
+_CACHE_MODES = ("recurrent", "kv", "recompute")
+
+
+def decode_mode(caps: Capabilities) -> str | None:
+    """How a causal module with these capabilities decodes incrementally, or None if it cannot.
+
+    * ``"recurrent"`` (``caps.recurrent``): the variant's own ``step`` with an O(1)-size state.
+    * ``"kv"`` (``caps.causal_cross``): keys/values are cached and new queries attend to the
+      whole cache with a bottom-right aligned causal mask.
+    * ``"recompute"`` (``caps.causal`` only): queries, keys and values of every position are
+      cached and the causal core runs over the whole prefix; only the new rows are kept. Exact
+      for any variant without future leakage, at O(prefix) cost per step.
+    """
+    if caps.recurrent:
+        return "recurrent"
+    if caps.causal_cross:
+        return "kv"
+    if caps.causal:
+        return "recompute"
+    return None
+
+
+class AttentionCache:
+    """Incremental-decoding state of one :class:`Attention` (see :meth:`Attention.init_cache`).
+
+    Attributes:
+        mode: ``"recurrent"``, ``"kv"`` or ``"recompute"`` (see :func:`decode_mode`).
+        length: tokens consumed so far (the rotary position of the next token).
+        size: entries held in the key/value buffers; equals ``length`` unless entries were
+            evicted with :meth:`evict` (KV-cache eviction, :mod:`attnlib.pruning`).
+        valid: (B, size) bool, which held entries are real (after an eviction that kept
+            different counts per sequence), or None when all are.
+        k, v: (B, H_kv, capacity, D) key/value buffers (``kv`` and ``recompute`` modes; the first
+            ``size`` entries are valid), rotary positions already applied.
+        q: (B, H, capacity, D) query buffer (``recompute`` mode only).
+        state: the variant's recurrent state (``recurrent`` mode only).
+    """
+
+    def __init__(self, mode: str, batch: int) -> None:
+        if mode not in _CACHE_MODES:
+            raise ValueError(f"cache mode must be one of {_CACHE_MODES}, got {mode!r}")
+        self.mode = mode
+        self.batch = batch
+        self.length = 0
+        self.size = 0
+        self.valid: Tensor | None = None
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+        self.q: Tensor | None = None
+        self.state: dict[str, Tensor] | None = None
+
+    @staticmethod
+    def _append(buf: Tensor | None, new: Tensor, length: int) -> Tensor:
+        """Write new (B, H, n, D) at positions length..length+n of buf, growing it by doubling."""
+        need = length + new.shape[2]
+        if buf is None or buf.shape[2] < need:
+            cap = max(16, 1 << (need - 1).bit_length())
+            grown = new.new_zeros(new.shape[0], new.shape[1], cap, new.shape[3])
+            if buf is not None and length:
+                grown[:, :, :length] = buf[:, :, :length]
+            buf = grown
+        buf[:, :, length:need] = new
+        return buf
+
+    def evict(self, index: Tensor, valid: Tensor | None = None) -> None:
+        """Keep only the cached entries ``index`` (B, K) long (ascending per row) - KV-cache eviction.
+
+        ``valid`` (B, K) bool marks padding entries (rows that keep fewer than K); they are
+        masked out of every later attention. Only ``kv`` caches can evict (a ``recompute``
+        cache re-runs queries over the prefix and a recurrent state has no entries). The
+        rotary position of the next token (``length``) is unchanged: cached keys are stored
+        already rotated, so evicting them is safe.
+        """
+        if self.mode != "kv":
+            raise ValueError(f"only a 'kv' cache can evict entries, this cache is {self.mode!r}")
+        if index.dim() != 2 or index.shape[0] != self.batch or index.dtype != torch.long:
+            raise ValueError(f"index must be (B={self.batch}, K) long, got {index.dtype} {tuple(index.shape)}")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.size):
+            raise ValueError(f"index entries must lie in [0, size={self.size})")
+        if valid is not None and tuple(valid.shape) != tuple(index.shape):
+            raise ValueError(f"valid must match index {tuple(index.shape)}, got {tuple(valid.shape)}")
+        k_new = index.shape[1]
+        for name in ("k", "v"):
+            buf = getattr(self, name)
+            if buf is None:
+                continue
+            idx = index[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3])
+            kept = buf[:, :, : self.size].gather(2, idx)
+            buf[:, :, :k_new] = kept
+        old = self.valid
+        if old is not None:
+            keep_valid = old.gather(1, index)
+            valid = keep_valid if valid is None else valid & keep_valid
+        self.valid = None if valid is None or bool(valid.all()) else valid
+        self.size = k_new
+
+    def reorder(self, index: Tensor) -> None:
+        """Select/reorder batch entries in place (beam search): index (B',) long."""
+        if self.valid is not None:
+            self.valid = self.valid.index_select(0, index)
+        for name in ("k", "v", "q"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index))
+        if self.state is not None:
+            self.state = {
+                key: (t.index_select(0, index) if t.dim() > 0 and t.shape[0] == self.batch else t)
+                for key, t in self.state.items()
+            }
+        self.batch = int(index.numel())
+
+    def __repr__(self) -> str:
+        return f"AttentionCache(mode={self.mode!r}, batch={self.batch}, length={self.length}, size={self.size})"
+
+
+def init_cache(attn: Attention, batch: int, mode: str | None) -> AttentionCache:
+    """An empty cache for ``batch`` sequences of ``attn`` (see :meth:`Attention.init_cache`)."""
+    if not attn.causal:
+        raise ValueError(
+            f"init_cache needs a causal Attention (build it with causal=True); this {attn.variant!r} module is not"
+        )
+    caps = attn.core.capabilities
+    mode = decode_mode(caps) if mode is None else mode
+    if mode not in _CACHE_MODES:
+        raise ValueError(f"cache mode must be one of {_CACHE_MODES} or None, got {mode!r}")
+    if mode == "recurrent" and not caps.recurrent:
+        raise UnsupportedError(f"variant {attn.variant!r} has no recurrent step (capabilities.recurrent=False)")
+    if mode == "kv" and not caps.causal_cross:
+        raise UnsupportedError(
+            f"variant {attn.variant!r} cannot attend from new queries to a longer key cache "
+            "(capabilities.causal_cross=False); use mode='recompute'"
+        )
+    cache = AttentionCache(mode, batch)
+    if mode == "recurrent":
+        w = attn.in_proj.weight
+        cache.state = attn.core.initial_state(batch, dtype=w.dtype, device=w.device)
+    return cache
+
+
+def _check_call(
+    cache: object,
+    context: Tensor | None,
+    return_extras: bool,
+    position_offset: int,
+    positions: Tensor | RotaryPositions | None,
+    weights_query: int | None,
+) -> AttentionCache:
+    """The ``forward`` arguments that do not go with ``cache=`` raise ValueError."""
+    if positions is not None:
+        raise ValueError("with cache=, positions come from cache.length; do not pass positions")
+    if weights_query is not None:
+        raise ValueError("weights_query= is not supported with cache= (decoding); pass it without a cache")
+    if not isinstance(cache, AttentionCache):
+        raise ValueError(f"cache must be an AttentionCache from init_cache(), got {describe(cache)}")
+    if context is not None:
+        raise ValueError("cache= is for causal self-attention decoding; context must be None")
+    if return_extras and cache.mode != "kv":
+        raise ValueError(
+            f"return_extras is not available with a {cache.mode!r} cache (only with a 'kv' cache); "
+            "call forward without a cache for extras"
+        )
+    if position_offset:
+        raise ValueError("with cache=, positions come from cache.length; do not pass position_offset")
+    return cache
+
+
+def _step_recurrent(attn: Attention, q: Tensor, k: Tensor, v: Tensor, cache: AttentionCache) -> Tensor:
+    """The variant's recurrent ``step`` over the N new tokens, one at a time -> (B, H, N, Dv)."""
+    k, v = attn._repeat_kv(k, v, always=True)  # a recurrent step takes one key/value head per query head
+    state = cache.state
+    if state is None:
+        raise ValueError("recurrent cache has no state; make caches with Attention.init_cache()")
+    outs = []
+    for t in range(q.shape[2]):
+        o, state = attn.core.step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
+        outs.append(o)
+    cache.state = state
+    return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+
+
+def forward_cached(
+    attn: Attention,
+    x: Tensor,
+    cache: AttentionCache,
+    mask: MaskLike | list[MaskLike],
+    context: Tensor | None,
+    return_extras: bool,
+    position_offset: int,
+    positions: Tensor | RotaryPositions | None,
+    weights_query: int | None,
+) -> Tensor | tuple[Tensor, AttentionExtras]:
+    """Incremental causal decoding of x (B, N, dim) after the cache's tokens -> (B, N, dim).
+
+    ``Attention.forward(x, cache=cache, ...)``: the arguments are :meth:`Attention.forward`'s.
+    """
+    cache = _check_call(cache, context, return_extras, position_offset, positions, weights_query)
+    attn._check_inputs(x, None)
+    b, n = x.shape[0], x.shape[1]
+    if b != cache.batch:
+        raise ValueError(f"batch mismatch: x has B={b} but the cache was made for B={cache.batch}")
+    start = cache.length
+    fill = cache.size
+    q, k, v = attn._project_rotated(x, start)
+    if cache.mode == "recurrent":
+        if mask is not None:
+            raise UnsupportedError(
+                f"variant {attn.variant!r} decodes with its recurrent step, which takes no mask; "
+                "decode sequences without padding (or use init_cache(mode='recompute'))"
+            )
+        out = _step_recurrent(attn, q, k, v, cache)
+        attn.pending_aux_loss = None
+        res = None
+    else:
+        total = fill + n
+        if cache.size != cache.length and mask is not None:
+            raise ValueError(
+                "this cache has evicted entries; a key-padding mask over all tokens so far no longer "
+                "lines up with it - decode without mask= after eviction"
+            )
+        cache.k = cache._append(cache.k, k, fill)
+        cache.v = cache._append(cache.v, v, fill)
+        kk, vv = cache.k[:, :, :total], cache.v[:, :, :total]
+        if cache.mode == "recompute":
+            cache.q = cache._append(cache.q, q, start)
+            q = cache.q[:, :, :total]
+        heads = attn.num_heads
+        am = normalize_mask(mask, causal=True, batch=b, heads=heads, n=q.shape[2], m=total, device=x.device)
+        if am.full is not None or am.window is not None or am.block is not None:
+            raise ValueError("with cache=, mask may only be key padding (B, cache.length + N)")
+        if cache.valid is not None:
+            held = torch.cat([cache.valid, cache.valid.new_ones(b, n)], 1)
+            am = normalize_mask(held, causal=True, batch=b, heads=heads, n=q.shape[2], m=total, device=x.device)
+        res = attn._attend(q, *attn._repeat_kv(kk, vv), am, need_importance=return_extras)
+        out = res.out[:, :, -n:]
+        attn.pending_aux_loss = res.aux_loss
+        if cache.valid is not None:
+            cache.valid = torch.cat([cache.valid, cache.valid.new_ones(b, n)], 1)
+    cache.length = start + n
+    cache.size = fill + n
+    y = attn._project_out(out)
+    if not return_extras:
+        return y
+    return y, attn._extras(res)

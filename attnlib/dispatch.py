@@ -1,0 +1,124 @@
+"""Machine and backend policy: every rule that picks one of several equivalent code paths.
+
+The math lives in :mod:`attnlib.functional` and :mod:`attnlib.kernels`; which of its
+interchangeable forms runs for a given call (device, dtype, shape) is decided here, so that
+tuning attnlib for a machine means editing this module only. No rule changes what is computed:
+each path gives the same result up to rounding. The measurements behind the thresholds are in
+``benchmarks/results/`` (``cpu_small_attention.md`` for the short-sequence CPU rules).
+
+This is a leaf module (it imports torch only), so the functional and kernel layers can ask it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+__all__ = [
+    "FEW_KEYS",
+    "SHORT_ROW",
+    "block_layout_as_dense",
+    "cpu_key_padding",
+    "cpu_vector_width",
+    "few_keys_explicit",
+    "fused_cpu_block_parts",
+    "softmax_backend",
+    "softmax_rows_explicit",
+    "triton_preferred",
+]
+
+SHORT_ROW = 32
+"""Softmax rows shorter than this are computed explicitly on CPU (:func:`softmax_rows_explicit`)."""
+
+FEW_KEYS = 16
+"""Below this many keys the ``softmax`` variant runs the explicit path on CPU, not SDPA (:func:`few_keys_explicit`)."""
+
+
+def softmax_rows_explicit(m: int, device: torch.device) -> bool:
+    """Whether a row softmax over ``m`` entries is written out as ``exp(x - max) / sum``.
+
+    True on CPU for rows shorter than :data:`SHORT_ROW`, where PyTorch's softmax kernel has a
+    per-row overhead that dominates (the rows of a pruned ViT's attention); else ``torch.softmax``.
+    """
+    return device.type == "cpu" and m < SHORT_ROW
+
+
+def few_keys_explicit(m: int, device: torch.device) -> bool:
+    """Whether exact softmax attention over ``m`` keys takes the explicit path instead of SDPA.
+
+    True on CPU with fewer than :data:`FEW_KEYS` keys, where the fixed per-(batch, head) cost of
+    SDPA's flash kernel dominates (e.g. the 9-token blocks of a pruned ViT). Used by the
+    ``softmax`` variant's "auto" backend.
+    """
+    return device.type == "cpu" and m < FEW_KEYS
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_vector_width() -> int:
+    """fp32 lanes of the CPU kernels PyTorch dispatches to (16 with AVX-512, 8 with AVX2, else 4)."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    return 16 if "AVX512" in cap else 8 if "AVX2" in cap else 4
+
+
+def cpu_key_padding(m: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Keys to append (masked out) before PyTorch's CPU SDPA so its key loops have no long scalar tail.
+
+    The CPU flash-attention kernel vectorises its per-row max / exp / sum over the keys in
+    chunks of the vector width W (:func:`cpu_vector_width`) and handles the last ``M % W`` keys
+    one by one, each several times the cost of a vectorised key. Padding the keys to the next
+    multiple of W with an additive -inf mask gives the same softmax (the padded keys weigh
+    exactly 0). Returns the padding: 0 unless on CPU, float32, and the tail is more than W / 4
+    keys (shorter tails cost no more than the padded keys and the copy;
+    ``benchmarks/results/cpu_small_attention.md``).
+    """
+    if device.type != "cpu" or dtype != torch.float32:
+        return 0
+    w = cpu_vector_width()
+    tail = m % w
+    return w - tail if tail > w // 4 else 0
+
+
+def softmax_backend(backend: str, *, return_weights: bool, block_mask: bool, dropout_p: float) -> str:
+    """The backend of :func:`attnlib.functional.softmax_attention`: ``backend`` unless it is "auto".
+
+    "auto" is "math" when weights are requested (the only backend that returns them);
+    "block_sparse" when the masks include a BlockMask and there is no dropout, so the BlockMask is
+    never densified; else "sdpa" (PyTorch's fused kernels, on CPU and GPU).
+    """
+    if backend != "auto":
+        return backend
+    if return_weights:
+        return "math"
+    if block_mask and dropout_p == 0:
+        return "block_sparse"
+    return "sdpa"
+
+
+def block_layout_as_dense(block_mask: Any) -> bool:
+    """Whether attention under a block-sparse layout runs as dense attention instead of the kernel.
+
+    True when every block is full (e.g. a window wider than the sequence, or a sequence shorter
+    than one block): the dense path (SDPA / the short-row CPU softmax) then computes the same
+    thing without padding the sequence to the block size.
+    """
+    return bool(block_mask.all_full())
+
+
+def triton_preferred(device: torch.device) -> bool:
+    """Whether :func:`attnlib.kernels.block_sparse_attention`'s "auto" backend tries Triton first.
+
+    True on CUDA (it still falls back to the PyTorch path when the Triton kernel cannot run the
+    call); elsewhere the PyTorch path runs.
+    """
+    return device.type == "cuda"
+
+
+def fused_cpu_block_parts(device: torch.device, head_dim: int, value_dim: int) -> bool:
+    """Whether the PyTorch block-sparse path runs each part through PyTorch's fused CPU flash kernel.
+
+    That kernel (forward and backward, with the log-sum-exp the parts are merged by) exists on CPU
+    only and needs D == Dv; elsewhere each part is computed explicitly.
+    """
+    return device.type == "cpu" and head_dim == value_dim
