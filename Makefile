@@ -1,4 +1,4 @@
-# attnlib - the two commands of the README quickstart: `make demo` and `make test`.
+# attnlib - the two commands of the README quickstart: `make demo` and `make test` (and `make docs`).
 # Each bootstraps .venv idempotently (torch==2.13.0 CPU wheel; an installed torch 2.13.0 is kept).
 
 SHELL := /bin/bash
@@ -9,7 +9,7 @@ TORCH_PIN := 2.13.0
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo compare test lint info bench-overhead bench bench-speed bench-approx bench-quality bench-smoke setup clean
+.PHONY: demo compare test lint info docs bench-overhead bench bench-speed bench-approx bench-quality bench-smoke setup clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,12 @@ lint: $(STAMP)
 info: $(STAMP)
 	$(VENV)/bin/attnlib-info
 
+# The documentation site (mkdocs, material theme, API reference from the docstrings) into site/;
+# the README's variant table is regenerated from the registry first.
+docs: $(STAMP)
+	$(PY) docs/gen_variant_table.py
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 bench-overhead: $(STAMP)
 	$(PY) benchmarks/module_overhead.py
 
@@ -57,7 +63,7 @@ bench-quality: $(STAMP)
 	$(VENV)/bin/attnlib-bench bench=quality_cpu
 
 bench-smoke: $(STAMP)
-	$(VENV)/bin/attnlib-bench bench=smoke out_dir=/tmp/attnlib-bench-smoke
+	$(VENV)/bin/attnlib-bench bench=smoke out_dir=$${TMPDIR:-/tmp}/attnlib-bench-smoke
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info site

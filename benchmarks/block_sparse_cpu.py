@@ -12,7 +12,7 @@ Dense SDPA gets the dense bool mask up to --sdpa-mask-max-n (is_causal=True for 
 beyond that the unmasked SDPA time is reported as the dense reference (marked *).
 
     python benchmarks/block_sparse_cpu.py                 # full sweep (~15-25 min on 2 cores)
-    python benchmarks/block_sparse_cpu.py --n 4096 --masks sliding_window   # the issue's bar
+    python benchmarks/block_sparse_cpu.py --n 4096 --masks sliding_window   # the target configuration
 
 Writes benchmarks/results/block_sparse_cpu.{md,json}.
 """

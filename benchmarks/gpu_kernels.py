@@ -13,8 +13,8 @@ B · N = 32k tokens and hidden 2048 (H = 2048 / d), as in the FlashAttention ben
    warm-up, autotuning and compilation excluded) of ours, SDPA (flash backend, dense) and
    compiled FlexAttention on the same BlockMask. Reported: effective TFLOP/s (dense FLOPs
    4·B·H·N²·D per forward, x3.5 for forward + backward, divided by time), actual TFLOP/s
-   (that times the block density), ours/SDPA speedup and ours/Flex speedup, and the bars of
-   the issue: density 1.0 -> ours >= 0.9x SDPA; density d in [0.1, 0.5] -> speedup over dense
+   (that times the block density), ours/SDPA speedup and ours/Flex speedup, and the targets:
+   density 1.0 -> ours >= 0.9x SDPA; density d in [0.1, 0.5] -> speedup over dense
    >= 0.8/d and >= FlexAttention.
 
     python benchmarks/gpu_kernels.py [--deadline 420] [--n 4096 8192 16384 32768] [--d 128 64]

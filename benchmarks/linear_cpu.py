@@ -14,7 +14,7 @@ calls after its projections) under ``torch.no_grad()``; the baseline is
   process's peak RSS during the call (VmHWM, reset just before it) minus its RSS just before
   (inputs and warm-up excluded), i.e. the attention's own working memory + output.
 
-Writes ``benchmarks/results/linear_cpu.{md,json}`` and checks the issue's bar (speed-ups at
+Writes ``benchmarks/results/linear_cpu.{md,json}`` and checks the targets (speed-ups at
 N=16384, memory ratio N=65536 / N=8192). Usage::
 
     python benchmarks/linear_cpu.py                 # full run (~15 min, SDPA at 64k dominates)
@@ -201,7 +201,7 @@ def write(records, info, ns, args) -> None:
                     row.append("-" if pk is None else f"{pk:.1f}")
                 rows.append(row)
             lines += [markdown_table(["N", *impls], rows), ""]
-    lines.append("## The issue's bar")
+    lines.append("## Targets")
     lines.append("")
     checks = []
     if 16384 in ns:

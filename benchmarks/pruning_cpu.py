@@ -1,7 +1,7 @@
 """Token pruning on CPU: accuracy, FLOPs and inference throughput of vit_digits with topk / ltp.
 
-    .venv/bin/python benchmarks/pruning_cpu.py --seeds 0,1,2,3,4 [--work /tmp/attnlib-pruning] [--runs 9]
-    .venv/bin/python benchmarks/pruning_cpu.py --setting px1 --seeds 0,1,2 [--work /tmp/attnlib-pruning-px1]
+    .venv/bin/python benchmarks/pruning_cpu.py --seeds 0,1,2,3,4 [--work DIR] [--runs 9]
+    .venv/bin/python benchmarks/pruning_cpu.py --setting px1 --seeds 0,1,2 [--work DIR]
     .venv/bin/python benchmarks/pruning_cpu.py --setting px1 --core-only --ft-steps 2400  # longer fine-tunes
 
 ``--setting`` (:data:`SETTINGS`) picks the tokenisation of the same 8x8 digits: ``px2`` (default,
@@ -10,7 +10,8 @@
 2400 dense steps + 800-step fine-tunes at batch 64). Counts below are for px2; px1 keeps the same
 fractions (32 of 64 patches).
 
-1. Trains per seed (``--seeds``; cached in ``--work``, reused when finished), all with ``attnlib-train``:
+1. Trains per seed (``--seeds``; cached in ``--work``, default ``$TMPDIR/attnlib-pruning[-px1]``, reused
+   when finished), all with ``attnlib-train``:
    * ``experiment=vit_digits`` - the unpruned softmax baseline (2500 steps from scratch);
    * then, starting from that baseline (``init_from``) and distilling from it (``distill_from``,
      soft KD, weight 0.5, T = 1), the same fine-tune recipe for every config (1000 steps, peak
@@ -25,7 +26,7 @@ fractions (32 of 64 patches).
    Pruners score tokens by ``score`` of the experiment config (``RUNS``).
 2. Evaluates on the 360 test digits (1 image = 0.28 points): accuracies are means over the seeds
    (the same seeds for every row; per seed in the JSON): the models above, the same weights at
-   other eval-time keep ratios / thresholds (3 per pruner, as the issue asks), post-hoc pruning of
+   other eval-time keep ratios / thresholds (3 per pruner), post-hoc pruning of
    the baseline (no fine-tuning, for contrast), and the ltp model on a padded batch
    (``ragged="pad"``) instead of the default packed-by-length layout (``ragged="groups"``,
    :mod:`attnlib.models.ragged`) for the speed contrast.
@@ -38,6 +39,7 @@ fractions (32 of 64 patches).
 
 Writes benchmarks/results/pruning_cpu{,_px1}.{json,md} (``Setting.out_stem``). Machine, threads and
 load average (start and end) are recorded: on a shared, busy machine compare the ratios of the interleaved runs.
+Paths in the results are written relative to the repository or as ``$TMPDIR/...``, never absolute.
 """
 
 from __future__ import annotations
@@ -62,6 +64,13 @@ from attnlib.models import build_model
 
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "results"
+sys.path.insert(0, str(ROOT))
+from _common import default_work_dir, display_path, portable_paths  # noqa: E402
+
+
+def _px_suffix(setting: str) -> str:
+    return "" if setting == "px2" else f"-{setting}"
+
 
 RUNS: dict[str, list[str]] = {
     "base": ["experiment=vit_digits"],
@@ -267,7 +276,7 @@ def build_models(cks: dict[str, dict[str, Any]], data: Any, setting: Setting) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", choices=sorted(SETTINGS), default="px2", help="tokenisation (see SETTINGS)")
-    ap.add_argument("--work", default=None, help="run cache (default /tmp/attnlib-pruning[-px1])")
+    ap.add_argument("--work", default=None, help="run cache (default $TMPDIR/attnlib-pruning[-px1])")
     ap.add_argument("--core-only", action="store_true", help=f"skip the optional runs and rows {OPTIONAL}")
     ap.add_argument(
         "--split", choices=("test", "val"), default="test", help="accuracy split (val: for tuning; writes *_val.*)"
@@ -284,7 +293,7 @@ def main() -> None:
     ap.add_argument("--note", default="", help="a sentence added to the markdown (e.g. where cached runs came from)")
     args = ap.parse_args()
     setting = SETTINGS[args.setting]
-    work = Path(args.work or ("/tmp/attnlib-pruning" + ("" if setting.name == "px2" else f"-{setting.name}")))
+    work = Path(args.work) if args.work else default_work_dir(f"attnlib-pruning{_px_suffix(setting.name)}")
     seeds = [int(x) for x in args.seeds.split(",")]
     runs = {k: v for k, v in setting.runs.items() if not (args.core_only and k in OPTIONAL)}
     runs = with_ft_steps(runs, args.ft_steps)
@@ -368,7 +377,7 @@ def main() -> None:
         note="ratios of interleaved runs (order shuffled each round) are the meaningful numbers; the control "
         "row (baseline architecture) shows the timing noise",
         loadavg_start=load_start,
-        work=str(work),
+        work=display_path(work),
         batch=256,
         runs=args.runs,
         seconds=time.perf_counter() - t_start,
@@ -387,7 +396,8 @@ def main() -> None:
         },
     )
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{stem}.json").write_text(json.dumps({"meta": meta, "vit_digits": rows}, indent=2, default=str))
+    payload = portable_paths({"meta": meta, "vit_digits": rows}, work)
+    (OUT / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str))
 
     def fmt_load(v: Any) -> str:
         return ", ".join(f"{x:.2f}" for x in (v or []))
@@ -437,7 +447,7 @@ def main() -> None:
         "",
         "FLOPs count the tokens each block computes (the longest row for every row of a padded batch, the real "
         "counts when packed by length); `tokens per block` are the mean real counts of the timed batch. "
-        "Bar (issue 8): about 50% of tokens kept in the later layers, <= 1.5 points lost, >= 1.3x faster.",
+        "Targets: about 50% of tokens kept in the later layers, <= 1.5 points lost, >= 1.3x faster.",
     ]
     (OUT / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
