@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_mask
 
-from attnlib.masks import BlockMask, SlidingWindow, causal_mask, grat_permutation, normalize_mask, window_mask
+from attnlib.functional.grat import grat_permutation
+from attnlib.masks import BlockMask, SlidingWindow, causal_mask, normalize_mask, window_mask
 
 SHAPES = [(37, 37, 8), (40, 53, (8, 16)), (53, 40, 16), (64, 64, 16)]
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import attnlib
 from attnlib.functional import reference_attention
-from attnlib.masks import BlockMask, causal_mask, grat_permutation, normalize_mask, window_mask
+from attnlib.functional.grat import grat_permutation
+from attnlib.masks import BlockMask, causal_mask, normalize_mask, window_mask
 from attnlib.registry import get_variant
 from attnlib.testing import assert_close, make_qkv
 from attnlib.variants.sparse import _block_max_attention, freeze_all_but_gates

@@ -303,30 +303,7 @@ def flex_block_mask(am: AttentionMask) -> Any:
     unsupported = set(kinds) - {"causal", "window", "block_mask"}
     if unsupported:
         raise UnsupportedError(f"flex baseline: mask kinds {sorted(unsupported)} are not benchmarked")
-    if kinds == ["block_mask"]:
-        assert am.block is not None
-        return am.block.to_flex()
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    offset, causal, win = am.m - am.n, am.causal, am.window
-    blk = am.block.to_dense().to(am.device) if am.block is not None else None
-
-    def mask_mod(b: Tensor, h: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
-        ok = kv >= 0
-        if causal:
-            ok = ok & (kv <= qi + offset)
-        if win is not None:
-            if win.left is not None:
-                ok = ok & (kv >= qi + offset - win.left)
-            if win.right is not None:
-                ok = ok & (kv <= qi + offset + win.right)
-        if blk is not None:
-            ok = ok & blk[b if blk.shape[0] > 1 else b * 0, h if blk.shape[1] > 1 else h * 0, qi, kv]
-        return ok
-
-    bsz = am.batch if blk is not None and blk.shape[0] > 1 else None
-    hsz = am.heads if blk is not None and blk.shape[1] > 1 else None
-    return create_block_mask(mask_mod, bsz, hsz, am.n, am.m, device=am.device)
+    return am.to_flex()
 
 
 @functools.lru_cache(maxsize=2)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlib.errors import UnsupportedError
-from attnlib.masks import AttentionMask, MaskLike, normalize_mask
+from attnlib.masks import AttentionMask, MaskLike, causal_mask, normalize_mask
 
 __all__ = [
     "acc_dtype",
@@ -85,8 +85,8 @@ def safe_div(num: Tensor, den: Tensor) -> Tensor:
 
 
 def prefix_mask(n: int, device: torch.device) -> Tensor:
-    """Lower-triangular (n, n) bool mask (j <= i)."""
-    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    """Lower-triangular (n, n) bool mask (j <= i): :func:`attnlib.masks.causal_mask` with N = M."""
+    return causal_mask(n, device=device)
 
 
 def prefix_sum(x: Tensor, *, reverse: bool = False, block: int = 64) -> Tensor:

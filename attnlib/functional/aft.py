@@ -46,6 +46,7 @@ from torch import Tensor
 
 from attnlib.errors import UnsupportedError
 from attnlib.functional._scan import acc_dtype, prefix_sum, safe_div
+from attnlib.masks.predicates import MaskMod, and_mod, causal_mod, window_mod
 
 __all__ = ["aft_conv", "aft_full", "aft_local", "aft_simple"]
 
@@ -101,6 +102,13 @@ def _rows(buf: Tensor, first: int, count: int) -> Tensor:
     if b <= a:
         return buf.new_zeros(*buf.shape[:-2], count, buf.shape[-1])
     return F.pad(buf[..., a:b, :], (0, 0, a - first, first + count - b))
+
+
+def _on_rows(mask_mod: MaskMod, s: int, e: int, lo: int, hi: int, device: torch.device) -> Tensor:
+    """A predicate on rows s:e and keys lo:hi: bool (e - s, hi - lo)."""
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    rows = torch.arange(s, e, device=device)[:, None]
+    return mask_mod(zero, zero, rows, torch.arange(lo, hi, device=device)[None, :])
 
 
 def _aft(
@@ -174,6 +182,9 @@ def _aft(
         carry_num = torch.zeros(lead, dtype=dt, device=q.device)
         carry_den = torch.zeros(lead, dtype=dt, device=q.device)
 
+    # causal and band rules of the pair terms; positions are absolute (t, t'): predicates with T' = T
+    rules = ([causal_mod(t)] if causal else []) + ([] if full else [window_mod(left, right, t)])
+    pair_rule = and_mod(*rules) if rules else None
     outs: list[Tensor] = []
     mass = torch.zeros(*lead[:-2], tk, ch, dtype=dt, device=q.device) if need_importance else None
     u_rows: list[Tensor] = []  # importance: e^{-r_t} / den_t of every row (out-of-band weight)
@@ -225,12 +236,8 @@ def _aft(
                 hi = min(hi, e)
             wb, allowed = block(s, e, lo, hi)
             wb = wb.to(dt)
-            rows = torch.arange(s, e, device=q.device)[:, None]
-            cols = torch.arange(lo, hi, device=q.device)[None, :]
-            if causal:
-                allowed = allowed & (cols <= rows)
-            if not full:
-                allowed = allowed & (cols >= rows - left) & (cols <= rows + right)
+            if pair_rule is not None:
+                allowed = allowed & _on_rows(pair_rule, s, e, lo, hi, q.device)
             wmax = wb.masked_fill(~allowed, low).amax(-1, keepdim=True).detach()
             r = finite(wmax) if full else wmax.clamp_min(0.0)
             pair = torch.where(allowed, torch.exp(wb - r), torch.zeros_like(wb))
@@ -409,10 +416,10 @@ def aft_local(
     s_w = _check_window(window, "aft_local")
     src = _pair_source(w, t, tk, "aft_local")
 
+    band = window_mod(s_w - 1, s_w - 1, t)  # |t - t'| < s, in absolute positions
+
     def block(s: int, e: int, lo: int, hi: int) -> tuple[Tensor, Tensor]:
-        rows = torch.arange(s, e, device=q.device)[:, None]
-        cols = torch.arange(lo, hi, device=q.device)[None, :]
-        return src(s, e, lo, hi), (rows - cols).abs() < s_w
+        return src(s, e, lo, hi), _on_rows(band, s, e, lo, hi, q.device)
 
     out, imp = _aft(
         q,

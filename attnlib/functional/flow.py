@@ -420,7 +420,7 @@ def _flow_fast_causal(
     pos_all = vmask.to(dt).cumsum(-1)  # (B, N): 1-based position among real tokens
     out = q.new_empty(b, h, n, dv)
     inplace = grad_free(q, k, v)
-    tri = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    tri = prefix_mask(c, q.device)
     carry: dict[str, Tensor] = {}
     rows = block_rows(b, h, max(q.shape[-1], dv), c, n)
     for s in range(0, n, rows):

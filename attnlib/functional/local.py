@@ -18,6 +18,7 @@ from torch import Tensor
 from attnlib._validation import check_qkv
 from attnlib.functional.softmax import as_attention_mask, repeat_kv
 from attnlib.masks import AttentionMask, MaskLike
+from attnlib.masks.predicates import window_mod
 
 __all__ = ["default_chunk_size", "local_attention", "local_importance"]
 
@@ -70,7 +71,8 @@ def _chunks(
     vp = F.pad(v, (0, 0, left, nch * c - n + right)) if v is not None else None
     r = torch.arange(c, device=q.device)[:, None]
     t = torch.arange(seg, device=q.device)[None, :]
-    band = (t >= r) & (t <= r + span)  # (c, L)
+    zero = torch.zeros((), dtype=torch.long, device=q.device)
+    band = window_mod(left, right, c)(zero, zero, r, t - left)  # (c, L): query r, key t - left of the chunk
     kpad = None
     if am.key_padding is not None:
         kpad = F.pad(am.key_padding, (left, nch * c - n + right), value=False)

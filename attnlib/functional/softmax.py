@@ -133,45 +133,11 @@ def _compiled_flex() -> Callable[..., Tensor]:
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, am: AttentionMask, scale: float, compile: bool) -> Tensor:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
-    kinds = am.kinds()
-    n, m = am.n, am.m
-    if kinds == ["block_mask"]:
-        assert am.block is not None
-        bm = am.block.to_flex()
-    elif not kinds:
-        bm = None
-    else:
-        # one mask_mod ANDing everything (dense pieces are looked up)
-        offset = m - n
-        kp, full = am.key_padding, am.full
-        win = am.window
-        blk = am.block.to_dense().to(q.device) if am.block is not None else None
-        causal = am.causal
-
-        def mask_mod(b: Tensor, h: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
-            ok = kv >= 0
-            if causal:
-                ok = ok & (kv <= qi + offset)
-            if win is not None:
-                if win.left is not None:
-                    ok = ok & (kv >= qi + offset - win.left)
-                if win.right is not None:
-                    ok = ok & (kv <= qi + offset + win.right)
-            if kp is not None:
-                ok = ok & kp[b, kv]
-            if full is not None:
-                ok = ok & full[b if full.shape[0] > 1 else b * 0, h if full.shape[1] > 1 else h * 0, qi, kv]
-            if blk is not None:
-                ok = ok & blk[b if blk.shape[0] > 1 else b * 0, h if blk.shape[1] > 1 else h * 0, qi, kv]
-            return ok
-
-        bm = create_block_mask(mask_mod, q.shape[0], q.shape[1], n, m, device=q.device)
     fn = _compiled_flex() if compile else flex_attention
     gqa = q.shape[1] != k.shape[1]
-    out = fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa)
-    return out
+    return fn(q, k, v, block_mask=am.to_flex(), scale=scale, enable_gqa=gqa)
 
 
 def _block_sparse(q: Tensor, k: Tensor, v: Tensor, am: AttentionMask, scale: float) -> Tensor:
@@ -180,18 +146,9 @@ def _block_sparse(q: Tensor, k: Tensor, v: Tensor, am: AttentionMask, scale: flo
 
     block_size = am.block.block_size if am.block is not None else (128, 128)
     bm = am.as_block_mask(block_size)
-    if bm is None:  # nothing constrains the call: one full block row per query block
-        bm = BlockMask.from_topk(
-            torch.zeros(_ceil(am.n, block_size[0]), _ceil(am.m, block_size[1]), device=q.device),
-            k=_ceil(am.m, block_size[1]),
-            block_size=block_size,
-            seq_lengths=(am.n, am.m),
-        )
+    if bm is None:  # nothing constrains the call: every block kept
+        bm = BlockMask.all_blocks(am.n, am.m, block_size=block_size, device=q.device)
     return block_sparse_attention(q, k, v, bm, scale=scale)  # type: ignore[return-value]
-
-
-def _ceil(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def softmax_attention(

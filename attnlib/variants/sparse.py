@@ -21,7 +21,6 @@ softmax attention under "caller masks AND the variant's pattern".
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -30,9 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlib import dispatch
+from attnlib.functional.grat import grat_caller_mask, grat_layout
 from attnlib.functional.softmax import softmax_attention, softmax_importance
 from attnlib.kernels import block_sparse_attention
-from attnlib.masks import AttentionMask, BlockMask, MaskLike, grat_permutation
+from attnlib.masks import AttentionMask, BlockMask, MaskLike
 from attnlib.positional import apply_rotary
 from attnlib.registry import Capabilities, register_variant
 from attnlib.variants.base import AttentionCore, CoreOutput
@@ -65,18 +65,13 @@ def _fraction(name: str, val: object, where: str) -> float:
     return float(val)
 
 
-@functools.lru_cache(maxsize=16)
-def _all_blocks(n: int, m: int, bq: int, bk: int, device: str) -> BlockMask:
-    """Every block kept (all full): the layout of unconstrained attention."""
-    nq, nk = math.ceil(n / bq), math.ceil(m / bk)
-    return BlockMask.from_topk(torch.zeros(nq, nk, device=device), k=nk, block_size=(bq, bk), seq_lengths=(n, m))
-
-
 def _with_caller(am: AttentionMask, pattern: BlockMask | None, block_size: tuple[int, int]) -> BlockMask:
     """pattern AND every caller mask, as one BlockMask."""
     caller = am.as_block_mask(block_size)
     if pattern is None:
-        return caller if caller is not None else _all_blocks(am.n, am.m, *block_size, str(am.device))
+        if caller is None:
+            return BlockMask.all_blocks(am.n, am.m, block_size=block_size, device=am.device)
+        return caller
     return pattern if caller is None else pattern & caller
 
 
@@ -203,7 +198,7 @@ class BlockSparseAttention(AttentionCore):
             elif p == "global_tokens":
                 bm = BlockMask.global_tokens(n, self.num_global, **kw)
             elif p == "longformer":
-                bm = BlockMask.sliding_window(n, self.window, **kw) | BlockMask.global_tokens(n, self.num_global, **kw)
+                bm = BlockMask.longformer(n, self.window, self.num_global, **kw)
             elif p == "causal":
                 bm = BlockMask.causal(n, m, block_size=bs, device=device)
             else:
@@ -244,7 +239,7 @@ class GRATAttention(AttentionCore):
     Tokens on a grid are cut into contiguous groups; every query of a group attends the same
     key groups - its criss-cross (GRAT-X: groups sharing a group row / column / frame) or its
     surrounding groups (GRAT-B: within ``radius`` groups per axis). The tokens are reordered
-    group by group (:func:`attnlib.masks.grat_permutation`), attention runs on the
+    group by group (:func:`attnlib.functional.grat.grat_permutation`), attention runs on the
     block-sparse kernel with :meth:`attnlib.masks.BlockMask.grat`, and outputs are put back
     in the original order. Tokens after the grid (N > prod(grid), e.g. text tokens) attend
     everything and are attended by everything, as in the official code.
@@ -318,22 +313,9 @@ class GRATAttention(AttentionCore):
         key = (n, str(device))
         if key not in self._cache:
             grid = self.grid if self.grid is not None else (n,)
-            t = math.prod(grid)
-            if t > n:
-                raise ValueError(f"grat: grid {grid} has {t} tokens but the sequence has only N={n}")
-            bm = BlockMask.grat(
-                grid,
-                self.group,
-                mode=self.mode,
-                radius=self.radius,
-                num_extra=n - t,
-                block_size=self.block_size,
-                device=device,
+            self._cache[key] = grat_layout(
+                grid, self.group, n, mode=self.mode, radius=self.radius, block_size=self.block_size, device=device
             )
-            perm = grat_permutation(grid, self.group, device=device)
-            perm = torch.cat([perm, torch.arange(t, n, device=perm.device)])
-            ident = bool((perm == torch.arange(n, device=perm.device)).all())
-            self._cache[key] = (bm, None if ident else perm)
         return self._cache[key]
 
     def implied_mask(self, n: int, m: int, device: torch.device | str = "cpu") -> MaskLike:
@@ -362,24 +344,9 @@ class GRATAttention(AttentionCore):
         if perm is None:
             return _run_block(q, k, v, _with_caller(mask, bm, bs), self.scale, need_weights, need_importance)
         inv = torch.argsort(perm)
-        # caller masks in the grouped order
-        if not mask.is_empty:
-            pos = perm
-            causal, kp, full = mask.causal, mask.key_padding, mask.full
-            extra = BlockMask._from_rule(
-                lambda b, h, qi, kv: _grat_caller(b, h, qi, kv, pos, causal, kp, full),
-                torch.ones(
-                    kp.shape[0] if kp is not None else (full.shape[0] if full is not None else 1),
-                    full.shape[1] if full is not None else 1,
-                    *bm.num_blocks,
-                    dtype=torch.bool,
-                    device=q.device,
-                ),
-                None,
-                block_size=bs,
-                seq_lengths=(n, n),
-            )
-            bm = bm & extra
+        caller = grat_caller_mask(mask, perm, self.block_size)  # caller masks in the grouped order
+        if caller is not None:
+            bm = bm & caller
         res = _run_block(q[:, :, perm], k[:, :, perm], v[:, :, perm], bm, self.scale, need_weights, need_importance)
         out = res.out[:, :, inv]
         w = res.weights[:, :, inv][:, :, :, inv] if res.weights is not None else None
@@ -388,21 +355,6 @@ class GRATAttention(AttentionCore):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", grid={self.grid}, group={self.group}, mode={self.mode!r}"
-
-
-def _grat_caller(
-    b: Tensor, h: Tensor, qi: Tensor, kv: Tensor, pos: Tensor, causal: bool, kp: Tensor | None, full: Tensor | None
-) -> Tensor:
-    """Caller masks evaluated in GRAT's grouped order (pos[i] = original index of grouped token i)."""
-    oq, ok_ = pos[qi], pos[kv]
-    ok = torch.ones(torch.broadcast_shapes(oq.shape, ok_.shape), dtype=torch.bool, device=qi.device)
-    if causal:
-        ok = ok & (ok_ <= oq)
-    if kp is not None:
-        ok = ok & kp[b if kp.shape[0] > 1 else b * 0, ok_]
-    if full is not None:
-        ok = ok & full[b if full.shape[0] > 1 else b * 0, h if full.shape[1] > 1 else h * 0, oq, ok_]
-    return ok
 
 
 # ------------------------------------------------------------------------------------------
