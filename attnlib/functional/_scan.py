@@ -28,7 +28,6 @@ from attnlib.errors import UnsupportedError
 from attnlib.masks import AttentionMask, MaskLike, normalize_mask
 
 __all__ = [
-    "acc_dtype",
     "block_rows",
     "blocked_attention",
     "causal_chunk_max",
@@ -39,14 +38,8 @@ __all__ = [
     "pack_result",
     "prefix_mask",
     "prefix_sum",
-    "safe_div",
     "split_mask",
 ]
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float32 for fp16/bf16 inputs, the input dtype otherwise."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def split_mask(
@@ -76,12 +69,6 @@ def split_mask(
     if am.causal and n != m:
         raise UnsupportedError(f"{where} supports causal=True only with N == M, got N={n}, M={m}")
     return am.key_padding, am.causal
-
-
-def safe_div(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den`` where ``den != 0``, else 0 (finite gradients; rows with no key -> 0)."""
-    ok = den != 0
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
 def prefix_mask(n: int, device: torch.device) -> Tensor:

@@ -44,8 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnlib._validation import positive_int
 from attnlib.errors import UnsupportedError
-from attnlib.functional._scan import acc_dtype, prefix_sum, safe_div
+from attnlib.functional._common import acc_dtype, safe_div
+from attnlib.functional._scan import prefix_sum
 
 __all__ = ["aft_conv", "aft_full", "aft_local", "aft_simple"]
 
@@ -374,12 +376,6 @@ def _result(out: Tensor, imp: Tensor | None, dtype: torch.dtype, return_importan
     return out
 
 
-def _check_window(window: object, where: str) -> int:
-    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
-        raise ValueError(f"{where}: window s must be a positive int (|t - t'| < s), got {window!r}")
-    return window
-
-
 def aft_local(
     q: Tensor,
     k: Tensor,
@@ -406,7 +402,7 @@ def aft_local(
     _check(q, k, v, "aft_local")
     t, tk = q.shape[-2], k.shape[-2]
     _check_causal(causal, t, tk, "aft_local")
-    s_w = _check_window(window, "aft_local")
+    s_w = positive_int(window, "aft_local: window s", hint=" (|t - t'| < s)")
     src = _pair_source(w, t, tk, "aft_local")
 
     def block(s: int, e: int, lo: int, hi: int) -> tuple[Tensor, Tensor]:

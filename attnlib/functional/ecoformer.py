@@ -37,16 +37,14 @@ from torch import Tensor
 
 from attnlib._validation import check_qkv
 from attnlib.errors import UnsupportedError
+from attnlib.functional._common import acc_dtype, repeat_kv, safe_div
 from attnlib.functional._scan import (
-    acc_dtype,
     column_mass,
     linear_scan,
     pack_result,
     prefix_mask,
-    safe_div,
     split_mask,
 )
-from attnlib.functional.softmax import repeat_kv
 from attnlib.masks import MaskLike
 
 __all__ = [
@@ -308,7 +306,7 @@ def learn_ksh_hash(
         loss_after (H, b) - the binarised loss of each bit at its initial and accepted value.
     """
     with torch.no_grad():
-        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dt = acc_dtype(q.dtype)
         q, k = q.detach().to(dt), k.detach().to(dt)
         b, h, n, _ = q.shape
         m = k.shape[2]

@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlib._validation import check_qkv
+from attnlib._validation import check_qkv, positive_int
+from attnlib.functional._common import acc_dtype, repeat_kv
 from attnlib.functional._scan import (
-    acc_dtype,
     block_rows,
     chunk_states,
     column_mass,
@@ -59,7 +59,6 @@ from attnlib.functional._scan import (
     slabs,
     split_mask,
 )
-from attnlib.functional.softmax import repeat_kv
 from attnlib.masks import MaskLike
 
 __all__ = ["FLOW_FEATURE_MAPS", "flow_attention", "flow_quantities"]
@@ -184,8 +183,7 @@ def flow_attention(
         (B, H, N, Dv), or ``(out, weights?, importance?)``; weights
         ``W_ij = alloc_i comp_j q̃_i·k̃_j / I_i`` satisfy ``out == W @ v``.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    positive_int(chunk_size, "chunk_size")
     check_qkv(q, k, v, where="flow_attention")
     kp, causal = split_mask(q, k, mask, causal, where="flow_attention")
     b, _h, n, _ = q.shape

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlib._validation import check_qkv
+from attnlib._validation import check_qkv, positive_int
+from attnlib.functional._common import acc_dtype, repeat_kv, safe_div
 from attnlib.functional._scan import (
     FinishFn,
-    acc_dtype,
     blocked_attention,
     causal_chunk_max,
     column_mass,
@@ -40,10 +40,8 @@ from attnlib.functional._scan import (
     linear_scan,
     pack_result,
     prefix_mask,
-    safe_div,
     split_mask,
 )
-from attnlib.functional.softmax import repeat_kv
 from attnlib.masks import MaskLike
 
 __all__ = [
@@ -78,12 +76,6 @@ def _feature_map(fm: FeatureMap) -> Callable[[Tensor], Tensor]:
     if fm not in FEATURE_MAPS:
         raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)} or a callable, got {fm!r}")
     return FEATURE_MAPS[fm]
-
-
-def _check_chunk(chunk_size: object) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    return chunk_size
 
 
 def _prepare(
@@ -162,7 +154,7 @@ def linear_attention(
     Returns:
         (B, H, N, Dv), or ``(out, weights?, importance?)``.
     """
-    _check_chunk(chunk_size)
+    positive_int(chunk_size, "chunk_size")
     out_dtype = q.dtype
     q, k, v, kp, causal, _ = _prepare(q, k, v, mask, causal, "linear_attention")
     phi = _feature_map(feature_map)
@@ -274,10 +266,8 @@ def performer_projection(
     Returns:
         (num_features, head_dim) tensor of ``dtype`` on ``device``.
     """
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
-        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
-        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    positive_int(num_features, "num_features")
+    positive_int(head_dim, "head_dim")
     if scaling not in ("chi", "sqrt_d"):
         raise ValueError(f"scaling must be 'chi' or 'sqrt_d', got {scaling!r}")
     m, d = num_features, head_dim
@@ -345,7 +335,7 @@ def performer_attention(
     Returns:
         (B, H, N, Dv), or ``(out, weights?, importance?)``.
     """
-    _check_chunk(chunk_size)
+    positive_int(chunk_size, "chunk_size")
     out_dtype = q.dtype
     if projection.dim() != 2 or projection.shape[1] != q.shape[-1]:
         raise ValueError(
@@ -454,7 +444,7 @@ def cosformer_attention(
     Returns:
         (B, H, N, Dv), or ``(out, weights?, importance?)``.
     """
-    _check_chunk(chunk_size)
+    positive_int(chunk_size, "chunk_size")
     out_dtype = q.dtype
     q, k, v, kp, causal, _ = _prepare(q, k, v, mask, causal, "cosformer_attention")
     n, m = q.shape[2], k.shape[2]
@@ -538,7 +528,7 @@ def linear_self_attention(
     Returns:
         (B, H, N, Dv), or ``(out, weights?, importance?)``. Weights may be negative.
     """
-    _check_chunk(chunk_size)
+    positive_int(chunk_size, "chunk_size")
     if normalize not in ("none", "n", "prefix_count"):
         raise ValueError(f"normalize must be 'none', 'n' or 'prefix_count', got {normalize!r}")
     out_dtype = q.dtype

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlib._validation import check_qkv, describe
-from attnlib.functional.softmax import as_attention_mask, repeat_kv
+from attnlib._validation import check_qkv, describe, int_at_least
+from attnlib.functional._common import acc_dtype, as_attention_mask, repeat_kv
 from attnlib.masks import MaskLike
 
 __all__ = ["NEG", "masked_logsumexp", "sinkhorn_attention"]
@@ -72,8 +72,7 @@ def sinkhorn_attention(
         out (B, H, N, Dv) in q's dtype (the iterations run in >= float32), or (out, P).
     """
     check_qkv(q, k, v, where="sinkhorn_attention")
-    if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
-        raise ValueError(f"sinkhorn_attention: n_iters must be an int >= 1 (1 = softmax), got {n_iters!r}")
+    int_at_least(n_iters, 1, "sinkhorn_attention: n_iters", hint=" (1 = softmax)")
     b, h, n, d = q.shape
     m = k.shape[2]
     if query_mask is not None and (
@@ -85,7 +84,7 @@ def sinkhorn_attention(
     am = as_attention_mask(q, k, mask, causal)
     g = h // k.shape[1]
     k, v = repeat_kv(k, g), repeat_kv(v, g)
-    ct = torch.promote_types(q.dtype, torch.float32)
+    ct = acc_dtype(q.dtype)
     scale = d**-0.5 if scale is None else scale
     logits = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale  # (B, H, N, M)
     allowed = am.dense()

@@ -32,11 +32,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnlib._validation import positive_int
 from attnlib.errors import UnsupportedError
 from attnlib.functional.aft import aft_conv, aft_full, aft_local, aft_simple, conv_offsets
 from attnlib.masks import AttentionMask
 from attnlib.registry import Capabilities, register_variant
-from attnlib.variants._common import KernelCore, kernel_family_caps, positive_int
+from attnlib.variants._common import KernelCore, kernel_family_caps
 from attnlib.variants.base import CoreOutput
 
 __all__ = ["AFTConv", "AFTFull", "AFTLocal", "AFTSimple"]
@@ -167,8 +168,8 @@ class _PositionBias(nn.Module):
 
     def __init__(self, max_len: int, factor_dim: int, init_std: float) -> None:
         super().__init__()
-        self.max_len = positive_int("aft: max_len", max_len)
-        positive_int("aft: factor_dim", factor_dim)
+        self.max_len = positive_int(max_len, "aft: max_len")
+        positive_int(factor_dim, "aft: factor_dim")
         self.u = nn.Parameter(torch.randn(max_len, factor_dim) * init_std)
         self.v = nn.Parameter(torch.randn(max_len, factor_dim) * init_std)
 
@@ -261,7 +262,7 @@ class AFTLocal(_LearnedBias, _AFTCore):
         chunk_size: int = 128,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, chunk_size=chunk_size)
-        self.window = positive_int("aft_local: window", window)
+        self.window = positive_int(window, "aft_local: window")
         self.bias = _PositionBias(max_len, factor_dim, init_std)
 
     def _call(
@@ -338,7 +339,7 @@ class AFTConv(_AFTCore):
         chunk_size: int = 128,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, chunk_size=chunk_size)
-        self.kernel_size = positive_int("aft_conv: kernel_size", kernel_size)
+        self.kernel_size = positive_int(kernel_size, "aft_conv: kernel_size")
         self.key_per_head = bool(key_per_head)
         self.w_raw = nn.Parameter(torch.randn(num_heads, kernel_size))
         self.gamma = nn.Parameter(torch.full((num_heads,), float(gamma_init)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnlib._validation import positive_int
 from attnlib.functional.local import local_attention, local_importance
 from attnlib.functional.softmax import (
     FEW_KEYS,
@@ -155,12 +156,8 @@ class LocalAttention(AttentionCore):
         scale: float | None = None,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
-        if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
-            raise ValueError(f"local attention: window must be a positive int, got {window!r}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-            raise ValueError(f"local attention: chunk_size must be a positive int, got {chunk_size!r}")
-        self.window = window
-        self.chunk_size = chunk_size
+        self.window = positive_int(window, "local attention: window")
+        self.chunk_size = None if chunk_size is None else positive_int(chunk_size, "local attention: chunk_size")
         self.scale = scale
 
     def implied_mask(self, n: int, m: int, device: torch.device | str = "cpu") -> MaskLike:

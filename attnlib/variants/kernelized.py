@@ -23,6 +23,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from attnlib._validation import positive_int, positive_number
 from attnlib.functional.kernelized import (
     draw_random_features,
     fourier_mixing,
@@ -34,12 +35,6 @@ from attnlib.registry import Capabilities, register_variant
 from attnlib.variants.base import AttentionCore, CoreOutput
 
 __all__ = ["FNetMixing", "KernelizedRPEAttention"]
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 @register_variant("kernelized_rpe")
@@ -95,12 +90,11 @@ class KernelizedRPEAttention(AttentionCore):
         feature_chunk: int | None = None,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
-        self.num_features = _positive_int("kernelized_rpe: num_features", num_features)
-        self.max_distance = _positive_int("kernelized_rpe: max_distance", max_distance)
+        self.num_features = positive_int(num_features, "kernelized_rpe: num_features")
+        self.max_distance = positive_int(max_distance, "kernelized_rpe: max_distance")
         if feature_chunk is not None:
-            _positive_int("kernelized_rpe: feature_chunk", feature_chunk)
-        if not isinstance(eps, (int, float)) or eps <= 0:
-            raise ValueError(f"kernelized_rpe: eps must be a positive float, got {eps!r}")
+            positive_int(feature_chunk, "kernelized_rpe: feature_chunk")
+        positive_number(eps, "kernelized_rpe: eps")
         self.orthogonal = bool(orthogonal)
         self.eps = float(eps)
         self.feature_chunk = feature_chunk

@@ -33,7 +33,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnlib._validation import positive_int
 from attnlib.errors import UnsupportedError
+from attnlib.functional._common import acc_dtype
 from attnlib.functional.ecoformer import (
     BiasMode,
     anchor_distances,
@@ -56,7 +58,7 @@ from attnlib.functional.linear import (
 )
 from attnlib.masks import AttentionMask
 from attnlib.registry import Capabilities, register_variant
-from attnlib.variants._common import KernelCore, acc, kernel_family_caps, positive_int, unpack
+from attnlib.variants._common import KernelCore, kernel_family_caps, unpack
 from attnlib.variants.base import CoreOutput
 
 __all__ = ["CosformerAttention", "EcoformerAttention", "LinearAttention", "LinearSelfAttention", "PerformerAttention"]
@@ -194,9 +196,9 @@ class PerformerAttention(KernelCore):
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, chunk_size=chunk_size, explicit=explicit)
         m = max(1, int(head_dim * math.log(head_dim))) if num_features is None else num_features
-        self.num_features = positive_int("performer: num_features", m)
+        self.num_features = positive_int(m, "performer: num_features")
         if redraw_interval is not None:
-            positive_int("performer: redraw_interval", redraw_interval)
+            positive_int(redraw_interval, "performer: redraw_interval")
         if scaling not in ("chi", "sqrt_d"):
             raise ValueError(f"performer: scaling must be 'chi' or 'sqrt_d', got {scaling!r}")
         self.orthogonal = bool(orthogonal)
@@ -258,7 +260,7 @@ class PerformerAttention(KernelCore):
         return {
             "S": self._zeros(batch, m, d, dtype=dtype, device=device),
             "z": self._zeros(batch, m, dtype=dtype, device=device),
-            "shift": torch.full((batch, self.num_heads), float("-inf"), dtype=acc(dtype), device=device),
+            "shift": torch.full((batch, self.num_heads), float("-inf"), dtype=acc_dtype(dtype), device=device),
         }
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: State) -> tuple[Tensor, State]:
@@ -315,7 +317,7 @@ class CosformerAttention(KernelCore):
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, chunk_size=chunk_size, explicit=explicit)
         self.eps = float(eps)
-        self.max_len = None if max_len is None else positive_int("cosformer: max_len", max_len)
+        self.max_len = None if max_len is None else positive_int(max_len, "cosformer: max_len")
 
     def attend(
         self,
@@ -451,7 +453,7 @@ class LinearSelfAttention(KernelCore):
         d = self.head_dim
         return {
             "S": self._zeros(batch, d, d, dtype=dtype, device=device),
-            "count": torch.zeros((), dtype=acc(dtype), device=device),
+            "count": torch.zeros((), dtype=acc_dtype(dtype), device=device),
         }
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: State) -> tuple[Tensor, State]:
@@ -521,16 +523,16 @@ class EcoformerAttention(KernelCore):
         explicit: bool = False,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, chunk_size=chunk_size, explicit=explicit)
-        self.num_bits = positive_int("ecoformer: num_bits", num_bits)
-        self.num_anchors = positive_int("ecoformer: num_anchors", num_anchors)
-        self.topk = positive_int("ecoformer: topk", topk)
+        self.num_bits = positive_int(num_bits, "ecoformer: num_bits")
+        self.num_anchors = positive_int(num_anchors, "ecoformer: num_anchors")
+        self.topk = positive_int(topk, "ecoformer: topk")
         if bias_mode not in ("consistent", "faithful"):
             raise ValueError(f"ecoformer: bias_mode must be 'consistent' or 'faithful', got {bias_mode!r}")
         self.bias_mode = bias_mode
         self.ksh_lr = float(ksh_lr)
         self.ksh_momentum = float(ksh_momentum)
-        self.ksh_iters = positive_int("ecoformer: ksh_iters", ksh_iters)
-        self.ksh_max_tokens = None if ksh_max_tokens is None else positive_int("ksh_max_tokens", ksh_max_tokens)
+        self.ksh_iters = positive_int(ksh_iters, "ecoformer: ksh_iters")
+        self.ksh_max_tokens = None if ksh_max_tokens is None else positive_int(ksh_max_tokens, "ksh_max_tokens")
         self.seed = int(seed)
         gen = torch.Generator().manual_seed(self.seed)
         anchors = F.normalize(torch.randn(num_heads, num_anchors, head_dim, generator=gen), dim=-1)
@@ -628,7 +630,7 @@ class EcoformerAttention(KernelCore):
             "z": self._zeros(batch, f, dtype=dtype, device=device),
             "dist_q": z.clone(),
             "dist_k": z.clone(),
-            "count": torch.zeros((), dtype=acc(dtype), device=device),
+            "count": torch.zeros((), dtype=acc_dtype(dtype), device=device),
         }
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: State) -> tuple[Tensor, State]:

@@ -22,6 +22,7 @@ from einops import rearrange
 from torch import Tensor
 
 from attnlib import ot
+from attnlib._validation import int_at_least, non_negative_number, positive_number
 from attnlib.functional.sinkhorn import sinkhorn_attention
 from attnlib.masks import AttentionMask
 from attnlib.registry import Capabilities, register_variant
@@ -81,9 +82,7 @@ class SinkhornAttention(_QueryPaddingMixin):
 
     def __init__(self, *, num_heads: int, head_dim: int, n_iters: int = 3, scale: float | None = None) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
-        if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
-            raise ValueError(f"sinkhorn: n_iters must be an int >= 1 (1 = softmax), got {n_iters!r}")
-        self.n_iters = n_iters
+        self.n_iters = int_at_least(n_iters, 1, "sinkhorn: n_iters", hint=" (1 = softmax)")
         self.scale = scale
 
     def attend(
@@ -179,21 +178,13 @@ class GOTAttention(_QueryPaddingMixin):
             raise ValueError(f"got: solver must be 'ipot' or 'sinkhorn', got {solver!r}")
         if reg_plan_grad not in ("envelope", "unroll"):
             raise ValueError(f"got: reg_plan_grad must be 'envelope' or 'unroll', got {reg_plan_grad!r}")
-        for name, val in (("beta", beta), ("eps", eps)):
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or val <= 0:
-                raise ValueError(f"got: {name} must be a positive number, got {val!r}")
-        if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
-            raise ValueError(f"got: n_iters must be an int >= 1, got {n_iters!r}")
-        for name, val in (("wd_weight", wd_weight), ("gwd_weight", gwd_weight)):
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0:
-                raise ValueError(f"got: {name} must be a non-negative number, got {val!r}")
         self.cost = cost
         self.solver = solver
-        self.beta = float(beta)
-        self.eps = float(eps)
-        self.n_iters = n_iters
-        self.wd_weight = float(wd_weight)
-        self.gwd_weight = float(gwd_weight)
+        self.beta = positive_number(beta, "got: beta")
+        self.eps = positive_number(eps, "got: eps")
+        self.n_iters = int_at_least(n_iters, 1, "got: n_iters")
+        self.wd_weight = non_negative_number(wd_weight, "got: wd_weight")
+        self.gwd_weight = non_negative_number(gwd_weight, "got: gwd_weight")
         self.prune = prune
         self.shared_plan = bool(shared_plan)
         self.reg_plan_grad = reg_plan_grad

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlib._validation import fraction, non_negative_int, positive_int
 from attnlib.functional.softmax import softmax_attention, softmax_importance
 from attnlib.kernels import block_sparse_attention
 from attnlib.masks import AttentionMask, BlockMask, MaskLike, grat_permutation
@@ -50,18 +51,6 @@ __all__ = [
 # ------------------------------------------------------------------------------------------
 # shared helpers
 # ------------------------------------------------------------------------------------------
-
-
-def _pos_int(name: str, val: object, where: str) -> int:
-    if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-        raise ValueError(f"{where}: {name} must be a positive int, got {val!r}")
-    return val
-
-
-def _fraction(name: str, val: object, where: str) -> float:
-    if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0.0 < float(val) <= 1.0:
-        raise ValueError(f"{where}: {name} must be in (0, 1], got {val!r}")
-    return float(val)
 
 
 @functools.lru_cache(maxsize=16)
@@ -174,13 +163,13 @@ class BlockSparseAttention(AttentionCore):
         if pattern not in _PATTERNS:
             raise ValueError(f"{where}: pattern must be one of {_PATTERNS}, got {pattern!r}")
         self.pattern = pattern
-        self.block_size = _pos_int("block_size", block_size, where)
-        self.window = _pos_int("window", window, where)
-        self.window_blocks = _pos_int("window_blocks", window_blocks, where)
-        self.dilation = _pos_int("dilation", dilation, where)
-        self.stride = _pos_int("stride", stride, where)
-        self.local = None if local is None else _pos_int("local", local, where)
-        self.num_global = _pos_int("num_global", num_global, where)
+        self.block_size = positive_int(block_size, f"{where}: block_size")
+        self.window = positive_int(window, f"{where}: window")
+        self.window_blocks = positive_int(window_blocks, f"{where}: window_blocks")
+        self.dilation = positive_int(dilation, f"{where}: dilation")
+        self.stride = positive_int(stride, f"{where}: stride")
+        self.local = None if local is None else positive_int(local, f"{where}: local")
+        self.num_global = positive_int(num_global, f"{where}: num_global")
         self.scale = scale
         self._cache: dict[tuple[int, int, str], BlockMask | None] = {}
 
@@ -303,10 +292,9 @@ class GRATAttention(AttentionCore):
             raise ValueError(f"{where}: without a grid (1D) the group must be one int, got {self.group}")
         if mode not in ("criss_cross", "surrounding"):
             raise ValueError(f"{where}: mode must be 'criss_cross' or 'surrounding', got {mode!r}")
-        if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
-            raise ValueError(f"{where}: radius must be a non-negative int, got {radius!r}")
+        non_negative_int(radius, f"{where}: radius")
         self.mode, self.radius = mode, radius
-        self.block_size = _pos_int("block_size", block_size, where)
+        self.block_size = positive_int(block_size, f"{where}: block_size")
         self.scale = scale
         self._cache: dict[tuple[int, str], tuple[BlockMask, Tensor | None]] = {}
 
@@ -546,12 +534,12 @@ class SeerAttention(AttentionCore):
         super().__init__(num_heads=num_heads, head_dim=head_dim)
         where = "seer"
         self.causal_gate = bool(causal_gate)
-        self.block_size = _pos_int("block_size", block_size, where)
-        self.density = _fraction("density", density, where)
+        self.block_size = positive_int(block_size, f"{where}: block_size")
+        self.density = fraction(density, f"{where}: density")
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
             raise ValueError(f"{where}: threshold must be a float or None, got {threshold!r}")
         self.threshold = None if threshold is None else float(threshold)
-        self.gate_dim = _pos_int("gate_dim", gate_dim, where)
+        self.gate_dim = positive_int(gate_dim, f"{where}: gate_dim")
         if gate_rope and self.gate_dim % 2:
             raise ValueError(f"{where}: gate_rope needs an even gate_dim, got {gate_dim}")
         self.q_pool, self.k_pool = tuple(q_pool), tuple(k_pool)
@@ -799,7 +787,7 @@ class MoSAAttention(AttentionCore):
         self.causal_routing = causal_routing
         self.threshold = float(threshold)
         self.include_first = bool(include_first)
-        self.min_tokens = _pos_int("min_tokens", min_tokens, "mosa")
+        self.min_tokens = positive_int(min_tokens, "mosa: min_tokens")
         self.scale = scale
         self.router = nn.Linear(num_heads * head_dim, num_heads, bias=router_bias)
 
@@ -969,15 +957,13 @@ class SparsifinerAttention(AttentionCore):
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
         where = "sparsifiner"
-        self.num_tokens = _pos_int("num_tokens", num_tokens, where)
-        self.keep_rate = _fraction("keep_rate", keep_rate, where)
-        n_d = max(1, self.num_tokens // _pos_int("reduce_n_factor", reduce_n_factor, where))
-        c = max(1, head_dim // _pos_int("reduce_c_factor", reduce_c_factor, where))
-        self.basis_topk = _pos_int("basis_topk", basis_topk, where)
+        self.num_tokens = positive_int(num_tokens, f"{where}: num_tokens")
+        self.keep_rate = fraction(keep_rate, f"{where}: keep_rate")
+        n_d = max(1, self.num_tokens // positive_int(reduce_n_factor, f"{where}: reduce_n_factor"))
+        c = max(1, head_dim // positive_int(reduce_c_factor, f"{where}: reduce_c_factor"))
+        self.basis_topk = positive_int(basis_topk, f"{where}: basis_topk")
         self.basis_threshold = float(basis_threshold)
-        if isinstance(num_dense_queries, bool) or not isinstance(num_dense_queries, int) or num_dense_queries < 0:
-            raise ValueError(f"{where}: num_dense_queries must be a non-negative int, got {num_dense_queries!r}")
-        self.num_dense_queries = num_dense_queries
+        self.num_dense_queries = non_negative_int(num_dense_queries, f"{where}: num_dense_queries")
         self.predictor_scale = num_heads**-0.5 if predictor_scale is None else float(predictor_scale)
         self.recon_weight = float(recon_weight)
         self.reconstruct = bool(reconstruct)
@@ -1176,12 +1162,12 @@ class SwinBERTMaskAttention(AttentionCore):
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
         where = "swinbert_mask"
-        self.num_tokens = _pos_int("num_tokens", num_tokens, where)
+        self.num_tokens = positive_int(num_tokens, f"{where}: num_tokens")
         self.sparsity_weight = float(sparsity_weight)
         self.mask_scale = float(mask_scale)
         self.hard_at_inference = bool(hard_at_inference)
         self.threshold = float(threshold)
-        self.block_size = _pos_int("block_size", block_size, where)
+        self.block_size = positive_int(block_size, f"{where}: block_size")
         self.scale = scale
         self.mask_logits = nn.Parameter(torch.randn(self.num_tokens, self.num_tokens) * float(init_std))
         self._hard: tuple[tuple[Any, ...], BlockMask] | None = None
