@@ -8,7 +8,7 @@
   attention weights are the OT plan between queries and keys (IPOT on cosine costs, rows
   rescaled to sum to 1), and the GOT regulariser (Wasserstein + Gromov-Wasserstein distance
   between the query and key sets of every head) is returned as ``aux_loss`` in training.
-  Math: :func:`attnlib.ot.ot_attention`, :func:`attnlib.ot.got_distance`.
+  Math: :func:`attnlib.functional.ot.ot_attention`, :func:`attnlib.functional.ot.got_loss`.
 
 Both normalise over queries as well as keys, so with key padding in self-attention the padded
 positions are padded queries too: they take part in no column sum and return zeros.
@@ -21,8 +21,8 @@ from typing import Any
 from einops import rearrange
 from torch import Tensor
 
-from attnlib import ot
 from attnlib._validation import int_at_least, non_negative_number, positive_number
+from attnlib.functional.ot import got_loss, ot_attention
 from attnlib.functional.sinkhorn import sinkhorn_attention
 from attnlib.masks import AttentionMask
 from attnlib.registry import Capabilities, register_variant
@@ -123,7 +123,7 @@ class GOTAttention(_QueryPaddingMixin):
     plan tends to an exact OT plan (sparse; a permutation when N == M) as ``n_iters`` grows.
 
     In training mode ``aux_loss = mean over (batch, head) of wd_weight·WD(q, k) +
-    gwd_weight·GWD(q, k)`` (:func:`attnlib.ot.got_distance`, pruned cosine costs, GOT's
+    gwd_weight·GWD(q, k)`` (:func:`attnlib.functional.ot.got_loss`, pruned cosine costs, GOT's
     defaults): add ``attnlib.aux_loss(model)`` to the loss. In eval mode no aux loss is computed.
 
     Args:
@@ -200,7 +200,7 @@ class GOTAttention(_QueryPaddingMixin):
         y = rearrange(k, "b h m d -> (b h) m d")
         xm = None if query_mask is None else query_mask.repeat_interleave(h, 0)
         ym = None if key_mask is None else key_mask.repeat_interleave(h, 0)
-        wd, gwd = ot.got_distance(
+        loss = got_loss(
             x,
             y,
             x_mask=xm,
@@ -209,17 +209,9 @@ class GOTAttention(_QueryPaddingMixin):
             gwd_weight=self.gwd_weight,
             prune=self.prune,
             shared_plan=self.shared_plan,
-            plan_grad=self.reg_plan_grad,  # type: ignore[arg-type]
+            plan_grad=self.reg_plan_grad,
         )
-        live = None
-        if xm is not None or ym is not None:
-            lx = xm.any(-1) if xm is not None else wd.new_ones(wd.shape, dtype=bool)  # type: ignore[call-overload]
-            ly = ym.any(-1) if ym is not None else wd.new_ones(wd.shape, dtype=bool)  # type: ignore[call-overload]
-            live = (lx & ly).to(wd.dtype)
-        per = self.wd_weight * wd + self.gwd_weight * gwd
-        if live is None:
-            return per.mean().to(q.dtype)
-        return ((per * live).sum() / live.sum().clamp_min(1.0)).to(q.dtype)
+        return loss.to(q.dtype)  # type: ignore[union-attr]
 
     def attend(
         self,
@@ -234,7 +226,7 @@ class GOTAttention(_QueryPaddingMixin):
     ) -> CoreOutput:
         qm = self.query_mask(mask)
         km = mask.key_padding
-        out, w = ot.ot_attention(
+        out, w = ot_attention(
             q,
             k,
             v,
