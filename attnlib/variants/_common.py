@@ -33,14 +33,12 @@ class KernelCore(AttentionCore):
         self.chunk_size = positive_int(chunk_size, f"{type(self).__name__}: chunk_size")
         self.explicit = bool(explicit)
 
-    def _step_inputs(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _check_step(self, q: Tensor, k: Tensor, v: Tensor) -> None:
         for name, t in (("q", q), ("k", k), ("v", v)):
             if t.dim() != 4 or t.shape[2] != 1 or t.shape[1] != self.num_heads:
                 raise ValueError(
                     f"variant {self.name!r} step: {name} must be (B, H={self.num_heads}, 1, D), got {tuple(t.shape)}"
                 )
-        dt = acc_dtype(q.dtype)
-        return q.to(dt), k.to(dt), v.to(dt)
 
     def _zeros(self, batch: int, *shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         return torch.zeros(batch, self.num_heads, *shape, dtype=acc_dtype(dtype), device=device)

@@ -36,25 +36,20 @@ from torch import Tensor
 from attnlib._validation import positive_int
 from attnlib.errors import UnsupportedError
 from attnlib.functional._common import acc_dtype
-from attnlib.functional.ecoformer import (
-    BiasMode,
-    anchor_distances,
-    ecoformer_attention,
-    hash_from_distances,
-    kernelized_hash,
-    learn_ksh_hash,
-)
+from attnlib.functional.ecoformer import BiasMode, ecoformer_attention, ecoformer_step, kernelized_hash, learn_ksh_hash
 from attnlib.functional.linear import (
     FeatureMap,
     LSANorm,
     _feature_map,
     cosformer_attention,
-    cosformer_features,
+    cosformer_step,
     linear_attention,
     linear_self_attention,
+    linear_step,
+    lsa_step,
     performer_attention,
-    performer_feature_logits,
     performer_projection,
+    performer_step,
 )
 from attnlib.masks import AttentionMask
 from attnlib.registry import Capabilities, register_variant
@@ -104,7 +99,7 @@ class LinearAttention(KernelCore):
         explicit: bool = False,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, chunk_size=chunk_size, explicit=explicit)
-        self._phi = _feature_map(feature_map)
+        _feature_map(feature_map)  # validates
         self.feature_map = feature_map
         self.eps = float(eps)
 
@@ -142,13 +137,8 @@ class LinearAttention(KernelCore):
         }
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: State) -> tuple[Tensor, State]:
-        qd, kd, vd = self._step_inputs(q, k, v)
-        qf, kf = self._phi(qd)[:, :, 0], self._phi(kd)[:, :, 0]
-        s = state["S"] + kf[..., :, None] * vd[:, :, 0, None, :]
-        z = state["z"] + kf
-        num = (qf[..., :, None] * s).sum(-2)
-        den = (qf * z).sum(-1, keepdim=True) + self.eps
-        return (num / den)[:, :, None].to(q.dtype), {"S": s, "z": z}
+        self._check_step(q, k, v)
+        return linear_step(q, k, v, state, feature_map=self.feature_map, eps=self.eps)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", feature_map={self.feature_map!r}"
@@ -264,20 +254,8 @@ class PerformerAttention(KernelCore):
         }
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: State) -> tuple[Tensor, State]:
-        qd, kd, vd = self._step_inputs(q, k, v)
-        scale = self.head_dim**-0.5
-        aq = performer_feature_logits(qd[:, :, 0], self.projection, scale)
-        ak = performer_feature_logits(kd[:, :, 0], self.projection, scale)
-        qf = torch.exp(aq - aq.amax(-1, keepdim=True))
-        shift = torch.maximum(state["shift"], ak.amax(-1))
-        decay = torch.exp(state["shift"] - shift)
-        kf = torch.exp(ak - shift[..., None])
-        s = state["S"] * decay[..., None, None] + kf[..., :, None] * vd[:, :, 0, None, :]
-        z = state["z"] * decay[..., None] + kf
-        num = (qf[..., :, None] * s).sum(-2)
-        den = (qf * z).sum(-1, keepdim=True)
-        out = num / torch.where(den > 0, den, torch.ones_like(den))
-        return out[:, :, None].to(q.dtype), {"S": s, "z": z, "shift": shift}
+        self._check_step(q, k, v)
+        return performer_step(q, k, v, state, self.projection, scale=self.head_dim**-0.5)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_features={self.num_features}, redraw_interval={self.redraw_interval}"
@@ -362,17 +340,8 @@ class CosformerAttention(KernelCore):
         if self.max_len is None:
             self.initial_state(1, dtype=q.dtype, device=q.device)  # raises
         assert self.max_len is not None
-        qd, kd, vd = self._step_inputs(q, k, v)
-        pos = int(state["pos"])
-        if pos >= self.max_len:
-            raise ValueError(f"cosformer step: position {pos + 1} exceeds max_len={self.max_len}")
-        qf = cosformer_features(qd, self.max_len, offset=pos)[:, :, 0]
-        kf = cosformer_features(kd, self.max_len, offset=pos)[:, :, 0]
-        s = state["S"] + kf[..., :, None] * vd[:, :, 0, None, :]
-        z = state["z"] + kf
-        num = (qf[..., :, None] * s).sum(-2)
-        den = (qf * z).sum(-1, keepdim=True).clamp_min(self.eps)
-        return (num / den)[:, :, None].to(q.dtype), {"S": s, "z": z, "pos": state["pos"] + 1}
+        self._check_step(q, k, v)
+        return cosformer_step(q, k, v, state, max_len=self.max_len, eps=self.eps)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", max_len={self.max_len}"
@@ -459,12 +428,8 @@ class LinearSelfAttention(KernelCore):
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: State) -> tuple[Tensor, State]:
         if self.normalize == "n":
             self.initial_state(1, dtype=q.dtype, device=q.device)  # raises
-        qd, kd, vd = self._step_inputs(q, k, v)
-        s = state["S"] + kd[:, :, 0, :, None] * vd[:, :, 0, None, :]
-        count = state["count"] + 1
-        num = ((qd[:, :, 0] * self.scale)[..., :, None] * s).sum(-2)
-        out = num if self.normalize == "none" else num / count
-        return out[:, :, None].to(q.dtype), {"S": s, "count": count}
+        self._check_step(q, k, v)
+        return lsa_step(q, k, v, state, normalize=self.normalize, scale=self.scale)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", normalize={self.normalize!r}, scale={self.scale}"
@@ -634,31 +599,8 @@ class EcoformerAttention(KernelCore):
         }
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: State) -> tuple[Tensor, State]:
-        qd, kd, vd = self._step_inputs(q, k, v)
-        count = state["count"] + 1
-        dq = anchor_distances(qd, self.anchors)  # (B, H, 1, m)
-        dk = anchor_distances(kd, self.anchors)
-        dist_q = state["dist_q"] + dq.mean(-1)[..., 0]
-        dist_k = state["dist_k"] + dk.mean(-1)[..., 0]
-        hq = hash_from_distances(dq, (dist_q / count)[..., None, None], self.center, self.hash_projection)[:, :, 0]
-        hk = hash_from_distances(dk, (dist_k / count)[..., None, None], self.center, self.hash_projection)[:, :, 0]
-        nb = float(self.num_bits)
-        vt = vd[:, :, 0]
-        if self.bias_mode == "consistent":
-            qf = torch.cat([hq, torch.ones_like(hq[..., :1])], -1)
-            kf = torch.cat([hk * 0.5, torch.full_like(hk[..., :1], nb / 2)], -1)
-        else:
-            qf, kf = hq, hk
-        s = state["S"] + kf[..., :, None] * vt[..., None, :]
-        z = state["z"] + kf
-        num = (qf[..., :, None] * s).sum(-2)
-        den = (qf * z).sum(-1, keepdim=True)
-        if self.bias_mode == "faithful":
-            num = num + (nb + 1) * vt
-            den = den + (nb + 1) * count
-        out = num / torch.where(den != 0, den, torch.ones_like(den))
-        new = {"S": s, "z": z, "dist_q": dist_q, "dist_k": dist_k, "count": count}
-        return out[:, :, None].to(q.dtype), new
+        self._check_step(q, k, v)
+        return ecoformer_step(q, k, v, state, self.anchors, self.center, self.hash_projection, bias_mode=self.bias_mode)
 
     @classmethod
     def conformance_kwargs(cls) -> dict[str, Any]:
