@@ -33,7 +33,6 @@ import torch
 from torch import Tensor, nn
 
 from attnlib._validation import positive_int
-from attnlib.errors import UnsupportedError
 from attnlib.functional.aft import (
     aft_conv,
     aft_conv_filter,
@@ -95,6 +94,7 @@ class _AFTCore(KernelCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
@@ -344,11 +344,6 @@ class AFTConv(_AFTCore):
 
     def _pair_row(self, pos: int, positions: Tensor) -> Tensor:
         return aft_conv_row(self.filter(), pos, positions)
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, **kw: Any):  # type: ignore[override]
-        if kw.get("cross"):
-            raise UnsupportedError("variant 'aft_conv' is self-attention only (a convolution over one sequence)")
-        return super().forward(q, k, v, mask, **kw)
 
     @classmethod
     def conformance_kwargs(cls) -> dict[str, Any]:

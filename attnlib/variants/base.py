@@ -151,6 +151,7 @@ class AttentionCore(nn.Module):
             k,
             v,
             mask,
+            cross=cross,
             need_weights=need_weights,
             need_importance=need_importance,
             dropout_p=dropout_p,
@@ -163,11 +164,16 @@ class AttentionCore(nn.Module):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
     ) -> CoreOutput:
-        """The variant's computation; see :meth:`forward` for shapes."""
+        """The variant's computation; see :meth:`forward` for shapes and arguments.
+
+        ``cross`` says whether the keys come from another sequence: variants that treat
+        self-attention specially (e.g. key padding that also pads the queries) read it here.
+        """
         raise NotImplementedError
 
     def query_weights(self, q: Tensor, k: Tensor, mask: AttentionMask, query: int) -> Tensor | None:

@@ -103,6 +103,7 @@ class EntmaxAttention(AttentionCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,

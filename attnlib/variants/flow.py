@@ -11,8 +11,6 @@ the chunked parallel scan, and a recurrent :meth:`FlowAttention.step` for decodi
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -20,7 +18,7 @@ from attnlib.functional.flow import FLOW_FEATURE_MAPS, flow_attention, flow_step
 from attnlib.masks import AttentionMask
 from attnlib.registry import register_variant
 from attnlib.variants._common import KernelCore, kernel_family_caps, unpack
-from attnlib.variants.base import AttentionCore, CoreOutput
+from attnlib.variants.base import CoreOutput
 
 __all__ = ["FLOW_PRESETS", "FlowAttention"]
 
@@ -87,11 +85,6 @@ class FlowAttention(KernelCore):
         self.competition = bool(competition)
         self.allocation = bool(allocation)
         self.preset = preset
-        self._cross = False
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, cross: bool = False, **kw: Any):  # type: ignore[override]
-        self._cross = cross
-        return AttentionCore.forward(self, q, k, v, mask, cross=cross, **kw)
 
     def attend(
         self,
@@ -100,12 +93,13 @@ class FlowAttention(KernelCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
     ) -> CoreOutput:
         kp = mask.key_padding
-        self_attention = not self._cross and q.shape[2] == k.shape[2]
+        self_attention = not cross and q.shape[2] == k.shape[2]
         res = flow_attention(
             q,
             k,

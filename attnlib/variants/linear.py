@@ -110,6 +110,7 @@ class LinearAttention(KernelCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
@@ -223,6 +224,7 @@ class PerformerAttention(KernelCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
@@ -304,6 +306,7 @@ class CosformerAttention(KernelCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
@@ -394,6 +397,7 @@ class LinearSelfAttention(KernelCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
@@ -507,17 +511,6 @@ class EcoformerAttention(KernelCore):
         self.register_buffer("hash_learned", torch.zeros((), dtype=torch.bool))
         self.last_ksh: dict[str, Tensor] | None = None
 
-    def _check_cross(self, cross: bool) -> None:
-        if cross and self.bias_mode == "faithful":
-            raise UnsupportedError(
-                "variant 'ecoformer' with bias_mode='faithful' is self-attention only (it adds each "
-                "query's own value); use bias_mode='consistent' for cross-attention"
-            )
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, cross: bool = False, **kw: Any):  # type: ignore[override]
-        self._check_cross(cross)
-        return super().forward(q, k, v, mask, cross=cross, **kw)
-
     @torch.no_grad()
     def reset_hash(self) -> None:
         """Mark the hash as not learned: the next training forward learns it again."""
@@ -562,10 +555,16 @@ class EcoformerAttention(KernelCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
     ) -> CoreOutput:
+        if cross and self.bias_mode == "faithful":
+            raise UnsupportedError(
+                "variant 'ecoformer' with bias_mode='faithful' is self-attention only (it adds each "
+                "query's own value); use bias_mode='consistent' for cross-attention"
+            )
         if self.training and not bool(self.hash_learned):
             self.learn_hash(q, k, mask)
         kp = mask.key_padding

@@ -31,24 +31,15 @@ from attnlib.variants.base import AttentionCore, CoreOutput
 __all__ = ["GOTAttention", "SinkhornAttention"]
 
 
-class _QueryPaddingMixin(AttentionCore):
-    """Records whether the call is cross-attention: self-attention key padding also pads queries."""
-
-    _cross: bool = False
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, cross: bool = False, **kw: Any):  # type: ignore[override]
-        self._cross = bool(cross)
-        return super().forward(q, k, v, mask, cross=cross, **kw)
-
-    def query_mask(self, mask: AttentionMask) -> Tensor | None:
-        """(B, N) bool padding of the queries: the key padding in self-attention, else None."""
-        if self._cross or mask.key_padding is None or mask.n != mask.m:
-            return None
-        return mask.key_padding
+def _query_mask(mask: AttentionMask, cross: bool) -> Tensor | None:
+    """(B, N) bool padding of the queries: the key padding in self-attention, else None."""
+    if cross or mask.key_padding is None or mask.n != mask.m:
+        return None
+    return mask.key_padding
 
 
 @register_variant("sinkhorn")
-class SinkhornAttention(_QueryPaddingMixin):
+class SinkhornAttention(AttentionCore):
     """Doubly-stochastic attention by Sinkhorn normalisation (Sinkformers).
 
     Args:
@@ -92,6 +83,7 @@ class SinkhornAttention(_QueryPaddingMixin):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
@@ -101,7 +93,7 @@ class SinkhornAttention(_QueryPaddingMixin):
             k,
             v,
             mask=mask,
-            query_mask=self.query_mask(mask),
+            query_mask=_query_mask(mask, cross),
             scale=self.scale,
             n_iters=self.n_iters,
             dropout_p=dropout_p,
@@ -114,7 +106,7 @@ class SinkhornAttention(_QueryPaddingMixin):
 
 
 @register_variant("got")
-class GOTAttention(_QueryPaddingMixin):
+class GOTAttention(AttentionCore):
     """Attention by optimal transport (GOT), returning the GOT regulariser as ``aux_loss``.
 
     Per head, the weights are the OT plan between the queries and the keys (uniform masses over
@@ -220,11 +212,12 @@ class GOTAttention(_QueryPaddingMixin):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
     ) -> CoreOutput:
-        qm = self.query_mask(mask)
+        qm = _query_mask(mask, cross)
         km = mask.key_padding
         out, w = ot_attention(
             q,
