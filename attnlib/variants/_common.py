@@ -78,6 +78,7 @@ def kernel_family_caps(
         gqa=False,
         permutation_equivariant=permutation_equivariant,
         recurrent=True,
+        importance=True,
         family=family,
         paper=paper,
     )

@@ -58,6 +58,7 @@ class SoftmaxAttention(AttentionCore):
         attn_dropout=True,
         gqa=True,
         permutation_equivariant=True,
+        importance=True,
         family="dense",
         paper="Vaswani et al. 2017, Attention Is All You Need",
     )
@@ -143,6 +144,7 @@ class LocalAttention(AttentionCore):
         attn_dropout=True,
         gqa=True,
         permutation_equivariant=False,
+        importance=True,
         family="dense",
         paper="Beltagy et al. 2020, Longformer (sliding-window attention)",
     )

@@ -55,6 +55,7 @@ class EntmaxAttention(AttentionCore):
         attn_dropout=True,
         gqa=True,
         permutation_equivariant=True,
+        importance=True,
         family="sparse",
         paper="Correia, Niculae & Martins 2019, Adaptively Sparse Transformers; Peters et al. 2019 (entmax)",
     )

@@ -74,6 +74,7 @@ class KernelizedRPEAttention(AttentionCore):
         attn_dropout=False,
         gqa=False,
         permutation_equivariant=False,
+        importance=True,
         family="kernelized",
         paper="Luo et al. 2021, Stable, Fast and Accurate: Kernelized Attention with RPE",
     )

@@ -67,6 +67,7 @@ class SinkhornAttention(AttentionCore):
         attn_dropout=True,
         gqa=True,
         permutation_equivariant=True,
+        importance=True,
         family="ot",
         paper="Sander et al. 2022, Sinkformers: Transformers with Doubly Stochastic Attention",
     )
@@ -143,6 +144,7 @@ class GOTAttention(AttentionCore):
         attn_dropout=False,
         gqa=False,
         permutation_equivariant=True,
+        importance=True,
         family="ot",
         paper="Chen et al. 2020, Graph Optimal Transport for Cross-Domain Alignment",
     )

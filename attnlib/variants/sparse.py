@@ -116,6 +116,7 @@ _BLOCK_CAPS = dict(
     has_weights=True,
     attn_dropout=False,
     gqa=True,
+    importance=True,
     family="sparse",
 )
 
@@ -280,6 +281,7 @@ class GRATAttention(AttentionCore):
         attn_dropout=False,
         gqa=True,
         permutation_equivariant=False,
+        importance=True,
         family="sparse",
         paper="Ren et al. 2025, Grouping First, Attending Smartly (GRAT), arXiv 2505.14687",
     )
@@ -673,6 +675,7 @@ class MoSAAttention(AttentionCore):
         attn_dropout=True,
         gqa=False,
         permutation_equivariant=True,
+        importance=True,
         family="sparse",
         paper="Piękos, Csordás & Schmidhuber 2025, Mixture of Sparse Attention (MoSA), arXiv 2505.00315",
     )
@@ -806,6 +809,7 @@ class SparsifinerAttention(AttentionCore):
         attn_dropout=True,
         gqa=False,
         permutation_equivariant=False,
+        importance=True,
         family="sparse",
         paper="Wei et al. 2023, Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient ViTs (CVPR)",
     )
@@ -979,6 +983,7 @@ class SwinBERTMaskAttention(AttentionCore):
         attn_dropout=False,
         gqa=True,
         permutation_equivariant=False,
+        importance=True,
         family="sparse",
         paper="Lin et al. 2022, SwinBERT: End-to-End Transformers with Sparse Attention for Video Captioning (CVPR)",
     )
