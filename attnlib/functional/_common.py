@@ -8,7 +8,7 @@ from torch import Tensor
 
 from attnlib.masks import AttentionMask, MaskLike, normalize_mask
 
-__all__ = ["acc_dtype", "as_attention_mask", "nonzero", "repeat_kv", "safe_div"]
+__all__ = ["acc_dtype", "as_attention_mask", "nonzero", "repeat_kv", "safe_div", "weights_importance"]
 
 
 def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -43,3 +43,8 @@ def safe_div(num: Tensor, den: Tensor) -> Tensor:
     """``num / den`` where ``den != 0``, else 0 (finite gradients; rows with no key -> 0)."""
     ok = den != 0
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def weights_importance(weights: Tensor) -> Tensor:
+    """Attention mass each key receives, averaged over the queries: weights (B, H, N, M) -> (B, H, M)."""
+    return weights.mean(2)

@@ -24,6 +24,7 @@ zeros (never NaN). Half-precision inputs are computed in float32.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -35,7 +36,21 @@ from attnlib._validation import check_qkv, number_above, positive_int
 from attnlib.functional._common import acc_dtype, as_attention_mask, repeat_kv
 from attnlib.masks import MaskLike
 
-__all__ = ["entmax15", "entmax_attention", "entmax_bisect", "sparsemax"]
+__all__ = ["alpha_logit", "entmax15", "entmax_attention", "entmax_bisect", "learned_alpha", "sparsemax"]
+
+ALPHA_MIN = 1.01
+"""Lowest learned alpha: the alpha gradient of entmax is singular at alpha = 1."""
+
+
+def learned_alpha(logit: Tensor) -> Tensor:
+    """A learned alpha in (1, 2): ``1 + sigmoid(logit)``, clamped to >= :data:`ALPHA_MIN`."""
+    return (1.0 + torch.sigmoid(logit)).clamp_min(ALPHA_MIN)
+
+
+def alpha_logit(alpha: float) -> float:
+    """The logit whose :func:`learned_alpha` is ``alpha`` in (1, 2): ``log(a / (1 - a))`` with a = alpha - 1."""
+    a = alpha - 1.0
+    return math.log(a / (1 - a))
 
 
 def _prep(x: Tensor, dim: int) -> tuple[Tensor, Tensor, torch.dtype]:

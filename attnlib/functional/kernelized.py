@@ -34,6 +34,7 @@ from attnlib._validation import check_qkv, describe, positive_int
 from attnlib.functional._common import acc_dtype
 
 __all__ = [
+    "clipped_offset_bias",
     "draw_random_features",
     "fourier_mixing",
     "kernelized_rpe_attention",
@@ -223,6 +224,16 @@ def _check_key_padding(key_padding: Tensor | None, b: int, n: int, device: torch
         raise ValueError(f"{where}: key_padding must be a bool tensor (B, N) = ({b}, {n}), got {describe(key_padding)}")
     if key_padding.device != device:
         raise ValueError(f"{where}: key_padding is on {key_padding.device} but q is on {device}")
+
+
+def clipped_offset_bias(table: Tensor, n: int, max_distance: int) -> Tensor:
+    """Per-head bias over the offsets ``-(n-1)..n-1`` of N tokens from a table over ``-R..R``.
+
+    table (H, 2R + 1) with R = ``max_distance``; offsets beyond ±R take the bias of ±R
+    (Shaw-style clipping). Returns (H, 2n - 1), the ``rpe_bias`` of :func:`kernelized_rpe_attention`.
+    """
+    r = torch.arange(-(n - 1), n, device=table.device).clamp(-max_distance, max_distance)
+    return table[:, r + max_distance]
 
 
 def _bias_table(rpe_bias: Tensor, n: int, causal: bool, ct: torch.dtype) -> Tensor:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from attnlib._validation import check_qkv
 from attnlib.errors import UnsupportedError
+from attnlib.functional._common import weights_importance
 from attnlib.masks import AttentionMask, MaskLike
 from attnlib.registry import Capabilities
 
@@ -49,6 +50,25 @@ class CoreOutput:
     weights: Tensor | None = None
     importance: Tensor | None = None
     aux_loss: Tensor | None = None
+
+    @classmethod
+    def from_weights(
+        cls,
+        out: Tensor,
+        weights: Tensor,
+        *,
+        need_weights: bool,
+        need_importance: bool,
+        aux_loss: Tensor | None = None,
+    ) -> CoreOutput:
+        """``out`` computed from explicit ``weights`` (B, H, N, M): keep them and / or their
+        importance (:func:`attnlib.functional._common.weights_importance`) as requested."""
+        return cls(
+            out,
+            weights=weights if need_weights else None,
+            importance=weights_importance(weights) if need_importance else None,
+            aux_loss=aux_loss,
+        )
 
 
 def check_supported(name: str, caps: Capabilities, mask: AttentionMask, *, cross: bool) -> None:

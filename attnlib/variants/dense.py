@@ -93,7 +93,7 @@ class SoftmaxAttention(AttentionCore):
                 backend="math",
                 return_weights=True,
             )
-            return CoreOutput(out, weights=w, importance=w.mean(2) if need_importance else None)
+            return CoreOutput.from_weights(out, w, need_weights=True, need_importance=need_importance)
         short = self.backend == "auto" and q.device.type == "cpu" and k.shape[2] < FEW_KEYS and mask.block is None
         if short and not need_importance:
             # few keys on CPU: the explicit path beats SDPA's flash kernel, whose fixed per-(batch, head)
@@ -193,7 +193,7 @@ class LocalAttention(AttentionCore):
                 backend="math",
                 return_weights=True,
             )
-            return CoreOutput(out, weights=w, importance=w.mean(2) if need_importance else None)
+            return CoreOutput.from_weights(out, w, need_weights=True, need_importance=need_importance)
         out = local_attention(
             q, k, v, self.window, mask=mask, scale=self.scale, dropout_p=dropout_p, chunk_size=self.chunk_size
         )

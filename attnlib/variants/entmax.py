@@ -10,21 +10,18 @@ contain exact zeros. See :mod:`attnlib.functional.entmax`.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from attnlib._validation import number_above, positive_int
-from attnlib.functional.entmax import entmax_attention
+from attnlib.functional.entmax import alpha_logit, entmax_attention, learned_alpha
 from attnlib.masks import AttentionMask
 from attnlib.registry import Capabilities, register_variant
 from attnlib.variants.base import AttentionCore, CoreOutput
 
 __all__ = ["EntmaxAttention"]
-
-_ALPHA_MIN = 1.01
 
 
 @register_variant("entmax")
@@ -84,8 +81,7 @@ class EntmaxAttention(AttentionCore):
         self.scale = scale
         self.alpha_logit: nn.Parameter | None = None
         if self.learn_alpha:
-            a = self.alpha - 1.0
-            self.alpha_logit = nn.Parameter(torch.full((num_heads,), math.log(a / (1 - a))))
+            self.alpha_logit = nn.Parameter(torch.full((num_heads,), alpha_logit(self.alpha)))
 
     @classmethod
     def conformance_kwargs(cls) -> dict[str, Any]:
@@ -95,7 +91,7 @@ class EntmaxAttention(AttentionCore):
         """The alpha in use: a float, or (H,) per-head values when learned."""
         if self.alpha_logit is None:
             return self.alpha
-        return (1.0 + torch.sigmoid(self.alpha_logit)).clamp_min(_ALPHA_MIN)
+        return learned_alpha(self.alpha_logit)
 
     def attend(
         self,

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from attnlib._validation import positive_int, positive_number
 from attnlib.functional.kernelized import (
+    clipped_offset_bias,
     draw_random_features,
     fourier_mixing,
     kernelized_rpe_attention,
@@ -114,8 +115,7 @@ class KernelizedRPEAttention(AttentionCore):
 
     def bias_table(self, n: int) -> Tensor:
         """Per-head bias over offsets ``-(n-1)..n-1``: (H, 2n - 1), offsets clipped to ``±max_distance``."""
-        r = torch.arange(-(n - 1), n, device=self.rpe_bias.device).clamp(-self.max_distance, self.max_distance)
-        return self.rpe_bias[:, r + self.max_distance]
+        return clipped_offset_bias(self.rpe_bias, n, self.max_distance)
 
     def attend(
         self,

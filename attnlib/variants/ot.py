@@ -100,7 +100,7 @@ class SinkhornAttention(AttentionCore):
             dropout_p=dropout_p,
             return_weights=True,
         )
-        return CoreOutput(out, weights=w if need_weights else None, importance=w.mean(2) if need_importance else None)
+        return CoreOutput.from_weights(out, w, need_weights=need_weights, need_importance=need_importance)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", n_iters={self.n_iters}"
@@ -237,12 +237,7 @@ class GOTAttention(AttentionCore):
         aux = None
         if self.training and (self.wd_weight > 0 or self.gwd_weight > 0):
             aux = self.regularizer(q, k, qm, km)
-        return CoreOutput(
-            out,
-            weights=w if need_weights else None,
-            importance=w.mean(2) if need_importance else None,
-            aux_loss=aux,
-        )
+        return CoreOutput.from_weights(out, w, need_weights=need_weights, need_importance=need_importance, aux_loss=aux)
 
     def extra_repr(self) -> str:
         return (

@@ -35,7 +35,6 @@ from attnlib.functional.sparse import (
     mosa_route,
     seer_gate_logits,
     seer_gate_loss,
-    seer_own_blocks,
     seer_select,
     sparsifiner_approx_attention,
     sparsifiner_attention,
@@ -95,13 +94,34 @@ def _run_block(
         out = softmax_attention(q, k, v, scale=scale)
     else:
         out = block_sparse_attention(q, k, v, bm, scale=scale)
-    w = imp = None
     if need_weights:
         _, w = softmax_attention(q, k, v, mask=bm, scale=scale, backend="math", return_weights=True)
-        imp = w.mean(2) if need_importance else None
-    elif need_importance:
-        imp = softmax_importance(q, k, mask=bm, scale=scale)
-    return CoreOutput(out, weights=w, importance=imp)  # type: ignore[arg-type]
+        return CoreOutput.from_weights(out, w, need_weights=True, need_importance=need_importance)  # type: ignore[arg-type]
+    imp = softmax_importance(q, k, mask=bm, scale=scale) if need_importance else None
+    return CoreOutput(out, importance=imp)  # type: ignore[arg-type]
+
+
+def _dense(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: AttentionMask,
+    scale: float,
+    dropout_p: float,
+    need_weights: bool,
+    need_importance: bool,
+    aux_loss: Tensor | None,
+) -> CoreOutput:
+    """Exact softmax attention under ``mask`` (+ weights / importance on request): the dense
+    output of the learned-mask variants while they train their predictor."""
+    if need_weights:
+        out, w = softmax_attention(
+            q, k, v, mask=mask, scale=scale, dropout_p=dropout_p, backend="math", return_weights=True
+        )
+        return CoreOutput.from_weights(out, w, need_weights=True, need_importance=need_importance, aux_loss=aux_loss)
+    out = softmax_attention(q, k, v, mask=mask, scale=scale, dropout_p=dropout_p)
+    imp = softmax_importance(q, k, mask=mask, scale=scale) if need_importance else None
+    return CoreOutput(out, importance=imp, aux_loss=aux_loss)  # type: ignore[arg-type]
 
 
 _BLOCK_CAPS = dict(
@@ -552,10 +572,6 @@ class SeerAttention(AttentionCore):
             key_valid=key_valid,
         )
 
-    def own_blocks(self, n: int, m: int, device: torch.device) -> Tensor:
-        """(n_q, n_k) bool: key blocks holding the positions of each query block's rows (causal)."""
-        return seer_own_blocks(n, m, self.block_size, device)
-
     def select(self, logits: Tensor, allowed: Tensor, causal: bool, n: int, m: int) -> Tensor:
         """Block selection (B, H, n_q, n_k) bool from gate logits and the caller's allowed blocks."""
         return seer_select(
@@ -592,13 +608,8 @@ class SeerAttention(AttentionCore):
         aux = None
         if self.training:
             aux = self.loss_scale * seer_gate_loss(logits, q, k, mask, scale, self.block_size, self.skip_first)
-            if not self.train_sparse:
-                if need_weights:
-                    out, w = softmax_attention(q, k, v, mask=mask, scale=scale, backend="math", return_weights=True)
-                    return CoreOutput(out, weights=w, importance=w.mean(2) if need_importance else None, aux_loss=aux)
-                out = softmax_attention(q, k, v, mask=mask, scale=scale)
-                imp = softmax_importance(q, k, mask=mask, scale=scale) if need_importance else None
-                return CoreOutput(out, importance=imp, aux_loss=aux)  # type: ignore[arg-type]
+            if not self.train_sparse:  # no attention dropout (capabilities.attn_dropout=False)
+                return _dense(q, k, v, mask, scale, 0.0, need_weights, need_importance, aux)
         with torch.no_grad():
             sel = self.select(logits.detach(), allowed, mask.causal, n, m)
         bm = base.restrict(sel)
@@ -909,14 +920,7 @@ class SparsifinerAttention(AttentionCore):
             a_raw = self.approx_attention(q, k, sparse_basis=False, causal=mask.causal, key_valid=mask.key_padding)
             aux = self.recon_weight * sparsifiner_recon_loss(a_raw, q, k, allowed, scale, self.num_dense_queries)
         if self.reconstruct:
-            if need_weights:
-                out, w = softmax_attention(
-                    q, k, v, mask=mask, scale=scale, dropout_p=dropout_p, backend="math", return_weights=True
-                )
-                return CoreOutput(out, weights=w, importance=w.mean(2) if need_importance else None, aux_loss=aux)
-            out = softmax_attention(q, k, v, mask=mask, scale=scale, dropout_p=dropout_p)
-            imp = softmax_importance(q, k, mask=mask, scale=scale) if need_importance else None
-            return CoreOutput(out, importance=imp, aux_loss=aux)  # type: ignore[arg-type]
+            return _dense(q, k, v, mask, scale, dropout_p, need_weights, need_importance, aux)
         with torch.no_grad():
             a_hat = self.approx_attention(q, k, sparse_basis=True, causal=mask.causal, key_valid=mask.key_padding)
         out, w = sparsifiner_attention(
@@ -932,9 +936,9 @@ class SparsifinerAttention(AttentionCore):
             dropout_p=dropout_p,
             return_weights=need_weights or need_importance,
         )
-        weights = w if need_weights else None
-        imp = w.mean(2) if need_importance and w is not None else None
-        return CoreOutput(out, weights=weights, importance=imp, aux_loss=aux)
+        if w is None:
+            return CoreOutput(out, aux_loss=aux)
+        return CoreOutput.from_weights(out, w, need_weights=need_weights, need_importance=need_importance, aux_loss=aux)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_tokens={self.num_tokens}, keep_rate={self.keep_rate}"
@@ -1054,12 +1058,7 @@ class SwinBERTMaskAttention(AttentionCore):
         soft = self.soft_mask(min(n, self.num_tokens))
         out, w = swinbert_soft_attention(q, k, v, soft, mask_scale=self.mask_scale, allowed=mask.dense(), scale=scale)
         aux = self.sparsity_loss() if self.training else None
-        return CoreOutput(
-            out,
-            weights=w if need_weights else None,
-            importance=w.mean(2) if need_importance else None,
-            aux_loss=aux,
-        )
+        return CoreOutput.from_weights(out, w, need_weights=need_weights, need_importance=need_importance, aux_loss=aux)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_tokens={self.num_tokens}, hard_at_inference={self.hard_at_inference}"
