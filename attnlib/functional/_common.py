@@ -8,7 +8,15 @@ from torch import Tensor
 
 from attnlib.masks import AttentionMask, MaskLike, normalize_mask
 
-__all__ = ["acc_dtype", "as_attention_mask", "nonzero", "repeat_kv", "safe_div", "weights_importance"]
+__all__ = [
+    "acc_dtype",
+    "as_attention_mask",
+    "masked_scores",
+    "nonzero",
+    "repeat_kv",
+    "safe_div",
+    "weights_importance",
+]
 
 
 def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -32,6 +40,17 @@ def as_attention_mask(q: Tensor, k: Tensor, mask: MaskLike | list[MaskLike], cau
     """Normalise ``mask`` and ``causal`` for q (B, H, N, D) and k (B, H_kv, M, D)."""
     b, h, n, _ = q.shape
     return normalize_mask(mask, causal=causal, batch=b, heads=h, n=n, m=k.shape[2], device=q.device)
+
+
+def masked_scores(
+    q: Tensor, k: Tensor, mask: AttentionMask, rows: tuple[int, int], scale: float, dtype: torch.dtype
+) -> Tensor:
+    """The logits of query rows ``rows = (s0, s1)``: ``q[s0:s1] k^T`` cast to ``dtype``, times
+    ``scale``, -inf where ``mask`` forbids. q (B, H, N, D), k (B, H, M, D) -> (B, H, s1 - s0, M)."""
+    s0, s1 = rows
+    s = torch.matmul(q[:, :, s0:s1], k.transpose(-1, -2)).to(dtype) * scale
+    allowed = mask.dense_rows(s0, s1)
+    return s if allowed is None else s.masked_fill(~allowed, float("-inf"))
 
 
 def nonzero(den: Tensor) -> Tensor:

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from attnlib._validation import check_qkv, number_above, positive_int
-from attnlib.functional._common import acc_dtype, as_attention_mask, repeat_kv
+from attnlib.functional._common import acc_dtype, as_attention_mask, masked_scores, repeat_kv
 from attnlib.masks import MaskLike
 
 __all__ = ["alpha_logit", "entmax15", "entmax_attention", "entmax_bisect", "learned_alpha", "sparsemax"]
@@ -312,10 +312,7 @@ def entmax_attention(
     imp = torch.zeros(b, h, k.shape[2], dtype=acc, device=q.device) if return_importance else None
     for s0 in range(0, n, chunk_size):
         s1 = min(n, s0 + chunk_size)
-        s = torch.matmul(q[:, :, s0:s1], kk.transpose(-1, -2)).to(acc) * scale
-        allowed = am.dense_rows(s0, s1)
-        if allowed is not None:
-            s = s.masked_fill(~allowed, float("-inf"))
+        s = masked_scores(q, kk, am, (s0, s1), scale, acc)
         p = _entmax_map(s, alpha, n_iter)
         if imp is not None:
             imp = imp + p.sum(2)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlib.functional._common import acc_dtype, nonzero, repeat_kv
+from attnlib.functional._common import acc_dtype, masked_scores, nonzero, repeat_kv
 from attnlib.functional.softmax import softmax_attention
 from attnlib.masks import AttentionMask
 from attnlib.positional import apply_rotary
@@ -106,10 +106,7 @@ def block_max_attention(
     rows = chunk_blocks * bq
     for s0 in range(0, n, rows):
         s1 = min(n, s0 + rows)
-        s = torch.matmul(q[:, :, s0:s1], k.transpose(-1, -2)).to(acc) * scale
-        allowed = mask.dense_rows(s0, s1)
-        if allowed is not None:
-            s = s.masked_fill(~allowed, float("-inf"))
+        s = masked_scores(q, k, mask, (s0, s1), scale, acc)
         p = torch.softmax(s, -1).nan_to_num(0.0)  # empty rows -> 0
         nr = s1 - s0
         i0 = s0 // bq
