@@ -5,10 +5,22 @@ Every check raises ValueError with a message that says what was expected and wha
 
 from __future__ import annotations
 
-import torch
+import math
+
 from torch import Tensor
 
-__all__ = ["check_index", "check_qkv", "describe"]
+__all__ = [
+    "check_index",
+    "check_qkv",
+    "describe",
+    "fraction",
+    "int_at_least",
+    "non_negative_int",
+    "non_negative_number",
+    "number_above",
+    "positive_int",
+    "positive_number",
+]
 
 
 def describe(x: object) -> str:
@@ -51,13 +63,70 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, where: str, same_head_dim: boo
         raise ValueError(f"{where}: empty batch (B=0)")
 
 
-def floating_dtype_ok(dtype: torch.dtype) -> bool:
-    """True for the float dtypes attnlib computes in (fp16, bf16, fp32, fp64)."""
-    return dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def check_index(value: object, n: int, *, what: str) -> int:
     """An int index into ``n`` items, ``[-n, n)`` (negative counts from the end), as ``[0, n)``."""
     if isinstance(value, bool) or not isinstance(value, int) or not -n <= value < n:
         raise ValueError(f"{what} must be an int in [-{n}, {n}) for N={n} queries, got {value!r}")
     return value % n
+
+
+# Scalar arguments. ``what`` names the argument in the message (e.g. "performer: num_features");
+# ``hint`` follows the expectation (e.g. " (1 = softmax)"). Bools are rejected where an int or a
+# number is expected. Each returns the checked value (ints as given, numbers as float).
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def int_at_least(value: object, minimum: int, what: str, *, hint: str = "") -> int:
+    """``value`` if it is an int >= ``minimum``, else ValueError "{what} must be an int >= {minimum}"."""
+    if not _is_int(value) or value < minimum:  # type: ignore[operator]
+        raise ValueError(f"{what} must be an int >= {minimum}{hint}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def positive_int(value: object, what: str, *, hint: str = "") -> int:
+    """``value`` if it is an int > 0, else ValueError "{what} must be a positive int"."""
+    if not _is_int(value) or value <= 0:  # type: ignore[operator]
+        raise ValueError(f"{what} must be a positive int{hint}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def non_negative_int(value: object, what: str, *, hint: str = "") -> int:
+    """``value`` if it is an int >= 0, else ValueError "{what} must be a non-negative int"."""
+    if not _is_int(value) or value < 0:  # type: ignore[operator]
+        raise ValueError(f"{what} must be a non-negative int{hint}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def positive_number(value: object, what: str, *, hint: str = "") -> float:
+    """``float(value)`` if it is a finite number > 0, else ValueError "{what} must be a positive number"."""
+    if not _is_number(value) or not value > 0 or not math.isfinite(value):  # type: ignore[operator, arg-type]
+        raise ValueError(f"{what} must be a positive number{hint}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def non_negative_number(value: object, what: str, *, hint: str = "") -> float:
+    """``float(value)`` if it is a number >= 0, else ValueError "{what} must be a non-negative number"."""
+    if not _is_number(value) or value < 0:  # type: ignore[operator]
+        raise ValueError(f"{what} must be a non-negative number{hint}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def fraction(value: object, what: str, *, hint: str = "") -> float:
+    """``float(value)`` if it is a number in (0, 1], else ValueError "{what} must be in (0, 1]"."""
+    if not _is_number(value) or not 0.0 < float(value) <= 1.0:  # type: ignore[arg-type]
+        raise ValueError(f"{what} must be in (0, 1]{hint}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def number_above(value: object, bound: float, what: str, *, hint: str = "") -> float:
+    """``float(value)`` if it is a number > ``bound``, else ValueError "{what} must be > {bound}"."""
+    if not _is_number(value) or not float(value) > bound:  # type: ignore[arg-type]
+        raise ValueError(f"{what} must be > {bound}{hint}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]

@@ -4,17 +4,18 @@ Every attention variant is an :class:`attnlib.variants.base.AttentionCore` subcl
 registered under a name with :func:`register_variant`. Its :class:`Capabilities` say what it
 supports; tests, configs, the capability matrix and the module's input checks all read them
 instead of special-casing names.
+
+This module sits below :mod:`attnlib.variants` and imports nothing from it: the variants
+register themselves when :mod:`attnlib.variants` imports its family modules (``import attnlib``
+does), and the registry only needs a class with a ``capabilities`` attribute.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, TypeVar
+from typing import Any, TypeVar
 
 from attnlib._config import close_matches_hint
-
-if TYPE_CHECKING:  # pragma: no cover
-    from attnlib.variants.base import AttentionCore
 
 __all__ = [
     "Capabilities",
@@ -49,6 +50,7 @@ class Capabilities:
         recurrent: has a recurrent ``step`` form for causal decoding.
         importance: reports ``importance`` (attention mass each key receives) through
             ``return_extras`` - what token pruning (:mod:`attnlib.pruning`) ranks tokens by.
+            False unless declared, like every capability.
         family: the variant family ("dense", "sparse", "linear", ...).
         paper: short reference to the defining paper.
     """
@@ -68,7 +70,7 @@ class Capabilities:
     gqa: bool = False
     permutation_equivariant: bool = False
     recurrent: bool = False
-    importance: bool = True
+    importance: bool = False
     family: str = ""
     paper: str = ""
 
@@ -81,9 +83,9 @@ class Capabilities:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-_REGISTRY: dict[str, type[AttentionCore]] = {}
+_REGISTRY: dict[str, type[Any]] = {}  # name -> AttentionCore subclass
 
-C = TypeVar("C", bound="type[AttentionCore]")
+C = TypeVar("C", bound=type)
 
 
 def register_variant(name: str):
@@ -113,8 +115,8 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_variant(name: str) -> type[AttentionCore]:
-    """The core class registered as ``name``; unknown names raise ValueError with close matches."""
+def get_variant(name: str) -> type[Any]:
+    """The AttentionCore subclass registered as ``name``; unknown names raise ValueError with close matches."""
     if name not in _REGISTRY:
         hint = close_matches_hint(name, _REGISTRY)
         raise ValueError(f"unknown attention variant {name!r}{hint} Registered variants: {', '.join(available())}")

@@ -39,7 +39,7 @@ from attnlib.variants.base import AttentionCore, CoreOutput
 class _Exactish(AttentionCore):
     capabilities = Capabilities(causal=True, exact=True, family="test", complexity="O(N^2)")
 
-    def attend(self, q, k, v, mask: AttentionMask, *, need_weights, need_importance, dropout_p) -> CoreOutput:
+    def attend(self, q, k, v, mask: AttentionMask, *, cross, need_weights, need_importance, dropout_p) -> CoreOutput:
         return CoreOutput(self.compute(q, k, v, mask))
 
     def compute(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
@@ -75,7 +75,7 @@ class Tempered(AttentionCore):
     def approximation_knobs(cls) -> dict[str, list]:
         return {"temperature": [0.5, 1.0]}
 
-    def attend(self, q, k, v, mask, *, need_weights, need_importance, dropout_p) -> CoreOutput:
+    def attend(self, q, k, v, mask, *, cross, need_weights, need_importance, dropout_p) -> CoreOutput:
         scale = q.shape[-1] ** -0.5 / self.temperature
         return CoreOutput(softmax_attention(q, k, v, mask=mask, backend="math", scale=scale))
 

@@ -114,7 +114,7 @@ class _Bare(AttentionCore):
 
     capabilities = Capabilities(family="test")
 
-    def attend(self, q, k, v, mask, *, need_weights, need_importance, dropout_p):
+    def attend(self, q, k, v, mask, *, cross, need_weights, need_importance, dropout_p):
         return CoreOutput(v.mean(2, keepdim=True).expand_as(q).contiguous())
 
 
@@ -295,7 +295,7 @@ class _RecurrentLinear(AttentionCore):
     def _phi(x):
         return torch.nn.functional.elu(x) + 1
 
-    def attend(self, q, k, v, mask, *, need_weights, need_importance, dropout_p):
+    def attend(self, q, k, v, mask, *, cross, need_weights, need_importance, dropout_p):
         qf, kf = self._phi(q), self._phi(k)
         a = qf @ kf.transpose(-1, -2)
         if mask.causal:

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 import attnlib
 from attnlib.functional import reference_attention
 from attnlib.functional.grat import grat_permutation
+from attnlib.functional.sparse import block_max_attention
 from attnlib.masks import BlockMask, causal_mask, normalize_mask, window_mask
 from attnlib.registry import get_variant
 from attnlib.testing import assert_close, make_qkv
-from attnlib.variants.sparse import _block_max_attention, freeze_all_but_gates
+from attnlib.variants.sparse import freeze_all_but_gates
 
 B, H, D = 2, 4, 8
 
@@ -217,7 +218,7 @@ def test_seer_block_max_target_and_training_mode() -> None:
     n, bs = 37, 8
     q, k, v = make_qkv(B, H, n, D, dtype=torch.float64, logit_scale=3.0, seed=10)
     a = am(n, causal=True)
-    gt = _block_max_attention(q, k, a, D**-0.5, bs, bs, chunk_blocks=2)
+    gt = block_max_attention(q, k, a, D**-0.5, bs, bs, chunk_blocks=2)
     _, attn = reference_attention(q, k, v, causal=True, return_weights=True)
     naive = F.max_pool2d(attn, bs, ceil_mode=True)
     naive = naive / naive.sum(-1, keepdim=True)

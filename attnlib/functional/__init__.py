@@ -5,6 +5,7 @@ says otherwise (the AFT functions work per channel on (..., T, C)). Masks follow
 :mod:`attnlib.masks` (True = may attend).
 """
 
+from attnlib.functional._common import repeat_kv
 from attnlib.functional.aft import aft_conv, aft_full, aft_local, aft_simple
 from attnlib.functional.ecoformer import (
     binarize,
@@ -35,7 +36,6 @@ from attnlib.functional.local import local_attention, local_importance
 from attnlib.functional.sinkhorn import sinkhorn_attention
 from attnlib.functional.softmax import (
     reference_attention,
-    repeat_kv,
     softmax_attention,
     softmax_attention_importance,
     softmax_importance,

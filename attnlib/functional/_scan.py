@@ -12,6 +12,8 @@ the explicit reference paths.
 * :func:`column_mass` - ``Σ_i r_i · kf_j`` over the queries that see key j, i.e. the column
   sums of the implicit matrix ``diag(s) A`` for row scales folded into ``r = s ⊙ qf``. This
   gives every variant's ``importance`` in O(N·F).
+* :func:`kernel_step` - one token of the recurrent (decoding) form: the running state
+  ``S += kf^T v``, ``z += kf`` and the query's ``num = qf S``, ``den = qf·z``.
 * mask helpers: the family supports ``causal`` (N == M) and key padding only.
 """
 
@@ -28,25 +30,19 @@ from attnlib.errors import UnsupportedError
 from attnlib.masks import AttentionMask, MaskLike, causal_mask, normalize_mask
 
 __all__ = [
-    "acc_dtype",
     "block_rows",
     "blocked_attention",
     "causal_chunk_max",
     "chunk_states",
     "column_mass",
     "grad_free",
+    "kernel_step",
     "linear_scan",
     "pack_result",
     "prefix_mask",
     "prefix_sum",
-    "safe_div",
     "split_mask",
 ]
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float32 for fp16/bf16 inputs, the input dtype otherwise."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def split_mask(
@@ -78,10 +74,29 @@ def split_mask(
     return am.key_padding, am.causal
 
 
-def safe_div(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den`` where ``den != 0``, else 0 (finite gradients; rows with no key -> 0)."""
-    ok = den != 0
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+def kernel_step(
+    qf: Tensor, kf: Tensor, v: Tensor, s: Tensor, z: Tensor | None = None, *, decay: Tensor | None = None
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """One token of the causal running sums of feature-mapped attention.
+
+    ``S' = decay·S + kf v^T``, ``z' = decay·z + kf`` (no decay when None), then the query's
+    ``num = qf S'`` and ``den = qf·z'``.
+
+    Args:
+        qf, kf: (B, H, F) features of the token's query and key; v: (B, H, Dv).
+        s: (B, H, F, Dv) state; z: (B, H, F) normaliser state or None (no denominator).
+        decay: (B, H) factor on the old state (Performer's running max-shift) or None.
+
+    Returns:
+        (num (B, H, Dv), den (B, H, 1) or None, S', z').
+    """
+    kv = kf[..., :, None] * v[..., None, :]
+    s = s + kv if decay is None else s * decay[..., None, None] + kv
+    num = (qf[..., :, None] * s).sum(-2)
+    if z is None:
+        return num, None, s, None
+    z = z + kf if decay is None else z * decay[..., None] + kf
+    return num, (qf * z).sum(-1, keepdim=True), s, z
 
 
 def prefix_mask(n: int, device: torch.device) -> Tensor:

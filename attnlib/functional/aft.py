@@ -44,16 +44,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnlib._validation import positive_int
 from attnlib.errors import UnsupportedError
-from attnlib.functional._scan import acc_dtype, prefix_sum, safe_div
+from attnlib.functional._common import acc_dtype, nonzero, safe_div
+from attnlib.functional._scan import prefix_sum
 from attnlib.masks.predicates import MaskMod, and_mod, causal_mod, window_mod
 
-__all__ = ["aft_conv", "aft_full", "aft_local", "aft_simple"]
+__all__ = [
+    "aft_conv",
+    "aft_conv_filter",
+    "aft_conv_row",
+    "aft_factor_row",
+    "aft_full",
+    "aft_head_key",
+    "aft_local",
+    "aft_simple",
+    "aft_step",
+    "conv_offsets",
+]
 
 Result = Tensor | tuple[Tensor, Tensor]
 PairBias = Tensor | tuple[Tensor, Tensor]
 # (s, e, lo, hi) -> (w block (..., e - s, hi - lo), allowed (e - s, hi - lo) or broadcastable)
 BlockFn = Callable[[int, int, int, int], tuple[Tensor, Tensor]]
+# (position t, cached key positions (L,)) -> pair bias w_{t, positions} (H|1, L)
+PairRow = Callable[[int, Tensor], Tensor]
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, where: str, *, same_channels: bool = True) -> None:
@@ -381,12 +396,6 @@ def _result(out: Tensor, imp: Tensor | None, dtype: torch.dtype, return_importan
     return out
 
 
-def _check_window(window: object, where: str) -> int:
-    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
-        raise ValueError(f"{where}: window s must be a positive int (|t - t'| < s), got {window!r}")
-    return window
-
-
 def aft_local(
     q: Tensor,
     k: Tensor,
@@ -413,7 +422,7 @@ def aft_local(
     _check(q, k, v, "aft_local")
     t, tk = q.shape[-2], k.shape[-2]
     _check_causal(causal, t, tk, "aft_local")
-    s_w = _check_window(window, "aft_local")
+    s_w = positive_int(window, "aft_local: window s", hint=" (|t - t'| < s)")
     src = _pair_source(w, t, tk, "aft_local")
 
     band = window_mod(s_w - 1, s_w - 1, t)  # |t - t'| < s, in absolute positions
@@ -550,6 +559,114 @@ def aft_conv(
         need_importance=return_importance,
     )
     return _result(out, imp, q.dtype, return_importance)
+
+
+def aft_head_key(k: Tensor) -> Tensor:
+    """AFT-conv's key tied to the heads: the mean of each head's channels, (B, H, T, D) -> (B, H, T, 1)."""
+    return k.mean(-1, keepdim=True)
+
+
+def aft_conv_filter(w_raw: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+    """AFT-conv's reparameterised filter ``w = γ (w_raw - mean) / std + β``: w_raw (H, s), γ, β (H,) -> (H, s).
+
+    A one-tap filter has no spread: its normalised part is 0 (w = β).
+    """
+    w = w_raw
+    if w.shape[-1] > 1:
+        w = (w - w.mean(-1, keepdim=True)) / (w.std(-1, unbiased=False, keepdim=True) + 1e-5)
+    else:
+        w = torch.zeros_like(w)
+    return gamma[:, None] * w + beta[:, None]
+
+
+def aft_factor_row(u: Tensor, v: Tensor, pos: int, positions: Tensor) -> Tensor:
+    """Row ``pos`` of the factorised bias ``w = U V^T`` at key ``positions`` (L,): (1, L)."""
+    return (u[pos] @ v[positions].T)[None]
+
+
+def aft_conv_row(w: Tensor, pos: int, positions: Tensor) -> Tensor:
+    """Row ``pos`` of the causal AFT-conv bias at key ``positions`` (L,): (H, L); w (H, s) the filter."""
+    offs = conv_offsets(w.shape[-1], True).to(positions.device)  # 0, -1, ...
+    d = positions - pos  # (L,)
+    tap = (d[None, :] == offs[:, None]).to(w.dtype)  # (s, L)
+    return w @ tap
+
+
+def aft_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: dict[str, Tensor],
+    *,
+    keep: int | None,
+    global_sums: bool,
+    pair_row: PairRow | None = None,
+    tied_key: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One causal decoding step of the AFT family: q, k, v (B, H, 1, D) -> out (B, H, 1, D).
+
+    Feeding a sequence token by token equals the causal parallel form token by token.
+
+    Args:
+        state: accumulation-dtype tensors over the past tokens: ``max`` (B, H, 1, D) running key
+            maximum (the dtype's lowest value before the first token), ``num``, ``den``
+            (B, H, 1, D) running sums of ``e^{K - max} V`` and ``e^{K - max}``, ``keys``,
+            ``values`` (B, H, L, D) the cached last keys / values, ``pos`` (0-d long) the
+            position of this token.
+        keep: cached keys: None = all (AFT-full), 0 = none (AFT-simple), s = the last s.
+        global_sums: the running sums enter the output with weight e^0 = 1 outside the pair
+            terms (AFT-local / conv / simple); False: only the cached keys count (AFT-full).
+        pair_row: the pair bias of this position against the cached positions
+            (:func:`aft_factor_row`, :func:`aft_conv_row`); not called when ``keep == 0``.
+        tied_key: reduce k to one channel per head (:func:`aft_head_key`) after the cast.
+
+    Returns:
+        (out in q's dtype, new state).
+    """
+    dt = acc_dtype(q.dtype)
+    qd, kd, vd = q.to(dt), k.to(dt), v.to(dt)
+    kd = (aft_head_key(kd) if tied_key else kd).expand_as(vd)
+    pos = int(state["pos"])
+    low = torch.finfo(state["max"].dtype).min
+    m_new = torch.maximum(state["max"], kd)
+    m_old = torch.where(state["max"] > low / 2, state["max"], m_new)
+    rescale = torch.exp(m_old - m_new)
+    ek = torch.exp(kd - m_new)
+    gnum = state["num"] * rescale + ek * vd
+    gden = state["den"] * rescale + ek
+    keys = torch.cat([state["keys"], kd], 2)
+    values = torch.cat([state["values"], vd], 2)
+    if keep is not None:
+        first = keys.shape[2] - min(keys.shape[2], keep)
+        keys, values = keys[:, :, first:], values[:, :, first:]
+    num, den = (gnum, gden) if global_sums else (torch.zeros_like(gnum), torch.zeros_like(gden))
+    if keys.shape[2] and (not global_sums or keep):
+        assert pair_row is not None
+        positions = torch.arange(pos - keys.shape[2] + 1, pos + 1, device=q.device)
+        w = pair_row(pos, positions).to(gnum.dtype)[None, :, :, None]  # (1, H|1, L, 1)
+        wmax = w.amax(-2, keepdim=True)
+        e_all = torch.exp(keys - m_new)
+        if global_sums:
+            r = wmax.clamp_min(0.0)
+            pair = torch.exp(w - r) - torch.exp(-r)
+            scale = torch.exp(-r)[:, :, 0]  # (1, H|1, 1)
+            num = scale[..., None] * gnum + (pair * e_all * values).sum(2, keepdim=True)
+            den = scale[..., None] * gden + (pair * e_all).sum(2, keepdim=True)
+        else:
+            pair = torch.exp(w - wmax)
+            num = (pair * e_all * values).sum(2, keepdim=True)
+            den = (pair * e_all).sum(2, keepdim=True)
+    out = torch.sigmoid(qd) * num / nonzero(den)
+    cached = keep is None or keep
+    new = {
+        "max": m_new,
+        "num": gnum,
+        "den": gden,
+        "keys": keys if cached else state["keys"],
+        "values": values if cached else state["values"],
+        "pos": state["pos"] + 1,
+    }
+    return out.to(q.dtype), new
 
 
 def _expand_heads(res: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:

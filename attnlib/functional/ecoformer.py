@@ -37,22 +37,22 @@ from torch import Tensor
 
 from attnlib._validation import check_qkv
 from attnlib.errors import UnsupportedError
+from attnlib.functional._common import acc_dtype, nonzero, repeat_kv, safe_div
 from attnlib.functional._scan import (
-    acc_dtype,
     column_mass,
+    kernel_step,
     linear_scan,
     pack_result,
     prefix_mask,
-    safe_div,
     split_mask,
 )
-from attnlib.functional.softmax import repeat_kv
 from attnlib.masks import MaskLike
 
 __all__ = [
     "anchor_distances",
     "binarize",
     "ecoformer_attention",
+    "ecoformer_step",
     "hash_from_distances",
     "hash_kernel_features",
     "kernelized_hash",
@@ -247,6 +247,56 @@ def ecoformer_attention(
     return pack_result(out, weights, importance, return_weights=return_weights, return_importance=return_importance)
 
 
+def ecoformer_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: dict[str, Tensor],
+    anchors: Tensor,
+    center: Tensor | None,
+    projection: Tensor,
+    *,
+    bias_mode: BiasMode = "consistent",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One causal decoding step of the hashed attention: q, k (B, H, 1, D), v (B, H, 1, Dv).
+
+    The token's codes use the causal bandwidth (the prefix mean of the anchor distances), so
+    feeding a sequence token by token equals :func:`kernelized_hash` (``causal=True``) followed
+    by :func:`ecoformer_attention` (``causal=True``). anchors (H, m, D), center (H, m),
+    projection (H, b, m) as in :func:`kernelized_hash`.
+
+    State (accumulation dtype): ``S`` (B, H, F, Dv), ``z`` (B, H, F) - running sums of the key
+    features (F = b + 1 for "consistent", b for "faithful") - ``dist_q``, ``dist_k`` (B, H),
+    the running sums of the mean anchor distances, and ``count`` (a 0-d tensor, tokens so far).
+
+    Returns:
+        (out (B, H, 1, Dv) in q's dtype, new state).
+    """
+    dt = acc_dtype(q.dtype)
+    qd, kd, vt = q.to(dt), k.to(dt), v.to(dt)[:, :, 0]
+    count = state["count"] + 1
+    dq = anchor_distances(qd, anchors)  # (B, H, 1, m)
+    dk = anchor_distances(kd, anchors)
+    dist_q = state["dist_q"] + dq.mean(-1)[..., 0]
+    dist_k = state["dist_k"] + dk.mean(-1)[..., 0]
+    hq = hash_from_distances(dq, (dist_q / count)[..., None, None], center, projection)[:, :, 0]
+    hk = hash_from_distances(dk, (dist_k / count)[..., None, None], center, projection)[:, :, 0]
+    nb = float(projection.shape[-2])
+    if bias_mode == "consistent":
+        qf = torch.cat([hq, torch.ones_like(hq[..., :1])], -1)
+        kf = torch.cat([hk * 0.5, torch.full_like(hk[..., :1], nb / 2)], -1)
+    else:
+        qf, kf = hq, hk
+    num, den, s, z = kernel_step(qf, kf, vt, state["S"], state["z"])
+    assert den is not None
+    if bias_mode == "faithful":
+        num = num + (nb + 1) * vt
+        den = den + (nb + 1) * count
+    out = num / nonzero(den)
+    new = {"S": s, "z": z, "dist_q": dist_q, "dist_k": dist_k, "count": count}
+    return out[:, :, None].to(q.dtype), new  # type: ignore[return-value]
+
+
 def _sample_rows(n: int, k: int, generator: torch.Generator | None, valid: Tensor | None) -> Tensor:
     """k indices among the valid rows of one sample (with replacement when there are fewer)."""
     idx = torch.arange(n) if valid is None else torch.nonzero(valid.cpu(), as_tuple=True)[0]
@@ -308,7 +358,7 @@ def learn_ksh_hash(
         loss_after (H, b) - the binarised loss of each bit at its initial and accepted value.
     """
     with torch.no_grad():
-        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dt = acc_dtype(q.dtype)
         q, k = q.detach().to(dt), k.detach().to(dt)
         b, h, n, _ = q.shape
         m = k.shape[2]

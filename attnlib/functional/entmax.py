@@ -24,6 +24,7 @@ zeros (never NaN). Half-precision inputs are computed in float32.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -31,11 +32,25 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from attnlib._validation import check_qkv
-from attnlib.functional.softmax import as_attention_mask, repeat_kv
+from attnlib._validation import check_qkv, number_above, positive_int
+from attnlib.functional._common import acc_dtype, as_attention_mask, masked_scores, repeat_kv
 from attnlib.masks import MaskLike
 
-__all__ = ["entmax15", "entmax_attention", "entmax_bisect", "sparsemax"]
+__all__ = ["alpha_logit", "entmax15", "entmax_attention", "entmax_bisect", "learned_alpha", "sparsemax"]
+
+ALPHA_MIN = 1.01
+"""Lowest learned alpha: the alpha gradient of entmax is singular at alpha = 1."""
+
+
+def learned_alpha(logit: Tensor) -> Tensor:
+    """A learned alpha in (1, 2): ``1 + sigmoid(logit)``, clamped to >= :data:`ALPHA_MIN`."""
+    return (1.0 + torch.sigmoid(logit)).clamp_min(ALPHA_MIN)
+
+
+def alpha_logit(alpha: float) -> float:
+    """The logit whose :func:`learned_alpha` is ``alpha`` in (1, 2): ``log(a / (1 - a))`` with a = alpha - 1."""
+    a = alpha - 1.0
+    return math.log(a / (1 - a))
 
 
 def _prep(x: Tensor, dim: int) -> tuple[Tensor, Tensor, torch.dtype]:
@@ -44,8 +59,7 @@ def _prep(x: Tensor, dim: int) -> tuple[Tensor, Tensor, torch.dtype]:
         raise ValueError(f"expected a floating-point tensor, got {type(x).__name__}")
     dtype = x.dtype
     z = x.movedim(dim, -1)
-    if dtype in (torch.float16, torch.bfloat16):
-        z = z.float()
+    z = z.to(acc_dtype(dtype))
     mx = z.amax(-1, keepdim=True)
     empty = torch.isneginf(mx)
     z = torch.where(empty, torch.zeros_like(z), z - torch.where(empty, torch.zeros_like(mx), mx))
@@ -149,7 +163,7 @@ class _EntmaxBisect(torch.autograd.Function):
     def backward(ctx: Any, dp: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         p, alpha = ctx.saved_tensors
         dim = ctx.dim
-        acc = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+        acc = acc_dtype(p.dtype)
         pa, dpa, a = p.to(acc), dp.to(acc), alpha.to(acc)
         pos = pa > 0
         g = torch.where(pos, pa.clamp_min(1e-300 if acc == torch.float64 else 1e-38) ** (2 - a), torch.zeros_like(pa))
@@ -212,11 +226,9 @@ def entmax_bisect(
     if not isinstance(x, Tensor):
         raise ValueError(f"entmax_bisect expects a tensor, got {type(x).__name__}")
     d = _dim(x, dim, "entmax_bisect")
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-        raise ValueError(f"entmax_bisect: n_iter must be a positive int, got {n_iter!r}")
+    positive_int(n_iter, "entmax_bisect: n_iter")
     if not isinstance(alpha, Tensor):
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not float(alpha) > 1.0:
-            raise ValueError(f"entmax_bisect: alpha must be > 1 (alpha -> 1 is softmax), got {alpha!r}")
+        number_above(alpha, 1, "entmax_bisect: alpha", hint=" (alpha -> 1 is softmax)")
         alpha_t = torch.full([1] * x.dim(), float(alpha), dtype=x.dtype, device=x.device)
     else:
         alpha_t = alpha
@@ -290,20 +302,17 @@ def entmax_attention(
             raise ValueError(
                 f"entmax_attention: a tensor alpha must have shape (H,) = ({h},), got {tuple(alpha.shape)}"
             )
-        alpha = alpha.reshape(1, -1, 1, 1)
-    elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not float(alpha) > 1.0:
-        raise ValueError(f"entmax_attention: alpha must be > 1, got {alpha!r}")
+        alpha = alpha.reshape(1, -1, 1, 1).to(acc_dtype(q.dtype))
+    else:
+        number_above(alpha, 1, "entmax_attention: alpha")
     g = h // k.shape[1]
     kk, vv = repeat_kv(k, g), repeat_kv(v, g)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q.dtype)
     outs, weights = [], []
     imp = torch.zeros(b, h, k.shape[2], dtype=acc, device=q.device) if return_importance else None
     for s0 in range(0, n, chunk_size):
         s1 = min(n, s0 + chunk_size)
-        s = torch.matmul(q[:, :, s0:s1], kk.transpose(-1, -2)).to(acc) * scale
-        allowed = am.dense_rows(s0, s1)
-        if allowed is not None:
-            s = s.masked_fill(~allowed, float("-inf"))
+        s = masked_scores(q, kk, am, (s0, s1), scale, acc)
         p = _entmax_map(s, alpha, n_iter)
         if imp is not None:
             imp = imp + p.sum(2)

@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlib._validation import check_qkv
+from attnlib._validation import check_qkv, positive_int
+from attnlib.functional._common import acc_dtype, repeat_kv
 from attnlib.functional._scan import (
-    acc_dtype,
     block_rows,
     chunk_states,
     column_mass,
@@ -59,10 +59,9 @@ from attnlib.functional._scan import (
     slabs,
     split_mask,
 )
-from attnlib.functional.softmax import repeat_kv
 from attnlib.masks import MaskLike
 
-__all__ = ["FLOW_FEATURE_MAPS", "flow_attention", "flow_quantities"]
+__all__ = ["FLOW_FEATURE_MAPS", "flow_attention", "flow_quantities", "flow_step"]
 
 Result = Tensor | tuple[Tensor, ...]
 
@@ -184,8 +183,7 @@ def flow_attention(
         (B, H, N, Dv), or ``(out, weights?, importance?)``; weights
         ``W_ij = alloc_i comp_j q̃_i·k̃_j / I_i`` satisfy ``out == W @ v``.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    positive_int(chunk_size, "chunk_size")
     check_qkv(q, k, v, where="flow_attention")
     kp, causal = split_mask(q, k, mask, causal, where="flow_attention")
     b, _h, n, _ = q.shape
@@ -274,6 +272,60 @@ def flow_attention(
 # --------------------------------------------------------------------------------------------
 # fast paths (outputs only): no (N, F) cumulative sums, features per block
 # --------------------------------------------------------------------------------------------
+
+
+def flow_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: dict[str, Tensor],
+    *,
+    eps: float = 1e-6,
+    competition_clamp: float | None = None,
+    feature_map: Literal["sigmoid", "relu"] | Callable[[Tensor], Tensor] = "sigmoid",
+    competition: bool = True,
+    allocation: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One causal decoding step of :func:`flow_attention`: q, k (B, H, 1, D), v (B, H, 1, Dv).
+
+    Feeding a sequence token by token equals the causal parallel form token by token (same
+    arguments). State (accumulation dtype), sums over the past tokens: ``S`` (B, H, D, Dv) =
+    Σ k̃_j (comp_j v_j)^T, ``sum_q``, ``sum_k`` (B, H, D) = Σ q̃, Σ k̃, ``sum_q_t_over_I``,
+    ``sum_k_t_over_O`` (B, H, D) = Σ q̃_j·j/I_j, Σ k̃_j·j/O_j, ``lse`` (B, H) the running
+    log-sum-exp of Ô (-inf before the first token) and ``count`` (a 0-d tensor, tokens so far).
+
+    Returns:
+        (out (B, H, 1, Dv) in q's dtype, new state).
+    """
+    dt = acc_dtype(q.dtype)
+    phi = feature_map if callable(feature_map) else FLOW_FEATURE_MAPS[feature_map]
+    qf, kf, vt = phi(q.to(dt)[:, :, 0]), phi(k.to(dt)[:, :, 0]), v.to(dt)[:, :, 0]
+    t = state["count"] + 1
+    sum_q = state["sum_q"] + qf
+    sum_k = state["sum_k"] + kf
+    i_flow = (qf * sum_k).sum(-1, keepdim=True).clamp_min(eps)
+    o_flow = (kf * sum_q).sum(-1, keepdim=True).clamp_min(eps)
+    sq = state["sum_q_t_over_I"] + qf * t / i_flow
+    sk = state["sum_k_t_over_O"] + kf * t / o_flow
+    i_hat = (qf * sk).sum(-1) / t
+    o_hat = (kf * sq).sum(-1) / t
+    if competition_clamp is not None:
+        o_hat = o_hat.clamp(-competition_clamp, competition_clamp)
+    lse = torch.logaddexp(state["lse"], o_hat)
+    comp = t * torch.exp(o_hat - lse) if competition else torch.ones_like(o_hat)
+    s = state["S"] + kf[..., :, None] * (comp[..., None] * vt)[..., None, :]
+    alloc = torch.sigmoid(i_hat) if allocation else torch.ones_like(i_hat)
+    out = alloc[..., None] * ((qf / i_flow)[..., :, None] * s).sum(-2)
+    new = {
+        "S": s,
+        "sum_q": sum_q,
+        "sum_k": sum_k,
+        "sum_q_t_over_I": sq,
+        "sum_k_t_over_O": sk,
+        "lse": lse,
+        "count": t,
+    }
+    return out[:, :, None].to(q.dtype), new
 
 
 def _mv(x: Tensor, vec: Tensor) -> Tensor:

@@ -30,9 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlib._validation import check_qkv, describe
+from attnlib._validation import check_qkv, describe, positive_int
+from attnlib.functional._common import acc_dtype
 
 __all__ = [
+    "clipped_offset_bias",
     "draw_random_features",
     "fourier_mixing",
     "kernelized_rpe_attention",
@@ -43,11 +45,6 @@ __all__ = [
 ]
 
 _CHUNK_ELEMS = 1 << 24  # real elements of one FFT batch (features x values x padded length)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half inputs (FFT and exp in fp32), else the input dtype."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _fft_length(n: int) -> int:
@@ -70,10 +67,8 @@ def draw_random_features(
     in blocks of ``dim`` orthogonal directions, each rescaled to the norm of a Gaussian vector
     (Performer's ORF), which keeps every row marginally N(0, I) and lowers the variance.
     """
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
-        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
-        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    positive_int(num_features, "num_features")
+    positive_int(dim, "dim")
     if not orthogonal:
         w = torch.randn(num_features, dim, generator=generator, dtype=torch.float64)
         return w.to(dtype=dtype, device=device)
@@ -192,7 +187,7 @@ def toeplitz_matmul(c: Tensor, x: Tensor) -> Tensor:
     n = x.shape[-2]
     if c.shape[-1] != 2 * n - 1:
         raise ValueError(f"c must have 2N - 1 = {2 * n - 1} entries for x with N={n}, got shape {tuple(c.shape)}")
-    ct = _compute_dtype(torch.promote_types(c.dtype, x.dtype))
+    ct = acc_dtype(c.dtype, x.dtype)
     length = _fft_length(n)
     kern = _toeplitz_kernel_fft(c.to(ct), n, length)  # (..., F)
     xf = torch.fft.rfft(x.to(ct).transpose(-1, -2), n=length)  # (..., C, F)
@@ -229,6 +224,16 @@ def _check_key_padding(key_padding: Tensor | None, b: int, n: int, device: torch
         raise ValueError(f"{where}: key_padding must be a bool tensor (B, N) = ({b}, {n}), got {describe(key_padding)}")
     if key_padding.device != device:
         raise ValueError(f"{where}: key_padding is on {key_padding.device} but q is on {device}")
+
+
+def clipped_offset_bias(table: Tensor, n: int, max_distance: int) -> Tensor:
+    """Per-head bias over the offsets ``-(n-1)..n-1`` of N tokens from a table over ``-R..R``.
+
+    table (H, 2R + 1) with R = ``max_distance``; offsets beyond ±R take the bias of ±R
+    (Shaw-style clipping). Returns (H, 2n - 1), the ``rpe_bias`` of :func:`kernelized_rpe_attention`.
+    """
+    r = torch.arange(-(n - 1), n, device=table.device).clamp(-max_distance, max_distance)
+    return table[:, r + max_distance]
 
 
 def _bias_table(rpe_bias: Tensor, n: int, causal: bool, ct: torch.dtype) -> Tensor:
@@ -290,7 +295,7 @@ def kernelized_rpe_attention(
     b, h, n, _ = q.shape
     dv = v.shape[-1]
     _check_key_padding(key_padding, b, n, q.device, where)
-    ct = _compute_dtype(q.dtype)
+    ct = acc_dtype(q.dtype)
     w = projection.to(ct)
     phi_q = positive_random_features(F.normalize(q.to(ct), dim=-1), w)  # (B, H, N, m)
     phi_k = positive_random_features(F.normalize(k.to(ct), dim=-1), w)
@@ -358,7 +363,7 @@ def kernelized_rpe_reference(
     _check_rpe(q, k, v, rpe_bias, projection, where)
     b, _, n, _ = q.shape
     _check_key_padding(key_padding, b, n, q.device, where)
-    ct = _compute_dtype(q.dtype) if dtype is None else dtype
+    ct = acc_dtype(q.dtype) if dtype is None else dtype
     w = projection.to(ct)
     phi_q = positive_random_features(F.normalize(q.to(ct), dim=-1), w)
     phi_k = positive_random_features(F.normalize(k.to(ct), dim=-1), w)
@@ -389,5 +394,5 @@ def fourier_mixing(x: Tensor, *, dims: tuple[int, int] = (-2, -1), norm: str = "
         raise ValueError(f"fourier_mixing expects a floating tensor with >= 2 dims (B, N, C), got {describe(x)}")
     if norm not in ("backward", "ortho"):
         raise ValueError(f"norm must be 'backward' (FNet) or 'ortho', got {norm!r}")
-    y = torch.fft.fftn(x.to(_compute_dtype(x.dtype)), dim=dims, norm=norm).real
+    y = torch.fft.fftn(x.to(acc_dtype(x.dtype)), dim=dims, norm=norm).real
     return y.to(x.dtype)

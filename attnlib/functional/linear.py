@@ -17,6 +17,11 @@ Common keyword arguments:
   queries (B, H, M) - the column means of W, computed in O(N) on the fast path.
 
 Return value: ``out``, or the tuple ``(out, weights?, importance?)`` of the requested extras.
+
+Recurrent decoding: each family's ``*_step(q, k, v, state, ...)`` takes one token, q and k
+(B, H, 1, D) and v (B, H, 1, Dv), and the state dict of the tokens before it (tensors in the
+accumulation dtype; the keys are listed per function), and returns ``(out (B, H, 1, Dv) in q's
+dtype, new state)``; fed a sequence token by token it equals the causal parallel form.
 """
 
 from __future__ import annotations
@@ -29,35 +34,39 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlib._validation import check_qkv
+from attnlib._validation import check_qkv, positive_int
+from attnlib.functional._common import acc_dtype, nonzero, repeat_kv, safe_div
 from attnlib.functional._scan import (
     FinishFn,
-    acc_dtype,
     blocked_attention,
     causal_chunk_max,
     column_mass,
     grad_free,
+    kernel_step,
     linear_scan,
     pack_result,
     prefix_mask,
-    safe_div,
     split_mask,
 )
-from attnlib.functional.softmax import repeat_kv
 from attnlib.masks import MaskLike
 
 __all__ = [
     "FEATURE_MAPS",
     "cosformer_attention",
     "cosformer_features",
+    "cosformer_step",
     "linear_attention",
     "linear_self_attention",
+    "linear_step",
+    "lsa_step",
     "performer_attention",
     "performer_feature_logits",
     "performer_projection",
+    "performer_step",
 ]
 
 Result = Tensor | tuple[Tensor, ...]
+State = dict[str, Tensor]
 FeatureMap = Literal["elu", "relu", "identity"] | Callable[[Tensor], Tensor]
 
 
@@ -78,12 +87,6 @@ def _feature_map(fm: FeatureMap) -> Callable[[Tensor], Tensor]:
     if fm not in FEATURE_MAPS:
         raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)} or a callable, got {fm!r}")
     return FEATURE_MAPS[fm]
-
-
-def _check_chunk(chunk_size: object) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    return chunk_size
 
 
 def _prepare(
@@ -127,6 +130,12 @@ def _fast(q: Tensor, k: Tensor, v: Tensor, kp: Tensor | None, causal: bool, chun
     return blocked_attention(q, k, v, causal=causal, chunk_size=chunk_size, key_valid=kp, **kw)  # type: ignore[arg-type]
 
 
+def _step_tokens(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One decoding token (B, H, 1, D) in the accumulation dtype."""
+    dt = acc_dtype(q.dtype)
+    return q.to(dt), k.to(dt), v.to(dt)
+
+
 # --------------------------------------------------------------------------------------------
 # Linear Transformer
 # --------------------------------------------------------------------------------------------
@@ -162,7 +171,7 @@ def linear_attention(
     Returns:
         (B, H, N, Dv), or ``(out, weights?, importance?)``.
     """
-    _check_chunk(chunk_size)
+    positive_int(chunk_size, "chunk_size")
     out_dtype = q.dtype
     q, k, v, kp, causal, _ = _prepare(q, k, v, mask, causal, "linear_attention")
     phi = _feature_map(feature_map)
@@ -183,6 +192,21 @@ def linear_attention(
     return _normalised(
         qf, kf, v, causal, eps, "add", chunk_size, explicit, return_weights, return_importance, out_dtype
     )
+
+
+def linear_step(
+    q: Tensor, k: Tensor, v: Tensor, state: State, *, feature_map: FeatureMap = "elu", eps: float = 1e-6
+) -> tuple[Tensor, State]:
+    """One causal decoding step of :func:`linear_attention` (see the module docstring).
+
+    State: ``S`` (B, H, D, Dv) = Σ φ(k_j) v_j^T and ``z`` (B, H, D) = Σ φ(k_j) over the past
+    tokens (zeros before the first); ``out = φ(q)^T S / (φ(q)·z + eps)``.
+    """
+    phi = _feature_map(feature_map)
+    qd, kd, vd = _step_tokens(q, k, v)
+    num, den, s, z = kernel_step(phi(qd)[:, :, 0], phi(kd)[:, :, 0], vd[:, :, 0], state["S"], state["z"])
+    assert den is not None
+    return (num / (den + eps))[:, :, None].to(q.dtype), {"S": s, "z": z}  # type: ignore[dict-item]
 
 
 def _normalised(
@@ -274,10 +298,8 @@ def performer_projection(
     Returns:
         (num_features, head_dim) tensor of ``dtype`` on ``device``.
     """
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
-        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
-        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    positive_int(num_features, "num_features")
+    positive_int(head_dim, "head_dim")
     if scaling not in ("chi", "sqrt_d"):
         raise ValueError(f"scaling must be 'chi' or 'sqrt_d', got {scaling!r}")
     m, d = num_features, head_dim
@@ -345,7 +367,7 @@ def performer_attention(
     Returns:
         (B, H, N, Dv), or ``(out, weights?, importance?)``.
     """
-    _check_chunk(chunk_size)
+    positive_int(chunk_size, "chunk_size")
     out_dtype = q.dtype
     if projection.dim() != 2 or projection.shape[1] != q.shape[-1]:
         raise ValueError(
@@ -405,6 +427,29 @@ def performer_attention(
     )
 
 
+def performer_step(
+    q: Tensor, k: Tensor, v: Tensor, state: State, projection: Tensor, *, scale: float | None = None
+) -> tuple[Tensor, State]:
+    """One causal decoding step of :func:`performer_attention` (see the module docstring).
+
+    State: ``S`` (B, H, m, Dv), ``z`` (B, H, m) - the running sums of the key features
+    ``exp(a_k - shift)`` (:func:`performer_feature_logits`) - and ``shift`` (B, H), their running
+    maximum logit (-inf before the first token); the sums are rescaled when it grows, so the
+    result equals the stabilised causal parallel form. ``scale`` defaults to D**-0.5.
+    """
+    qd, kd, vd = _step_tokens(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    aq = performer_feature_logits(qd[:, :, 0], projection, scale)
+    ak = performer_feature_logits(kd[:, :, 0], projection, scale)
+    qf = torch.exp(aq - aq.amax(-1, keepdim=True))
+    shift = torch.maximum(state["shift"], ak.amax(-1))
+    decay = torch.exp(state["shift"] - shift)
+    kf = torch.exp(ak - shift[..., None])
+    num, den, s, z = kernel_step(qf, kf, vd[:, :, 0], state["S"], state["z"], decay=decay)
+    out = num / nonzero(den)  # type: ignore[arg-type]
+    return out[:, :, None].to(q.dtype), {"S": s, "z": z, "shift": shift}  # type: ignore[dict-item]
+
+
 # --------------------------------------------------------------------------------------------
 # cosFormer
 # --------------------------------------------------------------------------------------------
@@ -454,7 +499,7 @@ def cosformer_attention(
     Returns:
         (B, H, N, Dv), or ``(out, weights?, importance?)``.
     """
-    _check_chunk(chunk_size)
+    positive_int(chunk_size, "chunk_size")
     out_dtype = q.dtype
     q, k, v, kp, causal, _ = _prepare(q, k, v, mask, causal, "cosformer_attention")
     n, m = q.shape[2], k.shape[2]
@@ -485,6 +530,26 @@ def cosformer_attention(
     return _normalised(
         qf, kf, v, causal, eps, "clamp", chunk_size, explicit, return_weights, return_importance, out_dtype
     )
+
+
+def cosformer_step(
+    q: Tensor, k: Tensor, v: Tensor, state: State, *, max_len: int, eps: float = 1e-6
+) -> tuple[Tensor, State]:
+    """One causal decoding step of :func:`cosformer_attention` with the fixed length ``max_len``.
+
+    State: ``S`` (B, H, 2D, Dv), ``z`` (B, H, 2D) - running sums of the key features
+    (:func:`cosformer_features`) - and ``pos`` (a 0-d long tensor, the number of past tokens).
+    ``out = f(q)^T S / max(f(q)·z, eps)``. Raises ValueError past ``max_len`` tokens.
+    """
+    pos = int(state["pos"])
+    if pos >= max_len:
+        raise ValueError(f"cosformer step: position {pos + 1} exceeds max_len={max_len}")
+    qd, kd, vd = _step_tokens(q, k, v)
+    qf = cosformer_features(qd, max_len, offset=pos)[:, :, 0]
+    kf = cosformer_features(kd, max_len, offset=pos)[:, :, 0]
+    num, den, s, z = kernel_step(qf, kf, vd[:, :, 0], state["S"], state["z"])
+    out = num / den.clamp_min(eps)  # type: ignore[union-attr]
+    return out[:, :, None].to(q.dtype), {"S": s, "z": z, "pos": state["pos"] + 1}  # type: ignore[dict-item]
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,7 +603,7 @@ def linear_self_attention(
     Returns:
         (B, H, N, Dv), or ``(out, weights?, importance?)``. Weights may be negative.
     """
-    _check_chunk(chunk_size)
+    positive_int(chunk_size, "chunk_size")
     if normalize not in ("none", "n", "prefix_count"):
         raise ValueError(f"normalize must be 'none', 'n' or 'prefix_count', got {normalize!r}")
     out_dtype = q.dtype
@@ -575,3 +640,21 @@ def linear_self_attention(
         if return_importance:
             importance = column_mass(qf / cnt, kf, causal=causal) / n
     return _finish(out, weights, importance, out_dtype, return_weights, return_importance)
+
+
+def lsa_step(
+    q: Tensor, k: Tensor, v: Tensor, state: State, *, normalize: LSANorm = "prefix_count", scale: float = 1.0
+) -> tuple[Tensor, State]:
+    """One causal decoding step of :func:`linear_self_attention`.
+
+    State: ``S`` (B, H, D, Dv) = Σ k_j v_j^T and ``count`` (a 0-d tensor, the tokens so far).
+    ``out = scale · q^T S``, divided by the count unless ``normalize == "none"``. ``"n"`` (the
+    final length) has no step form: it raises ValueError.
+    """
+    if normalize not in ("none", "prefix_count"):
+        raise ValueError(f"lsa_step: normalize must be 'none' or 'prefix_count', got {normalize!r}")
+    qd, kd, vd = _step_tokens(q, k, v)
+    num, _, s, _ = kernel_step(qd[:, :, 0] * scale, kd[:, :, 0], vd[:, :, 0], state["S"])
+    count = state["count"] + 1
+    out = num if normalize == "none" else num / count
+    return out[:, :, None].to(q.dtype), {"S": s, "count": count}

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlib._validation import check_qkv
-from attnlib.functional.softmax import as_attention_mask, repeat_kv
+from attnlib._validation import check_qkv, positive_int
+from attnlib.functional._common import acc_dtype, as_attention_mask, repeat_kv
 from attnlib.masks import AttentionMask, MaskLike
 from attnlib.masks.predicates import window_mod
 
@@ -29,12 +29,6 @@ def default_chunk_size(window: int, causal: bool) -> int:
     """Query chunk length: about the window (so a chunk sees ~3 chunks of keys), in [16, 256]."""
     span = window if causal else 2 * window
     return int(min(256, max(16, 2 ** math.ceil(math.log2(max(span, 1))))))
-
-
-def _check_window(window: object) -> int:
-    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
-        raise ValueError(f"window must be a positive int (keys at distance <= window), got {window!r}")
-    return window
 
 
 def _windows(x: Tensor, g0: int, g1: int, c: int, seg: int) -> Tensor:
@@ -109,7 +103,7 @@ def _prepare(
     q: Tensor, k: Tensor, v: Tensor, window: int, mask: MaskLike | list[MaskLike], causal: bool
 ) -> tuple[AttentionMask, Tensor, Tensor]:
     check_qkv(q, k, v, where="local_attention")
-    window = _check_window(window)
+    window = positive_int(window, "window", hint=" (keys at distance <= window)")
     if q.shape[2] != k.shape[2]:
         raise ValueError(
             f"local_attention is self-attention: N and M must be equal, got N={q.shape[2]}, M={k.shape[2]}"
@@ -190,12 +184,12 @@ def local_importance(
     b, h, n, _ = q.shape
     c, left, _, seg, groups = _chunks(q, k, None, am, window, chunk_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dt = acc_dtype(q.dtype)
     nch = math.ceil(n / c)
-    acc = torch.zeros(b, h, nch * c + seg, dtype=acc_dtype, device=q.device)
+    acc = torch.zeros(b, h, nch * c + seg, dtype=dt, device=q.device)
     for g0, g1, qg, kg, _, allowed in groups:
         gs = g1 - g0
-        s = torch.matmul(qg, kg.transpose(-1, -2)).to(acc_dtype) * scale  # (B·G, H, c, L)
+        s = torch.matmul(qg, kg.transpose(-1, -2)).to(dt) * scale  # (B·G, H, c, L)
         rows_ok = (torch.arange(g0 * c, g1 * c, device=q.device) < n).view(1, gs, 1, c, 1)
         allowed = allowed.view(-1, gs, *allowed.shape[1:]) & rows_ok
         allowed = allowed.reshape(-1, *allowed.shape[2:])

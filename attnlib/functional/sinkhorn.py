@@ -20,24 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlib._validation import check_qkv, describe
-from attnlib.functional.softmax import as_attention_mask, repeat_kv
+from attnlib._validation import check_qkv, describe, int_at_least
+from attnlib.functional._common import acc_dtype, as_attention_mask, repeat_kv
+from attnlib.functional.ot import NEG, sinkhorn_steps
 from attnlib.masks import MaskLike
 
-__all__ = ["NEG", "masked_logsumexp", "sinkhorn_attention"]
-
-NEG = -1e30  # finite "minus infinity": keeps every log-domain quantity and gradient finite
-
-
-def masked_logsumexp(x: Tensor, valid: Tensor | None, dim: int) -> Tensor:
-    """``log sum_{valid} exp(x)`` along ``dim``; entries outside ``valid`` count as exp(NEG) = 0.
-
-    An all-invalid slice returns about ``NEG`` (finite), never -inf or NaN, and its gradient is
-    finite, so callers can select it away with ``torch.where``.
-    """
-    if valid is not None:
-        x = x.masked_fill(~valid, NEG)
-    return torch.logsumexp(x, dim=dim)
+__all__ = ["sinkhorn_attention"]
 
 
 def sinkhorn_attention(
@@ -72,8 +60,7 @@ def sinkhorn_attention(
         out (B, H, N, Dv) in q's dtype (the iterations run in >= float32), or (out, P).
     """
     check_qkv(q, k, v, where="sinkhorn_attention")
-    if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
-        raise ValueError(f"sinkhorn_attention: n_iters must be an int >= 1 (1 = softmax), got {n_iters!r}")
+    int_at_least(n_iters, 1, "sinkhorn_attention: n_iters", hint=" (1 = softmax)")
     b, h, n, d = q.shape
     m = k.shape[2]
     if query_mask is not None and (
@@ -85,7 +72,7 @@ def sinkhorn_attention(
     am = as_attention_mask(q, k, mask, causal)
     g = h // k.shape[1]
     k, v = repeat_kv(k, g), repeat_kv(v, g)
-    ct = torch.promote_types(q.dtype, torch.float32)
+    ct = acc_dtype(q.dtype)
     scale = d**-0.5 if scale is None else scale
     logits = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale  # (B, H, N, M)
     allowed = am.dense()
@@ -108,15 +95,7 @@ def sinkhorn_attention(
         logits = logits.masked_fill(~allowed, NEG)  # NEG + finite potentials stays ~NEG: no refill needed
     f = torch.zeros(b, h, n, dtype=ct, device=q.device)  # log row scalings
     gpot = torch.zeros(b, h, m, dtype=ct, device=q.device)  # log column scalings
-    for it in range(n_iters):
-        if it % 2 == 0:
-            f = log_row - torch.logsumexp(logits + gpot[..., None, :], -1)
-            if rows is not None:
-                f = torch.where(rows, f, torch.zeros_like(f))
-        else:
-            gpot = log_col - torch.logsumexp(logits + f[..., :, None], -2)
-            if cols is not None:
-                gpot = torch.where(cols, gpot, torch.zeros_like(gpot))
+    f, gpot = sinkhorn_steps(logits, log_row, log_col, n_iters, f, gpot, rmask=rows, cmask=cols)
     z = logits + f[..., :, None] + gpot[..., None, :]
     p = torch.exp(z)  # exp(~NEG) == 0 exactly on disallowed pairs
     pd = F.dropout(p, p=dropout_p) if dropout_p > 0 else p

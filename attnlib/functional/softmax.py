@@ -18,17 +18,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlib import dispatch
-from attnlib._validation import check_index, check_qkv
+from attnlib._validation import check_index, check_qkv, positive_int
 from attnlib.dispatch import cpu_key_padding  # its documented name here
 from attnlib.errors import UnsupportedError
-from attnlib.masks import AttentionMask, BlockMask, MaskLike, normalize_mask
+from attnlib.functional._common import acc_dtype, as_attention_mask, repeat_kv
+from attnlib.masks import AttentionMask, BlockMask, MaskLike
 
 __all__ = [
     "Backend",
-    "as_attention_mask",
     "cpu_key_padding",
     "reference_attention",
-    "repeat_kv",
     "softmax_attention",
     "softmax_attention_importance",
     "softmax_importance",
@@ -38,15 +37,6 @@ __all__ = [
 Backend = Literal["auto", "sdpa", "flex", "math", "block_sparse"]
 
 
-def repeat_kv(x: Tensor, groups: int) -> Tensor:
-    """Repeat key/value heads for grouped-query attention: (B, H_kv, M, D) -> (B, H_kv·G, M, D)."""
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
-def as_attention_mask(q: Tensor, k: Tensor, mask: MaskLike | list[MaskLike], causal: bool) -> AttentionMask:
-    """Normalise ``mask`` and ``causal`` for q (B, H, N, D) and k (B, H_kv, M, D)."""
-    b, h, n, _ = q.shape
-    return normalize_mask(mask, causal=causal, batch=b, heads=h, n=n, m=k.shape[2], device=q.device)
 
 
 def _exp_floor(dtype: torch.dtype) -> float:
@@ -96,7 +86,7 @@ def _math(
     g = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, g), repeat_kv(v, g)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    acc = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
+    acc = scores.to(acc_dtype(scores.dtype))
     w = _softmax_rows(acc, allowed)
     w = w.to(q.dtype)
     wd = F.dropout(w, p=dropout_p) if dropout_p > 0 else w
@@ -263,7 +253,7 @@ def softmax_importance(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     b, h, n, _ = q.shape
     kk = repeat_kv(k, h // k.shape[1])
-    acc = torch.zeros(b, h, k.shape[2], dtype=torch.float32 if q.dtype != torch.float64 else q.dtype, device=q.device)
+    acc = torch.zeros(b, h, k.shape[2], dtype=acc_dtype(q.dtype), device=q.device)
     for s in range(0, n, chunk_size):
         e = min(n, s + chunk_size)
         scores = torch.matmul(q[:, :, s:e], kk.transpose(-1, -2)).to(acc.dtype) * scale
@@ -295,7 +285,7 @@ def softmax_query_weights(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     kk = repeat_kv(k, q.shape[1] // k.shape[1])
     scores = torch.matmul(q[:, :, row : row + 1], kk.transpose(-1, -2)) * scale
-    acc = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
+    acc = scores.to(acc_dtype(scores.dtype))
     return _softmax_rows(acc, am.dense_rows(row, row + 1)).to(q.dtype)
 
 
@@ -329,21 +319,20 @@ def softmax_attention_importance(
         mean_i w[b, h, i, j]`` (rows with no allowed key contribute zeros), in q's dtype.
     """
     check_qkv(q, k, v, where="softmax_attention_importance")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    positive_int(chunk_size, "chunk_size")
     am = as_attention_mask(q, k, mask, causal)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     b, h, n, _ = q.shape
     g = h // k.shape[1]
     kk, vv = repeat_kv(k, g), repeat_kv(v, g)
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dt = acc_dtype(q.dtype)
     kt = kk.transpose(-1, -2)
     outs: list[Tensor] = []
     imp: Tensor | None = None
     for s in range(0, n, chunk_size):
         e = min(n, s + chunk_size)
         scores = torch.matmul(q[:, :, s:e], kt) * scale
-        acc = scores.to(acc_dtype)
+        acc = scores.to(dt)
         allowed = am.dense_rows(s, e) if am.kinds() else None
         p = _softmax_rows(acc, allowed)
         part = p.sum(2)

@@ -6,17 +6,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnlib._validation import positive_int
+from attnlib.functional._common import acc_dtype
 from attnlib.registry import Capabilities
 from attnlib.variants.base import AttentionCore, CoreOutput
 
-__all__ = ["KernelCore", "acc", "positive_int", "unpack"]
-
-
-def positive_int(name: str, value: object) -> int:
-    """``value`` if it is a positive int, else ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+__all__ = ["KernelCore", "kernel_family_caps", "unpack"]
 
 
 def unpack(res: Tensor | tuple[Tensor, ...], need_weights: bool, need_importance: bool) -> CoreOutput:
@@ -30,30 +25,23 @@ def unpack(res: Tensor | tuple[Tensor, ...], need_weights: bool, need_importance
     return CoreOutput(out, weights=weights, importance=importance)
 
 
-def acc(dtype: torch.dtype) -> torch.dtype:
-    """State dtype for recurrent decoding: float32 for half inputs."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 class KernelCore(AttentionCore):
     """Shared plumbing of the linear family: chunk size, explicit mode, recurrent state checks."""
 
     def __init__(self, *, num_heads: int, head_dim: int, chunk_size: int = 64, explicit: bool = False) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
-        self.chunk_size = positive_int(f"{type(self).__name__}: chunk_size", chunk_size)
+        self.chunk_size = positive_int(chunk_size, f"{type(self).__name__}: chunk_size")
         self.explicit = bool(explicit)
 
-    def _step_inputs(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _check_step(self, q: Tensor, k: Tensor, v: Tensor) -> None:
         for name, t in (("q", q), ("k", k), ("v", v)):
             if t.dim() != 4 or t.shape[2] != 1 or t.shape[1] != self.num_heads:
                 raise ValueError(
                     f"variant {self.name!r} step: {name} must be (B, H={self.num_heads}, 1, D), got {tuple(t.shape)}"
                 )
-        dt = acc(q.dtype)
-        return q.to(dt), k.to(dt), v.to(dt)
 
     def _zeros(self, batch: int, *shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        return torch.zeros(batch, self.num_heads, *shape, dtype=acc(dtype), device=device)
+        return torch.zeros(batch, self.num_heads, *shape, dtype=acc_dtype(dtype), device=device)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", chunk_size={self.chunk_size}" + (", explicit=True" if self.explicit else "")
@@ -90,6 +78,7 @@ def kernel_family_caps(
         gqa=False,
         permutation_equivariant=permutation_equivariant,
         recurrent=True,
+        importance=True,
         family=family,
         paper=paper,
     )

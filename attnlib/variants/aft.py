@@ -32,11 +32,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnlib.errors import UnsupportedError
-from attnlib.functional.aft import aft_conv, aft_full, aft_local, aft_simple, conv_offsets
+from attnlib._validation import positive_int
+from attnlib.functional.aft import (
+    aft_conv,
+    aft_conv_filter,
+    aft_conv_row,
+    aft_factor_row,
+    aft_full,
+    aft_head_key,
+    aft_local,
+    aft_simple,
+    aft_step,
+)
 from attnlib.masks import AttentionMask
 from attnlib.registry import Capabilities, register_variant
-from attnlib.variants._common import KernelCore, kernel_family_caps, positive_int
+from attnlib.variants._common import KernelCore, kernel_family_caps
 from attnlib.variants.base import CoreOutput
 
 __all__ = ["AFTConv", "AFTFull", "AFTLocal", "AFTSimple"]
@@ -60,12 +70,14 @@ def _caps(*, cross: bool, trainable: bool, permutation_equivariant: bool, comple
 class _AFTCore(KernelCore):
     """Shared AFT plumbing: the functional call, importance, and the recurrent step.
 
-    Subclasses define :meth:`_call` and, for the step, ``_keep`` (cached past keys: None = all),
-    ``_global`` (running global sums with weight e^K outside the pair terms) and
-    :meth:`_pair_row` (bias of the current position against the cached positions).
+    Subclasses define :meth:`_call` and, for the step (:func:`attnlib.functional.aft.aft_step`),
+    ``_keep`` (cached past keys: None = all), ``_global`` (running global sums with weight e^K
+    outside the pair terms), ``_tied_key`` (one key channel per head) and :meth:`_pair_row`
+    (bias of the current position against the cached positions).
     """
 
     _global = True
+    _tied_key = False
 
     def __init__(self, *, num_heads: int, head_dim: int, chunk_size: int = 128) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, chunk_size=chunk_size)
@@ -82,6 +94,7 @@ class _AFTCore(KernelCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
@@ -99,7 +112,7 @@ class _AFTCore(KernelCore):
 
     def _pair_row(self, pos: int, positions: Tensor) -> Tensor:
         """w_{pos, positions}: (H|1, L)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"variant {self.name!r} caches no keys: it has no pair bias row")
 
     def initial_state(self, batch: int, *, dtype: torch.dtype, device: torch.device) -> State:
         d = self.head_dim
@@ -113,53 +126,19 @@ class _AFTCore(KernelCore):
             "pos": torch.zeros((), dtype=torch.long, device=device),
         }
 
-    def _step_key(self, k: Tensor) -> Tensor:
-        return k
-
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: State) -> tuple[Tensor, State]:
         """One causal step; equals the causal parallel form token by token."""
-        qd, kd, vd = self._step_inputs(q, k, v)
-        kd = self._step_key(kd).expand_as(vd)
-        pos = int(state["pos"])
-        low = torch.finfo(state["max"].dtype).min
-        m_new = torch.maximum(state["max"], kd)
-        m_old = torch.where(state["max"] > low / 2, state["max"], m_new)
-        rescale = torch.exp(m_old - m_new)
-        ek = torch.exp(kd - m_new)
-        gnum = state["num"] * rescale + ek * vd
-        gden = state["den"] * rescale + ek
-        keep = self._keep()
-        keys = torch.cat([state["keys"], kd], 2)
-        values = torch.cat([state["values"], vd], 2)
-        if keep is not None:
-            first = keys.shape[2] - min(keys.shape[2], keep)
-            keys, values = keys[:, :, first:], values[:, :, first:]
-        num, den = (gnum, gden) if self._global else (torch.zeros_like(gnum), torch.zeros_like(gden))
-        if keys.shape[2] and (not self._global or keep):
-            positions = torch.arange(pos - keys.shape[2] + 1, pos + 1, device=q.device)
-            w = self._pair_row(pos, positions).to(gnum.dtype)[None, :, :, None]  # (1, H|1, L, 1)
-            wmax = w.amax(-2, keepdim=True)
-            e_all = torch.exp(keys - m_new)
-            if self._global:
-                r = wmax.clamp_min(0.0)
-                pair = torch.exp(w - r) - torch.exp(-r)
-                scale = torch.exp(-r)[:, :, 0]  # (1, H|1, 1)
-                num = scale[..., None] * gnum + (pair * e_all * values).sum(2, keepdim=True)
-                den = scale[..., None] * gden + (pair * e_all).sum(2, keepdim=True)
-            else:
-                pair = torch.exp(w - wmax)
-                num = (pair * e_all * values).sum(2, keepdim=True)
-                den = (pair * e_all).sum(2, keepdim=True)
-        out = torch.sigmoid(qd) * num / torch.where(den != 0, den, torch.ones_like(den))
-        new = {
-            "max": m_new,
-            "num": gnum,
-            "den": gden,
-            "keys": keys if (keep is None or keep) else state["keys"],
-            "values": values if (keep is None or keep) else state["values"],
-            "pos": state["pos"] + 1,
-        }
-        return out.to(q.dtype), new
+        self._check_step(q, k, v)
+        return aft_step(
+            q,
+            k,
+            v,
+            state,
+            keep=self._keep(),
+            global_sums=self._global,
+            pair_row=self._pair_row,
+            tied_key=self._tied_key,
+        )
 
 
 class _PositionBias(nn.Module):
@@ -167,8 +146,8 @@ class _PositionBias(nn.Module):
 
     def __init__(self, max_len: int, factor_dim: int, init_std: float) -> None:
         super().__init__()
-        self.max_len = positive_int("aft: max_len", max_len)
-        positive_int("aft: factor_dim", factor_dim)
+        self.max_len = positive_int(max_len, "aft: max_len")
+        positive_int(factor_dim, "aft: factor_dim")
         self.u = nn.Parameter(torch.randn(max_len, factor_dim) * init_std)
         self.v = nn.Parameter(torch.randn(max_len, factor_dim) * init_std)
 
@@ -182,7 +161,7 @@ class _PositionBias(nn.Module):
 
     def row(self, pos: int, positions: Tensor, name: str) -> Tensor:
         self.factors(pos + 1, pos + 1, name)
-        return (self.u[pos] @ self.v[positions].T)[None]  # (1, L)
+        return aft_factor_row(self.u, self.v, pos, positions)  # (1, L)
 
 
 class _LearnedBias:
@@ -261,7 +240,7 @@ class AFTLocal(_LearnedBias, _AFTCore):
         chunk_size: int = 128,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, chunk_size=chunk_size)
-        self.window = positive_int("aft_local: window", window)
+        self.window = positive_int(window, "aft_local: window")
         self.bias = _PositionBias(max_len, factor_dim, init_std)
 
     def _call(
@@ -338,7 +317,7 @@ class AFTConv(_AFTCore):
         chunk_size: int = 128,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, chunk_size=chunk_size)
-        self.kernel_size = positive_int("aft_conv: kernel_size", kernel_size)
+        self.kernel_size = positive_int(kernel_size, "aft_conv: kernel_size")
         self.key_per_head = bool(key_per_head)
         self.w_raw = nn.Parameter(torch.randn(num_heads, kernel_size))
         self.gamma = nn.Parameter(torch.full((num_heads,), float(gamma_init)))
@@ -346,17 +325,12 @@ class AFTConv(_AFTCore):
 
     def filter(self) -> Tensor:
         """The effective filter w (H, kernel_size)."""
-        w = self.w_raw
-        if self.kernel_size > 1:
-            w = (w - w.mean(-1, keepdim=True)) / (w.std(-1, unbiased=False, keepdim=True) + 1e-5)
-        else:
-            w = torch.zeros_like(w)
-        return self.gamma[:, None] * w + self.beta[:, None]
+        return aft_conv_filter(self.w_raw, self.gamma, self.beta)
 
     def _call(
         self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Tensor | None, imp: bool
     ) -> Tensor | tuple[Tensor, Tensor]:
-        kk = k.mean(-1, keepdim=True) if self.key_per_head else k
+        kk = aft_head_key(k) if self.key_per_head else k
         return aft_conv(  # type: ignore[return-value]
             q, kk, v, self.filter(), causal=causal, mask=mask, chunk_size=self.chunk_size, return_importance=imp
         )
@@ -364,19 +338,12 @@ class AFTConv(_AFTCore):
     def _keep(self) -> int | None:
         return self.kernel_size
 
-    def _step_key(self, k: Tensor) -> Tensor:
-        return k.mean(-1, keepdim=True) if self.key_per_head else k
+    @property
+    def _tied_key(self) -> bool:  # type: ignore[override]
+        return self.key_per_head
 
     def _pair_row(self, pos: int, positions: Tensor) -> Tensor:
-        offs = conv_offsets(self.kernel_size, True).to(positions.device)  # 0, -1, ...
-        d = positions - pos  # (L,)
-        tap = (d[None, :] == offs[:, None]).to(self.w_raw.dtype)  # (s, L)
-        return self.filter() @ tap  # (H, L)
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, **kw: Any):  # type: ignore[override]
-        if kw.get("cross"):
-            raise UnsupportedError("variant 'aft_conv' is self-attention only (a convolution over one sequence)")
-        return super().forward(q, k, v, mask, **kw)
+        return aft_conv_row(self.filter(), pos, positions)
 
     @classmethod
     def conformance_kwargs(cls) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from attnlib._validation import check_qkv
 from attnlib.errors import UnsupportedError
+from attnlib.functional._common import weights_importance
 from attnlib.masks import AttentionMask, MaskLike
 from attnlib.registry import Capabilities
 
@@ -49,6 +50,25 @@ class CoreOutput:
     weights: Tensor | None = None
     importance: Tensor | None = None
     aux_loss: Tensor | None = None
+
+    @classmethod
+    def from_weights(
+        cls,
+        out: Tensor,
+        weights: Tensor,
+        *,
+        need_weights: bool,
+        need_importance: bool,
+        aux_loss: Tensor | None = None,
+    ) -> CoreOutput:
+        """``out`` computed from explicit ``weights`` (B, H, N, M): keep them and / or their
+        importance (:func:`attnlib.functional._common.weights_importance`) as requested."""
+        return cls(
+            out,
+            weights=weights if need_weights else None,
+            importance=weights_importance(weights) if need_importance else None,
+            aux_loss=aux_loss,
+        )
 
 
 def check_supported(name: str, caps: Capabilities, mask: AttentionMask, *, cross: bool) -> None:
@@ -151,6 +171,7 @@ class AttentionCore(nn.Module):
             k,
             v,
             mask,
+            cross=cross,
             need_weights=need_weights,
             need_importance=need_importance,
             dropout_p=dropout_p,
@@ -163,11 +184,16 @@ class AttentionCore(nn.Module):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
     ) -> CoreOutput:
-        """The variant's computation; see :meth:`forward` for shapes."""
+        """The variant's computation; see :meth:`forward` for shapes and arguments.
+
+        ``cross`` says whether the keys come from another sequence: variants that treat
+        self-attention specially (e.g. key padding that also pads the queries) read it here.
+        """
         raise NotImplementedError
 
     def query_weights(self, q: Tensor, k: Tensor, mask: AttentionMask, query: int) -> Tensor | None:

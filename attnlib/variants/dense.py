@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from attnlib import dispatch
+from attnlib._validation import positive_int
 from attnlib.functional.local import local_attention, local_importance
 from attnlib.functional.softmax import (
     softmax_attention,
@@ -57,6 +58,7 @@ class SoftmaxAttention(AttentionCore):
         attn_dropout=True,
         gqa=True,
         permutation_equivariant=True,
+        importance=True,
         family="dense",
         paper="Vaswani et al. 2017, Attention Is All You Need",
     )
@@ -75,6 +77,7 @@ class SoftmaxAttention(AttentionCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
@@ -90,7 +93,7 @@ class SoftmaxAttention(AttentionCore):
                 backend="math",
                 return_weights=True,
             )
-            return CoreOutput(out, weights=w, importance=w.mean(2) if need_importance else None)
+            return CoreOutput.from_weights(out, w, need_weights=True, need_importance=need_importance)
         short = self.backend == "auto" and mask.block is None and dispatch.few_keys_explicit(k.shape[2], q.device)
         if short and not need_importance:
             # the explicit path, the same kernel as below, so asking for importance never changes
@@ -140,6 +143,7 @@ class LocalAttention(AttentionCore):
         attn_dropout=True,
         gqa=True,
         permutation_equivariant=False,
+        importance=True,
         family="dense",
         paper="Beltagy et al. 2020, Longformer (sliding-window attention)",
     )
@@ -154,12 +158,8 @@ class LocalAttention(AttentionCore):
         scale: float | None = None,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
-        if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
-            raise ValueError(f"local attention: window must be a positive int, got {window!r}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-            raise ValueError(f"local attention: chunk_size must be a positive int, got {chunk_size!r}")
-        self.window = window
-        self.chunk_size = chunk_size
+        self.window = positive_int(window, "local attention: window")
+        self.chunk_size = None if chunk_size is None else positive_int(chunk_size, "local attention: chunk_size")
         self.scale = scale
 
     def implied_mask(self, n: int, m: int, device: torch.device | str = "cpu") -> MaskLike:
@@ -176,6 +176,7 @@ class LocalAttention(AttentionCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
@@ -191,7 +192,7 @@ class LocalAttention(AttentionCore):
                 backend="math",
                 return_weights=True,
             )
-            return CoreOutput(out, weights=w, importance=w.mean(2) if need_importance else None)
+            return CoreOutput.from_weights(out, w, need_weights=True, need_importance=need_importance)
         out = local_attention(
             q, k, v, self.window, mask=mask, scale=self.scale, dropout_p=dropout_p, chunk_size=self.chunk_size
         )

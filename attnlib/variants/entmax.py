@@ -10,20 +10,18 @@ contain exact zeros. See :mod:`attnlib.functional.entmax`.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from attnlib.functional.entmax import entmax_attention
+from attnlib._validation import number_above, positive_int
+from attnlib.functional.entmax import alpha_logit, entmax_attention, learned_alpha
 from attnlib.masks import AttentionMask
 from attnlib.registry import Capabilities, register_variant
 from attnlib.variants.base import AttentionCore, CoreOutput
 
 __all__ = ["EntmaxAttention"]
-
-_ALPHA_MIN = 1.01
 
 
 @register_variant("entmax")
@@ -54,6 +52,7 @@ class EntmaxAttention(AttentionCore):
         attn_dropout=True,
         gqa=True,
         permutation_equivariant=True,
+        importance=True,
         family="sparse",
         paper="Correia, Niculae & Martins 2019, Adaptively Sparse Transformers; Peters et al. 2019 (entmax)",
     )
@@ -70,25 +69,19 @@ class EntmaxAttention(AttentionCore):
         scale: float | None = None,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not float(alpha) > 1.0:
-            raise ValueError(f"entmax: alpha must be > 1 (alpha -> 1 is softmax), got {alpha!r}")
+        number_above(alpha, 1, "entmax: alpha", hint=" (alpha -> 1 is softmax)")
         if learn_alpha and not 1.0 < float(alpha) < 2.0:
             raise ValueError(
                 f"entmax: a learned alpha lives in (1, 2); the initial alpha must be in (1, 2), got {alpha}"
             )
-        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-            raise ValueError(f"entmax: n_iter must be a positive int, got {n_iter!r}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"entmax: chunk_size must be a positive int, got {chunk_size!r}")
         self.alpha = float(alpha)
         self.learn_alpha = bool(learn_alpha)
-        self.n_iter = n_iter
-        self.chunk_size = chunk_size
+        self.n_iter = positive_int(n_iter, "entmax: n_iter")
+        self.chunk_size = positive_int(chunk_size, "entmax: chunk_size")
         self.scale = scale
         self.alpha_logit: nn.Parameter | None = None
         if self.learn_alpha:
-            a = self.alpha - 1.0
-            self.alpha_logit = nn.Parameter(torch.full((num_heads,), math.log(a / (1 - a))))
+            self.alpha_logit = nn.Parameter(torch.full((num_heads,), alpha_logit(self.alpha)))
 
     @classmethod
     def conformance_kwargs(cls) -> dict[str, Any]:
@@ -98,7 +91,7 @@ class EntmaxAttention(AttentionCore):
         """The alpha in use: a float, or (H,) per-head values when learned."""
         if self.alpha_logit is None:
             return self.alpha
-        return (1.0 + torch.sigmoid(self.alpha_logit)).clamp_min(_ALPHA_MIN)
+        return learned_alpha(self.alpha_logit)
 
     def attend(
         self,
@@ -107,18 +100,16 @@ class EntmaxAttention(AttentionCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
     ) -> CoreOutput:
-        alpha = self.alphas()
-        if isinstance(alpha, Tensor):
-            alpha = alpha.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
         res = entmax_attention(
             q,
             k,
             v,
-            alpha=alpha,
+            alpha=self.alphas(),
             mask=mask,
             scale=self.scale,
             n_iter=self.n_iter,

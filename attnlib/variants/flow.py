@@ -11,16 +11,14 @@ the chunked parallel scan, and a recurrent :meth:`FlowAttention.step` for decodi
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from attnlib.functional.flow import FLOW_FEATURE_MAPS, flow_attention
+from attnlib.functional.flow import FLOW_FEATURE_MAPS, flow_attention, flow_step
 from attnlib.masks import AttentionMask
 from attnlib.registry import register_variant
 from attnlib.variants._common import KernelCore, kernel_family_caps, unpack
-from attnlib.variants.base import AttentionCore, CoreOutput
+from attnlib.variants.base import CoreOutput
 
 __all__ = ["FLOW_PRESETS", "FlowAttention"]
 
@@ -87,11 +85,6 @@ class FlowAttention(KernelCore):
         self.competition = bool(competition)
         self.allocation = bool(allocation)
         self.preset = preset
-        self._cross = False
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, cross: bool = False, **kw: Any):  # type: ignore[override]
-        self._cross = cross
-        return AttentionCore.forward(self, q, k, v, mask, cross=cross, **kw)
 
     def attend(
         self,
@@ -100,12 +93,13 @@ class FlowAttention(KernelCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
     ) -> CoreOutput:
         kp = mask.key_padding
-        self_attention = not self._cross and q.shape[2] == k.shape[2]
+        self_attention = not cross and q.shape[2] == k.shape[2]
         res = flow_attention(
             q,
             k,
@@ -140,35 +134,18 @@ class FlowAttention(KernelCore):
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """One causal step; equals the causal parallel form token by token."""
-        qd, kd, vd = self._step_inputs(q, k, v)
-        phi = FLOW_FEATURE_MAPS[self.feature_map]
-        qf, kf, vt = phi(qd[:, :, 0]), phi(kd[:, :, 0]), vd[:, :, 0]
-        t = state["count"] + 1
-        sum_q = state["sum_q"] + qf
-        sum_k = state["sum_k"] + kf
-        i_flow = (qf * sum_k).sum(-1, keepdim=True).clamp_min(self.eps)
-        o_flow = (kf * sum_q).sum(-1, keepdim=True).clamp_min(self.eps)
-        sq = state["sum_q_t_over_I"] + qf * t / i_flow
-        sk = state["sum_k_t_over_O"] + kf * t / o_flow
-        i_hat = (qf * sk).sum(-1) / t
-        o_hat = (kf * sq).sum(-1) / t
-        if self.competition_clamp is not None:
-            o_hat = o_hat.clamp(-self.competition_clamp, self.competition_clamp)
-        lse = torch.logaddexp(state["lse"], o_hat)
-        comp = t * torch.exp(o_hat - lse) if self.competition else torch.ones_like(o_hat)
-        s = state["S"] + kf[..., :, None] * (comp[..., None] * vt)[..., None, :]
-        alloc = torch.sigmoid(i_hat) if self.allocation else torch.ones_like(i_hat)
-        out = alloc[..., None] * ((qf / i_flow)[..., :, None] * s).sum(-2)
-        new = {
-            "S": s,
-            "sum_q": sum_q,
-            "sum_k": sum_k,
-            "sum_q_t_over_I": sq,
-            "sum_k_t_over_O": sk,
-            "lse": lse,
-            "count": t,
-        }
-        return out[:, :, None].to(q.dtype), new
+        self._check_step(q, k, v)
+        return flow_step(
+            q,
+            k,
+            v,
+            state,
+            eps=self.eps,
+            competition_clamp=self.competition_clamp,
+            feature_map=self.feature_map,  # type: ignore[arg-type]
+            competition=self.competition,
+            allocation=self.allocation,
+        )
 
     def extra_repr(self) -> str:
         return (

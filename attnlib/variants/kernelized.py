@@ -23,7 +23,9 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from attnlib._validation import positive_int, positive_number
 from attnlib.functional.kernelized import (
+    clipped_offset_bias,
     draw_random_features,
     fourier_mixing,
     kernelized_rpe_attention,
@@ -34,12 +36,6 @@ from attnlib.registry import Capabilities, register_variant
 from attnlib.variants.base import AttentionCore, CoreOutput
 
 __all__ = ["FNetMixing", "KernelizedRPEAttention"]
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 @register_variant("kernelized_rpe")
@@ -79,6 +75,7 @@ class KernelizedRPEAttention(AttentionCore):
         attn_dropout=False,
         gqa=False,
         permutation_equivariant=False,
+        importance=True,
         family="kernelized",
         paper="Luo et al. 2021, Stable, Fast and Accurate: Kernelized Attention with RPE",
     )
@@ -95,12 +92,11 @@ class KernelizedRPEAttention(AttentionCore):
         feature_chunk: int | None = None,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
-        self.num_features = _positive_int("kernelized_rpe: num_features", num_features)
-        self.max_distance = _positive_int("kernelized_rpe: max_distance", max_distance)
+        self.num_features = positive_int(num_features, "kernelized_rpe: num_features")
+        self.max_distance = positive_int(max_distance, "kernelized_rpe: max_distance")
         if feature_chunk is not None:
-            _positive_int("kernelized_rpe: feature_chunk", feature_chunk)
-        if not isinstance(eps, (int, float)) or eps <= 0:
-            raise ValueError(f"kernelized_rpe: eps must be a positive float, got {eps!r}")
+            positive_int(feature_chunk, "kernelized_rpe: feature_chunk")
+        positive_number(eps, "kernelized_rpe: eps")
         self.orthogonal = bool(orthogonal)
         self.eps = float(eps)
         self.feature_chunk = feature_chunk
@@ -119,8 +115,7 @@ class KernelizedRPEAttention(AttentionCore):
 
     def bias_table(self, n: int) -> Tensor:
         """Per-head bias over offsets ``-(n-1)..n-1``: (H, 2n - 1), offsets clipped to ``±max_distance``."""
-        r = torch.arange(-(n - 1), n, device=self.rpe_bias.device).clamp(-self.max_distance, self.max_distance)
-        return self.rpe_bias[:, r + self.max_distance]
+        return clipped_offset_bias(self.rpe_bias, n, self.max_distance)
 
     def attend(
         self,
@@ -129,6 +124,7 @@ class KernelizedRPEAttention(AttentionCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
@@ -211,6 +207,7 @@ class FNetMixing(AttentionCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,

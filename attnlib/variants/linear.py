@@ -33,30 +33,27 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnlib._validation import positive_int
 from attnlib.errors import UnsupportedError
-from attnlib.functional.ecoformer import (
-    BiasMode,
-    anchor_distances,
-    ecoformer_attention,
-    hash_from_distances,
-    kernelized_hash,
-    learn_ksh_hash,
-)
+from attnlib.functional._common import acc_dtype
+from attnlib.functional.ecoformer import BiasMode, ecoformer_attention, ecoformer_step, kernelized_hash, learn_ksh_hash
 from attnlib.functional.linear import (
     FeatureMap,
     LSANorm,
     _feature_map,
     cosformer_attention,
-    cosformer_features,
+    cosformer_step,
     linear_attention,
     linear_self_attention,
+    linear_step,
+    lsa_step,
     performer_attention,
-    performer_feature_logits,
     performer_projection,
+    performer_step,
 )
 from attnlib.masks import AttentionMask
 from attnlib.registry import Capabilities, register_variant
-from attnlib.variants._common import KernelCore, acc, kernel_family_caps, positive_int, unpack
+from attnlib.variants._common import KernelCore, kernel_family_caps, unpack
 from attnlib.variants.base import CoreOutput
 
 __all__ = ["CosformerAttention", "EcoformerAttention", "LinearAttention", "LinearSelfAttention", "PerformerAttention"]
@@ -102,7 +99,7 @@ class LinearAttention(KernelCore):
         explicit: bool = False,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, chunk_size=chunk_size, explicit=explicit)
-        self._phi = _feature_map(feature_map)
+        _feature_map(feature_map)  # validates
         self.feature_map = feature_map
         self.eps = float(eps)
 
@@ -113,6 +110,7 @@ class LinearAttention(KernelCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
@@ -140,13 +138,8 @@ class LinearAttention(KernelCore):
         }
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: State) -> tuple[Tensor, State]:
-        qd, kd, vd = self._step_inputs(q, k, v)
-        qf, kf = self._phi(qd)[:, :, 0], self._phi(kd)[:, :, 0]
-        s = state["S"] + kf[..., :, None] * vd[:, :, 0, None, :]
-        z = state["z"] + kf
-        num = (qf[..., :, None] * s).sum(-2)
-        den = (qf * z).sum(-1, keepdim=True) + self.eps
-        return (num / den)[:, :, None].to(q.dtype), {"S": s, "z": z}
+        self._check_step(q, k, v)
+        return linear_step(q, k, v, state, feature_map=self.feature_map, eps=self.eps)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", feature_map={self.feature_map!r}"
@@ -194,9 +187,9 @@ class PerformerAttention(KernelCore):
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, chunk_size=chunk_size, explicit=explicit)
         m = max(1, int(head_dim * math.log(head_dim))) if num_features is None else num_features
-        self.num_features = positive_int("performer: num_features", m)
+        self.num_features = positive_int(m, "performer: num_features")
         if redraw_interval is not None:
-            positive_int("performer: redraw_interval", redraw_interval)
+            positive_int(redraw_interval, "performer: redraw_interval")
         if scaling not in ("chi", "sqrt_d"):
             raise ValueError(f"performer: scaling must be 'chi' or 'sqrt_d', got {scaling!r}")
         self.orthogonal = bool(orthogonal)
@@ -231,6 +224,7 @@ class PerformerAttention(KernelCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
@@ -258,24 +252,12 @@ class PerformerAttention(KernelCore):
         return {
             "S": self._zeros(batch, m, d, dtype=dtype, device=device),
             "z": self._zeros(batch, m, dtype=dtype, device=device),
-            "shift": torch.full((batch, self.num_heads), float("-inf"), dtype=acc(dtype), device=device),
+            "shift": torch.full((batch, self.num_heads), float("-inf"), dtype=acc_dtype(dtype), device=device),
         }
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: State) -> tuple[Tensor, State]:
-        qd, kd, vd = self._step_inputs(q, k, v)
-        scale = self.head_dim**-0.5
-        aq = performer_feature_logits(qd[:, :, 0], self.projection, scale)
-        ak = performer_feature_logits(kd[:, :, 0], self.projection, scale)
-        qf = torch.exp(aq - aq.amax(-1, keepdim=True))
-        shift = torch.maximum(state["shift"], ak.amax(-1))
-        decay = torch.exp(state["shift"] - shift)
-        kf = torch.exp(ak - shift[..., None])
-        s = state["S"] * decay[..., None, None] + kf[..., :, None] * vd[:, :, 0, None, :]
-        z = state["z"] * decay[..., None] + kf
-        num = (qf[..., :, None] * s).sum(-2)
-        den = (qf * z).sum(-1, keepdim=True)
-        out = num / torch.where(den > 0, den, torch.ones_like(den))
-        return out[:, :, None].to(q.dtype), {"S": s, "z": z, "shift": shift}
+        self._check_step(q, k, v)
+        return performer_step(q, k, v, state, self.projection, scale=self.head_dim**-0.5)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_features={self.num_features}, redraw_interval={self.redraw_interval}"
@@ -315,7 +297,7 @@ class CosformerAttention(KernelCore):
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, chunk_size=chunk_size, explicit=explicit)
         self.eps = float(eps)
-        self.max_len = None if max_len is None else positive_int("cosformer: max_len", max_len)
+        self.max_len = None if max_len is None else positive_int(max_len, "cosformer: max_len")
 
     def attend(
         self,
@@ -324,6 +306,7 @@ class CosformerAttention(KernelCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
@@ -360,17 +343,8 @@ class CosformerAttention(KernelCore):
         if self.max_len is None:
             self.initial_state(1, dtype=q.dtype, device=q.device)  # raises
         assert self.max_len is not None
-        qd, kd, vd = self._step_inputs(q, k, v)
-        pos = int(state["pos"])
-        if pos >= self.max_len:
-            raise ValueError(f"cosformer step: position {pos + 1} exceeds max_len={self.max_len}")
-        qf = cosformer_features(qd, self.max_len, offset=pos)[:, :, 0]
-        kf = cosformer_features(kd, self.max_len, offset=pos)[:, :, 0]
-        s = state["S"] + kf[..., :, None] * vd[:, :, 0, None, :]
-        z = state["z"] + kf
-        num = (qf[..., :, None] * s).sum(-2)
-        den = (qf * z).sum(-1, keepdim=True).clamp_min(self.eps)
-        return (num / den)[:, :, None].to(q.dtype), {"S": s, "z": z, "pos": state["pos"] + 1}
+        self._check_step(q, k, v)
+        return cosformer_step(q, k, v, state, max_len=self.max_len, eps=self.eps)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", max_len={self.max_len}"
@@ -423,6 +397,7 @@ class LinearSelfAttention(KernelCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
@@ -451,18 +426,14 @@ class LinearSelfAttention(KernelCore):
         d = self.head_dim
         return {
             "S": self._zeros(batch, d, d, dtype=dtype, device=device),
-            "count": torch.zeros((), dtype=acc(dtype), device=device),
+            "count": torch.zeros((), dtype=acc_dtype(dtype), device=device),
         }
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: State) -> tuple[Tensor, State]:
         if self.normalize == "n":
             self.initial_state(1, dtype=q.dtype, device=q.device)  # raises
-        qd, kd, vd = self._step_inputs(q, k, v)
-        s = state["S"] + kd[:, :, 0, :, None] * vd[:, :, 0, None, :]
-        count = state["count"] + 1
-        num = ((qd[:, :, 0] * self.scale)[..., :, None] * s).sum(-2)
-        out = num if self.normalize == "none" else num / count
-        return out[:, :, None].to(q.dtype), {"S": s, "count": count}
+        self._check_step(q, k, v)
+        return lsa_step(q, k, v, state, normalize=self.normalize, scale=self.scale)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", normalize={self.normalize!r}, scale={self.scale}"
@@ -521,16 +492,16 @@ class EcoformerAttention(KernelCore):
         explicit: bool = False,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, chunk_size=chunk_size, explicit=explicit)
-        self.num_bits = positive_int("ecoformer: num_bits", num_bits)
-        self.num_anchors = positive_int("ecoformer: num_anchors", num_anchors)
-        self.topk = positive_int("ecoformer: topk", topk)
+        self.num_bits = positive_int(num_bits, "ecoformer: num_bits")
+        self.num_anchors = positive_int(num_anchors, "ecoformer: num_anchors")
+        self.topk = positive_int(topk, "ecoformer: topk")
         if bias_mode not in ("consistent", "faithful"):
             raise ValueError(f"ecoformer: bias_mode must be 'consistent' or 'faithful', got {bias_mode!r}")
         self.bias_mode = bias_mode
         self.ksh_lr = float(ksh_lr)
         self.ksh_momentum = float(ksh_momentum)
-        self.ksh_iters = positive_int("ecoformer: ksh_iters", ksh_iters)
-        self.ksh_max_tokens = None if ksh_max_tokens is None else positive_int("ksh_max_tokens", ksh_max_tokens)
+        self.ksh_iters = positive_int(ksh_iters, "ecoformer: ksh_iters")
+        self.ksh_max_tokens = None if ksh_max_tokens is None else positive_int(ksh_max_tokens, "ksh_max_tokens")
         self.seed = int(seed)
         gen = torch.Generator().manual_seed(self.seed)
         anchors = F.normalize(torch.randn(num_heads, num_anchors, head_dim, generator=gen), dim=-1)
@@ -539,17 +510,6 @@ class EcoformerAttention(KernelCore):
         self.register_buffer("hash_projection", torch.randn(num_heads, num_bits, num_anchors, generator=gen))
         self.register_buffer("hash_learned", torch.zeros((), dtype=torch.bool))
         self.last_ksh: dict[str, Tensor] | None = None
-
-    def _check_cross(self, cross: bool) -> None:
-        if cross and self.bias_mode == "faithful":
-            raise UnsupportedError(
-                "variant 'ecoformer' with bias_mode='faithful' is self-attention only (it adds each "
-                "query's own value); use bias_mode='consistent' for cross-attention"
-            )
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, cross: bool = False, **kw: Any):  # type: ignore[override]
-        self._check_cross(cross)
-        return super().forward(q, k, v, mask, cross=cross, **kw)
 
     @torch.no_grad()
     def reset_hash(self) -> None:
@@ -595,10 +555,16 @@ class EcoformerAttention(KernelCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
     ) -> CoreOutput:
+        if cross and self.bias_mode == "faithful":
+            raise UnsupportedError(
+                "variant 'ecoformer' with bias_mode='faithful' is self-attention only (it adds each "
+                "query's own value); use bias_mode='consistent' for cross-attention"
+            )
         if self.training and not bool(self.hash_learned):
             self.learn_hash(q, k, mask)
         kp = mask.key_padding
@@ -628,35 +594,12 @@ class EcoformerAttention(KernelCore):
             "z": self._zeros(batch, f, dtype=dtype, device=device),
             "dist_q": z.clone(),
             "dist_k": z.clone(),
-            "count": torch.zeros((), dtype=acc(dtype), device=device),
+            "count": torch.zeros((), dtype=acc_dtype(dtype), device=device),
         }
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: State) -> tuple[Tensor, State]:
-        qd, kd, vd = self._step_inputs(q, k, v)
-        count = state["count"] + 1
-        dq = anchor_distances(qd, self.anchors)  # (B, H, 1, m)
-        dk = anchor_distances(kd, self.anchors)
-        dist_q = state["dist_q"] + dq.mean(-1)[..., 0]
-        dist_k = state["dist_k"] + dk.mean(-1)[..., 0]
-        hq = hash_from_distances(dq, (dist_q / count)[..., None, None], self.center, self.hash_projection)[:, :, 0]
-        hk = hash_from_distances(dk, (dist_k / count)[..., None, None], self.center, self.hash_projection)[:, :, 0]
-        nb = float(self.num_bits)
-        vt = vd[:, :, 0]
-        if self.bias_mode == "consistent":
-            qf = torch.cat([hq, torch.ones_like(hq[..., :1])], -1)
-            kf = torch.cat([hk * 0.5, torch.full_like(hk[..., :1], nb / 2)], -1)
-        else:
-            qf, kf = hq, hk
-        s = state["S"] + kf[..., :, None] * vt[..., None, :]
-        z = state["z"] + kf
-        num = (qf[..., :, None] * s).sum(-2)
-        den = (qf * z).sum(-1, keepdim=True)
-        if self.bias_mode == "faithful":
-            num = num + (nb + 1) * vt
-            den = den + (nb + 1) * count
-        out = num / torch.where(den != 0, den, torch.ones_like(den))
-        new = {"S": s, "z": z, "dist_q": dist_q, "dist_k": dist_k, "count": count}
-        return out[:, :, None].to(q.dtype), new
+        self._check_step(q, k, v)
+        return ecoformer_step(q, k, v, state, self.anchors, self.center, self.hash_projection, bias_mode=self.bias_mode)
 
     @classmethod
     def conformance_kwargs(cls) -> dict[str, Any]:

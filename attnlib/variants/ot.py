@@ -8,7 +8,7 @@
   attention weights are the OT plan between queries and keys (IPOT on cosine costs, rows
   rescaled to sum to 1), and the GOT regulariser (Wasserstein + Gromov-Wasserstein distance
   between the query and key sets of every head) is returned as ``aux_loss`` in training.
-  Math: :func:`attnlib.ot.ot_attention`, :func:`attnlib.ot.got_distance`.
+  Math: :func:`attnlib.functional.ot.ot_attention`, :func:`attnlib.functional.ot.got_loss`.
 
 Both normalise over queries as well as keys, so with key padding in self-attention the padded
 positions are padded queries too: they take part in no column sum and return zeros.
@@ -21,7 +21,8 @@ from typing import Any
 from einops import rearrange
 from torch import Tensor
 
-from attnlib import ot
+from attnlib._validation import int_at_least, non_negative_number, positive_number
+from attnlib.functional.ot import got_loss, ot_attention
 from attnlib.functional.sinkhorn import sinkhorn_attention
 from attnlib.masks import AttentionMask
 from attnlib.registry import Capabilities, register_variant
@@ -30,24 +31,15 @@ from attnlib.variants.base import AttentionCore, CoreOutput
 __all__ = ["GOTAttention", "SinkhornAttention"]
 
 
-class _QueryPaddingMixin(AttentionCore):
-    """Records whether the call is cross-attention: self-attention key padding also pads queries."""
-
-    _cross: bool = False
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, *, cross: bool = False, **kw: Any):  # type: ignore[override]
-        self._cross = bool(cross)
-        return super().forward(q, k, v, mask, cross=cross, **kw)
-
-    def query_mask(self, mask: AttentionMask) -> Tensor | None:
-        """(B, N) bool padding of the queries: the key padding in self-attention, else None."""
-        if self._cross or mask.key_padding is None or mask.n != mask.m:
-            return None
-        return mask.key_padding
+def _query_mask(mask: AttentionMask, cross: bool) -> Tensor | None:
+    """(B, N) bool padding of the queries: the key padding in self-attention, else None."""
+    if cross or mask.key_padding is None or mask.n != mask.m:
+        return None
+    return mask.key_padding
 
 
 @register_variant("sinkhorn")
-class SinkhornAttention(_QueryPaddingMixin):
+class SinkhornAttention(AttentionCore):
     """Doubly-stochastic attention by Sinkhorn normalisation (Sinkformers).
 
     Args:
@@ -75,15 +67,14 @@ class SinkhornAttention(_QueryPaddingMixin):
         attn_dropout=True,
         gqa=True,
         permutation_equivariant=True,
+        importance=True,
         family="ot",
         paper="Sander et al. 2022, Sinkformers: Transformers with Doubly Stochastic Attention",
     )
 
     def __init__(self, *, num_heads: int, head_dim: int, n_iters: int = 3, scale: float | None = None) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
-        if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
-            raise ValueError(f"sinkhorn: n_iters must be an int >= 1 (1 = softmax), got {n_iters!r}")
-        self.n_iters = n_iters
+        self.n_iters = int_at_least(n_iters, 1, "sinkhorn: n_iters", hint=" (1 = softmax)")
         self.scale = scale
 
     def attend(
@@ -93,6 +84,7 @@ class SinkhornAttention(_QueryPaddingMixin):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
@@ -102,20 +94,20 @@ class SinkhornAttention(_QueryPaddingMixin):
             k,
             v,
             mask=mask,
-            query_mask=self.query_mask(mask),
+            query_mask=_query_mask(mask, cross),
             scale=self.scale,
             n_iters=self.n_iters,
             dropout_p=dropout_p,
             return_weights=True,
         )
-        return CoreOutput(out, weights=w if need_weights else None, importance=w.mean(2) if need_importance else None)
+        return CoreOutput.from_weights(out, w, need_weights=need_weights, need_importance=need_importance)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", n_iters={self.n_iters}"
 
 
 @register_variant("got")
-class GOTAttention(_QueryPaddingMixin):
+class GOTAttention(AttentionCore):
     """Attention by optimal transport (GOT), returning the GOT regulariser as ``aux_loss``.
 
     Per head, the weights are the OT plan between the queries and the keys (uniform masses over
@@ -124,7 +116,7 @@ class GOTAttention(_QueryPaddingMixin):
     plan tends to an exact OT plan (sparse; a permutation when N == M) as ``n_iters`` grows.
 
     In training mode ``aux_loss = mean over (batch, head) of wd_weight·WD(q, k) +
-    gwd_weight·GWD(q, k)`` (:func:`attnlib.ot.got_distance`, pruned cosine costs, GOT's
+    gwd_weight·GWD(q, k)`` (:func:`attnlib.functional.ot.got_loss`, pruned cosine costs, GOT's
     defaults): add ``attnlib.aux_loss(model)`` to the loss. In eval mode no aux loss is computed.
 
     Args:
@@ -152,6 +144,7 @@ class GOTAttention(_QueryPaddingMixin):
         attn_dropout=False,
         gqa=False,
         permutation_equivariant=True,
+        importance=True,
         family="ot",
         paper="Chen et al. 2020, Graph Optimal Transport for Cross-Domain Alignment",
     )
@@ -179,21 +172,13 @@ class GOTAttention(_QueryPaddingMixin):
             raise ValueError(f"got: solver must be 'ipot' or 'sinkhorn', got {solver!r}")
         if reg_plan_grad not in ("envelope", "unroll"):
             raise ValueError(f"got: reg_plan_grad must be 'envelope' or 'unroll', got {reg_plan_grad!r}")
-        for name, val in (("beta", beta), ("eps", eps)):
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or val <= 0:
-                raise ValueError(f"got: {name} must be a positive number, got {val!r}")
-        if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
-            raise ValueError(f"got: n_iters must be an int >= 1, got {n_iters!r}")
-        for name, val in (("wd_weight", wd_weight), ("gwd_weight", gwd_weight)):
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0:
-                raise ValueError(f"got: {name} must be a non-negative number, got {val!r}")
         self.cost = cost
         self.solver = solver
-        self.beta = float(beta)
-        self.eps = float(eps)
-        self.n_iters = n_iters
-        self.wd_weight = float(wd_weight)
-        self.gwd_weight = float(gwd_weight)
+        self.beta = positive_number(beta, "got: beta")
+        self.eps = positive_number(eps, "got: eps")
+        self.n_iters = int_at_least(n_iters, 1, "got: n_iters")
+        self.wd_weight = non_negative_number(wd_weight, "got: wd_weight")
+        self.gwd_weight = non_negative_number(gwd_weight, "got: gwd_weight")
         self.prune = prune
         self.shared_plan = bool(shared_plan)
         self.reg_plan_grad = reg_plan_grad
@@ -209,7 +194,7 @@ class GOTAttention(_QueryPaddingMixin):
         y = rearrange(k, "b h m d -> (b h) m d")
         xm = None if query_mask is None else query_mask.repeat_interleave(h, 0)
         ym = None if key_mask is None else key_mask.repeat_interleave(h, 0)
-        wd, gwd = ot.got_distance(
+        loss = got_loss(
             x,
             y,
             x_mask=xm,
@@ -218,17 +203,9 @@ class GOTAttention(_QueryPaddingMixin):
             gwd_weight=self.gwd_weight,
             prune=self.prune,
             shared_plan=self.shared_plan,
-            plan_grad=self.reg_plan_grad,  # type: ignore[arg-type]
+            plan_grad=self.reg_plan_grad,
         )
-        live = None
-        if xm is not None or ym is not None:
-            lx = xm.any(-1) if xm is not None else wd.new_ones(wd.shape, dtype=bool)  # type: ignore[call-overload]
-            ly = ym.any(-1) if ym is not None else wd.new_ones(wd.shape, dtype=bool)  # type: ignore[call-overload]
-            live = (lx & ly).to(wd.dtype)
-        per = self.wd_weight * wd + self.gwd_weight * gwd
-        if live is None:
-            return per.mean().to(q.dtype)
-        return ((per * live).sum() / live.sum().clamp_min(1.0)).to(q.dtype)
+        return loss.to(q.dtype)  # type: ignore[union-attr]
 
     def attend(
         self,
@@ -237,13 +214,14 @@ class GOTAttention(_QueryPaddingMixin):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
     ) -> CoreOutput:
-        qm = self.query_mask(mask)
+        qm = _query_mask(mask, cross)
         km = mask.key_padding
-        out, w = ot.ot_attention(
+        out, w = ot_attention(
             q,
             k,
             v,
@@ -259,12 +237,7 @@ class GOTAttention(_QueryPaddingMixin):
         aux = None
         if self.training and (self.wd_weight > 0 or self.gwd_weight > 0):
             aux = self.regularizer(q, k, qm, km)
-        return CoreOutput(
-            out,
-            weights=w if need_weights else None,
-            importance=w.mean(2) if need_importance else None,
-            aux_loss=aux,
-        )
+        return CoreOutput.from_weights(out, w, need_weights=need_weights, need_importance=need_importance, aux_loss=aux)
 
     def extra_repr(self) -> str:
         return (

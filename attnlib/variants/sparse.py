@@ -21,19 +21,31 @@ softmax attention under "caller masks AND the variant's pattern".
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlib import dispatch
+from attnlib._validation import fraction, non_negative_int, positive_int
 from attnlib.functional.grat import grat_caller_mask, grat_layout
 from attnlib.functional.softmax import softmax_attention, softmax_importance
+from attnlib.functional.sparse import (
+    mosa_attention,
+    mosa_route,
+    seer_gate_logits,
+    seer_gate_loss,
+    seer_select,
+    sparsifiner_approx_attention,
+    sparsifiner_attention,
+    sparsifiner_recon_loss,
+    swinbert_hard_mask,
+    swinbert_soft_attention,
+    swinbert_soft_mask,
+    swinbert_sparsity,
+)
 from attnlib.kernels import block_sparse_attention
 from attnlib.masks import AttentionMask, BlockMask, MaskLike
-from attnlib.positional import apply_rotary
 from attnlib.registry import Capabilities, register_variant
 from attnlib.variants.base import AttentionCore, CoreOutput
 
@@ -53,16 +65,6 @@ __all__ = [
 # ------------------------------------------------------------------------------------------
 
 
-def _pos_int(name: str, val: object, where: str) -> int:
-    if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-        raise ValueError(f"{where}: {name} must be a positive int, got {val!r}")
-    return val
-
-
-def _fraction(name: str, val: object, where: str) -> float:
-    if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0.0 < float(val) <= 1.0:
-        raise ValueError(f"{where}: {name} must be in (0, 1], got {val!r}")
-    return float(val)
 
 
 def _with_caller(am: AttentionMask, pattern: BlockMask | None, block_size: tuple[int, int]) -> BlockMask:
@@ -87,13 +89,34 @@ def _run_block(
         out = softmax_attention(q, k, v, scale=scale)
     else:
         out = block_sparse_attention(q, k, v, bm, scale=scale)
-    w = imp = None
     if need_weights:
         _, w = softmax_attention(q, k, v, mask=bm, scale=scale, backend="math", return_weights=True)
-        imp = w.mean(2) if need_importance else None
-    elif need_importance:
-        imp = softmax_importance(q, k, mask=bm, scale=scale)
-    return CoreOutput(out, weights=w, importance=imp)  # type: ignore[arg-type]
+        return CoreOutput.from_weights(out, w, need_weights=True, need_importance=need_importance)  # type: ignore[arg-type]
+    imp = softmax_importance(q, k, mask=bm, scale=scale) if need_importance else None
+    return CoreOutput(out, importance=imp)  # type: ignore[arg-type]
+
+
+def _dense(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: AttentionMask,
+    scale: float,
+    dropout_p: float,
+    need_weights: bool,
+    need_importance: bool,
+    aux_loss: Tensor | None,
+) -> CoreOutput:
+    """Exact softmax attention under ``mask`` (+ weights / importance on request): the dense
+    output of the learned-mask variants while they train their predictor."""
+    if need_weights:
+        out, w = softmax_attention(
+            q, k, v, mask=mask, scale=scale, dropout_p=dropout_p, backend="math", return_weights=True
+        )
+        return CoreOutput.from_weights(out, w, need_weights=True, need_importance=need_importance, aux_loss=aux_loss)
+    out = softmax_attention(q, k, v, mask=mask, scale=scale, dropout_p=dropout_p)
+    imp = softmax_importance(q, k, mask=mask, scale=scale) if need_importance else None
+    return CoreOutput(out, importance=imp, aux_loss=aux_loss)  # type: ignore[arg-type]
 
 
 _BLOCK_CAPS = dict(
@@ -108,6 +131,7 @@ _BLOCK_CAPS = dict(
     has_weights=True,
     attn_dropout=False,
     gqa=True,
+    importance=True,
     family="sparse",
 )
 
@@ -168,13 +192,13 @@ class BlockSparseAttention(AttentionCore):
         if pattern not in _PATTERNS:
             raise ValueError(f"{where}: pattern must be one of {_PATTERNS}, got {pattern!r}")
         self.pattern = pattern
-        self.block_size = _pos_int("block_size", block_size, where)
-        self.window = _pos_int("window", window, where)
-        self.window_blocks = _pos_int("window_blocks", window_blocks, where)
-        self.dilation = _pos_int("dilation", dilation, where)
-        self.stride = _pos_int("stride", stride, where)
-        self.local = None if local is None else _pos_int("local", local, where)
-        self.num_global = _pos_int("num_global", num_global, where)
+        self.block_size = positive_int(block_size, f"{where}: block_size")
+        self.window = positive_int(window, f"{where}: window")
+        self.window_blocks = positive_int(window_blocks, f"{where}: window_blocks")
+        self.dilation = positive_int(dilation, f"{where}: dilation")
+        self.stride = positive_int(stride, f"{where}: stride")
+        self.local = None if local is None else positive_int(local, f"{where}: local")
+        self.num_global = positive_int(num_global, f"{where}: num_global")
         self.scale = scale
         self._cache: dict[tuple[int, int, str], BlockMask | None] = {}
 
@@ -216,6 +240,7 @@ class BlockSparseAttention(AttentionCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
@@ -271,6 +296,7 @@ class GRATAttention(AttentionCore):
         attn_dropout=False,
         gqa=True,
         permutation_equivariant=False,
+        importance=True,
         family="sparse",
         paper="Ren et al. 2025, Grouping First, Attending Smartly (GRAT), arXiv 2505.14687",
     )
@@ -297,10 +323,9 @@ class GRATAttention(AttentionCore):
             raise ValueError(f"{where}: without a grid (1D) the group must be one int, got {self.group}")
         if mode not in ("criss_cross", "surrounding"):
             raise ValueError(f"{where}: mode must be 'criss_cross' or 'surrounding', got {mode!r}")
-        if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
-            raise ValueError(f"{where}: radius must be a non-negative int, got {radius!r}")
+        non_negative_int(radius, f"{where}: radius")
         self.mode, self.radius = mode, radius
-        self.block_size = _pos_int("block_size", block_size, where)
+        self.block_size = positive_int(block_size, f"{where}: block_size")
         self.scale = scale
         self._cache: dict[tuple[int, str], tuple[BlockMask, Tensor | None]] = {}
 
@@ -334,6 +359,7 @@ class GRATAttention(AttentionCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
@@ -360,67 +386,6 @@ class GRATAttention(AttentionCore):
 # ------------------------------------------------------------------------------------------
 # SeerAttention
 # ------------------------------------------------------------------------------------------
-
-
-def _pool(x: Tensor, size: int, ops: tuple[str, ...], valid: Tensor | None = None) -> Tensor:
-    """Block pooling with ceil mode over valid tokens: x (B, H, L, D) -> (B, H, ceil(L/size), len(ops)·D).
-
-    ``valid`` (B, L) bool excludes padding tokens; a block without valid tokens pools to 0.
-    """
-    b, h, n, d = x.shape
-    nb = math.ceil(n / size)
-    pad = nb * size - n
-    xb = F.pad(x, (0, 0, 0, pad)).view(b, h, nb, size, d)
-    vm = (torch.arange(nb * size, device=x.device) < n).view(1, 1, nb, size, 1)
-    if valid is not None:
-        vm = vm & F.pad(valid, (0, pad)).view(valid.shape[0], 1, nb, size, 1)
-    some = vm.any(3)
-    outs = []
-    for op in ops:
-        if op == "avg":
-            outs.append((xb * vm).sum(3) / vm.sum(3).clamp_min(1).to(x.dtype))
-        elif op == "max":
-            outs.append(torch.where(some, xb.masked_fill(~vm, float("-inf")).amax(3), 0.0))
-        else:  # min
-            outs.append(torch.where(some, xb.masked_fill(~vm, float("inf")).amin(3), 0.0))
-    return torch.cat(outs, -1)
-
-
-def _rope_positions(x: Tensor, pos: Tensor, base: float) -> Tensor:
-    """Rotary embedding of x (B, H, n, d) at (float) positions pos (n,)."""
-    d = x.shape[-1]
-    inv = base ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
-    ang = pos.to(torch.float64)[:, None] * inv[None, :]
-    return apply_rotary(x, ang.cos(), ang.sin())
-
-
-def _block_max_attention(
-    q: Tensor, k: Tensor, mask: AttentionMask, scale: float, bq: int, bk: int, chunk_blocks: int = 8
-) -> Tensor:
-    """SeerAttention's distillation target: GT[I, J] = max_{i in I, j in J} softmax(q k^T)[i, j],
-    row-normalised. q (B, H, N, D), k (B, H, M, D) -> (B, H, n_q, n_k), computed over query
-    chunks (memory O(chunk · M))."""
-    b, h, n, _ = q.shape
-    m = k.shape[2]
-    nq, nk = math.ceil(n / bq), math.ceil(m / bk)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = torch.zeros(b, h, nq, nk, dtype=acc, device=q.device)
-    rows = chunk_blocks * bq
-    for s0 in range(0, n, rows):
-        s1 = min(n, s0 + rows)
-        s = torch.matmul(q[:, :, s0:s1], k.transpose(-1, -2)).to(acc) * scale
-        allowed = mask.dense_rows(s0, s1)
-        if allowed is not None:
-            s = s.masked_fill(~allowed, float("-inf"))
-        p = torch.softmax(s, -1).nan_to_num(0.0)  # empty rows -> 0
-        nr = s1 - s0
-        i0 = s0 // bq
-        nblk = math.ceil(nr / bq)
-        p = F.pad(p, (0, nk * bk - m, 0, nblk * bq - nr))
-        p = p.view(b, h, nblk, bq, nk, bk).amax((3, 5))
-        out[:, :, i0 : i0 + nblk] = p
-    den = out.sum(-1, keepdim=True)
-    return out / torch.where(den == 0, torch.ones_like(den), den)
 
 
 @register_variant("seer")
@@ -497,12 +462,12 @@ class SeerAttention(AttentionCore):
         super().__init__(num_heads=num_heads, head_dim=head_dim)
         where = "seer"
         self.causal_gate = bool(causal_gate)
-        self.block_size = _pos_int("block_size", block_size, where)
-        self.density = _fraction("density", density, where)
+        self.block_size = positive_int(block_size, f"{where}: block_size")
+        self.density = fraction(density, f"{where}: density")
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
             raise ValueError(f"{where}: threshold must be a float or None, got {threshold!r}")
         self.threshold = None if threshold is None else float(threshold)
-        self.gate_dim = _pos_int("gate_dim", gate_dim, where)
+        self.gate_dim = positive_int(gate_dim, f"{where}: gate_dim")
         if gate_rope and self.gate_dim % 2:
             raise ValueError(f"{where}: gate_rope needs an even gate_dim, got {gate_dim}")
         self.q_pool, self.k_pool = tuple(q_pool), tuple(k_pool)
@@ -545,61 +510,32 @@ class SeerAttention(AttentionCore):
         represented by query block I - 1 (block 0 by its first query) and only key blocks
         entirely before it are scored, so the gate never reads future tokens.
         """
-        _, h, n, _ = q.shape
-        m = k.shape[2]
-        bs = self.block_size
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        q_valid = key_valid if key_valid is not None and n == m else None
-        qp = _pool(q.to(acc), bs, self.q_pool, q_valid)
-        kp = _pool(k.to(acc), bs, self.k_pool, key_valid)
-        gated = causal and self.causal_gate
-        if gated:
-            first = q[:, :, :1].to(acc).repeat(1, 1, 1, len(self.q_pool))
-            qp = torch.cat([first, qp[:, :, :-1]], 2)
-        if kp.shape[1] != h:
-            kp = kp.repeat_interleave(h // kp.shape[1], 1)
-        qg = qp if self.q_gate is None else torch.einsum("bhnd,hde->bhne", qp, self.q_gate.to(acc))
-        kg = torch.einsum("bhnd,hde->bhne", kp, self.k_gate.to(acc))
-        if self.gate_rope:
-            qpos = torch.arange(qg.shape[2], device=q.device) * bs + (m - n)
-            kpos = torch.arange(kg.shape[2], device=q.device) * bs
-            qg = _rope_positions(qg, qpos, self.rope_base)
-            kg = _rope_positions(kg, kpos, self.rope_base)
-        s = torch.matmul(qg, kg.transpose(-1, -2)) / math.sqrt(self.gate_dim)
-        if allowed is not None:
-            s = s.masked_fill(~allowed, float("-inf"))
-        if gated:
-            first_pos = (torch.arange(s.shape[2], device=q.device) * bs + (m - n)).clamp(min=0)
-            past = torch.arange(s.shape[3], device=q.device)[None, :] < (first_pos // bs)[:, None]
-            s = s.masked_fill(~past, float("-inf"))
-        return s
-
-    def own_blocks(self, n: int, m: int, device: torch.device) -> Tensor:
-        """(n_q, n_k) bool: key blocks holding the positions of each query block's rows (causal)."""
-        bs = self.block_size
-        nq, nk = math.ceil(n / bs), math.ceil(m / bs)
-        first = torch.arange(nq, device=device) * bs + (m - n)
-        last = (torch.arange(nq, device=device) * bs + bs).clamp(max=n) - 1 + (m - n)
-        j = torch.arange(nk, device=device)[None, :]
-        return (j >= first[:, None].clamp(min=0) // bs) & (j <= last[:, None] // bs)
+        return seer_gate_logits(
+            q,
+            k,
+            self.k_gate,
+            self.q_gate,
+            block_size=self.block_size,
+            q_pool=self.q_pool,
+            k_pool=self.k_pool,
+            rope_base=self.rope_base if self.gate_rope else None,
+            allowed=allowed,
+            causal_gate=causal and self.causal_gate,
+            key_valid=key_valid,
+        )
 
     def select(self, logits: Tensor, allowed: Tensor, causal: bool, n: int, m: int) -> Tensor:
         """Block selection (B, H, n_q, n_k) bool from gate logits and the caller's allowed blocks."""
-        nk = logits.shape[-1]
-        finite = logits > float("-inf")
-        if self.threshold is not None:
-            sel = torch.softmax(logits, -1).nan_to_num(0.0) > self.threshold
-        else:
-            if causal:
-                kk = max(1, math.floor((1 - math.sqrt(1 - self.density)) * nk))
-            else:
-                kk = max(1, round(self.density * nk))
-            top = logits.topk(min(kk, nk), dim=-1).indices
-            sel = torch.zeros_like(finite).scatter_(-1, top, True)
-        sel = sel & finite
-        if causal:  # keep the block(s) holding each query block's own positions
-            sel = sel | (self.own_blocks(n, m, logits.device) & allowed)
-        return sel
+        return seer_select(
+            logits,
+            allowed,
+            causal=causal,
+            density=self.density,
+            threshold=self.threshold,
+            block_size=self.block_size,
+            n=n,
+            m=m,
+        )
 
     def attend(
         self,
@@ -608,6 +544,7 @@ class SeerAttention(AttentionCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
@@ -622,38 +559,15 @@ class SeerAttention(AttentionCore):
         logits = self.gate_logits(q, k, allowed, causal=mask.causal, key_valid=mask.key_padding)
         aux = None
         if self.training:
-            kk = k.repeat_interleave(h // k.shape[1], 1) if k.shape[1] != h else k
-            with torch.no_grad():
-                gt = _block_max_attention(q.detach(), kk.detach(), mask, scale, *bs)
-            gt = gt * (logits.detach() > float("-inf"))  # the target lives on the scored blocks
-            aux = self.loss_scale * self._kl(logits, gt)
-            if not self.train_sparse:
-                if need_weights:
-                    out, w = softmax_attention(q, k, v, mask=mask, scale=scale, backend="math", return_weights=True)
-                    return CoreOutput(out, weights=w, importance=w.mean(2) if need_importance else None, aux_loss=aux)
-                out = softmax_attention(q, k, v, mask=mask, scale=scale)
-                imp = softmax_importance(q, k, mask=mask, scale=scale) if need_importance else None
-                return CoreOutput(out, importance=imp, aux_loss=aux)  # type: ignore[arg-type]
+            aux = self.loss_scale * seer_gate_loss(logits, q, k, mask, scale, self.block_size, self.skip_first)
+            if not self.train_sparse:  # no attention dropout (capabilities.attn_dropout=False)
+                return _dense(q, k, v, mask, scale, 0.0, need_weights, need_importance, aux)
         with torch.no_grad():
             sel = self.select(logits.detach(), allowed, mask.causal, n, m)
         bm = base.restrict(sel)
         res = _run_block(q, k, v, bm, scale, need_weights, need_importance)
         res.aux_loss = aux
         return res
-
-    def _kl(self, logits: Tensor, gt: Tensor) -> Tensor:
-        nq = logits.shape[2]
-        start = int(nq * self.skip_first)
-        if start >= nq:
-            start = 0
-        lg, t = logits[:, :, start:], gt[:, :, start:].to(logits.dtype)
-        den = t.sum(-1, keepdim=True)
-        t = t / torch.where(den == 0, torch.ones_like(den), den)
-        dead = ~(lg > float("-inf")).any(-1, keepdim=True)  # rows with nothing to score
-        logp = torch.log_softmax(lg.masked_fill(dead, 0.0), -1)
-        keep = t > 0
-        term = torch.where(keep, t * (torch.log(torch.where(keep, t, torch.ones_like(t))) - logp), torch.zeros_like(t))
-        return term.sum() / term.numel()
 
     def extra_repr(self) -> str:
         sel = f"threshold={self.threshold}" if self.threshold is not None else f"density={self.density}"
@@ -724,6 +638,7 @@ class MoSAAttention(AttentionCore):
         attn_dropout=True,
         gqa=False,
         permutation_equivariant=True,
+        importance=True,
         family="sparse",
         paper="Piękos, Csordás & Schmidhuber 2025, Mixture of Sparse Attention (MoSA), arXiv 2505.00315",
     )
@@ -750,7 +665,7 @@ class MoSAAttention(AttentionCore):
         self.causal_routing = causal_routing
         self.threshold = float(threshold)
         self.include_first = bool(include_first)
-        self.min_tokens = _pos_int("min_tokens", min_tokens, "mosa")
+        self.min_tokens = positive_int(min_tokens, "mosa: min_tokens")
         self.scale = scale
         self.router = nn.Linear(num_heads * head_dim, num_heads, bias=router_bias)
 
@@ -760,33 +675,17 @@ class MoSAAttention(AttentionCore):
 
     def route(self, q: Tensor, mask: AttentionMask) -> tuple[Tensor, Tensor, Tensor]:
         """(scores r (B, H, N) float32, picked positions idx (B, H, K) ascending, slot_valid (B, H, K))."""
-        b, h, n, d = q.shape
-        x = q.transpose(1, 2).reshape(b, n, h * d)
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # router in >= fp32
-        bias = None if self.router.bias is None else self.router.bias.to(acc)
-        logits = F.linear(x.to(acc), self.router.weight.to(acc), bias)
-        r = torch.sigmoid(logits).transpose(1, 2)  # (B, H, N)
-        valid = torch.ones(b, 1, n, dtype=torch.bool, device=q.device)
-        if mask.key_padding is not None:
-            valid = valid & mask.key_padding[:, None, :]
-        causal_routing = mask.causal if self.causal_routing is None else self.causal_routing
-        if causal_routing:
-            pick = (r.detach() > self.threshold) & valid
-            if self.include_first:
-                pick[..., 0] = valid[..., 0].expand_as(pick[..., 0])
-            cnt = pick.sum(-1)
-            kmax = max(1, int(cnt.max()))
-            order = torch.argsort((~pick).to(torch.int8), dim=-1, stable=True)[..., :kmax]
-            slot_valid = torch.arange(kmax, device=q.device) < cnt[..., None]
-            return r, order, slot_valid
-        kk = min(n, max(self.min_tokens, math.floor(n / self.sparsity)))
-        score = r.detach().masked_fill(~valid, float("-inf"))
-        if self.include_first:
-            score[..., 0] = torch.where(valid[..., 0], float("inf"), float("-inf"))
-        top = score.topk(kk, dim=-1).indices
-        idx, _ = top.sort(-1)
-        slot_valid = torch.gather(valid.expand(b, h, n), -1, idx)
-        return r, idx, slot_valid
+        return mosa_route(
+            q,
+            self.router.weight,
+            self.router.bias,
+            key_padding=mask.key_padding,
+            causal_routing=mask.causal if self.causal_routing is None else self.causal_routing,
+            sparsity=self.sparsity,
+            min_tokens=self.min_tokens,
+            threshold=self.threshold,
+            include_first=self.include_first,
+        )
 
     def attend(
         self,
@@ -795,45 +694,26 @@ class MoSAAttention(AttentionCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
     ) -> CoreOutput:
-        b, h, n, d = q.shape
         r, idx, slot_valid = self.route(q, mask)
-        kk = idx.shape[-1]
-        gi = idx[..., None]
-        qg = torch.gather(q, 2, gi.expand(b, h, kk, d))
-        kg = torch.gather(k, 2, gi.expand(b, h, kk, d))
-        vg = torch.gather(v, 2, gi.expand(b, h, kk, v.shape[-1]))
-        rg = torch.gather(r, 2, idx).to(q.dtype) * slot_valid
-        allowed = slot_valid[..., None, :] & slot_valid[..., :, None]  # (B, H, K, K)
-        if mask.causal:
-            allowed = allowed & (idx[..., None, :] <= idx[..., :, None])
-        if mask.full is not None:
-            fb = mask.full.expand(b, h, n, n)
-            allowed = allowed & fb.gather(2, gi.expand(b, h, kk, n)).gather(3, idx[..., None, :].expand(b, h, kk, kk))
-        if need_weights or need_importance:
-            out_g, w_g = softmax_attention(
-                qg, kg, vg, mask=allowed, scale=self.scale, dropout_p=dropout_p, backend="math", return_weights=True
-            )
-        else:
-            out_g = softmax_attention(qg, kg, vg, mask=allowed, scale=self.scale, dropout_p=dropout_p)
-            w_g = None
-        out_g = out_g * rg[..., None]
-        out = torch.zeros(b, h, n, v.shape[-1], dtype=out_g.dtype, device=q.device)
-        out = out.scatter(2, gi.expand(b, h, kk, v.shape[-1]), out_g)
-        weights = imp = None
-        if w_g is not None:
-            wr = w_g * rg[..., None]
-            if need_weights:
-                full_w = torch.zeros(b, h, kk, n, dtype=wr.dtype, device=q.device)
-                full_w = full_w.scatter(3, idx[..., None, :].expand(b, h, kk, kk), wr)
-                weights = torch.zeros(b, h, n, n, dtype=wr.dtype, device=q.device)
-                weights = weights.scatter(2, gi.expand(b, h, kk, n), full_w)
-            if need_importance:
-                imp = torch.zeros(b, h, n, dtype=wr.dtype, device=q.device)
-                imp = imp.scatter_add(2, idx, wr.sum(2)) / n
+        out, weights, imp = mosa_attention(
+            q,
+            k,
+            v,
+            r,
+            idx,
+            slot_valid,
+            causal=mask.causal,
+            full=mask.full,
+            scale=self.scale,
+            dropout_p=dropout_p,
+            need_weights=need_weights,
+            need_importance=need_importance,
+        )
         return CoreOutput(out, weights=weights, importance=imp)
 
     def extra_repr(self) -> str:
@@ -892,6 +772,7 @@ class SparsifinerAttention(AttentionCore):
         attn_dropout=True,
         gqa=False,
         permutation_equivariant=False,
+        importance=True,
         family="sparse",
         paper="Wei et al. 2023, Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient ViTs (CVPR)",
     )
@@ -920,15 +801,13 @@ class SparsifinerAttention(AttentionCore):
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
         where = "sparsifiner"
-        self.num_tokens = _pos_int("num_tokens", num_tokens, where)
-        self.keep_rate = _fraction("keep_rate", keep_rate, where)
-        n_d = max(1, self.num_tokens // _pos_int("reduce_n_factor", reduce_n_factor, where))
-        c = max(1, head_dim // _pos_int("reduce_c_factor", reduce_c_factor, where))
-        self.basis_topk = _pos_int("basis_topk", basis_topk, where)
+        self.num_tokens = positive_int(num_tokens, f"{where}: num_tokens")
+        self.keep_rate = fraction(keep_rate, f"{where}: keep_rate")
+        n_d = max(1, self.num_tokens // positive_int(reduce_n_factor, f"{where}: reduce_n_factor"))
+        c = max(1, head_dim // positive_int(reduce_c_factor, f"{where}: reduce_c_factor"))
+        self.basis_topk = positive_int(basis_topk, f"{where}: basis_topk")
         self.basis_threshold = float(basis_threshold)
-        if isinstance(num_dense_queries, bool) or not isinstance(num_dense_queries, int) or num_dense_queries < 0:
-            raise ValueError(f"{where}: num_dense_queries must be a non-negative int, got {num_dense_queries!r}")
-        self.num_dense_queries = num_dense_queries
+        self.num_dense_queries = non_negative_int(num_dense_queries, f"{where}: num_dense_queries")
         self.predictor_scale = num_heads**-0.5 if predictor_scale is None else float(predictor_scale)
         self.recon_weight = float(recon_weight)
         self.reconstruct = bool(reconstruct)
@@ -956,27 +835,20 @@ class SparsifinerAttention(AttentionCore):
         n = q.shape[2]
         if n > self.num_tokens:
             raise ValueError(f"sparsifiner: sequence length N={n} exceeds num_tokens={self.num_tokens}")
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # ranking needs precision
-        wq, bq_, wk, bk_ = (
-            t.to(acc) for t in (self.q_reduce.weight, self.q_reduce.bias, self.k_reduce.weight, self.k_reduce.bias)
+        return sparsifiner_approx_attention(
+            q,
+            k,
+            (self.q_reduce.weight, self.q_reduce.bias),
+            (self.k_reduce.weight, self.k_reduce.bias),
+            self.down,
+            self.up,
+            predictor_scale=self.predictor_scale,
+            sparse_basis=sparse_basis,
+            basis_topk=self.basis_topk,
+            basis_threshold=self.basis_threshold,
+            causal=causal,
+            key_valid=key_valid,
         )
-        qc, kc = F.linear(q.to(acc), wq, bq_), F.linear(k.to(acc), wk, bk_)
-        if key_valid is not None:
-            kc = kc * key_valid[:, None, :, None].to(acc)
-        down = self.down[:n].to(acc)
-        if causal:
-            k_down = torch.einsum("bhnc,nd->bhncd", kc, down).cumsum(2)
-            logits = torch.einsum("bhnc,bhncd->bhnd", qc, k_down)
-        else:
-            logits = torch.einsum("bhnc,bhcd->bhnd", qc, torch.einsum("bhnc,nd->bhcd", kc, down))
-        cf = torch.softmax(logits * self.predictor_scale, -1)
-        w_up = self.up[:n].to(acc).T  # (n_d, N)
-        if sparse_basis:
-            top = cf.topk(min(self.basis_topk, cf.shape[-1]), -1).indices
-            cf = torch.zeros_like(cf).scatter(-1, top, cf.gather(-1, top))
-            w_up = w_up.abs()
-            w_up = w_up * (w_up > self.basis_threshold)
-        return torch.matmul(cf, w_up)
 
     def attend(
         self,
@@ -985,11 +857,12 @@ class SparsifinerAttention(AttentionCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
     ) -> CoreOutput:
-        b, h, n, d = q.shape
+        n, d = q.shape[2], q.shape[3]
         if n > self.num_tokens:
             raise ValueError(f"sparsifiner: sequence length N={n} exceeds num_tokens={self.num_tokens}")
         scale = d**-0.5 if self.scale is None else self.scale
@@ -997,68 +870,27 @@ class SparsifinerAttention(AttentionCore):
         aux = None
         if self.training:
             a_raw = self.approx_attention(q, k, sparse_basis=False, causal=mask.causal, key_valid=mask.key_padding)
-            with torch.no_grad():
-                s = torch.matmul(q, k.transpose(-1, -2)) * scale
-                if allowed is not None:
-                    s = s.masked_fill(~allowed, float("-inf"))
-                acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-                teacher = torch.softmax(s.to(acc), -1).nan_to_num(0.0)
-            nd = self.num_dense_queries
-            aux = self.recon_weight * (a_raw[:, :, nd:] - teacher[:, :, nd:].to(a_raw.dtype)).square().sum()
+            aux = self.recon_weight * sparsifiner_recon_loss(a_raw, q, k, allowed, scale, self.num_dense_queries)
         if self.reconstruct:
-            if need_weights:
-                out, w = softmax_attention(
-                    q, k, v, mask=mask, scale=scale, dropout_p=dropout_p, backend="math", return_weights=True
-                )
-                return CoreOutput(out, weights=w, importance=w.mean(2) if need_importance else None, aux_loss=aux)
-            out = softmax_attention(q, k, v, mask=mask, scale=scale, dropout_p=dropout_p)
-            imp = softmax_importance(q, k, mask=mask, scale=scale) if need_importance else None
-            return CoreOutput(out, importance=imp, aux_loss=aux)  # type: ignore[arg-type]
-        kk = min(n, math.ceil(self.keep_rate * n))
-        rank_ok = None
-        if mask.causal and allowed is not None:
-            # causal: query i keeps ceil(keep_rate * #keys it may see), so a prefix's output
-            # does not depend on the sequence length (incremental decoding == full forward)
-            k_row = (allowed.sum(-1, keepdim=True) * self.keep_rate).ceil().clamp(min=1)  # (B|1, H|1, N, 1)
-            kk = min(n, int(k_row.max()))
-            rank_ok = torch.arange(kk, device=q.device) < k_row  # (B|1, H|1, N, K)
+            return _dense(q, k, v, mask, scale, dropout_p, need_weights, need_importance, aux)
         with torch.no_grad():
             a_hat = self.approx_attention(q, k, sparse_basis=True, causal=mask.causal, key_valid=mask.key_padding)
-            if allowed is not None:
-                a_hat = a_hat.masked_fill(~allowed, float("-inf"))
-            idx = a_hat.topk(kk, -1).indices  # (B, H, N, K), best first
-        # gathered attention over K keys per query; dense rows (CLS) separately
-        kg = torch.gather(k[:, :, None].expand(b, h, n, n, d), 3, idx[..., None].expand(b, h, n, kk, d))
-        vg = torch.gather(
-            v[:, :, None].expand(b, h, n, n, v.shape[-1]), 3, idx[..., None].expand(b, h, n, kk, v.shape[-1])
+        out, w = sparsifiner_attention(
+            q,
+            k,
+            v,
+            a_hat,
+            keep_rate=self.keep_rate,
+            allowed=allowed,
+            causal=mask.causal,
+            num_dense_queries=self.num_dense_queries,
+            scale=scale,
+            dropout_p=dropout_p,
+            return_weights=need_weights or need_importance,
         )
-        s = torch.einsum("bhnd,bhnkd->bhnk", q, kg) * scale
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        s = s.to(acc)
-        if allowed is not None:
-            ok = torch.gather(allowed.expand(b, h, n, n), 3, idx)
-            if rank_ok is not None:
-                ok = ok & rank_ok
-            s = s.masked_fill(~ok, float("-inf"))
-        p = torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype)
-        pd = F.dropout(p, dropout_p) if dropout_p > 0 else p
-        out = torch.einsum("bhnk,bhnkd->bhnd", pd, vg)
-        nd = min(self.num_dense_queries, n)
-        w_dense = None
-        if nd:
-            dmask = None if allowed is None else allowed[:, :, :nd]
-            o_d, w_dense = softmax_attention(
-                q[:, :, :nd], k, v, mask=dmask, scale=scale, dropout_p=dropout_p, backend="math", return_weights=True
-            )
-            out = torch.cat([o_d, out[:, :, nd:]], 2)
-        weights = imp = None
-        if need_weights or need_importance:
-            w = torch.zeros(b, h, n, n, dtype=p.dtype, device=q.device).scatter(3, idx, p)
-            if w_dense is not None:
-                w = torch.cat([w_dense, w[:, :, nd:]], 2)
-            weights = w if need_weights else None
-            imp = w.mean(2) if need_importance else None
-        return CoreOutput(out, weights=weights, importance=imp, aux_loss=aux)
+        if w is None:
+            return CoreOutput(out, aux_loss=aux)
+        return CoreOutput.from_weights(out, w, need_weights=need_weights, need_importance=need_importance, aux_loss=aux)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_tokens={self.num_tokens}, keep_rate={self.keep_rate}"
@@ -1107,6 +939,7 @@ class SwinBERTMaskAttention(AttentionCore):
         attn_dropout=False,
         gqa=True,
         permutation_equivariant=False,
+        importance=True,
         family="sparse",
         paper="Lin et al. 2022, SwinBERT: End-to-End Transformers with Sparse Attention for Video Captioning (CVPR)",
     )
@@ -1127,12 +960,12 @@ class SwinBERTMaskAttention(AttentionCore):
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
         where = "swinbert_mask"
-        self.num_tokens = _pos_int("num_tokens", num_tokens, where)
+        self.num_tokens = positive_int(num_tokens, f"{where}: num_tokens")
         self.sparsity_weight = float(sparsity_weight)
         self.mask_scale = float(mask_scale)
         self.hard_at_inference = bool(hard_at_inference)
         self.threshold = float(threshold)
-        self.block_size = _pos_int("block_size", block_size, where)
+        self.block_size = positive_int(block_size, f"{where}: block_size")
         self.scale = scale
         self.mask_logits = nn.Parameter(torch.randn(self.num_tokens, self.num_tokens) * float(init_std))
         self._hard: tuple[tuple[Any, ...], BlockMask] | None = None
@@ -1143,26 +976,17 @@ class SwinBERTMaskAttention(AttentionCore):
 
     def soft_mask(self, size: int | None = None) -> Tensor:
         """S = I + (1 - I) ⊙ sigmoid(V), (size, size) with size <= num_tokens (the leading block of V)."""
-        size = self.num_tokens if size is None else size
-        eye = torch.eye(size, dtype=self.mask_logits.dtype, device=self.mask_logits.device)
-        return eye + (1 - eye) * torch.sigmoid(self.mask_logits[:size, :size])
+        return swinbert_soft_mask(self.mask_logits, size)
 
     def sparsity_loss(self) -> Tensor:
         """sparsity_weight · mean((1 - I) ⊙ sigmoid(V))."""
-        eye = torch.eye(self.num_tokens, dtype=self.mask_logits.dtype, device=self.mask_logits.device)
-        return self.sparsity_weight * ((1 - eye) * torch.sigmoid(self.mask_logits)).abs().mean()
-
-    def _start(self, n: int) -> int:
-        return max(0, n - self.num_tokens)
+        return self.sparsity_weight * swinbert_sparsity(self.mask_logits)
 
     def hard_block_mask(self, n: int, device: torch.device) -> BlockMask:
         """The binarised mask (S >= threshold) embedded in (N, N), as a BlockMask (cached)."""
         key = (n, str(device), self.mask_logits._version, self.mask_logits.data_ptr(), self.threshold)
         if self._hard is None or self._hard[0] != key:
-            s0 = self._start(n)
-            dense = torch.ones(n, n, dtype=torch.bool, device=device)
-            with torch.no_grad():
-                dense[s0:, s0:] = self.soft_mask(n - s0).to(device) >= self.threshold
+            dense = swinbert_hard_mask(self.mask_logits, n, self.threshold, device)
             self._hard = (key, BlockMask.from_dense(dense, self.block_size))
         return self._hard[1]
 
@@ -1173,35 +997,20 @@ class SwinBERTMaskAttention(AttentionCore):
         v: Tensor,
         mask: AttentionMask,
         *,
+        cross: bool,
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
     ) -> CoreOutput:
-        _b, h, n, d = q.shape
+        n, d = q.shape[2], q.shape[3]
         scale = d**-0.5 if self.scale is None else self.scale
         if not self.training and self.hard_at_inference:
             bm = _with_caller(mask, self.hard_block_mask(n, q.device), (self.block_size, self.block_size))
             return _run_block(q, k, v, bm, scale, need_weights, need_importance)
-        s0 = self._start(n)
-        g = h // k.shape[1]
-        kk = k.repeat_interleave(g, 1) if g > 1 else k
-        vv = v.repeat_interleave(g, 1) if g > 1 else v
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        s = torch.matmul(q, kk.transpose(-1, -2)).to(acc) * scale
-        bias = -self.mask_scale * (1 - self.soft_mask(n - s0).to(acc))
-        s = torch.cat([s[..., :s0, :], torch.cat([s[..., s0:, :s0], s[..., s0:, s0:] + bias], -1)], -2)
-        allowed = mask.dense()
-        if allowed is not None:
-            s = s.masked_fill(~allowed, float("-inf"))
-        w = torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype)
-        out = torch.matmul(w, vv)
+        soft = self.soft_mask(min(n, self.num_tokens))
+        out, w = swinbert_soft_attention(q, k, v, soft, mask_scale=self.mask_scale, allowed=mask.dense(), scale=scale)
         aux = self.sparsity_loss() if self.training else None
-        return CoreOutput(
-            out,
-            weights=w if need_weights else None,
-            importance=w.mean(2) if need_importance else None,
-            aux_loss=aux,
-        )
+        return CoreOutput.from_weights(out, w, need_weights=need_weights, need_importance=need_importance, aux_loss=aux)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_tokens={self.num_tokens}, hard_at_inference={self.hard_at_inference}"

@@ -1,0 +1,745 @@
+"""Optimal transport as differentiable, batched PyTorch functions: Sinkhorn, IPOT, Gromov-Wasserstein, GOT.
+
+Every solver works on costs of shape (..., N, M) (any leading batch dims), with marginals
+``a`` (..., N) and ``b`` (..., M) that default to uniform over the real points, and padding
+masks ``a_mask`` (..., N) / ``b_mask`` (..., M) (True = real point): padded rows/columns get
+zero mass and never produce NaN/inf, also when a whole example is padding. Iterations run in
+the log domain in float32 for half inputs (and in float64 for float64 inputs); results come
+back in that computation dtype. Gradients flow through the iterations (autograd unrolling)
+unless ``plan_grad="envelope"`` is asked for, where it exists.
+
+* :func:`sinkhorn` - entropic OT, log-domain Sinkhorn (Cuturi 2013): the plan
+  ``P = argmin <C, P> - eps H(P)`` with marginals a, b; ``<C, P>`` equals POT's
+  ``ot.sinkhorn2(..., method="sinkhorn_log")``.
+* :func:`ipot` - the inexact proximal point method (Xie et al. 2019), the solver of GOT:
+  converges to the exact (unregularised) OT plan (``ot.emd``) as iterations grow.
+* :func:`gromov_wasserstein` - GW with the square loss, Peyré et al. (2016)'s decomposition
+  ``L(T) = (Cx^2) a 1^T + 1 ((Cy^2) b)^T - 2 Cx T Cy^T`` and ``GW(T) = <L(T), T>``, solved by
+  repeatedly transporting for the linearised cost ``L(T)`` (GOT's released solver).
+* :func:`got_distance` and :func:`got_loss` - "Graph Optimal Transport for Cross-Domain
+  Alignment" (Chen et al., ICML 2020): Wasserstein (node matching) and Gromov-Wasserstein (edge
+  matching) distances between two sets of features, with cosine costs and GOT's graph pruning
+  computed per example over real tokens only, and their weighted mean (the GOT regulariser;
+  :class:`attnlib.ot.GOTRegularizer` is its module form).
+* :func:`ot_attention` - attention whose weights are a (row-normalised) OT plan between queries
+  and keys (the ``got`` variant).
+* :func:`sinkhorn_steps` - the alternating log-domain row / column normalisation all of these
+  (and :func:`attnlib.functional.sinkhorn_attention`) iterate.
+
+The public module :mod:`attnlib.ot` re-exports these names.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlib._validation import describe, int_at_least, non_negative_number, positive_number
+from attnlib.functional._common import acc_dtype, nonzero
+
+__all__ = [
+    "NEG",
+    "cosine_cost",
+    "got_distance",
+    "got_loss",
+    "gromov_wasserstein",
+    "gw_cost",
+    "ipot",
+    "ot_attention",
+    "prune_cost",
+    "sinkhorn",
+    "sinkhorn_steps",
+    "transport_cost",
+]
+
+NEG = -1e30  # finite "minus infinity": keeps every log-domain quantity and gradient finite
+
+Solver = Literal["ipot", "sinkhorn"]
+PlanGrad = Literal["unroll", "envelope"]
+
+
+# ------------------------------------------------------------------------------------------
+# input handling
+# ------------------------------------------------------------------------------------------
+
+
+def _as_tensor(x: object, device: torch.device | None = None) -> object:
+    """numpy arrays / nested lists become tensors (dtype kept: float64 stays float64); tensors and None pass."""
+    if x is None or isinstance(x, Tensor):
+        return x
+    if isinstance(x, (np.ndarray, list, tuple)):
+        return torch.as_tensor(np.asarray(x), device=device)
+    return x
+
+
+def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    return acc_dtype(*(t.dtype for t in tensors if t is not None))
+
+
+def _broadcasts_to(have: torch.Size, want: tuple[int, ...]) -> bool:
+    try:
+        return tuple(torch.broadcast_shapes(have, want)) == tuple(want)
+    except RuntimeError:
+        return False
+
+
+def _check_mask(mask: Tensor | None, shape: tuple[int, ...], name: str, where: str, device: torch.device) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise ValueError(
+            f"{where}: {name} must be a bool tensor of shape {shape} (True = real point), got {describe(mask)}"
+        )
+    if not _broadcasts_to(mask.shape, shape):
+        raise ValueError(f"{where}: {name} must have shape {shape}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{where}: {name} is on {mask.device} but the cost is on {device}")
+
+
+def _check_marginal(x: Tensor | None, shape: tuple[int, ...], name: str, where: str, device: torch.device) -> None:
+    if x is None:
+        return
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise ValueError(f"{where}: {name} must be a floating tensor of shape {shape} (a marginal), got {describe(x)}")
+    if not _broadcasts_to(x.shape, shape):
+        raise ValueError(f"{where}: {name} must have shape {shape}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{where}: {name} is on {x.device} but the cost is on {device}")
+    if bool((x < 0).any()) or not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{where}: {name} must be finite and non-negative")
+
+
+def _check_cost(cost: Tensor, where: str) -> None:
+    if not isinstance(cost, Tensor) or not cost.is_floating_point() or cost.dim() < 2:
+        raise ValueError(f"{where}: cost must be a floating tensor (..., N, M), got {describe(cost)}")
+    if cost.shape[-1] == 0 or cost.shape[-2] == 0:
+        raise ValueError(f"{where}: cost is empty, shape {tuple(cost.shape)}; N and M must be > 0")
+
+
+class _Problem:
+    """Validated marginals in log form, masks, and the computation dtype of one OT problem."""
+
+    def __init__(
+        self,
+        cost: Tensor,
+        a: Tensor | None,
+        b: Tensor | None,
+        a_mask: Tensor | None,
+        b_mask: Tensor | None,
+        where: str,
+    ) -> None:
+        cost = _as_tensor(cost)  # type: ignore[assignment]
+        _check_cost(cost, where)
+        a, b, a_mask, b_mask = (_as_tensor(t, cost.device) for t in (a, b, a_mask, b_mask))  # type: ignore[assignment]
+        *lead, n, m = cost.shape
+        lead_t = tuple(lead)
+        dev = cost.device
+        _check_mask(a_mask, (*lead_t, n), "a_mask", where, dev)
+        _check_mask(b_mask, (*lead_t, m), "b_mask", where, dev)
+        _check_marginal(a, (*lead_t, n), "a", where, dev)
+        _check_marginal(b, (*lead_t, m), "b", where, dev)
+        self.dtype = _compute_dtype(cost, a, b)
+        self.cost = cost.to(self.dtype)
+        rmask = torch.ones((*lead_t, n), dtype=torch.bool, device=dev)
+        cmask = torch.ones((*lead_t, m), dtype=torch.bool, device=dev)
+        if a_mask is not None:
+            rmask = rmask & a_mask
+        if b_mask is not None:
+            cmask = cmask & b_mask
+        if a is not None:
+            rmask = rmask & (a > 0)
+        if b is not None:
+            cmask = cmask & (b > 0)
+        live = rmask.any(-1, keepdim=True) & cmask.any(-1, keepdim=True)  # examples with mass on both sides
+        self.rmask = rmask & live
+        self.cmask = cmask & live
+        self.pair = self.rmask[..., :, None] & self.cmask[..., None, :]
+        self.a = self._marginal(a, self.rmask)
+        self.b = self._marginal(b, self.cmask)
+        if a is not None or b is not None:  # balanced OT: equal total mass in every example
+            sa, sb = self.a.sum(-1), self.b.sum(-1)
+            half = any(t is not None and t.dtype in (torch.float16, torch.bfloat16) for t in (a, b))
+            tol = 1e-2 if half else 1e-5
+            if bool(((sa - sb).abs() > tol * torch.maximum(sa, sb)).any()):
+                got_a, got_b = sa.detach().flatten()[:4].tolist(), sb.detach().flatten()[:4].tolist()
+                raise ValueError(
+                    f"{where}: a and b must carry the same total mass in every example (after padding "
+                    f"is removed); got sums {got_a} and {got_b}"
+                )
+        # log marginals, 0 on padded points (never log 0)
+        self.log_a = torch.where(self.rmask, torch.log(torch.where(self.rmask, self.a, torch.ones_like(self.a))), 0.0)
+        self.log_b = torch.where(self.cmask, torch.log(torch.where(self.cmask, self.b, torch.ones_like(self.b))), 0.0)
+
+    def _marginal(self, x: Tensor | None, mask: Tensor) -> Tensor:
+        if x is None:
+            cnt = mask.sum(-1, keepdim=True).clamp_min(1).to(self.dtype)
+            return mask.to(self.dtype) / cnt
+        x = x.to(self.dtype).expand(mask.shape)
+        return torch.where(mask, x, torch.zeros_like(x))
+
+    def plan(self, logp: Tensor) -> Tensor:
+        """exp of a log-plan, exactly 0 on padded pairs."""
+        return torch.exp(logp.masked_fill(~self.pair, NEG))
+
+
+def transport_cost(cost: Tensor, plan: Tensor) -> Tensor:
+    """``<C, P> = sum_ij C_ij P_ij``: cost (..., N, M), plan (..., N, M) -> (...)."""
+    cost, plan = _as_tensor(cost), _as_tensor(plan)  # type: ignore[assignment]
+    return (cost * plan).sum((-1, -2))
+
+
+# ------------------------------------------------------------------------------------------
+# Sinkhorn
+# ------------------------------------------------------------------------------------------
+
+
+def sinkhorn_steps(
+    logk: Tensor,
+    log_a: Tensor,
+    log_b: Tensor,
+    steps: int,
+    f: Tensor,
+    g: Tensor,
+    *,
+    rmask: Tensor | None = None,
+    cmask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``steps`` alternating log-domain Sinkhorn normalisations of ``exp(logk)``, rows first.
+
+    A row step sets ``f_i = log a_i - LSE_j(logk_ij + g_j)`` (rows of ``exp(logk + f + g)`` sum
+    to a), a column step ``g_j = log b_j - LSE_i(logk_ij + f_i)`` (columns sum to b); potentials
+    outside ``rmask`` / ``cmask`` stay 0. ``logk`` should be :data:`NEG` on pairs that carry no
+    mass, so the sums need no further masking (NEG + finite stays ~NEG).
+
+    Args:
+        logk: (..., N, M) log-kernel. log_a: (..., N) or broadcastable; log_b: (..., M) or broadcastable.
+        steps: half-steps (2 = one row and one column normalisation).
+        f, g: (..., N), (..., M) initial potentials.
+        rmask, cmask: (..., N), (..., M) bool, False = a point without mass (potential 0).
+
+    Returns:
+        (f, g); the plan is ``exp(logk + f_i + g_j)``.
+    """
+    for it in range(steps):
+        if it % 2 == 0:
+            f = log_a - torch.logsumexp(logk + g[..., None, :], -1)
+            if rmask is not None:
+                f = torch.where(rmask, f, 0.0)
+        else:
+            g = log_b - torch.logsumexp(logk + f[..., :, None], -2)
+            if cmask is not None:
+                g = torch.where(cmask, g, 0.0)
+    return f, g
+
+
+def _sinkhorn_log(
+    pb: _Problem, logk: Tensor, n_iters: int, tol: float | None, check_every: int
+) -> tuple[Tensor, Tensor]:
+    """Log-domain Sinkhorn on the log-kernel ``logk`` (..., N, M) (NEG on padded pairs); returns
+    potentials (f, g) with plan ``exp(logk + f_i + g_j)``: the columns match b exactly, the rows
+    up to convergence (checked every ``check_every`` iterations against ``tol``, if given)."""
+    f, g = torch.zeros_like(pb.log_a), torch.zeros_like(pb.log_b)
+    done = 0
+    while done < n_iters:
+        todo = n_iters - done if tol is None else min(check_every, n_iters - done)
+        f, g = sinkhorn_steps(logk, pb.log_a, pb.log_b, 2 * todo, f, g, rmask=pb.rmask, cmask=pb.cmask)
+        done += todo
+        if tol is not None and done % check_every == 0:
+            with torch.no_grad():
+                rows = pb.plan(logk + f[..., :, None] + g[..., None, :]).sum(-1)
+                if float((rows - pb.a).abs().sum(-1).max()) < tol:
+                    break
+    return f, g
+
+
+def sinkhorn(
+    cost: Tensor,
+    a: Tensor | None = None,
+    b: Tensor | None = None,
+    *,
+    eps: float = 0.05,
+    n_iters: int = 100,
+    tol: float | None = None,
+    a_mask: Tensor | None = None,
+    b_mask: Tensor | None = None,
+    check_every: int = 10,
+) -> Tensor:
+    """Entropic optimal transport plan by log-domain Sinkhorn iterations.
+
+    Solves ``min_P <C, P> + eps sum_ij P_ij (log P_ij - 1)`` over plans with row sums a and
+    column sums b: ``P_ij = exp((f_i + g_j - C_ij) / eps)``, alternating
+    ``f_i = eps log a_i - eps LSE_j((g_j - C_ij) / eps)`` and the same for g. Stable for any eps
+    (1e-3 included) in float32. Same fixed point as POT's ``ot.sinkhorn(a, b, C, eps,
+    method="sinkhorn_log")``; ``transport_cost(C, P)`` is ``ot.sinkhorn2``'s value.
+
+    Args:
+        cost: C (..., N, M).
+        a: (..., N) source marginal, default uniform over real rows; b: (..., M) likewise.
+            a and b should carry the same total mass.
+        eps: entropic regularisation (> 0). Small eps needs many iterations.
+        n_iters: maximum number of (row, column) iteration pairs.
+        tol: stop early when every example's row-marginal L1 error is below tol (checked every
+            ``check_every`` iterations; columns are exact after each iteration).
+        a_mask, b_mask: (..., N), (..., M) bool, False = padding (zero mass).
+
+    Returns:
+        The plan P (..., N, M), differentiable w.r.t. cost, a and b (through the iterations).
+    """
+    where = "sinkhorn"
+    eps = positive_number(eps, f"{where}: eps")
+    int_at_least(n_iters, 1, f"{where}: n_iters")
+    int_at_least(check_every, 1, f"{where}: check_every")
+    if tol is not None:
+        positive_number(tol, f"{where}: tol")
+    pb = _Problem(cost, a, b, a_mask, b_mask, where)
+    logk = (-pb.cost / eps).masked_fill(~pb.pair, NEG)
+    f, g = _sinkhorn_log(pb, logk, n_iters, tol, check_every)
+    return pb.plan(logk + f[..., :, None] + g[..., None, :])
+
+
+# ------------------------------------------------------------------------------------------
+# IPOT
+# ------------------------------------------------------------------------------------------
+
+
+def _ipot_log(pb: _Problem, cost: Tensor, beta: float, n_iters: int, inner_iters: int) -> Tensor:
+    """Log-domain IPOT on (possibly linearised) cost; returns the log-plan (NEG on padded pairs)."""
+    pair = pb.pair
+    logg = (-cost / beta).masked_fill(~pair, NEG)
+    logt = torch.zeros_like(logg).masked_fill(~pair, NEG)  # T = 1 1^T on real pairs
+    m_real = pb.cmask.sum(-1, keepdim=True).clamp_min(1).to(pb.dtype)
+    log_sigma = torch.where(pb.cmask, -torch.log(m_real), 0.0)  # sigma = 1/m
+    log_delta = torch.zeros_like(pb.log_a)
+    for _ in range(n_iters):
+        logq = logg + logt  # Q = G * T
+        log_delta, log_sigma = sinkhorn_steps(
+            logq, pb.log_a, pb.log_b, 2 * inner_iters, log_delta, log_sigma, rmask=pb.rmask, cmask=pb.cmask
+        )
+        logt = (log_delta[..., :, None] + logq + log_sigma[..., None, :]).masked_fill(~pair, NEG)
+    return logt
+
+
+def ipot(
+    cost: Tensor,
+    a: Tensor | None = None,
+    b: Tensor | None = None,
+    *,
+    beta: float = 0.5,
+    n_iters: int = 50,
+    inner_iters: int = 1,
+    a_mask: Tensor | None = None,
+    b_mask: Tensor | None = None,
+) -> Tensor:
+    """Exact-OT plan by the inexact proximal point method (IPOT; Xie et al. 2019), GOT's solver.
+
+    Each outer step solves ``T <- argmin <C, T> + beta KL(T || T_prev)`` approximately with
+    ``inner_iters`` Sinkhorn steps on the kernel ``exp(-C / beta) * T_prev`` (``T_0 = 1 1^T``,
+    ``sigma_0 = 1/M``, as in the GOT code), in the log domain so no ``exp(-C/beta)`` underflows.
+    As ``n_iters`` grows the plan converges to an exact OT plan (``<C, T>`` -> ``ot.emd2``).
+
+    Args:
+        cost: C (..., N, M); a (..., N), b (..., M): marginals (default uniform over real points).
+        beta: proximal step (GOT: 0.5 for WD, 0.1 inside GW).
+        n_iters: outer iterations (GOT: 20-50). inner_iters: Sinkhorn steps per outer step (GOT: 1).
+        a_mask, b_mask: bool padding masks (False = padding, zero mass).
+
+    Returns:
+        The plan T (..., N, M) (column sums equal b exactly; rows up to convergence),
+        differentiable through the iterations.
+    """
+    where = "ipot"
+    beta = positive_number(beta, f"{where}: beta")
+    int_at_least(n_iters, 1, f"{where}: n_iters")
+    int_at_least(inner_iters, 1, f"{where}: inner_iters")
+    pb = _Problem(cost, a, b, a_mask, b_mask, where)
+    return pb.plan(_ipot_log(pb, pb.cost, beta, n_iters, inner_iters))
+
+
+# ------------------------------------------------------------------------------------------
+# Gromov-Wasserstein
+# ------------------------------------------------------------------------------------------
+
+
+def _check_square(c: Tensor, name: str, where: str) -> None:
+    if not isinstance(c, Tensor) or not c.is_floating_point() or c.dim() < 2 or c.shape[-1] != c.shape[-2]:
+        raise ValueError(
+            f"{where}: {name} must be a floating tensor (..., n, n) of intra-domain costs, got {describe(c)}"
+        )
+
+
+def _gw_linear_cost(cx: Tensor, cy: Tensor, plan: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Peyré's square-loss tensor ``L(T) = (Cx^2) a 1^T + 1 ((Cy^2) b)^T - 2 Cx T Cy^T`` (..., N, M)."""
+    const_x = cx.square() @ a[..., :, None]  # (..., N, 1)
+    const_y = (cy.square() @ b[..., :, None]).transpose(-1, -2)  # (..., 1, M)
+    return const_x + const_y - 2.0 * (cx @ plan @ cy.transpose(-1, -2))
+
+
+def gw_cost(cx: Tensor, cy: Tensor, plan: Tensor, a: Tensor | None = None, b: Tensor | None = None) -> Tensor:
+    """Gromov-Wasserstein (square loss) value of a fixed plan: ``<L(T), T>``.
+
+    Equals ``sum_ijkl (Cx_ik - Cy_jl)^2 T_ij T_kl`` when a, b are the plan's marginals (their
+    default), and POT's ``ot.gromov.gwloss(*ot.gromov.init_matrix(Cx, Cy, a, b), T)`` for given
+    a, b. Shapes: cx (..., N, N), cy (..., M, M), plan (..., N, M) -> (...).
+    """
+    where = "gw_cost"
+    cx, cy, plan, a, b = (_as_tensor(t) for t in (cx, cy, plan, a, b))  # type: ignore[assignment]
+    _check_square(cx, "cx", where)
+    _check_square(cy, "cy", where)
+    if not isinstance(plan, Tensor) or plan.shape[-2:] != (cx.shape[-1], cy.shape[-1]):
+        raise ValueError(f"{where}: plan must be (..., {cx.shape[-1]}, {cy.shape[-1]}), got {describe(plan)}")
+    a = plan.sum(-1) if a is None else a
+    b = plan.sum(-2) if b is None else b
+    return transport_cost(_gw_linear_cost(cx, cy, plan, a.to(plan.dtype), b.to(plan.dtype)), plan)
+
+
+def _solve(pb: _Problem, cost: Tensor, solver: str, beta: float, eps: float, n_iters: int) -> Tensor:
+    """Plan for ``cost`` under pb's marginals/masks with the named solver."""
+    if solver == "ipot":
+        return pb.plan(_ipot_log(pb, cost, beta, n_iters, 1))
+    logk = (-cost / eps).masked_fill(~pb.pair, NEG)
+    f, g = _sinkhorn_log(pb, logk, n_iters, None, 1)
+    return pb.plan(logk + f[..., :, None] + g[..., None, :])
+
+
+def _check_solver(solver: str, plan_grad: str, where: str) -> None:
+    if solver not in ("ipot", "sinkhorn"):
+        raise ValueError(f"{where}: solver must be 'ipot' or 'sinkhorn', got {solver!r}")
+    if plan_grad not in ("unroll", "envelope"):
+        raise ValueError(f"{where}: plan_grad must be 'unroll' or 'envelope', got {plan_grad!r}")
+
+
+def _zero_pad(c: Tensor, rmask: Tensor, cmask: Tensor) -> Tensor:
+    return c.masked_fill(~(rmask[..., :, None] & cmask[..., None, :]), 0.0)
+
+
+def gromov_wasserstein(
+    cx: Tensor,
+    cy: Tensor,
+    a: Tensor | None = None,
+    b: Tensor | None = None,
+    *,
+    solver: Solver = "ipot",
+    outer_iters: int = 5,
+    inner_iters: int = 20,
+    beta: float = 0.1,
+    eps: float = 0.05,
+    a_mask: Tensor | None = None,
+    b_mask: Tensor | None = None,
+    plan_grad: PlanGrad = "unroll",
+) -> tuple[Tensor, Tensor]:
+    """Gromov-Wasserstein alignment of two metric-measure spaces (square loss), GOT's solver.
+
+    ``T <- a b^T``; ``outer_iters`` times: ``T <- solver(L(T))`` with Peyré's decomposition
+    ``L(T) = (Cx^2) a 1^T + 1 ((Cy^2) b)^T - 2 Cx T Cy^T``; value ``<L(T), T>``. GW is
+    non-convex: this finds a local optimum (compare with POT's solvers loosely).
+
+    Args:
+        cx: (..., N, N), cy: (..., M, M) intra-domain costs (e.g. cosine distances).
+        a, b: marginals (default uniform over real points); a_mask, b_mask: padding masks.
+        solver: "ipot" (proximal step ``beta``; GOT uses 0.1) or "sinkhorn" (entropy ``eps``).
+        outer_iters, inner_iters: linearisations and solver iterations per linearisation (5, 20).
+        plan_grad: "unroll" differentiates through the iterations; "envelope" solves without
+            gradient and differentiates ``<L(T), T>`` at the fixed plan (GOT's released code).
+
+    Returns:
+        (plan (..., N, M), value (...)).
+    """
+    where = "gromov_wasserstein"
+    cx, cy = _as_tensor(cx), _as_tensor(cy)  # type: ignore[assignment]
+    _check_square(cx, "cx", where)
+    _check_square(cy, "cy", where)
+    _check_solver(solver, plan_grad, where)
+    beta = positive_number(beta, f"{where}: beta")
+    eps = positive_number(eps, f"{where}: eps")
+    int_at_least(outer_iters, 1, f"{where}: outer_iters")
+    int_at_least(inner_iters, 1, f"{where}: inner_iters")
+    n, m = cx.shape[-1], cy.shape[-1]
+    lead = torch.broadcast_shapes(cx.shape[:-2], cy.shape[:-2])
+    dummy = cx.new_zeros((*lead, n, m)).to(_compute_dtype(cx, cy))
+    pb = _Problem(dummy, a, b, a_mask, b_mask, where)
+    cx_ = _zero_pad(cx.to(pb.dtype).expand(*lead, n, n), pb.rmask, pb.rmask)
+    cy_ = _zero_pad(cy.to(pb.dtype).expand(*lead, m, m), pb.cmask, pb.cmask)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and plan_grad == "unroll"):
+        plan = pb.a[..., :, None] * pb.b[..., None, :]
+        for _ in range(outer_iters):
+            lin = _gw_linear_cost(cx_, cy_, plan, pb.a, pb.b)
+            plan = _solve(pb, lin, solver, beta, eps, inner_iters)
+    value = transport_cost(_gw_linear_cost(cx_, cy_, plan, pb.a, pb.b), plan)
+    return plan, value
+
+
+# ------------------------------------------------------------------------------------------
+# GOT
+# ------------------------------------------------------------------------------------------
+
+
+def cosine_cost(x: Tensor, y: Tensor, eps: float = 1e-12) -> Tensor:
+    """Cosine distance ``C_ij = 1 - cos(x_i, y_j)``: x (..., N, D), y (..., M, D) -> (..., N, M) in [0, 2]."""
+    x, y = _as_tensor(x), _as_tensor(y)  # type: ignore[assignment]
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.dim() < 2 or y.dim() < 2:
+        raise ValueError(f"cosine_cost expects x (..., N, D) and y (..., M, D), got {describe(x)} and {describe(y)}")
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"cosine_cost: feature dims differ, x has D={x.shape[-1]} and y has D={y.shape[-1]}")
+    ct = _compute_dtype(x, y)
+    xn = F.normalize(x.to(ct), dim=-1, eps=eps)
+    yn = F.normalize(y.to(ct), dim=-1, eps=eps)
+    return 1.0 - xn @ yn.transpose(-1, -2)
+
+
+def prune_cost(cost: Tensor, frac: float, row_mask: Tensor | None = None, col_mask: Tensor | None = None) -> Tensor:
+    """GOT's graph pruning: ``relu(C - (min C + frac (max C - min C)))`` per example.
+
+    Pairs in the lowest ``frac`` of the [min, max] range get cost 0 (an edge of the graph), all
+    others are shifted down by the threshold. Unlike the released GOT code (min/max over the whole
+    batch tensor, padding included), min and max are taken per example (leading index) over real
+    pairs only (``row_mask`` (..., N), ``col_mask`` (..., M)); padded pairs come back as 0.
+    ``frac = 0`` still shifts by the minimum.
+    """
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac <= 1.0:
+        raise ValueError(f"prune_cost: frac must be in [0, 1], got {frac!r}")
+    pair = None
+    if row_mask is not None or col_mask is not None:
+        rm = row_mask if row_mask is not None else torch.ones(cost.shape[:-1], dtype=torch.bool, device=cost.device)
+        cm = (
+            col_mask
+            if col_mask is not None
+            else torch.ones((*cost.shape[:-2], cost.shape[-1]), dtype=torch.bool, device=cost.device)
+        )
+        pair = rm[..., :, None] & cm[..., None, :]
+    big = torch.finfo(cost.dtype).max
+    lo = (cost if pair is None else cost.masked_fill(~pair, big)).amin((-1, -2), keepdim=True)
+    hi = (cost if pair is None else cost.masked_fill(~pair, -big)).amax((-1, -2), keepdim=True)
+    if pair is not None:  # an example without real pairs: keep lo/hi finite
+        lo = torch.where(pair.any((-1, -2), keepdim=True), lo, torch.zeros_like(lo))
+        hi = torch.where(pair.any((-1, -2), keepdim=True), hi, torch.zeros_like(hi))
+    out = F.relu(cost - (lo + frac * (hi - lo)))
+    return out if pair is None else out.masked_fill(~pair, 0.0)
+
+
+def got_distance(
+    x: Tensor,
+    y: Tensor,
+    *,
+    x_mask: Tensor | None = None,
+    y_mask: Tensor | None = None,
+    wd_weight: float = 1.0,
+    gwd_weight: float = 1.0,
+    prune: float | None = 0.1,
+    prune_cross: float | None = None,
+    shared_plan: bool = False,
+    solver: Solver = "ipot",
+    beta: float = 0.5,
+    n_iters: int = 50,
+    gw_beta: float = 0.1,
+    gw_outer_iters: int = 5,
+    gw_inner_iters: int = 20,
+    eps: float = 0.05,
+    plan_grad: PlanGrad = "unroll",
+    return_plans: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Graph Optimal Transport distances between two sets of features (Chen et al., ICML 2020).
+
+    Costs are cosine distances: ``C_xy`` across the sets, ``C_x``, ``C_y`` within each; all are
+    pruned GOT-style (:func:`prune_cost`) per example over real tokens only. Then
+
+    * WD = ``<C_xy, T_w>`` with ``T_w`` the OT plan for ``C_xy`` (IPOT, ``beta``, ``n_iters``);
+    * GWD = ``<L(T_g), T_g>`` with ``T_g`` the Gromov-Wasserstein plan for ``C_x``, ``C_y``
+      (``gw_beta``, ``gw_outer_iters`` x ``gw_inner_iters``; :func:`gromov_wasserstein`).
+
+    With ``shared_plan=True`` one plan serves both (the paper's GOT distance): the fused cost
+    ``lam C_xy + (1 - lam) L(T)`` with ``lam = wd_weight / (wd_weight + gwd_weight)`` is
+    re-linearised ``gw_outer_iters`` times.
+
+    Args:
+        x: (..., N, D), y: (..., M, D) (D may differ between x and y only without the WD term's
+            cross cost, so it must be equal here).
+        x_mask, y_mask: (..., N), (..., M) bool, True = real token; padding gets zero mass.
+        wd_weight, gwd_weight: the weights of the GOT distance ``wd_weight·WD + gwd_weight·GWD``;
+            they set ``lam`` of the shared plan and are applied by :func:`got_loss` (the
+            returned distances are unweighted).
+        prune: pruning fraction of the intra-domain costs (GOT: 0.1); None = no pruning.
+        prune_cross: pruning fraction of ``C_xy`` (default ``prune``; GOT's MT code uses 0.2).
+        solver: "ipot" (GOT) or "sinkhorn" (with ``eps``).
+        plan_grad: "unroll" (default; gradients through the iterations - they match finite
+            differences of the returned values) or "envelope" (plans without gradient, as the
+            released GOT code: less memory, gradients only through the costs).
+        return_plans: also return the plans (T_w, T_g) (the same tensor twice when shared).
+
+    Returns:
+        (wd, gwd), each (...), or (wd, gwd, T_w, T_g). Examples with no real token on a side
+        give 0.
+    """
+    where = "got_distance"
+    x, y, x_mask, y_mask = (_as_tensor(t) for t in (x, y, x_mask, y_mask))  # type: ignore[assignment]
+    _check_solver(solver, plan_grad, where)
+    non_negative_number(wd_weight, f"{where}: wd_weight")
+    non_negative_number(gwd_weight, f"{where}: gwd_weight")
+    if shared_plan and wd_weight + gwd_weight <= 0:
+        raise ValueError(f"{where}: shared_plan needs wd_weight + gwd_weight > 0")
+    beta = positive_number(beta, f"{where}: beta")
+    gw_beta = positive_number(gw_beta, f"{where}: gw_beta")
+    eps = positive_number(eps, f"{where}: eps")
+    int_at_least(n_iters, 1, f"{where}: n_iters")
+    int_at_least(gw_outer_iters, 1, f"{where}: gw_outer_iters")
+    int_at_least(gw_inner_iters, 1, f"{where}: gw_inner_iters")
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.dim() < 2 or y.dim() < 2:
+        raise ValueError(f"{where}: expects x (..., N, D) and y (..., M, D), got {describe(x)} and {describe(y)}")
+    if x.shape[:-2] != y.shape[:-2]:
+        raise ValueError(f"{where}: batch dims differ: x {tuple(x.shape)} and y {tuple(y.shape)}")
+    if x.shape[-2] == 0 or y.shape[-2] == 0:
+        raise ValueError(f"{where}: empty set: x {tuple(x.shape)}, y {tuple(y.shape)}")
+    cross = cosine_cost(x, y)
+    dummy_pb = _Problem(cross, None, None, x_mask, y_mask, where)
+    rm, cm = dummy_pb.rmask, dummy_pb.cmask
+    cx, cy = cosine_cost(x, x), cosine_cost(y, y)
+    pc = prune if prune_cross is None else prune_cross
+    if pc is not None:
+        cross = prune_cost(cross, pc, rm, cm)
+    if prune is not None:
+        cx = prune_cost(cx, prune, rm, rm)
+        cy = prune_cost(cy, prune, cm, cm)
+    cross, cx, cy = _zero_pad(cross, rm, cm), _zero_pad(cx, rm, rm), _zero_pad(cy, cm, cm)
+    pb = _Problem(cross, None, None, rm, cm, where)
+    grad = torch.is_grad_enabled() and plan_grad == "unroll"
+    if shared_plan:
+        lam = wd_weight / (wd_weight + gwd_weight)
+        with torch.set_grad_enabled(grad):
+            plan = pb.a[..., :, None] * pb.b[..., None, :]
+            for _ in range(gw_outer_iters):
+                fused = lam * cross + (1.0 - lam) * _gw_linear_cost(cx, cy, plan, pb.a, pb.b)
+                plan = _solve(pb, fused, solver, gw_beta, eps, gw_inner_iters)
+        wd = transport_cost(cross, plan)
+        gwd = transport_cost(_gw_linear_cost(cx, cy, plan, pb.a, pb.b), plan)
+        plans = (plan, plan)
+    else:
+        with torch.set_grad_enabled(grad):
+            t_w = _solve(pb, cross, solver, beta, eps, n_iters)
+        wd = transport_cost(cross, t_w)
+        t_g, gwd = gromov_wasserstein(
+            cx,
+            cy,
+            solver=solver,
+            outer_iters=gw_outer_iters,
+            inner_iters=gw_inner_iters,
+            beta=gw_beta,
+            eps=eps,
+            a_mask=rm,
+            b_mask=cm,
+            plan_grad=plan_grad,
+        )
+        plans = (t_w, t_g)
+    if return_plans:
+        return wd, gwd, plans[0], plans[1]
+    return wd, gwd
+
+
+def got_loss(
+    x: Tensor,
+    y: Tensor,
+    *,
+    x_mask: Tensor | None = None,
+    y_mask: Tensor | None = None,
+    wd_weight: float = 0.1,
+    gwd_weight: float = 0.1,
+    return_plans: bool = False,
+    **got_kwargs: object,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """The GOT regulariser: ``mean(wd_weight·WD + gwd_weight·GWD)`` between two sets of features.
+
+    The mean runs over the examples (leading indices) with real tokens on both sides; 0 if there
+    are none. x (..., N, D), y (..., M, D), x_mask (..., N), y_mask (..., M) (True = real token);
+    any other keyword goes to :func:`got_distance` (prune, shared_plan, solver, beta, n_iters,
+    plan_grad, ...). Chen et al. 2020 weigh both terms 0.1 in VQA.
+
+    Returns:
+        The scalar loss, or ``(loss, T_w, T_g)`` with the plans of :func:`got_distance`.
+    """
+    wd, gwd, t_w, t_g = got_distance(  # type: ignore[misc]
+        x,
+        y,
+        x_mask=x_mask,
+        y_mask=y_mask,
+        wd_weight=wd_weight,
+        gwd_weight=gwd_weight,
+        return_plans=True,
+        **got_kwargs,  # type: ignore[arg-type]
+    )
+    per = wd_weight * wd + gwd_weight * gwd
+    live = (t_w.detach().sum((-1, -2)) > 0).to(per.dtype)  # a plan carries mass iff both sides have some
+    loss = (per * live).sum() / live.sum().clamp_min(1.0)
+    return (loss, t_w, t_g) if return_plans else loss
+
+
+# ------------------------------------------------------------------------------------------
+# OT attention
+# ------------------------------------------------------------------------------------------
+
+
+def ot_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_mask: Tensor | None = None,
+    query_mask: Tensor | None = None,
+    cost: Literal["cosine", "dot"] = "cosine",
+    solver: Solver = "ipot",
+    beta: float = 0.5,
+    eps: float = 0.05,
+    n_iters: int = 20,
+    scale: float | None = None,
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention whose alignment is the OT plan between queries and keys (GOT's alignment as attention).
+
+    ``T`` = plan between the uniform measures on the real queries and keys for the cost
+    ``1 - cos(q_i, k_j)`` (``cost="cosine"``, GOT) or ``-q_i·k_j·scale`` (``"dot"``); the
+    weights are T with rows rescaled to sum to 1 (``N·T`` at convergence) and ``out = W v``.
+
+    Args:
+        q: (B, H, N, D); k: (B, H, M, D); v: (B, H, M, Dv).
+        key_mask: (B, M) bool, False = padded key; query_mask: (B, N) bool, False = padded query
+            (zero row, no mass).
+        solver: "ipot" (``beta``, converges to exact OT: a sparse, self-normalised alignment) or
+            "sinkhorn" (``eps``).
+        n_iters: solver iterations (differentiated through).
+
+    Returns:
+        out (B, H, N, Dv) in q's dtype (computed in >= float32), or (out, weights (B, H, N, M)).
+    """
+    where = "ot_attention"
+    if cost not in ("cosine", "dot"):
+        raise ValueError(f"{where}: cost must be 'cosine' or 'dot', got {cost!r}")
+    _check_solver(solver, "unroll", where)
+    b, h, n, d = q.shape
+    m = k.shape[2]
+    if k.shape[:2] != (b, h) or v.shape[:3] != (b, h, m) or k.shape[-1] != d:
+        raise ValueError(
+            f"{where}: expects q (B, H, N, D), k (B, H, M, D), v (B, H, M, Dv), got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    ct = _compute_dtype(q)
+    if cost == "cosine":
+        c = cosine_cost(q.to(ct), k.to(ct))
+    else:
+        c = -(q.to(ct) @ k.to(ct).transpose(-1, -2)) * (d**-0.5 if scale is None else scale)
+    a_mask = None if query_mask is None else query_mask[:, None, :].expand(b, h, n)
+    b_mask = None if key_mask is None else key_mask[:, None, :].expand(b, h, m)
+    pb = _Problem(c, None, None, a_mask, b_mask, where)
+    plan = _solve(
+        pb,
+        pb.cost,
+        solver,
+        positive_number(beta, f"{where}: beta"),
+        positive_number(eps, f"{where}: eps"),
+        int_at_least(n_iters, 1, f"{where}: n_iters"),
+    )
+    weights = plan / nonzero(plan.sum(-1, keepdim=True))  # plans are >= 0
+    out = (weights @ v.to(ct)).to(q.dtype)
+    if return_weights:
+        return out, weights.to(q.dtype)
+    return out
