@@ -3,8 +3,9 @@
 For each variant (its YAML defaults, sized for N by the variant's ``benchmark_kwargs(n)`` as in
 ``attnlib-bench``, e.g. a maximum length >= N): forward time at B=1, H=8, N=1024, D=64, fp32
 (median of interleaved runs) and its error against exact float64 softmax attention on Gaussian
-q/k with logit scale 1. Exact variants show ~1e-7 (fp32 rounding); local is exact *within its
-window*, so its error here is how far its window is from global attention.
+q/k with logit scale 1. Exact variants show ~1e-7 (fp32 rounding) where they see every key;
+those that restrict the keys (local's window, the block layouts of block_sparse and grat) are
+exact *within their mask*, so their error here is how far that mask is from global attention.
 
 Run: ``python examples/compare_variants.py [--n 1024] [--threads 2]``; ``--smoke`` runs every
 variant at small sizes (N=256, H=2, D=16, one timed run) to check that the example works.
