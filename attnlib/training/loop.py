@@ -47,7 +47,7 @@ from attnlib.training.checkpoint import (
 )
 from attnlib.training.distributed import DistInfo, init_distributed
 from attnlib.training.metrics import MetricLogger, format_table
-from attnlib.training.rundir import check_fresh, lock_run_dir
+from attnlib.training.rundir import RunDirError, check_fresh, lock_run_dir
 from attnlib.training.tasks import _to, evaluate, train_loss
 
 __all__ = [
@@ -320,10 +320,18 @@ def _train(
             )
     continues_here = resume_file is not None and (not explicit or _inside(resume_file, run_dir))
     with contextlib.ExitStack() as stack:
+        refused: list[BaseException | None] = [None]
         if info.is_main:  # rank 0 owns the run directory: one run per directory, one process in it
-            stack.enter_context(lock_run_dir(run_dir))
-            if not continues_here:
-                check_fresh(run_dir)
+            try:
+                stack.enter_context(lock_run_dir(run_dir))
+                if not continues_here:
+                    check_fresh(run_dir)
+            except RunDirError as e:
+                refused[0] = e
+        if info.world > 1:  # every rank stops if rank 0 may not use the directory
+            dist.broadcast_object_list(refused, src=0)
+        if refused[0] is not None:
+            raise refused[0]
         return _run(cfg, t, run_dir, seed, info, wall0, ck, resume_file)
 
 
