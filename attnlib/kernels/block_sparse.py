@@ -331,18 +331,23 @@ def _plan(bm: Any, b: int, h: int, hk: int) -> list[_Bucket]:
 
 
 def _affine(idx: Tensor) -> tuple[int, int, int] | None:
-    """(base, row step, column step) when idx (R, X) == base + r·step_r + x·step_x, else None."""
+    """(base, row step, column step) when idx (R, X) == base + r·step_r + x·step_x with both steps
+    >= 0 (a strided view cannot step backwards: ``as_strided`` rejects negative strides), else None."""
     r, x = idx.shape
     base = int(idx[0, 0])
     sr = int(idx[1, 0] - idx[0, 0]) if r > 1 else 0
     sx = int(idx[0, 1] - idx[0, 0]) if x > 1 else 0
+    if sr < 0 or sx < 0:
+        return None
     want = base + torch.arange(r, device=idx.device)[:, None] * sr + torch.arange(x, device=idx.device)[None, :] * sx
     return (base, sr, sx) if torch.equal(idx, want) else None
 
 
 def _affine_segments(bucket: _Bucket) -> list[slice] | None:
-    """Split a bucket's rows into maximal runs whose query and key blocks are affine (see _Item),
-    or None when some row's key blocks are not one contiguous run (then they are gathered)."""
+    """Split a bucket's rows into maximal runs whose query and key blocks are affine with
+    non-negative steps (see _Item), or None when some row's key blocks are not one contiguous run
+    (then they are gathered). A step going down (key blocks visited by one query block lying
+    *before* those of the previous one) starts a new run."""
     kf, qf = bucket.kflat, bucket.qflat
     r, x, c = kf.shape
     if c > 1 and not bool((kf[..., 1:] - kf[..., :-1] == 1).all()):
@@ -355,8 +360,9 @@ def _affine_segments(bucket: _Bucket) -> list[slice] | None:
     ks, qs = kf[:, 0, 0].tolist(), qf[:, 0].tolist()
     out, start = [], 0
     for i in range(1, r + 1):
-        if i < r and (i - start < 2 or (ks[i] - ks[i - 1] == ks[start + 1] - ks[start]
-                                        and qs[i] - qs[i - 1] == qs[start + 1] - qs[start])):  # fmt: skip
+        dk_, dq_ = (ks[i] - ks[i - 1], qs[i] - qs[i - 1]) if i < r else (-1, -1)
+        if dk_ >= 0 and dq_ >= 0 and (i - start < 2 or (dk_ == ks[start + 1] - ks[start]
+                                                         and dq_ == qs[start + 1] - qs[start])):  # fmt: skip
             continue
         out.append(slice(start, i))
         start = i
@@ -541,15 +547,19 @@ def _k_side(it: _Item, flat: Tensor, gathered: Tensor | None, bk: int) -> Tensor
 
 def _add_runs(acc: Tensor, grad: Tensor, it: _Item, bk: int) -> None:
     """acc[kflat] += grad for an item whose key blocks are affine runs (windows may overlap
-    across rows, so add the j-th block of every row at a time: those never overlap)."""
+    across rows, so add the j-th block of every row at a time: those never overlap). Columns that
+    read the same blocks (step 0: query heads sharing one key/value head) are summed first."""
     assert it.k_spec is not None
     base, sr, sx = it.k_spec
-    g = grad.reshape(it.r, it.x, it.c, bk, grad.shape[-1]).to(acc.dtype)
+    x = it.x
+    g = grad.reshape(it.r, x, it.c, bk, grad.shape[-1]).to(acc.dtype)
+    if sx == 0 and x > 1:  # every column reads the same blocks (multi-query attention)
+        g, x = g.sum(1, keepdim=True), 1
     if sr == 0 or it.r == 1:  # every row reads the same blocks
-        _view(acc, (base, sr, sx), 1, it.x, it.c * bk).add_(g.sum(0, keepdim=True).reshape(1, it.x, -1, grad.shape[-1]))
+        _view(acc, (base, sr, sx), 1, x, it.c * bk).add_(g.sum(0, keepdim=True).reshape(1, x, -1, grad.shape[-1]))
         return
     for j in range(it.c):
-        _view(acc, (base + j, sr, sx), it.r, it.x, bk).add_(g[:, :, j])
+        _view(acc, (base + j, sr, sx), it.r, x, bk).add_(g[:, :, j])
 
 
 def _torch_forward(q: Tensor, k: Tensor, v: Tensor, bm: Any, scale: float) -> tuple[Tensor, Tensor]:
