@@ -237,17 +237,6 @@ print((peak - base) / 1024)
     assert growth_mib < 1024, f"peak memory grew by {growth_mib:.0f} MiB"
 
 
-@pytest.mark.skipif(not triton_available(), reason="triton not installed")
-def test_triton_autotune_configs_are_pruned_to_valid_tiles() -> None:
-    from attnlib.kernels import _triton_block_sparse as tri
-
-    configs = tri._configs()
-    kept = tri._prune(configs, {"Q": None}, BQ=16, BK=32)
-    assert kept and all(c.kwargs["SPLIT_M"] == 1 for c in kept)
-    assert any(c.kwargs["SPLIT_N"] == 2 for c in kept)
-    assert len(tri._prune(configs, {}, BQ=128, BK=128)) == len(configs)
-
-
 @pytest.mark.parametrize(
     "make",
     [

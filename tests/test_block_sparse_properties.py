@@ -11,6 +11,9 @@ import os
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # the interpreter: must be set before triton is first imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -20,8 +23,7 @@ from attnlib.kernels import block_sparse_attention, triton_available  # noqa: E4
 from attnlib.masks import BlockMask  # noqa: E402
 from attnlib.testing import make_qkv  # noqa: E402
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 _SETTINGS = dict(
     derandomize=True,  # the same examples on every run (CI-stable); bump max_examples locally to explore
@@ -70,7 +72,7 @@ def layouts(draw: st.DrawFn, block_sizes: tuple[int, ...]) -> dict:
     return {"b": b, "h": h, "hk": hk, "n": n, "m": m, "bm": bm, "dense": dense, "seed": seed, "kind": kind}
 
 
-def _check(case: dict, backend: str, dtype: torch.dtype, d: int, tol: float) -> None:
+def _check(case: dict, backend: str, dtype: torch.dtype, d: int, tol: float, device: str = "cpu") -> None:
     b, h, hk, n, m, bm = (case[k] for k in ("b", "h", "hk", "n", "m", "bm"))
     q, k, v = make_qkv(b, h, n, d, m=m, h_kv=hk, dtype=torch.float64, logit_scale=3.0, seed=case["seed"])
     qkv64 = tuple(t.requires_grad_() for t in (q, k, v))
@@ -78,12 +80,12 @@ def _check(case: dict, backend: str, dtype: torch.dtype, d: int, tol: float) -> 
     g = torch.Generator().manual_seed(case["seed"] + 1)
     go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     want = (ref, *torch.autograd.grad(ref, qkv64, go))
-    qkv = tuple(t.detach().to(dtype).requires_grad_() for t in (q, k, v))
-    out = block_sparse_attention(*qkv, bm, backend=backend)
-    got = (out, *torch.autograd.grad(out, qkv, go.to(dtype)))
+    qkv = tuple(t.detach().to(device, dtype).requires_grad_() for t in (q, k, v))
+    out = block_sparse_attention(*qkv, bm.to(device), backend=backend)
+    got = (out, *torch.autograd.grad(out, qkv, go.to(device, dtype)))
     for name, a, w in zip(("out", "dq", "dk", "dv"), got, want):
         scale = max(1.0, float(w.detach().abs().max()))
-        err = float((a.detach().double() - w.detach()).abs().max())
+        err = float((a.detach().cpu().double() - w.detach()).abs().max())
         assert err <= tol * scale, f"{case['kind']} {backend} {dtype} {name}: max err {err:.2e} > {tol * scale:.2e}"
 
 
@@ -98,7 +100,7 @@ def test_cpu_path_random_layouts_equal_float64_reference(case: dict) -> None:
 @settings(max_examples=12, **_SETTINGS)
 @given(layouts(block_sizes=(16, 32)), st.sampled_from((torch.float64, torch.float32, torch.float16)))
 def test_triton_random_layouts_equal_float64_reference(case: dict, dtype: torch.dtype) -> None:
-    if torch.cuda.is_available() and dtype == torch.float64:
+    if DEVICE == "cuda" and dtype == torch.float64:
         dtype = torch.float32  # float64 runs under the interpreter only
-    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2}[dtype]
-    _check(case, "triton", dtype, 16, tol)
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5 if DEVICE == "cpu" else 2e-3, torch.float16: 2e-2}[dtype]
+    _check(case, "triton", dtype, 16, tol, DEVICE)
