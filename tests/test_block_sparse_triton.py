@@ -253,9 +253,15 @@ def test_no_fitting_config_routes_to_torch_with_a_warning(monkeypatch) -> None:
     for d in (32, 64, 128, 256):
         assert cfgs.unsupported(torch.bfloat16, d, d, (128, 128)) is None, d
     monkeypatch.setattr(cfgs, "device_smem_limit", lambda device=None: 232448)  # H100
-    for d in (32, 64, 80, 96, 128, 256):
-        for dt in (torch.bfloat16, torch.float16, torch.float32):
-            assert cfgs.unsupported(dt, d, d, (128, 128)) is None, (d, dt)
+    for prec in ("tf32", "tf32x3"):
+        monkeypatch.setenv("ATTNLIB_TRITON_FP32", prec)
+        for d in (32, 64, 80, 96, 128, 256):
+            for dt in (torch.bfloat16, torch.float16, torch.float32):
+                why = cfgs.unsupported(dt, d, d, (128, 128))
+                if dt == torch.float32 and prec == "tf32x3" and d == 256:  # documented: no 3xTF32 dK/dV tile
+                    assert why is not None and "no dkdv tile configuration fits" in why and "tf32x3" in why
+                else:
+                    assert why is None, (d, dt, prec, why)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

@@ -4,9 +4,10 @@ The one place where machine-dependent kernel policy lives (DESIGN: "Policy that 
 machine lives in one dispatch place").
 
 **Candidates.** Each kernel (``fwd``, ``dkdv``, ``dq``) has a short candidate list per
-precision class (fp16 / bf16, fp32), in order of preference, of (BLOCK_M, BLOCK_N, warps,
-stages). BLOCK_M is the query tile, BLOCK_N the key tile; both are the mask block or a
-power-of-two fraction of it (the kernels walk the sub-tiles in one pipelined loop), so a tile
+precision class (fp16 / bf16 operands; fp32 with TF32 dots; fp32 with 3xTF32 dots), in order
+of preference, of (BLOCK_M, BLOCK_N, warps, stages). BLOCK_M is the query tile, BLOCK_N the
+key tile; both are the mask block or a power-of-two fraction of it (the kernels walk the
+sub-tiles in one pipelined loop), so a tile
 can differ from the mask block - FlexAttention's H100 default (128 x 64, 8 warps, 3 stages)
 is a candidate on 128-blocks.
 
@@ -36,8 +37,9 @@ raises ``NoKernelConfigError``, handled the same way.
 "medium"), as cuBLAS and SDPA then do; otherwise ("highest", PyTorch's default) they use
 3xTF32 (``"tf32x3"``: a split into high and low TF32 parts, error close to fp32's) instead of
 exact-fp32 FMA dots, which spilled 57-133 KB per thread at head dim 128 and took minutes to
-autotune. Set ``ATTNLIB_TRITON_FP32=ieee|tf32x3|tf32`` to force one. Either way fp32 uses its
-own short candidate list (fp32 tiles are twice the bytes of half-precision ones).
+autotune. Set ``ATTNLIB_TRITON_FP32=ieee|tf32x3|tf32`` to force one (``ieee`` uses the 3xTF32
+list and is not covered by the compile check). Each fp32 precision has its own short candidate
+list (fp32 tiles are twice the bytes of half-precision ones; 3xTF32 needs more registers).
 """
 
 from __future__ import annotations
@@ -100,8 +102,12 @@ def block_d(d: int) -> int:
     return max(16, 1 << (int(d) - 1).bit_length())
 
 
-def _cls(dtype: torch.dtype) -> str:
-    return "fp32" if dtype in (torch.float32, torch.float64) else "half"
+def _cls(dtype: torch.dtype, prec: str = "tf32") -> str:
+    """The precision class: "half" (fp16 / bf16 operands) or the fp32 dots' precision
+    ("tf32" / "tf32x3"; "ieee", forced or float64 under the interpreter, uses tf32x3's list)."""
+    if dtype not in (torch.float32, torch.float64):
+        return "half"
+    return "tf32" if prec == "tf32" else "tf32x3"
 
 
 _DIMS: dict[tuple[str, str, tuple[int, int, int, int]], tuple[int, ...]] = {}
@@ -139,33 +145,47 @@ _CANDIDATES: dict[tuple[str, str], list[TileConfig]] = {
         (128, 64, 8, 2, ALL), (128, 32, 8, 2, ALL), (64, 128, 8, 2, TO128), (64, 64, 4, 2, ALL),
         (64, 32, 4, 2, ALL), (32, 32, 4, 2, ALL), (16, 16, 4, 2, ALL),
     ),
-    ("fwd", "fp32"): _c(
-        "fwd", "fp32", (64, 64, 4, 2, ALL), (64, 32, 4, 2, ALL), (32, 64, 4, 2, ALL), (32, 32, 4, 2, ALL),
+    ("fwd", "tf32"): _c(
+        "fwd", "tf32", (64, 64, 4, 2, ALL), (64, 32, 4, 2, ALL), (32, 64, 4, 2, ALL), (32, 32, 4, 2, ALL),
         (16, 16, 4, 2, ALL),
     ),
-    ("dkdv", "fp32"): _c(
-        "dkdv", "fp32", (32, 64, 4, 2, ALL), (64, 32, 4, 2, ALL), (32, 32, 4, 2, ALL), (16, 16, 4, 2, ALL),
+    ("dkdv", "tf32"): _c(
+        "dkdv", "tf32", (64, 32, 4, 2, TO128), (32, 64, 4, 2, (16, 32, 64)), (32, 32, 4, 2, TO128),
+        (16, 16, 4, 2, ALL),
     ),
-    ("dq", "fp32"): _c(
-        "dq", "fp32", (64, 32, 4, 2, ALL), (32, 64, 4, 2, ALL), (32, 32, 4, 2, ALL), (16, 16, 4, 2, ALL),
+    ("dq", "tf32"): _c(
+        "dq", "tf32", (64, 32, 4, 2, ALL), (32, 64, 4, 2, ALL), (32, 32, 4, 2, ALL), (16, 16, 4, 2, ALL),
+    ),
+    # 3xTF32 needs more registers: smaller tiles, and no dK/dV, dQ config at head dim 256 (PyTorch path)
+    ("fwd", "tf32x3"): _c(
+        "fwd", "tf32x3", (64, 64, 4, 2, TO128), (64, 32, 4, 2, TO128), (32, 64, 4, 2, (16, 32, 64)),
+        (32, 32, 4, 2, TO128), (16, 16, 4, 2, ALL),
+    ),
+    ("dkdv", "tf32x3"): _c(
+        "dkdv", "tf32x3", (64, 32, 4, 2, (64,)), (32, 64, 4, 2, (16, 32, 64)), (32, 32, 4, 2, (16, 32, 64)),
+        (16, 16, 4, 2, TO128),
+    ),
+    ("dq", "tf32x3"): _c(
+        "dq", "tf32x3", (64, 32, 4, 2, (16, 32, 64)), (32, 64, 4, 2, (64,)), (32, 32, 4, 2, TO128),
+        (16, 16, 4, 2, TO128),
     ),
 }  # fmt: skip
 
 
-def head_dims(kernel: str, c: TileConfig, dtype: torch.dtype) -> tuple[int, ...]:
+def head_dims(kernel: str, c: TileConfig, dtype: torch.dtype, prec: str = "tf32") -> tuple[int, ...]:
     """The padded head dims at which ``c`` stays within SPILL_BUDGET (empty: not a candidate)."""
-    return _DIMS.get((kernel, _cls(dtype), c.key()), ())
+    return _DIMS.get((kernel, _cls(dtype, prec), c.key()), ())
 
 
-def candidates(kernel: str, dtype: torch.dtype = torch.bfloat16) -> list[TileConfig]:
-    """The candidate list of ``kernel`` ("fwd", "dkdv", "dq") for ``dtype``'s precision class."""
-    return list(_CANDIDATES[(kernel, _cls(dtype))])
+def candidates(kernel: str, dtype: torch.dtype = torch.bfloat16, prec: str = "tf32") -> list[TileConfig]:
+    """The candidate list of ``kernel`` ("fwd", "dkdv", "dq") for the precision class."""
+    return list(_CANDIDATES[(kernel, _cls(dtype, prec))])
 
 
 def all_candidates(kernel: str) -> list[TileConfig]:
-    """Every config of either class (the autotuner's list; :func:`prune` picks per call)."""
+    """Every config of every class (the autotuner's list; :func:`prune` picks per call)."""
     out: list[TileConfig] = []
-    for cls_ in ("half", "fp32"):
+    for cls_ in ("half", "tf32", "tf32x3"):
         out += [c for c in _CANDIDATES[(kernel, cls_)] if c not in out]
     return out
 
@@ -179,16 +199,24 @@ def _esize(dtype: torch.dtype) -> int:
 # partial-block tile, l·(M + N) the fp32 row statistics. Read off the sm_90 compile: the
 # forward holds Q once and K, V double-buffered (a=1, b=4); dK/dV holds K, V once and Q^T, dO
 # double-buffered plus LSE / Δ (a=4, b=2, l=8); dQ holds Q, dO once and K, V double-buffered
-# (a=2, b=4). Exact for tiles of >= 64 rows, an over-estimate for smaller ones.
+# (a=2, b=4). 3xTF32 keeps split copies of the register operands (forward: Q; dQ: Q, dO;
+# dK/dV: K, V) and some scratch: + e·(sa·M·D + sb·N·D) + 4·M·N.
+# Exact for tiles of >= 64 rows, an over-estimate for smaller ones.
 _SMEM_COEF: dict[str, tuple[int, int, int]] = {"fwd": (1, 4, 0), "dkdv": (4, 2, 8), "dq": (2, 4, 0)}
-_SMEM_SLACK = 1024
+_SPLIT_COEF: dict[str, tuple[int, int]] = {"fwd": (1, 0), "dkdv": (0, 2), "dq": (2, 0)}
+_SMEM_SLACK = 2048
 
 
-def smem_estimate(kernel: str, c: TileConfig, dtype: torch.dtype, block_d: int, block_dv: int) -> int:
+def smem_estimate(
+    kernel: str, c: TileConfig, dtype: torch.dtype, block_d: int, block_dv: int, prec: str = "tf32"
+) -> int:
     """Upper bound (bytes) of the shared memory a config needs (see ``_SMEM_COEF``)."""
     a, b, lstat = _SMEM_COEF[kernel]
     m, n, d = c.block_m, c.block_n, max(block_d, block_dv)
-    return _esize(dtype) * (a * m * d + b * n * d) + m * n + lstat * (m + n) + _SMEM_SLACK
+    e = _esize(dtype)
+    sa, sb = _SPLIT_COEF[kernel]
+    split = e * (sa * m * d + sb * n * d) + 4 * m * n if _cls(dtype, prec) == "tf32x3" else 0
+    return e * (a * m * d + b * n * d) + m * n + lstat * (m + n) + split + _SMEM_SLACK
 
 
 def why_pruned(
@@ -206,10 +234,10 @@ def why_pruned(
     """None when ``c`` may run this call, else why not (the first failing rule)."""
     if c.block_m > bq or c.block_n > bk or bq % c.block_m or bk % c.block_n or min(c.block_m, c.block_n) < 16:
         return f"tile {c.block_m}x{c.block_n} does not divide the mask block {bq}x{bk}"
-    smem = smem_estimate(kernel, c, dtype, block_d, block_dv)
+    smem = smem_estimate(kernel, c, dtype, block_d, block_dv, prec)
     if smem > smem_limit:
         return f"smem {smem // 1024} KB > {smem_limit // 1024} KB"
-    dims = head_dims(kernel, c, dtype)
+    dims = head_dims(kernel, c, dtype, prec)
     if max(block_d, block_dv) not in dims:
         return (
             f"registers: spills > {SPILL_BUDGET} B at head dim {max(block_d, block_dv)}" if dims else "not a candidate"
@@ -229,8 +257,8 @@ def prune(
     prec: str,
     smem_limit: int,
 ) -> list[TileConfig]:
-    """The configs of ``dtype``'s class that fit (see the module docstring), at most MAX_CONFIGS."""
-    mine = {x.key() for x in candidates(kernel, dtype)}
+    """The configs of the precision class that fit (see the module docstring), at most MAX_CONFIGS."""
+    mine = {x.key() for x in candidates(kernel, dtype, prec)}
     keep = [
         c
         for c in configs
@@ -248,7 +276,7 @@ def prune(
         )
         is None
     ]
-    return keep[: MAX_CONFIGS[_cls(dtype)]]
+    return keep[: MAX_CONFIGS["half" if _cls(dtype, prec) == "half" else "fp32"]]
 
 
 @functools.lru_cache(maxsize=16)
@@ -293,18 +321,21 @@ def unsupported(
     dtype: torch.dtype, d: int, dv: int, block: tuple[int, int], device: torch.device | None = None
 ) -> str | None:
     """None when every kernel has a config that fits this call on ``device``, else why not."""
-    return _unsupported(dtype, int(d), int(dv), (int(block[0]), int(block[1])), device_smem_limit(device))
+    prec = fp32_precision() if dtype == torch.float32 else "tf32"
+    return _unsupported(dtype, int(d), int(dv), (int(block[0]), int(block[1])), device_smem_limit(device), prec)
 
 
 @functools.lru_cache(maxsize=256)
-def _unsupported(dtype: torch.dtype, d: int, dv: int, block: tuple[int, int], limit: int) -> str | None:
+def _unsupported(dtype: torch.dtype, d: int, dv: int, block: tuple[int, int], limit: int, prec: str) -> str | None:
     bd, bdv = block_d(d), block_d(dv)
     for kernel in ("fwd", "dkdv", "dq"):
-        kw = dict(dtype=dtype, block_d=bd, block_dv=bdv, bq=block[0], bk=block[1], prec="tf32", smem_limit=limit)
-        if not prune(kernel, candidates(kernel, dtype), **kw):  # type: ignore[arg-type]
-            reasons = sorted({str(why_pruned(kernel, c, **kw)) for c in candidates(kernel, dtype)})  # type: ignore[arg-type]
+        kw = dict(dtype=dtype, block_d=bd, block_dv=bdv, bq=block[0], bk=block[1], prec=prec, smem_limit=limit)
+        cands = candidates(kernel, dtype, prec)
+        if not prune(kernel, cands, **kw):  # type: ignore[arg-type]
+            reasons = sorted({str(why_pruned(kernel, c, **kw)) for c in cands})  # type: ignore[arg-type]
             return (
-                f"no {kernel} tile configuration fits: head dim {d} (padded {bd}), {dtype}, mask block "
-                f"{block[0]}x{block[1]}, {limit // 1024} KB of shared memory ({'; '.join(reasons)})"
+                f"no {kernel} tile configuration fits: head dim {d} (padded {bd}), {dtype}"
+                f"{f' ({prec} dots)' if dtype == torch.float32 else ''}, mask block {block[0]}x{block[1]}, "
+                f"{limit // 1024} KB of shared memory ({'; '.join(reasons)})"
             )
     return None
