@@ -14,7 +14,7 @@ deadline: a step that would start after it is skipped and says so):
 3. ``edge``    - GQA, ragged N / M, empty rows, D = 80 / 96 / 256, non-contiguous inputs, the
                  causal / key-length flags, fp32 (TF32 and 3xTF32 policies), each vs fp32 / fp64
                  references, recording whether the Triton kernel ran.
-4. ``bench``   - a short ``attnlib-bench bench=gpu_quick`` (N = 4k / 8k, d = 128, 60 s budget).
+4. ``bench``   - a short ``attnlib-bench bench=gpu_quick`` (N = 4k / 8k, d = 128, 30 s budget).
 5. ``train``   - 30 steps of ``attnlib-train experiment=lm_chars trainer=gpu``.
 
 Output: a compact table on stdout and, under ``--out``: gpu_check.md, gpu_check.json,
@@ -73,8 +73,8 @@ RUN_CARRY = [".whl"]
 RUN_TIMEOUT_S = 540
 STEPS = ("tests", "kernels", "edge", "bench", "train")
 # seconds per step on the GPU (sum 450 <= the 8-minute call, leaving time for the start)
-TIMEOUTS = {"tests": 90, "kernels": 180, "edge": 50, "bench": 60, "train": 70}
-DRY_TIMEOUTS = {"tests": 120, "kernels": 240, "edge": 120, "bench": 60, "train": 60}
+TIMEOUTS = {"tests": 110, "kernels": 150, "edge": 60, "bench": 55, "train": 75}
+DRY_TIMEOUTS = {"tests": 240, "kernels": 300, "edge": 300, "bench": 120, "train": 120}
 
 
 # ------------------------------------------------------------------------------------------
@@ -221,7 +221,11 @@ def _save(work: Path, step: str, res: dict[str, Any]) -> None:
 
 
 def step_tests(work: Path, dry: bool) -> None:
+    # correctness only: one tile config per kernel (no autotuning), compiles spread over 8 workers
+    os.environ["ATTNLIB_TRITON_MAX_CONFIGS"] = "1"
     py = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
+    if not dry:
+        py += ["-n", "8"]
     runs = [
         [*py, "-m", "gpu", "tests/test_block_sparse_triton.py", "tests/conformance/test_conformance.py"],
         [*py, "tests/test_block_sparse_properties.py", "-k", "triton"],
@@ -230,7 +234,9 @@ def step_tests(work: Path, dry: bool) -> None:
         runs = [[*r, "--collect-only"] for r in runs]
     summaries, failed = [], False
     for cmd in runs:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ
+        )
         print(proc.stdout[-20_000:], flush=True)
         summaries.append(_tail(proc.stdout, 100))
         failed |= proc.returncode not in (0, 5)  # 5: nothing selected (e.g. no gpu test collected)
@@ -401,24 +407,10 @@ def step_kernels(work: Path, dry: bool) -> None:
     _save(work, "kernels", {"summary": summary, "records": recs, "markdown": md, "failed": bool(failures or bad)})
 
 
-def step_edge(work: Path, dry: bool) -> None:
+def _edge_cases(dry: bool) -> list[tuple]:
     import torch
 
-    from attnlib.functional import reference_attention
-    from attnlib.kernels import _triton_block_sparse as tri
-    from attnlib.kernels import block_sparse_attention
-    from attnlib.masks import BlockMask
-
-    dev = "cpu" if dry else "cuda"
-    half = torch.float16 if dry else torch.bfloat16
-    calls = {"n": 0}
-    real = tri.forward
-
-    def counting(*a, **kw):
-        calls["n"] += 1
-        return real(*a, **kw)
-
-    tri.forward = counting
+    half = torch.float16 if dry else torch.bfloat16  # the interpreter's bf16 dots are wrong
     s = 1 if dry else 8  # size multiplier
     cases = [
         # name, B, H, Hkv, N, M, D, block, dtype, kwargs
@@ -434,62 +426,95 @@ def step_edge(work: Path, dry: bool) -> None:
     ]
     if dry:
         cases = [(*c[:7], 32, *c[8:]) if c[7] == 64 else c for c in cases]
-    rows, failed = [], False
-    for name, b, h, hk, n, m, d, block, dtype, kw in cases:
-        g = torch.Generator().manual_seed(n + d)
-        dense = torch.rand(b, 1, n, m, generator=g) < 0.4
-        dense[:, :, 1] = False  # an empty row
-        if kw.get("causal"):
-            dense &= torch.arange(m)[None, :] <= torch.arange(n)[:, None] + (m - n)
-        kvl = torch.tensor([m, m // 3])[:b] if kw.get("kvl") else None
-        full = dense if kvl is None else dense & (torch.arange(m)[None, None, None, :] < kvl[:, None, None, None])
-        q64 = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
-        k64 = torch.randn(b, hk, m, d, generator=g, dtype=torch.float64)
-        v64 = torch.randn(b, hk, m, d, generator=g, dtype=torch.float64)
-        qkv64 = tuple(t.requires_grad_() for t in (q64, k64, v64))
-        ref = reference_attention(*qkv64, mask=full)
-        go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-        gref = torch.autograd.grad(ref, qkv64, go)
-        if kw.get("strided"):
-            x = torch.stack([t.detach() for t in (q64, k64, v64)], 2).transpose(1, 3).to(dev, dtype)  # (B, N, 3, H, D)
-            qkv = tuple(x[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
-        else:
-            qkv = tuple(t.detach().to(dev, dtype).requires_grad_() for t in (q64, k64, v64))
-        bm = BlockMask.from_dense(dense, block).to(dev)
-        before = calls["n"]
-        prev = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high" if kw.get("tf32") else "highest")
+    return cases
+
+
+def edge_case(index: int, dry: bool) -> list[Any]:
+    """One edge case (its own process: the cases compile their kernels in parallel)."""
+    import torch
+
+    from attnlib.functional import reference_attention
+    from attnlib.kernels import _triton_block_sparse as tri
+    from attnlib.kernels import block_sparse_attention
+    from attnlib.masks import BlockMask
+
+    dev = "cpu" if dry else "cuda"
+    calls = {"n": 0}
+    real = tri.forward
+
+    def counting(*a, **kw):
+        calls["n"] += 1
+        return real(*a, **kw)
+
+    tri.forward = counting
+    name, b, h, hk, n, m, d, block, dtype, kw = _edge_cases(dry)[index]
+    g = torch.Generator().manual_seed(n + d)
+    dense = torch.rand(b, 1, n, m, generator=g) < 0.4
+    dense[:, :, 1] = False  # an empty row
+    if kw.get("causal"):
+        dense &= torch.arange(m)[None, :] <= torch.arange(n)[:, None] + (m - n)
+    kvl = torch.tensor([m, m // 3])[:b] if kw.get("kvl") else None
+    full = dense if kvl is None else dense & (torch.arange(m)[None, None, None, :] < kvl[:, None, None, None])
+    q64 = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
+    k64 = torch.randn(b, hk, m, d, generator=g, dtype=torch.float64)
+    v64 = torch.randn(b, hk, m, d, generator=g, dtype=torch.float64)
+    qkv64 = tuple(t.requires_grad_() for t in (q64, k64, v64))
+    ref = reference_attention(*qkv64, mask=full)
+    go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    gref = torch.autograd.grad(ref, qkv64, go)
+    if kw.get("strided"):
+        x = torch.stack([t.detach() for t in (q64, k64, v64)], 2).transpose(1, 3).to(dev, dtype)  # (B, N, 3, H, D)
+        qkv = tuple(x[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
+    else:
+        qkv = tuple(t.detach().to(dev, dtype).requires_grad_() for t in (q64, k64, v64))
+    bm = BlockMask.from_dense(dense, block).to(dev)
+    torch.set_float32_matmul_precision("high" if kw.get("tf32") else "highest")
+    label = [name, str(dtype).split(".")[-1], f"{n}x{m}", d]
+    try:
+        out = block_sparse_attention(
+            *qkv, bm, backend="triton", causal=bool(kw.get("causal")), kv_lengths=None if kvl is None else kvl.to(dev)
+        )
+        grads = torch.autograd.grad(out, qkv, go.to(dev, dtype))
+        errs = [_rel(out.detach().cpu(), ref.detach())] + [_rel(a.cpu(), r) for a, r in zip(grads, gref)]
+        tol = {torch.float32: 5e-3 if kw.get("tf32") else 1e-4}.get(dtype, 3e-2)
+        ok = max(errs) <= tol and calls["n"] > 0
+        return [*label, calls["n"] > 0, " / ".join(f"{x:.1e}" for x in errs), f"{tol:.0e}", "ok" if ok else "FAIL"]
+    except Exception as e:
+        return [*label, "-", f"{type(e).__name__}: {e}"[:160], "-", "FAIL"]
+
+
+def step_edge(work: Path, dry: bool) -> None:
+    """Every edge case in its own process, several at a time (their kernel compiles overlap)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    os.environ["ATTNLIB_TRITON_MAX_CONFIGS"] = "1"  # correctness only: no autotuning
+
+    def run(i: int) -> list[Any]:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--edge-case", str(i), "--work", str(work)]
+        proc = subprocess.run([*cmd, *(["--dry-run"] if dry else [])], cwd=ROOT, capture_output=True, text=True)
+        print(proc.stdout[-4000:] + proc.stderr[-4000:], flush=True)
         try:
-            out = block_sparse_attention(
-                *qkv,
-                bm,
-                backend="triton",
-                causal=bool(kw.get("causal")),
-                kv_lengths=None if kvl is None else kvl.to(dev),
-            )
-            grads = torch.autograd.grad(out, qkv, go.to(dev, dtype))
-            errs = [_rel(out.detach().cpu(), ref.detach())] + [_rel(a.cpu(), r) for a, r in zip(grads, gref)]
-            tol = {torch.float32: 5e-3 if kw.get("tf32") else 1e-4}.get(dtype, 3e-2)
-            ok = max(errs) <= tol and calls["n"] > before
-            rows.append([name, str(dtype).split(".")[-1], f"{n}x{m}", d, calls["n"] > before,
-                         " / ".join(f"{x:.1e}" for x in errs), f"{tol:.0e}", "ok" if ok else "FAIL"])  # fmt: skip
-        except Exception as e:
-            ok = False
-            rows.append([name, str(dtype).split(".")[-1], f"{n}x{m}", d, "-", f"{type(e).__name__}: {e}"[:160], "-",
-                         "FAIL"])  # fmt: skip
-        finally:
-            torch.set_float32_matmul_precision(prev)
-        failed |= not ok
-        print(rows[-1], flush=True)
+            return json.loads((work / f"edge_{i}.json").read_text())
+        except FileNotFoundError:
+            case = _edge_cases(dry)[i]
+            return [case[0], "-", "-", case[6], "-", f"crashed (exit {proc.returncode})", "-", "FAIL"]
+
+    n_cases = len(_edge_cases(dry))
+    if dry:  # the process path once, the rest in this process (cheaper on a small CPU machine)
+        rows = [run(0), *(edge_case(i, dry) for i in range(1, n_cases))]
+    else:
+        with ThreadPoolExecutor(max_workers=8) as ex:
+            rows = list(ex.map(run, range(n_cases)))
     md = _md_table(["case", "dtype", "N x M", "D", "Triton ran", "rel err out / dq / dk / dv", "tol", ""], rows)
     n_ok = sum(r[-1] == "ok" for r in rows)
+    failed = n_ok < len(rows)
     _save(work, "edge", {"summary": f"{n_ok}/{len(rows)} ok", "markdown": md, "failed": failed, "rows": rows})
 
 
 def step_bench(work: Path, dry: bool) -> None:
     cmd = [
         sys.executable, "-m", "attnlib.cli.bench", "bench=gpu_quick", "n=[4096,8192]", "speed.head_dim=[128]",
-        "speed.time_budget_s=45", "progress=false", "plots=false", f"out_dir={work / 'bench'}", "name=gpu_quick",
+        "speed.time_budget_s=30", "progress=false", "plots=false", f"out_dir={work / 'bench'}", "name=gpu_quick",
     ]  # fmt: skip
     if dry:
         cmd.append("--cfg=job")  # compose and print the config only (the preset needs CUDA)
@@ -528,12 +553,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, Triton interpreter, configs parsed only")
-    ap.add_argument("--budget", type=float, default=450.0, help="overall seconds; later steps are skipped")
+    ap.add_argument("--budget", type=float, default=None, help="overall seconds (450; dry run 1200)")
     ap.add_argument("--only", nargs="*", choices=STEPS, help="run only these steps")
     ap.add_argument("--print-run", action="store_true", help="print the device tool's command / carry / timeout")
     ap.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--edge-case", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.edge_case is not None:
+        row = edge_case(args.edge_case, args.dry_run)
+        print(row, flush=True)
+        (Path(args.work) / f"edge_{args.edge_case}.json").write_text(json.dumps(row, default=str))
+        return 0
+    if args.budget is None:
+        args.budget = 1200.0 if args.dry_run else 450.0
     if args.print_run:
         print(json.dumps({"command": RUN_COMMAND, "carry": RUN_CARRY, "timeout_s": RUN_TIMEOUT_S}, indent=1))
         return 0

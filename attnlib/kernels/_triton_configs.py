@@ -24,7 +24,8 @@ is a candidate on 128-blocks.
    prune it (registers per thread are capped at 255 on every NVIDIA GPU since Volta, so the
    rule carries over to other cards; sm_80 is compiled too);
 4. at most ``MAX_CONFIGS`` survivors (the first in preference order): the first call of a new
-   shape autotunes at most 4 (half precision) or 3 (fp32) configs per kernel instead of 27.
+   shape autotunes at most 4 (half precision) or 3 (fp32) configs per kernel instead of 27
+   (``ATTNLIB_TRITON_MAX_CONFIGS=1`` takes the first only: tests, quick checks).
 
 When no candidate survives (e.g. head dim 256 on a ~99 KB card) :func:`unsupported` says so and
 the dispatcher routes the call to the PyTorch path with a ``RuntimeWarning``
@@ -276,7 +277,9 @@ def prune(
         )
         is None
     ]
-    return keep[: MAX_CONFIGS["half" if _cls(dtype, prec) == "half" else "fp32"]]
+    cap = MAX_CONFIGS["half" if _cls(dtype, prec) == "half" else "fp32"]
+    forced = os.environ.get("ATTNLIB_TRITON_MAX_CONFIGS", "")
+    return keep[: max(1, int(forced)) if forced.isdigit() else cap]
 
 
 @functools.lru_cache(maxsize=16)
