@@ -397,3 +397,11 @@ def test_gpu_forward_has_no_host_sync(spy) -> None:
             block_sparse_attention(q, k, v, bm, causal=True, kv_lengths=kvl)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_autotune_key_buckets_n() -> None:
+    """The autotuner re-tunes per power of two of N (and per mask block, head dim, precision,
+    flags), not once for every N, and not never."""
+    tri = _tri()
+    assert "N_BUCKET" in tri._KEY and {"BQ", "BK", "BLOCK_D", "PREC", "CAUSAL"} <= set(tri._KEY)
+    assert [tri._n_bucket(n) for n in (1, 100, 4096, 4097, 16384)] == [16, 128, 4096, 8192, 16384]
