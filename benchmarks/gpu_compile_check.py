@@ -12,7 +12,8 @@ the pruning never offers a config found over the limit, and that the estimate bo
 measured shared memory.
 
     python benchmarks/gpu_compile_check.py                       # sm_90, the full matrix (~1 h on 2 cores)
-    python benchmarks/gpu_compile_check.py --arch 80 --only-kept # sm_80, the configs the dispatcher keeps
+    python benchmarks/gpu_compile_check.py --arch 80 --only-kept --dtypes bf16 fp32 --dims 128 256
+                                                  # sm_80 (A100, 163 KB): the kept configs at the largest dims
     python benchmarks/gpu_compile_check.py --quick               # a handful of configs (smoke)
 
 Writes benchmarks/results/gpu_compile_sm<arch>.{md,json} (with machine, command, date, commit).
@@ -164,7 +165,7 @@ def verdict(rec: dict) -> dict:
     dtype = DTYPES[rec["dtype"]]
     bd = cfgs.block_d(rec["d"])
     c = cfgs.TileConfig(rec["block_m"], rec["block_n"], rec["warps"], rec["stages"])
-    kw = dict(dtype=dtype, block_d=bd, block_dv=bd, bq=MASK_BLOCK, bk=MASK_BLOCK, prec=rec["prec"])
+    kw = dict(dtype=dtype, block_d=bd, block_dv=bd, bq=MASK_BLOCK, bk=MASK_BLOCK, prec=rec["prec"], arch=rec["arch"])
     cands = cfgs.candidates(rec["kernel"], dtype, rec["prec"])
     kept = cfgs.prune(rec["kernel"], cands, smem_limit=ARCH_SMEM[rec["arch"]], **kw)
     rec["kept"] = c in kept
@@ -174,19 +175,23 @@ def verdict(rec: dict) -> dict:
         else (cfgs.why_pruned(rec["kernel"], c, smem_limit=ARCH_SMEM[rec["arch"]], **kw) or "beyond MAX_CONFIGS")
     )
     rec["smem_estimate"] = cfgs.smem_estimate(rec["kernel"], c, dtype, bd, bd, rec["prec"])
-    rec["head_dims"] = list(cfgs.head_dims(rec["kernel"], c, dtype, rec["prec"]))
+    rec["head_dims"] = list(cfgs.head_dims(rec["kernel"], c, dtype, rec["prec"], rec["arch"]))
     return rec
 
 
-def jobs_for(arch: int, only_kept: bool, quick: bool) -> list[dict]:
+def jobs_for(
+    arch: int, only_kept: bool, quick: bool, dtypes: tuple[str, ...] = tuple(DTYPES), dims: tuple[int, ...] = HEAD_DIMS
+) -> list[dict]:
     """Every candidate of every kernel, dtype (fp32: both precisions of the policy) and head dim;
     the pruned ones only for bf16 / fp32 (fp16 has bf16's sizes) and not for head dim 96 (the
     padded 128)."""
     out = []
     for dname, dtype in DTYPES.items():
+        if dname not in dtypes:
+            continue
         for kernel in KERNELS:
             for prec in ("tf32", "tf32x3") if dname == "fp32" else ("tf32",):
-                for d in HEAD_DIMS:
+                for d in dims:
                     for c in cfgs.candidates(kernel, dtype, prec):
                         job = {"arch": arch, "kernel": kernel, "dtype": dname, "prec": prec, "d": d}
                         job.update(block_m=c.block_m, block_n=c.block_n, warps=c.warps, stages=c.stages)
@@ -197,6 +202,17 @@ def jobs_for(arch: int, only_kept: bool, quick: bool) -> list[dict]:
     if quick:
         out = [j for j in out if j["d"] == 64 and j["dtype"] == "bf16"][:6]
     return out
+
+
+def kernel_source_sha() -> str:
+    """Hash of the three kernels' source (whitespace-insensitive): the results are stale when it changes."""
+    import hashlib
+    import inspect
+
+    from attnlib.kernels import _triton_block_sparse as tri
+
+    text = "".join("".join(inspect.getsource(fn).split()) for fn in tri.KERNELS.values())
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _commit() -> str:
@@ -274,6 +290,7 @@ def write(path: Path, arch: int, records: list[dict], meta: dict) -> None:
         f"{meta.get('compiled_now', len(records))} compiled by this run."
         if meta.get("reused")
         else f"All {len(records)} configs compiled by this run.",
+        *(["", f"Note: {meta['note']}"] if meta.get("note") else []),
         "",
         f"Command: `{meta['command']}`",
         "",
@@ -324,7 +341,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only-kept", action="store_true", help="compile only the configs the pruning keeps")
     ap.add_argument("--quick", action="store_true", help="a handful of configs (smoke test of the script)")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    ap.add_argument("--dims", nargs="+", type=int, default=list(HEAD_DIMS))
     ap.add_argument("--reuse", nargs="*", default=[], help="earlier .json / .partial.jsonl results to reuse")
+    ap.add_argument("--note", default="", help="provenance of reused measurements (written to the results)")
     ap.add_argument("--out", default=None, help="output stem under benchmarks/results (default gpu_compile_sm<arch>)")
     args = ap.parse_args(argv)
     import platform
@@ -333,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from attnlib.bench.machine import cpu_model
 
-    jobs = jobs_for(args.arch, args.only_kept, args.quick)
+    jobs = jobs_for(args.arch, args.only_kept, args.quick, tuple(args.dtypes), tuple(args.dims))
     stem = RESULTS / (args.out or f"gpu_compile_sm{args.arch}")
     done: dict[tuple, dict] = {}
     for path in args.reuse:  # measurements of an earlier run (same kernels): only verdicts are recomputed
@@ -367,9 +387,12 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
         "workers": args.workers,
+        "scope": {"dtypes": args.dtypes, "dims": args.dims, "only_kept": args.only_kept},
+        "kernel_source_sha": kernel_source_sha(),
         "compiled_now": len(todo),
         "reused": len(jobs) - len(todo),
         "reused_from": args.reuse,
+        "note": args.note,
         "wall_s": time.perf_counter() - t0,
         "loadavg": os.getloadavg(),
     }

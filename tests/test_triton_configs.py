@@ -31,11 +31,13 @@ def _load(arch: int) -> dict:
     return json.loads(path.read_text())
 
 
-def _kept(kernel: str, dtype: torch.dtype, d: int, limit: int, prec: str = "tf32") -> list[cfgs.TileConfig]:
+def _kept(
+    kernel: str, dtype: torch.dtype, d: int, limit: int, prec: str = "tf32", arch: int = 90
+) -> list[cfgs.TileConfig]:
     bd = cfgs.block_d(d)
     return cfgs.prune(
         kernel, cfgs.candidates(kernel, dtype, prec), dtype=dtype, block_d=bd, block_dv=bd, bq=128, bk=128,
-        prec=prec, smem_limit=limit,
+        prec=prec, smem_limit=limit, arch=arch,
     )  # fmt: skip
 
 
@@ -45,7 +47,7 @@ def test_pruning_never_offers_a_config_found_over_the_limit(arch: int) -> None:
     limit = data["smem_limit"]
     for r in data["records"]:
         c = cfgs.TileConfig(r["block_m"], r["block_n"], r["warps"], r["stages"])
-        kept = c in _kept(r["kernel"], DTYPES[r["dtype"]], r["d"], limit, r["prec"])
+        kept = c in _kept(r["kernel"], DTYPES[r["dtype"]], r["d"], limit, r["prec"], arch)
         bad = not r.get("ok") or r["smem"] > limit or r["spill_stores"] > cfgs.SPILL_BUDGET
         assert not (kept and bad), f"pruning keeps {r['kernel']} {r['dtype']} d={r['d']} {c}: {r}"
 
@@ -68,6 +70,9 @@ def test_results_cover_every_kept_config(arch: int) -> None:
     """Changing the candidates or the pruning needs a new compile run (the results would be stale)."""
     data = _load(arch)
     limit = data["smem_limit"]
+    scope = data["meta"].get("scope") or {}
+    dtypes = scope.get("dtypes") or list(DTYPES)
+    dims = scope.get("dims") or HEAD_DIMS
     have = {
         (r["kernel"], r["dtype"], r["prec"], r["d"], r["block_m"], r["block_n"], r["warps"], r["stages"])
         for r in data["records"]
@@ -75,9 +80,11 @@ def test_results_cover_every_kept_config(arch: int) -> None:
     }
     for kernel in ("fwd", "dkdv", "dq"):
         for name, dtype in DTYPES.items():
+            if name not in dtypes:
+                continue
             for prec in ("tf32", "tf32x3") if name == "fp32" else ("tf32",):
-                for d in HEAD_DIMS:
-                    kept = _kept(kernel, dtype, d, limit, prec)
+                for d in dims:
+                    kept = _kept(kernel, dtype, d, limit, prec, arch)
                     if (name, prec, d) == ("fp32", "tf32x3", 256) and kernel != "fwd":
                         assert not kept  # documented: exact fp32 at head dim 256 runs the PyTorch path
                         continue
@@ -87,11 +94,20 @@ def test_results_cover_every_kept_config(arch: int) -> None:
                         assert key in have, f"sm_{arch}: kept config {key} was not compiled by gpu_compile_check.py"
 
 
-def test_results_record_where_and_how() -> None:
-    meta = _load(90)["meta"]
-    for key in ("machine", "command", "date", "commit", "triton"):
+@pytest.mark.parametrize("arch", [90, 80])
+def test_results_record_where_and_how_and_are_current(arch: int) -> None:
+    import sys
+
+    meta = _load(arch)["meta"]
+    for key in ("machine", "command", "date", "commit", "triton", "kernel_source_sha"):
         assert meta.get(key), key
     assert "gpu_compile_check.py" in meta["command"]
+    sys.path.insert(0, str(RESULTS.parent))
+    try:
+        from gpu_compile_check import kernel_source_sha
+    finally:
+        sys.path.pop(0)
+    assert meta["kernel_source_sha"] == kernel_source_sha(), "kernels changed: rerun benchmarks/gpu_compile_check.py"
 
 
 def test_autotuning_is_bounded_and_tiles_fit_the_mask_block() -> None:

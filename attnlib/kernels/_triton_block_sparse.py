@@ -381,6 +381,7 @@ def _prune_for(kernel: str) -> Any:
             bk=args["BK"],
             prec=args["PREC"],
             smem_limit=cfgs.device_smem_limit(),
+            arch=cfgs.device_arch(),
         )
         if not keep:
             raise NoKernelConfigError(

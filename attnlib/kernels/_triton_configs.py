@@ -21,8 +21,8 @@ is a candidate on 128-blocks.
    upper bound of every measured value there (``tests/test_triton_configs.py`` checks it);
 3. registers: each candidate carries the head dims at which the offline compile
    (``ptxas -v``) found it spilling at most ``SPILL_BUDGET`` bytes per thread; other head dims
-   prune it (registers per thread are capped at 255 on every NVIDIA GPU since Volta, so the
-   rule carries over to other cards; sm_80 is compiled too);
+   prune it (registers per thread are capped at 255 on every NVIDIA GPU since Volta; pre-Hopper
+   cards use other MMA instructions, so the sm_80 compile adds a few exclusions there);
 4. at most ``MAX_CONFIGS`` survivors (the first in preference order): the first call of a new
    shape autotunes at most 4 (half precision) or 3 (fp32) configs per kernel instead of 27
    (``ATTNLIB_TRITON_MAX_CONFIGS=1`` takes the first only: tests, quick checks).
@@ -58,6 +58,7 @@ __all__ = [
     "TileConfig",
     "block_d",
     "candidates",
+    "device_arch",
     "device_smem_limit",
     "fp32_precision",
     "head_dims",
@@ -173,9 +174,23 @@ _CANDIDATES: dict[tuple[str, str], list[TileConfig]] = {
 }  # fmt: skip
 
 
-def head_dims(kernel: str, c: TileConfig, dtype: torch.dtype, prec: str = "tf32") -> tuple[int, ...]:
-    """The padded head dims at which ``c`` stays within SPILL_BUDGET (empty: not a candidate)."""
-    return _DIMS.get((kernel, _cls(dtype, prec), c.key()), ())
+# Pre-Hopper GPUs (mma.sync instead of wgmma) allocate registers differently: the sm_80 compile
+# of the kept configs found these spilling > SPILL_BUDGET at padded head dim 128 (9-18 KB for the
+# two dK/dV tiles), so on sm_8x they stop at 64.
+_PRE_HOPPER_MAX_D: dict[tuple[str, str, tuple[int, int, int, int]], int] = {
+    ("dkdv", "half", (64, 128, 8, 2)): 64,
+    ("dkdv", "half", (32, 128, 8, 2)): 64,
+    ("fwd", "tf32x3", (64, 32, 4, 2)): 64,
+}
+
+
+def head_dims(kernel: str, c: TileConfig, dtype: torch.dtype, prec: str = "tf32", arch: int = 90) -> tuple[int, ...]:
+    """The padded head dims at which ``c`` stays within SPILL_BUDGET on sm_<arch> (empty: not a candidate)."""
+    key = (kernel, _cls(dtype, prec), c.key())
+    dims = _DIMS.get(key, ())
+    if arch < 90 and key in _PRE_HOPPER_MAX_D:
+        dims = tuple(d for d in dims if d <= _PRE_HOPPER_MAX_D[key])
+    return dims
 
 
 def candidates(kernel: str, dtype: torch.dtype = torch.bfloat16, prec: str = "tf32") -> list[TileConfig]:
@@ -231,14 +246,15 @@ def why_pruned(
     bk: int,
     prec: str,
     smem_limit: int,
+    arch: int = 90,
 ) -> str | None:
-    """None when ``c`` may run this call, else why not (the first failing rule)."""
+    """None when ``c`` may run this call on sm_<arch>, else why not (the first failing rule)."""
     if c.block_m > bq or c.block_n > bk or bq % c.block_m or bk % c.block_n or min(c.block_m, c.block_n) < 16:
         return f"tile {c.block_m}x{c.block_n} does not divide the mask block {bq}x{bk}"
     smem = smem_estimate(kernel, c, dtype, block_d, block_dv, prec)
     if smem > smem_limit:
         return f"smem {smem // 1024} KB > {smem_limit // 1024} KB"
-    dims = head_dims(kernel, c, dtype, prec)
+    dims = head_dims(kernel, c, dtype, prec, arch)
     if max(block_d, block_dv) not in dims:
         return (
             f"registers: spills > {SPILL_BUDGET} B at head dim {max(block_d, block_dv)}" if dims else "not a candidate"
@@ -257,6 +273,7 @@ def prune(
     bk: int,
     prec: str,
     smem_limit: int,
+    arch: int = 90,
 ) -> list[TileConfig]:
     """The configs of the precision class that fit (see the module docstring), at most MAX_CONFIGS."""
     mine = {x.key() for x in candidates(kernel, dtype, prec)}
@@ -274,6 +291,7 @@ def prune(
             bk=bk,
             prec=prec,
             smem_limit=smem_limit,
+            arch=arch,
         )
         is None
     ]
@@ -310,6 +328,26 @@ def device_smem_limit(device: torch.device | int | None = None) -> int:
     return _smem_of(index)
 
 
+@functools.lru_cache(maxsize=16)
+def _arch_of(index: int) -> int:
+    try:
+        major, minor = torch.cuda.get_device_capability(index)
+        return 10 * major + minor
+    except Exception:
+        return 90
+
+
+def device_arch(device: torch.device | int | None = None) -> int:
+    """Compute capability as an int (90 for sm_90) of ``device`` (default: the current CUDA device)."""
+    if not torch.cuda.is_available():
+        return 90
+    if isinstance(device, int):
+        return _arch_of(device)
+    if device is None or device.index is None:
+        return _arch_of(torch.cuda.current_device())
+    return _arch_of(device.index)
+
+
 def fp32_precision() -> str:
     """``input_precision`` of the dots for fp32 inputs (see the module docstring)."""
     forced = os.environ.get("ATTNLIB_TRITON_FP32", "").lower()
@@ -325,14 +363,18 @@ def unsupported(
 ) -> str | None:
     """None when every kernel has a config that fits this call on ``device``, else why not."""
     prec = fp32_precision() if dtype == torch.float32 else "tf32"
-    return _unsupported(dtype, int(d), int(dv), (int(block[0]), int(block[1])), device_smem_limit(device), prec)
+    limit, arch = device_smem_limit(device), device_arch(device)
+    return _unsupported(dtype, int(d), int(dv), (int(block[0]), int(block[1])), limit, prec, arch)
 
 
 @functools.lru_cache(maxsize=256)
-def _unsupported(dtype: torch.dtype, d: int, dv: int, block: tuple[int, int], limit: int, prec: str) -> str | None:
+def _unsupported(
+    dtype: torch.dtype, d: int, dv: int, block: tuple[int, int], limit: int, prec: str, arch: int
+) -> str | None:
     bd, bdv = block_d(d), block_d(dv)
     for kernel in ("fwd", "dkdv", "dq"):
-        kw = dict(dtype=dtype, block_d=bd, block_dv=bdv, bq=block[0], bk=block[1], prec=prec, smem_limit=limit)
+        kw = dict(bq=block[0], bk=block[1], prec=prec, smem_limit=limit, arch=arch)
+        kw.update(dtype=dtype, block_d=bd, block_dv=bdv)
         cands = candidates(kernel, dtype, prec)
         if not prune(kernel, cands, **kw):  # type: ignore[arg-type]
             reasons = sorted({str(why_pruned(kernel, c, **kw)) for c in cands})  # type: ignore[arg-type]
