@@ -365,7 +365,14 @@ def main(argv: list[str] | None = None) -> None:
     todo = [j for j in jobs if _key(j) not in done]
     print(f"{len(jobs)} configs for sm_{args.arch}: {len(jobs) - len(todo)} reused, {len(todo)} to compile", flush=True)
     t0 = time.perf_counter()
-    records = [verdict({**done[_key(j)], **{k: j[k] for k in ("kept",)}}) for j in jobs if _key(j) in done]
+    records = [verdict(dict(done[_key(j)])) for j in jobs if _key(j) in done]
+    # reused measurements of configs outside today's job list (e.g. now pruned): kept as evidence
+    job_keys = {_key(j) for j in jobs}
+    records += [
+        verdict(dict(r))
+        for k, r in done.items()
+        if k not in job_keys and r["arch"] == args.arch and r["dtype"] in args.dtypes and r["d"] in args.dims
+    ]
     progress = stem.with_suffix(".partial.jsonl")
     with ProcessPoolExecutor(max_workers=args.workers) as ex, progress.open("a") as log:
         for i, rec in enumerate(ex.map(compile_one, todo)):
@@ -385,7 +392,13 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "commit": _commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        "command": "python "
+        + " ".join(
+            [Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])][
+                : (None if not args.note else -2)
+            ]
+        )
+        + (" --note <the note below>" if args.note else ""),
         "workers": args.workers,
         "scope": {"dtypes": args.dtypes, "dims": args.dims, "only_kept": args.only_kept},
         "kernel_source_sha": kernel_source_sha(),
