@@ -234,7 +234,7 @@ def write(path: Path, arch: int, records: list[dict], meta: dict) -> None:
         rows.append(
             [
                 r["kernel"],
-                r["dtype"],
+                r["dtype"] + (f" {r['prec']}" if r["dtype"] == "fp32" else ""),
                 r["d"],
                 f"{r['block_m']}x{r['block_n']}",
                 r["warps"],
