@@ -57,8 +57,12 @@ def test_batch_mismatch(attn: attnlib.Attention) -> None:
 
 def test_mask_shape_and_dtype(attn: attnlib.Attention) -> None:
     x = torch.randn(2, 5, 32)
-    with pytest.raises(ValueError, match=r"key padding of shape \(B, M\) = \(2, 5\), got \(2, 6\)"):
-        attn(x, mask=torch.ones(2, 6, dtype=torch.bool))
+    with pytest.raises(
+        ValueError, match=r"key_padding_mask is key padding of shape \(B, M\) = \(2, 5\).*got shape \(2, 6\)"
+    ):
+        attn(x, key_padding_mask=torch.ones(2, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"2-D mask is read as \(N, M\) = \(5, 5\).*key padding \(B, M\) = \(2, 5\)"):
+        attn(x, mask=torch.ones(2, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="must be a bool tensor.*got dtype torch.float32"):
         attn(x, mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match=r"\(B\|1, H\|1, N, M\)"):
