@@ -438,7 +438,7 @@ class BlockMask(BlockPatterns):
         where = "BlockMask.from_mask_mod"
         if not callable(mask_mod):
             raise ValueError(
-                f"{where}: mask_mod must be a callable mask_mod(b, h, q_idx, kv_idx), got {describe(mask_mod)}"
+                f"{where}: mask_mod must be a function (b, h, q_idx, kv_idx) -> bool tensor, got {describe(mask_mod)}"
             )
         bq, bk = positive_int_pair(block_size, f"{where}: block_size", hint=" (bq, bk)")
         N, M = positive_int(N, f"{where}: N"), positive_int(M, f"{where}: M")
