@@ -294,11 +294,11 @@ def _tensor_readings(out: AttentionMask) -> str:
     return f"(N, M) = ({n}, {m}), (1, N, M) or (B|1, H|1, N, M) = ({b}|1, {h}|1, {n}, {m}), broadcast as in SDPA"
 
 
-def _check_bool_on(out: AttentionMask, t: Tensor, what: str) -> None:
+def _check_bool_on(out: AttentionMask, t: Tensor, what: str, meaning: str = "True = may attend") -> None:
     if t.dtype != torch.bool:
         raise ValueError(
-            f"{what} must be a bool tensor (True = may attend), got dtype {t.dtype}; "
-            "convert an additive or 0/1 mask with `mask > 0` or `mask == 0` as appropriate"
+            f"{what} must be a bool tensor ({meaning}), got dtype {t.dtype}; "
+            f"convert an additive or 0/1 mask with `{what} > 0` or `{what} == 0` as appropriate"
         )
     if t.device != out.device:
         raise ValueError(f"{what} is on {t.device} but the inputs are on {out.device}")
@@ -310,7 +310,7 @@ def _add_key_padding(out: AttentionMask, kp: object, what: str) -> None:
         raise ValueError(
             f"{what} must be a bool tensor (B, M) = ({out.batch}, {out.m}) (True = real key), got {describe(kp)}"
         )
-    _check_bool_on(out, kp, what)
+    _check_bool_on(out, kp, what, "True = real key")
     if tuple(kp.shape) != (out.batch, out.m):
         raise ValueError(
             f"{what} is key padding of shape (B, M) = ({out.batch}, {out.m}) (True = real key), "
