@@ -254,6 +254,6 @@ def test_fnet_variant_mixes_all_heads_values() -> None:
     with pytest.raises(attnlib.UnsupportedError, match="fnet"):
         attnlib.Attention(24, 3, variant="fnet", causal=True)
     with pytest.raises(attnlib.UnsupportedError, match="fnet"):
-        attn.double()(x, mask=torch.ones(2, 9, dtype=torch.bool))
+        attn.double()(x, key_padding_mask=torch.ones(2, 9, dtype=torch.bool))
     with pytest.raises(ValueError, match="norm must be"):
         attnlib.Attention(24, 3, variant="fnet", norm="forward")

@@ -23,7 +23,7 @@ from attnlib.functional import (
     performer_projection,
 )
 from attnlib.functional.linear import performer_feature_logits
-from attnlib.masks import SlidingWindow
+from attnlib.masks import KeyPadding, SlidingWindow
 from attnlib.testing import make_qkv, rel_error
 
 ATOL = 1e-10
@@ -112,12 +112,13 @@ def _check(fn, ref, n, m, hkv, causal, padded, chunks=(1, 7, 16, 64)):
     kp = _pad_mask(2, m) if padded else None
     out_ref, w_ref = ref(q, k, v, causal, kp)
     imp_ref = w_ref.mean(-2)
+    km = None if kp is None else KeyPadding(kp)
     for c in chunks if causal else chunks[:1]:
-        out, imp = fn(q, k, v, causal=causal, mask=kp, chunk_size=c, return_importance=True)
+        out, imp = fn(q, k, v, causal=causal, mask=km, chunk_size=c, return_importance=True)
         torch.testing.assert_close(out, out_ref, rtol=0, atol=ATOL)
         torch.testing.assert_close(imp, imp_ref, rtol=0, atol=ATOL)
-        torch.testing.assert_close(fn(q, k, v, causal=causal, mask=kp, chunk_size=c), out_ref, rtol=0, atol=ATOL)
-    out_e, w, imp_e = fn(q, k, v, causal=causal, mask=kp, return_weights=True, return_importance=True)
+        torch.testing.assert_close(fn(q, k, v, causal=causal, mask=km, chunk_size=c), out_ref, rtol=0, atol=ATOL)
+    out_e, w, imp_e = fn(q, k, v, causal=causal, mask=km, return_weights=True, return_importance=True)
     torch.testing.assert_close(w, w_ref, rtol=0, atol=ATOL)
     torch.testing.assert_close(out_e, w @ _expand(v, 4), rtol=0, atol=ATOL)
     torch.testing.assert_close(imp_e, imp_ref, rtol=0, atol=ATOL)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlib._validation import positive_int
+from attnlib._validation import positive_int, positive_number
 from attnlib.errors import UnsupportedError
 from attnlib.functional._common import acc_dtype
 from attnlib.functional.ecoformer import BiasMode, ecoformer_attention, ecoformer_step, kernelized_hash, learn_ksh_hash
@@ -388,7 +388,7 @@ class LinearSelfAttention(KernelCore):
         if normalize not in ("none", "n", "prefix_count"):
             raise ValueError(f"lsa: normalize must be 'none', 'n' or 'prefix_count', got {normalize!r}")
         self.normalize = normalize
-        self.scale = float(scale)
+        self.scale = positive_number(scale, f"{self.name}: scale")
 
     def attend(
         self,

@@ -21,13 +21,21 @@ softmax attention under "caller masks AND the variant's pattern".
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from attnlib import dispatch
-from attnlib._validation import fraction, non_negative_int, positive_int
+from attnlib._validation import (
+    fraction,
+    non_negative_int,
+    non_negative_number,
+    optional_positive_number,
+    positive_int,
+    positive_number,
+)
 from attnlib.functional.grat import grat_caller_mask, grat_layout
 from attnlib.functional.softmax import softmax_attention, softmax_importance
 from attnlib.functional.sparse import (
@@ -63,8 +71,6 @@ __all__ = [
 # ------------------------------------------------------------------------------------------
 # shared helpers
 # ------------------------------------------------------------------------------------------
-
-
 
 
 def _with_caller(am: AttentionMask, pattern: BlockMask | None, block_size: tuple[int, int]) -> BlockMask:
@@ -199,7 +205,7 @@ class BlockSparseAttention(AttentionCore):
         self.stride = positive_int(stride, f"{where}: stride")
         self.local = None if local is None else positive_int(local, f"{where}: local")
         self.num_global = positive_int(num_global, f"{where}: num_global")
-        self.scale = scale
+        self.scale = optional_positive_number(scale, f"{self.name}: scale")
         self._cache: dict[tuple[int, int, str], BlockMask | None] = {}
 
     @classmethod
@@ -315,8 +321,16 @@ class GRATAttention(AttentionCore):
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
         where = "grat"
-        self.grid = None if grid is None else tuple(int(g) for g in grid)
-        self.group = (group,) if isinstance(group, int) else tuple(int(g) for g in group)
+        if grid is not None and not (isinstance(grid, Sequence) and not isinstance(grid, str) and 1 <= len(grid) <= 3):
+            raise ValueError(
+                f"{where}: grid must be None (1-D: the sequence itself) or the token grid (H, W) / (T, H, W) "
+                f"as a tuple of positive ints, got {grid!r}"
+            )
+        self.grid = None if grid is None else tuple(positive_int(g, f"{where}: grid entry") for g in grid)
+        if isinstance(group, Sequence) and not isinstance(group, str):
+            self.group = tuple(positive_int(g, f"{where}: group entry") for g in group)
+        else:
+            self.group = (positive_int(group, f"{where}: group", hint=" (or a tuple of them, one per grid axis)"),)
         if self.grid is not None and len(self.grid) != len(self.group):
             raise ValueError(f"{where}: grid {self.grid} and group {self.group} must have the same rank")
         if self.grid is None and len(self.group) != 1:
@@ -326,7 +340,7 @@ class GRATAttention(AttentionCore):
         non_negative_int(radius, f"{where}: radius")
         self.mode, self.radius = mode, radius
         self.block_size = positive_int(block_size, f"{where}: block_size")
-        self.scale = scale
+        self.scale = optional_positive_number(scale, f"{self.name}: scale")
         self._cache: dict[tuple[int, str], tuple[BlockMask, Tensor | None]] = {}
 
     @classmethod
@@ -475,12 +489,12 @@ class SeerAttention(AttentionCore):
             if not ops or any(o not in ("avg", "max", "min") for o in ops):
                 raise ValueError(f"{where}: pooling ops must be a non-empty list of 'avg', 'max', 'min', got {ops}")
         self.gate_rope, self.rope_base = bool(gate_rope), float(rope_base)
-        self.loss_scale = float(loss_scale)
+        self.loss_scale = non_negative_number(loss_scale, f"{self.name}: loss_scale")
         if not 0.0 <= float(skip_first) < 1.0:
             raise ValueError(f"{where}: skip_first must be in [0, 1), got {skip_first!r}")
         self.skip_first = float(skip_first)
         self.train_sparse = bool(train_sparse)
-        self.scale = scale
+        self.scale = optional_positive_number(scale, f"{self.name}: scale")
         self.q_gate: nn.Parameter | None = None
         if not (len(self.q_pool) == 1 and self.gate_dim == head_dim):
             self.q_gate = nn.Parameter(torch.empty(num_heads, len(self.q_pool) * head_dim, self.gate_dim))
@@ -666,7 +680,7 @@ class MoSAAttention(AttentionCore):
         self.threshold = float(threshold)
         self.include_first = bool(include_first)
         self.min_tokens = positive_int(min_tokens, "mosa: min_tokens")
-        self.scale = scale
+        self.scale = optional_positive_number(scale, f"{self.name}: scale")
         self.router = nn.Linear(num_heads * head_dim, num_heads, bias=router_bias)
 
     @classmethod
@@ -808,10 +822,11 @@ class SparsifinerAttention(AttentionCore):
         self.basis_topk = positive_int(basis_topk, f"{where}: basis_topk")
         self.basis_threshold = float(basis_threshold)
         self.num_dense_queries = non_negative_int(num_dense_queries, f"{where}: num_dense_queries")
-        self.predictor_scale = num_heads**-0.5 if predictor_scale is None else float(predictor_scale)
+        ps = optional_positive_number(predictor_scale, f"{self.name}: predictor_scale")
+        self.predictor_scale = num_heads**-0.5 if ps is None else ps
         self.recon_weight = float(recon_weight)
         self.reconstruct = bool(reconstruct)
-        self.scale = scale
+        self.scale = optional_positive_number(scale, f"{self.name}: scale")
         self.q_reduce = nn.Linear(head_dim, c)
         self.k_reduce = nn.Linear(head_dim, c)
         self.down = nn.Parameter(torch.empty(self.num_tokens, n_d))
@@ -962,11 +977,11 @@ class SwinBERTMaskAttention(AttentionCore):
         where = "swinbert_mask"
         self.num_tokens = positive_int(num_tokens, f"{where}: num_tokens")
         self.sparsity_weight = float(sparsity_weight)
-        self.mask_scale = float(mask_scale)
+        self.mask_scale = positive_number(mask_scale, f"{self.name}: mask_scale")
         self.hard_at_inference = bool(hard_at_inference)
         self.threshold = float(threshold)
         self.block_size = positive_int(block_size, f"{where}: block_size")
-        self.scale = scale
+        self.scale = optional_positive_number(scale, f"{self.name}: scale")
         self.mask_logits = nn.Parameter(torch.randn(self.num_tokens, self.num_tokens) * float(init_std))
         self._hard: tuple[tuple[Any, ...], BlockMask] | None = None
 
