@@ -144,6 +144,30 @@ def test_aft_stable_for_large_keys_and_bias_in_float32(causal: bool) -> None:
         assert rel_error(out, ref) < 1e-5
 
 
+def test_aft_causal_rows_keep_their_terms_when_a_later_key_is_huge() -> None:
+    """A key of +120 after row t (same row block) must not flush row t's terms to zero in fp32.
+
+    e^{K - 120} underflows for ordinary keys when the shift is shared with the later key; the
+    causal row blocks are split instead (outputs and importance equal the float64 oracle).
+    """
+    q, k, v, w, kp = _inputs(t=23)
+    k[:, :, 9] = 0.0
+    k[0, 1, 9, 2] = 120.0
+    k[1, 2, 14, 0] = 150.0
+    for label, fn, wdef in (
+        ("full", lambda a, b, c, ww, **kw: aft_full(a, b, c, ww, **kw), w),
+        ("local", lambda a, b, c, ww, **kw: aft_local(a, b, c, ww, 4, **kw), _band(w, 4)),
+        ("simple", lambda a, b, c, ww, **kw: aft_simple(a, b, c, **kw), torch.zeros_like(w)),
+    ):
+        ref, ref_imp = ref_aft(q, k, v, wdef, causal=True, kp=kp)
+        for c in (8, 64):
+            args = (q.float(), k.float(), v.float(), w.float())
+            out, imp = fn(*args, causal=True, mask=kp, chunk_size=c, return_importance=True)
+            assert rel_error(out, ref) < 1e-5, f"{label} c={c}"
+            assert rel_error(imp, ref_imp) < 1e-5, f"{label} importance c={c}"
+            assert rel_error(fn(*args, causal=True, mask=kp, chunk_size=c), ref) < 1e-5, f"{label} fast c={c}"
+
+
 @pytest.mark.slow
 def test_aft_half_precision_long_sequence() -> None:
     g = torch.Generator().manual_seed(0)
