@@ -15,6 +15,7 @@ __all__ = [
     "nonzero",
     "repeat_kv",
     "safe_div",
+    "softmax_or_zero",
     "weights_importance",
 ]
 
@@ -62,6 +63,14 @@ def safe_div(num: Tensor, den: Tensor) -> Tensor:
     """``num / den`` where ``den != 0``, else 0 (finite gradients; rows with no key -> 0)."""
     ok = den != 0
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def softmax_or_zero(s: Tensor) -> Tensor:
+    """Softmax over the last dim of logits s (..., M) with -inf at masked entries; a row whose
+    entries are all -inf gives zeros (with finite gradients), and NaN stays NaN (never hidden as a
+    plausible number, as ``softmax(s).nan_to_num(0)`` would)."""
+    empty = (s == float("-inf")).all(-1, keepdim=True)
+    return torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
 
 
 def weights_importance(weights: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlib.functional._common import acc_dtype, masked_scores, nonzero, repeat_kv
+from attnlib.functional._common import acc_dtype, masked_scores, nonzero, repeat_kv, softmax_or_zero
 from attnlib.functional.softmax import softmax_attention
 from attnlib.masks import AttentionMask
 from attnlib.positional import apply_rotary
@@ -107,7 +107,7 @@ def block_max_attention(
     for s0 in range(0, n, rows):
         s1 = min(n, s0 + rows)
         s = masked_scores(q, k, mask, (s0, s1), scale, acc)
-        p = torch.softmax(s, -1).nan_to_num(0.0)  # empty rows -> 0
+        p = softmax_or_zero(s)  # empty rows -> 0
         nr = s1 - s0
         i0 = s0 // bq
         nblk = math.ceil(nr / bq)
@@ -211,9 +211,10 @@ def seer_select(
     (block level) permits are always kept.
     """
     nk = logits.shape[-1]
-    finite = logits > float("-inf")
+    finite = logits != float("-inf")  # NaN scores count as allowed (selected), so NaN is never hidden
     if threshold is not None:
-        sel = torch.softmax(logits, -1).nan_to_num(0.0) > threshold
+        probs = torch.softmax(logits, -1)
+        sel = (probs > threshold) | probs.isnan()  # a NaN score keeps its blocks: NaN must reach the output
     else:
         if causal:
             kk = max(1, math.floor((1 - math.sqrt(1 - density)) * nk))
@@ -293,7 +294,7 @@ def mosa_route(
     if key_padding is not None:
         valid = valid & key_padding[:, None, :]
     if causal_routing:
-        pick = (r.detach() > threshold) & valid
+        pick = ((r.detach() > threshold) | r.detach().isnan()) & valid  # a NaN score is picked: NaN stays NaN
         if include_first:
             pick[..., 0] = valid[..., 0].expand_as(pick[..., 0])
         cnt = pick.sum(-1)
@@ -440,7 +441,7 @@ def sparsifiner_recon_loss(
         s = torch.matmul(q, k.transpose(-1, -2)) * scale
         if allowed is not None:
             s = s.masked_fill(~allowed, float("-inf"))
-        teacher = torch.softmax(s.to(acc_dtype(q.dtype)), -1).nan_to_num(0.0)
+        teacher = softmax_or_zero(s.to(acc_dtype(q.dtype)))
     nd = num_dense_queries
     return (a_raw[:, :, nd:] - teacher[:, :, nd:].to(a_raw.dtype)).square().sum()
 
@@ -495,7 +496,7 @@ def sparsifiner_attention(
         if rank_ok is not None:
             ok = ok & rank_ok
         s = s.masked_fill(~ok, float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype)
+    p = softmax_or_zero(s).to(q.dtype)
     pd = F.dropout(p, dropout_p) if dropout_p > 0 else p
     out = torch.einsum("bhnk,bhnkd->bhnd", pd, vg)
     nd = min(num_dense_queries, n)
@@ -570,5 +571,5 @@ def swinbert_soft_attention(
     s = torch.cat([s[..., :s0, :], torch.cat([s[..., s0:, :s0], s[..., s0:, s0:] + bias], -1)], -2)
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
-    w = torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype)
+    w = softmax_or_zero(s).to(q.dtype)
     return torch.matmul(w, vv), w

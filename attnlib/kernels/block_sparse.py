@@ -467,7 +467,8 @@ def _part_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: f
             attn_mask=None if bias is None else bias.expand(*q.shape[:2], *bias.shape[2:]),
             scale=scale,
         )
-        return out, lse
+        nan_q = q.isnan().any(-1, keepdim=True)  # the fused kernel returns 0 for such a row (few keys)
+        return out.masked_fill(nan_q, float("nan")), lse.masked_fill(nan_q.squeeze(-1), float("nan"))
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale
     if bias is not None:
