@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlib._validation import check_qkv, describe, positive_int
-from attnlib.functional._common import acc_dtype, nonzero, repeat_kv, safe_div
+from attnlib.functional._common import acc_dtype, nonzero, repeat_kv, safe_div, sequence_extent
 from attnlib.functional._scan import (
     FinishFn,
     blocked_attention,
@@ -520,7 +520,8 @@ def cosformer_attention(
     args = (causal, eps, chunk_size, explicit, return_weights, return_importance, out_dtype)
     if max_len is not None or (kp is None and query_padding is None):
         return _cosformer(q, k, v, kp, max(n, m) if max_len is None else int(max_len), *args)
-    lengths = torch.maximum(_extent(query_padding, n, b, q.device), _extent(kp, m, b, q.device)).clamp_min(1)
+    lengths = torch.maximum(sequence_extent(query_padding, n, b, q.device), sequence_extent(kp, m, b, q.device))
+    lengths = lengths.clamp_min(1)
     groups = [(int(length), (lengths == length).nonzero().flatten()) for length in lengths.unique().tolist()]
     if len(groups) == 1:
         return _cosformer(q, k, v, kp, groups[0][0], *args)
@@ -531,14 +532,6 @@ def cosformer_attention(
     if isinstance(parts[0], Tensor):
         return torch.cat(parts)[order]  # type: ignore[arg-type]
     return tuple(torch.cat([p[j] for p in parts])[order] for j in range(len(parts[0])))
-
-
-def _extent(valid: Tensor | None, size: int, batch: int, device: torch.device) -> Tensor:
-    """Per example, 1 + the index of its last True entry (0 when none): valid (B, T) or None -> (B,)."""
-    if valid is None:
-        return torch.full((batch,), size, dtype=torch.long, device=device)
-    idx = torch.arange(1, size + 1, device=device)
-    return (valid.to(torch.long) * idx).amax(-1)
 
 
 def _cosformer(

@@ -26,7 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlib.functional._common import acc_dtype, masked_scores, nonzero, repeat_kv, softmax_or_zero
+from attnlib.functional._common import (
+    acc_dtype,
+    masked_scores,
+    nonzero,
+    repeat_kv,
+    sequence_extent,
+    softmax_or_zero,
+)
 from attnlib.functional.softmax import softmax_attention
 from attnlib.masks import AttentionMask
 from attnlib.positional import apply_rotary
@@ -135,6 +142,7 @@ def seer_gate_logits(
     allowed: Tensor | None = None,
     causal_gate: bool = False,
     key_valid: Tensor | None = None,
+    cross: bool = False,
 ) -> Tensor:
     """SeerAttention's AttnGate: block logits (B, H, n_q, n_k), float32 (float64 for float64 inputs).
 
@@ -150,13 +158,15 @@ def seer_gate_logits(
         causal_gate: query block I is represented by query block I - 1 (block 0 by its first
             query) and only key blocks entirely before it are scored, so the gate never reads
             future tokens.
-        key_valid: (B, M) bool, keeps padding out of the pooling (of the queries too when N == M).
+        key_valid: (B, M) bool, keeps padding out of the pooling (of the queries too in
+            self-attention, i.e. N == M and not ``cross``).
+        cross: cross-attention (the queries are not padded, whatever N and M).
     """
     _, h, n, _ = q.shape
     m = k.shape[2]
     bs = block_size
     acc = acc_dtype(q.dtype)
-    q_valid = key_valid if key_valid is not None and n == m else None
+    q_valid = key_valid if key_valid is not None and n == m and not cross else None
     qp = block_pool(q.to(acc), bs, q_pool, q_valid)
     kp = block_pool(k.to(acc), bs, k_pool, key_valid)
     if causal_gate:
@@ -201,6 +211,7 @@ def seer_select(
     block_size: int,
     n: int,
     m: int,
+    key_padding: Tensor | None = None,
 ) -> Tensor:
     """SeerAttention's block selection (B, H, n_q, n_k) bool from gate logits (B, H, n_q, n_k).
 
@@ -208,7 +219,9 @@ def seer_select(
     n_k)), the official ``nz_ratio`` rule; otherwise k = max(1, round(density · n_k))), or
     ``threshold`` on softmax(logits) when given; never a -inf logit. With ``causal`` the
     blocks holding each query block's own positions (:func:`seer_own_blocks`) that ``allowed``
-    (block level) permits are always kept.
+    (block level) permits are always kept. With ``key_padding`` (B, M) n_k is each example's
+    number of key blocks up to its last real key, so a padded example keeps the blocks it keeps
+    when run alone.
     """
     nk = logits.shape[-1]
     finite = logits != float("-inf")  # NaN scores count as allowed (selected), so NaN is never hidden
@@ -216,12 +229,12 @@ def seer_select(
         probs = torch.softmax(logits, -1)
         sel = (probs > threshold) | probs.isnan()  # a NaN score keeps its blocks: NaN must reach the output
     else:
-        if causal:
-            kk = max(1, math.floor((1 - math.sqrt(1 - density)) * nk))
-        else:
-            kk = max(1, round(density * nk))
-        top = logits.topk(min(kk, nk), dim=-1).indices
-        sel = torch.zeros_like(finite).scatter_(-1, top, True)
+        counts = -(-sequence_extent(key_padding, m, logits.shape[0], logits.device) // block_size)  # (B,)
+        kk = (1 - math.sqrt(1 - density)) * counts if causal else density * counts
+        kk = (kk.floor() if causal else kk.round()).clamp_min(1).to(torch.long)  # (B,)
+        top = logits.topk(min(int(kk.max()), nk), dim=-1).indices
+        keep = torch.arange(top.shape[-1], device=logits.device) < kk[:, None, None, None]
+        sel = torch.zeros_like(finite).scatter_(-1, top, keep.expand_as(top))
     sel = sel & finite
     if causal:  # keep the block(s) holding each query block's own positions
         sel = sel | (seer_own_blocks(n, m, block_size, logits.device) & allowed)

@@ -570,7 +570,7 @@ class EcoformerAttention(KernelCore):
         if self.training and not bool(self.hash_learned):
             self.learn_hash(q, k, mask)
         kp = mask.key_padding
-        qvalid = kp if (kp is not None and q.shape[2] == k.shape[2]) else None
+        qvalid = None if cross else kp  # self-attention: padded tokens are no queries either
         hq = self.codes(q, causal=mask.causal, valid=qvalid)
         hk = self.codes(k, causal=mask.causal, valid=kp)
         res = ecoformer_attention(

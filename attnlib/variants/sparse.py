@@ -65,8 +65,6 @@ __all__ = [
 # ------------------------------------------------------------------------------------------
 
 
-
-
 def _with_caller(am: AttentionMask, pattern: BlockMask | None, block_size: tuple[int, int]) -> BlockMask:
     """pattern AND every caller mask, as one BlockMask."""
     caller = am.as_block_mask(block_size)
@@ -502,13 +500,15 @@ class SeerAttention(AttentionCore):
         *,
         causal: bool = False,
         key_valid: Tensor | None = None,
+        cross: bool = False,
     ) -> Tensor:
         """Block logits (B, H, n_q, n_k), float32 (float64 for float64 inputs).
 
         ``allowed`` (block level, broadcastable) sets the rest to -inf; ``key_valid`` (B, M)
-        keeps padding out of the pooling. With ``causal`` and ``causal_gate`` query block I is
-        represented by query block I - 1 (block 0 by its first query) and only key blocks
-        entirely before it are scored, so the gate never reads future tokens.
+        keeps padding out of the pooling (of the queries too unless ``cross``). With ``causal``
+        and ``causal_gate`` query block I is represented by query block I - 1 (block 0 by its
+        first query) and only key blocks entirely before it are scored, so the gate never reads
+        future tokens.
         """
         return seer_gate_logits(
             q,
@@ -522,10 +522,14 @@ class SeerAttention(AttentionCore):
             allowed=allowed,
             causal_gate=causal and self.causal_gate,
             key_valid=key_valid,
+            cross=cross,
         )
 
-    def select(self, logits: Tensor, allowed: Tensor, causal: bool, n: int, m: int) -> Tensor:
-        """Block selection (B, H, n_q, n_k) bool from gate logits and the caller's allowed blocks."""
+    def select(
+        self, logits: Tensor, allowed: Tensor, causal: bool, n: int, m: int, key_padding: Tensor | None = None
+    ) -> Tensor:
+        """Block selection (B, H, n_q, n_k) bool from gate logits and the caller's allowed blocks;
+        with ``key_padding`` (B, M) the top-k budget counts each example's blocks up to its last real key."""
         return seer_select(
             logits,
             allowed,
@@ -535,6 +539,7 @@ class SeerAttention(AttentionCore):
             block_size=self.block_size,
             n=n,
             m=m,
+            key_padding=key_padding,
         )
 
     def attend(
@@ -556,14 +561,14 @@ class SeerAttention(AttentionCore):
         base = _with_caller(mask, None, bs)
         partial, full = base.block_states()
         allowed = (partial | full).expand(b, h, -1, -1)
-        logits = self.gate_logits(q, k, allowed, causal=mask.causal, key_valid=mask.key_padding)
+        logits = self.gate_logits(q, k, allowed, causal=mask.causal, key_valid=mask.key_padding, cross=cross)
         aux = None
         if self.training:
             aux = self.loss_scale * seer_gate_loss(logits, q, k, mask, scale, self.block_size, self.skip_first)
             if not self.train_sparse:  # no attention dropout (capabilities.attn_dropout=False)
                 return _dense(q, k, v, mask, scale, 0.0, need_weights, need_importance, aux)
         with torch.no_grad():
-            sel = self.select(logits.detach(), allowed, mask.causal, n, m)
+            sel = self.select(logits.detach(), allowed, mask.causal, n, m, mask.key_padding)
         bm = base.restrict(sel)
         res = _run_block(q, k, v, bm, scale, need_weights, need_importance)
         res.aux_loss = aux
