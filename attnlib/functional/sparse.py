@@ -290,8 +290,8 @@ def mosa_route(
     Router ``r = sigmoid(x W^T + b)`` with x the concatenated per-head queries (B, N, H·D),
     ``weight`` (H, H·D), ``bias`` (H,) or None, in float32 (float64 for float64 inputs).
     Expert choice (``causal_routing=False``): head e picks its top-k tokens,
-    k = clamp(floor(N / sparsity), min_tokens, N). Causal routing: token t is picked iff
-    ``r_t > threshold`` (a per-token decision; k varies per head). Padding tokens
+    k = clamp(floor(N / sparsity), min_tokens, N), N the example's number of real tokens.
+    Causal routing: token t is picked iff ``r_t > threshold`` (a per-token decision; k varies per head). Padding tokens
     (``key_padding`` (B, N) False) are never picked; ``include_first`` always picks token 0.
 
     Returns:
@@ -320,8 +320,12 @@ def mosa_route(
     if include_first:
         score[..., 0] = torch.where(valid[..., 0], float("inf"), float("-inf"))
     top = score.topk(kk, dim=-1).indices
-    idx, _ = top.sort(-1)
+    idx, order = top.sort(-1)
     slot_valid = torch.gather(valid.expand(b, h, n), -1, idx)
+    if key_padding is not None:  # k from the example's real tokens: a padded example picks what it picks alone
+        real = key_padding.sum(-1)  # (B,)
+        k_b = torch.minimum(real, (real.double() / sparsity).floor().long().clamp_min(min_tokens))
+        slot_valid = slot_valid & (order < k_b[:, None, None])
     return r, idx, slot_valid
 
 
@@ -475,9 +479,9 @@ def sparsifiner_attention(
 ) -> tuple[Tensor, Tensor | None]:
     """Attention of each query over the K keys the predictor ranks highest.
 
-    K = ceil(keep_rate · N) per query (with ``causal``: query i keeps ceil(keep_rate · #keys it
-    may see), so a prefix's output does not depend on N); ``a_hat`` (B, H, N, N) ranks the keys
-    (no gradient), ``allowed`` (broadcastable to (B, H, N, N)) restricts them. The first
+    Query i keeps K_i = ceil(keep_rate · #keys it may see) (ceil(keep_rate · N) without masks),
+    so neither a causal prefix's output nor a padded example's depends on N; ``a_hat``
+    (B, H, N, N) ranks the keys (no gradient), ``allowed`` (broadcastable to (B, H, N, N)) restricts them. The first
     ``num_dense_queries`` query rows (CLS) attend densely. O(N·K·D).
 
     Args:
@@ -489,9 +493,9 @@ def sparsifiner_attention(
     b, h, n, d = q.shape
     kk = min(n, math.ceil(keep_rate * n))
     rank_ok = None
-    if causal and allowed is not None:
-        # causal: query i keeps ceil(keep_rate * #keys it may see), so a prefix's output
-        # does not depend on the sequence length (incremental decoding == full forward)
+    if allowed is not None:
+        # query i keeps ceil(keep_rate * #keys it may see), so neither a causal prefix's output
+        # (incremental decoding == full forward) nor a padded example's depends on the length
         k_row = (allowed.sum(-1, keepdim=True) * keep_rate).ceil().clamp(min=1)  # (B|1, H|1, N, 1)
         kk = min(n, int(k_row.max()))
         rank_ok = torch.arange(kk, device=q.device) < k_row  # (B|1, H|1, N, K)
@@ -540,8 +544,19 @@ def swinbert_soft_mask(mask_logits: Tensor, size: int | None = None) -> Tensor:
     return eye + (1 - eye) * torch.sigmoid(mask_logits[:size, :size])
 
 
-def swinbert_hard_mask(mask_logits: Tensor, n: int, threshold: float, device: torch.device | str) -> Tensor:
-    """The binarised soft mask ``S >= threshold`` over the last min(N, T) of N tokens, others all True: (N, N) bool."""
+def swinbert_hard_mask(
+    mask_logits: Tensor, n: int, threshold: float, device: torch.device | str, ends: Tensor | None = None
+) -> Tensor:
+    """The binarised soft mask ``S >= threshold`` over the last min(N, T) of N tokens, others all True: (N, N) bool.
+
+    ``ends`` (B,): each example's sequence ends at ``ends[b]`` (its last real token + 1, see key
+    padding); the mask then covers the min(end, T) tokens before it, and the result is (B, 1, N, N).
+    """
+    if ends is not None:
+        out = torch.ones(len(ends), 1, n, n, dtype=torch.bool, device=device)
+        for end in ends.unique().tolist():
+            out[ends == end, :, :end, :end] = swinbert_hard_mask(mask_logits, end, threshold, device)
+        return out
     s0 = max(0, n - mask_logits.shape[0])
     dense = torch.ones(n, n, dtype=torch.bool, device=device)
     with torch.no_grad():
@@ -564,24 +579,35 @@ def swinbert_soft_attention(
     mask_scale: float,
     allowed: Tensor | None = None,
     scale: float,
+    ends: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention with SwinBERT's soft mask as the additive bias ``-mask_scale · (1 - S)``.
 
     q (B, H, N, D), k, v (B, H_kv, M=N, D); ``soft_mask`` S (T, T), T <= N, covers the last T
     tokens (SwinBERT's [text; video] order); ``allowed`` (broadcastable bool) the caller's
-    masks. Logits and softmax in float32 (float64 for float64 inputs).
+    masks. ``ends`` (B,): example b ends at ``ends[b]`` (its last real token + 1, see key
+    padding) and its mask is the leading (T_b, T_b) block of S on the T_b = min(end, T) tokens
+    before that (None: every example ends at N). Logits and softmax in float32 (float64 for
+    float64 inputs).
 
     Returns:
         (out (B, H, N, Dv), weights (B, H, N, N)).
     """
-    h, n = q.shape[1], q.shape[2]
-    s0 = n - soft_mask.shape[0]
+    b, h, n = q.shape[:3]
     g = h // k.shape[1]
     kk, vv = repeat_kv(k, g), repeat_kv(v, g)
     acc = acc_dtype(q.dtype)
     s = torch.matmul(q, kk.transpose(-1, -2)).to(acc) * scale
-    bias = -mask_scale * (1 - soft_mask.to(acc))
-    s = torch.cat([s[..., :s0, :], torch.cat([s[..., s0:, :s0], s[..., s0:, s0:] + bias], -1)], -2)
+    penalty = -mask_scale * (1 - soft_mask.to(acc))
+    if ends is None:
+        s0 = n - soft_mask.shape[0]
+        s = torch.cat([s[..., :s0, :], torch.cat([s[..., s0:, :s0], s[..., s0:, s0:] + penalty], -1)], -2)
+    else:
+        bias = torch.zeros(b, 1, n, n, dtype=acc, device=q.device)
+        for end in ends.unique().tolist():
+            tb = min(end, soft_mask.shape[0])
+            bias[ends == end, :, end - tb : end, end - tb : end] = penalty[:tb, :tb]
+        s = s + bias
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     w = softmax_or_zero(s).to(q.dtype)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from attnlib import dispatch
 from attnlib._validation import fraction, non_negative_int, positive_int
+from attnlib.functional._common import sequence_extent
 from attnlib.functional.grat import grat_caller_mask, grat_layout
 from attnlib.functional.softmax import softmax_attention, softmax_importance
 from attnlib.functional.sparse import (
@@ -912,7 +913,8 @@ class SwinBERTMaskAttention(AttentionCore):
 
     A parameter V (num_tokens x num_tokens) gives the soft mask ``S = I + (1 - I) ⊙ sigmoid(V)``
     over the last ``num_tokens`` tokens of the sequence (SwinBERT's [text; video] order; all
-    tokens when N == num_tokens; a shorter sequence uses the leading N x N block of V),
+    tokens when N == num_tokens; a shorter sequence uses the leading N x N block of V; with key
+    padding, the tokens before each example's last real token),
     shared by all heads and samples. Training: S enters the
     logits as the additive bias ``-mask_scale · (1 - S)`` (BERT's -10000 convention) and
     ``aux_loss = sparsity_weight · mean((1 - I) ⊙ sigmoid(V))`` (the L1 sparsity loss).
@@ -987,11 +989,13 @@ class SwinBERTMaskAttention(AttentionCore):
         """sparsity_weight · mean((1 - I) ⊙ sigmoid(V))."""
         return self.sparsity_weight * swinbert_sparsity(self.mask_logits)
 
-    def hard_block_mask(self, n: int, device: torch.device) -> BlockMask:
-        """The binarised mask (S >= threshold) embedded in (N, N), as a BlockMask (cached)."""
-        key = (n, str(device), self.mask_logits._version, self.mask_logits.data_ptr(), self.threshold)
+    def hard_block_mask(self, n: int, device: torch.device, ends: Tensor | None = None) -> BlockMask:
+        """The binarised mask (S >= threshold) embedded in (N, N), as a BlockMask (cached); with
+        ``ends`` (B,) per example, ending at its last real token (see :func:`swinbert_hard_mask`)."""
+        shape = None if ends is None else tuple(ends.tolist())
+        key = (n, str(device), self.mask_logits._version, self.mask_logits.data_ptr(), self.threshold, shape)
         if self._hard is None or self._hard[0] != key:
-            dense = swinbert_hard_mask(self.mask_logits, n, self.threshold, device)
+            dense = swinbert_hard_mask(self.mask_logits, n, self.threshold, device, ends)
             self._hard = (key, BlockMask.from_dense(dense, self.block_size))
         return self._hard[1]
 
@@ -1007,13 +1011,17 @@ class SwinBERTMaskAttention(AttentionCore):
         need_importance: bool,
         dropout_p: float,
     ) -> CoreOutput:
-        n, d = q.shape[2], q.shape[3]
+        b, n, d = q.shape[0], q.shape[2], q.shape[3]
         scale = d**-0.5 if self.scale is None else self.scale
+        kp = mask.key_padding  # the mask covers the tokens before each example's last real one
+        ends = None if kp is None else sequence_extent(kp, n, b, q.device)
         if not self.training and self.hard_at_inference:
-            bm = _with_caller(mask, self.hard_block_mask(n, q.device), (self.block_size, self.block_size))
+            bm = _with_caller(mask, self.hard_block_mask(n, q.device, ends), (self.block_size, self.block_size))
             return _run_block(q, k, v, bm, scale, need_weights, need_importance)
         soft = self.soft_mask(min(n, self.num_tokens))
-        out, w = swinbert_soft_attention(q, k, v, soft, mask_scale=self.mask_scale, allowed=mask.dense(), scale=scale)
+        out, w = swinbert_soft_attention(
+            q, k, v, soft, mask_scale=self.mask_scale, allowed=mask.dense(), scale=scale, ends=ends
+        )
         aux = self.sparsity_loss() if self.training else None
         return CoreOutput.from_weights(out, w, need_weights=need_weights, need_importance=need_importance, aux_loss=aux)
 
