@@ -86,10 +86,8 @@ def _past_unchanged(y2: torch.Tensor, y: torch.Tensor, what: str) -> None:
 
 
 @pytest.mark.parametrize("name", [n for n in VARIANTS if caps(n).causal])
-@PROPERTY
-@given(
-    n=st.integers(2, 40), frac=st.floats(0.0, 1.0), scale=scales, chunk=chunks, seed=st.integers(0, 2**16)
-)
+@settings(PROPERTY, max_examples=6)
+@given(n=st.integers(2, 64), frac=st.floats(0.0, 1.0), scale=scales, chunk=chunks, seed=st.integers(0, 2**16))
 def test_causal_no_future_influence_at_large_magnitudes(
     name: str, n: int, frac: float, scale: float, chunk: int | None, seed: int
 ) -> None:
@@ -101,14 +99,14 @@ def test_causal_no_future_influence_at_large_magnitudes(
         x2 = x.clone()
         x2[:, t] *= scale
         _past_unchanged(attn(x2)[:, :t], y[:, :t], f"{name}: token {t} of {n} scaled x{scale}")
-        # large-magnitude q and k of token t, straight into the core
+        # large-magnitude q, k (and v) of token t, straight into the core
         g = torch.Generator().manual_seed(seed + 1)
         q, k, v = (torch.randn(2, H, n, DIM // H, generator=g) for _ in range(3))
         am = normalize_mask(None, causal=True, batch=2, heads=H, n=n, m=n, device=torch.device("cpu"))
         yc = attn.core(q, k, v, am).out
-        q[:, :, t] *= scale
-        k[:, :, t] *= scale
-        _past_unchanged(attn.core(q, k, v, am).out[:, :, :t], yc[:, :, :t], f"{name} core: q, k of {t} x{scale}")
+        for z in (q, k, v):
+            z[:, :, t] *= scale
+        _past_unchanged(attn.core(q, k, v, am).out[:, :, :t], yc[:, :, :t], f"{name} core: q, k, v of {t} x{scale}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -141,12 +139,8 @@ def test_padded_example_equals_the_example_alone(
 
 @pytest.mark.parametrize("name", [n for n in VARIANTS if caps(n).cross and caps(n).key_padding])
 @PROPERTY
-@given(
-    n=st.integers(1, 12), lengths=st.lists(st.integers(1, 20), min_size=2, max_size=3), seed=st.integers(0, 2**16)
-)
-def test_padded_keys_equal_the_keys_alone_in_cross_attention(
-    name: str, n: int, lengths: list[int], seed: int
-) -> None:
+@given(n=st.integers(1, 12), lengths=st.lists(st.integers(1, 20), min_size=2, max_size=3), seed=st.integers(0, 2**16))
+def test_padded_keys_equal_the_keys_alone_in_cross_attention(name: str, n: int, lengths: list[int], seed: int) -> None:
     """Cross-attention with right-padded keys; for the position-free variants (a positional one
     aligns queries and keys by a convention of its own: from the start or from the end)."""
     if not caps(name).permutation_equivariant:
@@ -173,21 +167,26 @@ def test_padded_keys_equal_the_keys_alone_in_cross_attention(
     frac=st.floats(0.0, 1.0),
     one_feature=st.booleans(),
     causal=st.booleans(),
+    cross=st.booleans(),
     train=st.booleans(),
     extras=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_nan_in_is_nan_out(
-    name: str, n: int, frac: float, one_feature: bool, causal: bool, train: bool, extras: bool, seed: int
+    name: str, n: int, frac: float, one_feature: bool, causal: bool, cross: bool, train: bool, extras: bool, seed: int
 ) -> None:
+    """A NaN in token t's features: its own output is NaN; with ``cross`` the context is finite,
+    so the NaN reaches the core through the query only."""
     c = caps(name)
     t = min(n - 1, int(frac * n))
+    cross = cross and c.cross and not causal
     attn = build(name, causal=causal and c.causal, dtype=torch.float32).train(train)
     x = tokens(2, n, seed, torch.float32)
+    ctx = tokens(2, 7, seed + 1, torch.float32) if cross else None
     x[0, t, seed % DIM if one_feature else slice(None)] = float("nan")
     try:
         with torch.no_grad():
-            y = call(attn, x, return_extras=True)[0] if extras else call(attn, x)
+            y = call(attn, x, context=ctx, return_extras=True)[0] if extras else call(attn, x, context=ctx)
     except (ValueError, attnlib.UnsupportedError) as e:  # a clear error is an answer too
         assert "nan" in str(e).lower(), f"{name}: unrelated error for a NaN input: {e}"
         return
