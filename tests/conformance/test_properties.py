@@ -202,26 +202,17 @@ def test_nan_in_is_nan_out(
 
 @pytest.mark.parametrize("name", VARIANTS)
 @PROPERTY
-@given(
-    b=st.integers(2, 4),
-    n=st.integers(1, 20),
-    causal=st.booleans(),
-    padded=st.booleans(),
-    perm_seed=st.integers(0, 1000),
-    seed=st.integers(0, 2**16),
-)
-def test_batch_order_invariance(
-    name: str, b: int, n: int, causal: bool, padded: bool, perm_seed: int, seed: int
-) -> None:
+@given(data=st.data())
+def test_batch_order_invariance(name: str, data: st.DataObject) -> None:
     c = caps(name)
-    attn = build(name, causal=causal and c.causal)
-    x = tokens(b, n, seed)
+    b, n = data.draw(st.integers(2, 4), "batch"), data.draw(st.integers(1, 20), "tokens")
+    attn = build(name, causal=data.draw(st.booleans(), "causal") and c.causal)
+    x = tokens(b, n, data.draw(st.integers(0, 2**16), "seed"))
     kp = None
-    if padded and c.key_padding:
-        g = torch.Generator().manual_seed(seed)
-        kp = torch.rand(b, n, generator=g) > 0.3
+    if c.key_padding and data.draw(st.booleans(), "padded"):
+        kp = torch.tensor(data.draw(st.lists(st.lists(st.booleans(), min_size=n, max_size=n), min_size=b, max_size=b)))
         kp[:, 0] = True
-    perm = torch.randperm(b, generator=torch.Generator().manual_seed(perm_seed))
+    perm = torch.tensor(data.draw(st.permutations(range(b)), "perm"))
     y = call(attn, x, kp)
     yp = call(attn, x[perm], None if kp is None else kp[perm])
     torch.testing.assert_close(yp, y[perm], rtol=0, atol=1e-10, msg=f"{name}: batch order changed the outputs")
