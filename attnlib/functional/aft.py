@@ -23,9 +23,9 @@ cancels in the ratio): K is shifted per channel by its maximum over the keys in 
 a running maximum per block of rows, with the prefix sums rescaled as it grows), and each
 row of w by ``max(0, max w)`` (or its maximum for AFT-full). Causal row blocks are split until
 no row's shift exceeds its own running maximum (over t' <= t) by more than half the
-exponent range of the dtype (:func:`causal_row_blocks`), so a large later key never flushes an
-earlier row's terms to zero: the past does not depend on the future, numerically too. For AFT-local/conv the keys
-outside a row's band are summed from prefix and suffix sums, never as "all keys minus the
+exponent range of the dtype (:func:`causal_row_blocks`), so a large later key never flushes
+an earlier row's terms to zero: the past does not depend on the future, numerically too.
+For AFT-local/conv the keys outside a row's band are summed from prefix and suffix sums, never as "all keys minus the
 band" (that subtraction cancels catastrophically in float32 when band biases are very
 negative). Computation is in float32 or better. Rows with no (real) key return zeros.
 Limitation: K and w are shifted separately (a joint shift would need a (T, T', C) tensor),
