@@ -25,9 +25,9 @@ row of w by ``max(0, max w)`` (or its maximum for AFT-full). Causal row blocks a
 no row's shift exceeds its own running maximum (over t' <= t) by more than half the
 exponent range of the dtype (:func:`causal_row_blocks`), so a large later key never flushes
 an earlier row's terms to zero: the past does not depend on the future, numerically too.
-For AFT-local/conv the keys outside a row's band are summed from prefix and suffix sums, never as "all keys minus the
-band" (that subtraction cancels catastrophically in float32 when band biases are very
-negative). Computation is in float32 or better. Rows with no (real) key return zeros.
+For AFT-local/conv the keys outside a row's band are summed from prefix and suffix sums,
+never as "all keys minus the band" (that subtraction cancels catastrophically in float32 when
+band biases are very negative). Computation is in float32 or better. Rows with no (real) key return zeros.
 Limitation: K and w are shifted separately (a joint shift would need a (T, T', C) tensor),
 so in float32 a term ``e^{K_t' + w_tt'}`` whose two factors are each below ~e^-87 of their
 maxima is flushed to zero even when their sum is not small (|K|, |w| in the tens and more).
