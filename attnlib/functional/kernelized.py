@@ -139,8 +139,7 @@ class _ToeplitzPlan:
     is covered exactly once (at the level where the two first fall into sibling segments), each
     row reads only keys before its own block (and its block's earlier keys, densely), and the
     round-off a row receives is relative to at most 2x its own prefix. O(N·P + N log^2 N) time:
-    log2(N / P) FFT passes over the sequence instead of one (about 2-3x the FFT time of the
-    non-causal product at N = 4k-16k).
+    log2(N / P) FFT passes over the sequence instead of one.
     """
 
     def __init__(self, c: Tensor, n: int, causal: bool) -> None:
