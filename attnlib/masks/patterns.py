@@ -305,12 +305,12 @@ class BlockPatterns:
         pos = torch.arange(n, device=dev)
 
         def occupancy(bs: int) -> Tensor:
-            occ = torch.zeros(bp, math.ceil(n / bs), n_groups, device=dev)
+            occ = torch.zeros(bp, math.ceil(n / bs), n_groups, dtype=torch.float32, device=dev)
             occ[torch.arange(bp, device=dev)[:, None], pos // bs, gid] = 1.0
             return occ
 
         occ_q, occ_k = occupancy(bq), occupancy(bk)
-        maybe = (occ_q @ allowed.float() @ occ_k.transpose(-1, -2)) > 0  # (B', n_q, n_k)
+        maybe = (occ_q @ allowed.to(occ_q.dtype) @ occ_k.transpose(-1, -2)) > 0  # (B', n_q, n_k)
         pure_q, pure_k = occ_q.sum(-1) == 1, occ_k.sum(-1) == 1
         gq, gk = occ_q.argmax(-1), occ_k.argmax(-1)
         sure = pure_q[:, :, None] & pure_k[:, None, :] & allowed[gq[:, :, None], gk[:, None, :]]

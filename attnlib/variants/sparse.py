@@ -36,6 +36,7 @@ from attnlib._validation import (
     positive_int,
     positive_number,
 )
+from attnlib.functional._common import sequence_extent
 from attnlib.functional.grat import grat_caller_mask, grat_layout
 from attnlib.functional.softmax import softmax_attention, softmax_importance
 from attnlib.functional.sparse import (
@@ -516,13 +517,15 @@ class SeerAttention(AttentionCore):
         *,
         causal: bool = False,
         key_valid: Tensor | None = None,
+        cross: bool = False,
     ) -> Tensor:
         """Block logits (B, H, n_q, n_k), float32 (float64 for float64 inputs).
 
         ``allowed`` (block level, broadcastable) sets the rest to -inf; ``key_valid`` (B, M)
-        keeps padding out of the pooling. With ``causal`` and ``causal_gate`` query block I is
-        represented by query block I - 1 (block 0 by its first query) and only key blocks
-        entirely before it are scored, so the gate never reads future tokens.
+        keeps padding out of the pooling (of the queries too unless ``cross``). With ``causal``
+        and ``causal_gate`` query block I is represented by query block I - 1 (block 0 by its
+        first query) and only key blocks entirely before it are scored, so the gate never reads
+        future tokens.
         """
         return seer_gate_logits(
             q,
@@ -536,10 +539,14 @@ class SeerAttention(AttentionCore):
             allowed=allowed,
             causal_gate=causal and self.causal_gate,
             key_valid=key_valid,
+            cross=cross,
         )
 
-    def select(self, logits: Tensor, allowed: Tensor, causal: bool, n: int, m: int) -> Tensor:
-        """Block selection (B, H, n_q, n_k) bool from gate logits and the caller's allowed blocks."""
+    def select(
+        self, logits: Tensor, allowed: Tensor, causal: bool, n: int, m: int, key_padding: Tensor | None = None
+    ) -> Tensor:
+        """Block selection (B, H, n_q, n_k) bool from gate logits and the caller's allowed blocks;
+        with ``key_padding`` (B, M) the top-k budget counts each example's blocks up to its last real key."""
         return seer_select(
             logits,
             allowed,
@@ -549,6 +556,7 @@ class SeerAttention(AttentionCore):
             block_size=self.block_size,
             n=n,
             m=m,
+            key_padding=key_padding,
         )
 
     def attend(
@@ -570,14 +578,14 @@ class SeerAttention(AttentionCore):
         base = _with_caller(mask, None, bs)
         partial, full = base.block_states()
         allowed = (partial | full).expand(b, h, -1, -1)
-        logits = self.gate_logits(q, k, allowed, causal=mask.causal, key_valid=mask.key_padding)
+        logits = self.gate_logits(q, k, allowed, causal=mask.causal, key_valid=mask.key_padding, cross=cross)
         aux = None
         if self.training:
             aux = self.loss_scale * seer_gate_loss(logits, q, k, mask, scale, self.block_size, self.skip_first)
             if not self.train_sparse:  # no attention dropout (capabilities.attn_dropout=False)
                 return _dense(q, k, v, mask, scale, 0.0, need_weights, need_importance, aux)
         with torch.no_grad():
-            sel = self.select(logits.detach(), allowed, mask.causal, n, m)
+            sel = self.select(logits.detach(), allowed, mask.causal, n, m, mask.key_padding)
         bm = base.restrict(sel)
         res = _run_block(q, k, v, bm, scale, need_weights, need_importance)
         res.aux_loss = aux
@@ -922,7 +930,8 @@ class SwinBERTMaskAttention(AttentionCore):
 
     A parameter V (num_tokens x num_tokens) gives the soft mask ``S = I + (1 - I) ⊙ sigmoid(V)``
     over the last ``num_tokens`` tokens of the sequence (SwinBERT's [text; video] order; all
-    tokens when N == num_tokens; a shorter sequence uses the leading N x N block of V),
+    tokens when N == num_tokens; a shorter sequence uses the leading N x N block of V; with key
+    padding, the tokens before each example's last real token),
     shared by all heads and samples. Training: S enters the
     logits as the additive bias ``-mask_scale · (1 - S)`` (BERT's -10000 convention) and
     ``aux_loss = sparsity_weight · mean((1 - I) ⊙ sigmoid(V))`` (the L1 sparsity loss).
@@ -997,11 +1006,13 @@ class SwinBERTMaskAttention(AttentionCore):
         """sparsity_weight · mean((1 - I) ⊙ sigmoid(V))."""
         return self.sparsity_weight * swinbert_sparsity(self.mask_logits)
 
-    def hard_block_mask(self, n: int, device: torch.device) -> BlockMask:
-        """The binarised mask (S >= threshold) embedded in (N, N), as a BlockMask (cached)."""
-        key = (n, str(device), self.mask_logits._version, self.mask_logits.data_ptr(), self.threshold)
+    def hard_block_mask(self, n: int, device: torch.device, ends: Tensor | None = None) -> BlockMask:
+        """The binarised mask (S >= threshold) embedded in (N, N), as a BlockMask (cached); with
+        ``ends`` (B,) per example, ending at its last real token (see :func:`swinbert_hard_mask`)."""
+        shape = None if ends is None else tuple(ends.tolist())
+        key = (n, str(device), self.mask_logits._version, self.mask_logits.data_ptr(), self.threshold, shape)
         if self._hard is None or self._hard[0] != key:
-            dense = swinbert_hard_mask(self.mask_logits, n, self.threshold, device)
+            dense = swinbert_hard_mask(self.mask_logits, n, self.threshold, device, ends)
             self._hard = (key, BlockMask.from_dense(dense, self.block_size))
         return self._hard[1]
 
@@ -1017,13 +1028,17 @@ class SwinBERTMaskAttention(AttentionCore):
         need_importance: bool,
         dropout_p: float,
     ) -> CoreOutput:
-        n, d = q.shape[2], q.shape[3]
+        b, n, d = q.shape[0], q.shape[2], q.shape[3]
         scale = d**-0.5 if self.scale is None else self.scale
+        kp = mask.key_padding  # the mask covers the tokens before each example's last real one
+        ends = None if kp is None else sequence_extent(kp, n, b, q.device)
         if not self.training and self.hard_at_inference:
-            bm = _with_caller(mask, self.hard_block_mask(n, q.device), (self.block_size, self.block_size))
+            bm = _with_caller(mask, self.hard_block_mask(n, q.device, ends), (self.block_size, self.block_size))
             return _run_block(q, k, v, bm, scale, need_weights, need_importance)
         soft = self.soft_mask(min(n, self.num_tokens))
-        out, w = swinbert_soft_attention(q, k, v, soft, mask_scale=self.mask_scale, allowed=mask.dense(), scale=scale)
+        out, w = swinbert_soft_attention(
+            q, k, v, soft, mask_scale=self.mask_scale, allowed=mask.dense(), scale=scale, ends=ends
+        )
         aux = self.sparsity_loss() if self.training else None
         return CoreOutput.from_weights(out, w, need_weights=need_weights, need_importance=need_importance, aux_loss=aux)
 
