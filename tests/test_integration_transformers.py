@@ -86,9 +86,7 @@ def test_softmax_equals_sdpa_decoders(arch, side):
 
 
 def test_softmax_equals_sdpa_bert_and_vit():
-    cfg = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
-    )
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     ref, ours = _pair(BertModel, cfg)
     ids, am = _ids(), _padding("right")
     with torch.no_grad():

@@ -166,7 +166,7 @@ def test_encoder_stack_with_another_variant():
 
 def test_unsupported_masks_and_weights_raise():
     mha = attnlib.MultiheadAttention(E, H, "linear")
-    q, k, v = _inputs(False, n=L, m=L)
+    q = _inputs(False, n=L, m=L)[0]
     with pytest.raises(UnsupportedError, match="full"):
         mha(q, q, q, attn_mask=torch.rand(L, L) < 0.5, need_weights=False)
     with pytest.raises(UnsupportedError, match="additive"):
