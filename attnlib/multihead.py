@@ -92,6 +92,11 @@ class MultiheadAttention(nn.Module):
         **variant_kwargs: Any,
     ) -> None:
         super().__init__()
+        if not isinstance(variant, str):
+            raise ValueError(
+                f"variant must be a registry name (attnlib.available()), got {variant!r}; nn.MultiheadAttention's "
+                "dropout, bias, ... are keyword-only here (dropout=...)"
+            )
         positive_int(embed_dim, "embed_dim")
         positive_int(num_heads, "num_heads")
         if embed_dim % num_heads:

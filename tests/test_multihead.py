@@ -190,3 +190,5 @@ def test_bad_shapes_raise_value_error():
         mha(q, k[..., :3], v)
     with pytest.raises(ValueError, match="divisible"):
         attnlib.MultiheadAttention(10, 3)
+    with pytest.raises(ValueError, match="keyword-only"):
+        attnlib.MultiheadAttention(E, H, 0.1)
