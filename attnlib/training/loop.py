@@ -26,6 +26,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from attnlib.analysis.distill import attention_distillation
+from attnlib.analysis.summary import entropy_metrics
 from attnlib.attention import aux_loss
 from attnlib.data import build_data
 from attnlib.data.base import stable_hash
@@ -72,6 +74,10 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "deterministic": False,
     "distill_weight": 0.5,
     "distill_temperature": 1.0,
+    "distill_attention": None,
+    "distill_attention_weight": 1.0,
+    "distill_relation_heads": 8,
+    "log_attention_entropy": True,
 }
 
 # config sections that must match for a resume to continue the same run
@@ -198,7 +204,8 @@ def train(cfg: DictConfig | Mapping[str, Any], run_dir: str | os.PathLike[str]) 
     ``init_from`` (null | a checkpoint or run dir: warm start from its model weights with a fresh
     optimizer and schedule, :func:`init_weights_from`; ignored when resuming from a checkpoint)
     and ``distill_from`` (null | a checkpoint or run dir: a frozen teacher model for knowledge
-    distillation, classification only; ``trainer.distill_weight`` / ``distill_temperature``).
+    distillation of classification logits, ``trainer.distill_weight`` / ``distill_temperature``, and of
+    attention in any task, ``trainer.distill_attention``: :mod:`attnlib.analysis.distill`).
     """
     wall0 = time.perf_counter()
     cfg = OmegaConf.create(_plain(cfg))
@@ -291,6 +298,7 @@ def _train(
         if info.is_main:
             log.info("distilling from %s (weight %s, temperature %s)", cfg.distill_from, t["distill_weight"],
                      t["distill_temperature"])  # fmt: skip
+    loss_fn = attention_distillation(train_loss, teacher, t)  # train_loss itself unless trainer.distill_attention
 
     if info.world > 1:
         kw = {"device_ids": [dev.index]} if dev.type == "cuda" else {}
@@ -319,7 +327,7 @@ def _train(
             batch = _to(data.train_batch(step, rank=info.rank, world=info.world), dev)
             aux_loss(model)  # drop stale auxiliary losses (e.g. from evaluation)
             with autocast() if autocast is not None else _null():
-                loss, items = train_loss(
+                loss, items = loss_fn(
                     fwd_model,
                     batch,
                     data.task,
@@ -372,6 +380,7 @@ def _train(
                     logger.log(step, "val", val)
                     msg = " ".join(f"{k}={v:.4f}" for k, v in val.items())
                     (bar.write if bar is not None else print)(f"step {step}: val {msg}")
+                    _log_attention(logger, step, model, data, dev, t)
                 t_log = time.perf_counter()
             if (t["checkpoint_every"] and step % int(t["checkpoint_every"]) == 0) or step == total:
                 _save(ckpt_path, model, opt, sched, scaler, step, train_seconds, cfg, info, data,
@@ -405,12 +414,20 @@ def _train(
     if logger is not None:
         logger.log(step, "val", val)
         logger.log(step, "test", test)
+        _log_attention(logger, step, model, data, dev, t)
         logger.close()
         tmp = run_dir / ".results.json.tmp"
         tmp.write_text(json.dumps(results, indent=2) + "\n")
         tmp.replace(run_dir / "results.json")
         print(f"\nResults ({run_dir / 'results.json'}):\n{format_table(results)}")
     return results
+
+
+def _log_attention(logger: MetricLogger, step: int, model: nn.Module, data: Any, dev: torch.device, t: Any) -> None:
+    """Per-head attention entropy on a few validation examples -> metrics.csv split ``attention``."""
+    if t["log_attention_entropy"]:
+        batch = _to(next(data.eval_batches("val", limit=16)), dev)
+        logger.log(step, "attention", entropy_metrics(_unwrap(model), lambda m: train_loss(m, batch, data.task)))
 
 
 def _null() -> Any:
