@@ -44,6 +44,7 @@ __all__ = [
     "CaptureSink",
     "Record",
     "Recorder",
+    "Removable",
     "SupportsCapture",
     "attention_sites",
     "capture",
@@ -130,17 +131,24 @@ class CaptureSink:
         self.recorder._add(self, n=n, m=m, weights=weights, importance=importance, mask=mask, q=q, k=k, v=v)
 
 
+class Removable(Protocol):
+    """Anything with ``remove()`` (a :class:`torch.utils.hooks.RemovableHandle`, or one's own)."""
+
+    def remove(self) -> None: ...
+
+
 @runtime_checkable
 class SupportsCapture(Protocol):
     """A module that computes attention without an :class:`AttentionCore` and supports capture.
 
     ``attnlib_capture(sink)`` installs whatever it needs (hooks, a flag) so that each of its
     attention calls reports to ``sink.record(n=, m=, weights=, importance=, mask=, q=, k=, v=)``
-    - weights only when ``sink.weights``, and so on - and returns the handles whose ``remove()``
-    undoes that at the end of the capture.
+    - weights only when ``sink.weights``, and so on - and returns handles whose ``remove()``
+    undoes that at the end of the capture (e.g. the :class:`torch.utils.hooks.RemovableHandle` of
+    its hooks).
     """
 
-    def attnlib_capture(self, sink: CaptureSink) -> Iterable[RemovableHandle]: ...
+    def attnlib_capture(self, sink: CaptureSink) -> Iterable[Removable]: ...
 
 
 def attention_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -372,7 +380,7 @@ def capture(
     rec = Recorder([name for name, _ in sites], rows, detach)
     if rows is not None:
         sample_rows(1 << 30, rows)  # validate now, not at the first call
-    handles: list[RemovableHandle] = []
+    handles: list[Removable] = []
     try:
         for layer, (name, mod) in enumerate(sites):
             sink = CaptureSink(rec, name, layer, weights=weights, importance=importance, qkv=qkv)

@@ -32,6 +32,11 @@ __all__ = ["KINDS", "AttentionDistiller", "attention_distillation", "layer_map"]
 KINDS = ("maps", "relations")
 
 
+def _f(x: Tensor) -> Tensor:
+    """At least float32 (losses of half-precision activations under autocast are computed in float32)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
     """Teacher layer of each student layer: ``round((i + 1) L_t / L_s) - 1`` (the last maps to the last)."""
     return [max(0, round((i + 1) * teacher_layers / student_layers) - 1) for i in range(student_layers)]
@@ -62,7 +67,7 @@ class AttentionDistiller:
         return capture(model, weights=maps, importance=False, qkv=not maps, detach=detach)
 
     def loss(self, teacher: Recorder, student: Recorder) -> Tensor:
-        """The distillation loss from the two captures of one batch (scalar, float32)."""
+        """The distillation loss from the two captures of one batch (scalar, at least float32)."""
         s_recs, t_recs = student.layers(0), teacher.layers(0)
         if not s_recs or not t_recs:
             raise ValueError("attention distillation: a forward of the student or the teacher recorded nothing")
@@ -74,8 +79,8 @@ class AttentionDistiller:
                 )
             kp = None if s.mask is None else s.mask.key_padding
             return minilm_relation_loss(
-                (t.q.float(), t.k.float(), t.v.float()),  # type: ignore[union-attr]
-                (s.q.float(), s.k.float(), s.v.float()),  # type: ignore[union-attr]
+                (_f(t.q), _f(t.k), _f(t.v)),  # type: ignore[arg-type]
+                (_f(s.q), _f(s.k), _f(s.v)),  # type: ignore[arg-type]
                 self.relation_heads,
                 kp,
             )
@@ -95,8 +100,8 @@ class AttentionDistiller:
                 )
             allowed = s.allowed()
             total = total + attention_map_kl(
-                t.weights.float(),
-                s.weights.float(),
+                _f(t.weights),
+                _f(s.weights),
                 None if allowed is None else allowed.to(s.weights.device),
                 average_heads=s.weights.shape[1] != t.weights.shape[1],
             )
