@@ -260,7 +260,9 @@ def test_agreement_with_itself_is_zero_and_approximations_are_measured() -> None
     res = variant_agreement(lm, lambda m: m(batches[0]), {"softmax": {}, "performer": {"num_features": 16}, "got": {}})
     same = res["softmax"]
     assert same.kl.shape == (2, 4)
-    assert float(same.kl.abs().max()) < 1e-12 and float(same.l1.max()) < 1e-12 and float(same.out_rel_error.max()) < 1e-12
+    assert (
+        float(same.kl.abs().max()) < 1e-12 and float(same.l1.max()) < 1e-12 and float(same.out_rel_error.max()) < 1e-12
+    )
     perf = res["performer"]
     assert bool((perf.kl > 0).all()) and bool((perf.js <= math.log(2)).all()) and bool((perf.l1 <= 2).all())
     assert bool((perf.out_rel_error > 0).all())

@@ -182,7 +182,7 @@ class _HandMade(nn.Module):
         for s in self.sinks:
             s.record(n=n, m=n, weights=w)
         logits = torch.zeros(b, n, self.vocab)
-        logits[:, t:-1].scatter_(2, tokens[:, 1 : t][:, :, None], 50.0)  # position i >= t predicts tokens[i - t + 1]
+        logits[:, t:-1].scatter_(2, tokens[:, 1:t][:, :, None], 50.0)  # position i >= t predicts tokens[i - t + 1]
         return logits
 
 

@@ -244,7 +244,9 @@ def analyze_run(
         plots.plot_entropy_curves(curves, out / "head_entropy.png", title=q)
         figures.append(("head_entropy.png", q))
     else:
-        notes.append("no entropy curves: metrics.csv has no `attention` rows (train with trainer.log_attention_entropy=true)")
+        notes.append(
+            "no entropy curves: metrics.csv has no `attention` rows (train with trainer.log_attention_entropy=true)"
+        )
 
     imp = gradient_head_importance(model, loss_fn, chunks)
     abl = ablation_head_importance(model, loss_fn, chunks)
