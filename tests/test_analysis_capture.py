@@ -275,3 +275,25 @@ def test_agreement_of_flow_weights_that_are_not_distributions() -> None:
     attn = _attn()
     res = variant_agreement(attn, lambda m: m(_x()), ["flow"])["flow"]
     assert bool(torch.isfinite(res.l1).all()) and bool(torch.isfinite(res.kl).all())
+
+
+@pytest.mark.parametrize("variant", attnlib.available())
+def test_capture_works_for_every_registered_variant(variant: str) -> None:
+    cls = attnlib.registry.get_variant(variant)
+    info = attnlib.variant_info(variant)
+    torch.manual_seed(0)
+    attn = attnlib.Attention(16, 2, variant=variant, **cls.conformance_kwargs()).eval()
+    x = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        outside = attn(x)
+        with capture(attn, rows=[0, 7]) as rec:
+            inside = attn(x)
+    assert _no_hooks(attn)
+    assert torch.allclose(inside, outside, atol=1e-5, rtol=1e-4)
+    (r,) = rec.records
+    if info.has_weights:
+        assert r.weights is not None and r.weights.shape == (2, 2, 2, 8)
+    else:
+        assert r.weights is None
+    if r.importance is not None:
+        assert r.importance.shape == (2, 2, 8)
