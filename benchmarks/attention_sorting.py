@@ -1,17 +1,21 @@
 """Attention sorting (Peysakhovich & Lerer 2023) on a synthetic retrieval task with a tiny DecoderLM (CPU).
 
-    .venv/bin/python benchmarks/attention_sorting.py [--steps 1500] [--docs 16] [--test 512]
+    .venv/bin/python benchmarks/attention_sorting.py [--steps 1500] [--train-docs 8] [--docs 16] [--test 512]
 
-The task: a context of ``--docs`` documents ``[SEP key value]`` with distinct keys, then the
-query ``[Q key*]``; the model must answer ``value*``. Training gives the model a recency prior,
-as pre-training does (the paper's explanation of why early documents are used less): the
-relevant document is one of the last ``--recent`` documents in 95% of the training contexts and
-anywhere in the other 5%. At test the relevant document sits at each position in turn.
+The task: a context of documents ``[SEP key value]`` with distinct keys, then the query
+``[Q key*]``; the model must answer ``value*``. The model is trained on contexts of
+``--train-docs`` documents followed by ``--queries`` query-answer pairs (multi-query associative
+recall; each queried document drawn uniformly, or with a recency prior: among the last
+``--recent`` documents except with probability ``--anywhere``) and tested on longer contexts of
+``--docs`` documents with one query. Early documents are then further from the query than any
+key the model saw in training - the situation the paper describes, where information early in a
+long context is used less.
 
-For each position the script reports the answer accuracy (greedy, at the query's last token)
-as is, and after one and two rounds of :func:`attnlib.analysis.attention_sort` (documents
-re-ordered by the attention the query's last token gives them, averaged over layers and heads,
-most attended last), plus how often the relevant document ends up last.
+For each position of the relevant document the script reports the answer accuracy (greedy, at
+the query's last token) as is, and after one and two rounds of
+:func:`attnlib.analysis.attention_sort` (documents re-ordered by the attention the query's last
+token gives them, averaged over layers and heads, most attended last), plus how often the
+relevant document ends up last.
 
 Writes benchmarks/results/attention_sorting.{json,md}. No timings (shared, busy machine).
 """
@@ -62,20 +66,31 @@ def make_batch(
 
 
 def train_model(args: argparse.Namespace) -> DecoderLM:
+    """Train on contexts followed by ``--queries`` query-answer pairs ``[Q key value]``; the loss is
+    the answers' (several answers per context, as in multi-query associative recall)."""
     torch.manual_seed(args.seed)
     vocab = KEY0 + args.keys + args.values
     model = DecoderLM(attention={"variant": "softmax"}, vocab_size=vocab, dim=args.dim, depth=args.depth,
-                      num_heads=args.heads, init="fan_in")  # fmt: skip
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+                      num_heads=args.heads, init="fan_in", tie_embeddings=False)  # fmt: skip
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     gen = torch.Generator().manual_seed(args.seed + 1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+    b, nq = args.batch, args.queries
     model.train()
     for step in range(args.steps):
-        recent = args.docs - 1 - torch.randint(args.recent, (args.batch,), generator=gen)
-        anywhere = torch.randint(args.docs, (args.batch,), generator=gen)
-        pos = torch.where(torch.rand(args.batch, generator=gen) < args.anywhere, anywhere, recent)
-        _, _, ans, tok = make_batch(args.batch, args.docs, args.keys, args.values, pos, gen)
-        loss = F.cross_entropy(model(tok)[:, -1], ans)
+        n = args.train_docs
+        recent = n - 1 - torch.randint(min(args.recent, n), (b, nq), generator=gen)
+        anywhere = torch.randint(n, (b, nq), generator=gen)
+        pos = torch.where(torch.rand(b, nq, generator=gen) < args.anywhere, anywhere, recent)
+        docs, _, _, _ = make_batch(b, n, args.keys, args.values, pos[:, 0], gen)
+        rows, targets = [], []
+        for i in range(b):
+            qa = [torch.tensor([QRY, int(docs[i][p][1]), int(docs[i][p][2])]) for p in pos[i].tolist()]
+            rows.append(torch.cat([*docs[i], *qa]))
+            targets.append(torch.stack([q[2] for q in qa]))
+        tok, tgt = torch.stack(rows), torch.stack(targets)
+        at = 3 * n + 3 * torch.arange(nq) + 1  # the query keys' positions: they predict the values
+        loss = F.cross_entropy(model(tok)[:, at].flatten(0, 1), tgt.flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -112,14 +127,16 @@ def evaluate(model: DecoderLM, args: argparse.Namespace) -> list[dict[str, Any]]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--docs", type=int, default=16)
-    p.add_argument("--recent", type=int, default=3, help="training: the relevant document is among the last R")
-    p.add_argument("--anywhere", type=float, default=0.05, help="training: fraction of contexts with it anywhere")
+    p.add_argument("--docs", type=int, default=16, help="documents per test context")
+    p.add_argument("--train-docs", type=int, default=8, help="documents per training context")
+    p.add_argument("--recent", type=int, default=4, help="training prior: a queried document is among the last R")
+    p.add_argument("--anywhere", type=float, default=1.0, help="... except with this probability (1 = uniform)")
+    p.add_argument("--queries", type=int, default=4, help="training: query-answer pairs per context")
     p.add_argument("--keys", type=int, default=32)
     p.add_argument("--values", type=int, default=32)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--heads", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--test", type=int, default=512, help="test contexts (spread over the positions)")
@@ -140,25 +157,32 @@ def main() -> None:
     cols = ["position", "accuracy", "accuracy_sorted_1", "accuracy_sorted_2", "relevant_last_1", "relevant_last_2"]
     table = markdown_table(cols, [[f"{r[k]:.3f}" if isinstance(r[k], float) else r[k] for k in cols] for r in rows])
     cmd = "python benchmarks/attention_sorting.py " + " ".join(
-        f"--{k} {v}" for k, v in vars(args).items() if k not in ("out",) and p.get_default(k) != v
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and p.get_default(k) != v
+    )
+    prior = (
+        "uniformly"
+        if args.anywhere >= 1
+        else f"among the last {args.recent} documents with probability {1 - args.anywhere:.2f} (a recency prior), "
+        "anywhere otherwise"
     )
     text = f"""# Attention sorting on synthetic key-value retrieval (DecoderLM, CPU)
 
-Task: {args.docs} documents `[SEP key value]` with distinct keys, then `[Q key]`; the answer is the
-key's value. A softmax DecoderLM (dim {args.dim}, depth {args.depth}, {args.heads} heads, rotary positions)
-is trained for {args.steps} steps (batch {args.batch}) with the relevant document among the last
-{args.recent} documents in {100 * (1 - args.anywhere):.0f}% of the contexts (a recency prior) and
-anywhere in the rest. Test: {rows[0]['examples']} contexts per position of the relevant document
-(0 = first). `sorted_r`: after r rounds of `attnlib.analysis.attention_sort` (documents ordered by
-the attention the query's last token gives them, averaged over layers and heads; most attended
-last); `relevant_last_r`: how often the relevant document was moved last.
+Task: documents `[SEP key value]` with distinct keys, then `[Q key]`; the answer is the key's
+value. A softmax DecoderLM (dim {args.dim}, depth {args.depth}, {args.heads} heads, rotary positions) is
+trained for {args.steps} steps (batch {args.batch}) on contexts of {args.train_docs} documents followed by
+{args.queries} query-answer pairs, each queried document drawn {prior}. Test: contexts of {args.docs}
+documents and one query, {rows[0]["examples"]} per position of the relevant document (0 = first), so
+early documents lie further from the query than anything seen in training. `sorted_r`: after r
+rounds of `attnlib.analysis.attention_sort` (documents ordered by the attention the query's last
+token gives them, averaged over layers and heads; most attended last); `relevant_last_r`: how
+often the relevant document was moved last.
 
-Machine: {info['cpu']}, {info['cores']} cores, {args.threads} thread(s), load average {info['loadavg']};
-torch {info['torch']}; commit {info['commit']}; {result['date']}. Rerun: `{cmd.strip()}`.
+Machine: {info["cpu"]}, {info["cores"]} cores, {args.threads} thread(s), load average {info["loadavg"]};
+torch {info["torch"]}; commit {info["commit"]}; {result["date"]}. Rerun: `{cmd.strip()}`.
 
-Mean over positions: accuracy {mean['accuracy']:.3f}, after one round {mean['accuracy_sorted_1']:.3f},
-after two rounds {mean['accuracy_sorted_2']:.3f}; relevant document last after one round
-{mean['relevant_last_1']:.3f}.
+Mean over positions: accuracy {mean["accuracy"]:.3f}, after one round {mean["accuracy_sorted_1"]:.3f},
+after two rounds {mean["accuracy_sorted_2"]:.3f}; relevant document last after one round
+{mean["relevant_last_1"]:.3f}, after two {mean["relevant_last_2"]:.3f}.
 
 {table}
 """

@@ -4,6 +4,9 @@ One figure per question, each written to a PNG and closed:
 
 * :func:`plot_image_attention` - where does each layer's class token (or each head) look in the image?
 * :func:`plot_image_rollout` - what does the output draw on, through all layers (rollout overlay)?
+
+Attention over an image is drawn over the image in grey: bright and opaque where a patch gets
+much attention (relative to the panel's range), transparent where it gets little.
 * :func:`plot_token_attention` - attention maps of a token sequence, layers x heads.
 * :func:`plot_matrix` - one heat map (e.g. rollout of a sequence, head importance).
 * :func:`plot_entropy_curves` - head entropy over training (from ``metrics.csv``).
@@ -57,10 +60,17 @@ def _save(fig: Any, path: str | Path) -> Path:
 
 
 def _overlay(ax: Any, image: np.ndarray, heat: np.ndarray, title: str | None = None) -> None:
-    """The image in grey with a heat map (a patch grid, stretched over it) on top."""
+    """The image in grey with the heat map (a patch grid, stretched over it) on top: high attention
+    opaque and bright, low attention transparent."""
+    import matplotlib
+
     h, w = image.shape[-2:]
     ax.imshow(image, cmap="gray", extent=(0, w, h, 0), interpolation="nearest")
-    ax.imshow(heat, cmap=_CMAP, alpha=0.6, extent=(0, w, h, 0), interpolation="nearest")
+    lo, hi = float(np.nanmin(heat)), float(np.nanmax(heat))
+    t = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
+    rgba = matplotlib.colormaps["inferno"](0.35 + 0.65 * t)
+    rgba[..., 3] = 0.1 + 0.75 * t
+    ax.imshow(rgba, extent=(0, w, h, 0), interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
@@ -214,6 +224,7 @@ def plot_entropy_curves(curves: Mapping[int, Mapping[int, tuple[Any, Any]]], pat
     axes[0, 0].set_ylabel("entropy (nats)")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     return _save(fig, path)
 
 
