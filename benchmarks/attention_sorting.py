@@ -2,11 +2,12 @@
 
     .venv/bin/python benchmarks/attention_sorting.py [--steps 1500] [--train-docs 8] [--docs 16] [--test 512]
 
-The task: a context of documents ``[SEP key value]`` with distinct keys, then the query
-``[Q key*]``; the model must answer ``value*``. The model is trained on contexts of
-``--train-docs`` documents followed by ``--queries`` query-answer pairs (multi-query associative
-recall; each queried document drawn uniformly, or with a recency prior: among the last
-``--recent`` documents except with probability ``--anywhere``) and tested on longer contexts of
+The task: a context of documents ``[key value]`` with distinct keys, then the query ``key*``;
+the model must answer ``value*`` (associative recall). The model is trained on contexts of
+``--train-docs`` documents followed by ``--queries`` queried documents repeated (multi-query
+associative recall: each repeated key must predict its value; each queried document drawn
+uniformly, or with a recency prior: among the last ``--recent`` documents except with
+probability ``--anywhere``) and tested on longer contexts of
 ``--docs`` documents with one query. Early documents are then further from the query than any
 key the model saw in training - the situation the paper describes, where information early in a
 long context is used less.
@@ -42,8 +43,7 @@ OUT = ROOT / "results"
 sys.path.insert(0, str(ROOT))
 from _common import markdown_table  # noqa: E402
 
-SEP, QRY = 1, 2
-KEY0 = 4  # keys: KEY0 .. KEY0 + keys - 1; values after them
+KEY0 = 1  # keys: KEY0 .. KEY0 + keys - 1; values after them (token 0 unused)
 
 
 def make_batch(
@@ -55,9 +55,9 @@ def make_batch(
     for b in range(batch):
         ks = torch.randperm(keys, generator=gen)[:docs] + KEY0
         vs = torch.randint(values, (docs,), generator=gen) + val0
-        ds = [torch.tensor([SEP, int(k), int(v)]) for k, v in zip(ks, vs)]
+        ds = [torch.tensor([int(k), int(v)]) for k, v in zip(ks, vs)]
         rel = int(positions[b])
-        q = torch.tensor([QRY, int(ks[rel])])
+        q = torch.tensor([int(ks[rel])])
         all_docs.append(ds)
         queries.append(q)
         answers.append(int(vs[rel]))
@@ -66,8 +66,9 @@ def make_batch(
 
 
 def train_model(args: argparse.Namespace) -> DecoderLM:
-    """Train on contexts followed by ``--queries`` query-answer pairs ``[Q key value]``; the loss is
-    the answers' (several answers per context, as in multi-query associative recall)."""
+    """Train on contexts followed by ``--queries`` queried pairs ``[key value]`` repeated from the
+    context; the loss is at the repeated keys (predicting their values), as in multi-query
+    associative recall."""
     torch.manual_seed(args.seed)
     vocab = KEY0 + args.keys + args.values
     model = DecoderLM(attention={"variant": "softmax"}, vocab_size=vocab, dim=args.dim, depth=args.depth,
@@ -85,11 +86,11 @@ def train_model(args: argparse.Namespace) -> DecoderLM:
         docs, _, _, _ = make_batch(b, n, args.keys, args.values, pos[:, 0], gen)
         rows, targets = [], []
         for i in range(b):
-            qa = [torch.tensor([QRY, int(docs[i][p][1]), int(docs[i][p][2])]) for p in pos[i].tolist()]
+            qa = [docs[i][p] for p in pos[i].tolist()]  # each queried pair repeated: its key predicts its value
             rows.append(torch.cat([*docs[i], *qa]))
-            targets.append(torch.stack([q[2] for q in qa]))
+            targets.append(torch.stack([q[1] for q in qa]))
         tok, tgt = torch.stack(rows), torch.stack(targets)
-        at = 3 * n + 3 * torch.arange(nq) + 1  # the query keys' positions: they predict the values
+        at = 2 * n + 2 * torch.arange(nq)  # the query keys' positions: they predict the values
         loss = F.cross_entropy(model(tok)[:, at].flatten(0, 1), tgt.flatten())
         opt.zero_grad()
         loss.backward()
@@ -136,7 +137,7 @@ def main() -> None:
     p.add_argument("--values", type=int, default=32)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--heads", type=int, default=1)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--test", type=int, default=512, help="test contexts (spread over the positions)")
@@ -167,12 +168,13 @@ def main() -> None:
     )
     text = f"""# Attention sorting on synthetic key-value retrieval (DecoderLM, CPU)
 
-Task: documents `[SEP key value]` with distinct keys, then `[Q key]`; the answer is the key's
-value. A softmax DecoderLM (dim {args.dim}, depth {args.depth}, {args.heads} heads, rotary positions) is
-trained for {args.steps} steps (batch {args.batch}) on contexts of {args.train_docs} documents followed by
-{args.queries} query-answer pairs, each queried document drawn {prior}. Test: contexts of {args.docs}
-documents and one query, {rows[0]["examples"]} per position of the relevant document (0 = first), so
-early documents lie further from the query than anything seen in training. `sorted_r`: after r
+Task: documents `[key value]` with distinct keys, then one of the keys; the answer is its
+value (associative recall). A softmax DecoderLM (dim {args.dim}, depth {args.depth}, {args.heads} heads,
+rotary positions) is trained for {args.steps} steps (batch {args.batch}) on contexts of {args.train_docs}
+documents followed by {args.queries} of them repeated (each key predicting its value), each queried
+document drawn {prior}. Test: contexts of {args.docs} documents and one query, {rows[0]["examples"]} per
+position of the relevant document (0 = first), so early documents lie further from the query than
+anything seen in training. `sorted_r`: after r
 rounds of `attnlib.analysis.attention_sort` (documents ordered by the attention the query's last
 token gives them, averaged over layers and heads; most attended last); `relevant_last_r`: how
 often the relevant document was moved last.
