@@ -39,7 +39,6 @@ from attnlib.bench.machine import machine_info
 from attnlib.models import DecoderLM
 
 ROOT = Path(__file__).resolve().parent
-OUT = ROOT / "results"
 sys.path.insert(0, str(ROOT))
 from _common import markdown_table  # noqa: E402
 
@@ -143,7 +142,7 @@ def main() -> None:
     p.add_argument("--test", type=int, default=512, help="test contexts (spread over the positions)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(OUT / "attention_sorting"))
+    p.add_argument("--out", default="benchmarks/results/attention_sorting", help="output path without suffix")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -151,14 +150,14 @@ def main() -> None:
     rows = evaluate(model, args)
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k not in ("position", "examples")}
     info = machine_info(args.threads)
-    result = {"config": vars(args) | {"out": Path(args.out).name}, "rows": rows, "mean": mean, "machine": info,
+    result = {"config": vars(args), "rows": rows, "mean": mean, "machine": info,
               "date": time.strftime("%Y-%m-%d"), "wall_seconds": round(time.time() - t0, 1)}  # fmt: skip
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     cols = ["position", "accuracy", "accuracy_sorted_1", "accuracy_sorted_2", "relevant_last_1", "relevant_last_2"]
     table = markdown_table(cols, [[f"{r[k]:.3f}" if isinstance(r[k], float) else r[k] for k in cols] for r in rows])
     cmd = "python benchmarks/attention_sorting.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and p.get_default(k) != v
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if p.get_default(k) != v
     )
     prior = (
         "uniformly"
