@@ -165,6 +165,11 @@ def main() -> None:
         else f"among the last {args.recent} documents with probability {1 - args.anywhere:.2f} (a recency prior), "
         "anywhere otherwise"
     )
+    longer = (
+        ", so early documents lie further from the query than anything seen in training"
+        if args.docs > args.train_docs
+        else ""
+    )
     text = f"""# Attention sorting on synthetic key-value retrieval (DecoderLM, CPU)
 
 Task: documents `[key value]` with distinct keys, then one of the keys; the answer is its
@@ -172,8 +177,7 @@ value (associative recall). A softmax DecoderLM (dim {args.dim}, depth {args.dep
 rotary positions) is trained for {args.steps} steps (batch {args.batch}) on contexts of {args.train_docs}
 documents followed by {args.queries} of them repeated (each key predicting its value), each queried
 document drawn {prior}. Test: contexts of {args.docs} documents and one query, {rows[0]["examples"]} per
-position of the relevant document (0 = first), so early documents lie further from the query than
-anything seen in training. `sorted_r`: after r
+position of the relevant document (0 = first){longer}. `sorted_r`: after r
 rounds of `attnlib.analysis.attention_sort` (documents ordered by the attention the query's last
 token gives them, averaged over layers and heads; most attended last); `relevant_last_r`: how
 often the relevant document was moved last.
