@@ -4,13 +4,15 @@ One figure per question, each written to a PNG and closed:
 
 * :func:`plot_image_attention` - where does each layer's class token (or each head) look in the image?
 * :func:`plot_image_rollout` - what does the output draw on, through all layers (rollout overlay)?
-
-Attention over an image is drawn over the image in grey: bright and opaque where a patch gets
-much attention (relative to the panel's range), transparent where it gets little.
 * :func:`plot_token_attention` - attention maps of a token sequence, layers x heads.
 * :func:`plot_matrix` - one heat map (e.g. rollout of a sequence, head importance).
 * :func:`plot_entropy_curves` - head entropy over training (from ``metrics.csv``).
 * :func:`plot_layer_heads` - a per-head quantity by layer (mean attention distance, entropy).
+
+Attention over an image is drawn over the image in grey: bright and opaque where a patch gets
+much attention (relative to the panel's range), transparent where it gets little. Figures use
+matplotlib's constrained layout; titles are wrapped to the figure's width, and a heat map stays
+within about 8 x 7 inches however many rows it has.
 
 Inputs are numpy arrays or tensors (moved to the CPU); nothing here computes attention.
 """
@@ -18,6 +20,7 @@ Inputs are numpy arrays or tensors (moved to the CPU); nothing here computes att
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,17 @@ def _np(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().float().cpu().numpy()
     return np.asarray(x, dtype=np.float64)
+
+
+def _figure(plt: Any, rows: int, cols: int, size: tuple[float, float], **kw: Any) -> tuple[Any, Any]:
+    """A figure of rows x cols axes (always 2-D) in constrained layout."""
+    return plt.subplots(rows, cols, figsize=size, squeeze=False, layout="constrained", **kw)
+
+
+def _title(fig: Any, title: str, *, fontsize: float = 10) -> None:
+    """The figure's title (the question it answers), wrapped to the figure's width."""
+    chars = max(30, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))  # about 0.6 em per character
+    fig.suptitle(textwrap.fill(title, chars), fontsize=fontsize)
 
 
 def _save(fig: Any, path: str | Path) -> Path:
@@ -97,7 +111,7 @@ def plot_image_attention(
     plt = _plt()
     m = _np(maps)
     k, c = m.shape[:2]
-    fig, axes = plt.subplots(k, c + 1, figsize=(1.5 * (c + 1), 1.5 * k + 0.5), squeeze=False)
+    fig, axes = _figure(plt, k, c + 1, (1.5 * (c + 1), 1.5 * k + 0.5))
     for i in range(k):
         img = _image(images[i])
         axes[i, 0].imshow(img, cmap="gray", interpolation="nearest")
@@ -107,7 +121,7 @@ def plot_image_attention(
             axes[i, 0].set_title("input", fontsize=8)
         for j in range(c):
             _overlay(axes[i, j + 1], img, m[i, j], columns[j] if i == 0 else None)
-    fig.suptitle(title, fontsize=10)
+    _title(fig, title)
     return _save(fig, path)
 
 
@@ -123,13 +137,13 @@ def plot_image_rollout(
     k = r.shape[0]
     cols = min(k, 8)
     rows = math.ceil(k / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows + 0.5), squeeze=False)
+    fig, axes = _figure(plt, rows, cols, (1.6 * cols, 1.7 * rows + 0.5))
     for i, ax in enumerate(axes.flat):
         if i >= k:
             ax.axis("off")
             continue
         _overlay(ax, _image(images[i]), r[i], labels[i] if labels else None)
-    fig.suptitle(title, fontsize=10)
+    _title(fig, title)
     return _save(fig, path)
 
 
@@ -144,7 +158,7 @@ def plot_token_attention(
     plt = _plt()
     ws = [_np(w) for w in weights]
     layers, heads = len(ws), max(w.shape[0] for w in ws)
-    fig, axes = plt.subplots(layers, heads, figsize=(2.2 * heads, 2.2 * layers + 0.5), squeeze=False)
+    fig, axes = _figure(plt, layers, heads, (2.2 * heads, 2.2 * layers + 0.5))
     for li, w in enumerate(ws):
         for h in range(heads):
             ax = axes[li, h]
@@ -162,7 +176,7 @@ def plot_token_attention(
         ax = axes[-1, 0]
         ax.set_xticks(range(len(tokens)))
         ax.set_xticklabels(tokens, fontsize=4, rotation=90)
-    fig.suptitle(title, fontsize=10)
+    _title(fig, title)
     return _save(fig, path)
 
 
@@ -181,10 +195,13 @@ def plot_matrix(
     """One heat map with a colour bar (e.g. head importance: layers x heads; annotate prints values)."""
     plt = _plt()
     m = _np(matrix)
-    fig, ax = plt.subplots(figsize=(max(3.0, 0.55 * m.shape[1] + 1.5), max(2.5, 0.45 * m.shape[0] + 1.2)))
+    rows, cols = m.shape
+    width = min(8.0, max(4.0, 0.55 * cols + 1.5))
+    fig, axes = _figure(plt, 1, 1, (width, min(7.0, max(2.5, 0.45 * rows + 1.2))))
+    ax = axes[0, 0]
     im = ax.imshow(m, cmap=cmap, interpolation="nearest", aspect="auto")
     fig.colorbar(im, ax=ax, shrink=0.8)
-    ax.set_title(title, fontsize=10)
+    _title(fig, title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if xticks is not None:
@@ -211,7 +228,7 @@ def plot_entropy_curves(curves: Mapping[int, Mapping[int, tuple[Any, Any]]], pat
     layers = sorted(curves)
     cols = min(len(layers), 4)
     rows = math.ceil(len(layers) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows + 0.4), squeeze=False, sharey=True)
+    fig, axes = _figure(plt, rows, cols, (3.2 * cols, 2.6 * rows + 0.4), sharey=True)
     for ax, layer in zip(axes.flat, layers):
         for head in sorted(curves[layer]):
             steps, ent = curves[layer][head]
@@ -223,8 +240,7 @@ def plot_entropy_curves(curves: Mapping[int, Mapping[int, tuple[Any, Any]]], pat
         ax.axis("off")
     axes[0, 0].set_ylabel("entropy (nats)")
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    _title(fig, title)
     return _save(fig, path)
 
 
@@ -232,14 +248,15 @@ def plot_layer_heads(values: Any, path: str | Path, *, title: str, ylabel: str) 
     """A per-head quantity by layer: values (L, H) -> one dot per head at each layer, the layer mean as a line."""
     plt = _plt()
     v = _np(values)
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig, axes = _figure(plt, 1, 1, (5.0, 3.4))
+    ax = axes[0, 0]
     for h in range(v.shape[1]):
         ax.scatter(np.arange(v.shape[0]), v[:, h], s=18, alpha=0.8, label=f"head {h}")
     ax.plot(np.arange(v.shape[0]), np.nanmean(v, 1), color="black", linewidth=1, label="mean")
     ax.set_xticks(range(v.shape[0]))
     ax.set_xlabel("layer")
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    _title(fig, title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     return _save(fig, path)
