@@ -297,3 +297,24 @@ def test_capture_works_for_every_registered_variant(variant: str) -> None:
         assert r.weights is None
     if r.importance is not None:
         assert r.importance.shape == (2, 2, 8)
+
+
+def test_agreement_equals_a_direct_computation_of_the_divergences() -> None:
+    # softmax against an exact sliding window (|i - j| <= 2) on the model's own q, k, v
+    torch.manual_seed(3)
+    attn, x = _attn(), _x(n=7, scale=2.0)
+    res = variant_agreement(attn, lambda m: m(x), {"local": {"window": 2}})["local"]
+    q, k, v = attn.project(x)
+    s = torch.einsum("bhnd,bhmd->bhnm", q, k) / math.sqrt(q.shape[-1])
+    i = torch.arange(7)
+    band = (i[:, None] - i[None, :]).abs() <= 2
+    p, w = s.softmax(-1), s.masked_fill(~band, -math.inf).softmax(-1)
+    mid = (p + w) / 2
+    js = 0.5 * (torch.xlogy(p, p) - torch.xlogy(p, mid)).sum(-1) + 0.5 * (torch.xlogy(w, w) - torch.xlogy(w, mid)).sum(
+        -1
+    )
+    assert torch.allclose(res.js[0], js.mean((0, 2)), atol=1e-12)
+    assert torch.allclose(res.l1[0], (p - w).abs().sum(-1).mean((0, 2)), atol=1e-12)
+    assert bool(torch.isinf(res.kl).all())  # the window gives no mass where softmax has some
+    o_p, o_w = p @ v, w @ v
+    assert torch.allclose(res.out_rel_error, ((o_w - o_p).norm() / o_p.norm()).reshape(1), atol=1e-12)
