@@ -1,6 +1,7 @@
 """Attention sorting and the probes: document masses, the sort's fixed point and its effect on a
 content-only toy model; random-feature attention (invariance, its special cases, equivalence with
-one attnlib.Attention with frozen q/k, ridge == gradient descent, frozen features); the induction
+one attnlib.Attention with frozen q/k, ridge == gradient descent, frozen features; freeze_qk on a
+model); the induction
 probe's scores on hand-made attention."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from attnlib.analysis import (
     RandomFeatureAttention,
     attention_sort,
     document_attention,
+    freeze_qk,
     induction_probe,
 )
 from attnlib.analysis.sorting import layout
@@ -153,6 +155,32 @@ def test_ridge_solution_equals_gradient_descent_and_features_stay_frozen() -> No
     assert torch.equal(gd.W, w_before) and float(gd.v.detach().abs().sum()) > 0
     with pytest.raises(ValueError, match="sigma"):
         RandomFeatureAttention(4, 2, sigma="tanh")
+
+
+def test_freeze_qk_keeps_queries_and_keys_through_training_with_weight_decay() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(attnlib.Attention(16, 4, num_kv_heads=2), attnlib.Attention(16, 4, qkv_bias=False)).double()
+    x = torch.randn(2, 6, 16, dtype=D64)
+    before = model(x)
+    weights = [a.in_proj.weight.detach().clone() for a in model]
+    bias = model[0].in_proj.bias.detach().clone()
+    assert freeze_qk(model) == ["0", "1"]
+    assert torch.equal(model(x), before)  # the forward is unchanged
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    for a, w in zip(model, weights):
+        rows = 16 + a.num_kv_heads * 4  # q rows, then k rows
+        now = a.in_proj.weight.detach()
+        assert torch.equal(now[:rows], w[:rows]) and not torch.equal(now[rows:], w[rows:])
+    assert torch.equal(model[0].in_proj.bias.detach()[:24], bias[:24])
+    assert not torch.equal(model[0].in_proj.bias.detach()[24:], bias[24:])
+    with pytest.raises(ValueError, match="parametrized already"):
+        freeze_qk(model)
+    with pytest.raises(ValueError, match="holds no attnlib.Attention"):
+        freeze_qk(nn.Linear(2, 2))
 
 
 # -- induction probe -----------------------------------------------------------------------------------

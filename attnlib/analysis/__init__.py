@@ -35,7 +35,7 @@ from attnlib.analysis.measures import (
     rollout,
     segment_mass,
 )
-from attnlib.analysis.probes import InductionReport, RandomFeatureAttention, induction_probe
+from attnlib.analysis.probes import InductionReport, RandomFeatureAttention, freeze_qk, induction_probe
 from attnlib.analysis.sorting import SortResult, attention_sort, document_attention
 from attnlib.analysis.summary import entropy_metrics, head_entropy
 
@@ -59,6 +59,7 @@ __all__ = [
     "document_attention",
     "entropy",
     "entropy_metrics",
+    "freeze_qk",
     "gradient_head_importance",
     "head_entropy",
     "head_mask",

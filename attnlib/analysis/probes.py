@@ -9,7 +9,9 @@ value vectors ``v_m``:
 
 (``sigma = "softmax"`` replaces the 1/N average by the softmax over i, which is exactly one
 attention layer with frozen q/k projections). f is linear in v, so it can be fit in closed form
-(:meth:`RandomFeatureAttention.fit_ridge`) or by SGD.
+(:meth:`RandomFeatureAttention.fit_ridge`) or by SGD. :func:`freeze_qk` puts any model of
+:class:`attnlib.Attention` in the same regime: its query and key projections stay at their
+(random, at initialisation) values while values, output projections and the rest train.
 
 :func:`induction_probe` measures verbatim recall on a repeated random sequence: the loss on the
 repeat against the first copy, and per head the *induction* score (attention from position t of
@@ -27,11 +29,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from attnlib._validation import describe, positive_int
 from attnlib.analysis.capture import capture
+from attnlib.attention import Attention
 
-__all__ = ["InductionReport", "RandomFeatureAttention", "induction_probe"]
+__all__ = ["InductionReport", "RandomFeatureAttention", "freeze_qk", "induction_probe"]
 
 _SIGMAS = ("exp", "softmax", "relu")
 
@@ -108,6 +112,47 @@ class RandomFeatureAttention(nn.Module):
         sol = torch.linalg.solve(a, phi.T @ y.double() / n)
         self.v.copy_(sol.view_as(self.v).to(self.v.dtype))
         return ((phi @ sol - y.double()) ** 2).mean()
+
+
+class _FrozenRows(nn.Module):
+    """Parametrization: the first rows of a weight (or bias) are a frozen copy, the rest trains."""
+
+    def __init__(self, frozen: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("frozen", frozen.detach().clone())
+
+    def forward(self, w: Tensor) -> Tensor:
+        return torch.cat([self.frozen.to(w.dtype), w[self.frozen.shape[0] :]], 0)
+
+
+def freeze_qk(model: nn.Module) -> list[str]:
+    """Freeze the query and key projections of every :class:`attnlib.Attention` in ``model``.
+
+    The rows of ``in_proj`` that compute q and k (weight and bias; ``dim + kv_dim`` rows, GQA
+    included) are replaced, through :mod:`torch.nn.utils.parametrize`, by a buffer holding their
+    current values; the value rows, ``out_proj`` and every other parameter keep training. Called
+    on a freshly built model this is the frozen-random-query-key regime of Fu et al. (2023)
+    (:class:`RandomFeatureAttention` is its one-layer form; here each head's bilinear form is the
+    product ``W_q^T W_k`` of two random projections rather than one Gaussian matrix). Weight decay
+    cannot move the frozen rows: the optimiser's copy of them is never read. The forward is
+    unchanged; the state dict names ``in_proj.parametrizations.weight.original`` (and ``.0.frozen``).
+
+    Returns:
+        The qualified names of the frozen modules. ValueError when there is none, or when one
+        is frozen already.
+    """
+    sites = [(name, m) for name, m in model.named_modules() if isinstance(m, Attention)]
+    if not sites:
+        raise ValueError(f"freeze_qk: {type(model).__name__} holds no attnlib.Attention")
+    for name, m in sites:
+        if parametrize.is_parametrized(m.in_proj):
+            raise ValueError(f"freeze_qk: {name or type(m).__name__}.in_proj is parametrized already")
+    for _, m in sites:
+        rows = m.dim + m.num_kv_heads * m.head_dim
+        for pname in ("weight", "bias"):
+            if getattr(m.in_proj, pname) is not None:
+                parametrize.register_parametrization(m.in_proj, pname, _FrozenRows(getattr(m.in_proj, pname)[:rows]))
+    return [name for name, _ in sites]
 
 
 @dataclass
