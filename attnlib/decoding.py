@@ -16,7 +16,7 @@ from torch import Tensor
 from attnlib._validation import describe
 from attnlib.errors import UnsupportedError
 from attnlib.masks import MaskLike, normalize_mask
-from attnlib.positional import RotaryPositions
+from attnlib.positional import RotaryCall, RotaryPositions
 from attnlib.registry import Capabilities
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,7 +58,8 @@ class AttentionCache:
             different counts per sequence), or None when all are.
         k, v: (B, H_kv, capacity, D) key/value buffers (``kv`` and ``recompute`` modes; the first
             ``size`` entries are valid), rotary positions already applied.
-        q: (B, H, capacity, D) query buffer (``recompute`` mode only).
+        q: (B, H, capacity, D) query buffer (``recompute`` mode only); for a core that computes
+            from tokens (``projects_tokens``) the input tokens instead, (B, 1, capacity, C).
         state: the variant's recurrent state (``recurrent`` mode only).
     """
 
@@ -204,6 +205,28 @@ def _step_recurrent(attn: Attention, q: Tensor, k: Tensor, v: Tensor, cache: Att
     return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
 
 
+def _forward_tokens_cached(
+    attn: Attention, x: Tensor, cache: AttentionCache, mask: MaskLike | list[MaskLike], return_extras: bool
+) -> Tensor:
+    """Recompute decoding of a ``projects_tokens`` core: its input tokens are cached and the core
+    runs over the whole prefix (causal), keeping the new rows."""
+    if return_extras:
+        raise ValueError(f"return_extras is not available with a {cache.mode!r} cache; call forward without a cache")
+    b, n = x.shape[0], x.shape[1]
+    start = cache.length
+    total = start + n
+    cache.q = cache._append(cache.q, x[:, None], start)  # the tokens, (B, 1, length, C)
+    am = normalize_mask(mask, causal=True, batch=b, heads=attn.num_heads, n=total, m=total, device=x.device)
+    if am.full is not None or am.window is not None or am.block is not None:
+        raise ValueError("with cache=, mask may only be key padding (B, cache.length + N)")
+    pos = torch.arange(total, device=x.device)
+    rotary = None if attn.rope is None else RotaryCall(attn.rope.base, pos, pos)
+    y, res = attn.run_tokens(cache.q[:, 0, :total], am, rotary, need_weights=False, need_importance=False)
+    attn.pending_aux_loss = res.aux_loss
+    cache.length = cache.size = total
+    return y[:, -n:]
+
+
 def forward_cached(
     attn: Attention,
     x: Tensor,
@@ -226,6 +249,8 @@ def forward_cached(
         raise ValueError(f"batch mismatch: x has B={b} but the cache was made for B={cache.batch}")
     start = cache.length
     fill = cache.size
+    if attn.core.projects_tokens and cache.mode == "recompute":
+        return _forward_tokens_cached(attn, x, cache, mask, return_extras)
     q, k, v = attn._project_rotated(x, start)
     if cache.mode == "recurrent":
         if mask is not None:
@@ -256,7 +281,16 @@ def forward_cached(
         if cache.valid is not None:
             held = torch.cat([cache.valid, cache.valid.new_ones(b, n)], 1)
             am = normalize_mask(held, causal=True, batch=b, heads=heads, n=q.shape[2], m=total, device=x.device)
-        res = attn._attend(q, *attn._repeat_kv(kk, vv), am, need_importance=return_extras)
+        rotary = None
+        if attn.rope is not None and attn.core.uses_rotary:
+            if cache.size != cache.length:
+                raise UnsupportedError(
+                    f"variant {attn.variant!r} reads the rotary positions of its keys, which an evicted "
+                    "cache no longer knows; decode it without eviction"
+                )
+            kpos = torch.arange(total, device=x.device)
+            rotary = RotaryCall(attn.rope.base, kpos[-q.shape[2] :], kpos)
+        res = attn._attend(q, *attn._repeat_kv(kk, vv), am, rotary=rotary, need_importance=return_extras)
         out = res.out[:, :, -n:]
         attn.pending_aux_loss = res.aux_loss
         if cache.valid is not None:
