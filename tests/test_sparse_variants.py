@@ -185,7 +185,7 @@ def test_seer_density_one_equals_dense(causal: bool, h_kv: int) -> None:
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_seer_sparse_output_equals_reference_under_selected_blocks(causal: bool) -> None:
-    cr = core("seer", block_size=8, density=0.4, gate_dim=16)
+    cr = core("seer", block_size=8, density=0.4, gate_dim=16, last_block_dense=False)
     n = 64
     q, k, v = make_qkv(B, H, n, D, dtype=torch.float64, logit_scale=4.0, seed=8)
     a = am(n, causal=causal)
@@ -204,7 +204,7 @@ def test_seer_sparse_output_equals_reference_under_selected_blocks(causal: bool)
 
 
 def test_seer_topk_density_over_the_causal_triangle() -> None:
-    cr = core("seer", block_size=4, density=0.3, gate_dim=8, causal_gate=False)
+    cr = core("seer", block_size=4, density=0.3, gate_dim=8, last_block_dense=False)
     n = 256
     q, k, _ = make_qkv(1, H, n, D, dtype=torch.float64, seed=9)
     nb = n // 4
@@ -231,6 +231,110 @@ def test_seer_block_max_target_and_training_mode() -> None:
     t, lg = naive[:, :, 1:], logits[:, :, 1:]
     kl = torch.where(t > 0, t * (t.clamp_min(1e-300).log() - torch.log_softmax(lg, -1)), torch.zeros_like(t))
     assert_close(res.aux_loss, 10.0 * kl.sum() / kl.numel())
+
+
+def _official_gate_logits(q, k, qw, kw, bs, base, pos):
+    """The official prefill AttnGate, written from its equations in the official BSHD layout.
+
+    q (B, N, H, D), k (B, N, H_kv, D) pre-rotary; Q avg-pooled, K max/min/avg-pooled per block
+    (ceil mode), per-head maps (K per KV head), RoPE (rotate-half) on the gate vectors at the
+    positions of each block's first token, K repeated to the query heads, S = Q K^T / sqrt(d_g),
+    key blocks after the query block at -inf (the diagonal block is scored).
+    """
+
+    def pool(x, op):
+        y = x.permute(0, 2, 3, 1)  # (B, H, D, N) -> pool over N with ceil mode
+        b, h, d, n = y.shape
+        y = y.reshape(b * h * d, 1, n)
+        if op == "avg":
+            r = F.avg_pool1d(y, bs, bs, ceil_mode=True)
+        elif op == "max":
+            r = F.max_pool1d(y, bs, bs, ceil_mode=True)
+        else:
+            r = -F.max_pool1d(-y, bs, bs, ceil_mode=True)
+        return r.reshape(b, h, d, -1).permute(0, 3, 1, 2)  # (B, n, H, D)
+
+    qp = pool(q, "avg")
+    kp = torch.cat([pool(k, o) for o in ("max", "min", "avg")], -1)
+    qg = torch.einsum("bshi,hio->bsho", qp, qw)
+    kg = torch.einsum("bshi,hio->bsho", kp, kw)
+    dg = qg.shape[-1]
+    inv = 1.0 / base ** (torch.arange(0, dg, 2, dtype=torch.float64) / dg)
+    ang = pos[::bs].double()[:, None] * inv[None]
+    emb = torch.cat([ang, ang], -1)
+    cos, sin = emb.cos()[None, :, None], emb.sin()[None, :, None]
+
+    def rot(x):
+        x1, x2 = x[..., : dg // 2], x[..., dg // 2 :]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    qg, kg = rot(qg).transpose(1, 2), rot(kg).transpose(1, 2)
+    kg = kg.repeat_interleave(qg.shape[1] // kg.shape[1], 1)
+    s = qg @ kg.transpose(-1, -2) * dg**-0.5
+    nb = s.shape[-1]
+    return s.masked_fill(torch.ones(nb, nb, dtype=torch.bool).triu(1), float("-inf"))
+
+
+def test_seer_loads_official_gate_and_gives_its_logits_with_rope() -> None:
+    """Official-layout gate weights (Q map per query head, K map per KV head) load and give the
+    official gate's logits from the pre-rotary q/k, while the module hands the core rotated ones."""
+    torch.manual_seed(0)
+    bs, n, dg, h, h_kv = 4, 22, 16, 4, 2
+    attn = (
+        attnlib.Attention(
+            32, h, variant="seer", causal=True, rope=True, num_kv_heads=h_kv, block_size=bs, gate_dim=dg, density=0.5
+        )
+        .double()
+        .eval()
+    )
+    d = 32 // h
+    official = {
+        "mask_linear_q.weight": torch.randn(h, d, dg, dtype=torch.float64) / d**0.5,
+        "mask_linear_k.weight": torch.randn(h_kv, 3 * d, dg, dtype=torch.float64) / (3 * d) ** 0.5,
+    }
+    attn.core.load_official_gate(official)
+    x = torch.randn(2, n, 32, dtype=torch.float64)
+    q, k, v = attn.project(x)  # pre-rotary
+    pos = torch.arange(n)
+    ref = _official_gate_logits(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        official["mask_linear_q.weight"],
+        official["mask_linear_k.weight"],
+        bs,
+        10000.0,
+        pos,
+    )
+    qr, kr, _ = attn._project_rotated(x)
+    nb = ref.shape[-1]
+    allowed = torch.ones(nb, nb, dtype=torch.bool).tril()
+    rot = attnlib.positional.RotaryCall(10000.0, pos, pos)
+    got = attn.core.gate_logits(qr, kr, allowed, causal=True, rotary=rot)
+    fin = allowed.expand_as(got)
+    assert torch.equal(got > float("-inf"), fin)
+    assert_close(got[fin], ref[fin])
+    # the module's forward selects from these logits: top-k (official nz_ratio rule), last two rows dense
+    sel = attn.core.select(ref, allowed.expand_as(ref), True, n, n)
+    kk = max(1, math.floor((1 - math.sqrt(0.5)) * nb))
+    assert (sel[..., :-2, :].sum(-1) == torch.clamp(torch.arange(nb - 2) + 1, max=kk)).all()
+    assert torch.equal(sel[..., -2:, :], allowed[-2:].expand_as(sel[..., -2:, :]))
+    kk_v = v.repeat_interleave(h // h_kv, 1)
+    want = reference_attention(
+        qr, kr.repeat_interleave(h // h_kv, 1), kk_v, mask=expand_blocks(sel, bs, n, n), causal=True
+    )
+    assert_close(attn(x), attn.out_proj(want.transpose(1, 2).reshape(2, n, 32)))
+    with pytest.raises(ValueError, match="Q map"):
+        core("seer", block_size=bs, gate_dim=D).load_official_gate(official)
+
+
+def test_seer_gate_scores_the_diagonal_block_by_default() -> None:
+    """The official prefill gate scores key blocks J <= I (diagonal included); causal_gate=True drops it."""
+    q, k, _ = make_qkv(1, H, 32, D, dtype=torch.float64, seed=3)
+    allowed = torch.ones(4, 4, dtype=torch.bool).tril()
+    official = core("seer", block_size=8, gate_dim=16).gate_logits(q, k, allowed, causal=True)
+    assert torch.equal(official[0, 0] > float("-inf"), allowed)
+    strict = core("seer", block_size=8, gate_dim=16, causal_gate=True).gate_logits(q, k, allowed, causal=True)
+    assert torch.equal(strict[0, 0, 1:] > float("-inf"), allowed.tril(-1)[1:])
 
 
 def test_seer_freeze_all_but_gates() -> None:

@@ -29,7 +29,7 @@ from torch import Tensor
 from attnlib.functional._common import acc_dtype, masked_scores, nonzero, repeat_kv
 from attnlib.functional.softmax import softmax_attention
 from attnlib.masks import AttentionMask
-from attnlib.positional import apply_rotary
+from attnlib.positional import RotaryCall, rotate_at
 
 __all__ = [
     "block_max_attention",
@@ -37,6 +37,7 @@ __all__ = [
     "mosa_attention",
     "mosa_route",
     "rope_at_positions",
+    "seer_gate_from_official",
     "seer_gate_logits",
     "seer_gate_loss",
     "seer_own_blocks",
@@ -82,11 +83,8 @@ def block_pool(x: Tensor, size: int, ops: tuple[str, ...], valid: Tensor | None 
 
 
 def rope_at_positions(x: Tensor, pos: Tensor, base: float) -> Tensor:
-    """Rotary embedding of x (B, H, n, d) at (float) positions pos (n,), frequencies ``base^(-2i/d)``."""
-    d = x.shape[-1]
-    inv = base ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
-    ang = pos.to(torch.float64)[:, None] * inv[None, :]
-    return apply_rotary(x, ang.cos(), ang.sin())
+    """Rotary embedding of x (B, H, n, d) at (float) positions pos (n,) or (B, n), frequencies ``base^(-2i/d)``."""
+    return rotate_at(x, pos, base)
 
 
 def block_max_attention(
@@ -135,42 +133,53 @@ def seer_gate_logits(
     allowed: Tensor | None = None,
     causal_gate: bool = False,
     key_valid: Tensor | None = None,
+    rotary: RotaryCall | None = None,
 ) -> Tensor:
     """SeerAttention's AttnGate: block logits (B, H, n_q, n_k), float32 (float64 for float64 inputs).
 
     Q is pooled per block with ``q_pool``, K with ``k_pool`` (:func:`block_pool`); per-head
     maps ``q_gate`` (H, len(q_pool)·D, d_g) (None: the pooled Q itself, one op and d_g == D)
-    and ``k_gate`` (H, len(k_pool)·D, d_g); RoPE at block positions (first token of each
-    block, bottom-right aligned for N != M) unless ``rope_base`` is None; then
-    ``S = Q~ K~^T / sqrt(d_g)``.
+    and ``k_gate`` (H, len(k_pool)·D, d_g); RoPE at block positions (the position of the first
+    token of each block) unless ``rope_base`` is None; then ``S = Q~ K~^T / sqrt(d_g)``.
 
     Args:
         q: (B, H, N, D); k: (B, H_kv, M, D) (the pooled keys are repeated to H heads).
         allowed: block-level mask broadcastable to (B, H, n_q, n_k); the rest is -inf.
         causal_gate: query block I is represented by query block I - 1 (block 0 by its first
             query) and only key blocks entirely before it are scored, so the gate never reads
-            future tokens.
+            future tokens (not the official gate, which scores the diagonal block).
         key_valid: (B, M) bool, keeps padding out of the pooling (of the queries too when N == M).
+        rotary: the rotary positions q and k were rotated at by the module. The gate then pools
+            the pre-rotary q and k (the rotation is undone) and rotates the gate vectors at the
+            first position of each block with ``rotary.base``, as the official gate (which is
+            called before the model applies RoPE). Without it, q and k are pooled as given and the
+            block positions are ``I·block_size`` (queries bottom-right aligned for N != M).
     """
     _, h, n, _ = q.shape
     m = k.shape[2]
     bs = block_size
     acc = acc_dtype(q.dtype)
+    q, k = q.to(acc), k.to(acc)
+    if rotary is not None:
+        q, k = rotary.unrotate_q(q), rotary.unrotate_k(k)
     q_valid = key_valid if key_valid is not None and n == m else None
-    qp = block_pool(q.to(acc), bs, q_pool, q_valid)
-    kp = block_pool(k.to(acc), bs, k_pool, key_valid)
+    qp = block_pool(q, bs, q_pool, q_valid)
+    kp = block_pool(k, bs, k_pool, key_valid)
     if causal_gate:
-        first = q[:, :, :1].to(acc).repeat(1, 1, 1, len(q_pool))
+        first = q[:, :, :1].repeat(1, 1, 1, len(q_pool))
         qp = torch.cat([first, qp[:, :, :-1]], 2)
     if kp.shape[1] != h:
         kp = kp.repeat_interleave(h // kp.shape[1], 1)
     qg = qp if q_gate is None else torch.einsum("bhnd,hde->bhne", qp, q_gate.to(acc))
     kg = torch.einsum("bhnd,hde->bhne", kp, k_gate.to(acc))
-    if rope_base is not None:
+    if rotary is not None:
+        qg = rotate_at(qg, rotary.q_positions[..., ::bs], rotary.base)
+        kg = rotate_at(kg, rotary.k_positions[..., ::bs], rotary.base)
+    elif rope_base is not None:
         qpos = torch.arange(qg.shape[2], device=q.device) * bs + (m - n)
         kpos = torch.arange(kg.shape[2], device=q.device) * bs
-        qg = rope_at_positions(qg, qpos, rope_base)
-        kg = rope_at_positions(kg, kpos, rope_base)
+        qg = rotate_at(qg, qpos, rope_base)
+        kg = rotate_at(kg, kpos, rope_base)
     s = torch.matmul(qg, kg.transpose(-1, -2)) / math.sqrt(k_gate.shape[-1])
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
@@ -179,6 +188,28 @@ def seer_gate_logits(
         past = torch.arange(s.shape[3], device=q.device)[None, :] < (first_pos // bs)[:, None]
         s = s.masked_fill(~past, float("-inf"))
     return s
+
+
+def seer_gate_from_official(state: dict[str, Tensor], num_heads: int, prefix: str = "") -> tuple[Tensor | None, Tensor]:
+    """Gate weights of the official SeerAttention AttnGate -> (q_gate (H, ·, d_g) | None, k_gate (H, ·, d_g)).
+
+    ``state`` holds ``{prefix}mask_linear_k.weight`` (H or H_kv, len(k_pool)·D, d_g) and, when the
+    gate has a query map, ``{prefix}mask_linear_q.weight`` (H, len(q_pool)·D, d_g) - the official
+    ``MultiHeadLinear`` layout, which is ours. A key map per KV head (grouped-query attention) is
+    repeated to the query heads of its group (head h uses KV head h // (H / H_kv), as the
+    official ``repeat_kv``), which gives the same logits.
+    """
+    kw = state[f"{prefix}mask_linear_k.weight"]
+    qw = state.get(f"{prefix}mask_linear_q.weight")
+    if kw.dim() != 3 or num_heads % kw.shape[0]:
+        raise ValueError(
+            f"mask_linear_k.weight must be (H_kv, in, d_g) with H_kv dividing H={num_heads}, got {tuple(kw.shape)}"
+        )
+    if kw.shape[0] != num_heads:
+        kw = kw.repeat_interleave(num_heads // kw.shape[0], 0)
+    if qw is not None and (qw.dim() != 3 or qw.shape[0] != num_heads):
+        raise ValueError(f"mask_linear_q.weight must be (H={num_heads}, in, d_g), got {tuple(qw.shape)}")
+    return qw, kw
 
 
 def seer_own_blocks(n: int, m: int, block_size: int, device: torch.device) -> Tensor:
@@ -201,14 +232,18 @@ def seer_select(
     block_size: int,
     n: int,
     m: int,
+    last_block_dense: bool = True,
+    keep_own_blocks: bool = False,
 ) -> Tensor:
     """SeerAttention's block selection (B, H, n_q, n_k) bool from gate logits (B, H, n_q, n_k).
 
     Top-k per query block by ``density`` (causal: k = max(1, floor((1 - sqrt(1 - density)) ·
     n_k)), the official ``nz_ratio`` rule; otherwise k = max(1, round(density · n_k))), or
-    ``threshold`` on softmax(logits) when given; never a -inf logit. With ``causal`` the
-    blocks holding each query block's own positions (:func:`seer_own_blocks`) that ``allowed``
-    (block level) permits are always kept.
+    ``threshold`` on softmax(logits) when given; never a -inf logit. ``last_block_dense`` (the
+    official default) keeps every allowed block of the last two query-block rows.
+    ``keep_own_blocks`` (with ``causal``) always keeps the block(s) holding each query block's own
+    positions (:func:`seer_own_blocks`) that ``allowed`` permits, so no row is empty under a
+    threshold; the official selection does not.
     """
     nk = logits.shape[-1]
     finite = logits > float("-inf")
@@ -222,7 +257,10 @@ def seer_select(
         top = logits.topk(min(kk, nk), dim=-1).indices
         sel = torch.zeros_like(finite).scatter_(-1, top, True)
     sel = sel & finite
-    if causal:  # keep the block(s) holding each query block's own positions
+    if last_block_dense:
+        sel[..., -2:, :] = True
+        sel = sel & allowed
+    if causal and keep_own_blocks:
         sel = sel | (seer_own_blocks(n, m, block_size, logits.device) & allowed)
     return sel
 

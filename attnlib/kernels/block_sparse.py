@@ -334,11 +334,13 @@ def _plan(bm: Any, b: int, h: int, hk: int) -> list[_Bucket]:
 
 
 def _affine(idx: Tensor) -> tuple[int, int, int] | None:
-    """(base, row step, column step) when idx (R, X) == base + r·step_r + x·step_x, else None."""
+    """(base, row step, column step) when idx (R, X) == base + r·step_r + x·step_x with steps >= 0, else None."""
     r, x = idx.shape
     base = int(idx[0, 0])
     sr = int(idx[1, 0] - idx[0, 0]) if r > 1 else 0
     sx = int(idx[0, 1] - idx[0, 0]) if x > 1 else 0
+    if sr < 0 or sx < 0:  # a strided view cannot step backwards: gather instead
+        return None
     want = base + torch.arange(r, device=idx.device)[:, None] * sr + torch.arange(x, device=idx.device)[None, :] * sx
     return (base, sr, sx) if torch.equal(idx, want) else None
 

@@ -33,6 +33,7 @@ from attnlib.functional.softmax import softmax_attention, softmax_importance
 from attnlib.functional.sparse import (
     mosa_attention,
     mosa_route,
+    seer_gate_from_official,
     seer_gate_logits,
     seer_gate_loss,
     seer_select,
@@ -46,6 +47,7 @@ from attnlib.functional.sparse import (
 )
 from attnlib.kernels import block_sparse_attention
 from attnlib.masks import AttentionMask, BlockMask, MaskLike
+from attnlib.positional import RotaryCall
 from attnlib.registry import Capabilities, register_variant
 from attnlib.variants.base import AttentionCore, CoreOutput
 
@@ -63,8 +65,6 @@ __all__ = [
 # ------------------------------------------------------------------------------------------
 # shared helpers
 # ------------------------------------------------------------------------------------------
-
-
 
 
 def _with_caller(am: AttentionMask, pattern: BlockMask | None, block_size: tuple[int, int]) -> BlockMask:
@@ -409,10 +409,16 @@ class SeerAttention(AttentionCore):
     averaged over all elements (PyTorch ``KLDivLoss`` 'mean'). Use :func:`freeze_all_but_gates`
     to train only the gates. ``train_sparse=True`` runs the sparse kernel in training too.
 
-    Deviation: the gate K projection is per *query* head (the official one is per KV head; the
-    two coincide without grouped-query attention), and the gate pools the q/k the core
-    receives (after the module's RoPE, if any; the official gate pools pre-RoPE vectors and
-    re-rotates the pooled ones - ``gate_rope`` does the re-rotation).
+    Positions as in the official gate: inside an :class:`attnlib.Attention` built with
+    ``rope=True`` the gate pools the *pre-rotary* q and k (the core undoes the module's rotation)
+    and rotates the gate vectors once, at the position of the first token of each block, with
+    the module's rotary base; the attention itself uses the rotated q and k. Gate weights of the
+    official code load with :meth:`load_official_gate` and give the same logits.
+
+    Remaining deviations: the gate K projection is per *query* head (the official one is per KV
+    head when the gate has a Q projection; :meth:`load_official_gate` repeats a per-KV-head map,
+    which gives the same logits, but training then unties it); the gate RoPE is the default
+    rotary (no Llama-3 / YaRN frequency scaling).
 
     Args:
         block_size: gate / mask block (official 64).
@@ -420,15 +426,22 @@ class SeerAttention(AttentionCore):
         threshold: keep blocks with gate probability > threshold (overrides density).
         gate_dim: gate hidden size d_g (official 128).
         q_pool, k_pool: pooling ops among "avg", "max", "min".
-        gate_rope, rope_base: RoPE on pooled gate vectors at block positions.
+        gate_rope: RoPE on the pooled gate vectors. None (default): exactly when the module
+            applies rotary positions (the official gate, in a RoPE model); True: also without
+            them, at block positions ``I·block_size`` with ``rope_base``; False: never.
+        rope_base: rotary base of the gate when the module has no rotary positions.
         loss_scale: gate loss scale (official 10).
         skip_first: fraction of leading query blocks left out of the loss (official 1/4).
         train_sparse: use the sparse kernel in training as well.
+        last_block_dense: keep every allowed block of the last two query-block rows (official
+            default True).
+        keep_own_blocks: under causal masks always keep the block(s) holding each query's own
+            position (no empty rows under a threshold; not in the official code).
         causal_gate: under causal masks, score only key blocks entirely in the past of a
             query block, from the previous query block's pooled queries (block 0: its first
-            query), and keep the own-position blocks. The official prefill gate pools the
-            whole query block and scores the diagonal block, so its mask depends on later
-            tokens of the same block; ``causal_gate=False`` reproduces that.
+            query), so the block choice never reads later tokens of the same block. The official
+            prefill gate (default False) pools the whole query block and scores the diagonal
+            block.
         scale: attention logit scale, default head_dim**-0.5.
     """
 
@@ -439,6 +452,7 @@ class SeerAttention(AttentionCore):
         permutation_equivariant=False,
         paper="Gao et al. 2024, SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs, arXiv 2410.13276",
     )
+    uses_rotary = True
 
     def __init__(
         self,
@@ -451,30 +465,35 @@ class SeerAttention(AttentionCore):
         gate_dim: int = 128,
         q_pool: tuple[str, ...] | list[str] = ("avg",),
         k_pool: tuple[str, ...] | list[str] = ("max", "min", "avg"),
-        gate_rope: bool = True,
+        gate_rope: bool | None = None,
         rope_base: float = 10000.0,
         loss_scale: float = 10.0,
         skip_first: float = 0.25,
         train_sparse: bool = False,
-        causal_gate: bool = True,
+        last_block_dense: bool = True,
+        keep_own_blocks: bool = False,
+        causal_gate: bool = False,
         scale: float | None = None,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
         where = "seer"
         self.causal_gate = bool(causal_gate)
+        self.last_block_dense = bool(last_block_dense)
+        self.keep_own_blocks = bool(keep_own_blocks)
         self.block_size = positive_int(block_size, f"{where}: block_size")
         self.density = fraction(density, f"{where}: density")
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
             raise ValueError(f"{where}: threshold must be a float or None, got {threshold!r}")
         self.threshold = None if threshold is None else float(threshold)
         self.gate_dim = positive_int(gate_dim, f"{where}: gate_dim")
-        if gate_rope and self.gate_dim % 2:
-            raise ValueError(f"{where}: gate_rope needs an even gate_dim, got {gate_dim}")
+        if gate_rope is not False and self.gate_dim % 2:
+            raise ValueError(f"{where}: gate RoPE needs an even gate_dim, got {gate_dim} (or set gate_rope=False)")
         self.q_pool, self.k_pool = tuple(q_pool), tuple(k_pool)
         for ops in (self.q_pool, self.k_pool):
             if not ops or any(o not in ("avg", "max", "min") for o in ops):
                 raise ValueError(f"{where}: pooling ops must be a non-empty list of 'avg', 'max', 'min', got {ops}")
-        self.gate_rope, self.rope_base = bool(gate_rope), float(rope_base)
+        self.gate_rope = None if gate_rope is None else bool(gate_rope)
+        self.rope_base = float(rope_base)
         self.loss_scale = float(loss_scale)
         if not 0.0 <= float(skip_first) < 1.0:
             raise ValueError(f"{where}: skip_first must be in [0, 1), got {skip_first!r}")
@@ -502,14 +521,19 @@ class SeerAttention(AttentionCore):
         *,
         causal: bool = False,
         key_valid: Tensor | None = None,
+        rotary: RotaryCall | None = None,
     ) -> Tensor:
         """Block logits (B, H, n_q, n_k), float32 (float64 for float64 inputs).
 
         ``allowed`` (block level, broadcastable) sets the rest to -inf; ``key_valid`` (B, M)
-        keeps padding out of the pooling. With ``causal`` and ``causal_gate`` query block I is
-        represented by query block I - 1 (block 0 by its first query) and only key blocks
-        entirely before it are scored, so the gate never reads future tokens.
+        keeps padding out of the pooling; ``rotary``: the positions the module rotated q and k
+        at (the gate pools the pre-rotary vectors and rotates at block positions). With
+        ``causal`` and ``causal_gate`` query block I is represented by query block I - 1 (block
+        0 by its first query) and only key blocks entirely before it are scored.
         """
+        use_rotary = rotary if self.gate_rope is not False else None
+        if use_rotary is None and rotary is not None:  # gate_rope=False: still pool pre-rotary vectors
+            q, k = rotary.unrotate_q(q), rotary.unrotate_k(k)
         return seer_gate_logits(
             q,
             k,
@@ -522,7 +546,32 @@ class SeerAttention(AttentionCore):
             allowed=allowed,
             causal_gate=causal and self.causal_gate,
             key_valid=key_valid,
+            rotary=use_rotary,
         )
+
+    @torch.no_grad()
+    def load_official_gate(self, state: dict[str, Tensor], prefix: str = "") -> None:
+        """Load AttnGate weights trained with the official SeerAttention code.
+
+        ``state``: ``{prefix}mask_linear_k.weight`` and (gates with a Q map)
+        ``{prefix}mask_linear_q.weight``, e.g. one layer's entries of the official
+        ``attn_gate_weights.pth`` with ``prefix="model.layers.0.self_attn.attn_gate."``. Pooling ops,
+        block size and gate_dim must match the official gate type (``Qavg_Kmaxminavg``: q_pool
+        ("avg",), k_pool ("max", "min", "avg")).
+        """
+        qw, kw = seer_gate_from_official(state, self.num_heads, prefix)
+        if (qw is None) != (self.q_gate is None):
+            raise ValueError(
+                f"seer: the official gate {'has' if qw is not None else 'has no'} Q map, this gate "
+                f"{'has' if self.q_gate is not None else 'has none'} (q_pool={self.q_pool}, gate_dim={self.gate_dim})"
+            )
+        for name, w in (("k_gate", kw), ("q_gate", qw)):
+            p = getattr(self, name)
+            if w is None or p is None:
+                continue
+            if tuple(w.shape) != tuple(p.shape):
+                raise ValueError(f"seer: official {name} has shape {tuple(w.shape)}, expected {tuple(p.shape)}")
+            p.copy_(w)
 
     def select(self, logits: Tensor, allowed: Tensor, causal: bool, n: int, m: int) -> Tensor:
         """Block selection (B, H, n_q, n_k) bool from gate logits and the caller's allowed blocks."""
@@ -535,6 +584,8 @@ class SeerAttention(AttentionCore):
             block_size=self.block_size,
             n=n,
             m=m,
+            last_block_dense=self.last_block_dense,
+            keep_own_blocks=self.keep_own_blocks,
         )
 
     def attend(
@@ -548,6 +599,7 @@ class SeerAttention(AttentionCore):
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
+        rotary: RotaryCall | None = None,
     ) -> CoreOutput:
         b, h, n, _ = q.shape
         m = k.shape[2]
@@ -556,7 +608,7 @@ class SeerAttention(AttentionCore):
         base = _with_caller(mask, None, bs)
         partial, full = base.block_states()
         allowed = (partial | full).expand(b, h, -1, -1)
-        logits = self.gate_logits(q, k, allowed, causal=mask.causal, key_valid=mask.key_padding)
+        logits = self.gate_logits(q, k, allowed, causal=mask.causal, key_valid=mask.key_padding, rotary=rotary)
         aux = None
         if self.training:
             aux = self.loss_scale * seer_gate_loss(logits, q, k, mask, scale, self.block_size, self.skip_first)
