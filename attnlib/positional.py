@@ -65,15 +65,15 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def rotate_at(x: Tensor, positions: Tensor, base: float, *, inverse: bool = False) -> Tensor:
-    """Rotate x (B, H, n, D) at positions (n,) or (B, n) (int or float) with frequencies ``base^(-2i/D)``.
+    """Rotate x (B, H, n, D) at positions (n,), (B, n) or (B, H, n) (int or float), frequencies ``base^(-2i/D)``.
 
     ``inverse`` undoes the rotation (angles negated): ``rotate_at(rotate_at(x, p, b), p, b, inverse=True) == x``.
     Angles are computed in float64.
     """
     d = x.shape[-1]
     inv = base ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
-    ang = positions.to(device=x.device, dtype=torch.float64)[..., None] * inv  # (n, D/2) or (B, n, D/2)
-    if ang.dim() == 3:
+    ang = positions.to(device=x.device, dtype=torch.float64)[..., None] * inv  # (*positions.shape, D/2)
+    if ang.dim() == 3:  # (B, n): one position per batch row and token, shared by the heads
         ang = ang[:, None]
     sin = -ang.sin() if inverse else ang.sin()
     return apply_rotary(x, ang.cos(), sin)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import attnlib
 from attnlib.functional import reference_attention
 from attnlib.functional.grat import grat_permutation
-from attnlib.functional.sparse import block_max_attention
+from attnlib.functional.sparse import block_max_attention, mosa_router, mosa_select
 from attnlib.masks import BlockMask, causal_mask, normalize_mask, window_mask
 from attnlib.registry import get_variant
 from attnlib.testing import assert_close, make_qkv
@@ -357,28 +357,54 @@ def test_seer_freeze_all_but_gates() -> None:
 @pytest.mark.parametrize("causal", [False, True])
 def test_mosa_keep_all_equals_scaled_dense(causal: bool) -> None:
     q, k, v = make_qkv(B, H, 20, D, dtype=torch.float64, logit_scale=4.0, seed=11)
-    cr = core("mosa", sparsity=1.0, causal_routing=False, router_bias=True)
-    with torch.no_grad():
-        cr.router.weight.zero_()
-        cr.router.bias.zero_()
-    ref = reference_attention(q, k, v, causal=causal)
-    assert_close(cr(q, k, v, am(20, causal=causal)).out, 0.5 * ref)  # constant router: c = sigmoid(0)
-    with torch.no_grad():
-        cr.router.bias.fill_(50.0)  # sigmoid(50) == 1.0 in float64
-    assert_close(cr(q, k, v, am(20, causal=causal)).out, ref)
+    for routing in ("expert_choice", "causal_expert_choice"):
+        cr = core("mosa", sparsity=1.0, routing=routing, router_bias=True, num_dense_heads=0)
+        with torch.no_grad():
+            cr.router.weight.zero_()
+            cr.router.bias.zero_()
+        ref = reference_attention(q, k, v, causal=causal)
+        assert_close(cr(q, k, v, am(20, causal=causal)).out, 0.5 * ref)  # constant router: c = sigmoid(0)
+        with torch.no_grad():
+            cr.router.bias.fill_(50.0)  # sigmoid(50) == 1.0 in float64
+        assert_close(cr(q, k, v, am(20, causal=causal)).out, ref)
 
 
-@pytest.mark.parametrize("causal_routing", [False, True])
-def test_mosa_equals_dense_masked_oracle(causal_routing: bool) -> None:
+def _mosa_picks_slow(r: torch.Tensor, routing: str, rho: float, tau: float = 0.5) -> torch.Tensor:
+    """Which tokens each head picks, (B, E, N) bool, by the definitions (loops)."""
+    b, e, n = r.shape
+    picked = torch.zeros(b, e, n, dtype=torch.bool)
+
+    def k_of(length: int) -> int:
+        return min(length, max(2, math.floor(length / rho)))
+
+    for bi in range(b):
+        for ei in range(e):
+            row = r[bi, ei]
+            if routing == "expert_choice":
+                picked[bi, ei, row.topk(k_of(n)).indices] = True
+            elif routing == "threshold":
+                picked[bi, ei] = row > tau
+            else:  # causal expert choice: prefix top-k(t+1) membership and a running budget
+                held = 0
+                for t in range(n):
+                    prefix = row[: t + 1]
+                    rank = int(((prefix[:t] > row[t]) | (prefix[:t] == row[t])).sum())
+                    if rank < k_of(t + 1) and held < k_of(t + 1):
+                        picked[bi, ei, t] = True
+                        held += 1
+    return picked
+
+
+@pytest.mark.parametrize("routing", ["expert_choice", "causal_expert_choice", "threshold"])
+def test_mosa_equals_dense_masked_oracle(routing: str) -> None:
     n = 24
     q, k, v = make_qkv(B, H, n, D, dtype=torch.float64, logit_scale=4.0, seed=12)
-    cr = core("mosa", sparsity=3.0, causal_routing=causal_routing, threshold=0.5)
+    cr = core("mosa", sparsity=3.0, routing=routing, threshold=0.5, num_dense_heads=0)
     x = q.transpose(1, 2).reshape(B, n, H * D)
     r = torch.sigmoid(x @ cr.router.weight.T).transpose(1, 2)  # (B, H, N)
-    if causal_routing:
-        picked = r > 0.5
-    else:
-        picked = torch.zeros_like(r, dtype=torch.bool).scatter(-1, r.topk(8, -1).indices, True)
+    picked = _mosa_picks_slow(r, routing, 3.0)
+    if routing != "threshold":
+        assert (picked.sum(-1) <= 8).all()
     for causal in (False, True):
         mask = picked[..., :, None] & picked[..., None, :]
         ref = reference_attention(q, k, v, mask=mask, causal=causal) * r[..., None]
@@ -390,15 +416,102 @@ def test_mosa_equals_dense_masked_oracle(causal_routing: bool) -> None:
     assert torch.equal(x_out[~picked], torch.zeros_like(x_out[~picked]))
 
 
+def _rot_half(x: torch.Tensor, pos: torch.Tensor, n_rot: int, base: float = 10000.0) -> torch.Tensor:
+    """Rotate-half RoPE on the first n_rot dims of x (..., T, D) at positions pos (..., T)."""
+    inv = 1.0 / base ** (torch.arange(0, n_rot, 2, dtype=torch.float64) / n_rot)
+    ang = pos.double()[..., None] * inv
+    emb = torch.cat([ang, ang], -1)
+    xr = x[..., :n_rot]
+    half = torch.cat([-xr[..., n_rot // 2 :], xr[..., : n_rot // 2]], -1)
+    return torch.cat([xr * emb.cos() + half * emb.sin(), x[..., n_rot:]], -1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_mosa_module_is_the_papers_layer(causal: bool) -> None:
+    """Attention(variant="mosa") from tokens = the paper's equations: router on x, per-head
+    projection of the picked tokens, RoPE on half the dims at their original positions, mask
+    I_i >= I_j, times r, per-head output map scatter-added; plus a dense hybrid head."""
+    torch.manual_seed(3)
+    n, c, h, rho = 21, 32, 4, 3.0
+    attn = attnlib.Attention(c, h, variant="mosa", causal=causal, rope=True, sparsity=rho, num_dense_heads=1)
+    attn = attn.double().eval()
+    x = torch.randn(B, n, c, dtype=torch.float64)
+    d, n_rot = c // h, 2 * int(0.5 * (c // h) / 2)
+    w, bias = attn.in_proj.weight, attn.in_proj.bias
+    wo = attn.out_proj.weight
+    r = torch.sigmoid(x @ attn.core.router.weight.T).transpose(1, 2)  # (B, E, N)
+    routing = "causal_expert_choice" if causal else "expert_choice"
+    picked = _mosa_picks_slow(r, routing, rho)
+    y = attn.out_proj.bias.expand(B, n, c).clone()
+    pos = torch.arange(n)
+    for hh in range(h):
+        wq, wk, wv = (w[o * c + hh * d : o * c + (hh + 1) * d] for o in range(3))
+        bq, bk, bv = (bias[o * c + hh * d : o * c + (hh + 1) * d] for o in range(3))
+        for bi in range(B):
+            sel = torch.arange(n) if hh == 0 else picked[bi, hh - 1].nonzero().flatten()
+            xs = x[bi, sel]
+            qs, ks, vs = xs @ wq.T + bq, xs @ wk.T + bk, xs @ wv.T + bv
+            qs, ks = _rot_half(qs, pos[sel], n_rot), _rot_half(ks, pos[sel], n_rot)
+            s = qs @ ks.T / d**0.5
+            if causal:
+                s = s.masked_fill(sel[None, :] > sel[:, None], float("-inf"))
+            a = torch.softmax(s, -1) @ vs
+            if hh > 0:
+                a = a * r[bi, hh - 1, sel, None]
+            y[bi, sel] += a @ wo[:, hh * d : (hh + 1) * d].T
+    assert_close(attn(x), y)
+
+
+def test_mosa_causal_expert_choice_reads_no_future_and_keeps_the_budget() -> None:
+    torch.manual_seed(4)
+    attn = attnlib.Attention(32, 4, variant="mosa", causal=True, rope=True, sparsity=4.0).double().eval()
+    x = torch.randn(2, 40, 32, dtype=torch.float64)
+    y = attn(x)
+    for t in (5, 17, 33):
+        assert_close(attn(x[:, :t]), y[:, :t])
+    r = mosa_router(x, attn.core.router.weight)
+    idx, valid = mosa_select(r, routing="causal_expert_choice", sparsity=4.0)
+    assert idx.shape[-1] <= 10 and valid.sum(-1).max() <= 10  # k(N) = floor(40 / 4)
+    # expert choice reads later tokens: perturbing the last token changes earlier outputs
+    ec = attnlib.Attention(32, 4, variant="mosa", causal=True, rope=True, sparsity=4.0, routing="expert_choice")
+    ec.load_state_dict(attn.state_dict())
+    ec = ec.double().eval()
+    x2 = x.clone()
+    x2[:, -1] = 10 * torch.randn(2, 32, dtype=torch.float64)
+    assert not torch.allclose(ec(x2)[:, :-1], ec(x)[:, :-1])
+
+
+def test_mosa_projects_only_the_picked_tokens() -> None:
+    """With sparsity 8 and no dense heads the layer's FLOPs are a fraction of dense attention's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(5)
+    x = torch.randn(1, 256, 64)
+    counts = {}
+    for variant, kw in (("softmax", {}), ("mosa", {"sparsity": 8.0})):
+        attn = attnlib.Attention(64, 4, variant=variant, causal=True, rope=True, **kw).eval()
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            attn(x)
+        counts[variant] = fc.get_total_flops()
+    # dense: 2·N·C·4C (projections) + 4·N^2·C (scores, values); MoSA: k = N/8 picked tokens per head
+    n, c, k = 256, 64, 32
+    assert counts["softmax"] >= 2 * n * c * 4 * c
+    assert counts["mosa"] <= 2 * n * c * 4 + 2 * k * c * 4 * c + 4 * k * k * c + 4 * n * c * 4
+    assert counts["mosa"] < counts["softmax"] / 4
+
+
 def test_mosa_router_gets_gradient_and_padding_is_never_picked() -> None:
     n = 16
-    q, k, v = make_qkv(B, H, n, D, dtype=torch.float64, seed=13)
-    cr = core("mosa", sparsity=2.0)
+    torch.manual_seed(6)
+    attn = attnlib.Attention(32, 4, variant="mosa", sparsity=2.0, rope=True).double()
+    x = torch.randn(B, n, 32, dtype=torch.float64)
     kp = key_padding(n)
-    _, idx, valid = cr.route(q, am(n, mask=kp))
+    _, idx, valid = attn.core.route(x, am(n, mask=kp))
     assert kp.gather(1, idx.flatten(1)).view_as(idx)[valid].all()
-    cr(q, k, v, am(n, mask=kp)).out.square().sum().backward()
-    assert cr.router.weight.grad.abs().sum() > 0
+    attn(x, mask=kp).square().sum().backward()
+    assert attn.core.router.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="routing"):
+        core("mosa", routing="top_k")
 
 
 # ------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ top-k selections need the precision.
   :func:`block_max_attention`.
 * SeerAttention (Gao et al. 2024, arXiv 2410.13276): :func:`seer_gate_logits`,
   :func:`seer_own_blocks`, :func:`seer_select`, :func:`seer_gate_loss`.
-* MoSA (Piękos, Csordás & Schmidhuber 2025, arXiv 2505.00315): :func:`mosa_route`,
-  :func:`mosa_attention`.
+* MoSA (Piękos, Csordás & Schmidhuber 2025, arXiv 2505.00315): :func:`mosa_router`,
+  :func:`mosa_select`, :func:`mosa_attention` (projected tokens), :func:`mosa_token_attention`
+  (projects only the picked tokens).
 * Sparsifiner (Wei et al., CVPR 2023): :func:`sparsifiner_approx_attention`,
   :func:`sparsifiner_recon_loss`, :func:`sparsifiner_attention`.
 * SwinBERT's learnable soft mask (Lin et al., CVPR 2022): :func:`swinbert_soft_mask`,
@@ -32,10 +33,17 @@ from attnlib.masks import AttentionMask
 from attnlib.positional import RotaryCall, rotate_at
 
 __all__ = [
+    "MOSA_ROUTINGS",
     "block_max_attention",
     "block_pool",
     "mosa_attention",
-    "mosa_route",
+    "mosa_k",
+    "mosa_picked_attention",
+    "mosa_router",
+    "mosa_scatter_weights",
+    "mosa_select",
+    "mosa_token_attention",
+    "partial_rotary",
     "rope_at_positions",
     "seer_gate_from_official",
     "seer_gate_logits",
@@ -297,56 +305,160 @@ def seer_gate_loss(
 # ------------------------------------------------------------------------------------------
 
 
-def mosa_route(
-    q: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
+MOSA_ROUTINGS = ("expert_choice", "causal_expert_choice", "threshold")
+
+
+def mosa_k(n: int, sparsity: float, min_tokens: int = 2) -> int:
+    """MoSA's tokens per head for a sequence of n: ``clamp(floor(n / sparsity), min_tokens, n)`` (official)."""
+    return min(n, max(min_tokens, math.floor(n / sparsity)))
+
+
+def mosa_router(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """MoSA's router scores ``r = sigmoid(x W_r^T + b)``: x (B, N, C), weight (E, C) -> r (B, E, N).
+
+    Computed in float32 (float64 for float64 inputs): rankings need the precision.
+    """
+    acc = acc_dtype(x.dtype)
+    logits = F.linear(x.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
+    return torch.sigmoid(logits).transpose(1, 2)
+
+
+def _causal_expert_choice(score: Tensor, sparsity: float, min_tokens: int) -> Tensor:
+    """Causal expert choice: (B, E, N) scores (-inf = never) -> picked (B, E, N) bool.
+
+    Token t is a candidate iff expert choice over the prefix 0..t would pick it (it ranks among
+    the top ``k(t+1)`` of ``score[0..t]``, earlier tokens winning ties) and it is picked iff it
+    is a candidate and the head has picked fewer than ``k(t+1)`` tokens so far, with
+    ``k(n) = clamp(floor(n / sparsity), min_tokens, n)``. Each decision reads only the prefix, so it
+    never changes when later tokens arrive, and a head never holds more than ``k(N)`` tokens. The
+    running count ``c_{t+1} = min(c_t + cand_t, k(t+1))`` has the closed form
+    ``A_{t+1} + min(0, min_{s<=t} (k(s+1) - A_{s+1}))`` with A the candidate prefix count.
+    """
+    n = score.shape[-1]
+    dev = score.device
+    t = torch.arange(n, device=dev)
+    kt = torch.clamp(torch.clamp(torch.div(t + 1, sparsity, rounding_mode="floor"), min=min_tokens), max=t + 1).long()
+    # rank of r_t among r_0..r_t: strictly larger earlier scores and equal earlier ones (ties: earlier first)
+    rank = torch.zeros_like(score, dtype=torch.long)
+    step = max(1, 2**22 // max(1, score[..., :1].numel() * n))  # query chunk: memory O(chunk * N)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        cur = score[..., a:b, None]  # (B, E, c, 1)
+        prev = score[..., None, :]  # (B, E, 1, N)
+        earlier = t[None, :] < t[a:b, None]  # (c, N)
+        beats = (prev > cur) | ((prev == cur) & (prev > float("-inf")))
+        rank[..., a:b] = (beats & earlier).sum(-1)
+    cand = (rank < kt) & (score > float("-inf"))
+    cum = cand.long().cumsum(-1)  # A_{t+1}
+    slack = torch.cummin(kt - cum, -1).values.clamp(max=0)
+    count = cum + slack  # c_{t+1}
+    prev_count = F.pad(count, (1, 0))[..., :-1]
+    return count > prev_count
+
+
+def mosa_select(
+    r: Tensor,
     *,
-    key_padding: Tensor | None = None,
-    causal_routing: bool,
+    routing: str,
     sparsity: float = 4.0,
     min_tokens: int = 2,
     threshold: float = 0.5,
     include_first: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """MoSA's router and token choice per head.
+    valid: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """MoSA's token choice per head from router scores r (B, E, N).
 
-    Router ``r = sigmoid(x W^T + b)`` with x the concatenated per-head queries (B, N, H·D),
-    ``weight`` (H, H·D), ``bias`` (H,) or None, in float32 (float64 for float64 inputs).
-    Expert choice (``causal_routing=False``): head e picks its top-k tokens,
-    k = clamp(floor(N / sparsity), min_tokens, N). Causal routing: token t is picked iff
-    ``r_t > threshold`` (a per-token decision; k varies per head). Padding tokens
-    (``key_padding`` (B, N) False) are never picked; ``include_first`` always picks token 0.
+    * ``"expert_choice"`` (the paper and the official code): head e keeps its top-k tokens of the
+      whole sequence, k = :func:`mosa_k`; ``include_first`` keeps token 0 and the top-(k-1) of the
+      rest (official). Whether token t is picked depends on later tokens' scores.
+    * ``"causal_expert_choice"``: the same budget decided token by token from the prefix only
+      (:func:`_causal_expert_choice`): causal outputs never depend on later tokens and
+      incremental decoding equals the full forward.
+    * ``"threshold"``: token t is picked iff ``r_t > threshold`` (k varies per head).
+
+    ``valid`` (B, N) bool: padding tokens are never picked.
 
     Returns:
-        (r (B, H, N), idx (B, H, K) picked positions ascending, slot_valid (B, H, K) bool:
-        which of the K slots hold a picked token).
+        (idx (B, E, K) picked positions ascending, slot_valid (B, E, K) bool: the slots holding
+        a picked token).
     """
-    b, h, n, d = q.shape
-    x = q.transpose(1, 2).reshape(b, n, h * d)
-    acc = acc_dtype(q.dtype)  # router in >= fp32
-    logits = F.linear(x.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
-    r = torch.sigmoid(logits).transpose(1, 2)  # (B, H, N)
-    valid = torch.ones(b, 1, n, dtype=torch.bool, device=q.device)
-    if key_padding is not None:
-        valid = valid & key_padding[:, None, :]
-    if causal_routing:
-        pick = (r.detach() > threshold) & valid
+    if routing not in MOSA_ROUTINGS:
+        raise ValueError(f"mosa: routing must be one of {MOSA_ROUTINGS}, got {routing!r}")
+    b, e, n = r.shape
+    ok = torch.ones(b, 1, n, dtype=torch.bool, device=r.device) if valid is None else valid[:, None, :]
+    score = r.detach().masked_fill(~ok, float("-inf"))
+    if routing == "expert_choice":
+        kk = mosa_k(n, sparsity, min_tokens)
         if include_first:
-            pick[..., 0] = valid[..., 0].expand_as(pick[..., 0])
-        cnt = pick.sum(-1)
-        kmax = max(1, int(cnt.max()))
-        order = torch.argsort((~pick).to(torch.int8), dim=-1, stable=True)[..., :kmax]
-        slot_valid = torch.arange(kmax, device=q.device) < cnt[..., None]
-        return r, order, slot_valid
-    kk = min(n, max(min_tokens, math.floor(n / sparsity)))
-    score = r.detach().masked_fill(~valid, float("-inf"))
-    if include_first:
-        score[..., 0] = torch.where(valid[..., 0], float("inf"), float("-inf"))
-    top = score.topk(kk, dim=-1).indices
-    idx, _ = top.sort(-1)
-    slot_valid = torch.gather(valid.expand(b, h, n), -1, idx)
-    return r, idx, slot_valid
+            score = score.clone()
+            score[..., 0] = torch.where(ok[..., 0], float("inf"), float("-inf"))
+        idx, _ = score.topk(kk, dim=-1).indices.sort(-1)
+        return idx, torch.gather(ok.expand(b, e, n), -1, idx)
+    if routing == "threshold":
+        pick = (score > threshold) & ok
+        if include_first:
+            pick[..., 0] = ok[..., 0].expand_as(pick[..., 0])
+    else:
+        pick = _causal_expert_choice(score, sparsity, min_tokens)
+    cnt = pick.sum(-1)
+    kmax = max(1, int(cnt.max()))
+    order = torch.argsort((~pick).to(torch.int8), dim=-1, stable=True)[..., :kmax]
+    return order, torch.arange(kmax, device=r.device) < cnt[..., None]
+
+
+def mosa_picked_attention(
+    qg: Tensor,
+    kg: Tensor,
+    vg: Tensor,
+    idx: Tensor,
+    slot_valid: Tensor,
+    *,
+    causal: bool = False,
+    full: Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Softmax attention among each head's picked tokens: qg, kg (B, E, K, D), vg (B, E, K, Dv).
+
+    ``idx`` / ``slot_valid`` (B, E, K) from :func:`mosa_select`; causal by the original positions
+    (``idx[j1] >= idx[j2]``, the paper's mask); ``full`` (B|1, E|1, N, N) a caller mask in the
+    original positions. Returns (out (B, E, K, Dv), weights (B, E, K, K) or None).
+    """
+    b, e, kk = idx.shape
+    allowed = slot_valid[..., None, :] & slot_valid[..., :, None]  # (B, E, K, K)
+    if causal:
+        allowed = allowed & (idx[..., None, :] <= idx[..., :, None])
+    if full is not None:
+        n = full.shape[-1]
+        fb = full.expand(b, e, n, n)
+        allowed = allowed & fb.gather(2, idx[..., None].expand(b, e, kk, n)).gather(
+            3, idx[..., None, :].expand(b, e, kk, kk)
+        )
+    if need_weights:
+        return softmax_attention(
+            qg, kg, vg, mask=allowed, scale=scale, dropout_p=dropout_p, backend="math", return_weights=True
+        )
+    return softmax_attention(qg, kg, vg, mask=allowed, scale=scale, dropout_p=dropout_p), None
+
+
+def mosa_scatter_weights(
+    w_g: Tensor, idx: Tensor, n: int, need_weights: bool, need_importance: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Picked-token weights w_g (B, E, K, K) (router-scaled) in the sequence's positions.
+
+    Returns (weights (B, E, N, N) or None, importance (B, E, N) or None).
+    """
+    b, e, kk = idx.shape
+    weights = imp = None
+    if need_weights:
+        full_w = torch.zeros(b, e, kk, n, dtype=w_g.dtype, device=w_g.device)
+        full_w = full_w.scatter(3, idx[..., None, :].expand(b, e, kk, kk), w_g)
+        weights = torch.zeros(b, e, n, n, dtype=w_g.dtype, device=w_g.device)
+        weights = weights.scatter(2, idx[..., None].expand(b, e, kk, n), full_w)
+    if need_importance:
+        imp = torch.zeros(b, e, n, dtype=w_g.dtype, device=w_g.device).scatter_add(2, idx, w_g.sum(2)) / n
+    return weights, imp
 
 
 def mosa_attention(
@@ -364,51 +476,91 @@ def mosa_attention(
     need_weights: bool = False,
     need_importance: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """MoSA's attention among each head's picked tokens, scaled by the router score and scattered back.
+    """MoSA over already projected tokens: q, k, v (B, E, N, D); r (B, E, N); idx, slot_valid from :func:`mosa_select`.
 
-    q, k, v (B, H, N, D); r, idx, slot_valid from :func:`mosa_route`. Head e attends among its
-    K tokens only (causal by original positions when ``causal``; ``full`` (B|1, H|1, N, N) a
-    caller mask), multiplies the result by its router score (the router's only gradient path)
-    and scatters it back; tokens a head did not pick get 0 from it.
+    Head e attends among its K picked tokens only (:func:`mosa_picked_attention`), multiplies the
+    result by its router score (the router's only gradient path) and scatters it back; tokens a
+    head did not pick get 0 from it.
 
     Returns:
-        (out (B, H, N, Dv), weights (B, H, N, N) or None, importance (B, H, N) or None).
+        (out (B, E, N, Dv), weights (B, E, N, N) or None, importance (B, E, N) or None).
     """
-    b, h, n, d = q.shape
+    b, e, n, d = q.shape
     kk = idx.shape[-1]
     gi = idx[..., None]
-    qg = torch.gather(q, 2, gi.expand(b, h, kk, d))
-    kg = torch.gather(k, 2, gi.expand(b, h, kk, d))
-    vg = torch.gather(v, 2, gi.expand(b, h, kk, v.shape[-1]))
+    qg = torch.gather(q, 2, gi.expand(b, e, kk, d))
+    kg = torch.gather(k, 2, gi.expand(b, e, kk, d))
+    vg = torch.gather(v, 2, gi.expand(b, e, kk, v.shape[-1]))
     rg = torch.gather(r, 2, idx).to(q.dtype) * slot_valid
-    allowed = slot_valid[..., None, :] & slot_valid[..., :, None]  # (B, H, K, K)
-    if causal:
-        allowed = allowed & (idx[..., None, :] <= idx[..., :, None])
-    if full is not None:
-        fb = full.expand(b, h, n, n)
-        allowed = allowed & fb.gather(2, gi.expand(b, h, kk, n)).gather(3, idx[..., None, :].expand(b, h, kk, kk))
-    if need_weights or need_importance:
-        out_g, w_g = softmax_attention(
-            qg, kg, vg, mask=allowed, scale=scale, dropout_p=dropout_p, backend="math", return_weights=True
-        )
-    else:
-        out_g = softmax_attention(qg, kg, vg, mask=allowed, scale=scale, dropout_p=dropout_p)
-        w_g = None
-    out_g = out_g * rg[..., None]
-    out = torch.zeros(b, h, n, v.shape[-1], dtype=out_g.dtype, device=q.device)
-    out = out.scatter(2, gi.expand(b, h, kk, v.shape[-1]), out_g)
-    weights = imp = None
-    if w_g is not None:
-        wr = w_g * rg[..., None]
-        if need_weights:
-            full_w = torch.zeros(b, h, kk, n, dtype=wr.dtype, device=q.device)
-            full_w = full_w.scatter(3, idx[..., None, :].expand(b, h, kk, kk), wr)
-            weights = torch.zeros(b, h, n, n, dtype=wr.dtype, device=q.device)
-            weights = weights.scatter(2, gi.expand(b, h, kk, n), full_w)
-        if need_importance:
-            imp = torch.zeros(b, h, n, dtype=wr.dtype, device=q.device)
-            imp = imp.scatter_add(2, idx, wr.sum(2)) / n
+    out_g, w_g = mosa_picked_attention(
+        qg, kg, vg, idx, slot_valid, causal=causal, full=full, scale=scale, dropout_p=dropout_p,
+        need_weights=need_weights or need_importance,
+    )  # fmt: skip
+    out = torch.zeros(b, e, n, v.shape[-1], dtype=out_g.dtype, device=q.device)
+    out = out.scatter(2, gi.expand(b, e, kk, v.shape[-1]), out_g * rg[..., None])
+    if w_g is None:
+        return out, None, None
+    weights, imp = mosa_scatter_weights(w_g * rg[..., None], idx, n, need_weights, need_importance)
     return out, weights, imp
+
+
+def partial_rotary(x: Tensor, positions: Tensor, base: float, n_rot: int) -> Tensor:
+    """Rotate the first ``n_rot`` dims of x (..., K, D) at positions (broadcastable to x's (..., K)), keep the rest."""
+    if n_rot <= 0:
+        return x
+    return torch.cat([rotate_at(x[..., :n_rot], positions, base), x[..., n_rot:]], -1)
+
+
+def mosa_token_attention(
+    x: Tensor,
+    w_qkv: tuple[Tensor, Tensor, Tensor],
+    b_qkv: tuple[Tensor | None, Tensor | None, Tensor | None],
+    w_out: Tensor,
+    r: Tensor,
+    idx: Tensor,
+    slot_valid: Tensor,
+    *,
+    positions: Tensor | None = None,
+    rope_base: float = 10000.0,
+    n_rot: int = 0,
+    causal: bool = False,
+    full: Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """MoSA from tokens, projecting only the picked ones (the paper's compute and KV saving).
+
+    x (B, N, C); per-head maps ``w_qkv`` = (W_q, W_k, W_v) each (E, D, C) and biases (E, D) or
+    None; ``w_out`` (E, C, Dv) (head e's columns of the output projection); r, idx, slot_valid
+    as in :func:`mosa_attention`. Head e gathers its K tokens, projects them
+    (``X_s W^T``, O(K·C·D)), rotates the first ``n_rot`` dims of q and k at the tokens' original
+    ``positions`` (N,) or (B, N) (none when None), attends among them
+    (:func:`mosa_picked_attention`), scales by the router score, projects out (O(K·Dv·C)) and
+    scatter-adds into the sequence.
+
+    Returns:
+        (y (B, N, C) without the output bias, router-scaled weights among the picks (B, E, K, K) or None).
+    """
+    b, n, c = x.shape
+    e, kk = idx.shape[1], idx.shape[2]
+    xs = torch.gather(x[:, None].expand(b, e, n, c), 2, idx[..., None].expand(b, e, kk, c))  # (B, E, K, C)
+    q, k, v = (
+        torch.einsum("bekc,edc->bekd", xs, w) + (0 if bb is None else bb[None, :, None, :])
+        for w, bb in zip(w_qkv, b_qkv)
+    )
+    if positions is not None and n_rot > 0:
+        pos = positions.expand(b, n) if positions.dim() == 2 else positions[None].expand(b, n)
+        pg = torch.gather(pos[:, None].expand(b, e, n), 2, idx)
+        q, k = partial_rotary(q, pg, rope_base, n_rot), partial_rotary(k, pg, rope_base, n_rot)
+    rg = torch.gather(r, 2, idx).to(x.dtype) * slot_valid
+    out_g, w_g = mosa_picked_attention(
+        q, k, v, idx, slot_valid, causal=causal, full=full, scale=scale, dropout_p=dropout_p, need_weights=need_weights
+    )
+    yg = torch.einsum("bekd,ecd->bekc", out_g * rg[..., None], w_out)
+    y = torch.zeros(b, n, c, dtype=yg.dtype, device=x.device)
+    y.scatter_add_(1, idx.reshape(b, e * kk)[..., None].expand(b, e * kk, c), yg.reshape(b, e * kk, c))
+    return y, None if w_g is None else w_g * rg[..., None]
 
 
 # ------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ softmax attention under "caller masks AND the variant's pattern".
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -31,8 +32,13 @@ from attnlib._validation import fraction, non_negative_int, positive_int
 from attnlib.functional.grat import grat_caller_mask, grat_layout
 from attnlib.functional.softmax import softmax_attention, softmax_importance
 from attnlib.functional.sparse import (
+    MOSA_ROUTINGS,
     mosa_attention,
-    mosa_route,
+    mosa_router,
+    mosa_scatter_weights,
+    mosa_select,
+    mosa_token_attention,
+    partial_rotary,
     seer_gate_from_official,
     seer_gate_logits,
     seer_gate_loss,
@@ -648,31 +654,52 @@ def freeze_all_but_gates(model: nn.Module) -> list[nn.Parameter]:
 
 @register_variant("mosa")
 class MoSAAttention(AttentionCore):
-    """MoSA: Mixture of Sparse Attention with expert-choice routing per head.
+    """MoSA: Mixture of Sparse Attention, each head an expert that picks its own tokens.
 
-    Router ``r = sigmoid(x W_r)`` (one score per head and token, computed in float32); head e
-    keeps its top-k tokens, k = clamp(floor(N / sparsity), min_tokens, N) (expert choice),
-    attends among them only (causal by original positions when causal), multiplies the
-    result by the router score (the router's only gradient path) and scatters it back;
-    tokens a head did not pick get 0 from it. Key padding: pad tokens are never picked.
+    Router ``r = sigmoid(x W_r)`` (one score per MoSA head and token, no bias by default, in
+    float32) on the module's input tokens x; head e picks k = clamp(floor(N / sparsity),
+    min_tokens, N) tokens, projects *only those* to q, k, v (so its cost is O(k·C·D + k^2·D)
+    and it holds k key/value entries, not N), rotates the first ``rotate_fraction`` of the dims
+    of q and k at the tokens' original positions, attends among them (causally by original
+    positions: ``I_i >= I_j``, the paper's mask), multiplies the result by the router score (the
+    router's only gradient path), projects it out and scatter-adds it at the picked positions;
+    tokens a head did not pick get 0 from it. The first ``num_dense_heads`` heads are ordinary
+    dense softmax heads (the paper's hybrid), with the same partial rotary.
 
-    Expert choice reads the whole sequence, so whether token t is picked depends on later
-    tokens (the official code's leak, issue #3). ``causal_routing=True`` instead picks token
-    t iff ``r_t > threshold`` - a per-token decision, so causal outputs never depend on the
-    future (k then varies per head). ``causal_routing=None`` (default) uses it exactly for
-    causal calls.
+    Routing (``routing``):
 
-    Router input: the concatenated per-head queries (= x W_q), a reparametrisation of the
-    official ``x W_r`` (the core does not see x).
+    * ``"expert_choice"``: the paper's and the official code's top-k over the whole sequence.
+      With ``causal`` only the attention among the picks is causal; *which* tokens are picked
+      depends on later tokens (the official code's open issue #3), so a causal model's outputs
+      read the future.
+    * ``"causal_expert_choice"``: the same budget decided from the prefix: token t is picked iff
+      expert choice over tokens 0..t would pick it and the head holds fewer than k(t+1) tokens.
+      Causal outputs never read later tokens, decoding equals the full forward, and a head never
+      holds more than k(N) tokens (ours; not in the paper).
+    * ``"auto"`` (default): ``expert_choice`` for non-causal calls, ``causal_expert_choice``
+      for causal ones.
+    * ``"threshold"``: token t is picked iff ``r_t > threshold`` (the count is not tied to
+      ``sparsity``; kept for comparison).
+
+    Positions: the partial rotary uses the module's rotary positions and base, so build the
+    :class:`attnlib.Attention` with ``rope=True`` (as :class:`attnlib.models.DecoderLM` does);
+    without it MoSA has no positions (the official MoSA always rotates, base 1e4).
 
     Args:
         sparsity: rho, k = N / rho (1 keeps every token).
-        causal_routing: None (auto), True (threshold routing) or False (expert choice).
-        threshold: router score threshold for causal routing.
-        include_first: token 0 is always picked.
+        routing: "auto", "expert_choice", "causal_expert_choice" or "threshold".
+        threshold: router score threshold of ``"threshold"`` routing.
+        include_first: token 0 is always picked (official option).
         min_tokens: smallest k (official 2).
+        num_dense_heads: dense heads among the module's heads (the hybrid; the official README
+            example: 3 dense + 4 MoSA heads).
+        rotate_fraction: share of each head's dims that are rotated (official 0.5).
         router_bias: bias in the router (official: none).
         scale: logit scale, default head_dim**-0.5.
+
+    Called as a bare core on q, k, v (no tokens) the router reads the concatenated per-head
+    queries instead of x and nothing is rotated; :class:`attnlib.Attention` always goes through
+    :meth:`forward_tokens`.
     """
 
     capabilities = Capabilities(
@@ -694,6 +721,7 @@ class MoSAAttention(AttentionCore):
         family="sparse",
         paper="Piękos, Csordás & Schmidhuber 2025, Mixture of Sparse Attention (MoSA), arXiv 2505.00315",
     )
+    projects_tokens = True
 
     def __init__(
         self,
@@ -701,43 +729,76 @@ class MoSAAttention(AttentionCore):
         num_heads: int,
         head_dim: int,
         sparsity: float = 4.0,
-        causal_routing: bool | None = None,
+        routing: str = "auto",
         threshold: float = 0.5,
         include_first: bool = False,
         min_tokens: int = 2,
+        num_dense_heads: int = 0,
+        rotate_fraction: float = 0.5,
         router_bias: bool = False,
         scale: float | None = None,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or float(sparsity) < 1.0:
             raise ValueError(f"mosa: sparsity must be a number >= 1 (k = N / sparsity), got {sparsity!r}")
+        if routing not in ("auto", *MOSA_ROUTINGS):
+            raise ValueError(f"mosa: routing must be 'auto' or one of {MOSA_ROUTINGS}, got {routing!r}")
         if not 0.0 <= float(threshold) < 1.0:
             raise ValueError(f"mosa: threshold must be in [0, 1), got {threshold!r}")
+        if not 0.0 <= float(rotate_fraction) <= 1.0:
+            raise ValueError(f"mosa: rotate_fraction must be in [0, 1], got {rotate_fraction!r}")
+        self.num_dense_heads = non_negative_int(num_dense_heads, "mosa: num_dense_heads")
+        if self.num_dense_heads >= num_heads:
+            raise ValueError(f"mosa: num_dense_heads must be < num_heads={num_heads}, got {num_dense_heads}")
         self.sparsity = float(sparsity)
-        self.causal_routing = causal_routing
+        self.routing = routing
         self.threshold = float(threshold)
         self.include_first = bool(include_first)
         self.min_tokens = positive_int(min_tokens, "mosa: min_tokens")
+        self.rotate_fraction = float(rotate_fraction)
+        self.n_rot = 2 * int(self.rotate_fraction * head_dim / 2)
         self.scale = scale
-        self.router = nn.Linear(num_heads * head_dim, num_heads, bias=router_bias)
+        self.router = nn.Linear(num_heads * head_dim, num_heads - self.num_dense_heads, bias=router_bias)
 
     @classmethod
     def conformance_kwargs(cls) -> dict[str, Any]:
-        return {"sparsity": 2.0}
+        return {"sparsity": 2.0, "num_dense_heads": 1}
 
-    def route(self, q: Tensor, mask: AttentionMask) -> tuple[Tensor, Tensor, Tensor]:
-        """(scores r (B, H, N) float32, picked positions idx (B, H, K) ascending, slot_valid (B, H, K))."""
-        return mosa_route(
-            q,
-            self.router.weight,
-            self.router.bias,
-            key_padding=mask.key_padding,
-            causal_routing=mask.causal if self.causal_routing is None else self.causal_routing,
+    def routing_for(self, causal: bool) -> str:
+        """The routing a call uses ("auto" resolved by ``causal``)."""
+        if self.routing == "auto":
+            return "causal_expert_choice" if causal else "expert_choice"
+        return self.routing
+
+    def route(self, tokens: Tensor, mask: AttentionMask) -> tuple[Tensor, Tensor, Tensor]:
+        """Router scores and picks from tokens (B, N, C).
+
+        Returns (r (B, E, N), idx (B, E, K) ascending, slot_valid (B, E, K)).
+        """
+        r = mosa_router(tokens, self.router.weight, self.router.bias)
+        idx, slot_valid = mosa_select(
+            r,
+            routing=self.routing_for(mask.causal),
             sparsity=self.sparsity,
             min_tokens=self.min_tokens,
             threshold=self.threshold,
             include_first=self.include_first,
+            valid=mask.key_padding,
         )
+        return r, idx, slot_valid
+
+    def _dense_heads(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout_p: float, need: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """The hybrid's dense heads: softmax attention of q, k, v (B, H_d, N, D) under ``mask``."""
+        hd = q.shape[1]
+        full = None if mask.full is None else mask.full[:, :hd] if mask.full.shape[1] > 1 else mask.full
+        sub = dataclasses.replace(mask, heads=hd, full=full, _dense_cache={})
+        if need:
+            return softmax_attention(
+                q, k, v, mask=sub, scale=self.scale, dropout_p=dropout_p, backend="math", return_weights=True
+            )
+        return softmax_attention(q, k, v, mask=sub, scale=self.scale, dropout_p=dropout_p), None
 
     def attend(
         self,
@@ -751,25 +812,96 @@ class MoSAAttention(AttentionCore):
         need_importance: bool,
         dropout_p: float,
     ) -> CoreOutput:
-        r, idx, slot_valid = self.route(q, mask)
+        hd = self.num_dense_heads
+        b, h, n, d = q.shape
+        r, idx, slot_valid = self.route(q.transpose(1, 2).reshape(b, n, h * d), mask)
+        full = None if mask.full is None else mask.full[:, hd:] if mask.full.shape[1] > 1 else mask.full
         out, weights, imp = mosa_attention(
-            q,
-            k,
-            v,
-            r,
-            idx,
-            slot_valid,
-            causal=mask.causal,
-            full=mask.full,
-            scale=self.scale,
-            dropout_p=dropout_p,
-            need_weights=need_weights,
-            need_importance=need_importance,
-        )
-        return CoreOutput(out, weights=weights, importance=imp)
+            q[:, hd:], k[:, hd:], v[:, hd:], r, idx, slot_valid, causal=mask.causal, full=full,
+            scale=self.scale, dropout_p=dropout_p, need_weights=need_weights, need_importance=need_importance,
+        )  # fmt: skip
+        if not hd:
+            return CoreOutput(out, weights=weights, importance=imp)
+        od, wd = self._dense_heads(q[:, :hd], k[:, :hd], v[:, :hd], mask, dropout_p, need_weights or need_importance)
+        return _merge_heads(od, wd, out, weights, imp, need_weights, need_importance)
+
+    def forward_tokens(
+        self,
+        x: Tensor,
+        mask: AttentionMask,
+        *,
+        in_proj: nn.Linear,
+        out_proj: nn.Linear,
+        num_kv_heads: int,
+        rotary: RotaryCall | None,
+        need_weights: bool,
+        need_importance: bool,
+        dropout_p: float,
+    ) -> tuple[Tensor, CoreOutput]:
+        h, d, hd = self.num_heads, self.head_dim, self.num_dense_heads
+        n, c = x.shape[1], x.shape[2]
+        g = h // num_kv_heads
+        kv = torch.arange(h, device=x.device) // g  # the key/value head of each query head
+        w, bias = in_proj.weight, in_proj.bias
+        rows = [torch.arange(h, device=x.device) * d, h * d + kv * d, (h + num_kv_heads) * d + kv * d]
+        per_head = [r[:, None] + torch.arange(d, device=x.device) for r in rows]  # 3 x (H, D) row indices
+        wq, wk, wv = (w[i] for i in per_head)  # (H, D, C)
+        bq, bk, bv = (None if bias is None else bias[i] for i in per_head)  # (H, D)
+        w_out = out_proj.weight.view(c, h, d).permute(1, 0, 2)  # (H, C, D)
+        pos = None if rotary is None else rotary.q_positions
+        base = 10000.0 if rotary is None else rotary.base
+        r, idx, slot_valid = self.route(x, mask)
+        full = None if mask.full is None else mask.full[:, hd:] if mask.full.shape[1] > 1 else mask.full
+        y, w_g = mosa_token_attention(
+            x, (wq[hd:], wk[hd:], wv[hd:]),
+            (None, None, None) if bias is None else (bq[hd:], bk[hd:], bv[hd:]),
+            w_out[hd:], r, idx, slot_valid, positions=pos, rope_base=base, n_rot=self.n_rot,
+            causal=mask.causal, full=full, scale=self.scale, dropout_p=dropout_p,
+            need_weights=need_weights or need_importance,
+        )  # fmt: skip
+        weights = imp = None
+        if w_g is not None:
+            weights, imp = mosa_scatter_weights(w_g, idx, n, need_weights, need_importance)
+        if hd:
+            q, k, v = (
+                torch.einsum("bnc,hdc->bhnd", x, ww[:hd]) + (0 if bb is None else bb[None, :hd, None, :])
+                for ww, bb in ((wq, bq), (wk, bk), (wv, bv))
+            )
+            if pos is not None:
+                pp = pos if pos.dim() == 1 else pos[:, None]
+                q, k = partial_rotary(q, pp, base, self.n_rot), partial_rotary(k, pp, base, self.n_rot)
+            od, wd = self._dense_heads(q, k, v, mask, dropout_p, need_weights or need_importance)
+            y = y + torch.einsum("bhnd,hcd->bnc", od, w_out[:hd])
+            merged = _merge_heads(od, wd, None, weights, imp, need_weights, need_importance)
+            weights, imp = merged.weights, merged.importance
+        if out_proj.bias is not None:
+            y = y + out_proj.bias
+        return y, CoreOutput(y, weights=weights, importance=imp)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", sparsity={self.sparsity}, causal_routing={self.causal_routing}"
+        return (
+            super().extra_repr()
+            + f", sparsity={self.sparsity}, routing={self.routing!r}, num_dense_heads={self.num_dense_heads}"
+        )
+
+
+def _merge_heads(
+    dense_out: Tensor,
+    dense_w: Tensor | None,
+    sparse_out: Tensor | None,
+    sparse_w: Tensor | None,
+    sparse_imp: Tensor | None,
+    need_weights: bool,
+    need_importance: bool,
+) -> CoreOutput:
+    """Dense heads first, then the sparse heads: outputs (when given), weights and importance concatenated."""
+    out = dense_out if sparse_out is None else torch.cat([dense_out, sparse_out], 1)
+    weights = imp = None
+    if need_weights and dense_w is not None and sparse_w is not None:
+        weights = torch.cat([dense_w, sparse_w], 1)
+    if need_importance and dense_w is not None and sparse_imp is not None:
+        imp = torch.cat([dense_w.mean(2), sparse_imp], 1)
+    return CoreOutput(out, weights=weights, importance=imp)
 
 
 # ------------------------------------------------------------------------------------------
