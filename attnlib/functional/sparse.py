@@ -544,7 +544,8 @@ def mosa_token_attention(
     """
     b, n, c = x.shape
     e, kk = idx.shape[1], idx.shape[2]
-    xs = torch.gather(x[:, None].expand(b, e, n, c), 2, idx[..., None].expand(b, e, kk, c))  # (B, E, K, C)
+    flat = (idx + n * torch.arange(b, device=x.device)[:, None, None]).reshape(-1)  # rows of x (B·N, C)
+    xs = x.reshape(b * n, c).index_select(0, flat).view(b, e, kk, c)  # (B, E, K, C); saves a 1-D index only
     q, k, v = (
         torch.einsum("bekc,edc->bekd", xs, w) + (0 if bb is None else bb[None, :, None, :])
         for w, bb in zip(w_qkv, b_qkv)
@@ -558,9 +559,8 @@ def mosa_token_attention(
         q, k, v, idx, slot_valid, causal=causal, full=full, scale=scale, dropout_p=dropout_p, need_weights=need_weights
     )
     yg = torch.einsum("bekd,ecd->bekc", out_g * rg[..., None], w_out)
-    y = torch.zeros(b, n, c, dtype=yg.dtype, device=x.device)
-    y.scatter_add_(1, idx.reshape(b, e * kk)[..., None].expand(b, e * kk, c), yg.reshape(b, e * kk, c))
-    return y, None if w_g is None else w_g * rg[..., None]
+    y = torch.zeros(b * n, c, dtype=yg.dtype, device=x.device).index_add(0, flat, yg.reshape(b * e * kk, c))
+    return y.view(b, n, c), None if w_g is None else w_g * rg[..., None]
 
 
 # ------------------------------------------------------------------------------------------
