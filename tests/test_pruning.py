@@ -248,6 +248,37 @@ def test_ltp_in_vit_trains_soft_and_prunes_hard() -> None:
     assert (kept[:, 0] == 0).all() and kept.shape[1] <= 17
 
 
+def test_ltp_hard_stage_freezes_thresholds_and_trains_hard() -> None:
+    """The paper's stage 2: thresholds frozen, hard pruning in training exactly as in eval, no regulariser."""
+    torch.manual_seed(0)
+    model = _vit({"name": "ltp", "final_threshold": 0.5, "normalize": True, "layers": [0, 1]})
+    x = torch.randn(4, 1, 8, 8)
+    model.train()
+    model(x).sum().backward()  # stage 1: soft mask, the thresholds learn
+    pruners = P.ltp_hard_stage(model)
+    assert len(pruners) == 2 and all(p.mode == "hard" and not p.delta.requires_grad for p in pruners)
+    with torch.no_grad():
+        for p in pruners:
+            p.delta.fill_(0.1)
+    deltas = [float(p.delta) for p in pruners]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    model.zero_grad()
+    y = model(x)
+    assert attnlib.aux_loss(model).item() == 0.0  # no regulariser
+    train_kept = model.last_kept_index.clone()
+    y.sum().backward()
+    opt.step()
+    assert [float(p.delta) for p in pruners] == deltas
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert torch.equal(model.last_kept_index, train_kept)  # the trained model saw what inference runs
+    frozen = P.LTPPruner(dim=8, layer=1, depth=2, freeze_threshold=True)
+    assert isinstance(frozen.delta, torch.nn.Parameter) and not frozen.delta.requires_grad
+    with pytest.raises(ValueError, match="no LTP"):
+        P.ltp_hard_stage(torch.nn.Linear(2, 2))
+
+
 # -- tokenlearner / tokenfuser ---------------------------------------------------------------------
 
 
