@@ -105,7 +105,8 @@ def test_every_experiment_trains_tiny(experiment: str, tmp_path: Path, chars_roo
         extra.append(f"init_from={dense}")
     if experiment == "vit_digits_ltp_hard":  # LTP stage 2 starts from a (tiny) stage-1 run
         stage1 = tmp_path / "stage1"
-        train(_cfg("experiment=vit_digits_ltp", *QUIET, *TINY_TRAIN, *TINY_MODEL, *extra, "trainer.max_steps=2"), stage1)
+        stage1_cfg = _cfg("experiment=vit_digits_ltp", *QUIET, *TINY_TRAIN, *TINY_MODEL, *extra, "trainer.max_steps=2")
+        train(stage1_cfg, stage1)
         extra.append(f"init_from={stage1}")
     cfg = _cfg(f"experiment={experiment}", *QUIET, *TINY_TRAIN, *TINY_MODEL, *extra)
     res = train(cfg, tmp_path / "run")
