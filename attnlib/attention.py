@@ -274,7 +274,7 @@ class Attention(nn.Module):
         """
         if cache is not None:
             return decoding.forward_cached(
-                self, x, cache, mask, context, return_extras, position_offset, positions, weights_query
+                self, x, cache, mask, context, return_extras, position_offset, positions, weights_query, need_weights
             )
         self._check_inputs(x, context)
         if positions is not None and context is not None:

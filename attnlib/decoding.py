@@ -237,8 +237,12 @@ def forward_cached(
     position_offset: int,
     positions: Tensor | RotaryPositions | None,
     weights_query: int | None,
+    need_weights: bool = False,
 ) -> Tensor | tuple[Tensor, AttentionExtras]:
     """Incremental causal decoding of x (B, N, dim) after the cache's tokens -> (B, N, dim).
+
+    With ``return_extras`` and ``need_weights`` (``kv`` caches) the extras hold the new queries'
+    weights over every held entry, (B, H, N, cache.size + N).
 
     ``Attention.forward(x, cache=cache, ...)``: the arguments are :meth:`Attention.forward`'s.
     """
@@ -290,7 +294,10 @@ def forward_cached(
                 )
             kpos = torch.arange(total, device=x.device)
             rotary = RotaryCall(attn.rope.base, kpos[-q.shape[2] :], kpos)
-        res = attn._attend(q, *attn._repeat_kv(kk, vv), am, rotary=rotary, need_importance=return_extras)
+        kr, vr = attn._repeat_kv(kk, vv)
+        res = attn._attend(q, kr, vr, am, rotary=rotary, need_importance=return_extras)
+        if return_extras and need_weights:  # a second call: the output keeps the variant's fast path, bit for bit
+            res.weights = attn._attend(q, kr, vr, am, rotary=rotary, need_weights=True).weights
         out = res.out[:, :, -n:]
         attn.pending_aux_loss = res.aux_loss
         if cache.valid is not None:
@@ -300,4 +307,5 @@ def forward_cached(
     y = attn._project_out(out)
     if not return_extras:
         return y
-    return y, attn._extras(res)
+    weights = None if res is None or res.weights is None else res.weights[:, :, -n:]
+    return y, attn._extras(res, weights=weights)

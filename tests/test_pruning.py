@@ -384,7 +384,34 @@ def test_namm_ema_equals_per_frame_loop() -> None:
     c, e = 0.9**4, torch.zeros(5, dtype=torch.float64)
     for i in range(4):
         e = c * e + (1 - c) * spec[i]
-    torch.testing.assert_close(state.ema[0, 0], e, rtol=0, atol=1e-12)
+    torch.testing.assert_close(state.ema[0, 0, 0], e, rtol=0, atol=1e-12)
+
+
+def test_namm_prefill_records_each_query_row_per_kv_head() -> None:
+    """A prompt chunk adds one value per query (its own row, 0 before the token existed), per KV
+    head: prefilling n tokens at once leaves the same history as feeding them one by one."""
+    torch.manual_seed(0)
+    cfg = {"name": "namm", "delay": 64, "n_fft": 8, "hop": 4}
+    model = _lm(cfg).double().eval()
+    tok = torch.randint(0, 13, (2, 11))
+    chunk, single = model.init_cache(2), model.init_cache(2)
+    with torch.no_grad():
+        model(tok, cache=chunk)
+        for t in range(11):
+            model(tok[:, t : t + 1], cache=single)
+    for i, a in chunk.eviction.items():
+        torch.testing.assert_close(a.hist, single.eviction[i].hist, rtol=0, atol=1e-12)
+        assert a.hist.shape[1] == model.blocks[0].attn.num_kv_heads
+    hist = chunk.eviction[0].hist[..., 4:]  # after the n_fft - hop leading zeros: [b, kv, token j, query t]
+    assert (hist.tril(-1) == 0).all()  # token j gets 0 from the queries t < j before it existed
+    assert (hist.diagonal(dim1=-2, dim2=-1) > 0).all()  # and its own query's weight at t = j
+    pol = P.NAMMEviction(dim=4, layer=0, depth=1, n_fft=8, hop=4, delay=64)
+    state = pol.init_state(1, dtype=torch.float64, kv_heads=2)
+    cache = attnlib.Attention(8, 4, causal=True, num_kv_heads=2).init_cache(1)
+    cache.size = cache.length = 3
+    w = torch.rand(1, 4, 3, 3, dtype=torch.float64)
+    pol.observe(cache, w, state)
+    torch.testing.assert_close(state.hist[0, :, :, 4:], w[0].view(2, 2, 3, 3).mean(1).transpose(-1, -2))
 
 
 def test_namm_eviction_keeps_cache_and_state_aligned() -> None:
@@ -399,7 +426,7 @@ def test_namm_eviction_keeps_cache_and_state_aligned() -> None:
     for i, c in enumerate(cache.layers):
         st = cache.eviction[i]
         assert c.length == 21 and c.size <= 5 + 5  # at most cache_size after the last eviction + new tokens
-        assert st.pos.shape == (2, c.size) and st.ema.shape[:2] == (2, c.size)
+        assert st.pos.shape == (2, c.size) and st.ema.shape[0] == 2 and st.ema.shape[2] == c.size
         assert (st.pos[:, -3:] == torch.arange(18, 21)).all()  # newest tokens protected
     # the keys still held are exactly the keys of the positions the state says they are
     c0, st0 = cache.layers[0], cache.eviction[0]
