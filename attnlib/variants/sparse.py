@@ -670,8 +670,8 @@ class MoSAAttention(AttentionCore):
 
     * ``"expert_choice"``: the paper's and the official code's top-k over the whole sequence.
       With ``causal`` only the attention among the picks is causal; *which* tokens are picked
-      depends on later tokens (the official repository's open 'Information leakage via router' question), so a causal model's outputs
-      read the future.
+      depends on later tokens (an open question in the official repository: "Information leakage
+      via router"), so a causal model's outputs read the future.
     * ``"causal_expert_choice"``: the same budget decided from the prefix: token t is picked iff
       expert choice over tokens 0..t would pick it and the head holds fewer than k(t+1) tokens.
       Causal outputs never read later tokens, decoding equals the full forward, and a head never
