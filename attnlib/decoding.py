@@ -206,7 +206,12 @@ def _step_recurrent(attn: Attention, q: Tensor, k: Tensor, v: Tensor, cache: Att
 
 
 def _forward_tokens_cached(
-    attn: Attention, x: Tensor, cache: AttentionCache, mask: MaskLike | list[MaskLike], return_extras: bool
+    attn: Attention,
+    x: Tensor,
+    cache: AttentionCache,
+    mask: MaskLike | list[MaskLike],
+    key_padding_mask: Tensor | None,
+    return_extras: bool,
 ) -> Tensor:
     """Recompute decoding of a ``projects_tokens`` core: its input tokens are cached and the core
     runs over the whole prefix (causal), keeping the new rows."""
@@ -216,9 +221,14 @@ def _forward_tokens_cached(
     start = cache.length
     total = start + n
     cache.q = cache._append(cache.q, x[:, None], start)  # the tokens, (B, 1, length, C)
-    am = normalize_mask(mask, causal=True, batch=b, heads=attn.num_heads, n=total, m=total, device=x.device)
-    if am.full is not None or am.window is not None or am.block is not None:
-        raise ValueError("with cache=, mask may only be key padding (B, cache.length + N)")
+    size = {"batch": b, "heads": attn.num_heads, "n": total, "m": total, "device": x.device}
+    am = normalize_mask(mask, causal=True, key_padding_mask=key_padding_mask, **size)
+    other = [kind for kind in am.kinds() if kind not in ("causal", "key_padding")]
+    if other:
+        raise ValueError(
+            "with cache=, the only mask is key padding over every token so far: key_padding_mask= "
+            f"(B, cache.length + N) = ({b}, {total}); got {', '.join(other)}"
+        )
     pos = torch.arange(total, device=x.device)
     rotary = None if attn.rope is None else RotaryCall(attn.rope.base, pos, pos)
     y, res = attn.run_tokens(cache.q[:, 0, :total], am, rotary, need_weights=False, need_importance=False)
@@ -232,6 +242,7 @@ def forward_cached(
     x: Tensor,
     cache: AttentionCache,
     mask: MaskLike | list[MaskLike],
+    key_padding_mask: Tensor | None,
     context: Tensor | None,
     return_extras: bool,
     position_offset: int,
@@ -254,10 +265,10 @@ def forward_cached(
     start = cache.length
     fill = cache.size
     if attn.core.projects_tokens and cache.mode == "recompute":
-        return _forward_tokens_cached(attn, x, cache, mask, return_extras)
+        return _forward_tokens_cached(attn, x, cache, mask, key_padding_mask, return_extras)
     q, k, v = attn._project_rotated(x, start)
     if cache.mode == "recurrent":
-        if mask is not None:
+        if mask is not None or key_padding_mask is not None:
             raise UnsupportedError(
                 f"variant {attn.variant!r} decodes with its recurrent step, which takes no mask; "
                 "decode sequences without padding (or use init_cache(mode='recompute'))"
@@ -267,24 +278,29 @@ def forward_cached(
         res = None
     else:
         total = fill + n
-        if cache.size != cache.length and mask is not None:
+        if cache.size != cache.length and (mask is not None or key_padding_mask is not None):
             raise ValueError(
                 "this cache has evicted entries; a key-padding mask over all tokens so far no longer "
-                "lines up with it - decode without mask= after eviction"
+                "lines up with it - decode without key_padding_mask= after eviction"
             )
+        n_q = total if cache.mode == "recompute" else n
+        size = {"batch": b, "heads": attn.num_heads, "n": n_q, "m": total, "device": x.device}
+        am = normalize_mask(mask, causal=True, key_padding_mask=key_padding_mask, **size)
+        other = [kind for kind in am.kinds() if kind not in ("causal", "key_padding")]
+        if other:
+            raise ValueError(
+                "with cache=, the only mask is key padding over every token so far: key_padding_mask= "
+                f"(B, cache.length + N) = ({b}, {total}); got {', '.join(other)}"
+            )
+        if cache.valid is not None:
+            held = torch.cat([cache.valid, cache.valid.new_ones(b, n)], 1)
+            am = normalize_mask(None, causal=True, key_padding_mask=held, **size)
         cache.k = cache._append(cache.k, k, fill)
         cache.v = cache._append(cache.v, v, fill)
         kk, vv = cache.k[:, :, :total], cache.v[:, :, :total]
         if cache.mode == "recompute":
             cache.q = cache._append(cache.q, q, start)
             q = cache.q[:, :, :total]
-        heads = attn.num_heads
-        am = normalize_mask(mask, causal=True, batch=b, heads=heads, n=q.shape[2], m=total, device=x.device)
-        if am.full is not None or am.window is not None or am.block is not None:
-            raise ValueError("with cache=, mask may only be key padding (B, cache.length + N)")
-        if cache.valid is not None:
-            held = torch.cat([cache.valid, cache.valid.new_ones(b, n)], 1)
-            am = normalize_mask(held, causal=True, batch=b, heads=heads, n=q.shape[2], m=total, device=x.device)
         rotary = None
         if attn.rope is not None and attn.core.uses_rotary:
             if cache.size != cache.length:

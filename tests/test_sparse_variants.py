@@ -12,7 +12,7 @@ import attnlib
 from attnlib.functional import reference_attention
 from attnlib.functional.grat import grat_permutation
 from attnlib.functional.sparse import block_max_attention, mosa_router, mosa_select
-from attnlib.masks import BlockMask, causal_mask, normalize_mask, window_mask
+from attnlib.masks import BlockMask, KeyPadding, causal_mask, normalize_mask, window_mask
 from attnlib.registry import get_variant
 from attnlib.testing import assert_close, make_qkv
 from attnlib.variants.sparse import freeze_all_but_gates
@@ -29,10 +29,10 @@ def core(name: str, **kw):
     return get_variant(name)(num_heads=H, head_dim=D, **kw).double().eval()
 
 
-def key_padding(n: int, seed: int = 1) -> torch.Tensor:
+def key_padding(n: int, seed: int = 1) -> KeyPadding:
     kp = torch.rand(B, n, generator=torch.Generator().manual_seed(seed)) > 0.3
     kp[:, 0] = True
-    return kp
+    return KeyPadding(kp)
 
 
 def expand_blocks(sel: torch.Tensor, bs: int, n: int, m: int) -> torch.Tensor:
@@ -125,7 +125,7 @@ def test_block_sparse_all_full_layout_takes_the_dense_path(
     kp = torch.ones(2, n, dtype=torch.bool)
     if padded:
         kp[1, -5:] = False
-    am = normalize_mask(kp if padded else None, causal=False, batch=2, heads=4, n=n, m=n, device=q.device)
+    am = normalize_mask(KeyPadding(kp) if padded else None, causal=False, batch=2, heads=4, n=n, m=n, device=q.device)
     out = core(q, k, v, am).out
     allowed = window_mask(n, n, left=window, right=window) & kp[:, None, None, :]
     assert_close(out, reference_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), mask=allowed))
@@ -337,6 +337,21 @@ def test_seer_gate_scores_the_diagonal_block_by_default() -> None:
     assert torch.equal(strict[0, 0, 1:] > float("-inf"), allowed.tril(-1)[1:])
 
 
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_seer_official_gate_padded_example_equals_the_example_alone(causal: bool) -> None:
+    """The default (official) gate with its dense last block rows: a right-padded example keeps
+    the blocks, and so the outputs, it has alone (the conformance suite runs the strict gate)."""
+    torch.manual_seed(8)
+    attn = attnlib.Attention(32, 4, variant="seer", causal=causal, rope=True, block_size=4, gate_dim=8)
+    attn = attn.double().eval()
+    lengths, n = [9, 14, 22], 24
+    x = torch.randn(len(lengths), n, 32, dtype=torch.float64)
+    kp = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+    y = attn(x, key_padding_mask=kp)
+    for b, length in enumerate(lengths):
+        assert_close(y[b : b + 1, :length], attn(x[b : b + 1, :length]))
+
 def test_seer_freeze_all_but_gates() -> None:
     attn = attnlib.Attention(32, 4, variant="seer", causal=True, block_size=4, gate_dim=16).double().train()
     gates = freeze_all_but_gates(attn)
@@ -507,8 +522,8 @@ def test_mosa_router_gets_gradient_and_padding_is_never_picked() -> None:
     x = torch.randn(B, n, 32, dtype=torch.float64)
     kp = key_padding(n)
     _, idx, valid = attn.core.route(x, am(n, mask=kp))
-    assert kp.gather(1, idx.flatten(1)).view_as(idx)[valid].all()
-    attn(x, mask=kp).square().sum().backward()
+    assert kp.valid.gather(1, idx.flatten(1)).view_as(idx)[valid].all()
+    attn(x, key_padding_mask=kp.valid).square().sum().backward()
     assert attn.core.router.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="routing"):
         core("mosa", routing="top_k")
