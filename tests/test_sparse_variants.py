@@ -337,7 +337,6 @@ def test_seer_gate_scores_the_diagonal_block_by_default() -> None:
     assert torch.equal(strict[0, 0, 1:] > float("-inf"), allowed.tril(-1)[1:])
 
 
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_seer_official_gate_padded_example_equals_the_example_alone(causal: bool) -> None:
     """The default (official) gate with its dense last block rows: a right-padded example keeps
@@ -351,6 +350,7 @@ def test_seer_official_gate_padded_example_equals_the_example_alone(causal: bool
     y = attn(x, key_padding_mask=kp)
     for b, length in enumerate(lengths):
         assert_close(y[b : b + 1, :length], attn(x[b : b + 1, :length]))
+
 
 def test_seer_freeze_all_but_gates() -> None:
     attn = attnlib.Attention(32, 4, variant="seer", causal=True, block_size=4, gate_dim=16).double().train()
