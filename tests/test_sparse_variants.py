@@ -214,6 +214,27 @@ def test_seer_topk_density_over_the_causal_triangle() -> None:
     assert abs(dens - 0.3) < 2 / nb, dens
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_seer_last_block_dense_by_default(causal: bool) -> None:
+    """The official default keeps every allowed block of the last two query-block rows; the other
+    rows keep the top-k budget (per row: the same count as without the option)."""
+    n, bs = 48, 4
+    q, k, _ = make_qkv(B, H, n, D, dtype=torch.float64, seed=10)
+    nb = n // bs
+    allowed = torch.ones(nb, nb, dtype=torch.bool)
+    allowed = allowed.tril() if causal else allowed
+    dense, sparse = (
+        core("seer", block_size=bs, density=0.3, gate_dim=8),
+        core("seer", block_size=bs, density=0.3, gate_dim=8, last_block_dense=False),
+    )
+    sparse.load_state_dict(dense.state_dict())
+    sel = dense.select(dense.gate_logits(q, k, allowed, causal=causal), allowed, causal, n, n)
+    ref = sparse.select(sparse.gate_logits(q, k, allowed, causal=causal), allowed, causal, n, n)
+    assert torch.equal(sel[..., -2:, :], allowed[-2:].expand_as(sel[..., -2:, :]))
+    assert torch.equal(sel[..., :-2, :], ref[..., :-2, :])
+    assert (ref[..., -2:, :].sum(-1) < allowed[-2:].sum(-1)).any()
+
+
 def test_seer_block_max_target_and_training_mode() -> None:
     n, bs = 37, 8
     q, k, v = make_qkv(B, H, n, D, dtype=torch.float64, logit_scale=3.0, seed=10)
