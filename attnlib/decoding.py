@@ -15,7 +15,7 @@ from torch import Tensor
 
 from attnlib._validation import describe
 from attnlib.errors import UnsupportedError
-from attnlib.masks import MaskLike, normalize_mask
+from attnlib.masks import AttentionMask, MaskLike, normalize_mask
 from attnlib.positional import RotaryCall, RotaryPositions
 from attnlib.registry import Capabilities
 
@@ -205,6 +205,28 @@ def _step_recurrent(attn: Attention, q: Tensor, k: Tensor, v: Tensor, cache: Att
     return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
 
 
+def _cache_mask(
+    attn: Attention,
+    mask: MaskLike | list[MaskLike],
+    key_padding_mask: Tensor | None,
+    b: int,
+    n_q: int,
+    total: int,
+    device: torch.device,
+) -> AttentionMask:
+    """The causal mask of a cached call, n_q queries over ``total`` keys, with key padding (B, total)
+    - the only mask a cached call takes (ValueError for any other)."""
+    size = {"batch": b, "heads": attn.num_heads, "n": n_q, "m": total, "device": device}
+    am = normalize_mask(mask, causal=True, key_padding_mask=key_padding_mask, **size)
+    other = [kind for kind in am.kinds() if kind not in ("causal", "key_padding")]
+    if other:
+        raise ValueError(
+            "with cache=, the only mask is key padding over every token so far: key_padding_mask= "
+            f"(B, cache.length + N) = ({b}, {total}); got {', '.join(other)}"
+        )
+    return am
+
+
 def _forward_tokens_cached(
     attn: Attention,
     x: Tensor,
@@ -221,14 +243,7 @@ def _forward_tokens_cached(
     start = cache.length
     total = start + n
     cache.q = cache._append(cache.q, x[:, None], start)  # the tokens, (B, 1, length, C)
-    size = {"batch": b, "heads": attn.num_heads, "n": total, "m": total, "device": x.device}
-    am = normalize_mask(mask, causal=True, key_padding_mask=key_padding_mask, **size)
-    other = [kind for kind in am.kinds() if kind not in ("causal", "key_padding")]
-    if other:
-        raise ValueError(
-            "with cache=, the only mask is key padding over every token so far: key_padding_mask= "
-            f"(B, cache.length + N) = ({b}, {total}); got {', '.join(other)}"
-        )
+    am = _cache_mask(attn, mask, key_padding_mask, b, total, total, x.device)
     pos = torch.arange(total, device=x.device)
     rotary = None if attn.rope is None else RotaryCall(attn.rope.base, pos, pos)
     y, res = attn.run_tokens(cache.q[:, 0, :total], am, rotary, need_weights=False, need_importance=False)
@@ -284,17 +299,10 @@ def forward_cached(
                 "lines up with it - decode without key_padding_mask= after eviction"
             )
         n_q = total if cache.mode == "recompute" else n
-        size = {"batch": b, "heads": attn.num_heads, "n": n_q, "m": total, "device": x.device}
-        am = normalize_mask(mask, causal=True, key_padding_mask=key_padding_mask, **size)
-        other = [kind for kind in am.kinds() if kind not in ("causal", "key_padding")]
-        if other:
-            raise ValueError(
-                "with cache=, the only mask is key padding over every token so far: key_padding_mask= "
-                f"(B, cache.length + N) = ({b}, {total}); got {', '.join(other)}"
-            )
+        am = _cache_mask(attn, mask, key_padding_mask, b, n_q, total, x.device)
         if cache.valid is not None:
             held = torch.cat([cache.valid, cache.valid.new_ones(b, n)], 1)
-            am = normalize_mask(None, causal=True, key_padding_mask=held, **size)
+            am = _cache_mask(attn, None, held, b, n_q, total, x.device)
         cache.k = cache._append(cache.k, k, fill)
         cache.v = cache._append(cache.v, v, fill)
         kk, vv = cache.k[:, :, :total], cache.v[:, :, :total]
