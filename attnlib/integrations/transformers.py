@@ -108,7 +108,7 @@ def set_variant(model: nn.Module, variant: str, *, layers: list[int] | None = No
             raise ValueError(f"layers holds {i}, but the model has {len(found)} attention layers")
         mod = found[i]
         heads, head_dim = _heads(mod)
-        core = build_core(variant, heads, head_dim, **kwargs)
+        core = build_core(variant, heads, head_dim, **kwargs).train(mod.training)
         p = next(mod.parameters(), None)
         if p is not None:
             core = core.to(device=p.device, dtype=p.dtype)
