@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from attnlib.attention import Attention, AttentionCache, build_attention
 from attnlib.errors import UnsupportedError
+from attnlib.functional.gta import Geometry
 from attnlib.positional import RotaryPositions
 from attnlib.registry import available, variant_info
 from attnlib.variants.base import AttentionCore
@@ -304,8 +305,11 @@ class TransformerBlock(nn.Module):
         positions: Tensor | RotaryPositions | None = None,
         return_importance: bool = False,
         importance_query: int | None = None,
+        geometry: Geometry | None = None,
     ) -> Tensor | tuple[Tensor, Tensor | None]:
         """x (B, N, dim); mask (B, M) key padding (True = real token); cache for decoding.
+
+        ``geometry``: GTA group representations of the tokens (:mod:`attnlib.functional.gta`).
 
         ``positions`` (B, N) long (or a shared :class:`attnlib.positional.RotaryPositions`): rotary
         position of each token (after token pruning).
@@ -319,6 +323,8 @@ class TransformerBlock(nn.Module):
             kw["cache"] = cache
         if positions is not None:
             kw["positions"] = positions
+        if geometry is not None:
+            kw["geometry"] = geometry
         imp = None
         if return_importance:
             if importance_query is None:
