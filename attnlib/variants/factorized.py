@@ -33,18 +33,20 @@ __all__ = ["CoaTAttention", "FactorizedAttention"]
 _PAPER = "Xu et al. 2021, Co-Scale Conv-Attentional Image Transformers (CoaT)"
 
 
-def _caps(*, cross: bool, has_weights: bool, trainable: bool, equivariant: bool) -> Capabilities:
-    # ``coat`` has no weights and no importance: its CRPE term is no attention over the keys
+def _caps(*, grid: bool) -> Capabilities:
+    # ``coat`` reads its tokens as a grid: self-attention only, no key padding (a padded batch of
+    # sequences is no grid; models that pad therefore refuse it at build time), and neither weights
+    # nor importance (its CRPE term is no attention over the keys)
     return Capabilities(
         causal=False,
-        cross=cross,
-        key_padding=True,
+        cross=not grid,
+        key_padding=not grid,
         complexity="O(N)",
         exact=False,
-        has_weights=has_weights,
-        trainable=trainable,
-        permutation_equivariant=equivariant,
-        importance=has_weights,
+        has_weights=not grid,
+        trainable=grid,
+        permutation_equivariant=not grid,
+        importance=not grid,
         family="factorized",
         paper=_PAPER,
     )
@@ -61,7 +63,7 @@ class FactorizedAttention(AttentionCore):
         scale: default head_dim**-0.5.
     """
 
-    capabilities = _caps(cross=True, has_weights=True, trainable=False, equivariant=True)
+    capabilities = _caps(grid=False)
 
     def __init__(self, *, num_heads: int, head_dim: int, scale: float | None = None) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
@@ -115,10 +117,11 @@ class CoaTAttention(FactorizedAttention):
         scale: default head_dim**-0.5.
 
     Kernels are initialised like ``nn.Conv2d`` (CoaT keeps the PyTorch default). The CRPE needs
-    the same tokens as queries and values, hence self-attention only.
+    the same tokens as queries and values on one grid: self-attention only, no key padding
+    (:func:`attnlib.functional.factorized.conv_relative_position` takes one for direct use).
     """
 
-    capabilities = _caps(cross=False, has_weights=False, trainable=True, equivariant=False)
+    capabilities = _caps(grid=True)
 
     def __init__(
         self,
@@ -170,7 +173,6 @@ class CoaTAttention(FactorizedAttention):
             [c.bias for c in self.convs],
             num_prefix_tokens=self.num_prefix_tokens,
             grid=self.grid,
-            key_padding=mask.key_padding,
         )
         res.out = res.out + ev.to(res.out.dtype)
         return res
