@@ -84,11 +84,9 @@ class BiAxialRowBlock(nn.Module):
         self.projs = nn.ModuleDict()
         for p in self.patterns:
             if p == "hierarchical":
-                self.layers[p] = ClassAttentionBlock(
-                    dim, num_heads, attention, include_cls=False, model="Orion-BiX", **kw
-                )
+                self.layers[p] = ClassAttentionBlock(dim, num_heads, attention, include_cls=False, **kw)
             else:
-                self.layers[p] = TransformerBlock(dim, num_heads, attention, model="Orion-BiX", **kw)
+                self.layers[p] = TransformerBlock(dim, num_heads, attention, **kw)
             if p != "standard":
                 self.projs[p] = _proj(dim)
         self.cls_tokens = nn.Parameter(torch.zeros(num_cls, dim))
