@@ -1,0 +1,85 @@
+"""Helpers of the vision / tabular benchmark scripts: train a configuration with the library's own
+trainer (``attnlib.training.train``, the same code path as ``attnlib-train``), reload the model,
+count FLOPs, and write a result pair (markdown + JSON) with machine, command, date, commit and load."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import RESULTS, machine_info, portable_paths
+from hydra import compose, initialize_config_module
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from attnlib.bench.machine import load_average
+from attnlib.data import build_data
+from attnlib.training.loop import load_teacher, train
+
+__all__ = ["compose_config", "count_flops", "finish", "start", "train_run"]
+
+
+def compose_config(overrides: list[str]) -> Any:
+    """The config ``attnlib-train <overrides>`` would run."""
+    with initialize_config_module("attnlib.configs", version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def train_run(overrides: list[str], run_dir: Path) -> tuple[nn.Module, dict[str, Any], Any]:
+    """Train (or reuse a finished run in ``run_dir``) -> (model in eval mode, results, data module)."""
+    cfg = compose_config([*overrides, "trainer.progress=false", "trainer.tensorboard=false"])
+    res_path = run_dir / "results.json"
+    if res_path.exists():
+        results = json.loads(res_path.read_text())
+    else:
+        results = train(cfg, run_dir)
+    data_cfg = dict(cfg.data)
+    data_cfg.setdefault("seed", int(cfg.seed))
+    data = build_data(data_cfg)
+    data.ensure_setup()
+    model = load_teacher(run_dir, data)
+    return model, results, data
+
+
+def count_flops(model: nn.Module, *args: Any) -> int:
+    """FLOPs of one forward (torch's flop counter: matmuls and convolutions)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(*args)
+    return int(fc.get_total_flops())
+
+
+def start() -> dict[str, Any]:
+    """What a result file records about the run before it starts."""
+    return {
+        "command": f"python benchmarks/{Path(sys.argv[0]).name} {shlex.join(sys.argv[1:])}".strip(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load_average_start": load_average(),
+        "t0": time.perf_counter(),
+    }
+
+
+def finish(name: str, meta: dict[str, Any], records: Any, markdown: str, *paths: Path) -> None:
+    """Write ``benchmarks/results/<name>.json`` and ``.md`` (``markdown`` below a machine line)."""
+    info = machine_info()
+    meta = {k: v for k, v in meta.items() if k != "t0"} | {
+        "load_average_end": load_average(),
+        "wall_seconds": round(time.perf_counter() - meta["t0"], 1),
+        "machine": info,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(
+        json.dumps(portable_paths({**meta, "records": records}, *paths), indent=2) + "\n"
+    )
+    head = (
+        f"Machine: `{info['cpu']}`, {info['cores']} cores, torch {info['torch']}, commit {info['commit']}; "
+        f"{meta['date']}; load average {meta['load_average_start']} at the start and "
+        f"{meta['load_average_end']} at the end "
+        f"(a shared machine: other jobs ran at the same time; no timing below depends on it). "
+        f"Rerun: `{meta['command']}`. Wall time {meta['wall_seconds']:.0f} s.\n\n"
+    )
+    (RESULTS / f"{name}.md").write_text(markdown.replace("<!-- machine -->", head))
