@@ -105,8 +105,8 @@ def main() -> None:
     md = (
         "# Vision options on vit_digits: class-attention, attention pooling, CoaT, LIT\n\n<!-- machine -->"
         f"`attnlib-train experiment=vit_digits <overrides>` (patch 2: a 4x4 grid, dim 64, depth 4, 4 heads, softmax "
-        f"unless the row says otherwise), {args.steps} steps, seeds {seeds} (mean test accuracy on the 360 test digits; "
-        "per seed in the JSON). MFLOPs: torch's flop count of one 8x8 image's forward.\n\n"
+        f"unless the row says otherwise), {args.steps} steps, seeds {seeds} (mean test accuracy on the 360 test "
+        "digits; per seed in the JSON). MFLOPs: torch's flop count of one 8x8 image's forward.\n\n"
         + markdown_table(["model", "overrides", "test acc", "MFLOPs/img", "vs class token", "params"], rows)
         + "\n"
     )
