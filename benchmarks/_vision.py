@@ -4,6 +4,7 @@ count FLOPs, and write a result pair (markdown + JSON) with machine, command, da
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import sys
@@ -21,7 +22,7 @@ from attnlib.bench.machine import load_average
 from attnlib.data import build_data
 from attnlib.training.loop import load_teacher, train
 
-__all__ = ["compose_config", "count_flops", "finish", "start", "train_run"]
+__all__ = ["arguments", "compose_config", "count_flops", "finish", "start", "train_run", "train_seeds"]
 
 
 def compose_config(overrides: list[str]) -> Any:
@@ -44,6 +45,32 @@ def train_run(overrides: list[str], run_dir: Path) -> tuple[nn.Module, dict[str,
     data.ensure_setup()
     model = load_teacher(run_dir, data)
     return model, results, data
+
+
+def train_seeds(name: str, overrides: list[str], steps: int, seeds: list[int], work: Path) -> list[dict[str, Any]]:
+    """``overrides`` + a budget of ``steps`` (one evaluation and checkpoint, at the end), once per seed, in
+    ``work/<name>_s<seed>`` -> per seed ``{"seed", "overrides", "model", "results", "data"}``."""
+    runs = []
+    for seed in seeds:
+        budget = [f"trainer.max_steps={steps}", f"trainer.eval_every={steps}", f"trainer.checkpoint_every={steps}"]
+        full = [*overrides, *budget, f"seed={seed}"]
+        print(f"{name} seed {seed}: attnlib-train {' '.join(full)}", flush=True)
+        model, results, data = train_run(full, work / f"{name}_s{seed}")
+        runs.append({"seed": seed, "overrides": full, "model": model, "results": results, "data": data})
+    return runs
+
+
+def arguments(doc: str, *, steps: int, seeds: str, rows: list[str] | None = None) -> argparse.Namespace:
+    """The command line every training benchmark takes: --steps, --seeds, --work (and --rows)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--seeds", default=seeds, help="comma-separated training seeds")
+    ap.add_argument("--work", default=None, help="run directories (finished runs are reused)")
+    if rows is not None:
+        ap.add_argument("--rows", default=",".join(rows), help=f"some of {','.join(rows)}")
+    args = ap.parse_args()
+    args.seeds = [int(x) for x in str(args.seeds).split(",")]
+    return args
 
 
 def count_flops(model: nn.Module, *args: Any) -> int:

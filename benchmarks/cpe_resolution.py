@@ -19,7 +19,6 @@ rotations of the patch positions at the training scale), and no positions.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import default_work_dir, markdown_table
-from _vision import finish, start, train_run
+from _vision import arguments, finish, start, train_seeds
 
 ROWS: dict[str, tuple[str, list[str]]] = {
     "learned": ("learned absolute (bicubic resize)", ["model.pos=learned"]),
@@ -70,36 +69,23 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--seeds", default="0")
-    ap.add_argument("--rows", default=",".join(ROWS))
-    ap.add_argument("--work", default=None, help="run directories (finished runs are reused)")
-    args = ap.parse_args()
+    args = arguments(__doc__, steps=1000, seeds="0", rows=list(ROWS))
     meta = start()
     torch.set_num_threads(1)
     work = Path(args.work or default_work_dir("attnlib-cpe-resolution"))
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds
     records: dict[str, dict] = {}
     for name in args.rows.split(","):
         label, ov = ROWS[name]
         per_seed = []
-        for seed in seeds:
-            overrides = [
-                "experiment=vit_digits",
-                "model.dynamic_img_size=true",
-                *ov,
-                f"trainer.max_steps={args.steps}",
-                f"trainer.eval_every={args.steps}",
-                f"trainer.checkpoint_every={args.steps}",
-                f"seed={seed}",
-            ]
-            print(f"{name} seed {seed}: attnlib-train {' '.join(overrides)}", flush=True)
-            model, results, data = train_run(overrides, work / f"{name}_s{seed}")
-            y = data.y["test"]
-            accs = {k: accuracy(model, v, y) for k, v in test_sets(data).items()}
+        for run in train_seeds(
+            name, ["experiment=vit_digits", "model.dynamic_img_size=true", *ov], args.steps, seeds, work
+        ):
+            data = run["data"]
+            accs = {k: accuracy(run["model"], v, data.y["test"]) for k, v in test_sets(data).items()}
+            seconds = run["results"]["train_seconds"]
             per_seed.append(
-                {"seed": seed, "overrides": overrides, "accuracy": accs, "train_seconds": results["train_seconds"]}
+                {"seed": run["seed"], "overrides": run["overrides"], "accuracy": accs, "train_seconds": seconds}
             )
             print(f"  {accs}", flush=True)
         mean = {k: statistics.mean(r["accuracy"][k] for r in per_seed) for k in SETS}

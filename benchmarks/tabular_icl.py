@@ -12,7 +12,6 @@ reference, classical models fitted on each table's labelled rows (scikit-learn) 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import warnings
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import default_work_dir, markdown_table
-from _vision import finish, start, train_run
+from _vision import arguments, finish, start, train_seeds
 
 ROWS = {
     "biaxial": "bi-axial rows (Orion-BiX patterns + 4 CLS tokens)",
@@ -54,41 +53,24 @@ def classical(data) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--seeds", default="0")
-    ap.add_argument("--work", default=None, help="run directories (finished runs are reused)")
-    args = ap.parse_args()
+    args = arguments(__doc__, steps=1500, seeds="0")
     meta = start()
     torch.set_num_threads(1)
     work = Path(args.work or default_work_dir("attnlib-tabular-icl"))
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds
     records: dict[str, dict] = {}
     data = None
     for name in ROWS:
         runs = []
-        for seed in seeds:
-            overrides = [
-                "experiment=tabular_icl",
-                f"model.row_mode={name}",
-                *DATA,
-                f"trainer.max_steps={args.steps}",
-                f"trainer.eval_every={args.steps}",
-                f"trainer.checkpoint_every={args.steps}",
-                f"seed={seed}",
-            ]
-            print(f"{name} seed {seed}: attnlib-train {' '.join(overrides)}", flush=True)
-            model, res, data = train_run(overrides, work / f"{name}_s{seed}")
+        overrides = ["experiment=tabular_icl", f"model.row_mode={name}", *DATA]
+        for run in train_seeds(name, overrides, args.steps, seeds, work):
+            model, res, data = run["model"], run["results"], run["data"]
             params = sum(p.numel() for p in model.parameters())
+            acc, seconds = res["test_accuracy"], res["train_seconds"]
             runs.append(
-                {
-                    "seed": seed,
-                    "overrides": overrides,
-                    "test_accuracy": res["test_accuracy"],
-                    "train_seconds": res["train_seconds"],
-                }
+                {"seed": run["seed"], "overrides": run["overrides"], "test_accuracy": acc, "train_seconds": seconds}
             )
-            print(f"  test accuracy {res['test_accuracy']:.4f}", flush=True)
+            print(f"  test accuracy {acc:.4f}", flush=True)
         accs = [r["test_accuracy"] for r in runs]
         records[name] = {
             "label": ROWS[name],

@@ -10,7 +10,6 @@ forward (matmuls, convolutions, attention), so they do not depend on the machine
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import default_work_dir, markdown_table
-from _vision import count_flops, finish, start, train_run
+from _vision import arguments, count_flops, finish, start, train_seeds
 
 ROWS: dict[str, tuple[str, list[str]]] = {
     "cls": ("class token (baseline)", []),
@@ -42,40 +41,22 @@ ROWS: dict[str, tuple[str, list[str]]] = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--seeds", default="0")
-    ap.add_argument("--rows", default=",".join(ROWS))
-    ap.add_argument("--work", default=None, help="run directories (finished runs are reused)")
-    args = ap.parse_args()
+    args = arguments(__doc__, steps=1500, seeds="0", rows=list(ROWS))
     meta = start()
     torch.set_num_threads(1)
     work = Path(args.work or default_work_dir("attnlib-vision-digits"))
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds
     records: dict[str, dict] = {}
     for name in args.rows.split(","):
         label, ov = ROWS[name]
         runs = []
-        for seed in seeds:
-            overrides = [
-                "experiment=vit_digits",
-                *ov,
-                f"trainer.max_steps={args.steps}",
-                f"trainer.eval_every={args.steps}",
-                f"trainer.checkpoint_every={args.steps}",
-                f"seed={seed}",
-            ]
-            print(f"{name} seed {seed}: attnlib-train {' '.join(overrides)}", flush=True)
-            model, res, _ = train_run(overrides, work / f"{name}_s{seed}")
+        for run in train_seeds(name, ["experiment=vit_digits", *ov], args.steps, seeds, work):
+            model, res = run["model"], run["results"]
+            acc, seconds = res["test_accuracy"], res["train_seconds"]
             runs.append(
-                {
-                    "seed": seed,
-                    "overrides": overrides,
-                    "test_accuracy": res["test_accuracy"],
-                    "train_seconds": res["train_seconds"],
-                }
+                {"seed": run["seed"], "overrides": run["overrides"], "test_accuracy": acc, "train_seconds": seconds}
             )
-            print(f"  test accuracy {res['test_accuracy']:.4f}", flush=True)
+            print(f"  test accuracy {acc:.4f}", flush=True)
         flops = count_flops(model, torch.randn(1, 1, 8, 8))
         params = sum(p.numel() for p in model.parameters())
         accs = [r["test_accuracy"] for r in runs]
