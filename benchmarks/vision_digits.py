@@ -5,7 +5,7 @@ Every row is ``attnlib-train experiment=vit_digits <overrides>`` for ``--steps``
 recipe for every row), tested on the 360 test digits; FLOPs are torch's count of one image's
 forward (matmuls, convolutions, attention), so they do not depend on the machine's load.
 
-    python benchmarks/vision_digits.py [--steps 1500] [--seeds 0] [--rows a,b] [--work DIR]
+    python benchmarks/vision_digits.py [--steps 1000] [--seeds 0] [--rows a,b] [--work DIR]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
 
 
 def main() -> None:
-    args = arguments(__doc__, steps=1500, seeds="0", rows=list(ROWS))
+    args = arguments(__doc__, steps=1000, seeds="0", rows=list(ROWS))
     meta = start()
     torch.set_num_threads(1)
     work = Path(args.work or default_work_dir("attnlib-vision-digits"))
