@@ -16,7 +16,7 @@ import torch
 from _common import RESULTS, machine_info, portable_paths
 from hydra import compose, initialize_config_module
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
 from attnlib.bench.machine import load_average
 from attnlib.data import build_data
@@ -73,8 +73,18 @@ def arguments(doc: str, *, steps: int, seeds: str, rows: list[str] | None = None
     return args
 
 
+try:  # torch counts the fused SDPA kernels of CUDA but not the CPU one; count it like them (2 matmuls)
+
+    @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+except RuntimeError:  # a torch that counts it already
+    pass
+
+
 def count_flops(model: nn.Module, *args: Any) -> int:
-    """FLOPs of one forward (torch's flop counter: matmuls and convolutions)."""
+    """FLOPs of one forward (torch's flop counter: matmuls, convolutions, SDPA)."""
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         model(*args)
     return int(fc.get_total_flops())
