@@ -132,6 +132,19 @@ def test_class_attention_is_the_class_row_of_self_attention() -> None:
     torch.testing.assert_close(blk(cls, patches), expected, rtol=0, atol=1e-12)
 
 
+def test_class_attention_keeps_its_map_for_visualisation() -> None:
+    torch.manual_seed(7)
+    blk = ClassAttentionBlock(16, 2, SOFTMAX).double().eval()
+    blk.keep_weights = True
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[0, 5:] = False
+    blk(torch.randn(3, 1, 16, dtype=DT), torch.randn(3, 7, 16, dtype=DT), mask)
+    w = blk.last_weights
+    assert w.shape == (3, 2, 1, 8)
+    torch.testing.assert_close(w.sum(-1), torch.ones(3, 2, 1, dtype=DT))
+    assert torch.equal(w[0, :, :, 6:], torch.zeros(2, 1, 2, dtype=DT))  # padded patches get no weight
+
+
 def test_class_attention_with_no_patches_attends_only_to_itself() -> None:
     torch.manual_seed(3)
     blk = ClassAttentionBlock(8, 1, SOFTMAX).double().eval()
