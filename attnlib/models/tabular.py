@@ -226,7 +226,7 @@ class TabularICL(nn.Module):
         hc = h.transpose(1, 2).reshape(b * f, s, -1)  # columns: each feature over the rows
         kp = train.repeat_interleave(f, 0)
         for blk in self.col_blocks:
-            hc = blk(hc, mask=kp)
+            hc = blk(hc, key_padding_mask=kp)
         r = hc.reshape(b, f, s, -1).transpose(1, 2).reshape(b * s, f, -1)  # rows: each row over its features
         for blk in self.row_blocks:
             r = blk(r)
@@ -234,6 +234,6 @@ class TabularICL(nn.Module):
         r = self.row_out(r).reshape(b, s, -1)
         r = r + self.label_embed(label.clamp_min(0).long()) * train.unsqueeze(-1).to(r.dtype)
         for blk in self.icl_blocks:
-            r = blk(r, mask=train)
+            r = blk(r, key_padding_mask=train)
         logits = self.decoder(self.norm(r))
         return logits if select is None else logits[select]

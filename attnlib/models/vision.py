@@ -167,10 +167,10 @@ class ClassAttentionBlock(nn.Module):
     def forward(self, cls: Tensor, patches: Tensor, mask: Tensor | None = None) -> Tensor:
         ctx, kp = self.context(cls, patches, mask)
         if self.keep_weights:
-            a, extras = self.attn(self.norm1(cls), ctx, mask=kp, return_extras=True)
+            a, extras = self.attn(self.norm1(cls), ctx, key_padding_mask=kp, return_extras=True)
             self.last_weights = None if extras.weights is None else extras.weights.detach()
         else:
-            a = self.attn(self.norm1(cls), ctx, mask=kp)
+            a = self.attn(self.norm1(cls), ctx, key_padding_mask=kp)
         a = self.drop(a)
         cls = cls + self.drop_path(a if self.gamma1 is None else self.gamma1 * a)
         m = self.mlp(self.norm2(cls))

@@ -421,7 +421,7 @@ class ViT(nn.Module):
             geometry = self.geometry(grid, x.dtype, x.device)
             kw = {} if geometry is None else {"geometry": geometry}
             for i, blk in enumerate(self.blocks):
-                x = self._after_block(i, blk(x, mask=mask, **kw), grid)
+                x = self._after_block(i, blk(x, key_padding_mask=mask, **kw), grid)
             return x, mask
         return self._pruned_blocks(x, mask, grid)
 
@@ -477,12 +477,14 @@ class ViT(nn.Module):
                 x, groups = groups.unpack(x), None
             else:
                 if pr is None:
-                    x = self._after_block(i, blk(x, mask=mask, positions=positions), grid)
+                    x = self._after_block(i, blk(x, key_padding_mask=mask, positions=positions), grid)
                     continue
                 if need_imp:
-                    x, imp = blk(x, mask=mask, positions=positions, return_importance=True, importance_query=query)
+                    x, imp = blk(
+                        x, key_padding_mask=mask, positions=positions, return_importance=True, importance_query=query
+                    )
                 else:
-                    x, imp = blk(x, mask=mask, positions=positions), None
+                    x, imp = blk(x, key_padding_mask=mask, positions=positions), None
                 x = self._after_block(i, x, grid)
             out = pr(x, imp, mask, self.pruning.protected(index, n0, default))
             index = torch.where(out.index >= 0, index.gather(1, out.index.clamp_min(0)), out.index)
