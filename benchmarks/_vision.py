@@ -24,6 +24,9 @@ from attnlib.training.loop import load_teacher, train
 
 __all__ = ["arguments", "compose_config", "count_flops", "finish", "start", "train_run", "train_seeds"]
 
+REUSED: list[str] = []  # run directories whose finished training was reused (named in the result file)
+NOTE: list[str] = []  # --note: where reused runs come from, written into the result file
+
 
 def compose_config(overrides: list[str]) -> Any:
     """The config ``attnlib-train <overrides>`` would run."""
@@ -37,6 +40,7 @@ def train_run(overrides: list[str], run_dir: Path) -> tuple[nn.Module, dict[str,
     res_path = run_dir / "results.json"
     if res_path.exists():
         results = json.loads(res_path.read_text())
+        REUSED.append(run_dir.name)
     else:
         results = train(cfg, run_dir)
     data_cfg = dict(cfg.data)
@@ -66,10 +70,12 @@ def arguments(doc: str, *, steps: int, seeds: str, rows: list[str] | None = None
     ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--seeds", default=seeds, help="comma-separated training seeds")
     ap.add_argument("--work", default=None, help="run directories (finished runs are reused)")
+    ap.add_argument("--note", default="", help="a sentence for the result file (e.g. where reused runs come from)")
     if rows is not None:
         ap.add_argument("--rows", default=",".join(rows), help=f"some of {','.join(rows)}")
     args = ap.parse_args()
     args.seeds = [int(x) for x in str(args.seeds).split(",")]
+    NOTE[:] = [args.note] if args.note else []
     return args
 
 
@@ -106,6 +112,8 @@ def finish(name: str, meta: dict[str, Any], records: Any, markdown: str, *paths:
     meta = {k: v for k, v in meta.items() if k != "t0"} | {
         "load_average_end": load_average(),
         "wall_seconds": round(time.perf_counter() - meta["t0"], 1),
+        "reused_runs": list(REUSED),
+        "note": " ".join(NOTE),
         "machine": info,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -119,4 +127,9 @@ def finish(name: str, meta: dict[str, Any], records: Any, markdown: str, *paths:
         f"(a shared machine: other jobs ran at the same time; no timing below depends on it). "
         f"Rerun: `{meta['command']}`. Wall time {meta['wall_seconds']:.0f} s.\n\n"
     )
+    if REUSED:
+        head += (
+            f"Trained by an earlier invocation and reused here (evaluated at this commit; their training time "
+            f"is the earlier one's): {', '.join(REUSED)}. {' '.join(NOTE)}\n\n"
+        )
     (RESULTS / f"{name}.md").write_text(markdown.replace("<!-- machine -->", head))
