@@ -9,6 +9,7 @@ import torch
 
 import attnlib
 from attnlib.functional.factorized import conv_relative_position, crpe_head_split, factorized_attention
+from attnlib.functional.grid import most_square_grid
 from attnlib.masks import normalize_mask
 from attnlib.testing import make_qkv
 from attnlib.variants.factorized import CoaTAttention
@@ -148,12 +149,20 @@ def test_coat_errors_are_clear() -> None:
         attnlib.Attention(16, 4, variant="coat", causal=True)
     with pytest.raises(attnlib.UnsupportedError, match="'factorized' does not support causal=True"):
         attnlib.Attention(16, 4, variant="factorized", causal=True)
-    attn = attnlib.Attention(16, 4, variant="coat")
-    with pytest.raises(ValueError, match=r"15 grid tokens .* do not form a square grid; pass grid=\(H, W\)"):
-        attn(torch.randn(1, 15, 16))
+    with pytest.raises(ValueError, match=r"grid \(4, 4\) has 16 cells but the sequence has 15 grid tokens"):
+        attnlib.Attention(16, 4, variant="coat", grid=(4, 4))(torch.randn(1, 15, 16))
     with pytest.raises(ValueError, match="grid must be None or a pair"):
         attnlib.Attention(16, 4, variant="coat", grid=(3, 0))
     # an explicit non-square grid and prefix tokens
     y = attnlib.Attention(16, 4, variant="coat", grid=(3, 5), num_prefix_tokens=2)(torch.randn(1, 17, 16))
     assert y.shape == (1, 17, 16)
-    assert CoaTAttention.benchmark_kwargs(512) == {"grid": (16, 32)}
+    # without a grid: the most square factorisation of each call's length (3 x 5 for 15, 1 x 7 for 7)
+    torch.manual_seed(0)
+    auto = attnlib.Attention(16, 4, variant="coat").double()
+    explicit = attnlib.Attention(16, 4, variant="coat").double()
+    for n, grid in ((15, (3, 5)), (7, (1, 7)), (16, (4, 4))):
+        explicit.load_state_dict(auto.state_dict())
+        explicit.core.grid = grid
+        x = torch.randn(2, n, 16, dtype=torch.float64)
+        torch.testing.assert_close(auto(x), explicit(x), rtol=0, atol=0)
+    assert most_square_grid(512) == (16, 32) and most_square_grid(13) == (1, 13)

@@ -147,7 +147,8 @@ def conv_relative_position(
             order (channel ``h * D + d`` belongs to head h), covering all H heads.
         biases: per group (heads_g * D,) or None.
         num_prefix_tokens: tokens before the grid (class token); their rows of EV are 0.
-        grid: (H_img, W_img) of the remaining tokens; default square.
+        grid: (H_img, W_img) of the remaining tokens; default the most square factorisation of
+            their count (square when it is a perfect square; :func:`attnlib.functional.grid.most_square_grid`).
         key_padding: (B, N) bool, True = real token; padded values are zeroed before the
             convolution so they cannot reach a real token's output, and a sequence with no
             real token gets EV = 0 (no ``q * bias`` term: a query with no key returns 0).
@@ -161,7 +162,7 @@ def conv_relative_position(
             f"conv_relative_position: q and v must share (B, H, N, D) (self-attention on one token grid), "
             f"got q {tuple(q.shape)} and v {tuple(v.shape)}"
         )
-    gh, gw = infer_grid(n, num_prefix_tokens, grid, where="conv_relative_position")
+    gh, gw = infer_grid(n, num_prefix_tokens, grid, where="conv_relative_position", square_only=False)
     p = n - gh * gw
     vi = v[:, :, p:]
     if key_padding is not None:

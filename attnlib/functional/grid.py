@@ -30,19 +30,35 @@ __all__ = [
     "grid_to_tokens",
     "grouped_depthwise_conv",
     "infer_grid",
+    "most_square_grid",
     "peg",
     "tokens_to_grid",
 ]
 
 
+def most_square_grid(t: int) -> tuple[int, int]:
+    """The most square factorisation (H, W) of ``t`` grid tokens: H <= W, H * W == t, H largest.
+
+    (side, side) for a perfect square; (1, t) for a prime ``t`` (the sequence as one row).
+    """
+    h = max(d for d in range(1, math.isqrt(t) + 1) if t % d == 0)
+    return h, t // h
+
+
 def infer_grid(
-    n: int, num_prefix_tokens: int = 0, grid: Sequence[int] | None = None, *, where: str = "grid"
+    n: int,
+    num_prefix_tokens: int = 0,
+    grid: Sequence[int] | None = None,
+    *,
+    where: str = "grid",
+    square_only: bool = True,
 ) -> tuple[int, int]:
     """The (H, W) grid of a sequence of ``n`` tokens with ``num_prefix_tokens`` in front.
 
     With ``grid`` given it is checked (``H * W == n - num_prefix_tokens``); without, the grid
-    is square and ``n - num_prefix_tokens`` must be a perfect square. Raises ValueError
-    naming ``where`` and saying what to pass otherwise.
+    is square and ``n - num_prefix_tokens`` must be a perfect square, or, with
+    ``square_only=False``, the most square factorisation (:func:`most_square_grid`). Raises
+    ValueError naming ``where`` and saying what to pass otherwise.
     """
     p = non_negative_int(num_prefix_tokens, f"{where}: num_prefix_tokens")
     t = n - p
@@ -58,6 +74,8 @@ def infer_grid(
                 f"({n} tokens - {p} prefix tokens)"
             )
         return h, w
+    if not square_only:
+        return most_square_grid(t)
     side = math.isqrt(t)
     if side * side != t:
         raise ValueError(

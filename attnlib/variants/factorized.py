@@ -16,13 +16,12 @@ token-axis softmax normalises each key against all others, later ones included.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor, nn
 
-from attnlib._validation import non_negative_int
+from attnlib._validation import non_negative_int, optional_positive_number
 from attnlib.functional.factorized import conv_relative_position, crpe_head_split, factorized_attention
 from attnlib.masks import AttentionMask
 from attnlib.registry import Capabilities, register_variant
@@ -67,7 +66,7 @@ class FactorizedAttention(AttentionCore):
 
     def __init__(self, *, num_heads: int, head_dim: int, scale: float | None = None) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
-        self.scale = scale
+        self.scale = optional_positive_number(scale, f"{self.name}: scale")
 
     def attend(
         self,
@@ -109,8 +108,9 @@ class CoaTAttention(FactorizedAttention):
     Args:
         num_prefix_tokens: tokens in front of the grid (a ViT's class token: 1). A ViT passes
             its own count to every variant that takes this option.
-        grid: (H, W) of the grid tokens, or None: square, inferred from the sequence length per
-            call (so one module serves several resolutions).
+        grid: (H, W) of the grid tokens, or None: inferred from the sequence length per call (so
+            one module serves several resolutions) - square when the grid-token count is a perfect
+            square, else its most square factorisation (H <= W; 1 x N for a prime count).
         windows: CRPE kernel sizes per head, ``{kernel: heads}`` or one kernel size; default the
             official ``{3: 2, 5: 3, 7: 3}`` for 8 heads and the same proportions otherwise
             (:func:`attnlib.functional.factorized.crpe_head_split`).
@@ -147,12 +147,6 @@ class CoaTAttention(FactorizedAttention):
             for kernel, heads in self.windows.items()
         )
 
-    @classmethod
-    def benchmark_kwargs(cls, n: int) -> dict[str, Any]:
-        """A grid for any length: the most square factorisation (H, W) of ``n``."""
-        h = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
-        return {"grid": (h, n // h)}
-
     def attend(
         self,
         q: Tensor,
@@ -178,6 +172,6 @@ class CoaTAttention(FactorizedAttention):
         return res
 
     def extra_repr(self) -> str:
-        grid = "square" if self.grid is None else self.grid
+        grid = "most square" if self.grid is None else self.grid
         extra = f", num_prefix_tokens={self.num_prefix_tokens}, grid={grid}, windows={self.windows}"
         return super().extra_repr() + extra
