@@ -17,7 +17,6 @@ token-axis softmax normalises each key against all others, later ones included.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from torch import Tensor, nn
 
