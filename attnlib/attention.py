@@ -23,6 +23,7 @@ from attnlib._config import to_plain_dict
 from attnlib._validation import check_index, describe, non_negative_int, positive_int
 from attnlib.decoding import AttentionCache, decode_mode
 from attnlib.errors import UnsupportedError
+from attnlib.functional.gta import Geometry, gta_output, gta_transform
 from attnlib.masks import AttentionMask, MaskLike, normalize_mask
 from attnlib.positional import RotaryCall, RotaryEmbedding, RotaryPositions
 from attnlib.registry import Capabilities, get_variant
@@ -215,6 +216,7 @@ class Attention(nn.Module):
         cache: AttentionCache | None = None,
         positions: Tensor | RotaryPositions | None = None,
         weights_query: int | None = None,
+        geometry: Geometry | None = None,
     ) -> Tensor | tuple[Tensor, AttentionExtras]:
         """Attend.
 
@@ -247,11 +249,17 @@ class Attention(nn.Module):
                 path; the others compute the full weights and the row is taken from them.
                 Negative values count from the end; UnsupportedError for a variant without
                 weights.
+            geometry: GTA (geometric transform attention, :mod:`attnlib.functional.gta`): the
+                group representations of the queries' and keys' tokens (camera poses, patch
+                positions); q, k, v are expressed in each query's frame around the variant's
+                call, for any variant. Not with ``cache``.
 
         Returns:
             (B, N, dim), or ((B, N, dim), AttentionExtras) when ``return_extras``.
         """
         if cache is not None:
+            if geometry is not None:
+                raise UnsupportedError("geometry= (GTA) is not supported with incremental decoding (cache=)")
             return decoding.forward_cached(
                 self,
                 x,
@@ -281,6 +289,10 @@ class Attention(nn.Module):
             q, k, v = self._project_rotated(x, position_offset, positions)
         else:
             q, k, v = self.project(x, context)
+        if geometry is not None:
+            if not isinstance(geometry, Geometry):
+                raise ValueError(f"geometry must be an attnlib.functional.gta.Geometry, got {describe(geometry)}")
+            q, k, v = gta_transform(q, k, v, geometry)
         b, h, n, _ = q.shape
         am = normalize_mask(
             mask,
@@ -319,7 +331,7 @@ class Attention(nn.Module):
             if res.weights is None:
                 raise UnsupportedError(f"weights_query needs attention weights, but variant {self.variant!r} has none")
             row = res.weights[:, :, query : query + 1]
-        y = self._project_out(res.out)
+        y = self._project_out(res.out if geometry is None else gta_output(res.out, geometry))
         self.pending_aux_loss = res.aux_loss
         if not return_extras:
             return y

@@ -4,6 +4,7 @@
 * :class:`DecoderLM` - causal language model with KV-cache / recurrent decoding and ``generate``.
 * :class:`EncoderClassifier` - bidirectional encoder for padded token sequences (ListOps).
 * :class:`ConformerCTC`, :class:`BranchformerCTC` - speech recognition with a CTC head.
+* :class:`TabularICL` - tabular in-context learning with bi-axial (Orion-BiX) row attention.
 
 :func:`build_model` builds one from a model config (``name`` + keyword arguments, the
 contents of ``configs/model/<name>.yaml``) and an attention config. A variant that lacks a
@@ -33,12 +34,14 @@ from attnlib.models.blocks import (
 )
 from attnlib.models.encoder import EncoderClassifier
 from attnlib.models.lm import DecoderCache, DecoderLM
+from attnlib.models.tabular import BiAxialRowBlock, TabularICL
 from attnlib.models.vit import ViT
 
 __all__ = [
     "MODELS",
     "MODEL_NEEDS",
     "PRUNABLE",
+    "BiAxialRowBlock",
     "BranchformerCTC",
     "CTCEncoder",
     "ConformerCTC",
@@ -48,6 +51,7 @@ __all__ = [
     "EncoderClassifier",
     "FeedForward",
     "LogMelFrontend",
+    "TabularICL",
     "TransformerBlock",
     "ViT",
     "attention_dict",
@@ -66,6 +70,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "encoder": EncoderClassifier,
     "conformer": ConformerCTC,
     "branchformer": BranchformerCTC,
+    "tabular": TabularICL,
 }
 
 #: Model config name -> capabilities its attention needs (field -> reason).
@@ -75,6 +80,10 @@ MODEL_NEEDS: dict[str, dict[str, str]] = {
     "encoder": {"key_padding": "batches of different-length sequences are padded"},
     "conformer": {"key_padding": "utterances of different lengths are padded in a batch"},
     "branchformer": {"key_padding": "utterances of different lengths are padded in a batch"},
+    "tabular": {
+        "key_padding": "in-context learning: rows read only the labelled rows (a key-padding mask)",
+        "cross": "bi-axial rows: the hierarchical pattern and the CLS tokens attend through context=",
+    },
 }
 
 
@@ -85,6 +94,7 @@ _NO_PRUNING = {
     "conformer": ConformerCTC.PRUNING_NOTE,
     "branchformer": ConformerCTC.PRUNING_NOTE,
     "encoder": "Its padded sequence classification could use it, but it is not wired in yet.",
+    "tabular": "Its rows are table rows read in context, not tokens to drop.",
 }
 
 
