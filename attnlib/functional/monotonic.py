@@ -22,15 +22,16 @@ head per attention head. :func:`headdrop` is Inaguma et al.'s HeadDrop regularis
 :func:`head_divergence` the variance of the heads' expected stops.
 
 The products ``prod (1 - p)`` are formed from differences of a log-space cumulative sum,
-``exp(L_j - L_k)`` with ``L`` the exclusive cumsum of ``log(1 - p)`` (clamped at the dtype's
-smallest normal), which neither underflows into a division by zero (the cumprod/cumsum
-closed form's problem) nor loops over keys. Rows are processed in order (the recursion runs
+``exp(L_j - L_k)`` with ``L`` the exclusive cumsum of ``log(1 - p)`` (exact zero factors
+counted apart), which neither underflows into a division by zero (the cumprod/cumsum closed
+form's problem) nor loops over keys. Rows are processed in order (the recursion runs
 over queries); each row costs O(M^2) memory per (batch, head).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attnlib.functional.softmax import _softmax_rows
@@ -78,16 +79,19 @@ def expected_alignment(p_choose: Tensor, *, skip: Tensor | None = None) -> Tenso
     """
     b, h, n, m = _check_p(p_choose, "expected_alignment")
     skip3 = _check_rows(skip, b, n, "expected_alignment")
-    tiny = torch.finfo(p_choose.dtype).tiny
     below = torch.ones(m, m, dtype=torch.bool, device=p_choose.device).tril()  # k <= j
     prev = torch.zeros(b, h, m, dtype=p_choose.dtype, device=p_choose.device)
     prev[..., 0] = 1.0
     rows = []
     for i in range(n):
         p = p_choose[:, :, i]
-        log1m = torch.log((1.0 - p).clamp_min(tiny))
-        big_l = torch.cumsum(log1m, -1) - log1m  # exclusive: sum_{l<j} log(1 - p_l)
-        diff = (big_l.unsqueeze(-1) - big_l.unsqueeze(-2)).masked_fill(~below, float("-inf"))
+        one_minus = 1.0 - p
+        zero = one_minus <= 0  # exact zero factors are counted, not logged
+        log1m = torch.log(torch.where(zero, torch.ones_like(p), one_minus))
+        big_l = F.pad(torch.cumsum(log1m[..., :-1], -1), (1, 0))  # exclusive: sum_{l<j} log(1 - p_l)
+        zeros = F.pad(torch.cumsum(zero[..., :-1].to(torch.int32), -1), (1, 0))
+        blocked = (zeros.unsqueeze(-1) != zeros.unsqueeze(-2)) | ~below  # a zero factor between k and j
+        diff = (big_l.unsqueeze(-1) - big_l.unsqueeze(-2)).masked_fill(blocked, float("-inf"))
         carried = torch.matmul(torch.exp(diff), prev.unsqueeze(-1)).squeeze(-1)  # sum_k T_jk prev_k
         alpha = p * carried
         if skip3 is not None:
@@ -126,8 +130,10 @@ def hard_alignment(p_choose: Tensor, *, skip: Tensor | None = None, threshold: f
 
     Returns:
         (alpha (B, H, N, M) one-hot at the stop or all zero when the head finds none,
-        stops (B, H, N) long, -1 where there is none). A row without a stop leaves the next row
-        scanning from the same place, so stops never move backwards.
+        stops (B, H, N) long, -1 where there is none). Stops never move backwards. A head that
+        finds no stop has read every key, so no later row of it stops either (as in the
+        expected alignment, whose mass is then spent, and in Raffel et al.'s and Inaguma et
+        al.'s inference, which multiply p by the cumulative sum of the previous alignment).
     """
     b, h, n, m = _check_p(p_choose, "hard_alignment")
     skip3 = _check_rows(skip, b, n, "hard_alignment")
@@ -141,7 +147,8 @@ def hard_alignment(p_choose: Tensor, *, skip: Tensor | None = None, threshold: f
         found = cand.any(-1, keepdim=True)
         first = cand.to(torch.int8).argmax(-1, keepdim=True)  # the first True
         stops.append(torch.where(found, first, -1).squeeze(-1))
-        start = torch.where(found, first, start)
+        moved = found if skip3 is None else found | skip3[:, :, i, None]
+        start = torch.where(found, first, torch.where(moved, start, m))  # no stop: the head read every key
     stop = torch.stack(stops, 2)
     alpha = (idx == stop.unsqueeze(-1)).to(p_choose.dtype)
     return alpha, stop

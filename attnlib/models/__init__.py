@@ -4,6 +4,7 @@
 * :class:`DecoderLM` - causal language model with KV-cache / recurrent decoding and ``generate``.
 * :class:`EncoderClassifier` - bidirectional encoder for padded token sequences (ListOps).
 * :class:`ConformerCTC`, :class:`BranchformerCTC` - speech recognition with a CTC head.
+* :class:`ConformerAED` - speech recognition with an attention decoder (joint CTC/attention).
 
 :func:`build_model` builds one from a model config (``name`` + keyword arguments, the
 contents of ``configs/model/<name>.yaml``) and an attention config. A variant that lacks a
@@ -21,6 +22,7 @@ from torch import nn
 from attnlib._config import split_named_config
 from attnlib.errors import UnsupportedError
 from attnlib.models.asr import BranchformerCTC, ConformerCTC, CTCEncoder, LogMelFrontend, ctc_greedy_decode
+from attnlib.models.asr_attention import ConformerAED
 from attnlib.models.blocks import (
     DropPath,
     FeedForward,
@@ -41,6 +43,7 @@ __all__ = [
     "PRUNABLE",
     "BranchformerCTC",
     "CTCEncoder",
+    "ConformerAED",
     "ConformerCTC",
     "DecoderCache",
     "DecoderLM",
@@ -66,6 +69,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "encoder": EncoderClassifier,
     "conformer": ConformerCTC,
     "branchformer": BranchformerCTC,
+    "asr_attention": ConformerAED,
 }
 
 #: Model config name -> capabilities its attention needs (field -> reason).
@@ -75,6 +79,7 @@ MODEL_NEEDS: dict[str, dict[str, str]] = {
     "encoder": {"key_padding": "batches of different-length sequences are padded"},
     "conformer": {"key_padding": "utterances of different lengths are padded in a batch"},
     "branchformer": {"key_padding": "utterances of different lengths are padded in a batch"},
+    "asr_attention": {"key_padding": "utterances of different lengths are padded in a batch"},
 }
 
 
@@ -84,6 +89,7 @@ PRUNABLE = ("lm", "vit")
 _NO_PRUNING = {
     "conformer": ConformerCTC.PRUNING_NOTE,
     "branchformer": ConformerCTC.PRUNING_NOTE,
+    "asr_attention": ConformerCTC.PRUNING_NOTE,
     "encoder": "Its padded sequence classification could use it, but it is not wired in yet.",
 }
 
