@@ -59,8 +59,8 @@ def test_expected_alignment_equals_the_recursion_by_loops(n: int, m: int, seed: 
 
 
 def test_expected_alignment_equals_the_cumprod_closed_form() -> None:
-    """The parallel form of Raffel et al.: alpha_i = p_i cumprod_excl(1 - p_i) cumsum(alpha_{i-1} / cumprod_excl(1 - p_i))
-    (exact in float64 when the cumprod does not underflow)."""
+    """The parallel form of Raffel et al. (exact in float64 when the cumprod does not underflow):
+    alpha_i = p_i cumprod_excl(1 - p_i) cumsum(alpha_{i-1} / cumprod_excl(1 - p_i))."""
     p = _p(3) * 0.8
     alpha = expected_alignment(p)
     prev = torch.zeros(2, 2, 7, dtype=torch.float64)
@@ -181,7 +181,7 @@ def test_variant_equals_its_defining_equations() -> None:
     x, ctx = torch.randn(2, 4, 8, dtype=torch.float64), torch.randn(2, 9, 8, dtype=torch.float64)
     kp = torch.ones(2, 9, dtype=torch.bool)
     kp[1, 6:] = False
-    y, ex = attn(x, ctx, mask=kp, return_extras=True)
+    _, ex = attn(x, ctx, mask=kp, return_extras=True)
     q, k, _ = attn.project(x, ctx)
     c = attn.core
     p = torch.sigmoid(q @ k.transpose(-1, -2) / 2.0 + c.r[None, :, None, None]) * kp[:, None, None, :]
