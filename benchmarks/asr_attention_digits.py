@@ -41,7 +41,7 @@ CONFIGS: dict[str, list[str]] = {
         "model.cross_attention.hard=true",
     ],
 }
-DEFAULT = ["ctc", "aed_softmax", "aed_monotonic", "aed_additive"]
+DEFAULT = ["aed_softmax", "ctc", "aed_monotonic", "aed_additive"]
 OUT = "asr_attention_digits"
 
 
