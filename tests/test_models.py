@@ -37,9 +37,11 @@ DATA_KW = {
     "encoder": {"vocab_size": 16, "num_classes": 10},
     "conformer": {"vocab_size": 11, "sample_rate": 8000},
     "branchformer": {"vocab_size": 11, "sample_rate": 8000},
+    "asr_attention": {"vocab_size": 11, "sample_rate": 8000},
 }
 TINY = {"dim": 16, "depth": 1, "num_heads": 2}
 TINY_ASR = {**TINY, "n_mels": 16, "specaugment": None}
+ASR_MODELS = ("conformer", "branchformer", "asr_attention")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def test_attention_config_composes_into_backbone(hydra_configs, variant: str, mo
     build-time UnsupportedError naming the variant and the missing capability."""
     cfg = compose("train", overrides=[f"attention={variant}", f"model={model_name}"])
     assert cfg.attention.variant == variant
-    tiny = TINY_ASR if model_name in ("conformer", "branchformer") else TINY
+    tiny = TINY_ASR if model_name in ASR_MODELS else TINY
     needs = MODEL_NEEDS[model_name]
     caps = attnlib.variant_info(variant)
     missing = [f for f in needs if not getattr(caps, f)]
@@ -94,7 +96,7 @@ def test_attention_config_composes_into_backbone(hydra_configs, variant: str, mo
     args, kw = _inputs(model_name)
     with torch.no_grad():
         out = model(*args, **kw)
-    if model_name in ("conformer", "branchformer"):
+    if model_name in ASR_MODELS:
         log_probs, frames = out
         assert log_probs.shape[0] == 2 and log_probs.shape[-1] == 11
         assert frames.tolist() == [int(f) for f in frames] and int(frames.max()) == log_probs.shape[1]
@@ -127,7 +129,7 @@ def bare_variant(monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.mark.parametrize("model_name", sorted(m for m in MODEL_NEEDS if MODEL_NEEDS[m]))
 def test_missing_capability_error_names_variant_and_capability(bare_variant: str, model_name: str) -> None:
-    kw = {**DATA_KW[model_name], **(TINY_ASR if model_name in ("conformer", "branchformer") else TINY)}
+    kw = {**DATA_KW[model_name], **(TINY_ASR if model_name in ASR_MODELS else TINY)}
     with pytest.raises(attnlib.UnsupportedError) as e:
         build_model({"name": model_name}, {"variant": bare_variant}, **kw)
     msg = str(e.value)
