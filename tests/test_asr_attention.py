@@ -90,9 +90,11 @@ CROSS = [
 ]
 
 
-@pytest.mark.parametrize("cross", CROSS, ids=lambda c: "-".join(str(v) for v in c.values()))
-@pytest.mark.parametrize("self_attn", [{"variant": "softmax"}, {"variant": "linear"}], ids=["softmax", "linear"])
-def test_step_by_step_decoding_equals_the_teacher_forced_forward(cross: dict, self_attn: dict) -> None:
+CASES = [({"variant": "softmax"}, c) for c in CROSS] + [({"variant": "linear"}, CROSS[3])]  # linear: recurrent
+
+
+@pytest.mark.parametrize(("self_attn", "cross"), CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_step_by_step_decoding_equals_the_teacher_forced_forward(self_attn: dict, cross: dict) -> None:
     m = _model(cross, self_attn).eval()
     g = torch.Generator().manual_seed(1)
     memory = torch.randn(3, 9, 16, dtype=torch.float64, generator=g)
@@ -124,8 +126,7 @@ def _joint_score(m: ConformerAED, memory, valid, ctc_lp, frames, seq: list[int],
     return (1 - lam) * a + lam * -float(nll)
 
 
-@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
-@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize(("lam", "normalize"), [(0.0, False), (0.3, True), (1.0, False)])
 def test_beam_search_with_a_wide_beam_is_exhaustive(lam: float, normalize: bool) -> None:
     """Vocabulary {eos, 1, 2}, 3 frames: every hypothesis (at most 3 labels) fits in a beam of 64, so
     the search returns the argmax of the joint score (over labels + 1 with length normalisation)."""
@@ -222,3 +223,13 @@ def test_hydra_config_picks_each_attention() -> None:
     assert m.variant == "local"
     assert m.decoder.layers[0].self_attn.variant == "linear"
     assert m.decoder.layers[0].cross_attn.variant == "monotonic" and m.decoder.layers[0].cross_attn.core.chunk_size == 1
+
+
+def test_padded_batch_transcribes_as_each_utterance_alone() -> None:
+    m = _model({"variant": "monotonic", "chunk_size": 2, "init_r": 0.5}).eval()
+    g = torch.Generator().manual_seed(4)
+    wave = torch.randn(2, 4000, dtype=torch.float64, generator=g) * 0.1
+    lengths = torch.tensor([4000, 2600])
+    both = m.transcribe(wave, lengths, beam_size=3)
+    alone = [m.transcribe(wave[i : i + 1, : int(lengths[i])], beam_size=3)[0] for i in range(2)]
+    assert both == alone and all(both)  # non-empty, different hypotheses
