@@ -356,6 +356,7 @@ class ConformerAED(ConformerCTC):
             model=self.model_name,
         )
         init_weights(self.decoder)
+        self._hard_cross = any(getattr(mod, "samples_attention", False) for mod in self.decoder.modules())
 
     def _teacher_forcing(self, targets: Tensor, target_lengths: Tensor) -> tuple[Tensor, Tensor]:
         """Decoder inputs ``<sos> y`` (B, S + 1) and outputs ``y <eos>`` (B, S + 1), padding -100."""
@@ -388,7 +389,7 @@ class ConformerAED(ConformerCTC):
             logits.flatten(0, 1), ys_out.flatten(), ignore_index=-100, label_smoothing=self.label_smoothing
         )
         loss = self.ctc_weight * ctc + (1.0 - self.ctc_weight) * att
-        if self.training:  # hard stochastic cross-attention: REINFORCE with each utterance's NLL
+        if self.training and self._hard_cross:  # hard stochastic cross-attention: REINFORCE with each utterance's NLL
             valid = ys_out != -100
             nll = F.cross_entropy(logits.transpose(1, 2), ys_out, ignore_index=-100, reduction="none").sum(1)
             surrogate = reinforce_loss(self.decoder, nll, valid)

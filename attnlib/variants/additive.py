@@ -153,6 +153,24 @@ class AdditiveAttention(AttentionCore):
         out, used, self.pending_log_prob = hard_attention(alpha, v, mode)
         return CoreOutput.from_weights(out, used, need_weights=need_weights, need_importance=need_importance)
 
+    @property
+    def samples_attention(self) -> bool:
+        """Whether training calls sample (hard attention): the model must then call :func:`reinforce_loss`."""
+        return self.hard
+
+    def reinforce(self, cost: Tensor, query_valid: Tensor | None = None) -> Tensor | None:
+        """This core's REINFORCE term after a hard training call (see :func:`reinforce_loss`), or None."""
+        if self.pending_entropy is None:
+            return None
+        term = reinforce_surrogate(
+            self.pending_log_prob, self.pending_entropy, cost, self.baseline, valid=query_valid,
+            reward_scale=self.reward_scale, entropy_weight=self.entropy_weight,
+        )  # fmt: skip
+        if self.pending_log_prob is not None:
+            self.baseline.copy_(update_baseline(self.baseline, cost, self.baseline_momentum))
+        self.pending_log_prob = self.pending_entropy = None
+        return term
+
     def extra_repr(self) -> str:
         extra = f", attn_dim={self.attn_dim}"
         if self.hard:
@@ -161,10 +179,11 @@ class AdditiveAttention(AttentionCore):
 
 
 def reinforce_loss(model: nn.Module, cost: Tensor, query_valid: Tensor | None = None) -> Tensor:
-    """The REINFORCE loss of every hard :class:`AdditiveAttention` in ``model`` after a training forward.
+    """The REINFORCE loss of every core in ``model`` that sampled its attention in a training forward.
 
-    For each hard core that ran in training: the sampled locations' log-probabilities and
-    alpha's entropies (summed over heads and valid queries, per sequence) go into
+    Each module with a ``reinforce(cost, query_valid)`` method (a hard :class:`AdditiveAttention`)
+    contributes its term: the sampled locations' log-probabilities and alpha's entropies (summed
+    over heads and valid queries, per sequence) go into
     :func:`attnlib.functional.additive.reinforce_surrogate` with the per-sequence cost and the
     core's moving-average baseline, which is then updated with the batch's mean cost (the
     paper's ``b <- 0.9 b + 0.1 C``). The pending samples are cleared.
@@ -176,17 +195,11 @@ def reinforce_loss(model: nn.Module, cost: Tensor, query_valid: Tensor | None = 
             that are not padding), or None for all.
 
     Returns:
-        A scalar to add to the training loss (0 when no hard core sampled).
+        A scalar to add to the training loss (0 when no core sampled).
     """
     total = cost.new_zeros(())
     for mod in model.modules():
-        if not isinstance(mod, AdditiveAttention) or mod.pending_entropy is None:
-            continue
-        total = total + reinforce_surrogate(
-            mod.pending_log_prob, mod.pending_entropy, cost, mod.baseline, valid=query_valid,
-            reward_scale=mod.reward_scale, entropy_weight=mod.entropy_weight,
-        )  # fmt: skip
-        if mod.pending_log_prob is not None:
-            mod.baseline.copy_(update_baseline(mod.baseline, cost, mod.baseline_momentum))
-        mod.pending_log_prob = mod.pending_entropy = None
+        term = mod.reinforce(cost, query_valid) if callable(getattr(mod, "reinforce", None)) else None
+        if term is not None:
+            total = total + term
     return total
