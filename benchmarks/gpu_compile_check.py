@@ -335,6 +335,18 @@ def _label(r: dict) -> str:
     return f"{r['kernel']} {r['dtype']}{prec} d={r['d']} {r['block_m']}x{r['block_n']} w{r['warps']} s{r['stages']}"
 
 
+def _portable(arg: str) -> str:
+    """A command-line argument as committed results may show it: paths inside the repository
+    relative to it, other absolute paths (temporary files of an earlier run) by file name only."""
+    p = Path(arg)
+    if not p.is_absolute():
+        return arg
+    try:
+        return p.resolve().relative_to(Path(__file__).resolve().parents[1]).as_posix()
+    except ValueError:
+        return p.name
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, choices=sorted(ARCH_SMEM))
@@ -394,7 +406,8 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python "
         + " ".join(
-            [Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])][
+            _portable(a)
+            for a in [Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])][
                 : (None if not args.note else -2)
             ]
         )
@@ -404,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
         "kernel_source_sha": kernel_source_sha(),
         "compiled_now": len(todo),
         "reused": len(jobs) - len(todo),
-        "reused_from": args.reuse,
+        "reused_from": [_portable(p) for p in args.reuse],
         "note": args.note,
         "wall_s": time.perf_counter() - t0,
         "loadavg": os.getloadavg(),

@@ -21,7 +21,7 @@ from attnlib.functional.additive import (
     sample_attention,
     update_baseline,
 )
-from attnlib.masks import normalize_mask
+from attnlib.masks import KeyPadding, normalize_mask
 from attnlib.testing import make_qkv
 from attnlib.variants.additive import AdditiveAttention, reinforce_loss
 
@@ -58,7 +58,7 @@ def test_soft_output_is_alpha_times_values(case: str) -> None:
     mask = {
         "none": None,
         "causal": None,
-        "key_padding": torch.rand(B, m, generator=g) > 0.4,
+        "key_padding": KeyPadding(torch.rand(B, m, generator=g) > 0.4),
         "full": torch.rand(B, 1, N, m, generator=g) > 0.4,
     }[case]
     causal = case == "causal"
@@ -80,10 +80,10 @@ def test_variant_through_attention_equals_functional() -> None:
     attn = attnlib.Attention(8, 2, variant="additive", attn_dim=5).double().eval()
     x, ctx = torch.randn(2, 4, 8, dtype=torch.float64), torch.randn(2, 7, 8, dtype=torch.float64)
     kp = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
-    y, ex = attn(x, ctx, mask=kp, return_extras=True)
+    y, ex = attn(x, ctx, key_padding_mask=kp, return_extras=True)
     q, k, val = attn.project(x, ctx)
     c = attn.core
-    out, w = additive_attention(q, k, val, c.w_q, c.w_k, c.v, c.bias, mask=kp)
+    out, w = additive_attention(q, k, val, c.w_q, c.w_k, c.v, c.bias, mask=KeyPadding(kp))
     torch.testing.assert_close(ex.weights, w, rtol=0, atol=1e-12)
     torch.testing.assert_close(y, attn.out_proj(out.transpose(1, 2).reshape(2, 4, 8)), rtol=0, atol=1e-12)
     assert torch.equal(ex.weights[1, :, :, 4:], torch.zeros(2, 4, 3, dtype=torch.float64))

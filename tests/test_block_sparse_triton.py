@@ -225,7 +225,7 @@ def test_explicit_torch_path_accumulates_half_in_fp32(monkeypatch) -> None:
     before the softmax - the log-sum-exp is fp32-accurate, not ~1e-2 off."""
     import attnlib.kernels.block_sparse as bsk
 
-    monkeypatch.setattr(bsk, "_cpu_flash_ok", lambda q, v: False)
+    monkeypatch.setattr(bsk.dispatch, "fused_cpu_block_parts", lambda device, d, dv: False)
     q, k, v = make_qkv(1, 2, 64, 32, dtype=torch.float64, logit_scale=30.0, seed=3)
     dense = _dense(1, 1, 64, 64, 0.5, seed=4)
     bm = BlockMask.from_dense(dense, 16)

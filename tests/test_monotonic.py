@@ -181,7 +181,7 @@ def test_variant_equals_its_defining_equations() -> None:
     x, ctx = torch.randn(2, 4, 8, dtype=torch.float64), torch.randn(2, 9, 8, dtype=torch.float64)
     kp = torch.ones(2, 9, dtype=torch.bool)
     kp[1, 6:] = False
-    _, ex = attn(x, ctx, mask=kp, return_extras=True)
+    _, ex = attn(x, ctx, key_padding_mask=kp, return_extras=True)
     q, k, _ = attn.project(x, ctx)
     c = attn.core
     p = torch.sigmoid(q @ k.transpose(-1, -2) / 2.0 + c.r[None, :, None, None]) * kp[:, None, None, :]

@@ -565,7 +565,8 @@ def _part_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: f
             attn_mask=None if bias is None else bias.expand(*q.shape[:2], *bias.shape[2:]),
             scale=scale,
         )
-        return out, lse
+        nan_q = q.isnan().any(-1, keepdim=True)  # the fused kernel returns 0 for such a row (few keys)
+        return out.masked_fill(nan_q, float("nan")), lse.masked_fill(nan_q.squeeze(-1), float("nan"))
     # fp16 / bf16 inputs: scores, probabilities and the output accumulate in fp32 (a half-precision
     # matmul would round the scores to bf16 before the softmax: ~1e-2 relative error in the LSE)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32

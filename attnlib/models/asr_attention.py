@@ -202,9 +202,9 @@ class DecoderLayer(nn.Module):
             q = self.cross_norm(x)
             if cache is not None and self.sequential_cross:
                 prefix = q if prefix is None else torch.cat([prefix, q], 1)
-                c = self.cross_attn(prefix, memory, mask=memory_valid)[:, -q.shape[1] :]
+                c = self.cross_attn(prefix, memory, key_padding_mask=memory_valid)[:, -q.shape[1] :]
             else:
-                c = self.cross_attn(q, memory, mask=memory_valid)
+                c = self.cross_attn(q, memory, key_padding_mask=memory_valid)
             x = x + self.drop(c)
         x = x + self.drop(self.mlp(self.mlp_norm(x)))
         return x, prefix

@@ -187,13 +187,13 @@ class DecoderLM(nn.Module):
             for i, blk in enumerate(self.blocks):
                 pol = plan.get(i)
                 if pol is None:
-                    x = blk(x, mask=mask, cache=cache.layers[i])
+                    x = blk(x, key_padding_mask=mask, cache=cache.layers[i])
                     continue
-                x, imp = blk(x, mask=mask, cache=cache.layers[i], return_importance=True)
+                x, imp = blk(x, key_padding_mask=mask, cache=cache.layers[i], return_importance=True)
                 pol.observe(cache.layers[i], imp, cache.eviction[i])
         else:
             for i, blk in enumerate(self.blocks):
-                x = blk(x, mask=mask, cache=None if cache is None else cache.layers[i])
+                x = blk(x, key_padding_mask=mask, cache=None if cache is None else cache.layers[i])
         return self.norm(x)
 
     def _pruned_blocks(self, x: Tensor, mask: Tensor | None) -> Tensor:
@@ -214,12 +214,12 @@ class DecoderLM(nn.Module):
             pr = self.pruning.get(i)
             positions = index if pruned and self.positions == "rope" else None
             if pr is None:
-                x = blk(x, mask=mask, positions=positions)
+                x = blk(x, key_padding_mask=mask, positions=positions)
                 continue
             if pr.needs_importance:
-                x, imp = blk(x, mask=mask, positions=positions, return_importance=True)
+                x, imp = blk(x, key_padding_mask=mask, positions=positions, return_importance=True)
             else:
-                x, imp = blk(x, mask=mask, positions=positions), None
+                x, imp = blk(x, key_padding_mask=mask, positions=positions), None
             out = pr(x, imp, mask, self.pruning.protected(index, n0, [-1]))
             if out.x is x:
                 continue
