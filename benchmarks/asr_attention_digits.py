@@ -71,6 +71,7 @@ def train(name: str, seed: int, steps: int, runs: Path) -> dict:
     res["wall_seconds_command"] = float(wall.read_text()) if wall.exists() else None
     res["command"] = " ".join(["attnlib-train", *overrides])
     res["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    res.setdefault("commit", machine_info()["commit"])
     return res
 
 
@@ -132,18 +133,20 @@ def write_tables(records: dict) -> None:
                 med("ctc_greedy"),
                 f"{statistics.median(r['train_seconds'] for r in runs.values()):.0f}",
                 f"{statistics.median(r['params'] for r in runs.values()):,}",
+                ", ".join(sorted({str(r.get("commit", "?")) for r in runs.values()})),
             ]
         )
     info = records["machine"]
     commands = "\n".join(f"- `{n}`: `{next(iter(records['runs'][n].values()))['command']}`" for n in records["runs"])
     text = (
         "# Attention-decoder ASR vs Conformer-CTC (spoken digits, CPU)\n\n"
-        f"Machine: `{info['cpu']}`, torch {info['torch']}, commit {info['commit']}, measured "
+        f"Machine: `{info['cpu']}`, torch {info['torch']}, table written at commit {info['commit']}, "
         f"{records['date']}. A shared 2-core machine (one training thread; load average "
         f"{records['load']} during the sweep), so times are upper bounds for a quiet machine. "
         f"Every run trains {records['steps']} steps (batch 32, the `asr_digits` schedule shortened) and is "
         "evaluated once on the 400 held-out test strings. The seed changes the initialisation, SpecAugment and "
         "the batch order; the data (one synthesis, `data.seed=0`) is the same for every run. "
+        "A finished run is reused by later sweeps (the last column names the commit each was trained at). "
         "Rerun: `python benchmarks/asr_attention_digits.py`.\n\n"
         "CER = character error rate of the model's own decoding: greedy CTC for `ctc`, the joint CTC/attention "
         "beam search (beam 4, CTC weight 0.3, length-normalised) for the attention decoders; their last two "
@@ -160,6 +163,7 @@ def write_tables(records: dict) -> None:
                 "CTC-only CER",
                 "train s (median)",
                 "params",
+                "trained at commit",
             ],
             rows,
         )
