@@ -206,6 +206,8 @@ def main() -> None:
             if name != "ctc":
                 res["decoding"] = decode_ablation(runs / f"{name}-s{seed}")
             loads.append(os.getloadavg()[0])
+            if path.exists():  # another sweep may have added runs meanwhile: merge into the file's records
+                records = json.loads(path.read_text())
             records["runs"].setdefault(name, {})[str(seed)] = res
             records.update(
                 steps=args.steps,
