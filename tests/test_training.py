@@ -75,6 +75,7 @@ TINY_DATA = {
     ],
 }
 TINY_DATA["asr_digits_branchformer"] = TINY_DATA["asr_digits"]
+TINY_DATA["asr_digits_aed"] = [*TINY_DATA["asr_digits"], "model.decoder_depth=1"]
 MAIN_METRIC = {"classify": "accuracy", "lm": "bpc", "recall": "accuracy", "ctc": "cer"}
 
 
