@@ -154,6 +154,9 @@ def hard_alignment(p_choose: Tensor, *, skip: Tensor | None = None, threshold: f
     return alpha, stop
 
 
+_S_ELEMENTS = 1 << 24  # entries of the per-window softmax tensor built at once (memory bound)
+
+
 def chunkwise_weights(alpha: Tensor, energy: Tensor | None, chunk: int | None, allowed: Tensor | None = None) -> Tensor:
     """Attention weights beta from the alignment alpha: the stop's window softmax, weighted by alpha.
 
@@ -178,9 +181,18 @@ def chunkwise_weights(alpha: Tensor, energy: Tensor | None, chunk: int | None, a
     window = k_idx[None, :] <= k_idx[:, None]  # (k, j): j <= k
     if chunk is not None:
         window = window & (k_idx[None, :] > k_idx[:, None] - chunk)
-    ok = window if allowed is None else window & allowed.unsqueeze(-2)  # (..., k, j)
-    s = _softmax_rows(energy.unsqueeze(-2).expand(*energy.shape[:-1], m, m), ok)
-    return torch.matmul(alpha.unsqueeze(-2), s).squeeze(-2)
+    if allowed is not None:
+        allowed = torch.broadcast_to(allowed, alpha.shape)
+    # S is (..., rows, k, j): rows of queries at a time keep it near _S_ELEMENTS entries
+    n = alpha.shape[-2]
+    rows = max(1, _S_ELEMENTS // max(alpha.numel() // max(n, 1) * m, 1))
+    out = []
+    for i in range(0, n, rows):
+        a_i, e_i = alpha[..., i : i + rows, :], energy[..., i : i + rows, :]
+        ok = window if allowed is None else window & allowed[..., i : i + rows, :].unsqueeze(-2)  # (..., k, j)
+        s = _softmax_rows(e_i.unsqueeze(-2).expand(*e_i.shape[:-1], m, m), ok)
+        out.append(torch.matmul(a_i.unsqueeze(-2), s).squeeze(-2))
+    return torch.cat(out, -2)
 
 
 def headdrop(alpha: Tensor, p: float, *, generator: torch.Generator | None = None) -> Tensor:

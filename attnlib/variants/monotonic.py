@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlib._validation import non_negative_number, positive_int
+from attnlib._validation import non_negative_number, positive_int, positive_number
 from attnlib.functional._common import acc_dtype
 from attnlib.functional.monotonic import (
     chunkwise_weights,
@@ -119,7 +119,7 @@ class MonotonicAttention(AttentionCore):
             raise ValueError(f"monotonic attention: headdrop must be in [0, 1), got {headdrop!r}")
         self.headdrop = float(headdrop)
         self.divergence_weight = non_negative_number(divergence_weight, "monotonic attention: divergence_weight")
-        self.scale = head_dim**-0.5 if scale is None else float(scale)
+        self.scale = head_dim**-0.5 if scale is None else positive_number(scale, "monotonic: scale")
         self.r = nn.Parameter(torch.full((num_heads,), float(init_r)))
         self.w_chunk = (
             nn.Parameter(torch.eye(head_dim).repeat(num_heads, 1, 1)) if self.chunk_size != 1 else None
