@@ -38,10 +38,17 @@ DATA_KW = {
     "conformer": {"vocab_size": 11, "sample_rate": 8000},
     "branchformer": {"vocab_size": 11, "sample_rate": 8000},
     "tabular": {"num_features": 5, "max_classes": 3},
+    "asr_attention": {"vocab_size": 11, "sample_rate": 8000},
 }
 TINY = {"dim": 16, "depth": 1, "num_heads": 2}
 TINY_ASR = {**TINY, "n_mels": 16, "specaugment": None}
-TINY_BY_MODEL = {"conformer": TINY_ASR, "branchformer": TINY_ASR, "tabular": {"dim": 16, "num_heads": 2}}
+TINY_BY_MODEL = {
+    "conformer": TINY_ASR,
+    "branchformer": TINY_ASR,
+    "asr_attention": TINY_ASR,
+    "tabular": {"dim": 16, "num_heads": 2},
+}
+ASR_MODELS = ("conformer", "branchformer", "asr_attention")
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +107,7 @@ def test_attention_config_composes_into_backbone(hydra_configs, variant: str, mo
     args, kw = _inputs(model_name)
     with torch.no_grad():
         out = model(*args, **kw)
-    if model_name in ("conformer", "branchformer"):
+    if model_name in ASR_MODELS:
         log_probs, frames = out
         assert log_probs.shape[0] == 2 and log_probs.shape[-1] == 11
         assert frames.tolist() == [int(f) for f in frames] and int(frames.max()) == log_probs.shape[1]

@@ -5,6 +5,7 @@
 * :class:`EncoderClassifier` - bidirectional encoder for padded token sequences (ListOps).
 * :class:`ConformerCTC`, :class:`BranchformerCTC` - speech recognition with a CTC head.
 * :class:`TabularICL` - tabular in-context learning with bi-axial (Orion-BiX) row attention.
+* :class:`ConformerAED` - speech recognition with an attention decoder (joint CTC/attention).
 
 :func:`build_model` builds one from a model config (``name`` + keyword arguments, the
 contents of ``configs/model/<name>.yaml``) and an attention config. A variant that lacks a
@@ -22,6 +23,7 @@ from torch import nn
 from attnlib._config import split_named_config
 from attnlib.errors import UnsupportedError
 from attnlib.models.asr import BranchformerCTC, ConformerCTC, CTCEncoder, LogMelFrontend, ctc_greedy_decode
+from attnlib.models.asr_attention import ConformerAED
 from attnlib.models.blocks import (
     DropPath,
     FeedForward,
@@ -44,6 +46,7 @@ __all__ = [
     "BiAxialRowBlock",
     "BranchformerCTC",
     "CTCEncoder",
+    "ConformerAED",
     "ConformerCTC",
     "DecoderCache",
     "DecoderLM",
@@ -71,6 +74,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "conformer": ConformerCTC,
     "branchformer": BranchformerCTC,
     "tabular": TabularICL,
+    "asr_attention": ConformerAED,
 }
 
 #: Model config name -> capabilities its attention needs (field -> reason).
@@ -84,6 +88,7 @@ MODEL_NEEDS: dict[str, dict[str, str]] = {
         "key_padding": "in-context learning: rows read only the labelled rows (a key-padding mask)",
         "cross": "bi-axial rows: the hierarchical pattern and the CLS tokens attend through context=",
     },
+    "asr_attention": {"key_padding": "utterances of different lengths are padded in a batch"},
 }
 
 
@@ -93,6 +98,7 @@ PRUNABLE = ("lm", "vit")
 _NO_PRUNING = {
     "conformer": ConformerCTC.PRUNING_NOTE,
     "branchformer": ConformerCTC.PRUNING_NOTE,
+    "asr_attention": ConformerCTC.PRUNING_NOTE,
     "encoder": "Its padded sequence classification could use it, but it is not wired in yet.",
     "tabular": "Its rows are table rows read in context, not tokens to drop.",
 }
