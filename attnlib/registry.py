@@ -51,6 +51,9 @@ class Capabilities:
         importance: reports ``importance`` (attention mass each key receives) through
             ``return_extras`` - what token pruning (:mod:`attnlib.pruning`) ranks tokens by.
             False unless declared, like every capability.
+        score_mod: applies a FlexAttention-style ``score_mod(score, b, h, q_idx, kv_idx)`` to its
+            pre-softmax logits (:class:`attnlib.variants.base.AttentionCore` passes it to ``attend``);
+            what score modifiers (ALiBi, UltraViCo, :mod:`attnlib.modifiers`) need.
         family: the variant family ("dense", "sparse", "linear", ...).
         paper: short reference to the defining paper.
     """
@@ -71,6 +74,7 @@ class Capabilities:
     permutation_equivariant: bool = False
     recurrent: bool = False
     importance: bool = False
+    score_mod: bool = False
     family: str = ""
     paper: str = ""
 

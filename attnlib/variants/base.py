@@ -147,6 +147,7 @@ class AttentionCore(nn.Module):
         need_weights: bool = False,
         need_importance: bool = False,
         dropout_p: float = 0.0,
+        score_mod: Any = None,
     ) -> CoreOutput:
         """Check the request against the capabilities, then :meth:`attend`.
 
@@ -158,6 +159,9 @@ class AttentionCore(nn.Module):
             need_weights: fill ``CoreOutput.weights`` (B, H, N, M) if the variant has them.
             need_importance: fill ``CoreOutput.importance`` (B, H, M).
             dropout_p: attention dropout (only passed when ``capabilities.attn_dropout``).
+            score_mod: ``score_mod(score, b, h, q_idx, kv_idx)`` for the pre-softmax logits, passed
+                to :meth:`attend` as a keyword for variants with ``capabilities.score_mod`` (others
+                raise :class:`attnlib.UnsupportedError`).
         """
         check_qkv(q, k, v, where=f"variant {self.name!r}")
         if not self.capabilities.gqa and k.shape[1] != q.shape[1]:
@@ -166,6 +170,14 @@ class AttentionCore(nn.Module):
                 f"(got H={q.shape[1]}, H_kv={k.shape[1]}); attnlib.Attention repeats them for it"
             )
         check_supported(self.name, self.capabilities, mask, cross=cross)
+        extra: dict[str, Any] = {}
+        if score_mod is not None:
+            if not self.capabilities.score_mod:
+                raise UnsupportedError(
+                    f"variant {self.name!r} cannot apply a score_mod (capabilities.score_mod=False): it has "
+                    "no pre-softmax logits to modify"
+                )
+            extra["score_mod"] = score_mod
         return self.attend(
             q,
             k,
@@ -175,6 +187,7 @@ class AttentionCore(nn.Module):
             need_weights=need_weights,
             need_importance=need_importance,
             dropout_p=dropout_p,
+            **extra,
         )
 
     def attend(

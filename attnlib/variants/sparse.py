@@ -78,21 +78,31 @@ def _with_caller(am: AttentionMask, pattern: BlockMask | None, block_size: tuple
 
 
 def _run_block(
-    q: Tensor, k: Tensor, v: Tensor, bm: BlockMask, scale: float | None, need_weights: bool, need_importance: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bm: BlockMask,
+    scale: float | None,
+    need_weights: bool,
+    need_importance: bool,
+    score_mod: Any = None,
 ) -> CoreOutput:
     """Exact attention under ``bm`` through the block-sparse kernel (+ weights / importance on request).
 
     A layout that :func:`attnlib.dispatch.block_layout_as_dense` routes to dense attention (every
-    block full) takes the dense path (:func:`softmax_attention`) instead.
+    block full) takes the dense path (:func:`softmax_attention`) instead. ``score_mod`` edits the
+    logits on every path.
     """
     if dispatch.block_layout_as_dense(bm):
-        out = softmax_attention(q, k, v, scale=scale)
+        out = softmax_attention(q, k, v, scale=scale, score_mod=score_mod)
     else:
-        out = block_sparse_attention(q, k, v, bm, scale=scale)
+        out = block_sparse_attention(q, k, v, bm, scale=scale, score_mod=score_mod)
     if need_weights:
-        _, w = softmax_attention(q, k, v, mask=bm, scale=scale, backend="math", return_weights=True)
+        _, w = softmax_attention(
+            q, k, v, mask=bm, scale=scale, backend="math", return_weights=True, score_mod=score_mod
+        )
         return CoreOutput.from_weights(out, w, need_weights=True, need_importance=need_importance)  # type: ignore[arg-type]
-    imp = softmax_importance(q, k, mask=bm, scale=scale) if need_importance else None
+    imp = softmax_importance(q, k, mask=bm, scale=scale, score_mod=score_mod) if need_importance else None
     return CoreOutput(out, importance=imp)  # type: ignore[arg-type]
 
 
@@ -165,7 +175,7 @@ class BlockSparseAttention(AttentionCore):
     """
 
     capabilities = Capabilities(
-        **{**_BLOCK_CAPS, "exact": True},  # type: ignore[arg-type]
+        **{**_BLOCK_CAPS, "exact": True, "score_mod": True},  # type: ignore[arg-type]
         complexity="O(N·density·N)",
         trainable=False,
         permutation_equivariant=False,
@@ -244,9 +254,10 @@ class BlockSparseAttention(AttentionCore):
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
+        score_mod: Any = None,
     ) -> CoreOutput:
         bm = _with_caller(mask, self.block_mask(mask.n, mask.m, q.device), (self.block_size, self.block_size))
-        return _run_block(q, k, v, bm, self.scale, need_weights, need_importance)
+        return _run_block(q, k, v, bm, self.scale, need_weights, need_importance, score_mod)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", pattern={self.pattern!r}, block_size={self.block_size}"
