@@ -205,12 +205,12 @@ def ultravico_score_mod(
 
     def fn(s: Tensor, b: Tensor, h: Tensor, qi: Tensor, kj: Tensor) -> Tensor:
         d = (qi - kj).abs()
-        factor = torch.where(d > window, alpha, 1.0)
+        damped = torch.where(d > window, s * alpha, s)  # s * python float: exact in s's dtype
         for a, z in zip(lo, hi):
-            factor = torch.where((d >= a) & (d <= z), b_val, factor)
+            damped = torch.where((d >= a) & (d <= z), s * b_val, damped)
         if exempt_from is not None:
-            factor = torch.where((qi >= exempt_from) | (kj >= exempt_from), 1.0, factor)
-        return torch.where(s > 0, s * factor.to(s.dtype), s)
+            damped = torch.where((qi >= exempt_from) | (kj >= exempt_from), s, damped)
+        return torch.where(s > 0, damped, s)
 
     return ScoreMod(fn, additive=False, name="ultravico")
 
@@ -220,19 +220,25 @@ def ultravico_score_mod(
 # ------------------------------------------------------------------------------------------
 
 
-def uniform_weights(am: AttentionMask, *, uniform_over: str = "allowed", rows: tuple[int, int] | None = None) -> Tensor:
-    """The uniform distribution over each row's keys: (B|1, H|1, n, M) float32.
+def uniform_weights(
+    am: AttentionMask,
+    *,
+    uniform_over: str = "allowed",
+    rows: tuple[int, int] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The uniform distribution over each row's keys: (B|1, H|1, n, M) in ``dtype``.
 
     ``uniform_over="allowed"``: 1 / #allowed on the allowed keys (rows with none are zeros);
     ``"all"``: 1 / M on every key, masked or not. ``rows`` = (s0, s1) limits it to those query rows.
     """
     s0, s1 = rows if rows is not None else (0, am.n)
     if uniform_over == "all":
-        return torch.full((1, 1, s1 - s0, am.m), 1.0 / am.m, device=am.device)
+        return torch.full((1, 1, s1 - s0, am.m), 1.0 / am.m, device=am.device, dtype=dtype)
     allowed = am.dense_rows(s0, s1)
     if allowed is None:
-        return torch.full((1, 1, s1 - s0, am.m), 1.0 / am.m, device=am.device)
-    a = allowed.float()
+        return torch.full((1, 1, s1 - s0, am.m), 1.0 / am.m, device=am.device, dtype=dtype)
+    a = allowed.to(dtype)
     return a / nonzero(a.sum(-1, keepdim=True))
 
 
@@ -241,7 +247,7 @@ def relaxed_weights(weights: Tensor, am: AttentionMask, gamma: float, *, uniform
 
     weights (B, H, N, M); U from :func:`uniform_weights`. Rows with no allowed key stay zero.
     """
-    u = uniform_weights(am, uniform_over=uniform_over).to(weights.dtype)
+    u = uniform_weights(am, uniform_over=uniform_over, dtype=weights.dtype)
     out = (1.0 - gamma) * weights + gamma * u
     if uniform_over == "all":
         allowed = am.dense()
@@ -254,10 +260,11 @@ def relaxed_importance(
     importance: Tensor, am: AttentionMask, gamma: float, *, uniform_over: str = "allowed", chunk_size: int = 512
 ) -> Tensor:
     """The importance (B, H, M) of relaxed weights: ``(1 - gamma) · importance + gamma · mean_i U_ij``."""
-    acc = torch.zeros(1, 1, am.m, device=am.device)
+    dt = torch.float64 if importance.dtype == torch.float64 else torch.float32
+    acc = torch.zeros(1, 1, am.m, device=am.device, dtype=dt)
     for s in range(0, am.n, chunk_size):
         e = min(am.n, s + chunk_size)
-        u = uniform_weights(am, uniform_over=uniform_over, rows=(s, e))
+        u = uniform_weights(am, uniform_over=uniform_over, rows=(s, e), dtype=dt)
         acc = acc + u.expand(*u.shape[:2], e - s, am.m).sum(2)
     return (1.0 - gamma) * importance + gamma * (acc / am.n).to(importance.dtype)
 

@@ -30,6 +30,7 @@ from attnlib.attention import aux_loss
 from attnlib.data import build_data
 from attnlib.data.base import stable_hash
 from attnlib.models import build_model
+from attnlib.modifiers import EntropyProbe
 from attnlib.training.checkpoint import atomic_save, capture_rng, load_checkpoint, restore_rng
 from attnlib.training.distributed import DistInfo, init_distributed
 from attnlib.training.metrics import MetricLogger, format_table
@@ -72,6 +73,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "deterministic": False,
     "distill_weight": 0.5,
     "distill_temperature": 1.0,
+    "attention_entropy": 16,
 }
 
 # config sections that must match for a resume to continue the same run
@@ -296,6 +298,8 @@ def _train(
         kw = {"device_ids": [dev.index]} if dev.type == "cuda" else {}
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=t["find_unused_parameters"], **kw)
     fwd_model = torch.compile(model) if t["compile"] else model
+    rows = int(t["attention_entropy"] or 0)  # per-head attention entropy on the logged steps (not compiled)
+    probe = EntropyProbe(_unwrap(model), rows=rows) if rows > 0 and not t["compile"] else None
 
     logger = None
     if info.is_main:
@@ -318,7 +322,8 @@ def _train(
             t0 = time.perf_counter()
             batch = _to(data.train_batch(step, rank=info.rank, world=info.world), dev)
             aux_loss(model)  # drop stale auxiliary losses (e.g. from evaluation)
-            with autocast() if autocast is not None else _null():
+            log_now = (step + 1) % int(t["log_every"]) == 0 or step + 1 == total
+            with autocast() if autocast is not None else _null(), probe.armed(log_now) if probe else _null():
                 loss, items = train_loss(
                     fwd_model,
                     batch,
@@ -355,6 +360,7 @@ def _train(
                     "loss": run_loss / run_n,
                     "lr": opt.param_groups[0]["lr"],
                     "items_per_s": run_items * info.world / max(dt, 1e-9),
+                    **(probe.collect() if probe else {}),
                 }
                 if logger is not None:
                     logger.log(step, "train", stats)

@@ -118,6 +118,15 @@ class AttentionCore(nn.Module):
         return {}
 
     @classmethod
+    def smooth_kwargs(cls) -> dict[str, Any]:
+        """Constructor kwargs that turn off the variant's hard data-dependent decisions (thresholds).
+
+        Checks that compare precisions (bf16 vs float64) use them: near a threshold a rounding
+        flip is a legitimate low-precision result, not an error. Default: none.
+        """
+        return {}
+
+    @classmethod
     def approximation_knobs(cls) -> dict[str, list[Any]]:
         """The constructor kwargs that trade accuracy for speed, with values worth sweeping.
 
