@@ -33,7 +33,7 @@ B, H, N, D = 2, 2, 12, 8
 
 def loop_attention(q, k, v, allowed, edit):
     """softmax over allowed keys of edit(b, h, i, j, s_ij), written as explicit loops (float64)."""
-    q, k, v = q.double(), k.double(), v.double()
+    q, k, v = (t.detach().double() for t in (q, k, v))
     b_, h_, n, _ = q.shape
     m = k.shape[2]
     out = torch.zeros(b_, h_, n, v.shape[-1], dtype=torch.float64)
