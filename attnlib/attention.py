@@ -162,7 +162,9 @@ class Attention(nn.Module):
             raise ValueError(f"x must have last dim {self.dim}, got shape {tuple(x.shape)}")
         if n == 0 or b == 0:
             raise ValueError(f"x is empty: shape {tuple(x.shape)}; B and N must be > 0")
-        w = self.out_proj.bias if self.out_proj.bias is not None else self.out_proj.weight  # never a parametrised weight
+        w = (
+            self.out_proj.bias if self.out_proj.bias is not None else self.out_proj.weight
+        )  # never a parametrised weight
         if x.device != w.device:
             raise ValueError(f"x is on {x.device} but the module's parameters are on {w.device}")
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):

@@ -13,7 +13,11 @@ V = 11
 
 def _lm(**kw) -> DecoderLM:
     torch.manual_seed(0)
-    return DecoderLM(attention={"variant": "softmax"}, vocab_size=V, dim=32, depth=2, num_heads=2, meta_tokens=2, **kw).double().eval()
+    return (
+        DecoderLM(attention={"variant": "softmax"}, vocab_size=V, dim=32, depth=2, num_heads=2, meta_tokens=2, **kw)
+        .double()
+        .eval()
+    )
 
 
 def _tokens(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ local), ALiBi, UltraViCo, relaxed attention, attention entropy and the registry.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -44,7 +45,9 @@ def loop_attention(q, k, v, allowed, edit):
             for i in range(n):
                 logits = {}
                 for j in range(m):
-                    if allowed is None or bool(allowed[b if allowed.shape[0] > 1 else 0, h if allowed.shape[1] > 1 else 0, i, j]):
+                    if allowed is None or bool(
+                        allowed[b if allowed.shape[0] > 1 else 0, h if allowed.shape[1] > 1 else 0, i, j]
+                    ):
                         logits[j] = edit(b, h, i, j, float(q[b, h, i] @ k[b, h, j]) * scale)
                 if not logits:
                     continue
@@ -226,7 +229,7 @@ def test_ultravico_out_of_window_mass_shrinks_with_alpha() -> None:
     for alpha in (1.0, 0.9, 0.5, 0.0):
         _, w = softmax_attention(q, k, v, backend="math", return_weights=True, score_mod=ultravico_score_mod(alpha, 4))
         masses.append((w * far).sum(-1))
-    for a, b in zip(masses, masses[1:]):
+    for a, b in itertools.pairwise(masses):
         assert bool((b <= a + 1e-12).all())
     # alpha = 0: positive far logits become 0 (weight exp(0)), they are not removed
     s = (q @ k.transpose(-1, -2)) * D**-0.5
@@ -274,7 +277,12 @@ def test_relaxed_weights_and_output_follow_the_definition() -> None:
     expect = (1 - gamma) * ex0.weights + gamma * uniform
     torch.testing.assert_close(ex.weights, expect, rtol=0, atol=1e-12)
     torch.testing.assert_close(ex.weights.sum(-1), torch.ones(2, 2, 10, dtype=torch.float64), rtol=0, atol=1e-12)
-    assert bool((ex.weights[allowed.expand_as(ex.weights)] >= (gamma * uniform).expand_as(ex.weights)[allowed.expand_as(ex.weights)] - 1e-15).all())
+    assert bool(
+        (
+            ex.weights[allowed.expand_as(ex.weights)]
+            >= (gamma * uniform).expand_as(ex.weights)[allowed.expand_as(ex.weights)] - 1e-15
+        ).all()
+    )
     _, _, v = relaxed.project(x)
     torch.testing.assert_close(y, relaxed._project_out(ex.weights @ v), rtol=0, atol=1e-12)  # out == relaxed A @ V
     torch.testing.assert_close(ex.importance, ex.weights.mean((1, 2)), rtol=0, atol=1e-12)
@@ -290,12 +298,17 @@ def test_relaxed_special_cases() -> None:
     relaxed.modifiers = type(relaxed.modifiers).build([Relaxed(1.0)], variant="softmax", caps=relaxed.capabilities)
     _, _, v = relaxed.project(x)
     y = relaxed.train()(x)
-    torch.testing.assert_close(y, relaxed._project_out(v.mean(2, keepdim=True).expand(-1, -1, 8, -1)), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        y, relaxed._project_out(v.mean(2, keepdim=True).expand(-1, -1, 8, -1)), rtol=0, atol=1e-12
+    )
 
 
 def test_relaxed_padding_allowed_vs_all() -> None:
     torch.manual_seed(0)
-    mods = {u: attnlib.Attention(16, 2, modifiers=[Relaxed(0.5, uniform_over=u)]).double().train() for u in ("allowed", "all")}
+    mods = {
+        u: attnlib.Attention(16, 2, modifiers=[Relaxed(0.5, uniform_over=u)]).double().train()
+        for u in ("allowed", "all")
+    }
     mods["all"].load_state_dict(mods["allowed"].state_dict())
     x = torch.randn(2, 8, 16, dtype=torch.float64)
     kp = torch.ones(2, 8, dtype=torch.bool)
@@ -317,7 +330,13 @@ def test_relaxed_on_a_variant_without_softmax_and_on_cross_attention() -> None:
     x, c = torch.randn(2, 6, 16, dtype=torch.float64), torch.randn(2, 9, 16, dtype=torch.float64)
     for ctx, gamma in ((None, 0.2), (c, 0.6)):
         q, k, v = plain.project(x, ctx)
-        core = plain.core(q, k, v, normalize_mask(None, causal=False, batch=2, heads=2, n=6, m=k.shape[2], device=x.device), cross=ctx is not None)
+        core = plain.core(
+            q,
+            k,
+            v,
+            normalize_mask(None, causal=False, batch=2, heads=2, n=6, m=k.shape[2], device=x.device),
+            cross=ctx is not None,
+        )
         expect = plain._project_out((1 - gamma) * core.out + gamma * v.mean(2, keepdim=True))
         torch.testing.assert_close(relaxed(x, ctx), expect, rtol=0, atol=1e-12)
 
@@ -344,7 +363,9 @@ def test_masked_value_mean_paths() -> None:
 def test_attention_entropy_special_cases() -> None:
     uniform = torch.full((3, 5), 0.2, dtype=torch.float64)
     torch.testing.assert_close(attention_entropy(uniform), torch.full((3,), math.log(5), dtype=torch.float64))
-    torch.testing.assert_close(attention_entropy(torch.eye(4, dtype=torch.float64)), torch.zeros(4, dtype=torch.float64))
+    torch.testing.assert_close(
+        attention_entropy(torch.eye(4, dtype=torch.float64)), torch.zeros(4, dtype=torch.float64)
+    )
     masked = torch.tensor([[0.5, 0.0, 0.5, 0.0]], dtype=torch.float64)  # two allowed keys
     torch.testing.assert_close(attention_entropy(masked), torch.tensor([math.log(2)], dtype=torch.float64))
 
@@ -372,6 +393,8 @@ def test_registry_and_specs() -> None:
 
 def test_variants_without_scores_refuse_score_modifiers() -> None:
     for name in ("linear", "tra"):
-        with pytest.raises(attnlib.UnsupportedError, match=rf"modifier 'alibi' cannot be used with variant '{name}'.*softmax"):
+        with pytest.raises(
+            attnlib.UnsupportedError, match=rf"modifier 'alibi' cannot be used with variant '{name}'.*softmax"
+        ):
             attnlib.Attention(16, 2, variant=name, modifiers=["alibi"])
     attnlib.Attention(16, 2, variant="linear", modifiers=[Relaxed(0.1)])  # relaxed serves every variant

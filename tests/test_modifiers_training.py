@@ -70,11 +70,18 @@ def test_entropy_probe_matches_the_weights() -> None:
     for h in range(2):
         assert abs(got[f"attn_entropy/L0H{h}"] - float(ent[h].detach())) < 1e-5
     assert set(got) >= {"attn_entropy", "attn_entropy/L0", "attn_entropy/L1"}
-    assert not EntropyProbe(ViT(attention={"variant": "aft_full", "max_len": 17}, dim=16, depth=1, num_heads=2))  # no weights
+    assert not EntropyProbe(
+        ViT(attention={"variant": "aft_full", "max_len": 17}, dim=16, depth=1, num_heads=2)
+    )  # no weights
 
 
 def test_unsupported_modifier_in_a_model_config_names_both() -> None:
     import pytest
 
     with pytest.raises(attnlib.UnsupportedError, match="modifier 'ultravico' cannot be used with variant 'flow'"):
-        ViT(attention={"variant": "flow", "modifiers": [{"name": "ultravico", "window": 4}]}, dim=16, depth=1, num_heads=2)
+        ViT(
+            attention={"variant": "flow", "modifiers": [{"name": "ultravico", "window": 4}]},
+            dim=16,
+            depth=1,
+            num_heads=2,
+        )

@@ -77,7 +77,7 @@ def test_u_updates_once_per_weight_change_in_training_only() -> None:
         p.u.copy_(torch.nn.functional.normalize(torch.randn_like(p.u), dim=1))
     u0 = p.u.clone()
     lin.eval()
-    lin.weight
+    _ = lin.weight
     assert torch.equal(p.u, u0)  # eval: fixed
     lin.train()
     w1 = lin.weight
@@ -88,7 +88,7 @@ def test_u_updates_once_per_weight_change_in_training_only() -> None:
     opt = torch.optim.SGD(lin.parameters(), lr=0.1)
     lin.weight.sum().backward()
     opt.step()
-    lin.weight
+    _ = lin.weight
     assert not torch.equal(p.u, u1)  # after an optimizer step: one more power-iteration step
 
 

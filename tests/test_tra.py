@@ -64,7 +64,9 @@ def test_tra_equals_its_definition(gate_on: str, causal: bool) -> None:
     g = torch.Generator().manual_seed(2)
     gate = torch.nn.functional.logsigmoid(torch.randn(B, H, N, generator=g, dtype=torch.float64))
     kp = torch.rand(B, N, generator=g) > 0.25
-    allowed = kp[:, None, :] & (torch.ones(N, N, dtype=torch.bool).tril() if causal else torch.ones(N, N, dtype=torch.bool))
+    allowed = kp[:, None, :] & (
+        torch.ones(N, N, dtype=torch.bool).tril() if causal else torch.ones(N, N, dtype=torch.bool)
+    )
     out = tra_attention(q, k, v, gate, mask=kp, causal=causal, gate_on=gate_on, chunk_size=3)
     torch.testing.assert_close(out, loop_tra(q, k, v, gate, allowed, gate_on=gate_on), rtol=0, atol=1e-12)
 
@@ -105,7 +107,9 @@ def test_inserted_irrelevant_keys_change_nothing() -> None:
     """Contextualised distance: past tokens whose keys score below the threshold are invisible."""
     u = torch.nn.functional.normalize(torch.randn(D, dtype=torch.float64), dim=0)
     q = u.expand(1, 1, 6, D).clone()
-    k = u.expand(1, 1, 6, D) * torch.rand(1, 1, 6, 1, dtype=torch.float64).add(0.5) + 0.05 * torch.randn(1, 1, 6, D, dtype=torch.float64)
+    k = u.expand(1, 1, 6, D) * torch.rand(1, 1, 6, 1, dtype=torch.float64).add(0.5) + 0.05 * torch.randn(
+        1, 1, 6, D, dtype=torch.float64
+    )
     v = torch.randn(1, 1, 6, D, dtype=torch.float64)
     gate = torch.full((1, 1, 6), -0.4, dtype=torch.float64)
     base = tra_attention(q, k, v, gate, causal=True)
@@ -146,7 +150,11 @@ def test_gates_are_log_sigmoids_and_bad_inputs_raise() -> None:
 @pytest.mark.parametrize("mode", ["kv", "recompute"])
 def test_decoder_lm_with_tra_decodes_like_the_full_forward(mode: str) -> None:
     torch.manual_seed(0)
-    lm = DecoderLM(attention={"variant": "tra"}, vocab_size=13, dim=32, depth=2, num_heads=2, positions="none").double().eval()
+    lm = (
+        DecoderLM(attention={"variant": "tra"}, vocab_size=13, dim=32, depth=2, num_heads=2, positions="none")
+        .double()
+        .eval()
+    )
     tok = torch.randint(0, 13, (2, 11))
     full = lm(tok)
     cache = lm.init_cache(2, mode=mode)

@@ -159,7 +159,7 @@ def alibi_slopes(num_heads: int) -> list[float]:
         start = 2.0 ** (-8.0 / n)
         return [start ** (i + 1) for i in range(n)]
 
-    p = 2 ** int(math.floor(math.log2(num_heads)))
+    p = 2 ** math.floor(math.log2(num_heads))
     if p == num_heads:
         return power_of_two(num_heads)
     return power_of_two(p) + power_of_two(2 * p)[0::2][: num_heads - p]

@@ -38,8 +38,6 @@ __all__ = [
 Backend = Literal["auto", "sdpa", "flex", "math", "block_sparse", "chunked"]
 
 
-
-
 def _exp_floor(dtype: torch.dtype) -> float:
     """Lowest exponent kept by the explicit softmax: ``exp`` of anything below it is a subnormal
     (or 0), far slower to compute than a normal ``exp``; the entries it lifts weigh < 1e-34 (fp32)."""

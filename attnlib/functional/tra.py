@@ -75,7 +75,7 @@ def tra_chunks(
     Arguments as :func:`tra_attention` (``am`` the normalised masks). Weights and importance
     are taken before dropout.
     """
-    b, h, n, _ = q.shape
+    _, h, n, _ = q.shape
     m = k.shape[2]
     g = h // k.shape[1]
     kk, vv = repeat_kv(k, g), repeat_kv(v, g)
@@ -161,7 +161,9 @@ def tra_attention(
     want = (q.shape[0], q.shape[1], q.shape[2] if gate_on == "query" else k.shape[2])
     if not isinstance(gate, Tensor) or tuple(gate.shape) != want:
         got = tuple(gate.shape) if isinstance(gate, Tensor) else type(gate).__name__
-        raise ValueError(f"tra_attention: gate must be (B, H, {'N' if gate_on == 'query' else 'M'}) = {want}, got {got}")
+        raise ValueError(
+            f"tra_attention: gate must be (B, H, {'N' if gate_on == 'query' else 'M'}) = {want}, got {got}"
+        )
     positive_int(chunk_size, "tra_attention: chunk_size")
     am = as_attention_mask(q, k, mask, causal)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

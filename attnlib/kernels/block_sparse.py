@@ -176,7 +176,9 @@ def block_sparse_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if score_mod is not None:
         if backend == "triton":
-            raise UnsupportedError("block_sparse_attention(backend='triton'): no score_mod support; use backend='torch'")
+            raise UnsupportedError(
+                "block_sparse_attention(backend='triton'): no score_mod support; use backend='torch'"
+            )
         from attnlib.kernels._block_sparse_score_mod import score_mod_forward
 
         out, lse = score_mod_forward(q, k, v, block_mask, scale, score_mod)

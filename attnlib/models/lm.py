@@ -47,7 +47,12 @@ class MetaAttention(nn.Module):
 
 
 def insert_meta_tokens(
-    tokens: Tensor, meta_id: int, count: int, *, generator: torch.Generator | None = None, positions: Tensor | None = None
+    tokens: Tensor,
+    meta_id: int,
+    count: int,
+    *,
+    generator: torch.Generator | None = None,
+    positions: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Insert ``count`` meta-tokens (id ``meta_id``) into every row of ``tokens`` (B, N).
 
@@ -285,7 +290,11 @@ class DecoderLM(nn.Module):
                 pol.observe(cache.layers[i], imp, cache.eviction[i])
         elif history is not None:
             for i, blk in enumerate(self.blocks):
-                caches = (None, None) if cache is None else (cache.layers[i], cache.meta_layers[i] if cache.meta_layers else None)
+                caches = (
+                    (None, None)
+                    if cache is None
+                    else (cache.layers[i], cache.meta_layers[i] if cache.meta_layers else None)
+                )
                 x = blk(x, mask=mask, cache=caches[0], meta=history, meta_cache=caches[1])
         else:
             for i, blk in enumerate(self.blocks):

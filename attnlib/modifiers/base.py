@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from attnlib._config import close_matches_hint, to_plain_dict
 from attnlib.errors import UnsupportedError
-from attnlib.registry import Capabilities, available as available_variants, variant_info
+from attnlib.registry import Capabilities, variant_info
+from attnlib.registry import available as available_variants
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnlib.functional.modifiers import ScoreModFn
@@ -94,9 +95,7 @@ class Modifier(nn.Module):
         """The score edit of this modifier, or None (default)."""
         return None
 
-    def transform(
-        self, res: CoreOutput, v: Tensor, mask: AttentionMask, *, cross: bool, heads: int
-    ) -> CoreOutput:
+    def transform(self, res: CoreOutput, v: Tensor, mask: AttentionMask, *, cross: bool, heads: int) -> CoreOutput:
         """A changed core output (default: ``res`` unchanged). v (B, H_kv, M, Dv) are the call's values."""
         return res
 

@@ -99,7 +99,9 @@ class SpectralReparam(nn.Module):
                 for i, p in enumerate(parts):
                     self.u[i] = spectral_power_step(p.detach(), self.u[i].to(acc)).to(self.u.dtype)
                 self._seen_version = version
-            out = [p * (g / spectral_sigma(p, u.to(acc, copy=True))) for p, g, u in zip(parts, self.gamma.to(acc), self.u)]
+            out = [
+                p * (g / spectral_sigma(p, u.to(acc, copy=True))) for p, g, u in zip(parts, self.gamma.to(acc), self.u)
+            ]
             return torch.cat(out, 0).to(weight.dtype).view_as(weight)
 
     def extra_repr(self) -> str:

@@ -65,8 +65,6 @@ __all__ = [
 # ------------------------------------------------------------------------------------------
 
 
-
-
 def _with_caller(am: AttentionMask, pattern: BlockMask | None, block_size: tuple[int, int]) -> BlockMask:
     """pattern AND every caller mask, as one BlockMask."""
     caller = am.as_block_mask(block_size)

@@ -13,7 +13,8 @@ import torch
 
 import attnlib
 from attnlib.masks import normalize_mask
-from attnlib.modifiers import available as modifiers, get_modifier
+from attnlib.modifiers import available as modifiers
+from attnlib.modifiers import get_modifier
 from attnlib.registry import get_variant
 from attnlib.testing import assert_close, make_qkv
 
@@ -99,7 +100,10 @@ def test_score_modifier_on_an_exact_variant_equals_float64_reference(mod: str, v
     allowed = am.dense().expand(B, H, N, N)
     implied = core.implied_mask(N, N, "cpu")
     if implied is not None:
-        allowed = allowed & normalize_mask(implied, causal=False, batch=B, heads=H, n=N, m=N, device=torch.device("cpu")).dense()
+        allowed = (
+            allowed
+            & normalize_mask(implied, causal=False, batch=B, heads=H, n=N, m=N, device=torch.device("cpu")).dense()
+        )
     w = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
     assert_close(res.weights, w, name=f"{mod}+{variant} weights")
     assert_close(res.out, w @ v, name=f"{mod}+{variant} out")
@@ -113,5 +117,7 @@ def test_variants_that_cannot_serve_a_modifier_refuse_it(mod: str) -> None:
     for variant in attnlib.available():
         if serves(mod, variant):
             continue
-        with pytest.raises(attnlib.UnsupportedError, match=rf"modifier '{mod}' cannot be used with variant '{variant}'"):
+        with pytest.raises(
+            attnlib.UnsupportedError, match=rf"modifier '{mod}' cannot be used with variant '{variant}'"
+        ):
             module(variant, spec(mod, kwargs))
