@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from torch import Tensor, nn
 
-from attnlib._config import close_matches_hint, to_plain_dict
+from attnlib._config import lookup_registered, register_named, to_plain_dict
 from attnlib.errors import UnsupportedError
 from attnlib.registry import Capabilities, variant_info
 from attnlib.registry import available as available_variants
@@ -131,11 +131,7 @@ def register_modifier(name: str):
     def deco(cls: M) -> M:
         if not (isinstance(cls, type) and issubclass(cls, Modifier)):
             raise TypeError(f"register_modifier: {cls!r} is not a Modifier subclass")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"modifier {name!r} is already registered by {_REGISTRY[name].__qualname__}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        return register_named(_REGISTRY, name, cls, kind="modifier")
 
     return deco
 
@@ -147,10 +143,7 @@ def available() -> list[str]:
 
 def get_modifier(name: str) -> type[Modifier]:
     """The Modifier class registered as ``name``; unknown names raise ValueError with close matches."""
-    if name not in _REGISTRY:
-        hint = close_matches_hint(name, _REGISTRY)
-        raise ValueError(f"unknown modifier {name!r}{hint} Registered modifiers: {', '.join(available())}")
-    return _REGISTRY[name]
+    return lookup_registered(_REGISTRY, name, kind="modifier", plural="modifiers")
 
 
 def modifier_info(name: str) -> dict[str, Any]:
