@@ -13,7 +13,7 @@ from attnlib import functional, kernels, masks, modifiers, ot, variants
 from attnlib.attention import Attention, AttentionExtras, aux_loss, build_attention
 from attnlib.decoding import AttentionCache
 from attnlib.errors import UnsupportedError
-from attnlib.masks import BlockMask, SlidingWindow
+from attnlib.masks import BlockMask, KeyPadding, SlidingWindow
 from attnlib.registry import Capabilities, available, register_variant, variant_info
 
 __version__ = "0.1.0"
@@ -24,6 +24,7 @@ __all__ = [
     "AttentionExtras",
     "BlockMask",
     "Capabilities",
+    "KeyPadding",
     "SlidingWindow",
     "UnsupportedError",
     "aux_loss",

@@ -6,6 +6,7 @@ Every check raises ValueError with a message that says what was expected and wha
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from torch import Tensor
 
@@ -18,7 +19,9 @@ __all__ = [
     "non_negative_int",
     "non_negative_number",
     "number_above",
+    "optional_positive_number",
     "positive_int",
+    "positive_int_pair",
     "positive_number",
 ]
 
@@ -97,6 +100,20 @@ def positive_int(value: object, what: str, *, hint: str = "") -> int:
     return value  # type: ignore[return-value]
 
 
+def positive_int_pair(value: object, what: str, *, hint: str = "") -> tuple[int, int]:
+    """``(value, value)`` for an int > 0, or ``tuple(value)`` for a pair of ints > 0 (e.g. a block
+    size (bq, bk)); else ValueError "{what} must be a positive int or a pair of positive ints"."""
+    if _is_int(value):
+        pair: tuple[object, ...] = (value, value)
+    elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+        pair = tuple(value)
+    else:
+        pair = ()
+    if len(pair) != 2 or not all(_is_int(v) and v > 0 for v in pair):  # type: ignore[operator]
+        raise ValueError(f"{what} must be a positive int or a pair of positive ints{hint}, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
 def non_negative_int(value: object, what: str, *, hint: str = "") -> int:
     """``value`` if it is an int >= 0, else ValueError "{what} must be a non-negative int"."""
     if not _is_int(value) or value < 0:  # type: ignore[operator]
@@ -109,6 +126,11 @@ def positive_number(value: object, what: str, *, hint: str = "") -> float:
     if not _is_number(value) or not value > 0 or not math.isfinite(value):  # type: ignore[operator, arg-type]
         raise ValueError(f"{what} must be a positive number{hint}, got {value!r}")
     return float(value)  # type: ignore[arg-type]
+
+
+def optional_positive_number(value: object, what: str, *, hint: str = "") -> float | None:
+    """None, or :func:`positive_number` of ``value`` (e.g. a logit scale whose None means the default)."""
+    return None if value is None else positive_number(value, what, hint=hint)
 
 
 def non_negative_number(value: object, what: str, *, hint: str = "") -> float:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from attnlib import decoding, packed
 from attnlib._config import to_plain_dict
-from attnlib._validation import check_index, describe
+from attnlib._validation import check_index, describe, non_negative_int, positive_int
 from attnlib.decoding import AttentionCache, decode_mode
 from attnlib.errors import UnsupportedError
 from attnlib.masks import AttentionMask, MaskLike, normalize_mask
@@ -69,12 +69,6 @@ def _check_variant_kwargs(variant: str, cls: type[AttentionCore], kwargs: dict[s
         )
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 class Attention(nn.Module):
     """Multi-head attention over any registered variant.
 
@@ -113,11 +107,11 @@ class Attention(nn.Module):
         **variant_kwargs: Any,
     ) -> None:
         super().__init__()
-        _positive_int("dim", dim)
-        _positive_int("num_heads", num_heads)
+        positive_int(dim, "dim")
+        positive_int(num_heads, "num_heads")
         if dim % num_heads:
             raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
-        kv_heads = num_heads if num_kv_heads is None else _positive_int("num_kv_heads", num_kv_heads)
+        kv_heads = num_heads if num_kv_heads is None else positive_int(num_kv_heads, "num_kv_heads")
         if num_heads % kv_heads:
             raise ValueError(
                 f"num_heads must be a multiple of num_kv_heads, got num_heads={num_heads}, num_kv_heads={kv_heads}"
@@ -242,6 +236,7 @@ class Attention(nn.Module):
         context: Tensor | None = None,
         *,
         mask: MaskLike | list[MaskLike] = None,
+        key_padding_mask: Tensor | None = None,
         return_extras: bool = False,
         need_weights: bool = True,
         position_offset: int = 0,
@@ -254,17 +249,19 @@ class Attention(nn.Module):
         Args:
             x: (B, N, dim) queries (and keys/values for self-attention).
             context: (B, M, dim) keys/values for cross-attention, or None.
-            mask: True = may attend: key padding (B, M), full (B|1, H|1, N, M), a
-                :class:`attnlib.masks.SlidingWindow`, a :class:`attnlib.masks.BlockMask`, or
-                a list of these. Unsupported masks raise :class:`attnlib.UnsupportedError`.
+            mask: True = may attend. A bool tensor broadcast to (B, H, N, M) as in SDPA: (N, M),
+                (1, N, M) or (B|1, H|1, N, M); a :class:`attnlib.masks.SlidingWindow`, a
+                :class:`attnlib.masks.KeyPadding`, a :class:`attnlib.masks.BlockMask`, or a list
+                of these (their AND). Unsupported masks raise :class:`attnlib.UnsupportedError`.
+            key_padding_mask: (B, M) bool, True = real key, False = padding (ANDed with ``mask``).
             return_extras: also return :class:`AttentionExtras` (importance, weights, aux loss).
             need_weights: with ``return_extras``, compute the (B, H, N, M) weights where the
                 variant has them (O(N·M) memory); set False when only importance is needed.
-            position_offset: rotary position of the first query (for incremental decoding).
+            position_offset: rotary position of the first query, an int >= 0.
             cache: an :class:`AttentionCache` from :meth:`init_cache` for incremental causal
                 decoding: x holds the next N tokens, which attend to every token the cache has
-                seen plus themselves (causally); the cache is updated in place. ``mask`` may
-                then only be key padding over all tokens so far, (B, cache.length + N).
+                seen plus themselves (causally); the cache is updated in place. The only mask
+                then is ``key_padding_mask`` over all tokens so far, (B, cache.length + N).
                 With ``return_extras`` a ``kv`` cache also reports the importance of every
                 cached key for the new queries, (B, cache.size + N).
             positions: (B, N) or (N,) long rotary position of each token (self-attention
@@ -284,8 +281,18 @@ class Attention(nn.Module):
         """
         if cache is not None:
             return decoding.forward_cached(
-                self, x, cache, mask, context, return_extras, position_offset, positions, weights_query
+                self,
+                x,
+                cache,
+                mask,
+                key_padding_mask,
+                context,
+                return_extras,
+                position_offset,
+                positions,
+                weights_query,
             )
+        non_negative_int(position_offset, "position_offset", hint=" (the rotary position of the first query)")
         self._check_inputs(x, context)
         if positions is not None and context is not None:
             raise ValueError("positions= is for self-attention; got a context")
@@ -298,7 +305,16 @@ class Attention(nn.Module):
         else:
             q, k, v = self.project(x, context)
         b, h, n, _ = q.shape
-        am = normalize_mask(mask, causal=self.causal, batch=b, heads=h, n=n, m=k.shape[2], device=x.device)
+        am = normalize_mask(
+            mask,
+            causal=self.causal,
+            batch=b,
+            heads=h,
+            n=n,
+            m=k.shape[2],
+            device=x.device,
+            key_padding_mask=key_padding_mask,
+        )
         k, v = self._repeat_kv(k, v)
         cross = context is not None
         row: Tensor | None = None
@@ -410,7 +426,7 @@ class Attention(nn.Module):
         attention with N != M, else recomputation over the cached prefix. Raises ValueError for
         a non-causal module and :class:`attnlib.UnsupportedError` when the variant cannot decode.
         """
-        return decoding.init_cache(self, _positive_int("batch", batch), mode)
+        return decoding.init_cache(self, positive_int(batch, "batch"), mode)
 
     def extra_repr(self) -> str:
         mods = f", modifiers={self.modifiers.names()}" if len(self.modifiers) else ""

@@ -209,6 +209,7 @@ def forward_cached(
     x: Tensor,
     cache: AttentionCache,
     mask: MaskLike | list[MaskLike],
+    key_padding_mask: Tensor | None,
     context: Tensor | None,
     return_extras: bool,
     position_offset: int,
@@ -228,7 +229,7 @@ def forward_cached(
     fill = cache.size
     q, k, v = attn._project_rotated(x, start)
     if cache.mode == "recurrent":
-        if mask is not None:
+        if mask is not None or key_padding_mask is not None:
             raise UnsupportedError(
                 f"variant {attn.variant!r} decodes with its recurrent step, which takes no mask; "
                 "decode sequences without padding (or use init_cache(mode='recompute'))"
@@ -243,24 +244,29 @@ def forward_cached(
         res = None
     else:
         total = fill + n
-        if cache.size != cache.length and mask is not None:
+        if cache.size != cache.length and (mask is not None or key_padding_mask is not None):
             raise ValueError(
                 "this cache has evicted entries; a key-padding mask over all tokens so far no longer "
-                "lines up with it - decode without mask= after eviction"
+                "lines up with it - decode without key_padding_mask= after eviction"
             )
+        n_q = total if cache.mode == "recompute" else n
+        size = {"batch": b, "heads": attn.num_heads, "n": n_q, "m": total, "device": x.device}
+        am = normalize_mask(mask, causal=True, key_padding_mask=key_padding_mask, **size)
+        other = [kind for kind in am.kinds() if kind not in ("causal", "key_padding")]
+        if other:
+            raise ValueError(
+                "with cache=, the only mask is key padding over every token so far: key_padding_mask= "
+                f"(B, cache.length + N) = ({b}, {total}); got {', '.join(other)}"
+            )
+        if cache.valid is not None:
+            held = torch.cat([cache.valid, cache.valid.new_ones(b, n)], 1)
+            am = normalize_mask(None, causal=True, key_padding_mask=held, **size)
         cache.k = cache._append(cache.k, k, fill)
         cache.v = cache._append(cache.v, v, fill)
         kk, vv = cache.k[:, :, :total], cache.v[:, :, :total]
         if cache.mode == "recompute":
             cache.q = cache._append(cache.q, q, start)
             q = cache.q[:, :, :total]
-        heads = attn.num_heads
-        am = normalize_mask(mask, causal=True, batch=b, heads=heads, n=q.shape[2], m=total, device=x.device)
-        if am.full is not None or am.window is not None or am.block is not None:
-            raise ValueError("with cache=, mask may only be key padding (B, cache.length + N)")
-        if cache.valid is not None:
-            held = torch.cat([cache.valid, cache.valid.new_ones(b, n)], 1)
-            am = normalize_mask(held, causal=True, batch=b, heads=heads, n=q.shape[2], m=total, device=x.device)
         res = attn._attend(q, *attn._repeat_kv(kk, vv), am, need_importance=return_extras)
         out = res.out[:, :, -n:]
         attn.pending_aux_loss = res.aux_loss

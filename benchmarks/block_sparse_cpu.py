@@ -6,13 +6,17 @@ form for SDPA): causal, sliding window (|i - j| <= 256), document (packed docume
 B=1, H=8, D=64, fp32, block 128, N = 1k .. 16k, forward (and forward + backward for
 N <= --bwd-max-n, against SDPA: FlexAttention has no CPU backward). Timing: warm-up
 (FlexAttention's compile time is excluded and reported separately), then the median of
-interleaved repeats. A correctness column (max |ours - Flex|) sits beside every timing.
+repeats. With ``--isolate`` (the default) each implementation's forward is timed in its own
+fresh process (same inputs from the same seed, same mask), ``--rounds`` times in a shuffled
+order, and the median over rounds is reported: no implementation inherits another's allocator
+state, caches or compiled graphs; ``--no-isolate`` interleaves the three in one process (the
+earlier method). A correctness column (max |ours - Flex|) sits beside every timing.
 
 Dense SDPA gets the dense bool mask up to --sdpa-mask-max-n (is_causal=True for causal);
 beyond that the unmasked SDPA time is reported as the dense reference (marked *).
 
     python benchmarks/block_sparse_cpu.py                 # full sweep (~15-25 min on 2 cores)
-    python benchmarks/block_sparse_cpu.py --n 4096 --masks sliding_window   # the target configuration
+    python benchmarks/block_sparse_cpu.py --n 4096 --masks sliding_window --out block_sparse_cpu_target  # target config
 
 Writes benchmarks/results/block_sparse_cpu.{md,json}.
 """
@@ -22,6 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import random
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -70,8 +78,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sdpa-mask-max-n", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="block_sparse_cpu")
+    ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                    help="time each implementation's forward in its own process (default)")  # fmt: skip
+    ap.add_argument("--rounds", type=int, default=3, help="fresh processes per implementation (--isolate)")
+    ap.add_argument("--child", choices=("ours", "flex", "sdpa"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(child_timing(args.child, args.n[0], args.masks[0], args)))
+        return
     from torch.nn.attention.flex_attention import flex_attention
 
     # one compiled graph per (N, mask): lift dynamo's recompile limit so Flex never falls back to eager
@@ -124,7 +139,7 @@ def run_config(
         "sdpa": sdpa,
     }
     reps = args.repeats if n <= 4096 else max(3, args.repeats // 2)
-    t = interleaved_medians(fns, repeats=reps, warmup=1)
+    t = isolated_medians(n, kind, args) if args.isolate else interleaved_medians(fns, repeats=reps, warmup=1)
     rec: dict[str, object] = {
         "n": n,
         "mask": kind,
@@ -176,6 +191,65 @@ def run_config(
     return rec, row
 
 
+def _sdpa_kwargs(kind: str, n: int, bm: BlockMask, args: argparse.Namespace) -> dict[str, object]:
+    if kind == "causal":
+        return {"is_causal": True}
+    return {"attn_mask": bm.to_dense()} if n <= args.sdpa_mask_max_n else {}
+
+
+def child_timing(impl: str, n: int, kind: str, args: argparse.Namespace) -> dict[str, float]:
+    """In a fresh process: the median forward seconds of one implementation (and its first call)."""
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(B, H, n, D, generator=g) for _ in range(3))
+    bm = build_mask(kind, n)
+    scale = D**-0.5
+    if impl == "ours":
+
+        def fn() -> torch.Tensor:
+            return block_sparse_attention(q, k, v, bm, scale=scale)
+
+    elif impl == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+        fm = bm.to_flex()
+
+        def fn() -> torch.Tensor:
+            return flex(q, k, v, block_mask=fm, scale=scale)
+
+    else:
+        kw = _sdpa_kwargs(kind, n, bm, args)
+
+        def fn() -> torch.Tensor:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, **kw)  # type: ignore[arg-type]
+
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    reps = args.repeats if n <= 4096 else max(3, args.repeats // 2)
+    med = interleaved_medians({impl: fn}, repeats=reps, warmup=1)[impl]
+    return {"median_s": med, "first_s": first}
+
+
+def isolated_medians(n: int, kind: str, args: argparse.Namespace) -> dict[str, float]:
+    """Each implementation in its own process, ``args.rounds`` rounds in a shuffled order; the
+    median over rounds of each process's median."""
+    runs: dict[str, list[float]] = {"ours": [], "flex": [], "sdpa": []}
+    rng = random.Random(n)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                                         os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    for _ in range(args.rounds):
+        order = list(runs)
+        rng.shuffle(order)
+        for impl in order:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", impl, "--n", str(n), "--masks", kind,
+                   "--repeats", str(args.repeats), "--threads", str(args.threads),
+                   "--sdpa-mask-max-n", str(args.sdpa_mask_max_n)]  # fmt: skip
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+            runs[impl].append(json.loads(res.stdout.strip().splitlines()[-1])["median_s"])
+    return {impl: statistics.median(ts) for impl, ts in runs.items()}
+
+
 def _write(name: str, rows: list[list[object]], records: list[dict[str, object]]) -> None:
     info = machine_info()
     header = [
@@ -195,14 +269,17 @@ def _write(name: str, rows: list[list[object]], records: list[dict[str, object]]
     md = [
         "# Block-sparse attention on the CPU: attnlib PyTorch path vs compiled FlexAttention vs SDPA",
         "",
-        f"B={B}, H={H}, D={D}, fp32, block {BLOCK}. Medians of interleaved repeats after warm-up; Flex "
+        f"B={B}, H={H}, D={D}, fp32, block {BLOCK}. Forward: each implementation timed in its own fresh "
+        "process (median over rounds of per-process medians; `--no-isolate`: interleaved in one process). "
+        "Medians of repeats after warm-up; Flex "
         "compile time excluded (its first call is listed). SDPA gets the dense bool mask (is_causal for "
         "causal); * = unmasked dense SDPA (mask too large). Effective GFLOP/s count 4·B·H·N²·D, actual ones "
         "that times the block density. FlexAttention has no backward on the CPU, so forward + backward is "
         "compared with dense masked SDPA.",
         "",
-        f"Machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, commit {info['commit']}. "
-        "Shared, busy machine (other jobs running): ratios of interleaved runs are the meaningful numbers.",
+        f"Machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, commit {info['commit']}, "
+        f"load average {os.getloadavg()[0]:.1f} at the end. "
+        "Shared, busy machine (other jobs running): ratios are the meaningful numbers.",
         "",
         markdown_table(header, rows),
         "",

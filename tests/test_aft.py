@@ -8,6 +8,7 @@ import torch
 import attnlib
 from attnlib.errors import UnsupportedError
 from attnlib.functional import aft_conv, aft_full, aft_local, aft_simple
+from attnlib.functional._scan import prefix_sum
 from attnlib.functional.aft import conv_offsets
 from attnlib.masks import normalize_mask
 from attnlib.testing import rel_error
@@ -142,6 +143,52 @@ def test_aft_stable_for_large_keys_and_bias_in_float32(causal: bool) -> None:
         out = fn(q.float(), k.float(), v.float(), w.float(), causal=causal, chunk_size=8)
         assert torch.isfinite(out).all()
         assert rel_error(out, ref) < 1e-5
+
+
+def test_aft_causal_rows_keep_their_terms_when_a_later_key_is_huge() -> None:
+    """A key of +120 after row t (same row block) must not flush row t's terms to zero in fp32.
+
+    e^{K - 120} underflows for ordinary keys when the shift is shared with the later key; the
+    causal row blocks are split instead (outputs and importance equal the float64 oracle).
+    """
+    q, k, v, w, kp = _inputs(t=23)
+    k[:, :, 9] = 0.0
+    k[0, 1, 9, 2] = 120.0
+    k[1, 2, 14, 0] = 150.0
+    for label, fn, wdef in (
+        ("full", lambda a, b, c, ww, **kw: aft_full(a, b, c, ww, **kw), w),
+        ("local", lambda a, b, c, ww, **kw: aft_local(a, b, c, ww, 4, **kw), _band(w, 4)),
+        ("simple", lambda a, b, c, ww, **kw: aft_simple(a, b, c, **kw), torch.zeros_like(w)),
+    ):
+        ref, ref_imp = ref_aft(q, k, v, wdef, causal=True, kp=kp)
+        for c in (8, 64):
+            args = (q.float(), k.float(), v.float(), w.float())
+            out, imp = fn(*args, causal=True, mask=kp, chunk_size=c, return_importance=True)
+            assert rel_error(out, ref) < 1e-5, f"{label} c={c}"
+            assert rel_error(imp, ref_imp) < 1e-5, f"{label} importance c={c}"
+            assert rel_error(fn(*args, causal=True, mask=kp, chunk_size=c), ref) < 1e-5, f"{label} fast c={c}"
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_blocked_prefix_sums_carry_the_running_total_over_many_blocks(reverse: bool) -> None:
+    """prefix_sum's blocked form (> 64 rows: per-block triangular products + a scan of the block
+    totals) equals cumsum at every length, with 3 and more blocks and ragged ends."""
+    g = torch.Generator().manual_seed(0)
+    for t, block in ((1, 64), (64, 64), (65, 64), (129, 64), (200, 64), (300, 64), (23, 4), (9, 2)):
+        x = torch.randn(2, 3, t, 5, generator=g, dtype=torch.float64)
+        want = x.flip(-2).cumsum(-2).flip(-2) if reverse else x.cumsum(-2)
+        torch.testing.assert_close(prefix_sum(x, reverse=reverse, block=block), want, rtol=0, atol=1e-12)
+
+
+def test_aft_local_over_several_prefix_blocks() -> None:
+    """300 tokens: the out-of-band sums come from prefix / suffix sums over 5 blocks of 64 rows."""
+    q, k, v, _, kp = _inputs(t=300, seed=4)
+    w = torch.randn(300, 300, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    q, k, v = q[:1, :1], k[:1, :1], v[:1, :1]
+    ref, ref_imp = ref_aft(q, k, v, _band(w, 6), kp=kp[:1])
+    out, imp = aft_local(q, k, v, w, 6, mask=kp[:1], return_importance=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(imp, ref_imp, rtol=0, atol=1e-10)
 
 
 @pytest.mark.slow

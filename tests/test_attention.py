@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 import attnlib
 from attnlib.functional import reference_attention
+from attnlib.masks import KeyPadding
 from attnlib.positional import RotaryEmbedding
 from attnlib.testing import assert_close
 
@@ -40,7 +41,7 @@ def test_softmax_module_equals_hand_written(kv_heads: int, causal: bool) -> None
     ctx = torch.randn(2, 6, 32, dtype=torch.float64)
     kp = torch.rand(2, 6) > 0.3
     assert_close(attn(x), _by_hand(attn, x, causal=causal))
-    assert_close(attn(x, ctx, mask=kp), _by_hand(attn, x, ctx, mask=kp, causal=causal))
+    assert_close(attn(x, ctx, key_padding_mask=kp), _by_hand(attn, x, ctx, mask=KeyPadding(kp), causal=causal))
 
 
 @pytest.mark.parametrize("kv_heads", [4, 1])

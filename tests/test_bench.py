@@ -16,6 +16,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from attnlib.bench.approx import ApproxConfig, approx_error, approx_markdown, approx_plots, discover_knobs, run_approx
 from attnlib.bench.compare import compare_rows, load_rows, row_noise
@@ -361,7 +363,40 @@ def test_memory_runner_measures_allocation_in_fresh_process() -> None:
         run_isolated(__import__("time").sleep, 30, timeout=0.5)
 
 
-def test_speed_memory_column_on_cpu() -> None:
+class _AllocatedBytes(TorchDispatchMode):
+    """Bytes of the new tensors every op of a call creates (views and in-place results excluded): a
+    deterministic stand-in for a memory measurement (RSS depends on the allocator, threads and load)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                self.total += t.untyped_storage().nbytes()
+        return out
+
+
+def _allocated_bytes(fn: Callable[[], object], *, warmup: bool = True) -> dict:
+    with _AllocatedBytes() as mode:
+        fn()
+    return {"peak_bytes": mode.total, "method": "test: bytes of new tensors"}
+
+
+def test_speed_memory_column_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every (method, pass) row carries the measurement of that method's call in that pass.
+
+    The fresh-process RSS measurement itself is checked on a known allocation above; here the
+    measurement is a deterministic count (so no number depends on the machine or its load) and
+    the fresh process runs in-process."""
+    import attnlib.bench.speed as speed_mod
+
+    monkeypatch.setattr(speed_mod, "run_isolated", lambda target, *a, timeout=None, **k: target(*a, **k))
+    monkeypatch.setattr(speed_mod, "peak_rss_growth", _allocated_bytes)
     res = run_speed(
         _tiny_speed(n=[512], heads=2, head_dim=[64], memory=True, isolate=True, passes=["fwd", "fwd_bwd"]),
         [MethodSpec(label="sdpa", kind="sdpa"), MethodSpec(label="math", kind="math")],
@@ -371,9 +406,19 @@ def test_speed_memory_column_on_cpu() -> None:
     scores_mib = 2 * 512 * 512 * 4 / 2**20  # (1, 2, 512, 512) fp32: 2 MiB
     grads_mib = 3 * 2 * 512 * 64 * 4 / 2**20  # dq, dk, dv: 0.75 MiB
     assert mem[("math", "fwd")] >= 2 * scores_mib > mem[("sdpa", "fwd")]  # math keeps scores and weights
-    assert mem[("sdpa", "fwd_bwd")] >= mem[("sdpa", "fwd")] + 0.9 * grads_mib
+    assert mem[("sdpa", "fwd_bwd")] >= mem[("sdpa", "fwd")] + grads_mib
     assert all("fresh process" in r["mem_method"] and "fresh process" in r["timer"] for r in res["rows"])
     assert all(r["status"] == "ok" and r["runs"] == 2 and r["error_rel"] < 1e-5 for r in res["rows"])
+
+
+def test_speed_memory_column_from_a_fresh_process() -> None:
+    """The real path: the row is measured in a fresh process and carries a memory figure (its value
+    is the machine's, so only its form is checked)."""
+    res = run_speed(_tiny_speed(n=[64], memory=True, isolate=True), [MethodSpec(label="sdpa", kind="sdpa")],
+                    log=lambda *_: None)  # fmt: skip
+    (row,) = res["rows"]
+    assert row["status"] == "ok" and "fresh process" in row["mem_method"] and "fresh process" in row["timer"]
+    assert isinstance(row["mem_peak_mb"], float) and math.isfinite(row["mem_peak_mb"]) and row["mem_peak_mb"] >= 0
 
 
 # ------------------------------------------------------------------------------------------
@@ -550,16 +595,21 @@ def test_cli_speed_end_to_end_and_compare(tmp_path: Path) -> None:
     verdicts = {v["verdict"] for v in res2["compare_verdicts"]}
     assert verdicts <= {"same", "faster", "REGRESSION"} and isinstance(res2["regressions"], int)
     assert (tmp_path / "again_compare.md").exists()
-    # mode=compare on two saved files
+    # mode=compare on two saved files: fixed times, not this machine's (a 3x slowdown of a 10 µs call
+    # is within the 30 µs floor, of a 1 ms call it is not)
     base = json.loads((tmp_path / "speed.json").read_text())
     for r in base["rows"]:
-        r["noise"] = 0.0  # the measured spread on a busy machine can be anything; pin it
+        r["median_s"], r["noise"] = 1e-3, 0.0
     (tmp_path / "base.json").write_text(json.dumps(base))
-    for r in base["rows"]:
-        r["median_s"] *= 3
-    (tmp_path / "slow.json").write_text(json.dumps(base))
-    res3 = run(_cfg("mode=compare", f"compare={tmp_path / 'base.json'}", f"current={tmp_path / 'slow.json'}"))
-    assert res3["regressions"] == 3
+    for name, factor in (("slow", 3.0), ("same", 1.02), ("fast", 0.5)):
+        for r in base["rows"]:
+            r["median_s"] = 1e-3 * factor
+        (tmp_path / f"{name}.json").write_text(json.dumps(base))
+    verdicts = {}
+    for name in ("slow", "same", "fast"):
+        res3 = run(_cfg("mode=compare", f"compare={tmp_path / 'base.json'}", f"current={tmp_path / f'{name}.json'}"))
+        verdicts[name] = (res3["regressions"], sorted({v["verdict"] for v in res3["compare_verdicts"]}))
+    assert verdicts == {"slow": (3, ["REGRESSION"]), "same": (0, ["same"]), "fast": (0, ["faster"])}
     (tmp_path / "speed.md").unlink()
     run(_cfg("mode=render", f"current={tmp_path / 'speed.json'}"))
     assert (tmp_path / "speed.md").read_text() == md  # the markdown is a function of the JSON
@@ -583,3 +633,25 @@ def test_translate_argv_and_slug() -> None:
 
 def test_base_class_hooks_default_empty() -> None:
     assert AttentionCore.approximation_knobs() == {} and AttentionCore.benchmark_kwargs(4096) == {}
+
+
+def test_compare_example_runs_every_variant(capsys: pytest.CaptureFixture[str]) -> None:
+    """`make compare`'s script at small sizes (N=256: above sparsifiner's default num_tokens=197, so every
+    variant must be sized by its benchmark_kwargs): a row for every registered variant, errors finite."""
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "compare_variants.py"
+    main = runpy.run_path(str(script))["main"]
+    threads = torch.get_num_threads()
+    try:
+        main(["--smoke", f"--threads={threads}"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "## Capability matrix" in out and "N=256" in out
+    table = out.split("## CPU comparison")[1]
+    rows = {r.split("|")[1].strip().strip("`"): r.split("|") for r in table.splitlines() if r.startswith("| `")}
+    assert set(rows) == set(available())
+    errors = {name: (float(r[6]), float(r[7])) for name, r in rows.items()}
+    assert all(math.isfinite(a) and math.isfinite(b) for a, b in errors.values()), errors
+    assert errors["softmax"][0] < 1e-5

@@ -9,7 +9,7 @@ import torch
 from torch.nn.attention.flex_attention import create_mask
 
 from attnlib.functional.grat import grat_permutation
-from attnlib.masks import BlockMask, SlidingWindow, causal_mask, normalize_mask, window_mask
+from attnlib.masks import BlockMask, KeyPadding, SlidingWindow, causal_mask, normalize_mask, window_mask
 
 SHAPES = [(37, 37, 8), (40, 53, (8, 16)), (53, 40, 16), (64, 64, 16)]
 
@@ -174,7 +174,13 @@ def test_dense_rows_and_as_block_mask() -> None:
     kp = torch.rand(2, 30) > 0.3
     full = torch.rand(2, 3, 30, 30) > 0.2
     am = normalize_mask(
-        [SlidingWindow(3, None), kp, full], causal=True, batch=2, heads=3, n=30, m=30, device=torch.device("cpu")
+        [SlidingWindow(3, None), KeyPadding(kp), full],
+        causal=True,
+        batch=2,
+        heads=3,
+        n=30,
+        m=30,
+        device=torch.device("cpu"),
     )
     assert torch.equal(am.as_block_mask(8).to_dense(), am.dense().expand(2, 3, 30, 30))
     am2 = normalize_mask(bm.restrict(torch.ones(6, 4, dtype=torch.bool)), causal=False, batch=2, heads=3, n=45, m=30,

@@ -9,7 +9,7 @@ import attnlib
 from attnlib.errors import UnsupportedError
 from attnlib.functional import binarize, ecoformer_attention, kernelized_hash, learn_ksh_hash
 from attnlib.functional.ecoformer import _supervision
-from attnlib.masks import normalize_mask
+from attnlib.masks import KeyPadding, normalize_mask
 from attnlib.testing import make_qkv
 
 ATOL = 1e-10
@@ -60,13 +60,14 @@ def test_linear_time_equals_quadratic(mode: str, causal: bool, padded: bool) -> 
         kp = torch.rand(2, n, generator=torch.Generator().manual_seed(4)) > 0.3
         kp[1, :3] = False
     out_ref, w_ref = ref_eco(hq, hk, v, causal=causal, kp=kp, mode=mode)
+    km = None if kp is None else KeyPadding(kp)
     for c in (1, 8, 64):
         out, imp = ecoformer_attention(
-            hq, hk, v, causal=causal, bias_mode=mode, mask=kp, chunk_size=c, return_importance=True
+            hq, hk, v, causal=causal, bias_mode=mode, mask=km, chunk_size=c, return_importance=True
         )
         torch.testing.assert_close(out, out_ref, rtol=0, atol=ATOL)
         torch.testing.assert_close(imp, w_ref.mean(-2), rtol=0, atol=ATOL)
-    out_e, w = ecoformer_attention(hq, hk, v, causal=causal, bias_mode=mode, mask=kp, return_weights=True)
+    out_e, w = ecoformer_attention(hq, hk, v, causal=causal, bias_mode=mode, mask=km, return_weights=True)
     torch.testing.assert_close(w, w_ref, rtol=0, atol=ATOL)
     torch.testing.assert_close(out_e, w @ v, rtol=0, atol=ATOL)
     real_rows = w_ref.sum(-1) != 0

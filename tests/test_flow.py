@@ -9,6 +9,7 @@ import attnlib
 from attnlib.errors import UnsupportedError
 from attnlib.functional import flow_attention, linear_attention
 from attnlib.functional.flow import flow_quantities
+from attnlib.masks import KeyPadding
 from attnlib.testing import make_qkv, rel_error
 
 ATOL = 1e-10
@@ -86,9 +87,11 @@ def test_flow_padding_removes_tokens_from_every_flow(causal: bool) -> None:
     kp[:, 0] = False  # a leading pad
     kp[0, 1] = True
     out_ref, w_ref, _ = ref_flow(q, k, v, causal=causal, kp=kp, qp=kp)
-    out, imp = flow_attention(q, k, v, causal=causal, mask=kp, query_padding=kp, chunk_size=4, return_importance=True)
+    out, imp = flow_attention(
+        q, k, v, causal=causal, mask=KeyPadding(kp), query_padding=kp, chunk_size=4, return_importance=True
+    )
     torch.testing.assert_close(out, out_ref, rtol=0, atol=ATOL)
-    fast = flow_attention(q, k, v, causal=causal, mask=kp, query_padding=kp, chunk_size=4)
+    fast = flow_attention(q, k, v, causal=causal, mask=KeyPadding(kp), query_padding=kp, chunk_size=4)
     torch.testing.assert_close(fast, out_ref, rtol=0, atol=ATOL)
     torch.testing.assert_close(imp, w_ref.mean(-2), rtol=0, atol=ATOL)
     # the same as running on the real tokens only (batch row 0)
@@ -114,11 +117,12 @@ def test_flow_fast_noncausal_buffers(n: int, m: int, dv: int, block: int, monkey
     copies = [x.clone() for x in (q, k, v)]
     for kpad, qpad in ((None, None), (kp, None), (kp, qp)):
         out_ref, _, _ = ref_flow(q, k, v, kp=kpad, qp=qpad)
+        kmask = None if kpad is None else KeyPadding(kpad)
         with torch.no_grad():
-            fast = flow_attention(q, k, v, mask=kpad, query_padding=qpad)
+            fast = flow_attention(q, k, v, mask=kmask, query_padding=qpad)
         torch.testing.assert_close(fast, out_ref, rtol=0, atol=ATOL)
         qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-        slow = flow_attention(qg, kg, vg, mask=kpad, query_padding=qpad)
+        slow = flow_attention(qg, kg, vg, mask=kmask, query_padding=qpad)
         torch.testing.assert_close(slow.detach(), out_ref, rtol=0, atol=ATOL)
     for x, c in zip((q, k, v), copies, strict=True):
         assert torch.equal(x, c)
@@ -129,7 +133,7 @@ def test_flow_cross_attention_key_padding_only() -> None:
     kp = torch.rand(2, 14, generator=torch.Generator().manual_seed(1)) > 0.4
     kp[:, 0] = True
     out_ref, _, _ = ref_flow(q, k, v, kp=kp)
-    torch.testing.assert_close(flow_attention(q, k, v, mask=kp), out_ref, rtol=0, atol=ATOL)
+    torch.testing.assert_close(flow_attention(q, k, v, mask=KeyPadding(kp)), out_ref, rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize(("n", "m"), [(40, 40), (50, 17), (12, 31)])
@@ -232,5 +236,5 @@ def test_flow_module_self_attention_padding_drops_padded_queries() -> None:
     x = torch.randn(2, 12, 32, dtype=torch.float64)
     kp = torch.ones(2, 12, dtype=torch.bool)
     kp[:, 9:] = False
-    y = attn(x, mask=kp)
+    y = attn(x, key_padding_mask=kp)
     torch.testing.assert_close(y[:, :9], attn(x[:, :9]), rtol=0, atol=ATOL)

@@ -98,6 +98,28 @@ def test_float32_error_within_flex_rule_long_causal() -> None:
         assert_close(out, golden, eager, name=f"fp32 causal={causal}")
 
 
+def test_causal_fft_is_exact_and_never_reads_later_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dyadic causal product (blocks of 4 rows, segments 4..32 at N = 45) equals the dense
+    form, and a key scaled x1000 moves no earlier row by a single bit (one FFT over the whole
+    sequence would spread its round-off, eps x 1000, over every row)."""
+    from attnlib.functional import kernelized as kz
+
+    monkeypatch.setattr(kz, "_CAUSAL_BLOCK", 4)
+    q, k, v, bias, w = rpe_inputs(2, 3, 45, 8, bias_scale=1.0)
+    kp = key_padding(2, 45)
+    out = kernelized_rpe_attention(q, k, v, bias, w, causal=True, key_padding=kp)
+    ref, _ = kernelized_rpe_reference(q, k, v, bias, w, causal=True, key_padding=kp)
+    assert_close(out, ref, atol=1e-12, name="dyadic causal")
+    f32 = [x.float() for x in (q, k, v, bias, w)]
+    y = kernelized_rpe_attention(*f32, causal=True)
+    for t in (3, 17, 30):
+        v2 = f32[2].clone()
+        v2[:, :, t] *= 1000
+        y2 = kernelized_rpe_attention(f32[0], f32[1], v2, f32[3], f32[4], causal=True)
+        assert torch.equal(y2[:, :, :t], y[:, :, :t]), f"row < {t} moved"
+        assert not torch.equal(y2[:, :, t], y[:, :, t])
+
+
 def test_zero_bias_is_normalised_performer() -> None:
     """b == 0: phi(q)(phi(k)^T v) / phi(q)·sum phi(k) (non-causal) and its prefix-sum form (causal)."""
     q, k, v, _, w = rpe_inputs(2, 2, 50, 8)
@@ -254,6 +276,6 @@ def test_fnet_variant_mixes_all_heads_values() -> None:
     with pytest.raises(attnlib.UnsupportedError, match="fnet"):
         attnlib.Attention(24, 3, variant="fnet", causal=True)
     with pytest.raises(attnlib.UnsupportedError, match="fnet"):
-        attn.double()(x, mask=torch.ones(2, 9, dtype=torch.bool))
+        attn.double()(x, key_padding_mask=torch.ones(2, 9, dtype=torch.bool))
     with pytest.raises(ValueError, match="norm must be"):
         attnlib.Attention(24, 3, variant="fnet", norm="forward")

@@ -23,7 +23,7 @@ from attnlib.functional import (
     performer_projection,
 )
 from attnlib.functional.linear import performer_feature_logits
-from attnlib.masks import SlidingWindow
+from attnlib.masks import KeyPadding, SlidingWindow
 from attnlib.testing import make_qkv, rel_error
 
 ATOL = 1e-10
@@ -67,9 +67,16 @@ def ref_linear(q, k, v, causal, kp, fm="elu", eps=1e-6):
 
 
 def ref_cosformer(q, k, v, causal, kp, eps=1e-6, length=None):
+    """L = max(N, M), or max(N, 1 + the last real key) per example with key padding."""
     k, v = _expand(k, q.shape[1]), _expand(v, q.shape[1])
     n, m = q.shape[2], k.shape[2]
-    length = max(n, m) if length is None else length
+    if length is None:
+        last = (
+            m
+            if kp is None
+            else torch.tensor([max([j + 1 for j in range(m) if kp[b, j]], default=0) for b in range(len(kp))])
+        )
+        length = torch.clamp(torch.as_tensor(last, dtype=q.dtype), min=n).reshape(-1, 1, 1, 1)
     i = torch.arange(1, n + 1, dtype=q.dtype)[:, None]
     j = torch.arange(1, m + 1, dtype=q.dtype)[None, :]
     cos = torch.cos(math.pi / 2 * (i - j) / length)
@@ -112,12 +119,13 @@ def _check(fn, ref, n, m, hkv, causal, padded, chunks=(1, 7, 16, 64)):
     kp = _pad_mask(2, m) if padded else None
     out_ref, w_ref = ref(q, k, v, causal, kp)
     imp_ref = w_ref.mean(-2)
+    km = None if kp is None else KeyPadding(kp)
     for c in chunks if causal else chunks[:1]:
-        out, imp = fn(q, k, v, causal=causal, mask=kp, chunk_size=c, return_importance=True)
+        out, imp = fn(q, k, v, causal=causal, mask=km, chunk_size=c, return_importance=True)
         torch.testing.assert_close(out, out_ref, rtol=0, atol=ATOL)
         torch.testing.assert_close(imp, imp_ref, rtol=0, atol=ATOL)
-        torch.testing.assert_close(fn(q, k, v, causal=causal, mask=kp, chunk_size=c), out_ref, rtol=0, atol=ATOL)
-    out_e, w, imp_e = fn(q, k, v, causal=causal, mask=kp, return_weights=True, return_importance=True)
+        torch.testing.assert_close(fn(q, k, v, causal=causal, mask=km, chunk_size=c), out_ref, rtol=0, atol=ATOL)
+    out_e, w, imp_e = fn(q, k, v, causal=causal, mask=km, return_weights=True, return_importance=True)
     torch.testing.assert_close(w, w_ref, rtol=0, atol=ATOL)
     torch.testing.assert_close(out_e, w @ _expand(v, 4), rtol=0, atol=ATOL)
     torch.testing.assert_close(imp_e, imp_ref, rtol=0, atol=ATOL)
@@ -152,6 +160,28 @@ def test_cosformer_max_len_and_left_equals_right_product() -> None:
     assert not torch.allclose(out, cosformer_attention(q, k, v, causal=True))  # L matters
     with pytest.raises(ValueError, match="max_len"):
         cosformer_attention(q, k, v, max_len=10)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cosformer_padded_example_equals_the_example_alone(causal: bool) -> None:
+    """L is each example's own length: with 30 of 40 tokens real the padded row equals the 30 tokens
+    run alone (the padded length, L = 40, was 0.03 off in float64)."""
+    q, k, v = make_qkv(3, 4, 40, 8, dtype=torch.float64, seed=3)
+    kp = torch.arange(40)[None, :] < torch.tensor([30, 40, 7])[:, None]
+    out = cosformer_attention(q, k, v, causal=causal, mask=KeyPadding(kp), query_padding=kp, chunk_size=16)
+    for b, n in enumerate((30, 40, 7)):
+        alone = cosformer_attention(q[b : b + 1, :, :n], k[b : b + 1, :, :n], v[b : b + 1, :, :n], causal=causal)
+        torch.testing.assert_close(out[b : b + 1, :, :n], alone, rtol=0, atol=ATOL)
+    if not causal:  # cross-attention: 40 queries, keys padded; L = max(N, M_b)
+        kc, vc = k[:, :, :33], v[:, :, :33]
+        out = cosformer_attention(q, kc, vc, mask=KeyPadding(kp[:, :33]), chunk_size=16)
+        for b, m in enumerate((30, 33, 7)):
+            torch.testing.assert_close(
+                out[b : b + 1],
+                cosformer_attention(q[b : b + 1], kc[b : b + 1, :, :m], vc[b : b + 1, :, :m]),
+                rtol=0,
+                atol=ATOL,
+            )
 
 
 @pytest.mark.parametrize("normalize", ["n", "prefix_count", "none"])

@@ -11,7 +11,7 @@ import torch
 from torch.nn.attention.flex_attention import create_mask
 
 from attnlib.functional.grat import grat_permutation
-from attnlib.masks import BlockMask, SlidingWindow, normalize_mask
+from attnlib.masks import BlockMask, KeyPadding, SlidingWindow, normalize_mask
 from attnlib.masks.predicates import (
     and_mod,
     band_blocks,
@@ -194,7 +194,13 @@ def test_attention_mask_rows_and_flex_come_from_the_predicates() -> None:
     full = torch.rand(1, h, n, m, generator=g) > 0.3
     blk = BlockMask.from_dense(torch.rand(b, 1, n, m, generator=g) > 0.2, 4)
     am = normalize_mask(
-        [kp, full, SlidingWindow(4, 2), blk], causal=True, batch=b, heads=h, n=n, m=m, device=torch.device("cpu")
+        [KeyPadding(kp), full, SlidingWindow(4, 2), blk],
+        causal=True,
+        batch=b,
+        heads=h,
+        n=n,
+        m=m,
+        device=torch.device("cpu"),
     )
     want = causal_mask(n, m) & window_mask(n, m, left=4, right=2) & kp[:, None, None, :] & full & blk.to_dense()
     assert torch.equal(am.dense().expand(b, h, n, m), want)

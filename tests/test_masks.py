@@ -6,7 +6,10 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
-from attnlib.masks import BlockMask, SlidingWindow, causal_mask, normalize_mask, window_mask
+import attnlib
+from attnlib.functional import reference_attention
+from attnlib.masks import BlockMask, KeyPadding, SlidingWindow, causal_mask, normalize_mask, window_mask
+from attnlib.testing import assert_close
 
 
 def test_causal_mask_bottom_right() -> None:
@@ -97,30 +100,141 @@ def test_normalize_mask_kinds_and_dense() -> None:
     kp = torch.ones(2, 7, dtype=torch.bool)
     kp[1, 3:] = False
     full = torch.rand(1, 4, 5, 7) > 0.3
-    am = _norm([kp, full, SlidingWindow(3, 0)], causal=True)
+    am = _norm([KeyPadding(kp), full, SlidingWindow(3, 0)], causal=True)
     assert am.kinds() == ["causal", "key_padding", "full_mask", "window"]
     d = am.dense()
     want = causal_mask(5, 7) & window_mask(5, 7, left=3, right=0) & kp[:, None, None] & full
     assert torch.equal(d, want)
     assert torch.equal(am.dense_rows(2, 4), want[..., 2:4, :])
     assert am.without("causal", "window").kinds() == ["key_padding", "full_mask"]
+    # the key_padding_mask argument is the same constraint as a KeyPadding item
+    am2 = _norm([full, SlidingWindow(3, 0)], causal=True, key_padding_mask=kp)
+    assert am2.kinds() == am.kinds() and torch.equal(am2.dense(), want)
+
+
+_G = torch.Generator().manual_seed(3)
 
 
 @pytest.mark.parametrize(
-    ("mask", "match"),
+    ("shape", "kind"),
     [
-        (torch.ones(2, 6, dtype=torch.bool), r"key padding of shape \(B, M\) = \(2, 7\)"),
-        (torch.ones(2, 7), "bool"),
-        (torch.ones(3, 4, 5, 7, dtype=torch.bool), r"\(B\|1, H\|1, N, M\)"),
-        (torch.ones(5, 7, 1, dtype=torch.bool), "3-D"),
-        ("causal", "got str"),
-        (torch.ones(2, 7, dtype=torch.bool, device="meta"), "meta"),
-        (BlockMask.from_dense(torch.ones(6, 7, dtype=torch.bool), 4), "does not match"),
+        ((5, 7), "full_mask"),  # (N, M), as in SDPA
+        ((1, 5, 7), "full_mask"),
+        ((2, 1, 5, 7), "full_mask"),
+        ((1, 4, 5, 7), "full_mask"),
+        ((2, 4, 5, 7), "full_mask"),
+        ((1, 1, 5, 1), "full_mask"),  # size-1 M broadcasts: whole query rows
+        ((5, 1), "full_mask"),
+        ((2, 1, 1, 7), "key_padding"),  # (B, 1, 1, M) is key padding
+        ((1, 7), "key_padding"),  # (1, M): one key row for every example
     ],
 )
-def test_normalize_mask_errors(mask, match: str) -> None:
+def test_plain_tensor_masks_broadcast_to_bhnm_as_in_sdpa(shape: tuple[int, ...], kind: str) -> None:
+    """A plain bool tensor means what SDPA's attn_mask means: broadcast to (B, H, N, M)."""
+    t = torch.rand(shape, generator=_G) > 0.4
+    am = _norm(t)
+    assert am.kinds() == [kind]
+    assert torch.equal(am.dense().expand(2, 4, 5, 7), t.expand(2, 4, 5, 7))
+
+
+def test_two_d_mask_is_queries_by_keys_even_when_batch_equals_n() -> None:
+    """B == N: a 2-D mask (N, M) is read as (N, M) as in SDPA, never as key padding (B, M)."""
+    torch.manual_seed(0)
+    attn = attnlib.Attention(16, 2).double()
+    x = torch.randn(8, 8, 16, dtype=torch.float64)
+    m = (torch.rand(8, 8) > 0.5) | torch.eye(8, dtype=torch.bool)
+    q, k, v = attn.project(x)
+    want = attn.out_proj(
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m).transpose(1, 2).flatten(2)
+    )
+    assert_close(attn(x, mask=m), want)
+    assert_close(attn(x, mask=m[None, None]), want)
+
+
+def test_key_padding_argument_item_and_broadcast_tensor_agree() -> None:
+    torch.manual_seed(0)
+    attn = attnlib.Attention(16, 2).double()
+    x = torch.randn(3, 6, 16, dtype=torch.float64)
+    kp = torch.rand(3, 6) > 0.3
+    kp[:, 0] = True
+    y = attn(x, key_padding_mask=kp)
+    assert torch.equal(attn(x, mask=KeyPadding(kp)), y)
+    assert torch.equal(attn(x, mask=kp[:, None, None, :]), y)
+    q, k, v = attn.project(x)
+    ref = reference_attention(q, k, v, mask=kp[:, None, None, :])
+    assert_close(y, attn.out_proj(ref.transpose(1, 2).flatten(2)))
+
+
+@pytest.mark.parametrize(
+    ("mask", "kw", "match"),
+    [
+        (
+            torch.ones(2, 7, dtype=torch.bool),
+            {},
+            r"2-D mask is read as \(N, M\) = \(5, 7\).*key_padding_mask=.*"
+            r"KeyPadding.*got shape \(2, 7\), which fits the key-padding reading only",
+        ),
+        (
+            torch.ones(3, 3, dtype=torch.bool),
+            {},
+            r"2-D mask is read as \(N, M\).*key padding \(B, M\) = \(2, 7\).*"
+            r"got shape \(3, 3\), which fits neither",
+        ),
+        (torch.ones(2, 7), {}, "mask must be a bool tensor.*got dtype torch.float32"),
+        (
+            torch.ones(3, 4, 5, 7, dtype=torch.bool),
+            {},
+            r"\(B\|1, H\|1, N, M\) = \(2\|1, 4\|1, 5, 7\).*got shape \(3, 4, 5, 7\)",
+        ),
+        (torch.ones(2, 5, 7, dtype=torch.bool), {}, r"3-D mask must be \(1, N, M\).*ambiguous.*\(B, 1, N, M\)"),
+        (torch.ones(5, 7, 1, 1, 1, dtype=torch.bool), {}, "5-D"),
+        ("causal", {}, "got str"),
+        (torch.ones(5, 7, dtype=torch.bool, device="meta"), {}, "mask is on meta"),
+        (BlockMask.from_dense(torch.ones(6, 7, dtype=torch.bool), 4), {}, "BlockMask shape .* does not match"),
+        (KeyPadding(torch.ones(2, 6, dtype=torch.bool)), {}, r"KeyPadding.valid is key padding .* \(2, 7\).*\(2, 6\)"),
+        (None, {"key_padding_mask": torch.ones(2, 6, dtype=torch.bool)}, r"key_padding_mask is key padding.*\(2, 6\)"),
+        (None, {"key_padding_mask": torch.ones(2, 7)}, "key_padding_mask must be a bool tensor"),
+        (None, {"key_padding_mask": [[True] * 7] * 2}, r"key_padding_mask must be a bool tensor \(B, M\)"),
+    ],
+)
+def test_normalize_mask_errors(mask, kw, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        _norm(mask)
+        _norm(mask, **kw)
+    with pytest.raises(ValueError, match="KeyPadding.valid must be a bool tensor"):
+        KeyPadding(torch.ones(2, 3, 4, dtype=torch.bool))
+
+
+def _am(*items, n=8, m=8, causal=False):
+    return normalize_mask(list(items), causal=causal, batch=2, heads=2, n=n, m=m, device=torch.device("cpu"))
+
+
+def test_attention_masks_in_a_list_intersect_in_any_order() -> None:
+    """An AttentionMask inside a list ANDs with the rest: it never replaces a window or a BlockMask."""
+    am5 = _am(SlidingWindow(5, 5))
+    assert _am(SlidingWindow(1, 1), am5).window == SlidingWindow(1, 1)
+    assert _am(am5, SlidingWindow(1, 1)).window == SlidingWindow(1, 1)
+    causal_blocks = BlockMask.causal(8, block_size=4)
+    all_blocks = _am(BlockMask.from_dense(torch.ones(8, 8, dtype=torch.bool), 4))
+    for items in ((causal_blocks, all_blocks), (all_blocks, causal_blocks)):
+        assert torch.equal(_am(*items).dense()[0, 0], causal_mask(8))
+    g = torch.Generator().manual_seed(0)
+    parts = [
+        _am(KeyPadding(torch.rand(2, 8, generator=g) > 0.3), causal=True),
+        _am(torch.rand(2, 1, 8, 8, generator=g) > 0.3, SlidingWindow(3, 2)),
+        _am(BlockMask.from_dense(torch.rand(8, 8, generator=g) > 0.3, 4)),
+        BlockMask.from_dense(torch.rand(1, 2, 8, 8, generator=g) > 0.2, 2),
+        SlidingWindow(None, 4),
+        KeyPadding(torch.rand(2, 8, generator=g) > 0.2),
+    ]
+    want = torch.ones(2, 2, 8, 8, dtype=torch.bool)
+    for p in parts:
+        want = want & _am(p).dense()
+    want = want & causal_mask(8)
+    for order in ([0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [2, 0, 4, 1, 5, 3]):
+        got = _am(*[parts[i] for i in order]).dense()
+        assert torch.equal(got.expand(2, 2, 8, 8), want), order
+    with pytest.raises(ValueError, match="AttentionMask built for"):
+        _am(_am(n=8, m=7))
 
 
 def test_normalize_mask_intersects_repeated_windows_and_block_masks() -> None:

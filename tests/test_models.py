@@ -350,11 +350,11 @@ def test_kv_cache_key_padding_and_reorder() -> None:
     x = torch.randn(2, 6, 16, dtype=torch.float64)
     keep = torch.ones(2, 6, dtype=torch.bool)
     keep[0, :2] = False  # left padding of sequence 0
-    full = attn(x, mask=keep)
+    full = attn(x, key_padding_mask=keep)
     cache = attn.init_cache(2)
     inc = torch.cat(
-        [attn(x[:, :3], cache=cache, mask=keep[:, :3])]
-        + [attn(x[:, t : t + 1], cache=cache, mask=keep[:, : t + 1]) for t in range(3, 6)],
+        [attn(x[:, :3], cache=cache, key_padding_mask=keep[:, :3])]
+        + [attn(x[:, t : t + 1], cache=cache, key_padding_mask=keep[:, : t + 1]) for t in range(3, 6)],
         1,
     )
     torch.testing.assert_close(inc[:, 2:], full[:, 2:], rtol=0, atol=1e-12)

@@ -25,7 +25,7 @@ from attnlib.functional.modifiers import (
     ultravico_score_mod,
 )
 from attnlib.kernels import block_sparse_attention
-from attnlib.masks import BlockMask, normalize_mask
+from attnlib.masks import BlockMask, KeyPadding, normalize_mask
 from attnlib.modifiers import ALiBi, Relaxed, UltraViCo, available, build_modifier, get_modifier
 from attnlib.testing import make_qkv
 
@@ -142,7 +142,7 @@ def test_score_mod_paths_agree(n: int, m: int, causal: bool, scale: float, windo
     q, k, v = make_qkv(B, H, n, D, m=m, logit_scale=scale, dtype=torch.float64, seed=seed)
     g = torch.Generator().manual_seed(seed)
     kp = torch.rand(B, m, generator=g) > 0.3
-    am = normalize_mask(kp, causal=causal, batch=B, heads=H, n=n, m=m, device=torch.device("cpu"))
+    am = normalize_mask(KeyPadding(kp), causal=causal, batch=B, heads=H, n=n, m=m, device=torch.device("cpu"))
     for sm in (alibi_score_mod(torch.tensor([0.25, 1.0], dtype=torch.float64)), ultravico_score_mod(0.5, window)):
         ref = softmax_attention(q, k, v, mask=am, backend="math", score_mod=sm)
         for backend in ("chunked", "auto"):
@@ -270,8 +270,8 @@ def test_relaxed_weights_and_output_follow_the_definition() -> None:
     torch.manual_seed(0)
     relaxed = attnlib.Attention(16, 2, causal=True, modifiers=[Relaxed(gamma)]).double().train()
     relaxed.load_state_dict(plain.state_dict())
-    y, ex = relaxed(x, mask=kp, return_extras=True)
-    _, ex0 = plain(x, mask=kp, return_extras=True)
+    y, ex = relaxed(x, key_padding_mask=kp, return_extras=True)
+    _, ex0 = plain(x, key_padding_mask=kp, return_extras=True)
     allowed = torch.ones(10, 10, dtype=torch.bool).tril()[None, None] & kp[:, None, None, :]
     uniform = allowed.double() / allowed.sum(-1, keepdim=True)
     expect = (1 - gamma) * ex0.weights + gamma * uniform
@@ -316,7 +316,7 @@ def test_relaxed_padding_allowed_vs_all() -> None:
     x2 = x.clone()
     x2[:, 5:] = 1e6
     for u, a in mods.items():
-        same = torch.allclose(a(x, mask=kp)[:, :5], a(x2, mask=kp)[:, :5], rtol=0, atol=1e-9)
+        same = torch.allclose(a(x, key_padding_mask=kp)[:, :5], a(x2, key_padding_mask=kp)[:, :5], rtol=0, atol=1e-9)
         assert same == (u == "allowed"), u  # "all" leaks gamma / M onto the padded values
     with pytest.raises(ValueError, match="future keys"):
         attnlib.Attention(16, 2, causal=True, modifiers=[Relaxed(0.5, uniform_over="all")]).double().train()(x)
@@ -343,7 +343,11 @@ def test_relaxed_on_a_variant_without_softmax_and_on_cross_attention() -> None:
 
 def test_masked_value_mean_paths() -> None:
     v = torch.randn(2, 1, 7, 3, dtype=torch.float64)  # one kv head serving two query heads
-    for causal, mask in ((True, None), (False, torch.rand(2, 7) > 0.4), (True, torch.rand(2, 1, 5, 7) > 0.3)):
+    for causal, mask in (
+        (True, None),
+        (False, KeyPadding(torch.rand(2, 7) > 0.4)),
+        (True, torch.rand(2, 1, 5, 7) > 0.3),
+    ):
         am = normalize_mask(mask, causal=causal, batch=2, heads=2, n=5, m=7, device=torch.device("cpu"))
         got = masked_value_mean(v, am, heads=2, chunk_size=2)
         allowed = am.dense().expand(2, 2, 5, 7)

@@ -10,7 +10,7 @@ import torch
 import attnlib
 from attnlib import ot
 from attnlib.functional import reference_attention, sinkhorn_attention
-from attnlib.masks import normalize_mask
+from attnlib.masks import KeyPadding, normalize_mask
 from attnlib.testing import assert_close, make_qkv
 
 F64 = torch.float64
@@ -49,7 +49,7 @@ def explicit_sinkhorn(logits: torch.Tensor, n_iters: int, allowed: torch.Tensor 
 @pytest.mark.parametrize("m", [N, M])
 def test_sinkhorn_one_iteration_is_softmax(m: int) -> None:
     q, k, v = make_qkv(B, H, N, D, m=m, dtype=F64, logit_scale=3.0)
-    cases = [None, kpad(m)]
+    cases = [None, KeyPadding(kpad(m))]
     if m == N:
         cases.append(torch.rand(B, 1, N, m, generator=torch.Generator().manual_seed(2)) > 0.4)
     for mask in cases:
@@ -58,8 +58,8 @@ def test_sinkhorn_one_iteration_is_softmax(m: int) -> None:
         assert_close(out, ref, atol=1e-13)
         assert_close(w, w_ref, atol=1e-14)
     core = attnlib.variants.ot.SinkhornAttention(num_heads=H, head_dim=D, n_iters=1)
-    res = core(q, k, v, amask(kpad(m), m=m), cross=m != N, need_weights=True)
-    ref = reference_attention(q, k, v, mask=kpad(m))
+    res = core(q, k, v, amask(KeyPadding(kpad(m)), m=m), cross=m != N, need_weights=True)
+    ref = reference_attention(q, k, v, mask=KeyPadding(kpad(m)))
     if m == N:  # self-attention: padded positions are padded queries too (zero rows)
         ref = ref * kpad(m)[:, None, :, None]
     assert_close(res.out, ref, atol=1e-13)
@@ -78,7 +78,7 @@ def test_sinkhorn_equals_explicit_alternating_normalisation(n_iters: int, m: int
 def test_sinkhorn_converges_to_doubly_stochastic_with_padding() -> None:
     q, k, v = make_qkv(B, H, N, D, m=M, dtype=F64, seed=3)
     kp = kpad(M)
-    _, w = sinkhorn_attention(q, k, v, mask=kp, n_iters=201, return_weights=True)
+    _, w = sinkhorn_attention(q, k, v, mask=KeyPadding(kp), n_iters=201, return_weights=True)
     torch.testing.assert_close(w.sum(-1), torch.ones(B, H, N, dtype=F64))
     m_real = kp.sum(-1).to(F64)[:, None, None]
     cols = w.sum(-2)
@@ -105,7 +105,7 @@ def test_sinkhorn_self_attention_padding_is_query_padding_too() -> None:
     q, k, v = make_qkv(B, H, N, D, dtype=F64, seed=4)
     kp = kpad(N)
     core = attnlib.variants.ot.SinkhornAttention(num_heads=H, head_dim=D, n_iters=4)
-    res = core(q, k, v, amask(kp), need_weights=True)
+    res = core(q, k, v, amask(KeyPadding(kp)), need_weights=True)
     real = [torch.nonzero(kp[b]).flatten() for b in range(B)]
     for b in range(B):
         r = real[b]
@@ -113,15 +113,15 @@ def test_sinkhorn_self_attention_padding_is_query_padding_too() -> None:
         assert_close(res.out[b][:, r], sub[0], atol=1e-12)
         assert torch.equal(res.out[b][:, ~kp[b]], torch.zeros_like(res.out[b][:, ~kp[b]]))
     # cross-attention with the same sizes: the key padding pads keys only
-    resx = core(q, k, v, amask(kp), cross=True)
+    resx = core(q, k, v, amask(KeyPadding(kp)), cross=True)
     assert resx.out[:, :, ~kp[0]].abs().sum() > 0
 
 
 def test_sinkhorn_float32_large_logits_and_bf16() -> None:
     q, k, v = make_qkv(B, H, 64, D, logit_scale=30.0, seed=5)
-    out = sinkhorn_attention(q, k, v, n_iters=10, mask=kpad(64))
+    out = sinkhorn_attention(q, k, v, n_iters=10, mask=KeyPadding(kpad(64)))
     assert torch.isfinite(out).all()
-    ref = sinkhorn_attention(q.double(), k.double(), v.double(), n_iters=10, mask=kpad(64))
+    ref = sinkhorn_attention(q.double(), k.double(), v.double(), n_iters=10, mask=KeyPadding(kpad(64)))
     assert (out.double() - ref).abs().max() < 1e-3
     out16 = sinkhorn_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), n_iters=10)
     assert out16.dtype == torch.bfloat16 and torch.isfinite(out16).all()
@@ -146,7 +146,7 @@ def test_got_weights_are_row_normalised_ipot_plan() -> None:
     q, k, v = make_qkv(B, H, N, D, m=M, dtype=F64, seed=6)
     kp = kpad(M)
     core = attnlib.variants.ot.GOTAttention(num_heads=H, head_dim=D, n_iters=30).eval()
-    res = core(q, k, v, amask(kp, m=M), cross=True, need_weights=True, need_importance=True)
+    res = core(q, k, v, amask(KeyPadding(kp), m=M), cross=True, need_weights=True, need_importance=True)
     plan = ot.ipot(ot.cosine_cost(q, k), n_iters=30, b_mask=kp[:, None, :].expand(B, H, M))
     w = plan / plan.sum(-1, keepdim=True)
     assert_close(res.weights, w, atol=1e-13)
@@ -172,7 +172,7 @@ def test_got_aux_loss_is_the_got_regulariser_in_training_only() -> None:
     kp = torch.ones(2, 7, dtype=torch.bool)
     kp[1, 5:] = False
     attn.train()
-    _, ex = attn(x, ctx, mask=kp, return_extras=True)
+    _, ex = attn(x, ctx, key_padding_mask=kp, return_extras=True)
     assert ex.aux_loss is not None and ex.aux_loss.dim() == 0
     with torch.no_grad():
         q, k, _ = attn.project(x, ctx)
@@ -180,7 +180,7 @@ def test_got_aux_loss_is_the_got_regulariser_in_training_only() -> None:
     assert float(ex.aux_loss.detach()) == pytest.approx(float((0.1 * wd + 0.1 * gwd).mean()), abs=1e-12)
     assert attnlib.aux_loss(attn) is not None
     attn.eval()
-    _, ex = attn(x, ctx, mask=kp, return_extras=True)
+    _, ex = attn(x, ctx, key_padding_mask=kp, return_extras=True)
     assert ex.aux_loss is None
 
 

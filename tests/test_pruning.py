@@ -127,8 +127,8 @@ def test_removed_tokens_equal_masked_keys_in_the_next_block() -> None:
     keep = torch.rand(3, 9) > 0.4
     keep[:, 0] = True
     xk, idx, mask = P.select_tokens(x, keep)
-    got = blk(xk, mask=mask)
-    ref = blk(x, mask=keep)
+    got = blk(xk, key_padding_mask=mask)
+    ref = blk(x, key_padding_mask=keep)
     valid = torch.ones_like(idx, dtype=torch.bool) if mask is None else mask
     ref_kept = ref.gather(1, idx[..., None].expand(-1, -1, 16))
     torch.testing.assert_close(got[valid], ref_kept[valid], rtol=0, atol=1e-12)

@@ -14,7 +14,7 @@ from attnlib.functional import (
     softmax_attention_importance,
     softmax_importance,
 )
-from attnlib.masks import BlockMask, SlidingWindow
+from attnlib.masks import BlockMask, KeyPadding, SlidingWindow
 from attnlib.testing import assert_close, make_qkv
 
 
@@ -24,11 +24,11 @@ def _masks(b: int, h: int, n: int, m: int):
     kp[1] = False  # an empty batch row
     full = torch.rand(b, h, n, m, generator=g) > 0.5
     yield "none", None
-    yield "key_padding", kp
+    yield "key_padding", KeyPadding(kp)
     yield "full", full
     yield "window", SlidingWindow(3, 1)
     yield "block", BlockMask.from_dense(torch.rand(1, h, n, m, generator=g) > 0.5, 8)
-    yield "all", [kp, full, SlidingWindow(5, 5)]
+    yield "all", [KeyPadding(kp), full, SlidingWindow(5, 5)]
 
 
 @pytest.mark.parametrize("backend", ["auto", "sdpa", "math"])
@@ -47,11 +47,11 @@ def test_softmax_backends_equal_reference(backend: str, n: int, m: int, h_kv: in
 def test_softmax_weights_and_importance() -> None:
     q, k, v = make_qkv(2, 4, 20, 8, m=13, dtype=torch.float64, logit_scale=3.0)
     kp = torch.rand(2, 13) > 0.4
-    out, w = softmax_attention(q, k, v, mask=kp, causal=True, return_weights=True)
-    ref, wr = reference_attention(q, k, v, mask=kp, causal=True, return_weights=True)
+    out, w = softmax_attention(q, k, v, mask=KeyPadding(kp), causal=True, return_weights=True)
+    ref, wr = reference_attention(q, k, v, mask=KeyPadding(kp), causal=True, return_weights=True)
     assert_close(out, ref)
     assert_close(w, wr)
-    assert_close(softmax_importance(q, k, mask=kp, causal=True, chunk_size=3), wr.mean(2))
+    assert_close(softmax_importance(q, k, mask=KeyPadding(kp), causal=True, chunk_size=3), wr.mean(2))
     assert not (w[..., ~kp[0]][0] != 0).any()  # masked keys get zero weight
 
 
@@ -61,8 +61,8 @@ def test_one_pass_output_and_importance_equal_reference(chunk: int) -> None:
     q, k, v = make_qkv(2, 4, 20, 8, m=13, h_kv=2, dtype=torch.float64, logit_scale=3.0)
     kp = torch.rand(2, 13, generator=torch.Generator().manual_seed(1)) > 0.4
     kp[1] = False  # a row with no allowed key: zeros, never NaN
-    out, imp = softmax_attention_importance(q, k, v, mask=kp, causal=True, chunk_size=chunk)
-    ref, wr = reference_attention(q, k, v, mask=kp, causal=True, return_weights=True)
+    out, imp = softmax_attention_importance(q, k, v, mask=KeyPadding(kp), causal=True, chunk_size=chunk)
+    ref, wr = reference_attention(q, k, v, mask=KeyPadding(kp), causal=True, return_weights=True)
     assert_close(out, ref)
     assert_close(imp, wr.mean(2))
     assert out[1].abs().max() == 0 and imp[1].abs().max() == 0
@@ -116,11 +116,15 @@ def test_softmax_core_importance_comes_from_the_output_pass() -> None:
     x = torch.randn(2, 9, 16, dtype=torch.float64)
     kp = torch.ones(2, 9, dtype=torch.bool)
     kp[0, 6:] = False
-    y, ex = attn(x, mask=kp, return_extras=True, need_weights=False)
-    y_w, ex_w = attn(x, mask=kp, return_extras=True, need_weights=True)  # explicit weights: the reference path
+    y, ex = attn(x, key_padding_mask=kp, return_extras=True, need_weights=False)
+    y_w, ex_w = attn(
+        x, key_padding_mask=kp, return_extras=True, need_weights=True
+    )  # explicit weights: the reference path
     torch.testing.assert_close(y, y_w, rtol=0, atol=1e-14)
     torch.testing.assert_close(ex.importance, ex_w.weights.mean((1, 2)), rtol=0, atol=1e-14)
-    torch.testing.assert_close(y, attn(x, mask=kp), rtol=1e-12, atol=1e-12)  # SDPA output without importance
+    torch.testing.assert_close(
+        y, attn(x, key_padding_mask=kp), rtol=1e-12, atol=1e-12
+    )  # SDPA output without importance
 
 
 def test_softmax_causal_cross_is_bottom_right() -> None:
@@ -135,7 +139,7 @@ def test_softmax_empty_rows_have_zero_output_and_finite_grads() -> None:
         t.requires_grad_(True)
     kp = torch.ones(2, 5, dtype=torch.bool)
     kp[0] = False
-    out = softmax_attention(q, k, v, mask=kp)
+    out = softmax_attention(q, k, v, mask=KeyPadding(kp))
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     out.square().sum().backward()
     for t in (q, k, v):
@@ -146,9 +150,9 @@ def test_softmax_empty_rows_have_zero_output_and_finite_grads() -> None:
 def test_softmax_flex_backend_equals_reference() -> None:
     q, k, v = make_qkv(2, 4, 40, 16, m=24, h_kv=2, logit_scale=3.0)
     kp = torch.rand(2, 24, generator=torch.Generator().manual_seed(1)) > 0.3
-    ref = reference_attention(q, k, v, mask=kp, causal=True)
-    out = softmax_attention(q, k, v, mask=kp, causal=True, backend="flex", compile_flex=False)
-    eager = softmax_attention(q, k, v, mask=kp, causal=True, backend="math")
+    ref = reference_attention(q, k, v, mask=KeyPadding(kp), causal=True)
+    out = softmax_attention(q, k, v, mask=KeyPadding(kp), causal=True, backend="flex", compile_flex=False)
+    eager = softmax_attention(q, k, v, mask=KeyPadding(kp), causal=True, backend="math")
     assert_close(out, ref, eager)
     bm = BlockMask.from_dense(torch.rand(1, 4, 40, 24, generator=torch.Generator().manual_seed(2)) > 0.5, 16)
     ref = reference_attention(q, k, v, mask=bm)
@@ -165,7 +169,7 @@ def test_local_equals_banded_softmax(causal: bool, n: int, window: int, chunk: i
     g = torch.Generator().manual_seed(n)
     kp = torch.rand(2, n, generator=g) > 0.3
     full = torch.rand(2, 1, n, n, generator=g) > 0.3
-    for mask in (None, kp, [kp, full]):
+    for mask in (None, KeyPadding(kp), [KeyPadding(kp), full]):
         ref, w = reference_attention(
             q, k, v, mask=[mask, SlidingWindow(window, window)], causal=causal, return_weights=True
         )
@@ -194,8 +198,8 @@ def test_local_gradients_match_reference() -> None:
     kp = torch.rand(1, 40) > 0.2
     ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
     refs = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    local_attention(*ins, 5, mask=kp, causal=True).square().sum().backward()
-    reference_attention(*refs, mask=[kp, SlidingWindow(5, 5)], causal=True).square().sum().backward()
+    local_attention(*ins, 5, mask=KeyPadding(kp), causal=True).square().sum().backward()
+    reference_attention(*refs, mask=[KeyPadding(kp), SlidingWindow(5, 5)], causal=True).square().sum().backward()
     for a, r in zip(ins, refs):
         assert_close(a.grad, r.grad)
 
@@ -233,7 +237,7 @@ def test_softmax_query_weights_equal_the_row_of_the_float64_weights(m: int) -> N
     kp = torch.rand(2, m, generator=torch.Generator().manual_seed(0)) > 0.3
     kp[1] = False  # a batch row with no key: its weights are zeros
     band = BlockMask.from_mask_mod(lambda b, h, i, j: j <= i + 4, None, None, n, m, block_size=4)
-    masks = [None, kp, SlidingWindow(3, 3), [kp, SlidingWindow(2, 5)], band]
+    masks = [None, KeyPadding(kp), SlidingWindow(3, 3), [KeyPadding(kp), SlidingWindow(2, 5)], band]
     for mask in masks:
         for causal in (False, True):
             _, w = reference_attention(q, k, v, mask=mask, causal=causal, return_weights=True)
@@ -241,9 +245,11 @@ def test_softmax_query_weights_equal_the_row_of_the_float64_weights(m: int) -> N
                 row = softmax_query_weights(q, k, query, mask=mask, causal=causal)
                 assert row.shape == (2, 4, 1, m)
                 torch.testing.assert_close(row, w[:, :, [query]].nan_to_num(0.0), rtol=0, atol=1e-14)
-    assert torch.equal(softmax_query_weights(q, k, 0, mask=kp)[1], torch.zeros(4, 1, m, dtype=torch.float64))
-    row32 = softmax_query_weights(q.float(), k.float(), 3, mask=kp)
-    ref32 = reference_attention(q, k, v, mask=kp, return_weights=True)[1][:, :, [3]]
+    assert torch.equal(
+        softmax_query_weights(q, k, 0, mask=KeyPadding(kp))[1], torch.zeros(4, 1, m, dtype=torch.float64)
+    )
+    row32 = softmax_query_weights(q.float(), k.float(), 3, mask=KeyPadding(kp))
+    ref32 = reference_attention(q, k, v, mask=KeyPadding(kp), return_weights=True)[1][:, :, [3]]
     torch.testing.assert_close(row32.double(), ref32, rtol=0, atol=1e-6)
     for bad in (n, -n - 1, 1.0, True):
         with pytest.raises(ValueError, match=rf"query must be an int in \[-{n}, {n}\)"):
@@ -256,9 +262,9 @@ def test_weights_query_keeps_the_fast_output_path() -> None:
     x = torch.randn(3, 40, 16)
     kp = torch.ones(3, 40, dtype=torch.bool)
     kp[0, 30:] = False
-    y, ex = attn(x, mask=kp, return_extras=True, weights_query=0)
-    assert torch.equal(y, attn(x, mask=kp))
-    _, full = attn(x, mask=kp, return_extras=True, need_weights=True)
+    y, ex = attn(x, key_padding_mask=kp, return_extras=True, weights_query=0)
+    assert torch.equal(y, attn(x, key_padding_mask=kp))
+    _, full = attn(x, key_padding_mask=kp, return_extras=True, need_weights=True)
     torch.testing.assert_close(ex.weights, full.weights[:, :, :1], rtol=0, atol=1e-6)
     dec = attnlib.Attention(16, 2, causal=True)
     with pytest.raises(ValueError, match="weights_query= is not supported with cache="):
@@ -281,7 +287,7 @@ def test_cpu_key_padding_rule_and_padded_sdpa_equals_the_reference() -> None:
     q, k, v = make_qkv(3, 4, 7, 16, m=m, h_kv=2, logit_scale=3.0, dtype=torch.float64, seed=4)
     kp = torch.rand(3, m, generator=torch.Generator().manual_seed(1)) > 0.3
     kp[2] = False  # a row with no key: zeros
-    for mask in (None, kp):
+    for mask in (None, KeyPadding(kp)):
         ref = reference_attention(q, k, v, mask=mask).nan_to_num(0.0)
         q32, k32, v32 = (t.float().requires_grad_(True) for t in (q, k, v))
         out = softmax_attention(q32, k32, v32, mask=mask, backend="sdpa")

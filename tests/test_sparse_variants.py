@@ -12,7 +12,7 @@ import attnlib
 from attnlib.functional import reference_attention
 from attnlib.functional.grat import grat_permutation
 from attnlib.functional.sparse import block_max_attention
-from attnlib.masks import BlockMask, causal_mask, normalize_mask, window_mask
+from attnlib.masks import BlockMask, KeyPadding, causal_mask, normalize_mask, window_mask
 from attnlib.registry import get_variant
 from attnlib.testing import assert_close, make_qkv
 from attnlib.variants.sparse import freeze_all_but_gates
@@ -29,10 +29,10 @@ def core(name: str, **kw):
     return get_variant(name)(num_heads=H, head_dim=D, **kw).double().eval()
 
 
-def key_padding(n: int, seed: int = 1) -> torch.Tensor:
+def key_padding(n: int, seed: int = 1) -> KeyPadding:
     kp = torch.rand(B, n, generator=torch.Generator().manual_seed(seed)) > 0.3
     kp[:, 0] = True
-    return kp
+    return KeyPadding(kp)
 
 
 def expand_blocks(sel: torch.Tensor, bs: int, n: int, m: int) -> torch.Tensor:
@@ -125,7 +125,7 @@ def test_block_sparse_all_full_layout_takes_the_dense_path(
     kp = torch.ones(2, n, dtype=torch.bool)
     if padded:
         kp[1, -5:] = False
-    am = normalize_mask(kp if padded else None, causal=False, batch=2, heads=4, n=n, m=n, device=q.device)
+    am = normalize_mask(KeyPadding(kp) if padded else None, causal=False, batch=2, heads=4, n=n, m=n, device=q.device)
     out = core(q, k, v, am).out
     allowed = window_mask(n, n, left=window, right=window) & kp[:, None, None, :]
     assert_close(out, reference_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), mask=allowed))
@@ -292,7 +292,7 @@ def test_mosa_router_gets_gradient_and_padding_is_never_picked() -> None:
     cr = core("mosa", sparsity=2.0)
     kp = key_padding(n)
     _, idx, valid = cr.route(q, am(n, mask=kp))
-    assert kp.gather(1, idx.flatten(1)).view_as(idx)[valid].all()
+    assert kp.valid.gather(1, idx.flatten(1)).view_as(idx)[valid].all()
     cr(q, k, v, am(n, mask=kp)).out.square().sum().backward()
     assert cr.router.weight.grad.abs().sum() > 0
 

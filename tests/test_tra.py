@@ -9,6 +9,7 @@ import torch
 
 import attnlib
 from attnlib.functional.tra import rms_normalize, tra_attention
+from attnlib.masks import KeyPadding
 from attnlib.models import DecoderLM
 
 B, H, N, D = 2, 2, 10, 8
@@ -67,7 +68,7 @@ def test_tra_equals_its_definition(gate_on: str, causal: bool) -> None:
     allowed = kp[:, None, :] & (
         torch.ones(N, N, dtype=torch.bool).tril() if causal else torch.ones(N, N, dtype=torch.bool)
     )
-    out = tra_attention(q, k, v, gate, mask=kp, causal=causal, gate_on=gate_on, chunk_size=3)
+    out = tra_attention(q, k, v, gate, mask=KeyPadding(kp), causal=causal, gate_on=gate_on, chunk_size=3)
     torch.testing.assert_close(out, loop_tra(q, k, v, gate, allowed, gate_on=gate_on), rtol=0, atol=1e-12)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -126,6 +128,7 @@ def test_tensorboard_and_progress(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     out = capsys.readouterr()
     assert "test_accuracy" in out.out and "vit/softmax" in out.err  # results table; progress bar
+    assert "eval val" in out.err and "eval test" in out.err  # the final evaluation shows its progress too
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -135,11 +138,12 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeyp
     def poisoned(*a, **k):
         loss, n = real(*a, **k)
         calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == 3 else loss), n
+        return (loss * float("nan") if calls["n"] == 4 else loss), n
 
     monkeypatch.setattr(loop_mod, "train_loss", poisoned)
     cfg = _cfg("experiment=vit_digits", *QUIET, *TINY_TRAIN, *TINY_MODEL, *TINY_DATA["vit_digits"])
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 3.*last.pt \(step 2\)"):
+    # the step-2 checkpoint is written once step 3 has shown a finite loss and gradients at its state
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 4.*last.pt \(step 2"):
         train(cfg, tmp_path)
     ck = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
@@ -299,3 +303,226 @@ def test_configs_ship_in_the_package() -> None:
     files = {p for p in CONFIGS.rglob("*") if p.is_file() and p.suffix == ".yaml"}
     assert files and files <= shipped, sorted(str(p) for p in files - shipped)
     assert (CONFIGS / "__init__.py").exists()  # Hydra finds the configs as the package attnlib.configs
+
+
+# ------------------------------------------------------------------------------------------
+# run directories, resume, non-finite stops, trainer settings
+# ------------------------------------------------------------------------------------------
+
+
+def _tiny_vit(*extra: str) -> list[str]:
+    """A few-step vit_digits run on a 1-block dim-16 model."""
+    return ["experiment=vit_digits", *QUIET, *TINY_TRAIN, *TINY_MODEL, *TINY_DATA["vit_digits"], *extra]
+
+
+def _metric_rows(run: Path) -> list[str]:
+    return [r for r in (run / "metrics.csv").read_text().splitlines() if ",items_per_s," not in r]
+
+
+def test_default_run_dirs_are_distinct_within_one_second(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs started in the same second get a directory each (claimed atomically), not a shared one."""
+    from datetime import datetime
+
+    from omegaconf import OmegaConf
+
+    monkeypatch.chdir(tmp_path)
+    runs, sweeps = [], []
+    try:
+        for _ in range(2):  # the configs of two processes started in the same second
+            with initialize_config_module("attnlib.configs", version_base="1.3"):
+                cfg = compose("train", overrides=["experiment=vit_digits"], return_hydra_config=True)
+                OmegaConf.register_new_resolver("now", lambda pattern: "2030-01-01_00-00-00", replace=True)
+                runs.append(str(cfg.hydra.run.dir))
+                sweeps.append(str(cfg.hydra.sweep.dir))
+    finally:
+        OmegaConf.register_new_resolver(
+            "now", lambda pattern: datetime.now().strftime(pattern), use_cache=True, replace=True
+        )
+    for a, b in (runs, sweeps):
+        assert a != b and (tmp_path / a).is_dir() and (tmp_path / b).is_dir(), (a, b)
+    assert runs[0].startswith("outputs/vit-digits-softmax/2030-01-01_00-00-00")
+    assert str(cfg.hydra.run.dir) == runs[1]  # resolved once per config: every reader sees the same dir
+
+
+def test_a_run_never_writes_into_another_runs_directory(tmp_path: Path) -> None:
+    base = _tiny_vit("trainer.max_steps=2")
+    train(_cfg(*base), tmp_path)
+    before = {p: p.read_bytes() for p in (tmp_path / "results.json", tmp_path / "metrics.csv")}
+    with pytest.raises(RuntimeError, match=r"already holds a run .*results\.json.*resume=true"):
+        train(_cfg(*base, "seed=1"), tmp_path)
+    assert {p: p.read_bytes() for p in before} == before
+    from attnlib.training.rundir import lock_run_dir
+
+    busy = tmp_path / "busy"
+    with lock_run_dir(busy), pytest.raises(RuntimeError, match="in use by another process"):
+        train(_cfg(*base, "resume=true"), busy)
+
+
+def test_resume_applies_changed_optimizer_and_schedule_settings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    base = _tiny_vit("trainer.log_every=1", "trainer.warmup_steps=1", "trainer.eval_every=0")
+    train(_cfg(*base, "trainer.max_steps=2", "trainer.lr=1e-3"), tmp_path)
+    changed = ["trainer.lr=1e-4", "trainer.weight_decay=0.2", "trainer.betas=[0.8,0.99]", "trainer.min_lr_ratio=0.5"]
+    with caplog.at_level("INFO", logger="attnlib.train"):
+        train(_cfg(*base, "trainer.max_steps=4", *changed, "resume=true"), tmp_path)
+    lrs = {int(r.split(",")[0]): float(r.split(",")[3]) for r in _metric_rows(tmp_path) if ",train,lr," in r}
+    for step in (3, 4):  # the lr logged after step k is the one of step k + 1: new peak, new floor, new length
+        assert lrs[step] == pytest.approx(1e-4 * loop_mod.lr_lambda(step, warmup=1, total=4, min_ratio=0.5), rel=1e-12)
+    groups = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.2, 0.0] and all(tuple(g["betas"]) == (0.8, 0.99) for g in groups)
+    assert "lr: 0.001 -> 0.0001" in caplog.text and "max_steps: 2 -> 4" in caplog.text
+    with pytest.raises(ValueError, match=r"trainer\.max_steps=3 is below the checkpoint's step 4"):
+        train(_cfg(*base, "trainer.max_steps=3", "resume=true"), tmp_path)
+
+
+def test_non_finite_stop_keeps_a_trainable_checkpoint_and_its_advice_works(tmp_path: Path) -> None:
+    """lr=30 blows the weights up within a few steps; the checkpoint the message names is a state
+    whose loss and gradients were finite, and resuming it with the advised lr trains to the end."""
+    run = _tiny_vit(
+        "trainer.max_steps=10", "trainer.warmup_steps=0", "trainer.min_lr_ratio=1.0",
+        "trainer.checkpoint_every=1", "trainer.log_every=1", "trainer.eval_every=0",
+    )  # fmt: skip
+    with pytest.raises(NonFiniteLossError) as err:
+        train(_cfg(*run, "trainer.lr=30"), tmp_path / "blown")
+    msg = str(err.value)
+    advice = re.search(r"resume=(\S+) trainer\.lr=(\S+)", msg)
+    assert advice, msg
+    ck = load_checkpoint(advice.group(1))
+    assert 0 < ck["step"] < 10 and f"(step {ck['step']};" in msg
+    state = [*ck["model"].values(), *(v for s in ck["optimizer"]["state"].values() for v in s.values())]
+    assert all(torch.isfinite(v).all() for v in state if torch.is_tensor(v))
+    res = train(_cfg(*run, f"resume={advice.group(1)}", f"trainer.lr={advice.group(2)}"), tmp_path / "resumed")
+    assert res["steps"] == 10 and math.isfinite(res["test_loss"]) and math.isfinite(res["val_loss"])
+
+
+@pytest.mark.parametrize("kind", ["missing", "missing_dir", "empty", "random", "foreign"])
+def test_resume_from_a_missing_or_unreadable_checkpoint_is_an_error(kind: str, tmp_path: Path) -> None:
+    path = tmp_path / "ck.pt"
+    problem = {
+        "missing": "no checkpoint",
+        "missing_dir": "no checkpoint",
+        "empty": "empty file",
+        "random": "not a readable checkpoint",
+        "foreign": "no 'config', 'model'",
+    }[kind]
+    if kind == "missing_dir":
+        path = tmp_path / "a_run_dir"
+        path.mkdir()
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "random":
+        path.write_bytes(random.Random(0).randbytes(512))
+    elif kind == "foreign":
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    with pytest.raises((FileNotFoundError, ValueError)) as err:
+        train(_cfg(*_tiny_vit(), f"resume={path}"), tmp_path / "run")
+    assert str(path) in str(err.value) and problem in str(err.value), str(err.value)
+
+
+def test_trainer_group_from_the_command_line_wins_over_the_experiment() -> None:
+    smoke = _cfg("trainer=smoke", "experiment=vit_digits")
+    assert smoke.trainer.max_steps == 10 and smoke.trainer.checkpoint_every == 5  # the chosen group's settings
+    assert smoke.trainer.lr == 2e-3 and smoke.trainer.label_smoothing == 0.1  # the experiment's other settings
+    assert _cfg("experiment=vit_digits").trainer.max_steps == 2500
+    assert _cfg("experiment=vit_digits", "trainer=smoke", "trainer.max_steps=3").trainer.max_steps == 3
+    gpu = _cfg("experiment=lm_chars", "trainer=gpu")
+    assert gpu.trainer.precision == "bf16" and gpu.trainer.compile and gpu.trainer.max_steps == 2000
+    for experiment in EXPERIMENTS:
+        assert _cfg(f"experiment={experiment}", "trainer=smoke", "init_from=x").trainer.max_steps == 10, experiment
+
+
+def test_trainer_defaults_yaml_mirrors_the_code() -> None:
+    from attnlib.training import TRAINER_DEFAULTS
+
+    assert dict(_cfg().trainer) == TRAINER_DEFAULTS
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_steps=-5", "trainer.max_steps must be an integer >= 1, got -5"),
+        ("trainer.max_steps=2.5", "trainer.max_steps must be an integer >= 1, got 2.5"),
+        ("trainer.lr=1e39", "trainer.lr must be a finite number > 0"),
+        ("trainer.lr=0", "trainer.lr must be a finite number > 0"),
+        ("trainer.lr=nan", "trainer.lr must be a finite number > 0"),
+        ("trainer.warmup_steps=-1", "trainer.warmup_steps must be an integer >= 0"),
+        ("trainer.checkpoint_every=-1", "trainer.checkpoint_every must be an integer >= 0"),
+        ("trainer.log_every=0", "trainer.log_every must be an integer >= 1"),
+        ("trainer.eval_limit=0", "trainer.eval_limit must be null or an integer >= 1"),
+        ("trainer.betas=[0.9]", "trainer.betas must be two numbers in [0, 1)"),
+        ("trainer.min_lr_ratio=2", "trainer.min_lr_ratio must be a number in [0, 1]"),
+        ("trainer.grad_clip=-1", "trainer.grad_clip must be a finite number >= 0"),
+        ("trainer.precision=fp8", "trainer.precision must be one of fp32, bf16, fp16"),
+        ("data.batch_size=0", "data.batch_size must be an integer >= 1"),
+    ],
+)
+def test_invalid_trainer_settings_are_refused_before_anything_runs(override: str, message: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(_cfg(*_tiny_vit(), override), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_with_dropout_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stopped after its step-2 checkpoint and resumed equals the run that did not stop, bit for bit:
+    with dropout on, the RNG streams must be restored too."""
+    run = _tiny_vit("model.dropout=0.3", "trainer.eval_every=0", "trainer.log_every=1")
+    train(_cfg(*run), tmp_path / "ref")
+
+    class StopError(Exception):
+        pass
+
+    real, calls = loop_mod.train_loss, {"n": 0}
+
+    def stop_at_step_4(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise StopError
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop_mod, "train_loss", stop_at_step_4)
+    with pytest.raises(StopError):
+        train(_cfg(*run), tmp_path / "cut")
+    assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["step"] == 2
+    monkeypatch.setattr(loop_mod, "train_loss", real)
+    train(_cfg(*run, "resume=true"), tmp_path / "cut")
+    a = load_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _metric_rows(tmp_path / "ref") == _metric_rows(tmp_path / "cut")
+
+
+def test_cli_runs_started_in_the_same_second_keep_their_own_directories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The Hydra app itself, twice with the clock stopped: two run dirs, each with its own results and
+    metrics; and a bad trainer setting exits non-zero with the message."""
+    import datetime as dt
+
+    import hydra.core.utils
+
+    from attnlib.cli import train as cli
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2030, 1, 1, 0, 0, 0)
+
+    monkeypatch.setattr(hydra.core.utils, "datetime", Frozen)
+    monkeypatch.chdir(tmp_path)
+    args = ["attnlib-train", *_tiny_vit("trainer.max_steps=2"), "hydra/job_logging=disabled"]
+    for seed in (0, 1):
+        monkeypatch.setattr(sys, "argv", [*args, f"seed={seed}"])
+        cli.main()
+    runs = sorted(p.parent for p in tmp_path.glob("outputs/*/*/results.json"))
+    assert [r.name for r in runs] == ["2030-01-01_00-00-00", "2030-01-01_00-00-00-2"]
+    assert [json.loads((r / "results.json").read_text())["seed"] for r in runs] == [0, 1]
+    for r in runs:
+        rows = _metric_rows(r)
+        assert len(rows) == len(set(rows)) and sum(",train,loss," in x for x in rows) == 1  # this run's rows only
+        assert (r / ".hydra" / "overrides.yaml").exists()
+    monkeypatch.setattr(sys, "argv", [*args, "trainer.max_steps=-5"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 1
+    assert "trainer.max_steps must be an integer >= 1, got -5" in capsys.readouterr().err

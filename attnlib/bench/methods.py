@@ -303,6 +303,12 @@ def flex_block_mask(am: AttentionMask) -> Any:
     unsupported = set(kinds) - {"causal", "window", "block_mask"}
     if unsupported:
         raise UnsupportedError(f"flex baseline: mask kinds {sorted(unsupported)} are not benchmarked")
+    if am.block is not None and len(kinds) > 1:
+        # a BlockMask AND causal / window: the very BlockMask the block-sparse kernels run on
+        # (AttentionMask.as_block_mask, at the BlockMask's block size), so both time one layout
+        combined = am.as_block_mask(am.block.block_size)
+        assert combined is not None
+        return combined.to_flex()
     return am.to_flex()
 
 
@@ -355,6 +361,12 @@ class Runner:
             self.core = spec.build_core(case)
             self.core.train(train)
             implied = self.core.implied_mask(n, n, q.device)
+            if spec.block_density is not None and implied is not None:
+                raise UnsupportedError(
+                    f"{spec.label}: {spec.variant} imposes a mask of its own on top of the density mask, so this row "
+                    f"would not time the same mask as flex[d={spec.block_density:g}]; give it maskless settings "
+                    f"(variant_kwargs['{spec.variant}[density]'], e.g. pattern: dense)"
+                )
             self._forward = self._variant_forward
         elif spec.kind == "flex":
             if spec.mask_from is not None:

@@ -8,7 +8,8 @@ subprocess::
 
 and reads the ``results.json`` it writes into its run directory (flat keys such as
 ``test_accuracy``, ``test_bpc``, ``train_seconds`` and a parameter count). With ``resume`` an
-existing ``results.json`` is reused, so an interrupted table resumes where it stopped. The
+existing ``results.json`` is reused and a run stopped before writing it continues from its
+checkpoint (``resume=true``), so an interrupted table resumes where it stopped. The
 command is configurable (``quality.train_command``), which is how the tests drive a stub.
 """
 
@@ -143,6 +144,7 @@ def run_quality(
             f"trainer.max_steps={steps}",
             f"seed={seed}",
             f"hydra.run.dir={run_dir}",
+            *(["resume=true"] if cfg.resume else []),  # a run interrupted before its results continues
             *[str(o) for o in spec.get("overrides", []) or []],
             *[str(o) for o in cfg.variant_overrides.get(variant, []) or []],
             *[str(o) for o in cfg.extra_overrides],

@@ -15,6 +15,8 @@ __all__ = [
     "nonzero",
     "repeat_kv",
     "safe_div",
+    "sequence_extent",
+    "softmax_or_zero",
     "weights_importance",
 ]
 
@@ -62,6 +64,26 @@ def safe_div(num: Tensor, den: Tensor) -> Tensor:
     """``num / den`` where ``den != 0``, else 0 (finite gradients; rows with no key -> 0)."""
     ok = den != 0
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def sequence_extent(valid: Tensor | None, size: int, batch: int, device: torch.device) -> Tensor:
+    """Each example's length up to its last real token: 1 + the index of the last True of
+    ``valid`` (B, T) (0 when none), or ``size`` for every example when ``valid`` is None -> (B,) long.
+
+    A right-padded example run alone has this length; budgets and lengths that a variant derives
+    from the sequence length use it so that padding does not change a real row's output."""
+    if valid is None:
+        return torch.full((batch,), size, dtype=torch.long, device=device)
+    idx = torch.arange(1, size + 1, device=device)
+    return (valid.to(torch.long) * idx).amax(-1)
+
+
+def softmax_or_zero(s: Tensor) -> Tensor:
+    """Softmax over the last dim of logits s (..., M) with -inf at masked entries; a row whose
+    entries are all -inf gives zeros (with finite gradients), and NaN stays NaN (never hidden as a
+    plausible number, as ``softmax(s).nan_to_num(0)`` would)."""
+    empty = (s == float("-inf")).all(-1, keepdim=True)
+    return torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
 
 
 def weights_importance(weights: Tensor) -> Tensor:

@@ -20,11 +20,14 @@ i.e. implicit attention with one head per channel whose maps are never materiali
 
 Causal forms restrict the sums to t' <= t (N == M). Stabilisation (exact, every shift
 cancels in the ratio): K is shifted per channel by its maximum over the keys in use (causal:
-a running maximum at chunk granularity, with the prefix sums rescaled as it grows), and each
-row of w by ``max(0, max w)`` (or its maximum for AFT-full). For AFT-local/conv the keys
-outside a row's band are summed from prefix and suffix sums, never as "all keys minus the
-band" (that subtraction cancels catastrophically in float32 when band biases are very
-negative). Computation is in float32 or better. Rows with no (real) key return zeros.
+a running maximum per block of rows, with the prefix sums rescaled as it grows), and each
+row of w by ``max(0, max w)`` (or its maximum for AFT-full). Causal row blocks are split until
+no row's shift exceeds its own running maximum (over t' <= t) by more than half the
+exponent range of the dtype (:func:`causal_row_blocks`), so a large later key never flushes
+an earlier row's terms to zero: the past does not depend on the future, numerically too.
+For AFT-local/conv the keys outside a row's band are summed from prefix and suffix sums,
+never as "all keys minus the band" (that subtraction cancels catastrophically in float32 when
+band biases are very negative). Computation is in float32 or better. Rows with no (real) key return zeros.
 Limitation: K and w are shifted separately (a joint shift would need a (T, T', C) tensor),
 so in float32 a term ``e^{K_t' + w_tt'}`` whose two factors are each below ~e^-87 of their
 maxima is flushed to zero even when their sum is not small (|K|, |w| in the tens and more).
@@ -37,6 +40,7 @@ key receives averaged over the queries, (..., T', C), in the same time and memor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -60,6 +64,7 @@ __all__ = [
     "aft_local",
     "aft_simple",
     "aft_step",
+    "causal_row_blocks",
     "conv_offsets",
 ]
 
@@ -126,6 +131,49 @@ def _on_rows(mask_mod: MaskMod, s: int, e: int, lo: int, hi: int, device: torch.
     return mask_mod(zero, zero, rows, torch.arange(lo, hi, device=device)[None, :])
 
 
+def causal_row_blocks(k: Tensor, chunk_size: int, low: float) -> list[tuple[int, int]]:
+    """Row blocks [s, e) of the causal AFT scan whose shared key shift is safe for every row.
+
+    A block shifts its keys by their running maximum at its last row, ``m_{e-1}`` (per channel);
+    row t's own maximum is ``m_t = max_{t' <= t} K_t'``. A block of ``chunk_size`` rows is halved
+    until ``m_{e-1} - m_t <= L`` for all its rows (and every leading index and channel), with
+    ``L = -log(tiny) / 2`` of k's dtype (43.7 in float32): then every term of row t keeps full
+    relative precision (its largest term is >= e^-L, far above the smallest normal number) and
+    the result equals the exact-shift one to rounding, whatever the later keys are.
+
+    Args:
+        k: (..., T, C) keys, ``low`` (the dtype's lowest value) at padded keys.
+        chunk_size: rows per block before any split.
+        low: the value of padded keys (rows that have seen no real key need no shift).
+
+    Returns:
+        Consecutive (s, e) covering [0, T).
+    """
+    t = k.shape[-2]
+    c = max(1, min(int(chunk_size), t))
+    run = k.detach().cummax(-2).values  # m_t
+    first = torch.where(run > low / 2, run, torch.full_like(run, float("inf")))  # rows with a real key
+    limit = -math.log(torch.finfo(k.dtype).tiny) / 2
+    starts = list(range(0, t, c))
+    ends = [min(t, s + c) for s in starts]
+    last = run[..., [e - 1 for e in ends], :]  # (..., nb, C)
+    pad = len(starts) * c - t
+    firstp = F.pad(first, (0, 0, 0, pad), value=float("inf")) if pad else first
+    low_row = firstp.reshape(*first.shape[:-2], len(starts), c, first.shape[-1]).amin(-2)
+    spans = (last - low_row).clamp_min(0).movedim(-2, 0).flatten(1).amax(1).tolist()  # (nb,)
+
+    def span(s: int, e: int) -> float:
+        return float((run[..., e - 1 : e, :] - first[..., s:e, :].amin(-2, keepdim=True)).clamp_min(0).amax())
+
+    def split(s: int, e: int, width: float) -> list[tuple[int, int]]:
+        if e - s == 1 or not width > limit:  # NaN spans (NaN keys) are not split
+            return [(s, e)]
+        mid = (s + e) // 2
+        return split(s, mid, span(s, mid)) + split(mid, e, span(mid, e))
+
+    return [blk for s, e, w in zip(starts, ends, spans, strict=True) for blk in split(s, e, w)]
+
+
 def _aft(
     q: Tensor,
     k: Tensor,
@@ -151,8 +199,9 @@ def _aft(
 
     where OUT_t sums ``e^{K_t' - m} V_t'`` over the keys outside the band - read from prefix
     and suffix sums (never as total minus band, which cancels catastrophically when the band
-    biases are very negative). Causal: m is a running maximum at chunk granularity; prefix
-    sums of earlier chunks are rescaled to the current chunk's m as they are read.
+    biases are very negative). Causal: m is a running maximum per row block
+    (:func:`causal_row_blocks`); prefix sums of earlier blocks are rescaled to the current
+    block's m as they are read.
     """
     t, tk = q.shape[-2], k.shape[-2]
     dt = acc_dtype(q.dtype)
@@ -160,16 +209,14 @@ def _aft(
     c = max(1, min(int(chunk_size), t))
     low = torch.finfo(dt).min
     kmask = k if valid is None else k.masked_fill(valid == 0, low)
-    vf = None if valid is None else valid.to(dt)
     lead = torch.broadcast_shapes((*k.shape[:-2], 1, k.shape[-1]), (*v.shape[:-2], 1, v.shape[-1]))
     ch = lead[-1]
     simple = block is None
     full = block is not None and band is None
     left, right = band if band is not None else (0, 0)
 
-    def expk(lo: int, hi: int, m: Tensor) -> Tensor:
-        e = torch.exp(k[..., lo:hi, :] - m)
-        return e if vf is None else e * vf[..., lo:hi, :]
+    def expk(lo: int, hi: int, m: Tensor) -> Tensor:  # padded keys: e^{low - m} = 0, whatever k holds
+        return torch.exp(kmask[..., lo:hi, :] - m)
 
     def finite(m: Tensor) -> Tensor:
         return torch.where(m > low / 2, m, torch.zeros_like(m))
@@ -203,8 +250,8 @@ def _aft(
     outs: list[Tensor] = []
     mass = torch.zeros(*lead[:-2], tk, ch, dtype=dt, device=q.device) if need_importance else None
     u_rows: list[Tensor] = []  # importance: e^{-r_t} / den_t of every row (out-of-band weight)
-    for s in range(0, t, c):
-        e = min(t, s + c)
+    blocks = causal_row_blocks(kmask, c, low) if causal else [(s, min(t, s + c)) for s in range(0, t, c)]
+    for s, e in blocks:
         if causal:
             m_new = torch.maximum(m_run, kmask[..., s:e, :].amax(-2, keepdim=True).detach())
             m_c = finite(m_new)
@@ -232,9 +279,8 @@ def _aft(
         elif not full:
             if causal:
                 j0 = s - left - 1  # keys <= t - left - 1, stored relative to their own chunk's shift
-                resc = torch.exp(_rows(m_pos, j0, e - s) - m_c) * (torch.arange(j0, j0 + e - s, device=q.device) >= 0)[
-                    :, None
-                ].to(dt)
+                seen = (torch.arange(j0, j0 + e - s, device=q.device) >= 0)[:, None]  # the shifts are detached
+                resc = torch.where(seen, torch.exp(_rows(m_pos, j0, e - s) - m_c), torch.zeros((), dtype=dt))
                 out_num = _rows(pre_num_c, j0, e - s) * resc
                 out_den = _rows(pre_den_c, j0, e - s) * resc
             else:
@@ -291,8 +337,7 @@ def _aft(
             suf_u = torch.zeros_like(u)
             tail = torch.zeros(lead, dtype=dt, device=q.device)
             m_next = None
-            for s in reversed(range(0, t, c)):
-                e = min(t, s + c)
+            for s, e in reversed(blocks):
                 m_c = m_pos[..., s : s + 1, :]
                 if m_next is not None:
                     tail = tail * torch.exp(m_c - m_next)
@@ -300,10 +345,9 @@ def _aft(
                 suf_u[..., s:e, :] = intra
                 tail = intra[..., :1, :]
                 m_next = m_c
-            e_own = torch.exp(k - m_pos) if vf is None else torch.exp(k - m_pos) * vf
-            resc = torch.exp(m_pos - _rows(m_pos, gap, tk)) * (torch.arange(tk, device=q.device) + gap < t)[:, None].to(
-                dt
-            )
+            e_own = torch.exp(kmask - m_pos)
+            seen = (torch.arange(tk, device=q.device) + gap < t)[:, None]  # some row reads key t' outside its band
+            resc = torch.where(seen, torch.exp(m_pos - _rows(m_pos, gap, tk)), torch.zeros((), dtype=dt))
             mass += e_own * _rows(suf_u, gap, tk) * resc
     return out, mass / t
 

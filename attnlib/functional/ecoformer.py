@@ -64,12 +64,12 @@ BiasMode = Literal["consistent", "faithful"]
 
 
 class _SignSTE(torch.autograd.Function):
-    """sign with sign(0) = +1; straight-through gradient where |y| < 1 (hardtanh STE)."""
+    """sign with sign(0) = +1 and sign(NaN) = NaN; straight-through gradient where |y| < 1 (hardtanh STE)."""
 
     @staticmethod
     def forward(ctx, y: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(y)
-        return torch.where(y >= 0, torch.ones_like(y), -torch.ones_like(y))
+        return torch.where(y >= 0, torch.ones_like(y), torch.where(y < 0, -torch.ones_like(y), y))  # NaN stays NaN
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
@@ -78,7 +78,7 @@ class _SignSTE(torch.autograd.Function):
 
 
 def binarize(y: Tensor) -> Tensor:
-    """Codes in {-1, +1} (``y >= 0`` -> +1) with the straight-through gradient of |y| < 1."""
+    """Codes in {-1, +1} (``y >= 0`` -> +1; NaN stays NaN) with the straight-through gradient of |y| < 1."""
     return _SignSTE.apply(y)
 
 

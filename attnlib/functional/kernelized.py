@@ -11,7 +11,9 @@
 
   ``C = [c_{j-i}]`` is a Toeplitz matrix, so both sums are Toeplitz matrix products computed
   by FFT: O(N log N) time and O(N) memory in the sequence length. ``causal=True`` sets
-  ``c_r = 0`` for future offsets (``b_r = -inf`` for ``r > 0``); the FFT path stays exact.
+  ``c_r = 0`` for future offsets (``b_r = -inf`` for ``r > 0``); the causal product is a
+  dyadic sequence of FFTs (O(N log^2 N)) in which no row reads a later key, not even through
+  FFT round-off.
 * :func:`kernelized_rpe_reference` - the same attention as an explicit (N, N) matrix (the
   "dense Toeplitz form"), float64: the oracle of the FFT path.
 * :func:`toeplitz_matmul` - ``y_i = sum_j c_{j-i} x_j`` by FFT, and :func:`toeplitz_matrix`.
@@ -120,57 +122,64 @@ def _toeplitz_kernel_fft(c: Tensor, n: int, length: int) -> Tensor:
     return torch.fft.rfft(g, n=length)
 
 
-_REFINE_RATIO = 8  # causal prefix refinement: each level recomputes the first 1/8 of the rows
-_REFINE_MIN = 32
+_CAUSAL_BLOCK = 256  # causal products: rows of the dense diagonal blocks (P)
 
 
 class _ToeplitzPlan:
-    """FFT kernels for ``y_i = sum_j c_{j-i} a_j`` on (..., C, N) inputs, with causal refinement.
+    """FFT kernels for ``y_i = sum_j c_{j-i} a_j`` on (..., C, N) inputs.
 
-    FFT round-off is absolute, about eps·(the whole signal's magnitude), the same for every row.
-    Non-causal rows all sum about N terms, so that is a small relative error. A causal row i
-    sums only i + 1 terms: the first rows of a long sequence would get a relative error of
-    ~eps·N / i (4e-4 at N = 4096 in fp32). So, for causal products, the first N/8 rows are
-    recomputed from an FFT over the first N/8 keys only (exact for them, since causal rows
-    never read later keys), then the first N/64, ... - every row's error is then relative to a
-    prefix at most 8x its own length, for about 1/7 extra work.
+    FFT round-off is absolute, about eps·(the transformed signal's magnitude), spread over every
+    output row. Non-causal rows all sum about N terms, so one FFT over the whole sequence is
+    accurate. A causal row must not read later keys, not even through round-off (a large later
+    value would move the earlier rows by eps times its size), and its relative error should not
+    grow with N / i. So causal products are computed by the dyadic ("online") decomposition:
+    dense lower-triangular products inside blocks of P = ``_CAUSAL_BLOCK`` rows, and, at every
+    level L = P, 2P, ..., one FFT of length 2L per pair of sibling segments carrying the left
+    segment's L keys to the right segment's L rows. Every key-row pair j < i of different blocks
+    is covered exactly once (at the level where the two first fall into sibling segments), each
+    row reads only keys before its own block (and its block's earlier keys, densely), and the
+    round-off a row receives is relative to at most 2x its own prefix. O(N·P + N log^2 N) time:
+    log2(N / P) FFT passes over the sequence instead of one.
     """
 
     def __init__(self, c: Tensor, n: int, causal: bool) -> None:
-        self.n = n
-        self.levels: list[tuple[int, int, Tensor]] = []  # (prefix rows p, FFT length, rfft(kernel))
-        self.base: Tensor | None = None  # dense (1, H|1, p, p) Toeplitz^T for the smallest prefix
-        p = n
-        while True:
-            if causal and p <= _REFINE_MIN:
-                self.base = toeplitz_matrix(c[..., n - p : n + p - 1]).transpose(-1, -2)[None]
-                break
-            length = _fft_length(p)
-            kern = _toeplitz_kernel_fft(c[..., n - p : n + p - 1], p, length)
-            self.levels.append((p, length, kern[None, :, None, :]))
-            if not causal:
-                break
-            p = -(-p // _REFINE_RATIO)
+        self.n, self.causal = n, causal
+        # causal: (segment length L, rfft of the kernel at length 2L) per level; else (FFT length, rfft)
+        self.levels: list[tuple[int, Tensor]] = []
+        self.base: Tensor | None = None  # causal: dense (1, H|1, P, P) block Toeplitz^T
+        if not causal:
+            length = _fft_length(n)
+            self.levels.append((length, _toeplitz_kernel_fft(c, n, length)[None, :, None, :]))
+            return
+        p = min(n, _CAUSAL_BLOCK)
+        self.block = p
+        self.padded = p << max(0, math.ceil(n / p) - 1).bit_length()  # P·2^k >= n
+        self.base = toeplitz_matrix(c[..., n - p : n + p - 1]).transpose(-1, -2)[None]
+        g = c[..., :n].flip(-1)  # g[d] = c_{-d}: the weight of key i - d for row i
+        seg = p
+        while seg < self.padded:
+            gd = F.pad(g, (0, max(0, 2 * seg - n)))[..., : 2 * seg]
+            self.levels.append((seg, torch.fft.rfft(gd, n=2 * seg)[None, :, None, None, :]))
+            seg *= 2
 
     def apply(self, a: Tensor) -> Tensor:
         """a (B, H, C, N') -> (B, H, C, N) for N' >= N (a may come zero-padded to the FFT length)."""
-        y: Tensor | None = None
-        for p, length, kern in self.levels:
-            src = a if a.shape[-1] == length and p == self.n else a[..., :p]
-            part = torch.fft.irfft(torch.fft.rfft(src, n=length) * kern, n=length)[..., :p]
-            if y is None:
-                y = part
-            else:
-                y[..., :p] = part  # autograd-safe: irfft's backward does not read its output
-        if self.base is not None:
-            p = self.base.shape[-1]
-            part = a[..., :p] @ self.base
-            if y is None:
-                y = part
-            else:
-                y[..., :p] = part
-        assert y is not None
-        return y
+        if not self.causal:
+            length, kern = self.levels[0]
+            src = a if a.shape[-1] == length else a[..., : self.n]
+            return torch.fft.irfft(torch.fft.rfft(src, n=length) * kern, n=length)[..., : self.n]
+        assert self.base is not None
+        n, p, total = self.n, self.block, self.padded
+        a = a[..., :n]
+        a = F.pad(a, (0, total - n)) if total > n else a
+        lead = a.shape[:-1]
+        rows = a.shape[-2] * (total // p)  # (B, H, C·blocks, P) @ (1, H|1, P, P): one large matmul per head
+        y = (a.reshape(*lead[:-1], rows, p) @ self.base).reshape(*lead, total)
+        for seg, kern in self.levels:
+            left = a.reshape(*lead, total // (2 * seg), 2, seg)[..., 0, :]  # keys of every left segment
+            part = torch.fft.irfft(torch.fft.rfft(left, n=2 * seg) * kern, n=2 * seg)[..., seg:]  # right rows
+            y.view(*lead, total // (2 * seg), 2, seg)[..., 1, :] += part  # autograd-safe: matmul/irfft keep no output
+        return y[..., :n]
 
 
 def toeplitz_matmul(c: Tensor, x: Tensor) -> Tensor:
@@ -288,7 +297,7 @@ def kernelized_rpe_attention(
     Returns:
         out (B, H, N, Dv) in q's dtype (computed in >= float32), or (out, importance).
         Queries with no allowed key (all keys padded / before them) return zeros.
-        O(B·H·m·Dv·N log N) time, O(B·H·chunk·Dv·N) memory.
+        O(B·H·m·Dv·N log N) time (causal: N log^2 N), O(B·H·chunk·Dv·N) memory.
     """
     where = "kernelized_rpe_attention"
     _check_rpe(q, k, v, rpe_bias, projection, where)

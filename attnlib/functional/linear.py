@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlib._validation import check_qkv, positive_int
-from attnlib.functional._common import acc_dtype, nonzero, repeat_kv, safe_div
+from attnlib._validation import check_qkv, describe, positive_int
+from attnlib.functional._common import acc_dtype, nonzero, repeat_kv, safe_div, sequence_extent
 from attnlib.functional._scan import (
     FinishFn,
     blocked_attention,
@@ -477,6 +477,7 @@ def cosformer_attention(
     eps: float = 1e-6,
     max_len: int | None = None,
     mask: MaskLike | list[MaskLike] = None,
+    query_padding: Tensor | None = None,
     chunk_size: int = 64,
     explicit: bool = False,
     return_weights: bool = False,
@@ -488,12 +489,17 @@ def cosformer_attention(
     ``A_ij = relu(q_i)·relu(k_j) · cos((π/2)(i - j)/L)``, positions i, j 1-based,
     ``out_i = Σ_j A_ij v_j / max(Σ_j A_ij, eps)`` (sums over j <= i when causal).
     ``L = max(N, M)`` as in the official code, or ``max_len`` when given (needed for decoding,
-    where the final length is not known; it must be >= max(N, M)).
+    where the final length is not known; it must be >= max(N, M)). With key padding and no
+    ``max_len``, L is each example's own length ``max(N_b, M_b)``: M_b = the position of its
+    last real key, N_b = that of its last real query (``query_padding``; N when None), so a
+    padded example equals the example run alone (the official code takes the padded length).
 
     Args:
         q: (B, H, N, D); k: (B, H_kv, M, D); v: (B, H_kv, M, Dv).
         eps: lower clamp of the denominator (official value 1e-6).
-        max_len: fixed L; default max(N, M).
+        max_len: fixed L; default max(N, M) (per example with padding, see above).
+        query_padding: (B, N) bool of real queries (self-attention: the key padding) or None;
+            it only sets N_b.
         causal, mask, chunk_size, explicit, return_weights, return_importance: see the module docstring.
 
     Returns:
@@ -502,10 +508,47 @@ def cosformer_attention(
     positive_int(chunk_size, "chunk_size")
     out_dtype = q.dtype
     q, k, v, kp, causal, _ = _prepare(q, k, v, mask, causal, "cosformer_attention")
-    n, m = q.shape[2], k.shape[2]
-    length = max(n, m) if max_len is None else int(max_len)
-    if length < max(n, m):
+    b, _, n, _ = q.shape
+    m = k.shape[2]
+    if max_len is not None and int(max_len) < max(n, m):
         raise ValueError(f"cosformer_attention: max_len={max_len} is shorter than the sequences (N={n}, M={m})")
+    if query_padding is not None and (query_padding.dtype != torch.bool or tuple(query_padding.shape) != (b, n)):
+        raise ValueError(
+            f"cosformer_attention: query_padding must be a bool (B, N) = ({b}, {n}) tensor, "
+            f"got {describe(query_padding)}"
+        )
+    args = (causal, eps, chunk_size, explicit, return_weights, return_importance, out_dtype)
+    if max_len is not None or (kp is None and query_padding is None):
+        return _cosformer(q, k, v, kp, max(n, m) if max_len is None else int(max_len), *args)
+    lengths = torch.maximum(sequence_extent(query_padding, n, b, q.device), sequence_extent(kp, m, b, q.device))
+    lengths = lengths.clamp_min(1)
+    groups = [(int(length), (lengths == length).nonzero().flatten()) for length in lengths.unique().tolist()]
+    if len(groups) == 1:
+        return _cosformer(q, k, v, kp, groups[0][0], *args)
+    parts = [
+        _cosformer(q[i], k[i], v[i], None if kp is None else kp[i], length, *args) for length, i in groups
+    ]  # one call per distinct length: L enters every feature
+    order = torch.argsort(torch.cat([i for _, i in groups]))
+    if isinstance(parts[0], Tensor):
+        return torch.cat(parts)[order]  # type: ignore[arg-type]
+    return tuple(torch.cat([p[j] for p in parts])[order] for j in range(len(parts[0])))
+
+
+def _cosformer(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kp: Tensor | None,
+    length: int,
+    causal: bool,
+    eps: float,
+    chunk_size: int,
+    explicit: bool,
+    return_weights: bool,
+    return_importance: bool,
+    out_dtype: torch.dtype,
+) -> Result:
+    """:func:`cosformer_attention` with one length L for the whole batch (inputs prepared)."""
     if not (explicit or return_weights or return_importance):
 
         def fmap(x: Tensor, start: int) -> Tensor:

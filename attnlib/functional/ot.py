@@ -80,6 +80,14 @@ def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     return acc_dtype(*(t.dtype for t in tensors if t is not None))
 
 
+def _broadcastable(*shapes: torch.Size) -> bool:
+    try:
+        torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _broadcasts_to(have: torch.Size, want: tuple[int, ...]) -> bool:
     try:
         return tuple(torch.broadcast_shapes(have, want)) == tuple(want)
@@ -111,6 +119,13 @@ def _check_marginal(x: Tensor | None, shape: tuple[int, ...], name: str, where: 
         raise ValueError(f"{where}: {name} is on {x.device} but the cost is on {device}")
     if bool((x < 0).any()) or not bool(torch.isfinite(x).all()):
         raise ValueError(f"{where}: {name} must be finite and non-negative")
+
+
+def _examples(flags: Tensor) -> str:
+    """ " in example(s) [...]": the leading indices (up to 4) where ``flags`` (...) is True ("" for 0-d)."""
+    if flags.dim() == 0:
+        return ""
+    return f" in example(s) {[tuple(int(i) for i in idx) for idx in flags.nonzero()[:4]]}"
 
 
 def _check_cost(cost: Tensor, where: str) -> None:
@@ -150,10 +165,26 @@ class _Problem:
             rmask = rmask & a_mask
         if b_mask is not None:
             cmask = cmask & b_mask
+        rmask_in, cmask_in = rmask, cmask
         if a is not None:
             rmask = rmask & (a > 0)
         if b is not None:
             cmask = cmask & (b > 0)
+        bad = ~torch.isfinite(cost) & (rmask[..., :, None] & cmask[..., None, :])
+        if bool(bad.any()):
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"{where}: cost must be finite on the real pairs, got {cost[first].item()} at index {first}; "
+                "leave points out of the transport with a_mask / b_mask (or a zero marginal) instead"
+            )
+        for name, x, real in (("a", a, rmask_in), ("b", b, cmask_in)):
+            if x is not None:  # an example with real points but no mass on them
+                empty = (torch.where(real, x, torch.zeros_like(x)).sum(-1) <= 0) & real.any(-1)
+                if bool(empty.any()):
+                    raise ValueError(
+                        f"{where}: {name} has zero total mass on its real points{_examples(empty)}; a "
+                        f"marginal must carry positive mass (mark an example as padding with {name}_mask=False)"
+                    )
         live = rmask.any(-1, keepdim=True) & cmask.any(-1, keepdim=True)  # examples with mass on both sides
         self.rmask = rmask & live
         self.cmask = cmask & live
@@ -189,6 +220,14 @@ class _Problem:
 def transport_cost(cost: Tensor, plan: Tensor) -> Tensor:
     """``<C, P> = sum_ij C_ij P_ij``: cost (..., N, M), plan (..., N, M) -> (...)."""
     cost, plan = _as_tensor(cost), _as_tensor(plan)  # type: ignore[assignment]
+    for name, t in (("cost", cost), ("plan", plan)):
+        if not isinstance(t, Tensor) or t.dim() < 2:
+            raise ValueError(f"transport_cost: {name} must be a tensor (..., N, M), got {describe(t)}")
+    if cost.shape[-2:] != plan.shape[-2:] or not _broadcastable(cost.shape[:-2], plan.shape[:-2]):
+        raise ValueError(
+            "transport_cost: cost and plan must both be (..., N, M) with the same (N, M) and broadcastable "
+            f"leading dims, got cost {tuple(cost.shape)} and plan {tuple(plan.shape)}"
+        )
     return (cost * plan).sum((-1, -2))
 
 
@@ -458,6 +497,11 @@ def gromov_wasserstein(
     int_at_least(outer_iters, 1, f"{where}: outer_iters")
     int_at_least(inner_iters, 1, f"{where}: inner_iters")
     n, m = cx.shape[-1], cy.shape[-1]
+    if not _broadcastable(cx.shape[:-2], cy.shape[:-2]):
+        raise ValueError(
+            f"{where}: cx (..., N, N) and cy (..., M, M) must have broadcastable leading (batch) dims, "
+            f"got cx {tuple(cx.shape)} and cy {tuple(cy.shape)}"
+        )
     lead = torch.broadcast_shapes(cx.shape[:-2], cy.shape[:-2])
     dummy = cx.new_zeros((*lead, n, m)).to(_compute_dtype(cx, cy))
     pb = _Problem(dummy, a, b, a_mask, b_mask, where)

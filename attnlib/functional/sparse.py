@@ -26,7 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlib.functional._common import acc_dtype, masked_scores, nonzero, repeat_kv
+from attnlib.functional._common import (
+    acc_dtype,
+    masked_scores,
+    nonzero,
+    repeat_kv,
+    sequence_extent,
+    softmax_or_zero,
+)
 from attnlib.functional.softmax import softmax_attention
 from attnlib.masks import AttentionMask
 from attnlib.positional import apply_rotary
@@ -107,7 +114,7 @@ def block_max_attention(
     for s0 in range(0, n, rows):
         s1 = min(n, s0 + rows)
         s = masked_scores(q, k, mask, (s0, s1), scale, acc)
-        p = torch.softmax(s, -1).nan_to_num(0.0)  # empty rows -> 0
+        p = softmax_or_zero(s)  # empty rows -> 0
         nr = s1 - s0
         i0 = s0 // bq
         nblk = math.ceil(nr / bq)
@@ -135,6 +142,7 @@ def seer_gate_logits(
     allowed: Tensor | None = None,
     causal_gate: bool = False,
     key_valid: Tensor | None = None,
+    cross: bool = False,
 ) -> Tensor:
     """SeerAttention's AttnGate: block logits (B, H, n_q, n_k), float32 (float64 for float64 inputs).
 
@@ -150,13 +158,15 @@ def seer_gate_logits(
         causal_gate: query block I is represented by query block I - 1 (block 0 by its first
             query) and only key blocks entirely before it are scored, so the gate never reads
             future tokens.
-        key_valid: (B, M) bool, keeps padding out of the pooling (of the queries too when N == M).
+        key_valid: (B, M) bool, keeps padding out of the pooling (of the queries too in
+            self-attention, i.e. N == M and not ``cross``).
+        cross: cross-attention (the queries are not padded, whatever N and M).
     """
     _, h, n, _ = q.shape
     m = k.shape[2]
     bs = block_size
     acc = acc_dtype(q.dtype)
-    q_valid = key_valid if key_valid is not None and n == m else None
+    q_valid = key_valid if key_valid is not None and n == m and not cross else None
     qp = block_pool(q.to(acc), bs, q_pool, q_valid)
     kp = block_pool(k.to(acc), bs, k_pool, key_valid)
     if causal_gate:
@@ -201,6 +211,7 @@ def seer_select(
     block_size: int,
     n: int,
     m: int,
+    key_padding: Tensor | None = None,
 ) -> Tensor:
     """SeerAttention's block selection (B, H, n_q, n_k) bool from gate logits (B, H, n_q, n_k).
 
@@ -208,19 +219,22 @@ def seer_select(
     n_k)), the official ``nz_ratio`` rule; otherwise k = max(1, round(density · n_k))), or
     ``threshold`` on softmax(logits) when given; never a -inf logit. With ``causal`` the
     blocks holding each query block's own positions (:func:`seer_own_blocks`) that ``allowed``
-    (block level) permits are always kept.
+    (block level) permits are always kept. With ``key_padding`` (B, M) n_k is each example's
+    number of key blocks up to its last real key, so a padded example keeps the blocks it keeps
+    when run alone.
     """
     nk = logits.shape[-1]
-    finite = logits > float("-inf")
+    finite = logits != float("-inf")  # NaN scores count as allowed (selected), so NaN is never hidden
     if threshold is not None:
-        sel = torch.softmax(logits, -1).nan_to_num(0.0) > threshold
+        probs = torch.softmax(logits, -1)
+        sel = (probs > threshold) | probs.isnan()  # a NaN score keeps its blocks: NaN must reach the output
     else:
-        if causal:
-            kk = max(1, math.floor((1 - math.sqrt(1 - density)) * nk))
-        else:
-            kk = max(1, round(density * nk))
-        top = logits.topk(min(kk, nk), dim=-1).indices
-        sel = torch.zeros_like(finite).scatter_(-1, top, True)
+        counts = -(-sequence_extent(key_padding, m, logits.shape[0], logits.device) // block_size)  # (B,)
+        kk = (1 - math.sqrt(1 - density)) * counts if causal else density * counts
+        kk = (kk.floor() if causal else kk.round()).clamp_min(1).to(torch.long)  # (B,)
+        top = logits.topk(min(int(kk.max()), nk), dim=-1).indices
+        keep = torch.arange(top.shape[-1], device=logits.device) < kk[:, None, None, None]
+        sel = torch.zeros_like(finite).scatter_(-1, top, keep.expand_as(top))
     sel = sel & finite
     if causal:  # keep the block(s) holding each query block's own positions
         sel = sel | (seer_own_blocks(n, m, block_size, logits.device) & allowed)
@@ -276,8 +290,8 @@ def mosa_route(
     Router ``r = sigmoid(x W^T + b)`` with x the concatenated per-head queries (B, N, H·D),
     ``weight`` (H, H·D), ``bias`` (H,) or None, in float32 (float64 for float64 inputs).
     Expert choice (``causal_routing=False``): head e picks its top-k tokens,
-    k = clamp(floor(N / sparsity), min_tokens, N). Causal routing: token t is picked iff
-    ``r_t > threshold`` (a per-token decision; k varies per head). Padding tokens
+    k = clamp(floor(N / sparsity), min_tokens, N), N the example's number of real tokens.
+    Causal routing: token t is picked iff ``r_t > threshold`` (a per-token decision; k varies per head). Padding tokens
     (``key_padding`` (B, N) False) are never picked; ``include_first`` always picks token 0.
 
     Returns:
@@ -293,7 +307,7 @@ def mosa_route(
     if key_padding is not None:
         valid = valid & key_padding[:, None, :]
     if causal_routing:
-        pick = (r.detach() > threshold) & valid
+        pick = ((r.detach() > threshold) | r.detach().isnan()) & valid  # a NaN score is picked: NaN stays NaN
         if include_first:
             pick[..., 0] = valid[..., 0].expand_as(pick[..., 0])
         cnt = pick.sum(-1)
@@ -306,8 +320,12 @@ def mosa_route(
     if include_first:
         score[..., 0] = torch.where(valid[..., 0], float("inf"), float("-inf"))
     top = score.topk(kk, dim=-1).indices
-    idx, _ = top.sort(-1)
+    idx, order = top.sort(-1)
     slot_valid = torch.gather(valid.expand(b, h, n), -1, idx)
+    if key_padding is not None:  # k from the example's real tokens: a padded example picks what it picks alone
+        real = key_padding.sum(-1)  # (B,)
+        k_b = torch.minimum(real, (real.double() / sparsity).floor().long().clamp_min(min_tokens))
+        slot_valid = slot_valid & (order < k_b[:, None, None])
     return r, idx, slot_valid
 
 
@@ -440,7 +458,7 @@ def sparsifiner_recon_loss(
         s = torch.matmul(q, k.transpose(-1, -2)) * scale
         if allowed is not None:
             s = s.masked_fill(~allowed, float("-inf"))
-        teacher = torch.softmax(s.to(acc_dtype(q.dtype)), -1).nan_to_num(0.0)
+        teacher = softmax_or_zero(s.to(acc_dtype(q.dtype)))
     nd = num_dense_queries
     return (a_raw[:, :, nd:] - teacher[:, :, nd:].to(a_raw.dtype)).square().sum()
 
@@ -461,9 +479,9 @@ def sparsifiner_attention(
 ) -> tuple[Tensor, Tensor | None]:
     """Attention of each query over the K keys the predictor ranks highest.
 
-    K = ceil(keep_rate · N) per query (with ``causal``: query i keeps ceil(keep_rate · #keys it
-    may see), so a prefix's output does not depend on N); ``a_hat`` (B, H, N, N) ranks the keys
-    (no gradient), ``allowed`` (broadcastable to (B, H, N, N)) restricts them. The first
+    Query i keeps K_i = ceil(keep_rate · #keys it may see) (ceil(keep_rate · N) without masks),
+    so neither a causal prefix's output nor a padded example's depends on N; ``a_hat``
+    (B, H, N, N) ranks the keys (no gradient), ``allowed`` (broadcastable to (B, H, N, N)) restricts them. The first
     ``num_dense_queries`` query rows (CLS) attend densely. O(N·K·D).
 
     Args:
@@ -475,9 +493,9 @@ def sparsifiner_attention(
     b, h, n, d = q.shape
     kk = min(n, math.ceil(keep_rate * n))
     rank_ok = None
-    if causal and allowed is not None:
-        # causal: query i keeps ceil(keep_rate * #keys it may see), so a prefix's output
-        # does not depend on the sequence length (incremental decoding == full forward)
+    if allowed is not None:
+        # query i keeps ceil(keep_rate * #keys it may see), so neither a causal prefix's output
+        # (incremental decoding == full forward) nor a padded example's depends on the length
         k_row = (allowed.sum(-1, keepdim=True) * keep_rate).ceil().clamp(min=1)  # (B|1, H|1, N, 1)
         kk = min(n, int(k_row.max()))
         rank_ok = torch.arange(kk, device=q.device) < k_row  # (B|1, H|1, N, K)
@@ -495,7 +513,7 @@ def sparsifiner_attention(
         if rank_ok is not None:
             ok = ok & rank_ok
         s = s.masked_fill(~ok, float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype)
+    p = softmax_or_zero(s).to(q.dtype)
     pd = F.dropout(p, dropout_p) if dropout_p > 0 else p
     out = torch.einsum("bhnk,bhnkd->bhnd", pd, vg)
     nd = min(num_dense_queries, n)
@@ -526,8 +544,19 @@ def swinbert_soft_mask(mask_logits: Tensor, size: int | None = None) -> Tensor:
     return eye + (1 - eye) * torch.sigmoid(mask_logits[:size, :size])
 
 
-def swinbert_hard_mask(mask_logits: Tensor, n: int, threshold: float, device: torch.device | str) -> Tensor:
-    """The binarised soft mask ``S >= threshold`` over the last min(N, T) of N tokens, others all True: (N, N) bool."""
+def swinbert_hard_mask(
+    mask_logits: Tensor, n: int, threshold: float, device: torch.device | str, ends: Tensor | None = None
+) -> Tensor:
+    """The binarised soft mask ``S >= threshold`` over the last min(N, T) of N tokens, others all True: (N, N) bool.
+
+    ``ends`` (B,): each example's sequence ends at ``ends[b]`` (its last real token + 1, see key
+    padding); the mask then covers the min(end, T) tokens before it, and the result is (B, 1, N, N).
+    """
+    if ends is not None:
+        out = torch.ones(len(ends), 1, n, n, dtype=torch.bool, device=device)
+        for end in ends.unique().tolist():
+            out[ends == end, :, :end, :end] = swinbert_hard_mask(mask_logits, end, threshold, device)
+        return out
     s0 = max(0, n - mask_logits.shape[0])
     dense = torch.ones(n, n, dtype=torch.bool, device=device)
     with torch.no_grad():
@@ -550,25 +579,36 @@ def swinbert_soft_attention(
     mask_scale: float,
     allowed: Tensor | None = None,
     scale: float,
+    ends: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention with SwinBERT's soft mask as the additive bias ``-mask_scale · (1 - S)``.
 
     q (B, H, N, D), k, v (B, H_kv, M=N, D); ``soft_mask`` S (T, T), T <= N, covers the last T
     tokens (SwinBERT's [text; video] order); ``allowed`` (broadcastable bool) the caller's
-    masks. Logits and softmax in float32 (float64 for float64 inputs).
+    masks. ``ends`` (B,): example b ends at ``ends[b]`` (its last real token + 1, see key
+    padding) and its mask is the leading (T_b, T_b) block of S on the T_b = min(end, T) tokens
+    before that (None: every example ends at N). Logits and softmax in float32 (float64 for
+    float64 inputs).
 
     Returns:
         (out (B, H, N, Dv), weights (B, H, N, N)).
     """
-    h, n = q.shape[1], q.shape[2]
-    s0 = n - soft_mask.shape[0]
+    b, h, n = q.shape[:3]
     g = h // k.shape[1]
     kk, vv = repeat_kv(k, g), repeat_kv(v, g)
     acc = acc_dtype(q.dtype)
     s = torch.matmul(q, kk.transpose(-1, -2)).to(acc) * scale
-    bias = -mask_scale * (1 - soft_mask.to(acc))
-    s = torch.cat([s[..., :s0, :], torch.cat([s[..., s0:, :s0], s[..., s0:, s0:] + bias], -1)], -2)
+    penalty = -mask_scale * (1 - soft_mask.to(acc))
+    if ends is None:
+        s0 = n - soft_mask.shape[0]
+        s = torch.cat([s[..., :s0, :], torch.cat([s[..., s0:, :s0], s[..., s0:, s0:] + penalty], -1)], -2)
+    else:
+        bias = torch.zeros(b, 1, n, n, dtype=acc, device=q.device)
+        for end in ends.unique().tolist():
+            tb = min(end, soft_mask.shape[0])
+            bias[ends == end, :, end - tb : end, end - tb : end] = penalty[:tb, :tb]
+        s = s + bias
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
-    w = torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype)
+    w = softmax_or_zero(s).to(q.dtype)
     return torch.matmul(w, vv), w

@@ -15,8 +15,18 @@ the pairs a :class:`attnlib.masks.BlockMask` allows, visiting only its active bl
   bucket with the *global* output and log-sum-exp, which gives each part's exact share of the
   gradients.
 
+Dispatch (``backend="auto"``): Triton on CUDA when :func:`triton_supports` accepts the call -
+which includes "some tile configuration fits this device's shared memory" (see
+:mod:`attnlib.kernels._triton_configs`, where the fp32 precision policy is documented too) -
+else the PyTorch path, with a ``RuntimeWarning`` when a CUDA call falls back for a reason the
+caller may not expect (no tile fits, a launch out of resources).
+
+``causal=True`` and ``kv_lengths=`` are applied by the Triton kernels themselves (no new
+BlockMask per call, no host synchronisation); the PyTorch path folds them into the layout.
+
 This module sits at the bottom of attnlib's layers: it reads the BlockMask's public tensors
-(duck-typed) and imports nothing from attnlib but its error type and :mod:`attnlib.dispatch`
+(duck-typed; the PyTorch path builds the causal / key-length layouts through the BlockMask's
+own class) and imports nothing from attnlib but its error type and :mod:`attnlib.dispatch`
 (which path runs where).
 """
 
@@ -24,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -92,6 +103,12 @@ def triton_supports(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> s
         return f"the Triton kernel needs block sizes in {_TRITON_BLOCKS}, got {(bq, bk)}; use backend='torch'"
     if q.shape[-1] > 256 or v.shape[-1] > 256:
         return f"the Triton kernel supports head dims up to 256, got D={q.shape[-1]}, Dv={v.shape[-1]}"
+    if not interpreted:
+        from attnlib.kernels import _triton_configs as cfgs
+
+        why = cfgs.unsupported(q.dtype, q.shape[-1], v.shape[-1], (bq, bk), q.device)
+        if why is not None:
+            return why
     return None
 
 
@@ -144,6 +161,8 @@ def block_sparse_attention(
     block_mask: BlockMask,
     *,
     scale: float | None = None,
+    causal: bool = False,
+    kv_lengths: Tensor | None = None,
     backend: KernelBackend = "auto",
     return_lse: bool = False,
     score_mod: Any = None,
@@ -152,10 +171,15 @@ def block_sparse_attention(
 
     Args:
         q: (B, H, N, D); k: (B, H_kv, M, D); v: (B, H_kv, M, Dv). H a multiple of H_kv
-            (grouped-query attention: query head h reads key/value head h // (H / H_kv)).
+            (grouped-query attention: query head h reads key/value head h // (H / H_kv)). Any
+            strides (the Triton kernels read them; only the last dimension must be dense).
         block_mask: :class:`attnlib.masks.BlockMask` for (N, M), shared (B'=1, H'=1) or per
             batch / head. Partial blocks are masked element-wise.
         scale: logit scale, default D**-0.5.
+        causal: also apply the bottom-right aligned causal rule (key j <= query i + M - N),
+            in the kernel: no new BlockMask is built per call on the Triton path.
+        kv_lengths: optional int tensor (B,): batch row b attends its first kv_lengths[b] keys
+            only (key padding as lengths), applied in the kernel likewise.
         backend: "auto" (Triton where :func:`attnlib.dispatch.triton_preferred` says so - CUDA -
             and it supports the call, else PyTorch), "triton" or
             "torch". With ``TRITON_INTERPRET=1``, "triton" runs CPU tensors through Triton's
@@ -173,6 +197,14 @@ def block_sparse_attention(
     _check(q, k, v, block_mask)
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"block_sparse_attention: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if kv_lengths is not None:
+        if not isinstance(kv_lengths, Tensor) or kv_lengths.shape != (q.shape[0],) or kv_lengths.is_floating_point():
+            got = f"{tuple(kv_lengths.shape)} {kv_lengths.dtype}" if isinstance(kv_lengths, Tensor) else kv_lengths
+            raise ValueError(
+                f"block_sparse_attention: kv_lengths must be an int tensor (B,) = ({q.shape[0]},), got {got}"
+            )
+        if kv_lengths.device != q.device:
+            raise ValueError(f"block_sparse_attention: kv_lengths is on {kv_lengths.device} but q is on {q.device}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if score_mod is not None:
         if backend == "triton":
@@ -187,26 +219,79 @@ def block_sparse_attention(
         why = triton_supports(q, k, v, block_mask)
         if why is not None:
             raise UnsupportedError(f"block_sparse_attention(backend='triton'): {why}")
-        impl = "triton"
-    elif backend == "auto" and dispatch.triton_preferred(q.device) and triton_supports(q, k, v, block_mask) is None:
-        impl = "triton"
+        impl = "triton!"
+    elif backend == "auto" and dispatch.triton_preferred(q.device):
+        why = triton_supports(q, k, v, block_mask)
+        impl = "triton" if why is None else "torch"
+        if why is not None and triton_available() and q.dtype in _TRITON_DTYPES:
+            _warn_once(why)
     else:
         impl = "torch"
-    out, lse = _BlockSparseFn.apply(q, k, v, block_mask, scale, impl)
+    out, lse = _BlockSparseFn.apply(q, k, v, block_mask, scale, impl, bool(causal), kv_lengths)
     return (out, lse) if return_lse else out
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(
+            f"block_sparse_attention: using the PyTorch path on CUDA, the Triton kernel cannot run this call: {reason}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _torch_mask(bm: Any, causal: bool, kv_lengths: Tensor | None) -> Any:
+    """The PyTorch path's layout: ``bm`` AND the causal rule AND the key lengths (built through
+    the BlockMask's own class; the causal one is cached on ``bm``)."""
+    if causal:
+        cache = getattr(bm, "_cache", None)
+        if cache is not None and "torch_causal_mask" in cache:
+            bm = cache["torch_causal_mask"]
+        else:
+            n, m = bm.seq_lengths
+            both = bm & type(bm).causal(n, m, block_size=bm.block_size, device=bm.device)
+            if cache is not None:
+                cache["torch_causal_mask"] = both
+            bm = both
+    if kv_lengths is not None:
+        n, m = bm.seq_lengths
+        keep = torch.arange(m, device=kv_lengths.device)[None, :] < kv_lengths[:, None]
+        bm = bm & type(bm).from_key_padding(keep, n, block_size=bm.block_size)
+    return bm
 
 
 class _BlockSparseFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, bm: Any, scale: float, impl: str) -> tuple[Tensor, Tensor]:
-        if impl == "triton":
+    def forward(
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        bm: Any,
+        scale: float,
+        impl: str,
+        causal: bool,
+        kv_lengths: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        if impl.startswith("triton"):
             from attnlib.kernels import _triton_block_sparse as tri
 
-            out, lse = tri.forward(q, k, v, bm, scale)
-        else:
+            try:
+                out, lse = tri.forward(q, k, v, bm, scale, causal, kv_lengths)
+            except tri.NoKernelConfigError as e:
+                if impl == "triton!":
+                    raise UnsupportedError(f"block_sparse_attention(backend='triton'): {e}") from e
+                _warn_once(str(e))
+                impl = "torch"
+        if impl == "torch":
+            bm = _torch_mask(bm, causal, kv_lengths)
             out, lse = _torch_forward(q, k, v, bm, scale)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.bm, ctx.scale, ctx.impl = bm, scale, impl
+        ctx.bm, ctx.scale, ctx.impl, ctx.causal, ctx.kv_lengths = bm, scale, impl, causal, kv_lengths
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -214,13 +299,20 @@ class _BlockSparseFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, dout: Tensor, _dlse: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        if ctx.impl == "triton":
+        bm = ctx.bm
+        if ctx.impl.startswith("triton"):
             from attnlib.kernels import _triton_block_sparse as tri
 
-            dq, dk, dv = tri.backward(dout.contiguous(), q, k, v, out, lse, ctx.bm, ctx.scale)
-        else:
-            dq, dk, dv = _torch_backward(dout, q, k, v, out, lse, ctx.bm, ctx.scale)
-        return dq, dk, dv, None, None, None
+            try:
+                dq, dk, dv = tri.backward(dout, q, k, v, out, lse, bm, ctx.scale, ctx.causal, ctx.kv_lengths)
+                return dq, dk, dv, None, None, None, None, None
+            except tri.NoKernelConfigError as e:
+                if ctx.impl == "triton!":
+                    raise UnsupportedError(f"block_sparse_attention(backend='triton'): {e}") from e
+                _warn_once(str(e))
+                bm = _torch_mask(bm, ctx.causal, ctx.kv_lengths)
+        dq, dk, dv = _torch_backward(dout, q, k, v, out, lse, bm, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------
@@ -347,18 +439,23 @@ def _plan(bm: Any, b: int, h: int, hk: int) -> list[_Bucket]:
 
 
 def _affine(idx: Tensor) -> tuple[int, int, int] | None:
-    """(base, row step, column step) when idx (R, X) == base + r·step_r + x·step_x, else None."""
+    """(base, row step, column step) when idx (R, X) == base + r·step_r + x·step_x with both steps
+    >= 0 (a strided view cannot step backwards: ``as_strided`` rejects negative strides), else None."""
     r, x = idx.shape
     base = int(idx[0, 0])
     sr = int(idx[1, 0] - idx[0, 0]) if r > 1 else 0
     sx = int(idx[0, 1] - idx[0, 0]) if x > 1 else 0
+    if sr < 0 or sx < 0:
+        return None
     want = base + torch.arange(r, device=idx.device)[:, None] * sr + torch.arange(x, device=idx.device)[None, :] * sx
     return (base, sr, sx) if torch.equal(idx, want) else None
 
 
 def _affine_segments(bucket: _Bucket) -> list[slice] | None:
-    """Split a bucket's rows into maximal runs whose query and key blocks are affine (see _Item),
-    or None when some row's key blocks are not one contiguous run (then they are gathered)."""
+    """Split a bucket's rows into maximal runs whose query and key blocks are affine with
+    non-negative steps (see _Item), or None when some row's key blocks are not one contiguous run
+    (then they are gathered). A step going down (key blocks visited by one query block lying
+    *before* those of the previous one) starts a new run."""
     kf, qf = bucket.kflat, bucket.qflat
     r, x, c = kf.shape
     if c > 1 and not bool((kf[..., 1:] - kf[..., :-1] == 1).all()):
@@ -371,8 +468,9 @@ def _affine_segments(bucket: _Bucket) -> list[slice] | None:
     ks, qs = kf[:, 0, 0].tolist(), qf[:, 0].tolist()
     out, start = [], 0
     for i in range(1, r + 1):
-        if i < r and (i - start < 2 or (ks[i] - ks[i - 1] == ks[start + 1] - ks[start]
-                                        and qs[i] - qs[i - 1] == qs[start + 1] - qs[start])):  # fmt: skip
+        dk_, dq_ = (ks[i] - ks[i - 1], qs[i] - qs[i - 1]) if i < r else (-1, -1)
+        if dk_ >= 0 and dq_ >= 0 and (i - start < 2 or (dk_ == ks[start + 1] - ks[start]
+                                                         and dq_ == qs[start + 1] - qs[start])):  # fmt: skip
             continue
         out.append(slice(start, i))
         start = i
@@ -480,16 +578,19 @@ def _part_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: f
             attn_mask=None if bias is None else bias.expand(*q.shape[:2], *bias.shape[2:]),
             scale=scale,
         )
-        return out, lse
+        nan_q = q.isnan().any(-1, keepdim=True)  # the fused kernel returns 0 for such a row (few keys)
+        return out.masked_fill(nan_q, float("nan")), lse.masked_fill(nan_q.squeeze(-1), float("nan"))
+    # fp16 / bf16 inputs: scores, probabilities and the output accumulate in fp32 (a half-precision
+    # matmul would round the scores to bf16 before the softmax: ~1e-2 relative error in the LSE)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    s = torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
     if bias is not None:
         s = s + bias.to(acc)
     mx = s.amax(-1, keepdim=True)
     mx = torch.where(torch.isneginf(mx), torch.zeros_like(mx), mx)
     p = torch.exp(s - mx)
     den = p.sum(-1, keepdim=True)
-    out = torch.matmul(p.to(v.dtype), v).to(acc) / torch.where(den == 0, torch.ones_like(den), den)
+    out = torch.matmul(p, v.to(acc)) / torch.where(den == 0, torch.ones_like(den), den)
     return out.to(q.dtype), (mx + torch.log(den)).squeeze(-1)
 
 
@@ -553,15 +654,19 @@ def _k_side(it: _Item, flat: Tensor, gathered: Tensor | None, bk: int) -> Tensor
 
 def _add_runs(acc: Tensor, grad: Tensor, it: _Item, bk: int) -> None:
     """acc[kflat] += grad for an item whose key blocks are affine runs (windows may overlap
-    across rows, so add the j-th block of every row at a time: those never overlap)."""
+    across rows, so add the j-th block of every row at a time: those never overlap). Columns that
+    read the same blocks (step 0: query heads sharing one key/value head) are summed first."""
     assert it.k_spec is not None
     base, sr, sx = it.k_spec
-    g = grad.reshape(it.r, it.x, it.c, bk, grad.shape[-1]).to(acc.dtype)
+    x = it.x
+    g = grad.reshape(it.r, x, it.c, bk, grad.shape[-1]).to(acc.dtype)
+    if sx == 0 and x > 1:  # every column reads the same blocks (multi-query attention)
+        g, x = g.sum(1, keepdim=True), 1
     if sr == 0 or it.r == 1:  # every row reads the same blocks
-        _view(acc, (base, sr, sx), 1, it.x, it.c * bk).add_(g.sum(0, keepdim=True).reshape(1, it.x, -1, grad.shape[-1]))
+        _view(acc, (base, sr, sx), 1, x, it.c * bk).add_(g.sum(0, keepdim=True).reshape(1, x, -1, grad.shape[-1]))
         return
     for j in range(it.c):
-        _view(acc, (base + j, sr, sx), it.r, it.x, bk).add_(g[:, :, j])
+        _view(acc, (base + j, sr, sx), it.r, x, bk).add_(g[:, :, j])
 
 
 def _torch_forward(q: Tensor, k: Tensor, v: Tensor, bm: Any, scale: float) -> tuple[Tensor, Tensor]:

@@ -3,11 +3,17 @@
 Convention everywhere in attnlib: masks are boolean and **True = may attend** (the SDPA
 convention). The kinds of mask a caller can give:
 
-* key padding: a bool tensor of shape (B, M) - key j of batch b is real (True) or padding;
-* full: a bool tensor of shape (B|1, H|1, N, M);
+* a plain bool tensor, broadcast to (B, H, N, M) as in SDPA: (N, M), (1, N, M) or
+  (B|1, H|1, N, M) (N or M may also be 1); a 3-D tensor with a leading size > 1 is refused as
+  ambiguous (SDPA reads (H, N, M), nn.MultiheadAttention (B·H, N, M));
+* key padding (B, M) - key j of batch b is real (True) or padding: :class:`KeyPadding`, or the
+  ``key_padding_mask=`` argument of :meth:`attnlib.Attention.forward` (never a plain tensor:
+  a 2-D tensor is (N, M));
 * ``causal=True`` (a flag of the module / functional call, not a tensor);
 * sliding window: :class:`SlidingWindow` (``left`` / ``right`` radius);
 * :class:`BlockMask`: a block-sparse layout whose partial blocks keep their element-wise mask.
+
+A list of masks is their AND, in any order.
 
 Causal and sliding-window masks with N != M are *bottom-right aligned* (the FlashAttention
 convention): query row i sits at absolute position ``i + (M - N)``. So a decoder step with one
@@ -22,8 +28,8 @@ by :func:`normalize_mask`, which validates shapes, dtypes and devices and raises
 `ValueError` saying what was expected and what was given.
 
 Modules: ``predicates`` (the predicates and their dense forms), ``window`` (SlidingWindow),
-``block`` (BlockMask: generic layout code), ``patterns`` (named layouts, mixed into BlockMask),
-``attention_mask`` (AttentionMask, MaskLike, normalize_mask).
+``padding`` (KeyPadding), ``block`` (BlockMask: generic layout code), ``patterns`` (named
+layouts, mixed into BlockMask), ``attention_mask`` (AttentionMask, MaskLike, normalize_mask).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Any
 
 from attnlib.masks.attention_mask import AttentionMask, MaskLike, normalize_mask
 from attnlib.masks.block import BlockMask
+from attnlib.masks.padding import KeyPadding
 from attnlib.masks.predicates import (
     MaskMod,
     and_mod,
@@ -49,6 +56,7 @@ from attnlib.masks.window import SlidingWindow, sliding_window
 __all__ = [
     "AttentionMask",
     "BlockMask",
+    "KeyPadding",
     "MaskLike",
     "MaskMod",
     "SlidingWindow",

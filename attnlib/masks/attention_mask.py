@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 from torch import Tensor
 
-from attnlib._validation import describe
-from attnlib.masks._checks import as_block_pair
+from attnlib._validation import describe, positive_int_pair
 from attnlib.masks.block import BlockMask
+from attnlib.masks.padding import KeyPadding
 from attnlib.masks.predicates import (
     MaskMod,
     and_mod,
@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["AttentionMask", "MaskLike", "normalize_mask"]
 
-MaskLike = Union[Tensor, SlidingWindow, BlockMask, "AttentionMask", None]
+MaskLike = Union[Tensor, SlidingWindow, KeyPadding, BlockMask, "AttentionMask", None]
 
 
 @dataclass
@@ -183,7 +183,7 @@ class AttentionMask:
         (O(N · M), like the mask itself); a BlockMask with another block size is re-tiled
         from its rows. The parts are ANDed block by block.
         """
-        bq, bk = as_block_pair(block_size)
+        bq, bk = positive_int_pair(block_size, "AttentionMask.as_block_mask: block_size", hint=" (bq, bk)")
         n, m, dev = self.n, self.m, self.device
         parts: list[BlockMask] = []
         if self.block is not None:
@@ -215,6 +215,13 @@ def _and_blocks(a: BlockMask, b: BlockMask) -> BlockMask:
     return BlockMask.from_dense(a.to_dense() & b.to_dense(), a.block_size)
 
 
+def _flatten(mask: Any) -> list[Any]:
+    """The items of a (nested) list / tuple of masks, in order."""
+    if not isinstance(mask, (list, tuple)):
+        return [mask]
+    return [item for it in mask for item in _flatten(it)]
+
+
 def normalize_mask(
     mask: MaskLike | list[MaskLike] | tuple[MaskLike, ...],
     *,
@@ -224,94 +231,128 @@ def normalize_mask(
     n: int,
     m: int,
     device: torch.device,
+    key_padding_mask: Tensor | None = None,
 ) -> AttentionMask:
     """Validate ``mask`` for a call with sizes (B, H, N, M) and bundle it with ``causal``.
 
-    ``mask`` may be None, a bool tensor of shape (B, M) (key padding) or (B|1, H|1, N, M)
-    (full), a :class:`SlidingWindow`, a :class:`BlockMask`, an :class:`AttentionMask`, or a
-    list/tuple of these (all constraints apply). Raises ValueError naming the expected and
-    the given shape, dtype or device.
+    ``mask`` may be None, a bool tensor, a :class:`SlidingWindow`, a :class:`KeyPadding`, a
+    :class:`BlockMask`, an :class:`AttentionMask`, or a (nested) list / tuple of these: their
+    AND, in any order. A plain tensor broadcasts to (B, H, N, M) as in SDPA: (N, M), (1, N, M)
+    or (B|1, H|1, N, M), where N and M may also be 1 (broadcast); a 3-D tensor with a leading
+    size > 1 is refused as ambiguous. Key padding (B, M) is ``key_padding_mask`` or a
+    :class:`KeyPadding` item, never a plain tensor. Raises ValueError naming the argument, the
+    expected and the given shape, dtype or device.
     """
     out = AttentionMask(batch=batch, heads=heads, n=n, m=m, device=device, causal=bool(causal))
-    items: list[Any] = []
-    stack: list[Any] = [mask]
-    while stack:  # flatten nested lists / tuples
-        it = stack.pop(0)
-        if isinstance(it, (list, tuple)):
-            stack = list(it) + stack
-        else:
-            items.append(it)
-    for item in items:
-        if item is None:
-            continue
-        if isinstance(item, AttentionMask):
-            if (item.batch, item.n, item.m) != (batch, n, m):
-                raise ValueError(
-                    f"AttentionMask was built for (B, N, M) = {(item.batch, item.n, item.m)}, "
-                    f"but the call has {(batch, n, m)}"
-                )
-            for k in item.kinds():
-                _merge(out, k, item)
-            continue
-        if isinstance(item, SlidingWindow):
-            out.window = item if out.window is None else out.window.intersect(item)
-            continue
-        if isinstance(item, BlockMask):
-            bb, hh, bn, bm = item.shape
-            if (bn, bm) != (n, m) or bb not in (1, batch) or hh not in (1, heads):
-                raise ValueError(
-                    f"BlockMask shape (B', H', N, M) = {(bb, hh, bn, bm)} does not match the call: "
-                    f"expected B' in (1, {batch}), H' in (1, {heads}), N={n}, M={m}"
-                )
-            if item.device != device:
-                raise ValueError(f"BlockMask is on {item.device} but the inputs are on {device}")
-            out.block = item if out.block is None else _and_blocks(out.block, item)
-            continue
-        if not isinstance(item, Tensor):
-            raise ValueError(
-                "mask must be a bool tensor (B, M) or (B|1, H|1, N, M), a SlidingWindow, a "
-                f"BlockMask, an AttentionMask or a list of these; got {describe(item)}"
-            )
-        if item.dtype != torch.bool:
-            raise ValueError(
-                f"mask must be a bool tensor (True = may attend), got dtype {item.dtype}; "
-                "convert an additive or 0/1 mask with `mask > 0` or `mask == 0` as appropriate"
-            )
-        if item.device != device:
-            raise ValueError(f"mask is on {item.device} but the inputs are on {device}")
-        if item.dim() == 2:
-            if tuple(item.shape) != (batch, m):
-                raise ValueError(f"a 2-D mask is key padding of shape (B, M) = ({batch}, {m}), got {tuple(item.shape)}")
-            out.key_padding = item if out.key_padding is None else out.key_padding & item
-        elif item.dim() == 4:
-            b_, h_, n_, m_ = item.shape
-            if b_ not in (1, batch) or h_ not in (1, heads) or (n_, m_) != (n, m):
-                raise ValueError(
-                    f"a 4-D mask must have shape (B|1, H|1, N, M) = ({batch}|1, {heads}|1, {n}, {m}), "
-                    f"got {tuple(item.shape)}"
-                )
-            out.full = item if out.full is None else out.full & item
-        else:
-            raise ValueError(
-                f"mask must be key padding (B, M) = ({batch}, {m}) or full (B|1, H|1, N, M) = "
-                f"({batch}|1, {heads}|1, {n}, {m}); got a {item.dim()}-D tensor of shape "
-                f"{tuple(item.shape)}"
-            )
+    for item in _flatten(mask):
+        _add(out, item)
+    if key_padding_mask is not None:
+        _add_key_padding(out, key_padding_mask, "key_padding_mask")
     return out
 
 
-def _merge(out: AttentionMask, kind: str, src: AttentionMask) -> None:
-    if kind == "causal":
-        out.causal = True
-    elif kind == "key_padding":
-        kp = src.key_padding
-        assert kp is not None
-        out.key_padding = kp if out.key_padding is None else out.key_padding & kp
-    elif kind == "full_mask":
-        f = src.full
-        assert f is not None
-        out.full = f if out.full is None else out.full & f
-    elif kind == "window":
-        out.window = src.window
-    elif kind == "block_mask":
-        out.block = src.block
+def _add(out: AttentionMask, item: Any) -> None:
+    """AND one mask item into ``out`` (validated against its sizes)."""
+    if item is None:
+        return
+    if isinstance(item, AttentionMask):
+        if (item.batch, item.n, item.m) != (out.batch, out.n, out.m):
+            raise ValueError(
+                f"mask: an AttentionMask built for (B, N, M) = {(item.batch, item.n, item.m)} was given "
+                f"to a call with {(out.batch, out.n, out.m)}"
+            )
+        out.causal = out.causal or item.causal
+        for part in (item.full, item.window, item.block):
+            _add(out, part)
+        if item.key_padding is not None:
+            _add_key_padding(out, item.key_padding, "mask (an AttentionMask's key_padding)")
+    elif isinstance(item, SlidingWindow):
+        out.window = item if out.window is None else out.window.intersect(item)
+    elif isinstance(item, KeyPadding):
+        _add_key_padding(out, item.valid, "KeyPadding.valid")
+    elif isinstance(item, BlockMask):
+        bb, hh, bn, bm = item.shape
+        if (bn, bm) != (out.n, out.m) or bb not in (1, out.batch) or hh not in (1, out.heads):
+            raise ValueError(
+                f"mask: BlockMask shape (B', H', N, M) = {(bb, hh, bn, bm)} does not match the call: "
+                f"expected B' in (1, {out.batch}), H' in (1, {out.heads}), N={out.n}, M={out.m}"
+            )
+        if item.device != out.device:
+            raise ValueError(f"mask: BlockMask is on {item.device} but the inputs are on {out.device}")
+        out.block = item if out.block is None else _and_blocks(out.block, item)
+    elif isinstance(item, Tensor):
+        _add_tensor(out, item)
+    else:
+        raise ValueError(
+            f"mask must be a bool tensor ({_tensor_readings(out)}), a SlidingWindow, a KeyPadding, "
+            f"a BlockMask, an AttentionMask or a list of these; got {describe(item)}"
+        )
+
+
+def _tensor_readings(out: AttentionMask) -> str:
+    b, h, n, m = out.batch, out.heads, out.n, out.m
+    return f"(N, M) = ({n}, {m}), (1, N, M) or (B|1, H|1, N, M) = ({b}|1, {h}|1, {n}, {m}), broadcast as in SDPA"
+
+
+def _check_bool_on(out: AttentionMask, t: Tensor, what: str, meaning: str = "True = may attend") -> None:
+    if t.dtype != torch.bool:
+        raise ValueError(
+            f"{what} must be a bool tensor ({meaning}), got dtype {t.dtype}; "
+            f"convert an additive or 0/1 mask with `{what} > 0` or `{what} == 0` as appropriate"
+        )
+    if t.device != out.device:
+        raise ValueError(f"{what} is on {t.device} but the inputs are on {out.device}")
+
+
+def _add_key_padding(out: AttentionMask, kp: object, what: str) -> None:
+    """AND key padding (B, M) into ``out``."""
+    if not isinstance(kp, Tensor):
+        raise ValueError(
+            f"{what} must be a bool tensor (B, M) = ({out.batch}, {out.m}) (True = real key), got {describe(kp)}"
+        )
+    _check_bool_on(out, kp, what, "True = real key")
+    if tuple(kp.shape) != (out.batch, out.m):
+        raise ValueError(
+            f"{what} is key padding of shape (B, M) = ({out.batch}, {out.m}) (True = real key), "
+            f"got shape {tuple(kp.shape)}"
+        )
+    out.key_padding = kp if out.key_padding is None else out.key_padding & kp
+
+
+def _add_tensor(out: AttentionMask, t: Tensor) -> None:
+    """AND a plain tensor mask, read with SDPA's broadcasting to (B, H, N, M), into ``out``."""
+    _check_bool_on(out, t, "mask")
+
+    b, h, n, m = out.batch, out.heads, out.n, out.m
+    shape = tuple(t.shape)
+    padding_hint = (
+        f"key padding (B, M) = ({b}, {m}) is not a plain tensor mask: pass it as "
+        "key_padding_mask= or as masks.KeyPadding(valid) in the mask list"
+    )
+    if t.dim() == 2 and not (shape[0] in (1, n) and shape[1] in (1, m)):
+        raise ValueError(
+            f"mask: a 2-D mask is read as (N, M) = ({n}, {m}), as in SDPA, and {padding_hint}; "
+            f"got shape {shape}, which fits {'the key-padding reading only' if shape == (b, m) else 'neither'}"
+        )
+    if t.dim() == 3 and shape[0] != 1:
+        raise ValueError(
+            f"mask: a 3-D mask must be (1, N, M) = (1, {n}, {m}); got shape {shape}, whose leading size "
+            f"{shape[0]} is ambiguous (SDPA reads (H, N, M), nn.MultiheadAttention (B·H, N, M), others "
+            f"(B, N, M)): give it 4 dims, (B, 1, N, M) per example or (1, H, N, M) per head"
+        )
+    if t.dim() not in (2, 3, 4):
+        raise ValueError(
+            f"mask: expected a bool tensor {_tensor_readings(out)}; got a {t.dim()}-D tensor of shape {shape}"
+        )
+    t4 = t.reshape((1,) * (4 - t.dim()) + shape)
+    if any(have not in (1, want) for have, want in zip(t4.shape, (b, h, n, m))):
+        raise ValueError(
+            f"mask: expected a bool tensor {_tensor_readings(out)} (a size-1 N or M broadcasts too; "
+            f"{padding_hint}); got shape {shape}"
+        )
+    bb, hh, nn_, mm = t4.shape
+    if hh == 1 and nn_ == 1 and mm == m:  # (B|1, 1, 1, M): key padding
+        _add_key_padding(out, t4[:, 0, 0, :].expand(b, m), "mask")
+        return
+    full = t4.expand(bb, hh, n, m)
+    out.full = full if out.full is None else out.full & full

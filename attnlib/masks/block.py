@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from attnlib._validation import describe
-from attnlib.masks._checks import as_block_pair, check_nm
+from attnlib._validation import describe, positive_int, positive_int_pair
 from attnlib.masks.patterns import BlockPatterns
 from attnlib.masks.predicates import (
     MaskMod,
@@ -412,7 +411,7 @@ class BlockMask(BlockPatterns):
             mask = mask[None, None]
         if mask.dim() != 4:
             raise ValueError(f"BlockMask.from_dense expects shape (N, M) or (B, H, N, M), got {tuple(mask.shape)}")
-        bq, bk = as_block_pair(block_size)
+        bq, bk = positive_int_pair(block_size, "BlockMask.from_dense: block_size", hint=" (bq, bk)")
         n, m = mask.shape[-2:]
         if n == 0 or m == 0:
             raise ValueError(f"BlockMask needs N > 0 and M > 0, got N={n}, M={m}")
@@ -436,14 +435,16 @@ class BlockMask(BlockPatterns):
         ``mask_mod`` is evaluated on broadcast index tensors one query block at a time, so
         memory is O(B·H·bq·M), never N x M. ``B``/``H`` of None mean "shared" (1).
         """
-        bq, bk = as_block_pair(block_size)
-        if N <= 0 or M <= 0:
-            raise ValueError(f"BlockMask needs N > 0 and M > 0, got N={N}, M={M}")
-        bb, hh = B or 1, H or 1
-        rows = (
-            evaluate_rows(mask_mod, s, min(s + bq, N), M, batch=bb, heads=hh, device=device, expand=True)
-            for s in range(0, N, bq)
-        )
+        where = "BlockMask.from_mask_mod"
+        if not callable(mask_mod):
+            raise ValueError(
+                f"{where}: mask_mod must be a function (b, h, q_idx, kv_idx) -> bool tensor, got {describe(mask_mod)}"
+            )
+        bq, bk = positive_int_pair(block_size, f"{where}: block_size", hint=" (bq, bk)")
+        N, M = positive_int(N, f"{where}: N"), positive_int(M, f"{where}: M")
+        bb = 1 if B is None else positive_int(B, f"{where}: B", hint=" (or None: shared)")
+        hh = 1 if H is None else positive_int(H, f"{where}: H", hint=" (or None: shared)")
+        rows = (_checked_rows(mask_mod, s, min(s + bq, N), M, bb, hh, device, where) for s in range(0, N, bq))
         return cls._from_row_blocks(rows, block_size=(bq, bk), seq_lengths=(N, M), mask_mod=mask_mod)
 
     # -- generic builders -----------------------------------------------------------------
@@ -539,8 +540,10 @@ class BlockMask(BlockPatterns):
         if not isinstance(key_padding, Tensor) or key_padding.dtype != torch.bool or key_padding.dim() != 2:
             raise ValueError(f"BlockMask.from_key_padding expects a bool tensor (B, M), got {describe(key_padding)}")
         bb, m = key_padding.shape
-        n, _ = check_nm(N, m, "BlockMask.from_key_padding")
-        bq, bk = as_block_pair(block_size)
+        n = positive_int(N, "BlockMask.from_key_padding: N")
+        if m == 0:
+            raise ValueError("BlockMask.from_key_padding: key_padding has M = 0 keys; M must be > 0")
+        bq, bk = positive_int_pair(block_size, "BlockMask.from_key_padding: block_size", hint=" (bq, bk)")
         nq, nk = math.ceil(n / bq), math.ceil(m / bk)
         kp = torch.nn.functional.pad(key_padding, (0, nk * bk - m)).view(bb, nk, bk)
         cnt = kp.sum(-1)
@@ -592,10 +595,10 @@ class BlockMask(BlockPatterns):
             k = max(1, round(float(density) * nk))
         elif isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"BlockMask.from_topk: k must be an int >= 1, got {k!r}")
-        bq, bk = as_block_pair(block_size)
+        bq, bk = positive_int_pair(block_size, "BlockMask.from_topk: block_size", hint=" (bq, bk)")
         if seq_lengths is None:
             seq_lengths = (nq * bq, nk * bk)
-        n, m = check_nm(*seq_lengths, "BlockMask.from_topk")
+        n, m = positive_int_pair(seq_lengths, "BlockMask.from_topk: seq_lengths", hint=" (N, M)")
         if (math.ceil(n / bq), math.ceil(m / bk)) != (nq, nk):
             raise ValueError(
                 f"BlockMask.from_topk: scores have (n_q, n_k) = {(nq, nk)} but seq_lengths {seq_lengths} with "
@@ -619,7 +622,14 @@ class BlockMask(BlockPatterns):
         Partial-block element masks are obtained by evaluating the flex mask's ``mask_mod``
         on those blocks only.
         """
-        bq, bk = as_block_pair(tuple(flex_mask.BLOCK_SIZE))  # type: ignore[arg-type]
+        from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+
+        if not isinstance(flex_mask, FlexBlockMask):
+            raise ValueError(
+                "BlockMask.from_flex: flex_mask must be a torch.nn.attention.flex_attention.BlockMask "
+                f"(e.g. from create_block_mask), got {describe(flex_mask)}"
+            )
+        bq, bk = positive_int_pair(tuple(flex_mask.BLOCK_SIZE), "BlockMask.from_flex: flex_mask.BLOCK_SIZE")
         n, m = flex_mask.seq_lengths
         kv_num = flex_mask.kv_num_blocks.to(torch.int32)
         kv_idx = flex_mask.kv_indices.to(torch.int32)
@@ -686,6 +696,34 @@ class BlockMask(BlockPatterns):
         if "dense_mod" not in self._cache:
             self._cache["dense_mod"] = dense_mod(self.to_dense())
         return self._cache["dense_mod"]
+
+
+def _checked_rows(
+    mask_mod: MaskMod,
+    start: int,
+    end: int,
+    m: int,
+    batch: int,
+    heads: int,
+    device: torch.device | str | None,
+    where: str,
+) -> Tensor:
+    """Rows ``start:end`` of a user's ``mask_mod``, (B, H, end - start, M) bool; ValueError naming
+    ``where`` when its result is not a bool tensor of the index grids' broadcast shape."""
+    want = (batch, heads, end - start, m)
+    try:
+        rows = evaluate_rows(mask_mod, start, end, m, batch=batch, heads=heads, device=device, expand=True)
+    except RuntimeError as err:  # a result that does not broadcast to the index grids
+        raise ValueError(
+            f"{where}: mask_mod(b, h, q_idx, kv_idx) must return a bool tensor of the broadcast shape "
+            f"of its index arguments, {want} here; calling it failed with: {err}"
+        ) from None
+    if not isinstance(rows, Tensor) or tuple(rows.shape) != want:
+        raise ValueError(
+            f"{where}: mask_mod(b, h, q_idx, kv_idx) must return a bool tensor of the broadcast shape "
+            f"of its index arguments, {want} here; got {describe(rows)}"
+        )
+    return rows
 
 
 def _reorder(num: Tensor, idx: Tensor, nk: int) -> tuple[Tensor, Tensor]:

@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from attnlib._validation import describe
-from attnlib.masks._checks import as_block_pair, check_nm, non_negative
+from attnlib._validation import describe, non_negative_int, positive_int, positive_int_pair
 from attnlib.masks.predicates import MaskMod, and_mod, band_blocks, block_spans, causal_mod, window_mod
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -28,6 +27,12 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["BlockPatterns", "grat_groups", "grat_token_groups"]
 
 GRAT_MODES = ("criss_cross", "surrounding")
+
+
+def _sizes(n: object, m: object, where: str) -> tuple[int, int]:
+    """(N, M) as positive ints; M defaults to N."""
+    n = positive_int(n, f"{where}: N")
+    return n, positive_int(n if m is None else m, f"{where}: M")
 
 
 class BlockPatterns:
@@ -76,8 +81,8 @@ class BlockPatterns:
         Blocks strictly below the diagonal are full, diagonal blocks partial. Built in
         O(active blocks), never O(N · M).
         """
-        n, m = check_nm(N, N if M is None else M, "BlockMask.causal")
-        return cls._band(n, m, None, 0, as_block_pair(block_size), device)
+        n, m = _sizes(N, M, "BlockMask.causal")
+        return cls._band(n, m, None, 0, positive_int_pair(block_size, "block_size"), device)
 
     @classmethod
     def sliding_window(
@@ -99,12 +104,18 @@ class BlockPatterns:
         Built in O(active blocks).
         """
         where = "BlockMask.sliding_window"
-        n, m = check_nm(N, N if M is None else M, where)
-        lo = non_negative("left", left, where, allow_none=True)
-        hi = lo if right is None and not causal else non_negative("right", right, where, allow_none=True)
+        n, m = _sizes(N, M, where)
+        lo = None if left is None else non_negative_int(left, f"{where}: left")
+        hi = (
+            lo
+            if right is None and not causal
+            else None
+            if right is None
+            else non_negative_int(right, f"{where}: right")
+        )
         if causal:
             hi = 0
-        return cls._band(n, m, lo, hi, as_block_pair(block_size), device)
+        return cls._band(n, m, lo, hi, positive_int_pair(block_size, "block_size"), device)
 
     @classmethod
     def all_blocks(
@@ -119,8 +130,8 @@ class BlockPatterns:
 
         It is the band with no bound on either side; cached per shape (shared, read-only).
         """
-        n, m = check_nm(N, N if M is None else M, "BlockMask.all_blocks")
-        return cls._band(n, m, None, None, as_block_pair(block_size), device, shared=True)
+        n, m = _sizes(N, M, "BlockMask.all_blocks")
+        return cls._band(n, m, None, None, positive_int_pair(block_size, "block_size"), device, shared=True)
 
     @classmethod
     def _block_rule(
@@ -134,7 +145,7 @@ class BlockPatterns:
     ) -> BlockMask:
         """Layout of a rule on the block distance d = pb(i) - J, where pb(i) = (i + M - N) // bk
         is the key block holding query i's position (AND the causal predicate if asked)."""
-        bq, bk = as_block_pair(block_size)
+        bq, bk = positive_int_pair(block_size, "block_size")
         off = m - n
         qlo, qhi, _, _ = block_spans(n, m, (bq, bk), device)
         nk = math.ceil(m / bk)
@@ -174,12 +185,11 @@ class BlockPatterns:
         ``causal=True`` keeps ``d >= 0`` and token-level ``j <= i + M - N``.
         """
         where = "BlockMask.dilated"
-        n, m = check_nm(N, N if M is None else M, where)
-        w = non_negative("window", window, where)
-        dil = non_negative("dilation", dilation, where)
+        n, m = _sizes(N, M, where)
+        w = non_negative_int(window, f"{where}: window")
+        dil = non_negative_int(dilation, f"{where}: dilation")
         if not dil:
             raise ValueError(f"{where}: dilation must be >= 1, got {dilation!r}")
-        assert w is not None
 
         def rule(d: Tensor) -> Tensor:
             ok = (d.abs() <= w * dil) & (d % dil == 0)
@@ -206,12 +216,11 @@ class BlockPatterns:
         part: every ``stride``-th block). ``causal=True`` keeps ``d >= 0`` and ``j <= i + M - N``.
         """
         where = "BlockMask.strided"
-        n, m = check_nm(N, N if M is None else M, where)
-        st = non_negative("stride", stride, where)
+        n, m = _sizes(N, M, where)
+        st = non_negative_int(stride, f"{where}: stride")
         if not st:
             raise ValueError(f"{where}: stride must be >= 1, got {stride!r}")
-        loc = st if local is None else non_negative("local", local, where)
-        assert loc is not None
+        loc = st if local is None else non_negative_int(local, f"{where}: local")
 
         def rule(d: Tensor) -> Tensor:
             ok = (d.abs() < loc) | (d % st == 0)
@@ -236,9 +245,9 @@ class BlockPatterns:
         :meth:`longformer`.
         """
         where = "BlockMask.global_tokens"
-        n, m = check_nm(N, N if M is None else M, where)
-        g = non_negative("num_global", num_global, where)
-        bq, bk = as_block_pair(block_size)
+        n, m = _sizes(N, M, where)
+        g = non_negative_int(num_global, f"{where}: num_global")
+        bq, bk = positive_int_pair(block_size, "block_size")
 
         def global_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
             return (q < g) | (kv < g)  # type: ignore[operator]
@@ -296,12 +305,12 @@ class BlockPatterns:
         pos = torch.arange(n, device=dev)
 
         def occupancy(bs: int) -> Tensor:
-            occ = torch.zeros(bp, math.ceil(n / bs), n_groups, device=dev)
+            occ = torch.zeros(bp, math.ceil(n / bs), n_groups, dtype=torch.float32, device=dev)
             occ[torch.arange(bp, device=dev)[:, None], pos // bs, gid] = 1.0
             return occ
 
         occ_q, occ_k = occupancy(bq), occupancy(bk)
-        maybe = (occ_q @ allowed.float() @ occ_k.transpose(-1, -2)) > 0  # (B', n_q, n_k)
+        maybe = (occ_q @ allowed.to(occ_q.dtype) @ occ_k.transpose(-1, -2)) > 0  # (B', n_q, n_k)
         pure_q, pure_k = occ_q.sum(-1) == 1, occ_k.sum(-1) == 1
         gq, gk = occ_q.argmax(-1), occ_k.argmax(-1)
         sure = pure_q[:, :, None] & pure_k[:, None, :] & allowed[gq[:, :, None], gk[:, None, :]]
@@ -333,10 +342,10 @@ class BlockPatterns:
         if not isinstance(doc_ids, Tensor) or doc_ids.dtype.is_floating_point or doc_ids.dim() not in (1, 2):
             raise ValueError(f"BlockMask.document expects an int tensor (N,) or (B, N), got {describe(doc_ids)}")
         ids = doc_ids[None] if doc_ids.dim() == 1 else doc_ids
-        check_nm(ids.shape[1], ids.shape[1], "BlockMask.document")
+        positive_int(ids.shape[1], "BlockMask.document: N")
         _, inv = torch.unique(ids, return_inverse=True)
         same = torch.eye(int(inv.max()) + 1, dtype=torch.bool, device=ids.device)
-        return cls._groups(inv, same, causal=causal, block_size=as_block_pair(block_size))
+        return cls._groups(inv, same, causal=causal, block_size=positive_int_pair(block_size, "block_size"))
 
     @classmethod
     def grat(
@@ -367,15 +376,14 @@ class BlockPatterns:
         multiple of the block size every block is full or empty (no element masks).
         """
         gid_raster, _, allowed = grat_groups(grid, group, mode=mode, radius=radius, device=device)
-        extra = non_negative("num_extra", num_extra, "BlockMask.grat")
-        assert extra is not None
+        extra = non_negative_int(num_extra, "BlockMask.grat: num_extra")
         n_groups = allowed.shape[0]
         # extra tokens form group n_groups, allowed with everything
         allowed_x = torch.ones(n_groups + 1, n_groups + 1, dtype=torch.bool, device=allowed.device)
         allowed_x[:n_groups, :n_groups] = allowed
         in_order = torch.sort(gid_raster).values  # the group of each token in group-major order
         gid = torch.cat([in_order, torch.full((extra,), n_groups, dtype=torch.long, device=allowed.device)])
-        return cls._groups(gid[None], allowed_x, causal=False, block_size=as_block_pair(block_size))
+        return cls._groups(gid[None], allowed_x, causal=False, block_size=positive_int_pair(block_size, "block_size"))
 
 
 @functools.lru_cache(maxsize=32)
@@ -453,8 +461,7 @@ def grat_groups(
     grid_t, group_t = _grid_pair(grid, group)
     if mode not in GRAT_MODES:
         raise ValueError(f"BlockMask.grat: mode must be 'criss_cross' or 'surrounding', got {mode!r}")
-    r = non_negative("radius", radius, "BlockMask.grat")
-    assert r is not None
+    r = non_negative_int(radius, "BlockMask.grat: radius")
     gid, within = grat_token_groups(grid_t, group_t, device=device)
     ng = tuple(math.ceil(g / s) for g, s in zip(grid_t, group_t))
     gc = torch.stack(_unravel(torch.arange(math.prod(ng), device=device), ng), -1)  # (G, rank)

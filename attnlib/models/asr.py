@@ -270,7 +270,7 @@ class ConformerBlock(nn.Module):
 
     def forward(self, x: Tensor, valid: Tensor) -> Tensor:
         x = x + 0.5 * self.drop_path(self.ff1(self.ff1_norm(x)))
-        x = x + self.drop_path(self.drop(self.attn(self.attn_norm(x), mask=valid)))
+        x = x + self.drop_path(self.drop(self.attn(self.attn_norm(x), key_padding_mask=valid)))
         x = x + self.drop_path(self.conv(x, valid))
         x = x + 0.5 * self.drop_path(self.ff2(self.ff2_norm(x)))
         return self.final_norm(x)
@@ -335,7 +335,7 @@ class BranchformerBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, valid: Tensor) -> Tensor:
-        a = self.drop(self.attn(self.attn_norm(x), mask=valid))
+        a = self.drop(self.attn(self.attn_norm(x), key_padding_mask=valid))
         m = self.drop(self.cgmlp(self.mlp_norm(x), valid))
         x = x + self.drop_path(self.drop(self.merge(torch.cat([a, m], -1))))
         return self.final_norm(x)

@@ -255,7 +255,7 @@ class TransformerBlock(nn.Module):
         rope: rotary positions inside the attention; rope_base: their frequency base.
         num_kv_heads: grouped-query attention key/value heads.
 
-    Shapes: ``forward(x (B, N, dim), mask=None | (B, N) key padding, cache=None) -> (B, N, dim)``.
+    Shapes: ``forward(x (B, N, dim), key_padding_mask=None | (B, N) bool, cache=None) -> (B, N, dim)``.
     """
 
     def __init__(
@@ -302,7 +302,7 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: Tensor,
-        mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
         cache: AttentionCache | None = None,
         *,
         positions: Tensor | RotaryPositions | None = None,
@@ -311,7 +311,7 @@ class TransformerBlock(nn.Module):
         meta: Any = None,
         meta_cache: AttentionCache | None = None,
     ) -> Tensor | tuple[Tensor, Tensor | None]:
-        """x (B, N, dim); mask (B, M) key padding (True = real token); cache for decoding.
+        """x (B, N, dim); key_padding_mask (B, M) (True = real token); cache for decoding.
 
         ``meta`` / ``meta_cache``: passed to the ``meta_attn`` sub-layer when the block has one
         (run after the attention, before the MLP).
@@ -323,7 +323,7 @@ class TransformerBlock(nn.Module):
         or, with ``importance_query=q``, query q's attention row averaged over heads (B, M)
         (e.g. the class token's, EViT; needs a variant with attention weights).
         """
-        kw: dict = {"mask": mask}
+        kw: dict = {"key_padding_mask": key_padding_mask}
         if cache is not None:
             kw["cache"] = cache
         if positions is not None:

@@ -94,7 +94,7 @@ class EncoderClassifier(nn.Module):
             x = x + self.pos_emb.weight[: x.shape[1]]
         x = self.drop(x)
         for blk in self.blocks:
-            x = blk(x, mask=mask)
+            x = blk(x, key_padding_mask=mask)
         x = self.norm(x)
         if self.cls_token is not None:
             return self.head(x[:, 0])

@@ -42,7 +42,7 @@ class MetaAttention(nn.Module):
 
     def forward(self, x: Tensor, is_meta: Tensor, cache: AttentionCache | None = None) -> Tensor:
         n = x.shape[1]
-        out = self.attn(self.norm(x), mask=is_meta, cache=cache)  # keys: the meta-tokens only
+        out = self.attn(self.norm(x), key_padding_mask=is_meta, cache=cache)  # keys: the meta-tokens only
         return out * is_meta[:, -n:, None].to(out.dtype)
 
 
@@ -284,9 +284,9 @@ class DecoderLM(nn.Module):
             for i, blk in enumerate(self.blocks):
                 pol = plan.get(i)
                 if pol is None:
-                    x = blk(x, mask=mask, cache=cache.layers[i])
+                    x = blk(x, key_padding_mask=mask, cache=cache.layers[i])
                     continue
-                x, imp = blk(x, mask=mask, cache=cache.layers[i], return_importance=True)
+                x, imp = blk(x, key_padding_mask=mask, cache=cache.layers[i], return_importance=True)
                 pol.observe(cache.layers[i], imp, cache.eviction[i])
         elif history is not None:
             for i, blk in enumerate(self.blocks):
@@ -295,10 +295,10 @@ class DecoderLM(nn.Module):
                     if cache is None
                     else (cache.layers[i], cache.meta_layers[i] if cache.meta_layers else None)
                 )
-                x = blk(x, mask=mask, cache=caches[0], meta=history, meta_cache=caches[1])
+                x = blk(x, key_padding_mask=mask, cache=caches[0], meta=history, meta_cache=caches[1])
         else:
             for i, blk in enumerate(self.blocks):
-                x = blk(x, mask=mask, cache=None if cache is None else cache.layers[i])
+                x = blk(x, key_padding_mask=mask, cache=None if cache is None else cache.layers[i])
         return self.norm(x)
 
     def _embed_meta(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
@@ -334,12 +334,12 @@ class DecoderLM(nn.Module):
             pr = self.pruning.get(i)
             positions = index if pruned and self.positions == "rope" else None
             if pr is None:
-                x = blk(x, mask=mask, positions=positions)
+                x = blk(x, key_padding_mask=mask, positions=positions)
                 continue
             if pr.needs_importance:
-                x, imp = blk(x, mask=mask, positions=positions, return_importance=True)
+                x, imp = blk(x, key_padding_mask=mask, positions=positions, return_importance=True)
             else:
-                x, imp = blk(x, mask=mask, positions=positions), None
+                x, imp = blk(x, key_padding_mask=mask, positions=positions), None
             out = pr(x, imp, mask, self.pruning.protected(index, n0, [-1]))
             if out.x is x:
                 continue

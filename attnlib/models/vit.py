@@ -154,7 +154,7 @@ class ViT(nn.Module):
         x = self.drop(x + self.pos_embed)
         if self.pruning is None:
             for blk in self.blocks:
-                x = blk(x, mask=mask)
+                x = blk(x, key_padding_mask=mask)
         else:
             x, mask = self._pruned_blocks(x, mask)
         x = self.norm(x)
@@ -197,12 +197,14 @@ class ViT(nn.Module):
                 x, groups = groups.unpack(x), None
             else:
                 if pr is None:
-                    x = blk(x, mask=mask, positions=positions)
+                    x = blk(x, key_padding_mask=mask, positions=positions)
                     continue
                 if need_imp:
-                    x, imp = blk(x, mask=mask, positions=positions, return_importance=True, importance_query=query)
+                    x, imp = blk(
+                        x, key_padding_mask=mask, positions=positions, return_importance=True, importance_query=query
+                    )
                 else:
-                    x, imp = blk(x, mask=mask, positions=positions), None
+                    x, imp = blk(x, key_padding_mask=mask, positions=positions), None
             out = pr(x, imp, mask, self.pruning.protected(index, n0, default))
             index = torch.where(out.index >= 0, index.gather(1, out.index.clamp_min(0)), out.index)
             x, mask = out.x, out.mask

@@ -19,7 +19,14 @@ Registered modifiers (:func:`available`):
 fields, e.g. ``score_mod``) and when it acts (``when``); a variant that cannot serve it raises
 :class:`attnlib.UnsupportedError` naming both. :class:`EntropyProbe` tracks per-head attention
 entropy during training.
+
+A new modifier is a :class:`Modifier` subclass decorated with ``@register_modifier("name")`` in
+any public module of this package: every one is imported here (no list to edit), so the
+conformance suite runs it against every variant that can serve it.
 """
+
+import importlib
+import pkgutil
 
 from attnlib.modifiers.base import (
     WHEN,
@@ -66,3 +73,7 @@ __all__ = [
     "reparametrize_attention",
     "reset_sigma_reparam",
 ]
+
+for _m in pkgutil.iter_modules(__path__):
+    if not _m.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_m.name}")

@@ -1,13 +1,16 @@
-"""Training: the loop behind ``attnlib-train``, tasks and metrics, checkpoints, DDP setup."""
+"""Training: the loop behind ``attnlib-train``, tasks and metrics, checkpoints, run directories, DDP setup."""
 
-from attnlib.training.checkpoint import atomic_save, load_checkpoint
-from attnlib.training.loop import TRAINER_DEFAULTS, NonFiniteLossError, init_weights_from, train
+from attnlib.training.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from attnlib.training.loop import TRAINER_DEFAULTS, NonFiniteLossError, init_weights_from, train, validate_trainer
 from attnlib.training.metrics import edit_distance
+from attnlib.training.rundir import RunDirError
 from attnlib.training.tasks import evaluate, train_loss
 
 __all__ = [
     "TRAINER_DEFAULTS",
+    "CheckpointError",
     "NonFiniteLossError",
+    "RunDirError",
     "atomic_save",
     "edit_distance",
     "evaluate",
@@ -15,4 +18,5 @@ __all__ = [
     "load_checkpoint",
     "train",
     "train_loss",
+    "validate_trainer",
 ]

@@ -14,7 +14,22 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["atomic_save", "capture_rng", "load_checkpoint", "restore_rng"]
+__all__ = [
+    "CHECKPOINT_KEYS",
+    "CheckpointError",
+    "atomic_save",
+    "capture_rng",
+    "checkpoint_path",
+    "load_checkpoint",
+    "restore_rng",
+]
+
+#: Entries of a checkpoint written by the trainer that resuming needs.
+CHECKPOINT_KEYS = ("config", "model", "optimizer", "scheduler", "scaler", "step", "train_seconds", "rng", "log_state")
+
+
+class CheckpointError(ValueError):
+    """A file that should be a trainer checkpoint cannot be used: the message names the file and the problem."""
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
@@ -37,9 +52,49 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by the trainer."""
-    return torch.load(path, map_location=map_location, weights_only=False)
+def checkpoint_path(source: str | os.PathLike[str]) -> Path:
+    """The checkpoint file of ``source``: the file itself, or ``<source>/checkpoints/last.pt`` for a run dir."""
+    p = Path(source).expanduser()
+    return p / "checkpoints" / "last.pt" if p.is_dir() else p
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    map_location: str | torch.device = "cpu",
+    *,
+    required: tuple[str, ...] = (),
+    what: str = "checkpoint",
+) -> dict[str, Any]:
+    """Load a checkpoint written by the trainer (a file, or a run dir: ``<dir>/checkpoints/last.pt``).
+
+    Raises FileNotFoundError when there is no such file and :class:`CheckpointError` naming the
+    file when it is empty, not a torch file (truncated, random bytes, another format) or lacks one
+    of the ``required`` entries (e.g. :data:`CHECKPOINT_KEYS` to resume). ``what`` prefixes the
+    messages (``"resume"``, ``"init_from"``, ...).
+    """
+    file = checkpoint_path(path)
+    if not file.is_file():
+        looked = f" (looked for {file})" if str(file) != str(path) else ""
+        raise FileNotFoundError(f"{what}: no checkpoint at {str(path)!r}{looked}")
+    if file.stat().st_size == 0:
+        raise CheckpointError(f"{what}: {file} is an empty file (0 bytes), not a checkpoint")
+    try:
+        state = torch.load(file, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch.load raises EOFError, UnpicklingError, RuntimeError, ... for a bad file
+        raise CheckpointError(
+            f"{what}: {file} is not a readable checkpoint (truncated, or not written by torch.save): "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    if not isinstance(state, dict):
+        kind = type(state).__name__
+        raise CheckpointError(f"{what}: {file} holds a {kind}, not a checkpoint written by attnlib-train")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{what}: {file} is not a checkpoint written by attnlib-train: no {', '.join(map(repr, missing))} "
+            f"entry (it has {', '.join(map(repr, list(state)[:8]))})"
+        )
+    return state
 
 
 def capture_rng() -> dict[str, Any]:

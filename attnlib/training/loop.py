@@ -2,14 +2,20 @@
 
 One loop serves every backbone/data pair: AdamW with linear warmup and cosine decay,
 gradient clipping, optional mixed precision, evaluation every ``eval_every`` steps,
-metrics to CSV and TensorBoard, a progress bar, atomic checkpoints every
-``checkpoint_every`` steps (model, optimizer, scheduler, RNG states of every rank, data
-position), exact resume, DDP under torchrun/Slurm, and a stop with a clear message on a
-non-finite loss or gradient (the last good checkpoint stays intact).
+metrics to CSV and TensorBoard, progress bars (training and evaluation), atomic checkpoints
+every ``checkpoint_every`` steps (model, optimizer, scheduler, RNG states of every rank, data
+position), exact resume, DDP under torchrun/Slurm, one run per directory (locked while it
+trains), and a stop with a clear message on a non-finite loss or gradient.
+
+A checkpoint due after step s is written during step s + 1, once the state of step s has
+shown a finite loss and finite gradients (and its parameters and optimizer state are finite),
+before that step's update: every checkpoint holds a state that trains on, so the advice of a
+non-finite stop (resume from the last checkpoint with a lower lr) works.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -17,6 +23,7 @@ import os
 import random
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +38,17 @@ from attnlib.data import build_data
 from attnlib.data.base import stable_hash
 from attnlib.models import build_model
 from attnlib.modifiers import EntropyProbe
-from attnlib.training.checkpoint import atomic_save, capture_rng, load_checkpoint, restore_rng
+from attnlib.training.checkpoint import (
+    CHECKPOINT_KEYS,
+    atomic_save,
+    capture_rng,
+    checkpoint_path,
+    load_checkpoint,
+    restore_rng,
+)
 from attnlib.training.distributed import DistInfo, init_distributed
 from attnlib.training.metrics import MetricLogger, format_table
+from attnlib.training.rundir import RunDirError, check_fresh, lock_run_dir
 from attnlib.training.tasks import _to, evaluate, train_loss
 
 __all__ = [
@@ -44,6 +59,7 @@ __all__ = [
     "load_teacher",
     "lr_lambda",
     "train",
+    "validate_trainer",
 ]
 
 log = logging.getLogger("attnlib.train")
@@ -78,6 +94,70 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 
 # config sections that must match for a resume to continue the same run
 _RESUME_KEYS = ("attention", "model", "data", "seed")
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _as_int(x: Any) -> int | None:
+    """``x`` as an int if it is one (an integral float too: Hydra reads 1e3 as a float), else None."""
+    if isinstance(x, int) and not isinstance(x, bool):
+        return x
+    return int(x) if isinstance(x, float) and x.is_integer() else None
+
+
+def validate_trainer(t: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Check the ``trainer`` settings (and ``data``'s batch sizes); return them with integer fields as ints.
+
+    Raises ValueError listing every bad setting with what was expected and what was given.
+    """
+    out = dict(t)
+    problems: list[str] = []
+
+    def need(ok: bool, key: str, expected: str, prefix: str = "trainer") -> None:
+        if not ok:
+            value = (data or {}).get(key) if prefix == "data" else t.get(key)
+            problems.append(f"{prefix}.{key} must be {expected}, got {value!r}")
+
+    for key, low in (("max_steps", 1), ("log_every", 1), ("warmup_steps", 0), ("eval_every", 0),
+                     ("checkpoint_every", 0), ("attention_entropy", 0)):  # fmt: skip
+        v = _as_int(t[key])
+        need(v is not None and v >= low, key, f"an integer >= {low}")
+        if v is not None:
+            out[key] = v
+    for key in ("eval_limit", "threads"):
+        v = _as_int(t[key])
+        need(t[key] is None or (v is not None and v >= 1), key, "null or an integer >= 1")
+        if v is not None:
+            out[key] = v
+    lr = t["lr"]
+    need(_is_num(lr) and math.isfinite(lr) and 0 < lr <= _F32_MAX, "lr",
+         f"a finite number > 0 (at most float32's largest, {_F32_MAX:.3g})")  # fmt: skip
+    for key in ("weight_decay", "grad_clip", "aux_loss_weight"):
+        need(_is_num(t[key]) and math.isfinite(t[key]) and t[key] >= 0, key, "a finite number >= 0")
+    for key in ("min_lr_ratio", "distill_weight"):
+        need(_is_num(t[key]) and 0 <= t[key] <= 1, key, "a number in [0, 1]")
+    need(_is_num(t["label_smoothing"]) and 0 <= t["label_smoothing"] < 1, "label_smoothing", "a number in [0, 1)")
+    temp = t["distill_temperature"]
+    need(_is_num(temp) and math.isfinite(temp) and temp > 0, "distill_temperature", "a finite number > 0")
+    betas = t["betas"]
+    need(isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_is_num(b) and 0 <= b < 1 for b in betas),
+         "betas", "two numbers in [0, 1)")  # fmt: skip
+    need(t["precision"] in ("fp32", "bf16", "fp16"), "precision", "one of fp32, bf16, fp16")
+    dev = t["device"]
+    need(isinstance(dev, str) and (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")), "device",
+         "auto, cpu, cuda or cuda:<index>")  # fmt: skip
+    for key in ("compile", "find_unused_parameters", "progress", "tensorboard", "deterministic"):
+        need(isinstance(t[key], bool), key, "true or false")
+    for key in ("batch_size", "eval_batch_size"):
+        if data is not None and key in data:
+            v = _as_int(data[key])
+            need(v is not None and v >= 1, key, "an integer >= 1", prefix="data")
+    if problems:
+        raise ValueError("invalid settings: " + "; ".join(problems))
+    return out
 
 
 class NonFiniteLossError(RuntimeError):
@@ -122,13 +202,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _resume_path(resume: Any, run_dir: Path) -> Path | None:
+def _resume_source(resume: Any, run_dir: Path) -> tuple[Path | None, bool]:
+    """(checkpoint file or None, whether it was named explicitly) for ``cfg.resume``."""
     if resume in (None, False, "false", "False", ""):
-        return None
+        return None, False
     if resume is True or resume in ("true", "True"):
-        return run_dir / "checkpoints" / "last.pt"
-    p = Path(str(resume)).expanduser()
-    return p / "checkpoints" / "last.pt" if p.is_dir() else p
+        return run_dir / "checkpoints" / "last.pt", False
+    return checkpoint_path(str(resume)), True
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path.resolve().is_relative_to(directory.resolve())
 
 
 def init_weights_from(
@@ -144,12 +228,8 @@ def init_weights_from(
     fine-tuned with token pruning, the recipe of EViT, DynamicViT and LTP). Returns the names
     left at their initial values; raises FileNotFoundError / ValueError naming what differs.
     """
-    path = _resume_path(str(source), Path("."))
-    if path is None or not path.exists():
-        raise FileNotFoundError(f"init_from: no checkpoint at {source!r} (looked for {path})")
-    state = load_checkpoint(path, map_location="cpu")
-    if not isinstance(state, Mapping) or "model" not in state:
-        raise ValueError(f"init_from: {path} is not a checkpoint written by attnlib-train (no 'model' entry)")
+    path = checkpoint_path(source)
+    state = load_checkpoint(path, map_location="cpu", required=("model",), what="init_from")
     own = _unwrap(model).state_dict()
     src = state["model"]
     unexpected = sorted(set(src) - set(own))
@@ -178,12 +258,7 @@ def load_teacher(source: str | os.PathLike[str], data: Any) -> nn.Module:
 
     ``data`` supplies the model's data-dependent sizes (``data.model_kwargs()``).
     """
-    path = _resume_path(str(source), Path("."))
-    if path is None or not path.exists():
-        raise FileNotFoundError(f"distill_from: no checkpoint at {source!r} (looked for {path})")
-    ck = load_checkpoint(path, map_location="cpu")
-    if not isinstance(ck, Mapping) or "model" not in ck or "config" not in ck:
-        raise ValueError(f"distill_from: {path} is not a checkpoint written by attnlib-train")
+    ck = load_checkpoint(source, map_location="cpu", required=("model", "config"), what="distill_from")
     conf = ck["config"]
     teacher = build_model(conf["model"], conf["attention"], **data.model_kwargs())
     teacher.load_state_dict(ck["model"])
@@ -195,12 +270,18 @@ def load_teacher(source: str | os.PathLike[str], data: Any) -> nn.Module:
 def train(cfg: DictConfig | Mapping[str, Any], run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Train and test one configuration; returns the flat results (also written to run_dir/results.json).
 
-    ``cfg`` has ``attention``, ``model``, ``data``, ``trainer`` (see :data:`TRAINER_DEFAULTS`),
-    ``seed``, ``resume`` (false | true = ``run_dir/checkpoints/last.pt`` | a path) and
-    ``init_from`` (null | a checkpoint or run dir: warm start from its model weights with a fresh
-    optimizer and schedule, :func:`init_weights_from`; ignored when resuming from a checkpoint)
-    and ``distill_from`` (null | a checkpoint or run dir: a frozen teacher model for knowledge
-    distillation, classification only; ``trainer.distill_weight`` / ``distill_temperature``).
+    ``cfg`` has ``attention``, ``model``, ``data``, ``trainer`` (see :data:`TRAINER_DEFAULTS`,
+    checked by :func:`validate_trainer`), ``seed``, ``resume`` (false | true =
+    ``run_dir/checkpoints/last.pt``, from step 0 when it does not exist yet | a checkpoint or run
+    dir, which must exist; trainer settings that differ from the checkpoint's apply from the
+    resumed step) and ``init_from`` (null | a checkpoint or run dir: warm start from its model
+    weights with a fresh optimizer and schedule, :func:`init_weights_from`; ignored when
+    resuming from a checkpoint) and ``distill_from`` (null | a checkpoint or run dir: a frozen
+    teacher model for knowledge distillation, classification only; ``trainer.distill_weight`` /
+    ``distill_temperature``).
+
+    A new run refuses a ``run_dir`` that holds another run (``resume`` continues one), and no
+    two processes train in one ``run_dir`` at a time (:mod:`attnlib.training.rundir`).
     """
     wall0 = time.perf_counter()
     cfg = OmegaConf.create(_plain(cfg))
@@ -208,6 +289,7 @@ def train(cfg: DictConfig | Mapping[str, Any], run_dir: str | os.PathLike[str]) 
     unknown = sorted(set(t) - set(TRAINER_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown trainer option(s) {unknown}; known: {', '.join(TRAINER_DEFAULTS)}")
+    t = validate_trainer(t, _plain(cfg.get("data", {})))
     run_dir = Path(run_dir)
     seed = int(cfg.get("seed", 0))
     info = init_distributed(t["device"])
@@ -226,6 +308,44 @@ def train(cfg: DictConfig | Mapping[str, Any], run_dir: str | os.PathLike[str]) 
 
 def _train(
     cfg: DictConfig, t: dict[str, Any], run_dir: Path, seed: int, info: DistInfo, wall0: float
+) -> dict[str, Any]:
+    dev = info.device
+    resume_file, explicit = _resume_source(cfg.get("resume", False), run_dir)
+    ck = None
+    if resume_file is not None and (explicit or resume_file.exists()):  # an explicit path must exist
+        ck = load_checkpoint(resume_file, map_location=dev, required=CHECKPOINT_KEYS, what="resume")
+        _check_resume(ck["config"], cfg)
+        if int(ck["step"]) > int(t["max_steps"]):
+            raise ValueError(
+                f"trainer.max_steps={t['max_steps']} is below the checkpoint's step {ck['step']} ({resume_file}): "
+                "nothing left to train"
+            )
+    continues_here = resume_file is not None and (not explicit or _inside(resume_file, run_dir))
+    with contextlib.ExitStack() as stack:
+        refused: list[BaseException | None] = [None]
+        if info.is_main:  # rank 0 owns the run directory: one run per directory, one process in it
+            try:
+                stack.enter_context(lock_run_dir(run_dir))
+                if not continues_here:
+                    check_fresh(run_dir)
+            except RunDirError as e:
+                refused[0] = e
+        if info.world > 1:  # every rank stops if rank 0 may not use the directory
+            dist.broadcast_object_list(refused, src=0)
+        if refused[0] is not None:
+            raise refused[0]
+        return _run(cfg, t, run_dir, seed, info, wall0, ck, resume_file)
+
+
+def _run(
+    cfg: DictConfig,
+    t: dict[str, Any],
+    run_dir: Path,
+    seed: int,
+    info: DistInfo,
+    wall0: float,
+    ck: Mapping[str, Any] | None,
+    resume_file: Path | None,
 ) -> dict[str, Any]:
     if t["threads"]:
         torch.set_num_threads(int(t["threads"]))
@@ -259,28 +379,25 @@ def _train(
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     start, train_seconds = 0, 0.0
     run_loss, run_items, run_n = 0.0, 0, 0  # running sums since the last train log line
-    resume_from = _resume_path(cfg.get("resume", False), run_dir)
-    if resume_from is not None:
-        if resume_from.exists():
-            ck = load_checkpoint(resume_from, map_location=dev)
-            _check_resume(ck["config"], cfg)
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            scaler.load_state_dict(ck["scaler"])
-            start, train_seconds = int(ck["step"]), float(ck["train_seconds"])
-            run_loss, run_items, run_n = ck["log_state"]
-            states = ck["rng"]
-            if len(states) == info.world:
-                restore_rng(states[info.rank])
-            elif info.is_main:
-                log.warning(
-                    "checkpoint has RNG states of %d processes, this run has %d: not exact", len(states), info.world
-                )
-            if info.is_main:
-                log.info("resumed from %s at step %d", resume_from, start)
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        start, train_seconds = int(ck["step"]), float(ck["train_seconds"])
+        _apply_trainer_settings(model, opt, sched, t, ck["config"].get("trainer") or {}, start, info)
+        run_loss, run_items, run_n = ck["log_state"]
+        states = ck["rng"]
+        if len(states) == info.world:
+            restore_rng(states[info.rank])
         elif info.is_main:
-            log.warning("resume requested but %s does not exist: starting from step 0", resume_from)
+            log.warning(
+                "checkpoint has RNG states of %d processes, this run has %d: not exact", len(states), info.world
+            )
+        if info.is_main:
+            log.info("resumed from %s at step %d", resume_file, start)
+    elif resume_file is not None and info.is_main:
+        log.info("resume=true: no checkpoint at %s yet, starting from step 0", resume_file)
     init_from = cfg.get("init_from", None)
     if init_from not in (None, "", False) and start == 0:
         fresh = init_weights_from(model, init_from)
@@ -303,7 +420,6 @@ def _train(
 
     logger = None
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         logger = MetricLogger(run_dir, tensorboard=t["tensorboard"], resume_step=start if start else None)
         log.info("%s | model %s (%s params) | attention %s | run dir %s", data.describe(), cfg.model.name,
                  f"{n_params:,}", _plain(cfg.attention), run_dir)  # fmt: skip
@@ -313,7 +429,9 @@ def _train(
 
         bar = tqdm(total=total, initial=start, desc=f"{cfg.model.name}/{variant}", dynamic_ncols=True, mininterval=1.0)
 
-    last_good = start if resume_from is not None and resume_from.exists() else None
+    stop = _Stopper(ckpt_path, start if ck is not None else None, t, info)
+    pending: _Pending | None = None  # a due checkpoint, written once its state has trained one more step
+    params = [p for p in model.parameters() if p.requires_grad]
     t_log = time.perf_counter()
     step = start
     model.train()
@@ -336,14 +454,22 @@ def _train(
                 extra = aux_loss(model)
                 if t["aux_loss_weight"] and extra.requires_grad:
                     loss = loss + float(t["aux_loss_weight"]) * extra
-            _check_finite(loss.detach(), "loss", step + 1, info, last_good, ckpt_path)
+            stop.check(loss.detach(), "loss", step + 1)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if t["grad_clip"]:
                 scaler.unscale_(opt)
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(t["grad_clip"]))
-                if not scaler.is_enabled():
-                    _check_finite(gnorm.detach(), "gradient norm", step + 1, info, last_good, ckpt_path)
+                gnorm = torch.nn.utils.clip_grad_norm_(params, float(t["grad_clip"]))
+            elif not scaler.is_enabled():
+                gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if not scaler.is_enabled():  # fp16: the scaler skips steps with inf gradients by design
+                stop.check(gnorm.detach(), "gradient norm", step + 1)
+            if pending is not None:  # the state of step `pending.step` gave a finite loss and gradients
+                t_save = time.perf_counter()
+                stop.save_if_finite(model, opt, sched, scaler, cfg, data, pending)
+                pending = None
+                t_save = time.perf_counter() - t_save
+                t0, t_log = t0 + t_save, t_log + t_save  # the write is neither training time nor throughput
             scaler.step(opt)
             scaler.update()
             sched.step()
@@ -373,23 +499,25 @@ def _train(
                     )
                 run_loss, run_items, run_n, t_log = 0.0, 0, 0, time.perf_counter()
             if t["eval_every"] and step % int(t["eval_every"]) == 0 and step < total:
-                val = evaluate(model, data, "val", info, limit=t["eval_limit"], autocast=autocast)
+                val = evaluate(model, data, "val", info, limit=t["eval_limit"], autocast=autocast,
+                               progress=bar is not None)  # fmt: skip
                 if logger is not None:
                     logger.log(step, "val", val)
                     msg = " ".join(f"{k}={v:.4f}" for k, v in val.items())
                     (bar.write if bar is not None else print)(f"step {step}: val {msg}")
                 t_log = time.perf_counter()
-            if (t["checkpoint_every"] and step % int(t["checkpoint_every"]) == 0) or step == total:
-                _save(ckpt_path, model, opt, sched, scaler, step, train_seconds, cfg, info, data,
-                      (run_loss, run_items, run_n))  # fmt: skip
-                last_good = step
-                t_log = time.perf_counter()
+            state = _Pending(step, capture_rng(), train_seconds, (run_loss, run_items, run_n))
+            if step == total:  # the final state: written now (after a check that it is finite)
+                stop.save_if_finite(model, opt, sched, scaler, cfg, data, state)
+            elif t["checkpoint_every"] and step % int(t["checkpoint_every"]) == 0:
+                pending = state
     finally:
         if bar is not None:
             bar.close()
 
-    val = evaluate(model, data, "val", info, autocast=autocast)
-    test = evaluate(model, data, "test", info, autocast=autocast)
+    show = bool(t["progress"]) and info.is_main
+    val = evaluate(model, data, "val", info, autocast=autocast, progress=show)
+    test = evaluate(model, data, "test", info, autocast=autocast, progress=show)
     results: dict[str, Any] = {f"val_{k}": v for k, v in val.items()}
     results.update({f"test_{k}": v for k, v in test.items()})
     results.update(
@@ -420,62 +548,94 @@ def _train(
 
 
 def _null() -> Any:
-    import contextlib
-
     return contextlib.nullcontext()
 
 
-def _check_finite(value: torch.Tensor, what: str, step: int, info: DistInfo, last_good: int | None, ckpt: Path) -> None:
-    bad = torch.tensor(0.0 if bool(torch.isfinite(value).all()) else 1.0, device=info.device)
-    if info.world > 1:
-        dist.all_reduce(bad)
-    if bad.item():
-        where = f"{ckpt} (step {last_good})" if last_good is not None else "none written yet"
-        shown = value.item() if not bool(torch.isfinite(value).all()) else "on another rank"
-        raise NonFiniteLossError(
-            f"non-finite {what} ({shown}) at step {step}; training stopped before that update. "
-            f"Last good checkpoint: {where}. "
-            "Lower trainer.lr, enable trainer.grad_clip or use trainer.precision=fp32."
-        )
+@dataclass
+class _Pending:
+    """What a checkpoint of the state after ``step`` holds besides the live model/optimizer/scheduler."""
+
+    step: int
+    rng: dict[str, Any]  # this process's RNG states at the end of the step
+    train_seconds: float
+    log_state: tuple[float, int, int]
 
 
-def _save(
-    path: Path,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    sched: Any,
-    scaler: Any,
-    step: int,
-    train_seconds: float,
-    cfg: DictConfig,
-    info: DistInfo,
-    data: Any,
-    log_state: tuple[float, int, int],
-) -> None:
-    rng = capture_rng()
-    states = [rng]
-    if info.world > 1:
-        states = [None] * info.world
-        dist.all_gather_object(states, rng)
-    if info.is_main:
-        atomic_save(
-            {
-                "model": _unwrap(model).state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict(),
-                "step": step,
-                "train_seconds": train_seconds,
-                "rng": states,
-                "data_position": data.position(step),
-                "config": _plain(cfg),
-                "world_size": info.world,
-                "log_state": log_state,
-            },
-            path,
-        )
-    if info.world > 1:
-        dist.barrier()
+class _Stopper:
+    """Non-finite checks and checkpoint writes; knows the last good checkpoint for the stop message."""
+
+    def __init__(self, ckpt: Path, last_good: int | None, t: Mapping[str, Any], info: DistInfo) -> None:
+        self.ckpt, self.last_good, self.t, self.info = ckpt, last_good, t, info
+
+    def check(self, value: torch.Tensor, what: str, step: int) -> None:
+        """Raise :class:`NonFiniteLossError` (on every rank) if ``value`` is not finite on some rank."""
+        finite = bool(torch.isfinite(value).all())
+        bad = torch.tensor(0.0 if finite else 1.0, device=self.info.device)
+        if self.info.world > 1:
+            dist.all_reduce(bad)
+        if bad.item():
+            shown = value.item() if not finite and value.numel() == 1 else "on another rank"
+            self.fail(f"non-finite {what} ({shown}) at step {step}; training stopped before that update.")
+
+    def fail(self, what: str) -> None:
+        """Raise :class:`NonFiniteLossError`: ``what`` happened, plus the last good checkpoint and advice that works."""
+        t = self.t
+        lower = f"trainer.lr={float(t['lr']) / 10:g}"
+        if self.last_good is not None:
+            where = (
+                f"Last good checkpoint: {self.ckpt} (step {self.last_good}; its loss and gradients were finite). "
+                f"To continue from it with a lower learning rate: resume={self.ckpt} {lower}"
+            )
+        else:
+            where = (
+                "No good checkpoint was written yet: start again with a lower learning rate, "
+                f"e.g. {lower} (in the same run dir: add resume=true)"
+            )
+        more = [
+            *(["enable trainer.grad_clip (e.g. 1.0)"] if not t["grad_clip"] else []),
+            *(["use trainer.precision=fp32"] if t["precision"] != "fp32" else []),
+        ]
+        raise NonFiniteLossError(f"{what} {where}" + (f"; or {' / '.join(more)}." if more else "."))
+
+    def save_if_finite(
+        self,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        sched: Any,
+        scaler: Any,
+        cfg: DictConfig,
+        data: Any,
+        state: _Pending,
+    ) -> None:
+        """Write the checkpoint of ``state.step`` if parameters and optimizer state are finite, else stop."""
+        tensors = [*_unwrap(model).parameters(), *(v for s in opt.state.values() for v in s.values())]
+        bad = [x for x in tensors if torch.is_tensor(x) and x.is_floating_point() and not bool(torch.isfinite(x).all())]
+        if bad:
+            self.fail(f"non-finite parameters or optimizer state after step {state.step}; not saved.")
+        states = [state.rng]
+        if self.info.world > 1:
+            states = [None] * self.info.world
+            dist.all_gather_object(states, state.rng)
+        if self.info.is_main:
+            atomic_save(
+                {
+                    "model": _unwrap(model).state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "step": state.step,
+                    "train_seconds": state.train_seconds,
+                    "rng": states,
+                    "data_position": data.position(state.step),
+                    "config": _plain(cfg),
+                    "world_size": self.info.world,
+                    "log_state": state.log_state,
+                },
+                self.ckpt,
+            )
+        if self.info.world > 1:
+            dist.barrier()
+        self.last_good = state.step
 
 
 def _check_resume(saved: Mapping[str, Any], cfg: DictConfig) -> None:
@@ -484,5 +644,38 @@ def _check_resume(saved: Mapping[str, Any], cfg: DictConfig) -> None:
     if diff:
         detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff)
         raise ValueError(f"cannot resume: the checkpoint was written by a different configuration ({detail})")
-    if saved.get("trainer") != now.get("trainer"):
-        log.warning("resuming with different trainer settings than the checkpoint's; the run will not be identical")
+
+
+def _apply_trainer_settings(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    t: Mapping[str, Any],
+    saved: Mapping[str, Any],
+    step: int,
+    info: DistInfo,
+) -> None:
+    """After loading a checkpoint: this run's optimizer and schedule settings replace the checkpoint's.
+
+    ``load_state_dict`` restores the hyperparameters saved with the optimizer (lr, betas, weight
+    decay) and the scheduler's base lr; the settings of the current config apply from the
+    resumed ``step`` instead, and each change is logged. Unchanged settings give the same
+    values, so an unchanged resume stays exact.
+    """
+    fresh = build_optimizer(model, t).param_groups
+    for group, new in zip(opt.param_groups, fresh, strict=True):
+        group.update({k: v for k, v in new.items() if k != "params"})
+    sched.base_lrs = [g["lr"] for g in fresh]
+    for group, base, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * fn(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+    old = {**TRAINER_DEFAULTS, **saved}
+    changed = [f"{k}: {old.get(k)!r} -> {t[k]!r}" for k in TRAINER_DEFAULTS if old.get(k) != t[k]]
+    if changed and info.is_main:
+        log.warning(
+            "resuming with changed trainer settings, applied from step %d on (the run is no longer the "
+            "uninterrupted one): %s",
+            step,
+            "; ".join(changed),
+        )

@@ -104,11 +104,13 @@ def evaluate(
     *,
     limit: int | None = None,
     autocast: Any = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Metrics of ``model`` on ``split`` ("val" / "test"), exact over all ranks' shares.
 
     ``limit`` evaluates the first ``limit`` examples only; ``autocast`` is a context-manager
-    factory (mixed precision) or None.
+    factory (mixed precision) or None; ``progress`` shows a progress bar (tqdm, stderr) over
+    this rank's batches.
     """
     was = model.training
     model.eval()
@@ -116,8 +118,16 @@ def evaluate(
     keys = ("loss_sum", "correct", "count", "edits", "ref_len")
     acc = dict.fromkeys(keys, 0.0)
     core = model.module if hasattr(model, "module") else model
+    batches: Any = data.eval_batches(split, rank=info.rank, world=info.world, limit=limit)
+    if progress:
+        from tqdm.auto import tqdm
+
+        n = data.eval_examples(split) if limit is None else min(data.eval_examples(split), limit)
+        mine = len(range(info.rank, math.ceil(n / data.eval_batch_size), info.world))
+        batches = tqdm(batches, total=mine, desc=f"eval {split}", unit="batch", leave=False, dynamic_ncols=True,
+                       mininterval=1.0)  # fmt: skip
     try:
-        for batch in data.eval_batches(split, rank=info.rank, world=info.world, limit=limit):
+        for batch in batches:
             batch = _to(batch, info.device)
             with autocast() if autocast is not None else contextlib.nullcontext():
                 if task == "classify":
@@ -153,6 +163,8 @@ def evaluate(
                     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     finally:
         model.train(was)
+        if progress:
+            batches.close()
     acc = dict(zip(keys, all_reduce_sum([acc[k] for k in keys], info)))
     n = max(acc["count"], 1.0)
     out = {"loss": acc["loss_sum"] / n}

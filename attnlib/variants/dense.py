@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from attnlib import dispatch
-from attnlib._validation import positive_int
+from attnlib._validation import optional_positive_number, positive_int
 from attnlib.functional.local import local_attention, local_importance
 from attnlib.functional.modifiers import ScoreModFn
 from attnlib.functional.softmax import (
@@ -70,7 +70,7 @@ class SoftmaxAttention(AttentionCore):
         if backend not in ("auto", "sdpa", "flex", "math"):
             raise ValueError(f"softmax backend must be 'auto', 'sdpa', 'flex' or 'math', got {backend!r}")
         self.backend = backend
-        self.scale = scale
+        self.scale = optional_positive_number(scale, f"{self.name}: scale")
 
     def attend(
         self,
@@ -166,7 +166,7 @@ class LocalAttention(AttentionCore):
         super().__init__(num_heads=num_heads, head_dim=head_dim)
         self.window = positive_int(window, "local attention: window")
         self.chunk_size = None if chunk_size is None else positive_int(chunk_size, "local attention: chunk_size")
-        self.scale = scale
+        self.scale = optional_positive_number(scale, f"{self.name}: scale")
 
     def implied_mask(self, n: int, m: int, device: torch.device | str = "cpu") -> MaskLike:
         return SlidingWindow(self.window, self.window)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnlib._validation import number_above, positive_int
+from attnlib._validation import number_above, optional_positive_number, positive_int
 from attnlib.functional.entmax import alpha_logit, entmax_attention, learned_alpha
 from attnlib.masks import AttentionMask
 from attnlib.registry import Capabilities, register_variant
@@ -78,7 +78,7 @@ class EntmaxAttention(AttentionCore):
         self.learn_alpha = bool(learn_alpha)
         self.n_iter = positive_int(n_iter, "entmax: n_iter")
         self.chunk_size = positive_int(chunk_size, "entmax: chunk_size")
-        self.scale = scale
+        self.scale = optional_positive_number(scale, f"{self.name}: scale")
         self.alpha_logit: nn.Parameter | None = None
         if self.learn_alpha:
             self.alpha_logit = nn.Parameter(torch.full((num_heads,), alpha_logit(self.alpha)))

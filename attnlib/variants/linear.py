@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlib._validation import positive_int
+from attnlib._validation import positive_int, positive_number
 from attnlib.errors import UnsupportedError
 from attnlib.functional._common import acc_dtype
 from attnlib.functional.ecoformer import BiasMode, ecoformer_attention, ecoformer_step, kernelized_hash, learn_ksh_hash
@@ -274,8 +274,9 @@ class CosformerAttention(KernelCore):
 
     ``A_ij = relu(q_i)·relu(k_j) · cos((π/2)(i - j)/L)``, ``out_i = Σ_j A_ij v_j / max(Σ_j A_ij, eps)``,
     computed through the features ``[relu(x) sin a, relu(x) cos a]``, ``a_i = (π/2) i / L``.
-    ``L = max(N, M)`` (official code) unless ``max_len`` fixes it; recurrent decoding needs
-    ``max_len`` (the cos re-weighting depends on the final length otherwise).
+    ``L = max(N, M)`` (official code) unless ``max_len`` fixes it; with key padding L is each
+    example's own length (a padded example equals the example run alone). Recurrent decoding
+    needs ``max_len`` (the cos re-weighting depends on the final length otherwise).
 
     Args:
         eps: denominator clamp (1e-6).
@@ -319,6 +320,7 @@ class CosformerAttention(KernelCore):
             eps=self.eps,
             max_len=self.max_len,
             mask=mask,
+            query_padding=None if cross else mask.key_padding,  # self-attention: padded tokens are no queries
             chunk_size=self.chunk_size,
             explicit=self.explicit,
             return_weights=need_weights,
@@ -388,7 +390,7 @@ class LinearSelfAttention(KernelCore):
         if normalize not in ("none", "n", "prefix_count"):
             raise ValueError(f"lsa: normalize must be 'none', 'n' or 'prefix_count', got {normalize!r}")
         self.normalize = normalize
-        self.scale = float(scale)
+        self.scale = positive_number(scale, f"{self.name}: scale")
 
     def attend(
         self,
@@ -568,7 +570,7 @@ class EcoformerAttention(KernelCore):
         if self.training and not bool(self.hash_learned):
             self.learn_hash(q, k, mask)
         kp = mask.key_padding
-        qvalid = kp if (kp is not None and q.shape[2] == k.shape[2]) else None
+        qvalid = None if cross else kp  # self-attention: padded tokens are no queries either
         hq = self.codes(q, causal=mask.causal, valid=qvalid)
         hk = self.codes(k, causal=mask.causal, valid=kp)
         res = ecoformer_attention(

@@ -21,7 +21,7 @@ from typing import Any
 from einops import rearrange
 from torch import Tensor
 
-from attnlib._validation import int_at_least, non_negative_number, positive_number
+from attnlib._validation import int_at_least, non_negative_number, optional_positive_number, positive_number
 from attnlib.functional.ot import got_loss, ot_attention
 from attnlib.functional.sinkhorn import sinkhorn_attention
 from attnlib.masks import AttentionMask
@@ -75,7 +75,7 @@ class SinkhornAttention(AttentionCore):
     def __init__(self, *, num_heads: int, head_dim: int, n_iters: int = 3, scale: float | None = None) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
         self.n_iters = int_at_least(n_iters, 1, "sinkhorn: n_iters", hint=" (1 = softmax)")
-        self.scale = scale
+        self.scale = optional_positive_number(scale, f"{self.name}: scale")
 
     def attend(
         self,

@@ -21,13 +21,22 @@ softmax attention under "caller masks AND the variant's pattern".
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from attnlib import dispatch
-from attnlib._validation import fraction, non_negative_int, positive_int
+from attnlib._validation import (
+    fraction,
+    non_negative_int,
+    non_negative_number,
+    optional_positive_number,
+    positive_int,
+    positive_number,
+)
+from attnlib.functional._common import sequence_extent
 from attnlib.functional.grat import grat_caller_mask, grat_layout
 from attnlib.functional.softmax import softmax_attention, softmax_importance
 from attnlib.functional.sparse import (
@@ -207,7 +216,7 @@ class BlockSparseAttention(AttentionCore):
         self.stride = positive_int(stride, f"{where}: stride")
         self.local = None if local is None else positive_int(local, f"{where}: local")
         self.num_global = positive_int(num_global, f"{where}: num_global")
-        self.scale = scale
+        self.scale = optional_positive_number(scale, f"{self.name}: scale")
         self._cache: dict[tuple[int, int, str], BlockMask | None] = {}
 
     @classmethod
@@ -324,8 +333,16 @@ class GRATAttention(AttentionCore):
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
         where = "grat"
-        self.grid = None if grid is None else tuple(int(g) for g in grid)
-        self.group = (group,) if isinstance(group, int) else tuple(int(g) for g in group)
+        if grid is not None and not (isinstance(grid, Sequence) and not isinstance(grid, str) and 1 <= len(grid) <= 3):
+            raise ValueError(
+                f"{where}: grid must be None (1-D: the sequence itself) or the token grid (H, W) / (T, H, W) "
+                f"as a tuple of positive ints, got {grid!r}"
+            )
+        self.grid = None if grid is None else tuple(positive_int(g, f"{where}: grid entry") for g in grid)
+        if isinstance(group, Sequence) and not isinstance(group, str):
+            self.group = tuple(positive_int(g, f"{where}: group entry") for g in group)
+        else:
+            self.group = (positive_int(group, f"{where}: group", hint=" (or a tuple of them, one per grid axis)"),)
         if self.grid is not None and len(self.grid) != len(self.group):
             raise ValueError(f"{where}: grid {self.grid} and group {self.group} must have the same rank")
         if self.grid is None and len(self.group) != 1:
@@ -335,7 +352,7 @@ class GRATAttention(AttentionCore):
         non_negative_int(radius, f"{where}: radius")
         self.mode, self.radius = mode, radius
         self.block_size = positive_int(block_size, f"{where}: block_size")
-        self.scale = scale
+        self.scale = optional_positive_number(scale, f"{self.name}: scale")
         self._cache: dict[tuple[int, str], tuple[BlockMask, Tensor | None]] = {}
 
     @classmethod
@@ -484,12 +501,12 @@ class SeerAttention(AttentionCore):
             if not ops or any(o not in ("avg", "max", "min") for o in ops):
                 raise ValueError(f"{where}: pooling ops must be a non-empty list of 'avg', 'max', 'min', got {ops}")
         self.gate_rope, self.rope_base = bool(gate_rope), float(rope_base)
-        self.loss_scale = float(loss_scale)
+        self.loss_scale = non_negative_number(loss_scale, f"{self.name}: loss_scale")
         if not 0.0 <= float(skip_first) < 1.0:
             raise ValueError(f"{where}: skip_first must be in [0, 1), got {skip_first!r}")
         self.skip_first = float(skip_first)
         self.train_sparse = bool(train_sparse)
-        self.scale = scale
+        self.scale = optional_positive_number(scale, f"{self.name}: scale")
         self.q_gate: nn.Parameter | None = None
         if not (len(self.q_pool) == 1 and self.gate_dim == head_dim):
             self.q_gate = nn.Parameter(torch.empty(num_heads, len(self.q_pool) * head_dim, self.gate_dim))
@@ -511,13 +528,15 @@ class SeerAttention(AttentionCore):
         *,
         causal: bool = False,
         key_valid: Tensor | None = None,
+        cross: bool = False,
     ) -> Tensor:
         """Block logits (B, H, n_q, n_k), float32 (float64 for float64 inputs).
 
         ``allowed`` (block level, broadcastable) sets the rest to -inf; ``key_valid`` (B, M)
-        keeps padding out of the pooling. With ``causal`` and ``causal_gate`` query block I is
-        represented by query block I - 1 (block 0 by its first query) and only key blocks
-        entirely before it are scored, so the gate never reads future tokens.
+        keeps padding out of the pooling (of the queries too unless ``cross``). With ``causal``
+        and ``causal_gate`` query block I is represented by query block I - 1 (block 0 by its
+        first query) and only key blocks entirely before it are scored, so the gate never reads
+        future tokens.
         """
         return seer_gate_logits(
             q,
@@ -531,10 +550,14 @@ class SeerAttention(AttentionCore):
             allowed=allowed,
             causal_gate=causal and self.causal_gate,
             key_valid=key_valid,
+            cross=cross,
         )
 
-    def select(self, logits: Tensor, allowed: Tensor, causal: bool, n: int, m: int) -> Tensor:
-        """Block selection (B, H, n_q, n_k) bool from gate logits and the caller's allowed blocks."""
+    def select(
+        self, logits: Tensor, allowed: Tensor, causal: bool, n: int, m: int, key_padding: Tensor | None = None
+    ) -> Tensor:
+        """Block selection (B, H, n_q, n_k) bool from gate logits and the caller's allowed blocks;
+        with ``key_padding`` (B, M) the top-k budget counts each example's blocks up to its last real key."""
         return seer_select(
             logits,
             allowed,
@@ -544,6 +567,7 @@ class SeerAttention(AttentionCore):
             block_size=self.block_size,
             n=n,
             m=m,
+            key_padding=key_padding,
         )
 
     def attend(
@@ -565,14 +589,14 @@ class SeerAttention(AttentionCore):
         base = _with_caller(mask, None, bs)
         partial, full = base.block_states()
         allowed = (partial | full).expand(b, h, -1, -1)
-        logits = self.gate_logits(q, k, allowed, causal=mask.causal, key_valid=mask.key_padding)
+        logits = self.gate_logits(q, k, allowed, causal=mask.causal, key_valid=mask.key_padding, cross=cross)
         aux = None
         if self.training:
             aux = self.loss_scale * seer_gate_loss(logits, q, k, mask, scale, self.block_size, self.skip_first)
             if not self.train_sparse:  # no attention dropout (capabilities.attn_dropout=False)
                 return _dense(q, k, v, mask, scale, 0.0, need_weights, need_importance, aux)
         with torch.no_grad():
-            sel = self.select(logits.detach(), allowed, mask.causal, n, m)
+            sel = self.select(logits.detach(), allowed, mask.causal, n, m, mask.key_padding)
         bm = base.restrict(sel)
         res = _run_block(q, k, v, bm, scale, need_weights, need_importance)
         res.aux_loss = aux
@@ -675,7 +699,7 @@ class MoSAAttention(AttentionCore):
         self.threshold = float(threshold)
         self.include_first = bool(include_first)
         self.min_tokens = positive_int(min_tokens, "mosa: min_tokens")
-        self.scale = scale
+        self.scale = optional_positive_number(scale, f"{self.name}: scale")
         self.router = nn.Linear(num_heads * head_dim, num_heads, bias=router_bias)
 
     @classmethod
@@ -817,10 +841,11 @@ class SparsifinerAttention(AttentionCore):
         self.basis_topk = positive_int(basis_topk, f"{where}: basis_topk")
         self.basis_threshold = float(basis_threshold)
         self.num_dense_queries = non_negative_int(num_dense_queries, f"{where}: num_dense_queries")
-        self.predictor_scale = num_heads**-0.5 if predictor_scale is None else float(predictor_scale)
+        ps = optional_positive_number(predictor_scale, f"{self.name}: predictor_scale")
+        self.predictor_scale = num_heads**-0.5 if ps is None else ps
         self.recon_weight = float(recon_weight)
         self.reconstruct = bool(reconstruct)
-        self.scale = scale
+        self.scale = optional_positive_number(scale, f"{self.name}: scale")
         self.q_reduce = nn.Linear(head_dim, c)
         self.k_reduce = nn.Linear(head_dim, c)
         self.down = nn.Parameter(torch.empty(self.num_tokens, n_d))
@@ -916,7 +941,8 @@ class SwinBERTMaskAttention(AttentionCore):
 
     A parameter V (num_tokens x num_tokens) gives the soft mask ``S = I + (1 - I) ⊙ sigmoid(V)``
     over the last ``num_tokens`` tokens of the sequence (SwinBERT's [text; video] order; all
-    tokens when N == num_tokens; a shorter sequence uses the leading N x N block of V),
+    tokens when N == num_tokens; a shorter sequence uses the leading N x N block of V; with key
+    padding, the tokens before each example's last real token),
     shared by all heads and samples. Training: S enters the
     logits as the additive bias ``-mask_scale · (1 - S)`` (BERT's -10000 convention) and
     ``aux_loss = sparsity_weight · mean((1 - I) ⊙ sigmoid(V))`` (the L1 sparsity loss).
@@ -971,11 +997,11 @@ class SwinBERTMaskAttention(AttentionCore):
         where = "swinbert_mask"
         self.num_tokens = positive_int(num_tokens, f"{where}: num_tokens")
         self.sparsity_weight = float(sparsity_weight)
-        self.mask_scale = float(mask_scale)
+        self.mask_scale = positive_number(mask_scale, f"{self.name}: mask_scale")
         self.hard_at_inference = bool(hard_at_inference)
         self.threshold = float(threshold)
         self.block_size = positive_int(block_size, f"{where}: block_size")
-        self.scale = scale
+        self.scale = optional_positive_number(scale, f"{self.name}: scale")
         self.mask_logits = nn.Parameter(torch.randn(self.num_tokens, self.num_tokens) * float(init_std))
         self._hard: tuple[tuple[Any, ...], BlockMask] | None = None
 
@@ -991,11 +1017,13 @@ class SwinBERTMaskAttention(AttentionCore):
         """sparsity_weight · mean((1 - I) ⊙ sigmoid(V))."""
         return self.sparsity_weight * swinbert_sparsity(self.mask_logits)
 
-    def hard_block_mask(self, n: int, device: torch.device) -> BlockMask:
-        """The binarised mask (S >= threshold) embedded in (N, N), as a BlockMask (cached)."""
-        key = (n, str(device), self.mask_logits._version, self.mask_logits.data_ptr(), self.threshold)
+    def hard_block_mask(self, n: int, device: torch.device, ends: Tensor | None = None) -> BlockMask:
+        """The binarised mask (S >= threshold) embedded in (N, N), as a BlockMask (cached); with
+        ``ends`` (B,) per example, ending at its last real token (see :func:`swinbert_hard_mask`)."""
+        shape = None if ends is None else tuple(ends.tolist())
+        key = (n, str(device), self.mask_logits._version, self.mask_logits.data_ptr(), self.threshold, shape)
         if self._hard is None or self._hard[0] != key:
-            dense = swinbert_hard_mask(self.mask_logits, n, self.threshold, device)
+            dense = swinbert_hard_mask(self.mask_logits, n, self.threshold, device, ends)
             self._hard = (key, BlockMask.from_dense(dense, self.block_size))
         return self._hard[1]
 
@@ -1011,13 +1039,17 @@ class SwinBERTMaskAttention(AttentionCore):
         need_importance: bool,
         dropout_p: float,
     ) -> CoreOutput:
-        n, d = q.shape[2], q.shape[3]
+        b, n, d = q.shape[0], q.shape[2], q.shape[3]
         scale = d**-0.5 if self.scale is None else self.scale
+        kp = mask.key_padding  # the mask covers the tokens before each example's last real one
+        ends = None if kp is None else sequence_extent(kp, n, b, q.device)
         if not self.training and self.hard_at_inference:
-            bm = _with_caller(mask, self.hard_block_mask(n, q.device), (self.block_size, self.block_size))
+            bm = _with_caller(mask, self.hard_block_mask(n, q.device, ends), (self.block_size, self.block_size))
             return _run_block(q, k, v, bm, scale, need_weights, need_importance)
         soft = self.soft_mask(min(n, self.num_tokens))
-        out, w = swinbert_soft_attention(q, k, v, soft, mask_scale=self.mask_scale, allowed=mask.dense(), scale=scale)
+        out, w = swinbert_soft_attention(
+            q, k, v, soft, mask_scale=self.mask_scale, allowed=mask.dense(), scale=scale, ends=ends
+        )
         aux = self.sparsity_loss() if self.training else None
         return CoreOutput.from_weights(out, w, need_weights=need_weights, need_importance=need_importance, aux_loss=aux)
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from attnlib._validation import positive_int
+from attnlib._validation import optional_positive_number, positive_int
 from attnlib.functional._common import acc_dtype
 from attnlib.functional.tra import GATE_ON, tra_chunks
 from attnlib.masks import AttentionMask
@@ -78,7 +78,7 @@ class ThresholdRelativeAttention(AttentionCore):
         self.threshold = float(threshold)
         self.qk_norm = bool(qk_norm)
         self.gate_on = gate_on
-        self.scale = scale
+        self.scale = optional_positive_number(scale, "tra: scale")
         self.chunk_size = positive_int(chunk_size, "tra: chunk_size")
         self.gate_proj = nn.Linear(num_heads * head_dim, num_heads)
 

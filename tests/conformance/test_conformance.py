@@ -14,7 +14,7 @@ import torch
 
 import attnlib
 from attnlib.functional import reference_attention, softmax_attention
-from attnlib.masks import BlockMask, SlidingWindow, normalize_mask
+from attnlib.masks import BlockMask, KeyPadding, SlidingWindow, normalize_mask
 from attnlib.registry import get_variant
 from attnlib.testing import assert_close, make_qkv, rel_error
 
@@ -123,9 +123,9 @@ def _exact_cases(name: str):
     if c.causal:
         yield "causal", None, True, N
     if c.key_padding:
-        yield "key_padding", key_padding(N), False, N
+        yield "key_padding", KeyPadding(key_padding(N)), False, N
         if c.causal:
-            yield "key_padding+causal", key_padding(N), True, N
+            yield "key_padding+causal", KeyPadding(key_padding(N)), True, N
     if c.full_mask:
         g = torch.Generator().manual_seed(3)
         yield "full", torch.rand(B, 1, N, N, generator=g) > 0.4, False, N
@@ -137,7 +137,7 @@ def _exact_cases(name: str):
     if c.cross:
         yield "cross", None, False, M
         if c.key_padding:
-            yield "cross+key_padding", key_padding(M), False, M
+            yield "cross+key_padding", KeyPadding(key_padding(M)), False, M
     if c.causal_cross:
         yield "causal_cross", None, True, M
 
@@ -213,16 +213,16 @@ def test_key_padding_honoured(name: str) -> None:
     if c.cross:
         x, ctx = inputs(), inputs(M, seed=1)
         kp = key_padding(M)
-        y = attn(x, ctx, mask=kp)
+        y = attn(x, ctx, key_padding_mask=kp)
         ctx2 = ctx.clone()
         ctx2[~kp] = torch.randn_like(ctx2[~kp]) * 5
-        torch.testing.assert_close(attn(x, ctx2, mask=kp), y, rtol=0, atol=1e-10)
+        torch.testing.assert_close(attn(x, ctx2, key_padding_mask=kp), y, rtol=0, atol=1e-10)
     x = inputs()
     kp = key_padding(N)
-    y = attn(x, mask=kp)
+    y = attn(x, key_padding_mask=kp)
     x2 = x.clone()
     x2[~kp] = torch.randn_like(x2[~kp]) * 5
-    y2 = attn(x2, mask=kp)
+    y2 = attn(x2, key_padding_mask=kp)
     torch.testing.assert_close(y2[kp], y[kp], rtol=0, atol=1e-10)
 
 
@@ -233,7 +233,7 @@ def test_fully_masked_rows_are_zero(name: str) -> None:
     kp = key_padding(N)
     kp[1] = False  # batch 1 may attend to nothing
     q.requires_grad_(True)
-    res = cr(q, k, v, amask(kp, causal=False), need_importance=True)
+    res = cr(q, k, v, amask(KeyPadding(kp), causal=False), need_importance=True)
     assert torch.isfinite(res.out).all()
     assert torch.equal(res.out[1], torch.zeros_like(res.out[1]))
     assert torch.isfinite(res.out[0]).all() and res.out[0].abs().sum() > 0
@@ -340,12 +340,12 @@ def test_weights_query_is_one_row_of_the_weights(name: str) -> None:
     kp = key_padding(N) if c.key_padding else None
     if not c.has_weights:
         with pytest.raises(attnlib.UnsupportedError, match="has_weights=False"):
-            attn(x, mask=kp, return_extras=True, weights_query=0)
+            attn(x, key_padding_mask=kp, return_extras=True, weights_query=0)
         return
-    y, ex = attn(x, mask=kp, return_extras=True, need_weights=True)
+    y, ex = attn(x, key_padding_mask=kp, return_extras=True, need_weights=True)
     assert ex.weights is not None
     for query in (0, 5, -1):
-        y1, ex1 = attn(x, mask=kp, return_extras=True, weights_query=query)
+        y1, ex1 = attn(x, key_padding_mask=kp, return_extras=True, weights_query=query)
         assert ex1.weights is not None and ex1.weights.shape == (B, H, 1, N) and ex1.importance is None
         assert_close(ex1.weights, ex.weights[:, :, [query]], name=f"{name} row {query}")
         assert_close(y1, y, name=f"{name} output with weights_query")
@@ -380,7 +380,7 @@ def test_dropout_only_in_training(name: str) -> None:
 def _unsupported_requests(name: str):
     c = caps(name)
     if not c.key_padding:
-        yield "key_padding", key_padding(N), False
+        yield "key_padding", KeyPadding(key_padding(N)), False
     if not c.full_mask:
         yield "full_mask", torch.ones(B, 1, N, N, dtype=torch.bool), False
     if not c.window:

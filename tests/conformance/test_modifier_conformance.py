@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import attnlib
-from attnlib.masks import normalize_mask
+from attnlib.masks import KeyPadding, normalize_mask
 from attnlib.modifiers import available as modifiers
 from attnlib.modifiers import get_modifier
 from attnlib.registry import get_variant
@@ -73,10 +73,10 @@ def test_modifier_keeps_the_contract(mod: str, variant: str) -> None:
         attn = module(variant, on)
         kp = torch.rand(B, N, generator=torch.Generator().manual_seed(1)) > 0.35
         kp[:, 0] = True
-        y = attn(x, mask=kp)
+        y = attn(x, key_padding_mask=kp)
         x2 = x.clone()
         x2[~kp] = torch.randn_like(x2[~kp]) * 5
-        torch.testing.assert_close(attn(x2, mask=kp)[kp], y[kp], rtol=0, atol=1e-10)
+        torch.testing.assert_close(attn(x2, key_padding_mask=kp)[kp], y[kp], rtol=0, atol=1e-10)
 
 
 SCORE_PAIRS = [(m, v) for m, v in PAIRS if "score_mod" in get_modifier(m).needs and attnlib.variant_info(v).exact]
@@ -89,7 +89,7 @@ def test_score_modifier_on_an_exact_variant_equals_float64_reference(mod: str, v
     core = attn.core
     q, k, v = make_qkv(B, H, N, HEAD, dtype=torch.float64, logit_scale=4.0, seed=7)
     kp = torch.rand(B, N, generator=torch.Generator().manual_seed(2)) > 0.3
-    am = normalize_mask(kp, causal=causal, batch=B, heads=H, n=N, m=N, device=torch.device("cpu"))
+    am = normalize_mask(KeyPadding(kp), causal=causal, batch=B, heads=H, n=N, m=N, device=torch.device("cpu"))
     res = attn.modifiers.attend(core, q, k, v, am, training=False, need_weights=True, need_importance=True)
     fast = attn.modifiers.attend(core, q, k, v, am, training=False, need_importance=True)
     # reference: explicit float64 scores, the score mod on meshgrid indices, masked softmax
