@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
@@ -154,6 +155,14 @@ def train_row(row: str, args: argparse.Namespace, seed: int) -> list[dict]:
     return out
 
 
+def _train_task(row: str, args: argparse.Namespace, seed: int) -> list[dict]:
+    torch.set_num_threads(args.threads)
+    recs = train_row(row, args, seed)
+    for rec in recs:
+        print(json.dumps(rec), flush=True)
+    return recs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
@@ -164,18 +173,19 @@ def main() -> None:
     p.add_argument("--p-ignore", type=float, default=0.8)
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training")
+    p.add_argument("--jobs", type=int, default=1, help="trainings run in parallel processes")
     p.add_argument("--out", default=str(RESULTS / "length_generalisation"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    records = []
     trained = [r for r in args.rows if not (r == "rotary_ultravico" and "rotary" in args.rows)]
-    for row in trained:
-        for seed in range(args.seeds):
-            for rec in train_row(row, args, seed):
-                if rec["row"] in args.rows:
-                    print(json.dumps(rec), flush=True)
-                    records.append(rec)
+    tasks = [(row, args, seed) for row in trained for seed in range(args.seeds)]
+    if args.jobs > 1:  # independent (row, seed) trainings in worker processes, one thread each
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            done = pool.starmap(_train_task, tasks)
+    else:
+        done = [_train_task(*t) for t in tasks]
+    records = [rec for recs in done for rec in recs if rec["row"] in args.rows]
     load = list(os.getloadavg())
     meta = {
         "command": "python benchmarks/length_generalisation.py " + " ".join(sys.argv[1:]),
@@ -202,7 +212,8 @@ def main() -> None:
         f"{args.p_ignore}), evaluated on fresh sequences at 1x / 2x / 4x the length; read-bit accuracy, mean over "
         f"{args.seeds} seeds (per-seed values in brackets; chance is 0.5). "
         "Model: DecoderLM, 2 layers, 2 heads, dim 64.\n\n"
-        f"Machine: `{meta['machine']['cpu']}`, {args.threads} thread(s), torch {meta['machine']['torch']}, commit "
+        f"Machine: `{meta['machine']['cpu']}`, {args.threads} thread(s) per training, {args.jobs} in parallel, "
+        f"torch {meta['machine']['torch']}, commit "
         f"{meta['machine']['commit']}; a shared machine (load average at the end: {load}). Date {meta['date']}. "
         f"Command: `{meta['command']}`.\n\n" + table + "\n"
     )

@@ -81,3 +81,49 @@ def test_bad_ids_and_options_raise() -> None:
         lm(torch.tensor([[0, 13]]))
     with pytest.raises(ValueError, match="meta_tokens must be"):
         DecoderLM(attention={"variant": "softmax"}, vocab_size=V, meta_tokens=-1)
+    with pytest.raises(ValueError, match="meta_rate must be a number in"):
+        DecoderLM(attention={"variant": "softmax"}, vocab_size=V, meta_tokens=1, meta_rate=1.5)
+    with pytest.raises(ValueError, match="meta_tokens=0"):
+        DecoderLM(attention={"variant": "softmax"}, vocab_size=V, meta_rate=0.25)
+
+
+def test_meta_rate_inserts_in_the_forward_and_keeps_one_row_per_real_token() -> None:
+    """Row j = the inserted sequence's output at the last position before real token j + 1."""
+    lm = _lm(meta_rate=0.25).train()  # no dropout: train only changes where the meta-tokens go
+    tok = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(5)
+    got = lm(tok)
+    assert got.shape == (2, 12, V)
+    torch.manual_seed(5)  # the same draw of places
+    seq, is_meta = insert_meta_tokens(tok, V, 3)
+    seq[is_meta] = V + torch.tensor([0, 1, 0]).repeat(2)  # meta ids cycle over the K = 2 ids
+    full = lm.head(lm.features(seq))
+    for b in range(2):
+        real = [i for i in range(15) if not is_meta[b, i]]
+        for j in range(12):
+            last = (real[j + 1] if j + 1 < 12 else 15) - 1
+            torch.testing.assert_close(got[b, j], full[b, last], rtol=0, atol=1e-12)
+    lm.eval()  # evaluation: fixed places, so repeated calls agree, and later tokens never leak back
+    a = lm(tok)
+    torch.testing.assert_close(lm(tok), a, rtol=0, atol=0)
+    tok2 = tok.clone()
+    tok2[:, 7:] = (tok2[:, 7:] + 1) % V
+    torch.testing.assert_close(lm(tok2)[:, :7], a[:, :7], rtol=0, atol=1e-12)
+
+
+def test_meta_tokens_train_from_the_command_line(tmp_path) -> None:
+    import math
+
+    from hydra import compose, initialize_config_module
+
+    from attnlib.training import train
+
+    over = ["experiment=mqar", "model.meta_tokens=2", "model.meta_rate=0.125", "model.dim=16", "model.depth=1",
+            "model.num_heads=2", "trainer.max_steps=2", "trainer.eval_every=0", "trainer.checkpoint_every=0",
+            "trainer.progress=false", "trainer.tensorboard=false", "trainer.threads=1", "data.batch_size=4",
+            "data.seq_len=16", "data.num_kv_pairs=2", "data.vocab_size=32", "data.num_train=32", "data.num_val=8",
+            "data.num_test=8", "data.eval_batch_size=8"]  # fmt: skip
+    with initialize_config_module("attnlib.configs", version_base="1.3"):
+        cfg = compose("train", overrides=over)
+    res = train(cfg, tmp_path / "run")
+    assert math.isfinite(res["test_loss"])

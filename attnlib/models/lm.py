@@ -141,6 +141,11 @@ class DecoderLM(nn.Module):
             (logits stay over the vocab_size real tokens). Insert them with :func:`insert_meta_tokens`.
         meta_attention: with meta-tokens, a :class:`MetaAttention` sub-layer in every block
             (between attention and MLP) through which meta-tokens attend to earlier meta-tokens.
+        meta_rate: with meta-tokens, :meth:`forward` (without a cache) itself inserts
+            ``round(meta_rate · N)`` meta-tokens at random places between the N real tokens (ids
+            cycling over the K meta ids) and returns one row per real token, so any task's loss
+            works unchanged (see :meth:`forward`). Random in training; in evaluation the places
+            come from a fixed seed, so metrics are reproducible. 0 = insert none.
 
     Shapes: ``forward(tokens (B, N) long, mask=None | (B, N) bool, cache=None) -> logits (B, N, V)``.
     With a cache, ``tokens`` are the next N tokens and ``mask`` (if any) covers every token so
@@ -170,12 +175,17 @@ class DecoderLM(nn.Module):
         sigma_reparam: bool = False,
         meta_tokens: int = 0,
         meta_attention: bool = True,
+        meta_rate: float = 0.0,
     ) -> None:
         super().__init__()
         if positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
         if not isinstance(meta_tokens, int) or isinstance(meta_tokens, bool) or meta_tokens < 0:
             raise ValueError(f"meta_tokens must be an int >= 0, got {meta_tokens!r}")
+        if not isinstance(meta_rate, (int, float)) or isinstance(meta_rate, bool) or not 0 <= meta_rate <= 1:
+            raise ValueError(f"meta_rate must be a number in [0, 1], got {meta_rate!r}")
+        if meta_rate and not meta_tokens:
+            raise ValueError(f"meta_rate={meta_rate} inserts meta-tokens, but meta_tokens=0 (set meta_tokens >= 1)")
         if meta_tokens and pruning is not None:
             raise ValueError("meta_tokens and token pruning cannot be combined")
         if positions == "learned" and not max_len:
@@ -184,7 +194,7 @@ class DecoderLM(nn.Module):
             raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
         self.vocab_size, self.dim, self.positions, self.max_len = vocab_size, dim, positions, max_len
         self.tok_emb = nn.Embedding(vocab_size, dim)
-        self.meta_tokens = meta_tokens
+        self.meta_tokens, self.meta_rate = meta_tokens, float(meta_rate)
         self.meta_emb = nn.Embedding(meta_tokens, dim) if meta_tokens else None
         self.pos_emb = nn.Embedding(max_len, dim) if positions == "learned" else None
         self.drop = nn.Dropout(dropout)
@@ -301,6 +311,27 @@ class DecoderLM(nn.Module):
                 x = blk(x, key_padding_mask=mask, cache=None if cache is None else cache.layers[i])
         return self.norm(x)
 
+    def _features_with_meta(self, tokens: Tensor, mask: Tensor | None) -> Tensor:
+        """Features (B, N, dim) of the real tokens of ``tokens`` (B, N) after inserting meta-tokens."""
+        b, n = tokens.shape
+        count = round(self.meta_rate * n)
+        if count == 0:
+            return self.features(tokens, mask)
+        gen = None if self.training else torch.Generator().manual_seed(n)
+        seq, is_meta = insert_meta_tokens(tokens, self.vocab_size, count, generator=gen)
+        nth = is_meta.long().cumsum(1) - 1  # the i-th meta-token of a row gets meta id i mod K
+        seq = torch.where(is_meta, self.vocab_size + nth % self.meta_tokens, seq)
+        if mask is not None:
+            if tuple(mask.shape) != (b, n):
+                raise ValueError(f"mask must be (B, N) = ({b}, {n}), got {tuple(mask.shape)}")
+            full = torch.ones_like(is_meta)
+            full[~is_meta] = mask.reshape(-1).to(torch.bool)
+            mask = full
+        h = self.features(seq, mask)
+        real = (~is_meta).nonzero()[:, 1].view(b, n)  # positions of the real tokens
+        last = torch.cat([real[:, 1:], real.new_full((b, 1), n + count)], 1) - 1
+        return h.gather(1, last[..., None].expand(-1, -1, h.shape[-1]))
+
     def _embed_meta(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Embeddings of real and meta-tokens (ids >= vocab_size): (B, N, dim), is_meta (B, N)."""
         assert self.meta_emb is not None
@@ -362,8 +393,17 @@ class DecoderLM(nn.Module):
 
         ``select`` (B, N) bool returns only the logits of the selected positions, (K, V) -
         cheaper when few positions carry a target (e.g. associative recall).
+
+        With ``meta_rate > 0`` and no cache, meta-tokens are inserted between the real tokens
+        first (:func:`insert_meta_tokens`); the row of real token j is then the output at the last
+        position before real token j + 1 (a meta-token inserted after j, else j itself) - the
+        position whose next-token target is real token j + 1, as when a loss on the inserted
+        sequence skips the meta-token targets.
         """
-        h = self.features(tokens, mask, cache)
+        if self.meta_rate and cache is None:
+            h = self._features_with_meta(tokens, mask)
+        else:
+            h = self.features(tokens, mask, cache)
         if select is not None:
             h = h[select]
         return self.head(h)
