@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
+import multiprocessing
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_avg", "metric_series", "run_config"]
+__all__ = ["load_avg", "metric_series", "run_config", "run_configs"]
 
 
 def run_config(overrides: list[str], run_dir: Path) -> dict[str, Any]:
@@ -29,6 +30,15 @@ def run_config(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     except NonFiniteLossError as e:
         return {"diverged": str(e).split(";")[0], "wall_seconds": round(time.perf_counter() - t0, 1)}
     return res
+
+
+def run_configs(runs: list[tuple[list[str], Path]], jobs: int = 1) -> list[dict[str, Any]]:
+    """:func:`run_config` on each ``(overrides, run_dir)``, ``jobs`` at a time in worker processes;
+    results in the order given."""
+    if jobs <= 1:
+        return [run_config(o, d) for o, d in runs]
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        return pool.starmap(run_config, runs)
 
 
 def metric_series(run_dir: Path, split: str, metric: str) -> list[tuple[int, float]]:

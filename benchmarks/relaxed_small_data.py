@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine_info, markdown_table
-from _runs import load_avg, run_config
+from _runs import load_avg, run_configs
 
 
 def main() -> None:
@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--gamma", type=float, default=0.1)
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes (one thread each)")
     p.add_argument("--out", default=str(RESULTS / "relaxed_small_data"))
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="relaxed_small_"))
@@ -43,15 +44,15 @@ def main() -> None:
         "trainer.threads=1",
     ]
     arms = {"plain": [], f"relaxed_{args.gamma:g}": [f"attention.modifiers=[{{name: relaxed, gamma: {args.gamma}}}]"]}
+    cells = [(seed, arm) for seed in range(args.seeds) for arm in arms]
+    runs = [([*base, f"seed={seed}", *arms[arm]], work / f"{arm}_{seed}") for seed, arm in cells]
     records = []
-    for seed in range(args.seeds):
-        for arm, extra in arms.items():
-            res = run_config([*base, f"seed={seed}", *extra], work / f"{arm}_{seed}")
-            rec = {"arm": arm, "seed": seed, "load_avg": load_avg()}
-            keys = ("test_accuracy", "test_loss", "val_accuracy", "val_loss", "train_seconds")
-            rec.update({k: res.get(k) for k in keys})
-            print(json.dumps(rec), flush=True)
-            records.append(rec)
+    for (seed, arm), res in zip(cells, run_configs(runs, args.jobs)):
+        rec = {"arm": arm, "seed": seed, "load_avg": load_avg()}
+        keys = ("test_accuracy", "test_loss", "val_accuracy", "val_loss", "train_seconds")
+        rec.update({k: res.get(k) for k in keys})
+        print(json.dumps(rec), flush=True)
+        records.append(rec)
     meta = {
         "command": "python benchmarks/relaxed_small_data.py " + " ".join(sys.argv[1:]),
         "overrides": base,
@@ -73,7 +74,8 @@ def main() -> None:
         f"`attnlib-train {' '.join(base)} seed=<s> [attention.modifiers=[{{name: relaxed, gamma: {args.gamma}}}]]`. "
         f"Median over {args.seeds} seeds (per seed in brackets, seeds 0..{args.seeds - 1}); test = the 360 held-out "
         "images, val = 1222 images.\n\n"
-        f"Machine: `{m['cpu']}`, 1 thread per run, torch {m['torch']}, commit {m['commit']}; a shared machine "
+        f"Machine: `{m['cpu']}`, 1 thread per run, {args.jobs} run(s) in parallel, torch {m['torch']}, "
+        f"commit {m['commit']}; a shared machine "
         f"(load average after each run in the json). Date {meta['date']}. Command: `{meta['command']}`.\n\n"
         + markdown_table(["arm", "test acc", "test loss", "val acc", "val loss"], rows)
         + "\n"

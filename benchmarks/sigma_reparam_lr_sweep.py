@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine_info, markdown_table
-from _runs import load_avg, metric_series, run_config
+from _runs import load_avg, metric_series, run_configs
 
 ARMS = {"baseline": [], "sigma_reparam": ["model.sigma_reparam=true"]}
 
@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--lrs", nargs="*", type=float, default=[1e-3, 3e-3, 1e-2, 3e-2])
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes (one thread each)")
     p.add_argument("--out", default=str(RESULTS / "sigma_reparam_lr_sweep"))
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sigma_sweep_"))
@@ -46,24 +47,23 @@ def main() -> None:
         "trainer.threads=1",
         f"seed={args.seed}",
     ]
+    cells = [(lr, arm) for lr in args.lrs for arm in ARMS]
+    runs = [([*base, f"trainer.lr={lr}", *ARMS[arm]], work / f"{arm}_{lr:g}") for lr, arm in cells]
     records = []
-    for lr in args.lrs:
-        for arm, extra in ARMS.items():
-            run = work / f"{arm}_{lr:g}"
-            res = run_config([*base, f"trainer.lr={lr}", *extra], run)
-            rec = {
-                "arm": arm,
-                "lr": lr,
-                "test_accuracy": res.get("test_accuracy"),
-                "test_loss": res.get("test_loss"),
-                "diverged": res.get("diverged"),
-                "train_seconds": res.get("train_seconds"),
-                "entropy": metric_series(run, "train", "attn_entropy"),
-                "loss": metric_series(run, "train", "loss"),
-                "load_avg": load_avg(),
-            }
-            print(json.dumps({k: v for k, v in rec.items() if k not in ("entropy", "loss")}), flush=True)
-            records.append(rec)
+    for (lr, arm), (_, run), res in zip(cells, runs, run_configs(runs, args.jobs)):
+        rec = {
+            "arm": arm,
+            "lr": lr,
+            "test_accuracy": res.get("test_accuracy"),
+            "test_loss": res.get("test_loss"),
+            "diverged": res.get("diverged"),
+            "train_seconds": res.get("train_seconds"),
+            "entropy": metric_series(run, "train", "attn_entropy"),
+            "loss": metric_series(run, "train", "loss"),
+            "load_avg": load_avg(),
+        }
+        print(json.dumps({k: v for k, v in rec.items() if k not in ("entropy", "loss")}), flush=True)
+        records.append(rec)
     meta = {
         "command": "python benchmarks/sigma_reparam_lr_sweep.py " + " ".join(sys.argv[1:]),
         "overrides": base,
@@ -89,7 +89,8 @@ def main() -> None:
         "warmup, otherwise the vit_digits experiment (AdamW, weight decay 0.05, grad clip 1, cosine decay). "
         "Entropy: mean attention entropy over layers, heads and 16 sampled query rows (nats; uniform over the 17 "
         f"tokens = {__import__('math').log(17):.3f}), logged every 20 steps. One seed per cell.\n\n"
-        f"Machine: `{m['cpu']}`, 1 thread per run, torch {m['torch']}, commit {m['commit']}; a shared machine "
+        f"Machine: `{m['cpu']}`, 1 thread per run, {args.jobs} run(s) in parallel, torch {m['torch']}, "
+        f"commit {m['commit']}; a shared machine "
         f"(load average after each run in the json). Date {meta['date']}. Command: `{meta['command']}`.\n\n"
         + markdown_table(head, rows)
         + f"\n\n![entropy curves and accuracy]({Path(args.out).name}.png)\n"
