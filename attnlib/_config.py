@@ -11,7 +11,7 @@ import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["close_matches_hint", "split_named_config", "to_plain_dict"]
+__all__ = ["close_matches_hint", "lookup_registered", "register_named", "split_named_config", "to_plain_dict"]
 
 
 def to_plain_dict(cfg: Any, *, what: str) -> dict[str, Any]:
@@ -62,3 +62,23 @@ def split_named_config(cfg: Any, known: Iterable[str], *, what: str) -> tuple[st
     if name not in names:
         raise ValueError(f"unknown {what} {name!r}{close_matches_hint(name, names)} Known: {', '.join(names)}")
     return str(name), kwargs
+
+
+def register_named(table: dict[str, Any], name: str, cls: Any, *, kind: str) -> Any:
+    """Register ``cls`` in a name registry ``table`` (setting ``cls.name``); returns ``cls``.
+
+    A second class under a taken name raises ValueError ``"{kind} 'name' is already registered by ..."``.
+    """
+    if name in table and table[name] is not cls:
+        raise ValueError(f"{kind} {name!r} is already registered by {table[name].__qualname__}")
+    cls.name = name
+    table[name] = cls
+    return cls
+
+
+def lookup_registered(table: dict[str, Any], name: str, *, kind: str, plural: str) -> Any:
+    """``table[name]``; an unknown name raises ValueError listing the close matches and every name."""
+    if name not in table:
+        hint = close_matches_hint(name, table)
+        raise ValueError(f"unknown {kind} {name!r}{hint} Registered {plural}: {', '.join(sorted(table))}")
+    return table[name]

@@ -9,7 +9,7 @@ the methods here delegate to them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,8 @@ from attnlib.decoding import AttentionCache, decode_mode
 from attnlib.errors import UnsupportedError
 from attnlib.functional.gta import Geometry, gta_output, gta_transform
 from attnlib.masks import AttentionMask, MaskLike, normalize_mask
+from attnlib.modifiers.base import ModifierSpec
+from attnlib.modifiers.stack import ModifierStack
 from attnlib.positional import RotaryCall, RotaryEmbedding, RotaryPositions
 from attnlib.registry import Capabilities, get_variant
 from attnlib.variants._build import check_variant_kwargs
@@ -64,6 +66,9 @@ class Attention(nn.Module):
             (``capabilities.attn_dropout``), otherwise on the variant's output; training only.
         rope: rotary position embeddings on q and k (self-attention only).
         rope_base: rotary frequency base.
+        modifiers: attention modifiers (:mod:`attnlib.modifiers`) - objects, names or mappings
+            like ``{"name": "relaxed", "gamma": 0.1}``; each is checked against the variant's
+            capabilities (:class:`attnlib.UnsupportedError` when it cannot serve it).
         **variant_kwargs: passed to the variant's constructor.
 
     Shapes: ``forward(x (B, N, C), context (B, M, C) | None) -> (B, N, C)``.
@@ -81,6 +86,7 @@ class Attention(nn.Module):
         dropout: float = 0.0,
         rope: bool = False,
         rope_base: float = 10000.0,
+        modifiers: Sequence[ModifierSpec] | None = None,
         **variant_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -114,6 +120,8 @@ class Attention(nn.Module):
         self.rope = RotaryEmbedding(self.head_dim, rope_base) if rope else None
         check_variant_kwargs(variant, cls, variant_kwargs)
         self.core: AttentionCore = cls(num_heads=num_heads, head_dim=self.head_dim, **variant_kwargs)
+        self.modifiers = ModifierStack.build(modifiers, variant=variant, caps=caps)
+        self.modifiers.attach(self)
         self.pending_aux_loss: Tensor | None = None
 
     @property
@@ -131,7 +139,9 @@ class Attention(nn.Module):
             raise ValueError(f"x must have last dim {self.dim}, got shape {tuple(x.shape)}")
         if n == 0 or b == 0:
             raise ValueError(f"x is empty: shape {tuple(x.shape)}; B and N must be > 0")
-        w = self.in_proj.weight
+        w = (
+            self.out_proj.bias if self.out_proj.bias is not None else self.out_proj.weight
+        )  # never a parametrised weight
         if x.device != w.device:
             raise ValueError(f"x is on {x.device} but the module's parameters are on {w.device}")
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
@@ -316,7 +326,8 @@ class Attention(nn.Module):
                     "(capabilities.has_weights=False)"
                 )
             check_supported(self.variant, self.capabilities, am, cross=cross)
-            row = self.core.query_weights(q, k, am, query)
+            if not self.modifiers.changes_attention(self.training):
+                row = self.core.query_weights(q, k, am, query)
         res = self._attend(
             q,
             k,
@@ -425,9 +436,12 @@ class Attention(nn.Module):
     ) -> CoreOutput:
         """The core on q, k, v (``flags``: its cross / need_weights / need_importance; ``rotary``: the
         positions q and k were rotated at, for cores that read them), with the attention dropout where
-        the variant applies it to its probabilities."""
+        the variant applies it to its probabilities, through the modifiers
+        (:class:`attnlib.modifiers.ModifierStack`: the one hook point around the core)."""
         p = self.dropout if self.training and self.capabilities.attn_dropout else 0.0
-        return self.core(q, k, v, am, dropout_p=p, rotary=rotary, **flags)
+        return self.modifiers.attend(
+            self.core, q, k, v, am, training=self.training, dropout_p=p, rotary=rotary, **flags
+        )
 
     def _output_dropout(self, out: Tensor) -> Tensor:
         """The attention dropout of a variant without one of its own: on its output (training only)."""
@@ -491,9 +505,10 @@ class Attention(nn.Module):
         return decoding.init_cache(self, positive_int(batch, "batch"), mode)
 
     def extra_repr(self) -> str:
+        mods = f", modifiers={self.modifiers.names()}" if len(self.modifiers) else ""
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-            f"variant={self.variant!r}, causal={self.causal}"
+            f"variant={self.variant!r}, causal={self.causal}{mods}"
         )
 
 

@@ -290,6 +290,11 @@ def forward_cached(
                 f"variant {attn.variant!r} decodes with its recurrent step, which takes no mask; "
                 "decode sequences without padding (or use init_cache(mode='recompute'))"
             )
+        if attn.modifiers.changes_attention(attn.training):
+            raise UnsupportedError(
+                f"modifiers {attn.modifiers.names()} do not act inside variant {attn.variant!r}'s recurrent "
+                "step; decode with init_cache(mode='recompute')"
+            )
         out = _step_recurrent(attn, q, k, v, cache)
         attn.pending_aux_loss = None
         res = None

@@ -80,12 +80,16 @@ def cpu_key_padding(m: int, device: torch.device, dtype: torch.dtype) -> int:
     return w - tail if tail > w // 4 else 0
 
 
-def softmax_backend(backend: str, *, return_weights: bool, block_mask: bool, dropout_p: float) -> str:
+def softmax_backend(
+    backend: str, *, return_weights: bool, block_mask: bool, dropout_p: float, score_mod: str | None = None
+) -> str:
     """The backend of :func:`attnlib.functional.softmax_attention`: ``backend`` unless it is "auto".
 
     "auto" is "math" when weights are requested (the only backend that returns them);
     "block_sparse" when the masks include a BlockMask and there is no dropout, so the BlockMask is
-    never densified; else "sdpa" (PyTorch's fused kernels, on CPU and GPU).
+    never densified; "chunked" (the query-chunked explicit path) for a ``score_mod`` that is not a
+    score-independent additive bias (``score_mod="general"``; an ``"additive"`` one goes to SDPA as a
+    float mask); else "sdpa" (PyTorch's fused kernels, on CPU and GPU).
     """
     if backend != "auto":
         return backend
@@ -93,6 +97,8 @@ def softmax_backend(backend: str, *, return_weights: bool, block_mask: bool, dro
         return "math"
     if block_mask and dropout_p == 0:
         return "block_sparse"
+    if score_mod == "general":
+        return "chunked"
     return "sdpa"
 
 

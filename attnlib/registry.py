@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
-from attnlib._config import close_matches_hint
+from attnlib._config import lookup_registered, register_named
 
 __all__ = [
     "Capabilities",
@@ -51,6 +51,9 @@ class Capabilities:
         importance: reports ``importance`` (attention mass each key receives) through
             ``return_extras`` - what token pruning (:mod:`attnlib.pruning`) ranks tokens by.
             False unless declared, like every capability.
+        score_mod: applies a FlexAttention-style ``score_mod(score, b, h, q_idx, kv_idx)`` to its
+            pre-softmax logits (:class:`attnlib.variants.base.AttentionCore` passes it to ``attend``);
+            what score modifiers (ALiBi, UltraViCo, :mod:`attnlib.modifiers`) need.
         family: the variant family ("dense", "sparse", "linear", ...).
         paper: short reference to the defining paper.
     """
@@ -71,6 +74,7 @@ class Capabilities:
     permutation_equivariant: bool = False
     recurrent: bool = False
     importance: bool = False
+    score_mod: bool = False
     family: str = ""
     paper: str = ""
 
@@ -98,14 +102,10 @@ def register_variant(name: str):
         raise ValueError(f"variant names must be identifiers, got {name!r}")
 
     def deco(cls: C) -> C:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"variant {name!r} is already registered by {_REGISTRY[name].__qualname__}")
         caps = getattr(cls, "capabilities", None)
         if not isinstance(caps, Capabilities):
             raise TypeError(f"{cls.__qualname__} must define `capabilities = Capabilities(...)`")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        return register_named(_REGISTRY, name, cls, kind="variant")
 
     return deco
 
@@ -117,10 +117,7 @@ def available() -> list[str]:
 
 def get_variant(name: str) -> type[Any]:
     """The AttentionCore subclass registered as ``name``; unknown names raise ValueError with close matches."""
-    if name not in _REGISTRY:
-        hint = close_matches_hint(name, _REGISTRY)
-        raise ValueError(f"unknown attention variant {name!r}{hint} Registered variants: {', '.join(available())}")
-    return _REGISTRY[name]
+    return lookup_registered(_REGISTRY, name, kind="attention variant", plural="variants")
 
 
 def variant_info(name: str) -> Capabilities:

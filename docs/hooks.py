@@ -44,6 +44,7 @@ _FLAGS = [
     ("attn_dropout", "attention dropout"),
     ("trainable", "own parameters"),
     ("permutation_equivariant", "permutation equivariant"),
+    ("score_mod", "score_mod (score modifiers)"),
 ]
 
 

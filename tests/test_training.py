@@ -467,6 +467,7 @@ def test_trainer_defaults_yaml_mirrors_the_code() -> None:
         ("trainer.warmup_steps=-1", "trainer.warmup_steps must be an integer >= 0"),
         ("trainer.checkpoint_every=-1", "trainer.checkpoint_every must be an integer >= 0"),
         ("trainer.log_every=0", "trainer.log_every must be an integer >= 1"),
+        ("trainer.attention_entropy=-1", "trainer.attention_entropy must be an integer >= 0"),
         ("trainer.eval_limit=0", "trainer.eval_limit must be null or an integer >= 1"),
         ("trainer.betas=[0.9]", "trainer.betas must be two numbers in [0, 1)"),
         ("trainer.min_lr_ratio=2", "trainer.min_lr_ratio must be a number in [0, 1]"),

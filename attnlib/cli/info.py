@@ -23,6 +23,7 @@ _COLUMNS = [
     ("trainable", "params"),
     ("recurrent", "step"),
     ("importance", "importance"),
+    ("score_mod", "score_mod"),
 ]
 
 

@@ -22,6 +22,7 @@ from attnlib._validation import check_index, check_qkv, positive_int
 from attnlib.dispatch import cpu_key_padding  # its documented name here
 from attnlib.errors import UnsupportedError
 from attnlib.functional._common import acc_dtype, as_attention_mask, repeat_kv, softmax_or_zero
+from attnlib.functional.modifiers import ScoreModFn, apply_score_mod, is_additive, score_bias
 from attnlib.masks import AttentionMask, BlockMask, MaskLike
 
 __all__ = [
@@ -35,7 +36,7 @@ __all__ = [
     "softmax_query_weights",
 ]
 
-Backend = Literal["auto", "sdpa", "flex", "math", "block_sparse"]
+Backend = Literal["auto", "sdpa", "flex", "math", "block_sparse", "chunked"]
 
 
 def _exp_floor(dtype: torch.dtype) -> float:
@@ -80,16 +81,36 @@ def _math(
     allowed: Tensor | None,
     scale: float,
     dropout_p: float,
+    score_mod: ScoreModFn | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Explicit attention in the input dtype (softmax in >= fp32). Returns (out, weights)."""
+    """Explicit attention in the input dtype (softmax and ``score_mod`` in >= fp32). Returns (out, weights)."""
     g = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, g), repeat_kv(v, g)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     acc = scores.to(acc_dtype(scores.dtype))
+    if score_mod is not None:
+        acc = apply_score_mod(acc, score_mod)
     w = _softmax_rows(acc, allowed)
     w = w.to(q.dtype)
     wd = F.dropout(w, p=dropout_p) if dropout_p > 0 else w
     return torch.matmul(wd, v), w
+
+
+def _sdpa_bias(
+    q: Tensor, k: Tensor, v: Tensor, am: AttentionMask, scale: float, dropout_p: float, score_mod: ScoreModFn
+) -> Tensor:
+    """SDPA with an additive score mod materialised as a float mask (B|1, H|1, N, M): the bias,
+    -inf where the masks forbid; rows with no allowed key attend everywhere and are zeroed."""
+    bias = score_bias(score_mod, am.batch, am.heads, am.n, am.m, device=q.device, dtype=acc_dtype(q.dtype))
+    allowed = am.dense()
+    empty = None
+    if allowed is not None:
+        empty = ~allowed.any(-1, keepdim=True)
+        bias = bias.masked_fill(~(allowed | empty), float("-inf"))
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+    return out if empty is None or not bool(empty.any()) else out.masked_fill(empty, 0.0)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, am: AttentionMask, scale: float, dropout_p: float) -> Tensor:
@@ -121,15 +142,19 @@ def _compiled_flex() -> Callable[..., Tensor]:
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _flex(q: Tensor, k: Tensor, v: Tensor, am: AttentionMask, scale: float, compile: bool) -> Tensor:
+def _flex(
+    q: Tensor, k: Tensor, v: Tensor, am: AttentionMask, scale: float, compile: bool, score_mod: ScoreModFn | None = None
+) -> Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
     fn = _compiled_flex() if compile else flex_attention
     gqa = q.shape[1] != k.shape[1]
-    return fn(q, k, v, block_mask=am.to_flex(), scale=scale, enable_gqa=gqa)
+    return fn(q, k, v, score_mod=score_mod, block_mask=am.to_flex(), scale=scale, enable_gqa=gqa)
 
 
-def _block_sparse(q: Tensor, k: Tensor, v: Tensor, am: AttentionMask, scale: float) -> Tensor:
+def _block_sparse(
+    q: Tensor, k: Tensor, v: Tensor, am: AttentionMask, scale: float, score_mod: ScoreModFn | None = None
+) -> Tensor:
     """Route through the block-sparse kernel: every mask is folded into one BlockMask."""
     from attnlib.kernels import block_sparse_attention
 
@@ -137,7 +162,7 @@ def _block_sparse(q: Tensor, k: Tensor, v: Tensor, am: AttentionMask, scale: flo
     bm = am.as_block_mask(block_size)
     if bm is None:  # nothing constrains the call: every block kept
         bm = BlockMask.all_blocks(am.n, am.m, block_size=block_size, device=q.device)
-    return block_sparse_attention(q, k, v, bm, scale=scale)  # type: ignore[return-value]
+    return block_sparse_attention(q, k, v, bm, scale=scale, score_mod=score_mod)  # type: ignore[return-value]
 
 
 def softmax_attention(
@@ -152,6 +177,7 @@ def softmax_attention(
     backend: Backend = "auto",
     return_weights: bool = False,
     compile_flex: bool = True,
+    score_mod: ScoreModFn | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact softmax attention ``softmax(q k^T · scale) v`` under masks.
 
@@ -169,6 +195,12 @@ def softmax_attention(
             BlockMask and there is no dropout; else SDPA).
         return_weights: also return the (B, H, N, M) attention weights (math backend).
         compile_flex: run FlexAttention through ``torch.compile`` (the fast path).
+        score_mod: ``score_mod(score, b, h, q_idx, kv_idx)`` (FlexAttention's signature) applied to
+            the scaled logits before the softmax (:mod:`attnlib.functional.modifiers`). "auto" then runs
+            SDPA with the bias as a float mask when it is an additive
+            :class:`~attnlib.functional.modifiers.ScoreMod` (ALiBi), the block-sparse kernel under a
+            BlockMask, else the "chunked" explicit path (query chunks, O(chunk·M) memory); "flex"
+            passes it to FlexAttention; "sdpa" takes additive ones only.
 
     Returns:
         out (B, H, N, Dv), or (out, weights (B, H, N, M)) when ``return_weights``.
@@ -177,26 +209,38 @@ def softmax_attention(
     check_qkv(q, k, v, where="softmax_attention")
     am = as_attention_mask(q, k, mask, causal)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if backend not in ("auto", "sdpa", "flex", "math", "block_sparse"):
-        raise ValueError(f"backend must be 'auto', 'sdpa', 'flex', 'math' or 'block_sparse', got {backend!r}")
-    if return_weights and backend in ("sdpa", "flex", "block_sparse"):
+    if backend not in ("auto", "sdpa", "flex", "math", "block_sparse", "chunked"):
+        raise ValueError(
+            f"backend must be 'auto', 'sdpa', 'flex', 'math', 'block_sparse' or 'chunked', got {backend!r}"
+        )
+    if return_weights and backend in ("sdpa", "flex", "block_sparse", "chunked"):
         raise UnsupportedError(
             f"softmax_attention: backend {backend!r} cannot return weights; use backend='math' or 'auto'"
         )
+    kind = None if score_mod is None else "additive" if is_additive(score_mod) else "general"
     route = dispatch.softmax_backend(
-        backend, return_weights=return_weights, block_mask=am.block is not None, dropout_p=dropout_p
+        backend, return_weights=return_weights, block_mask=am.block is not None, dropout_p=dropout_p, score_mod=kind
     )
     if route == "math":
-        out, w = _math(q, k, v, am.dense(), scale, dropout_p)
+        out, w = _math(q, k, v, am.dense(), scale, dropout_p, score_mod)
         return (out, w) if return_weights else out
+    if route == "chunked":
+        return _chunked(q, k, v, am, scale, dropout_p, 512, score_mod, importance=False)[0]
     if route == "block_sparse":
         if dropout_p > 0:
             raise UnsupportedError("softmax_attention: the 'block_sparse' backend has no attention dropout")
-        return _block_sparse(q, k, v, am, scale)
+        return _block_sparse(q, k, v, am, scale, score_mod)
     if route == "flex":
         if dropout_p > 0:
             raise UnsupportedError("softmax_attention: the 'flex' backend has no attention dropout")
-        return _flex(q, k, v, am, scale, compile_flex)
+        return _flex(q, k, v, am, scale, compile_flex, score_mod)
+    if score_mod is not None:
+        if kind != "additive":
+            raise UnsupportedError(
+                "softmax_attention: backend 'sdpa' takes only a score-independent additive score_mod "
+                "(a ScoreMod with additive=True, e.g. ALiBi); use backend='auto', 'chunked', 'flex' or 'math'"
+            )
+        return _sdpa_bias(q, k, v, am, scale, dropout_p, score_mod)
     return _sdpa(q, k, v, am, scale, dropout_p)
 
 
@@ -240,12 +284,13 @@ def softmax_importance(
     causal: bool = False,
     scale: float | None = None,
     chunk_size: int = 512,
+    score_mod: ScoreModFn | None = None,
 ) -> Tensor:
     """Attention mass each key receives, averaged over queries: (B, H, M).
 
     ``importance[b, h, j] = mean_i softmax(q k^T · scale)[b, h, i, j]`` under the masks,
     computed over query chunks so memory is O(chunk_size · M), never N x M.
-    q (B, H, N, D), k (B, H_kv, M, D).
+    q (B, H, N, D), k (B, H_kv, M, D); ``score_mod`` as in :func:`softmax_attention`.
     """
     check_qkv(q, k, k, where="softmax_importance")
     am = as_attention_mask(q, k, mask, causal)
@@ -256,6 +301,8 @@ def softmax_importance(
     for s in range(0, n, chunk_size):
         e = min(n, s + chunk_size)
         scores = torch.matmul(q[:, :, s:e], kk.transpose(-1, -2)).to(acc.dtype) * scale
+        if score_mod is not None:
+            scores = apply_score_mod(scores, score_mod, q_start=s)
         allowed = am.dense_rows(s, e)
         p = _softmax_rows(scores, allowed)
         acc += p.sum(2)
@@ -270,6 +317,7 @@ def softmax_query_weights(
     mask: MaskLike | list[MaskLike] = None,
     causal: bool = False,
     scale: float | None = None,
+    score_mod: ScoreModFn | None = None,
 ) -> Tensor:
     """The softmax attention weights of ONE query row: (B, H, 1, M).
 
@@ -285,6 +333,8 @@ def softmax_query_weights(
     kk = repeat_kv(k, q.shape[1] // k.shape[1])
     scores = torch.matmul(q[:, :, row : row + 1], kk.transpose(-1, -2)) * scale
     acc = scores.to(acc_dtype(scores.dtype))
+    if score_mod is not None:
+        acc = apply_score_mod(acc, score_mod, q_start=row)
     return _softmax_rows(acc, am.dense_rows(row, row + 1)).to(q.dtype)
 
 
@@ -298,6 +348,7 @@ def softmax_attention_importance(
     scale: float | None = None,
     dropout_p: float = 0.0,
     chunk_size: int = 512,
+    score_mod: ScoreModFn | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact softmax attention and the importance of each key, from ONE pass over Q K^T.
 
@@ -310,7 +361,7 @@ def softmax_attention_importance(
 
     Args:
         q: (B, H, N, D); k: (B, H_kv, M, D); v: (B, H_kv, M, Dv); H a multiple of H_kv.
-        mask, causal, scale, dropout_p: as in :func:`softmax_attention`.
+        mask, causal, scale, dropout_p, score_mod: as in :func:`softmax_attention`.
         chunk_size: queries per chunk (>= 1).
 
     Returns:
@@ -321,6 +372,24 @@ def softmax_attention_importance(
     positive_int(chunk_size, "chunk_size")
     am = as_attention_mask(q, k, mask, causal)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, imp = _chunked(q, k, v, am, scale, dropout_p, chunk_size, score_mod, importance=True)
+    assert imp is not None
+    return out, imp
+
+
+def _chunked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    am: AttentionMask,
+    scale: float,
+    dropout_p: float,
+    chunk_size: int,
+    score_mod: ScoreModFn | None,
+    *,
+    importance: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """The query-chunked explicit pass: (out (B, H, N, Dv), importance (B, H, M) or None)."""
     b, h, n, _ = q.shape
     g = h // k.shape[1]
     kk, vv = repeat_kv(k, g), repeat_kv(v, g)
@@ -332,17 +401,20 @@ def softmax_attention_importance(
         e = min(n, s + chunk_size)
         scores = torch.matmul(q[:, :, s:e], kt) * scale
         acc = scores.to(dt)
+        if score_mod is not None:
+            acc = apply_score_mod(acc, score_mod, q_start=s)
         allowed = am.dense_rows(s, e) if am.kinds() else None
         p = _softmax_rows(acc, allowed)
-        part = p.sum(2)
-        imp = part if imp is None else imp + part
+        if importance:
+            part = p.sum(2)
+            imp = part if imp is None else imp + part
         w = p.to(q.dtype)
         wd = F.dropout(w, p=dropout_p) if dropout_p > 0 else w
         outs.append(torch.matmul(wd, vv))
-    if imp is None:  # N == 0
-        return q.new_zeros(b, h, 0, v.shape[-1]), q.new_zeros(b, h, k.shape[2])
+    if not outs:  # N == 0
+        return q.new_zeros(b, h, 0, v.shape[-1]), (q.new_zeros(b, h, k.shape[2]) if importance else None)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
-    return out, (imp / n).to(q.dtype)
+    return out, (None if imp is None else (imp / n).to(q.dtype))
 
 
 def biased_softmax_attention(

@@ -165,6 +165,7 @@ def block_sparse_attention(
     kv_lengths: Tensor | None = None,
     backend: KernelBackend = "auto",
     return_lse: bool = False,
+    score_mod: Any = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact softmax attention over the pairs a BlockMask allows, visiting only active blocks.
 
@@ -185,6 +186,9 @@ def block_sparse_attention(
             interpreter.
         return_lse: also return the natural-log log-sum-exp (B, H, N), float32 (float64 for
             float64 inputs); -inf on rows with no allowed key.
+        score_mod: optional ``score_mod(score, b, h, q_idx, kv_idx)`` (FlexAttention's signature)
+            applied to each scaled score tile before the softmax, on the PyTorch path (explicit
+            tiles per bucket of query blocks, autograd backward; "auto" picks it, "triton" raises).
 
     Returns:
         out (B, H, N, Dv) (or (out, lse)). Rows with no allowed key are zeros, with zero
@@ -202,6 +206,15 @@ def block_sparse_attention(
         if kv_lengths.device != q.device:
             raise ValueError(f"block_sparse_attention: kv_lengths is on {kv_lengths.device} but q is on {q.device}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if score_mod is not None:
+        if backend == "triton":
+            raise UnsupportedError(
+                "block_sparse_attention(backend='triton'): no score_mod support; use backend='torch'"
+            )
+        from attnlib.kernels._block_sparse_score_mod import score_mod_forward
+
+        out, lse = score_mod_forward(q, k, v, block_mask, scale, score_mod)
+        return (out, lse) if return_lse else out
     if backend == "triton":
         why = triton_supports(q, k, v, block_mask)
         if why is not None:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from attnlib.attention import Attention, AttentionCache, build_attention
 from attnlib.errors import UnsupportedError
 from attnlib.functional.gta import Geometry
+from attnlib.modifiers.sigma_reparam import init_weight_target, reset_sigma_reparam
 from attnlib.positional import RotaryPositions
 from attnlib.registry import available, variant_info
 from attnlib.variants.base import AttentionCore
@@ -295,6 +296,9 @@ class TransformerBlock(nn.Module):
         self.mlp = FeedForward(dim, int(dim * mlp_ratio), activation=activation, dropout=dropout)
         self.drop = nn.Dropout(dropout)
         self.drop_path = DropPath(drop_path)
+        # optional sub-layer between attention and MLP, called as meta_attn(x, meta, cache) and
+        # added to the residual stream (DecoderLM's meta-attention sets it)
+        self.meta_attn: nn.Module | None = None
 
     def forward(
         self,
@@ -307,12 +311,16 @@ class TransformerBlock(nn.Module):
         importance_query: int | None = None,
         return_weights: bool = False,
         geometry: Geometry | None = None,
+        meta: Any = None,
+        meta_cache: AttentionCache | None = None,
     ) -> Tensor | tuple[Tensor, Tensor | None]:
         """x (B, N, dim); key_padding_mask (B, M) (True = real token); cache for decoding.
 
         ``return_weights`` returns the attention weights (B, H, N, M) instead of the importance
         (e.g. the per-query rows a KV-cache eviction policy reads; None if the variant has none).
         ``geometry``: GTA group representations of the tokens (:mod:`attnlib.functional.gta`).
+        ``meta`` / ``meta_cache``: passed to the ``meta_attn`` sub-layer when the block has one
+        (run after the attention, before the MLP).
 
         ``positions`` (B, N) long (or a shared :class:`attnlib.positional.RotaryPositions`): rotary
         position of each token (after token pruning).
@@ -343,6 +351,8 @@ class TransformerBlock(nn.Module):
         else:
             a = self.attn(self.norm1(x), **kw)
         x = x + self.drop_path(self.drop(a))
+        if self.meta_attn is not None and meta is not None:
+            x = x + self.drop_path(self.drop(self.meta_attn(x, meta, meta_cache)))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return (x, imp) if return_importance or return_weights else x
 
@@ -389,7 +399,8 @@ def init_weights(model: nn.Module, std: float = 0.02, *, scheme: str = "gpt2") -
       zero and, e.g., associative recall stalls on a long plateau before induction heads form.
 
     Modules inside an attention variant's core are left alone: a variant initialises its own
-    parameters the way its paper says.
+    parameters the way its paper says. A weight under sigmaReparam (:mod:`attnlib.modifiers`) is
+    initialised through its original tensor, then its ``u`` and ``gamma`` are re-derived from it.
     """
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"init scheme must be one of {INIT_SCHEMES}, got {scheme!r}")
@@ -401,13 +412,15 @@ def init_weights(model: nn.Module, std: float = 0.02, *, scheme: str = "gpt2") -
         if id(mod) in skip:
             continue
         if isinstance(mod, (nn.Linear, nn.Embedding)):
+            weight = init_weight_target(mod)
             if scheme == "gpt2":
-                nn.init.trunc_normal_(mod.weight, std=std, a=-2 * std, b=2 * std)
+                nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
             elif isinstance(mod, nn.Linear):
                 bound = mod.in_features**-0.5
-                nn.init.uniform_(mod.weight, -bound, bound)
+                nn.init.uniform_(weight, -bound, bound)
             else:
-                nn.init.normal_(mod.weight, std=mod.embedding_dim**-0.5)
+                nn.init.normal_(weight, std=mod.embedding_dim**-0.5)
+            reset_sigma_reparam(mod)
             if getattr(mod, "bias", None) is not None:
                 nn.init.zeros_(mod.bias)
         elif isinstance(mod, nn.LayerNorm) and mod.elementwise_affine:

@@ -17,10 +17,64 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlib.attention import AttentionCache
+from attnlib.attention import Attention, AttentionCache
 from attnlib.models.blocks import AttentionConfig, TransformerBlock, init_weights, make_pruning
 
-__all__ = ["DecoderCache", "DecoderLM"]
+__all__ = ["DecoderCache", "DecoderLM", "MetaAttention", "insert_meta_tokens"]
+
+POSITIONS = ("rope", "learned", "none")
+
+
+class MetaAttention(nn.Module):
+    """Meta-attention (Shah et al. 2025, "Language Modeling with Learned Meta-Tokens"): causal
+    softmax attention among the meta-tokens only.
+
+    ``forward(x (B, N, dim), is_meta (B, M) bool, cache=None) -> (B, N, dim)``: a meta query
+    attends the meta keys at or before it (``is_meta`` covers every token so far, M = N without a
+    cache); the result is zero at every non-meta position, so the sub-layer changes nothing
+    there. Pre-norm; added to the residual stream by :class:`attnlib.models.TransformerBlock`.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, rope: bool, rope_base: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, "softmax", causal=True, rope=rope, rope_base=rope_base, dropout=dropout)
+
+    def forward(self, x: Tensor, is_meta: Tensor, cache: AttentionCache | None = None) -> Tensor:
+        n = x.shape[1]
+        out = self.attn(self.norm(x), key_padding_mask=is_meta, cache=cache)  # keys: the meta-tokens only
+        return out * is_meta[:, -n:, None].to(out.dtype)
+
+
+def insert_meta_tokens(
+    tokens: Tensor,
+    meta_id: int,
+    count: int,
+    *,
+    generator: torch.Generator | None = None,
+    positions: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Insert ``count`` meta-tokens (id ``meta_id``) into every row of ``tokens`` (B, N).
+
+    ``positions`` (B, count) long: the indices the meta-tokens take in the output (distinct per
+    row, in [0, N + count)); default uniformly random ones (the paper injects them at random
+    positions in pre-training). Returns (tokens (B, N + count), is_meta (B, N + count) bool).
+    A next-token loss should skip the targets that are meta-tokens (they are never predicted).
+    """
+    b, n = tokens.shape
+    total = n + count
+    if positions is None:
+        scores = torch.rand(b, total, generator=generator).to(tokens.device)
+        positions = scores.topk(count, dim=1).indices
+    if tuple(positions.shape) != (b, count):
+        raise ValueError(f"positions must be (B, count) = ({b}, {count}), got {tuple(positions.shape)}")
+    is_meta = torch.zeros(b, total, dtype=torch.bool, device=tokens.device)
+    is_meta.scatter_(1, positions.to(tokens.device), True)
+    if int(is_meta.sum()) != b * count:
+        raise ValueError("positions must be distinct within each row and lie in [0, N + count)")
+    out = torch.full((b, total), meta_id, dtype=tokens.dtype, device=tokens.device)
+    out[~is_meta] = tokens.reshape(-1)
+    return out, is_meta
 
 
 @dataclass
@@ -33,6 +87,8 @@ class DecoderCache:
 
     layers: list[AttentionCache]
     eviction: dict[int, Any] = field(default_factory=dict)
+    meta_layers: list[AttentionCache] = field(default_factory=list)
+    meta_history: Tensor | None = None  # (B, length) bool: which tokens so far are meta-tokens
 
     @property
     def length(self) -> int:
@@ -48,8 +104,10 @@ class DecoderCache:
         """Select/reorder batch entries of every layer (beam search): index (B',) long."""
         if self.eviction:
             raise ValueError("reorder is not supported with KV-cache eviction (namm) states")
-        for c in self.layers:
+        for c in self.layers + self.meta_layers:
             c.reorder(index)
+        if self.meta_history is not None:
+            self.meta_history = self.meta_history.index_select(0, index)
 
 
 class DecoderLM(nn.Module):
@@ -61,7 +119,8 @@ class DecoderLM(nn.Module):
         dim, depth, num_heads: width, blocks, heads; num_kv_heads: grouped-query heads.
         mlp_ratio, activation: MLP width ratio and activation ("gelu", "silu", "swiglu").
         dropout, attn_dropout, drop_path: regularisation.
-        positions: "rope" (rotary, in every attention) or "learned" (absolute, needs max_len).
+        positions: "rope" (rotary, in every attention), "learned" (absolute, needs max_len) or
+            "none" (for attention that brings its own positions: ALiBi, TRA).
         max_len: longest sequence for learned positions (optional with rope).
         rope_base: rotary frequency base.
         tie_embeddings: output projection shares the token embedding matrix.
@@ -74,6 +133,19 @@ class DecoderLM(nn.Module):
             full-sequence forward is unchanged).
         init: weight initialisation, "gpt2" (truncated normal, std 0.02) or "fan_in" (scaled by
             the width; better for small models), see :func:`attnlib.models.blocks.init_weights`.
+        sigma_reparam: sigmaReparam on every Linear of the model (attention q/k/v slices and output,
+            MLP; the tied output head shares the embedding and is left alone), see
+            :func:`attnlib.modifiers.apply_sigma_reparam`.
+        meta_tokens: K learned meta-tokens (Shah et al. 2025): token ids ``vocab_size ..
+            vocab_size + K - 1`` are meta-tokens with their own embeddings; they are inputs only
+            (logits stay over the vocab_size real tokens). Insert them with :func:`insert_meta_tokens`.
+        meta_attention: with meta-tokens, a :class:`MetaAttention` sub-layer in every block
+            (between attention and MLP) through which meta-tokens attend to earlier meta-tokens.
+        meta_rate: with meta-tokens, :meth:`forward` (without a cache) itself inserts
+            ``round(meta_rate · N)`` meta-tokens at random places between the N real tokens (ids
+            cycling over the K meta ids) and returns one row per real token, so any task's loss
+            works unchanged (see :meth:`forward`). Random in training; in evaluation the places
+            come from a fixed seed, so metrics are reproducible. 0 = insert none.
 
     Shapes: ``forward(tokens (B, N) long, mask=None | (B, N) bool, cache=None) -> logits (B, N, V)``.
     With a cache, ``tokens`` are the next N tokens and ``mask`` (if any) covers every token so
@@ -100,16 +172,30 @@ class DecoderLM(nn.Module):
         tie_embeddings: bool = True,
         pruning: Any = None,
         init: str = "gpt2",
+        sigma_reparam: bool = False,
+        meta_tokens: int = 0,
+        meta_attention: bool = True,
+        meta_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        if positions not in ("rope", "learned"):
-            raise ValueError(f"positions must be 'rope' or 'learned', got {positions!r}")
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        if not isinstance(meta_tokens, int) or isinstance(meta_tokens, bool) or meta_tokens < 0:
+            raise ValueError(f"meta_tokens must be an int >= 0, got {meta_tokens!r}")
+        if not isinstance(meta_rate, (int, float)) or isinstance(meta_rate, bool) or not 0 <= meta_rate <= 1:
+            raise ValueError(f"meta_rate must be a number in [0, 1], got {meta_rate!r}")
+        if meta_rate and not meta_tokens:
+            raise ValueError(f"meta_rate={meta_rate} inserts meta-tokens, but meta_tokens=0 (set meta_tokens >= 1)")
+        if meta_tokens and pruning is not None:
+            raise ValueError("meta_tokens and token pruning cannot be combined")
         if positions == "learned" and not max_len:
             raise ValueError("positions='learned' needs max_len (the longest sequence)")
         if not isinstance(vocab_size, int) or vocab_size <= 0:
             raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
         self.vocab_size, self.dim, self.positions, self.max_len = vocab_size, dim, positions, max_len
         self.tok_emb = nn.Embedding(vocab_size, dim)
+        self.meta_tokens, self.meta_rate = meta_tokens, float(meta_rate)
+        self.meta_emb = nn.Embedding(meta_tokens, dim) if meta_tokens else None
         self.pos_emb = nn.Embedding(max_len, dim) if positions == "learned" else None
         self.drop = nn.Dropout(dropout)
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
@@ -143,6 +229,11 @@ class DecoderLM(nn.Module):
                 {"causal_cross": f"pruner {self.pruning.name!r} evicts entries of a key/value decoding cache"},
                 model="DecoderLM",
             )
+        if meta_tokens and meta_attention:
+            for blk in self.blocks:
+                blk.meta_attn = MetaAttention(
+                    dim, num_heads, rope=positions == "rope", rope_base=rope_base, dropout=attn_dropout
+                )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
         init_weights(self, scheme=init)
@@ -150,6 +241,10 @@ class DecoderLM(nn.Module):
             self.pruning.reset_parameters()
         if tie_embeddings:
             self.head.weight = self.tok_emb.weight
+        if sigma_reparam:
+            from attnlib.modifiers.sigma_reparam import apply_sigma_reparam
+
+            apply_sigma_reparam(self)
 
     @property
     def variant(self) -> str:
@@ -160,6 +255,10 @@ class DecoderLM(nn.Module):
         """Empty decoding caches for ``batch`` sequences (see :meth:`attnlib.Attention.init_cache`)."""
         layers = [blk.attn.init_cache(batch, mode=mode) for blk in self.blocks]
         cache = DecoderCache(layers)
+        if self.meta_tokens:
+            cache.meta_layers = [
+                blk.meta_attn.attn.init_cache(batch, mode="kv") for blk in self.blocks if blk.meta_attn is not None
+            ]
         if self.pruning is not None and self.pruning.kind == "kv_cache":
             w = self.tok_emb.weight
             for i in self.pruning.layers:
@@ -175,7 +274,15 @@ class DecoderLM(nn.Module):
             raise ValueError(f"tokens must be a (B, N) integer tensor, got {tokens.dtype} {tuple(tokens.shape)}")
         start = 0 if cache is None else cache.length
         n = tokens.shape[1]
-        x = self.tok_emb(tokens)
+        meta, history = None, None
+        if self.meta_emb is not None:
+            x, meta = self._embed_meta(tokens)
+            history = meta
+            if cache is not None:
+                history = meta if cache.meta_history is None else torch.cat([cache.meta_history, meta], 1)
+                cache.meta_history = history
+        else:
+            x = self.tok_emb(tokens)
         if self.pos_emb is not None:
             if start + n > self.pos_emb.num_embeddings:
                 raise ValueError(f"sequence of {start + n} tokens exceeds max_len={self.pos_emb.num_embeddings}")
@@ -192,10 +299,54 @@ class DecoderLM(nn.Module):
                     continue
                 x, weights = blk(x, key_padding_mask=mask, cache=cache.layers[i], return_weights=True)
                 pol.observe(cache.layers[i], weights, cache.eviction[i])
+        elif history is not None:
+            for i, blk in enumerate(self.blocks):
+                caches = (
+                    (None, None)
+                    if cache is None
+                    else (cache.layers[i], cache.meta_layers[i] if cache.meta_layers else None)
+                )
+                x = blk(x, key_padding_mask=mask, cache=caches[0], meta=history, meta_cache=caches[1])
         else:
             for i, blk in enumerate(self.blocks):
                 x = blk(x, key_padding_mask=mask, cache=None if cache is None else cache.layers[i])
         return self.norm(x)
+
+    def _features_with_meta(self, tokens: Tensor, mask: Tensor | None) -> Tensor:
+        """Features (B, N, dim) of the real tokens of ``tokens`` (B, N) after inserting meta-tokens."""
+        b, n = tokens.shape
+        count = round(self.meta_rate * n)
+        if count == 0:
+            return self.features(tokens, mask)
+        gen = None if self.training else torch.Generator().manual_seed(n)
+        seq, is_meta = insert_meta_tokens(tokens, self.vocab_size, count, generator=gen)
+        nth = is_meta.long().cumsum(1) - 1  # the i-th meta-token of a row gets meta id i mod K
+        seq = torch.where(is_meta, self.vocab_size + nth % self.meta_tokens, seq)
+        if mask is not None:
+            if tuple(mask.shape) != (b, n):
+                raise ValueError(f"mask must be (B, N) = ({b}, {n}), got {tuple(mask.shape)}")
+            full = torch.ones_like(is_meta)
+            full[~is_meta] = mask.reshape(-1).to(torch.bool)
+            mask = full
+        h = self.features(seq, mask)
+        real = (~is_meta).nonzero()[:, 1].view(b, n)  # positions of the real tokens
+        last = torch.cat([real[:, 1:], real.new_full((b, 1), n + count)], 1) - 1
+        return h.gather(1, last[..., None].expand(-1, -1, h.shape[-1]))
+
+    def _embed_meta(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Embeddings of real and meta-tokens (ids >= vocab_size): (B, N, dim), is_meta (B, N)."""
+        assert self.meta_emb is not None
+        v = self.vocab_size
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= v + self.meta_tokens:
+            raise ValueError(
+                f"token ids must lie in [0, {v + self.meta_tokens}) (vocab {v} + {self.meta_tokens} meta-tokens), "
+                f"got ids in [{lo}, {hi}]"
+            )
+        is_meta = tokens >= v
+        real = self.tok_emb(tokens.clamp(max=v - 1))
+        meta = self.meta_emb((tokens - v).clamp(min=0))
+        return torch.where(is_meta[..., None], meta, real), is_meta
 
     def _pruned_blocks(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """Blocks with token pruners, full sequence: x (B, N, dim) -> (B, N, dim) (dropped tokens scattered back)."""
@@ -243,8 +394,17 @@ class DecoderLM(nn.Module):
 
         ``select`` (B, N) bool returns only the logits of the selected positions, (K, V) -
         cheaper when few positions carry a target (e.g. associative recall).
+
+        With ``meta_rate > 0`` and no cache, meta-tokens are inserted between the real tokens
+        first (:func:`insert_meta_tokens`); the row of real token j is then the output at the last
+        position before real token j + 1 (a meta-token inserted after j, else j itself) - the
+        position whose next-token target is real token j + 1, as when a loss on the inserted
+        sequence skips the meta-token targets.
         """
-        h = self.features(tokens, mask, cache)
+        if self.meta_rate and cache is None:
+            h = self._features_with_meta(tokens, mask)
+        else:
+            h = self.features(tokens, mask, cache)
         if select is not None:
             h = h[select]
         return self.head(h)

@@ -139,6 +139,9 @@ class ViT(nn.Module):
             gets exactly its own-batch result); ``"pad"`` runs one padded batch with a key-padding
             mask (the longest row's cost for every row). Training always pads (stochastic depth
             and the pruners' training modes work on whole rows).
+        sigma_reparam: sigmaReparam (Zhai et al. 2023) on every Linear and the patch-embedding
+            convolution (attention q/k/v slices and output, MLP, head), see
+            :func:`attnlib.modifiers.apply_sigma_reparam`.
 
     Shapes: ``forward(images (B, C, H, W), patch_mask=None | (B, num_patches) bool) -> (B, K)``.
     ``patch_mask`` marks real patches (True) for variable-size images padded to ``img_size``.
@@ -170,6 +173,7 @@ class ViT(nn.Module):
         rope: bool = False,
         pruning: Any = None,
         ragged: str = "groups",
+        sigma_reparam: bool = False,
     ) -> None:
         super().__init__()
         if ragged not in ("groups", "pad"):
@@ -261,6 +265,10 @@ class ViT(nn.Module):
                 mod.reset_parameters()
         if self.pruning is not None:
             self.pruning.reset_parameters()
+        if sigma_reparam:
+            from attnlib.modifiers.sigma_reparam import apply_sigma_reparam
+
+            apply_sigma_reparam(self)
 
     def _check_pruning(self, pos: str) -> None:
         """Build-time checks of pruning against the position scheme and the MLP-only blocks."""

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
-from attnlib._config import close_matches_hint, to_plain_dict
+from attnlib._config import lookup_registered, register_named, to_plain_dict
 
 __all__ = [
     "SCORES",
@@ -187,11 +187,7 @@ def register_pruner(name: str):
     """Class decorator registering a :class:`TokenPruner` subclass under ``name``."""
 
     def deco(cls: P) -> P:
-        if name in _PRUNERS and _PRUNERS[name] is not cls:
-            raise ValueError(f"pruner {name!r} is already registered by {_PRUNERS[name].__qualname__}")
-        cls.name = name
-        _PRUNERS[name] = cls
-        return cls
+        return register_named(_PRUNERS, name, cls, kind="pruner")
 
     return deco
 
@@ -203,10 +199,7 @@ def available() -> list[str]:
 
 def get_pruner(name: str) -> type[TokenPruner]:
     """The pruner class registered as ``name``; unknown names raise ValueError with close matches."""
-    if name not in _PRUNERS:
-        hint = close_matches_hint(name, _PRUNERS)
-        raise ValueError(f"unknown pruner {name!r}{hint} Registered pruners: {', '.join(available())}")
-    return _PRUNERS[name]
+    return lookup_registered(_PRUNERS, name, kind="pruner", plural="pruners")
 
 
 def pruning_dict(cfg: Mapping[str, Any] | Any) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from attnlib.attention import Attention, aux_loss
 from attnlib.data import build_data
 from attnlib.data.base import stable_hash
 from attnlib.models import build_model
+from attnlib.modifiers import EntropyProbe
 from attnlib.training import tasks
 from attnlib.training.checkpoint import (
     CHECKPOINT_KEYS,
@@ -95,6 +96,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "distill_attention_weight": 1.0,
     "distill_relation_heads": 8,
     "log_attention_entropy": True,
+    "attention_entropy": 16,
 }
 
 # config sections that must match for a resume to continue the same run
@@ -127,7 +129,8 @@ def validate_trainer(t: Mapping[str, Any], data: Mapping[str, Any] | None = None
             problems.append(f"{prefix}.{key} must be {expected}, got {value!r}")
 
     for key, low in (("max_steps", 1), ("log_every", 1), ("warmup_steps", 0), ("eval_every", 0),
-                     ("checkpoint_every", 0), ("distill_relation_heads", 1)):  # fmt: skip
+                     ("checkpoint_every", 0), ("distill_relation_heads", 1),
+                     ("attention_entropy", 0)):  # fmt: skip
         v = _as_int(t[key])
         need(v is not None and v >= low, key, f"an integer >= {low}")
         if v is not None:
@@ -426,6 +429,8 @@ def _run(
         kw = {"device_ids": [dev.index]} if dev.type == "cuda" else {}
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=t["find_unused_parameters"], **kw)
     fwd_model = torch.compile(model) if t["compile"] else model
+    rows = int(t["attention_entropy"] or 0)  # per-head attention entropy on the logged steps (not compiled)
+    probe = EntropyProbe(_unwrap(model), rows=rows) if rows > 0 and not t["compile"] else None
 
     logger = None
     if info.is_main:
@@ -449,7 +454,8 @@ def _run(
             t0 = time.perf_counter()
             batch = _to(data.train_batch(step, rank=info.rank, world=info.world), dev)
             aux_loss(model)  # drop stale auxiliary losses (e.g. from evaluation)
-            with autocast() if autocast is not None else _null():
+            log_now = (step + 1) % int(t["log_every"]) == 0 or step + 1 == total
+            with autocast() if autocast is not None else _null(), probe.armed(log_now) if probe else _null():
                 loss, items = loss_fn(
                     fwd_model,
                     batch,
@@ -494,6 +500,7 @@ def _run(
                     "loss": run_loss / run_n,
                     "lr": opt.param_groups[0]["lr"],
                     "items_per_s": run_items * info.world / max(dt, 1e-9),
+                    **(probe.collect() if probe else {}),
                 }
                 if logger is not None:
                     logger.log(step, "train", stats)

@@ -126,6 +126,15 @@ class AttentionCore(nn.Module):
         return {}
 
     @classmethod
+    def smooth_kwargs(cls) -> dict[str, Any]:
+        """Constructor kwargs that turn off the variant's hard data-dependent decisions (thresholds).
+
+        Checks that compare precisions (bf16 vs float64) use them: near a threshold a rounding
+        flip is a legitimate low-precision result, not an error. Default: none.
+        """
+        return {}
+
+    @classmethod
     def approximation_knobs(cls) -> dict[str, list[Any]]:
         """The constructor kwargs that trade accuracy for speed, with values worth sweeping.
 
@@ -156,6 +165,7 @@ class AttentionCore(nn.Module):
         need_importance: bool = False,
         dropout_p: float = 0.0,
         rotary: RotaryCall | None = None,
+        score_mod: Any = None,
     ) -> CoreOutput:
         """Check the request against the capabilities, then :meth:`attend`.
 
@@ -168,6 +178,9 @@ class AttentionCore(nn.Module):
             need_importance: fill ``CoreOutput.importance`` (B, H, M).
             dropout_p: attention dropout (only passed when ``capabilities.attn_dropout``).
             rotary: the module's rotary positions of q and k, passed on to cores with ``uses_rotary``.
+            score_mod: ``score_mod(score, b, h, q_idx, kv_idx)`` for the pre-softmax logits, passed
+                to :meth:`attend` as a keyword for variants with ``capabilities.score_mod`` (others
+                raise :class:`attnlib.UnsupportedError`).
         """
         check_qkv(q, k, v, where=f"variant {self.name!r}")
         if not self.capabilities.gqa and k.shape[1] != q.shape[1]:
@@ -176,7 +189,14 @@ class AttentionCore(nn.Module):
                 f"(got H={q.shape[1]}, H_kv={k.shape[1]}); attnlib.Attention repeats them for it"
             )
         check_supported(self.name, self.capabilities, mask, cross=cross)
-        extra = {"rotary": rotary} if self.uses_rotary else {}
+        extra: dict[str, Any] = {"rotary": rotary} if self.uses_rotary else {}
+        if score_mod is not None:
+            if not self.capabilities.score_mod:
+                raise UnsupportedError(
+                    f"variant {self.name!r} cannot apply a score_mod (capabilities.score_mod=False): it has "
+                    "no pre-softmax logits to modify"
+                )
+            extra["score_mod"] = score_mod
         return self.attend(
             q,
             k,

@@ -16,6 +16,7 @@ from torch import Tensor
 from attnlib import dispatch
 from attnlib._validation import optional_positive_number, positive_int
 from attnlib.functional.local import local_attention, local_importance
+from attnlib.functional.modifiers import ScoreModFn
 from attnlib.functional.softmax import (
     softmax_attention,
     softmax_attention_importance,
@@ -59,6 +60,7 @@ class SoftmaxAttention(AttentionCore):
         gqa=True,
         permutation_equivariant=True,
         importance=True,
+        score_mod=True,
         family="dense",
         paper="Vaswani et al. 2017, Attention Is All You Need",
     )
@@ -81,7 +83,9 @@ class SoftmaxAttention(AttentionCore):
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
+        score_mod: ScoreModFn | None = None,
     ) -> CoreOutput:
+        sm = {"score_mod": score_mod} if score_mod is not None else {}
         if need_weights:
             out, w = softmax_attention(
                 q,
@@ -92,23 +96,24 @@ class SoftmaxAttention(AttentionCore):
                 dropout_p=dropout_p,
                 backend="math",
                 return_weights=True,
+                **sm,
             )
             return CoreOutput.from_weights(out, w, need_weights=True, need_importance=need_importance)
         short = self.backend == "auto" and mask.block is None and dispatch.few_keys_explicit(k.shape[2], q.device)
         if short and not need_importance:
             # the explicit path, the same kernel as below, so asking for importance never changes
             # the output bits
-            out = softmax_attention(q, k, v, mask=mask, scale=self.scale, dropout_p=dropout_p, backend="math")
+            out = softmax_attention(q, k, v, mask=mask, scale=self.scale, dropout_p=dropout_p, backend="math", **sm)
             return CoreOutput(out)  # type: ignore[arg-type]
         if need_importance and self.backend in ("auto", "math") and mask.block is None and (q.shape[2] > 1 or short):
             # one pass: explicit weights give out = w @ v and importance = w.mean(queries) together
             # (query-chunked, O(chunk·M) memory) instead of SDPA plus a second Q K^T pass. A single
             # query (a decoding step) keeps SDPA plus its one weight row, so decoding with importance
             # (namm eviction) gives bit-identical outputs to decoding without.
-            out, imp = softmax_attention_importance(q, k, v, mask=mask, scale=self.scale, dropout_p=dropout_p)
+            out, imp = softmax_attention_importance(q, k, v, mask=mask, scale=self.scale, dropout_p=dropout_p, **sm)
             return CoreOutput(out, importance=imp)
-        out = softmax_attention(q, k, v, mask=mask, scale=self.scale, dropout_p=dropout_p, backend=self.backend)  # type: ignore[arg-type]
-        imp = softmax_importance(q, k, mask=mask, scale=self.scale) if need_importance else None
+        out = softmax_attention(q, k, v, mask=mask, scale=self.scale, dropout_p=dropout_p, backend=self.backend, **sm)  # type: ignore[arg-type]
+        imp = softmax_importance(q, k, mask=mask, scale=self.scale, **sm) if need_importance else None
         return CoreOutput(out, importance=imp)  # type: ignore[arg-type]
 
     def query_weights(self, q: Tensor, k: Tensor, mask: AttentionMask, query: int) -> Tensor:
@@ -144,6 +149,7 @@ class LocalAttention(AttentionCore):
         gqa=True,
         permutation_equivariant=False,
         importance=True,
+        score_mod=True,
         family="dense",
         paper="Beltagy et al. 2020, Longformer (sliding-window attention)",
     )
@@ -180,19 +186,30 @@ class LocalAttention(AttentionCore):
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
+        score_mod: ScoreModFn | None = None,
     ) -> CoreOutput:
+        band = [mask, self.implied_mask(mask.n, mask.m, q.device)]
         if need_weights:
             out, w = softmax_attention(
                 q,
                 k,
                 v,
-                mask=[mask, self.implied_mask(mask.n, mask.m, q.device)],
+                mask=band,
                 scale=self.scale,
                 dropout_p=dropout_p,
                 backend="math",
                 return_weights=True,
+                score_mod=score_mod,
             )
             return CoreOutput.from_weights(out, w, need_weights=True, need_importance=need_importance)
+        if score_mod is not None:  # the explicit band over query chunks (O(chunk·M)), with the score mod
+            if need_importance:
+                out, imp = softmax_attention_importance(
+                    q, k, v, mask=band, scale=self.scale, dropout_p=dropout_p, score_mod=score_mod
+                )
+                return CoreOutput(out, importance=imp)
+            out = softmax_attention(q, k, v, mask=band, scale=self.scale, dropout_p=dropout_p, score_mod=score_mod)
+            return CoreOutput(out)  # type: ignore[arg-type]
         out = local_attention(
             q, k, v, self.window, mask=mask, scale=self.scale, dropout_p=dropout_p, chunk_size=self.chunk_size
         )

@@ -93,21 +93,31 @@ def _with_caller(am: AttentionMask, pattern: BlockMask | None, block_size: tuple
 
 
 def _run_block(
-    q: Tensor, k: Tensor, v: Tensor, bm: BlockMask, scale: float | None, need_weights: bool, need_importance: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bm: BlockMask,
+    scale: float | None,
+    need_weights: bool,
+    need_importance: bool,
+    score_mod: Any = None,
 ) -> CoreOutput:
     """Exact attention under ``bm`` through the block-sparse kernel (+ weights / importance on request).
 
     A layout that :func:`attnlib.dispatch.block_layout_as_dense` routes to dense attention (every
-    block full) takes the dense path (:func:`softmax_attention`) instead.
+    block full) takes the dense path (:func:`softmax_attention`) instead. ``score_mod`` edits the
+    logits on every path.
     """
     if dispatch.block_layout_as_dense(bm):
-        out = softmax_attention(q, k, v, scale=scale)
+        out = softmax_attention(q, k, v, scale=scale, score_mod=score_mod)
     else:
-        out = block_sparse_attention(q, k, v, bm, scale=scale)
+        out = block_sparse_attention(q, k, v, bm, scale=scale, score_mod=score_mod)
     if need_weights:
-        _, w = softmax_attention(q, k, v, mask=bm, scale=scale, backend="math", return_weights=True)
+        _, w = softmax_attention(
+            q, k, v, mask=bm, scale=scale, backend="math", return_weights=True, score_mod=score_mod
+        )
         return CoreOutput.from_weights(out, w, need_weights=True, need_importance=need_importance)  # type: ignore[arg-type]
-    imp = softmax_importance(q, k, mask=bm, scale=scale) if need_importance else None
+    imp = softmax_importance(q, k, mask=bm, scale=scale, score_mod=score_mod) if need_importance else None
     return CoreOutput(out, importance=imp)  # type: ignore[arg-type]
 
 
@@ -180,7 +190,7 @@ class BlockSparseAttention(AttentionCore):
     """
 
     capabilities = Capabilities(
-        **{**_BLOCK_CAPS, "exact": True},  # type: ignore[arg-type]
+        **{**_BLOCK_CAPS, "exact": True, "score_mod": True},  # type: ignore[arg-type]
         complexity="O(N·density·N)",
         trainable=False,
         permutation_equivariant=False,
@@ -259,9 +269,10 @@ class BlockSparseAttention(AttentionCore):
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
+        score_mod: Any = None,
     ) -> CoreOutput:
         fn = _pattern_attend_eager() if torch.compiler.is_compiling() else _pattern_attend
-        out, w, imp = fn(self, q, k, v, mask, need_weights, need_importance)
+        out, w, imp = fn(self, q, k, v, mask, need_weights, need_importance, score_mod)
         return CoreOutput(out, weights=w, importance=imp)
 
     def extra_repr(self) -> str:
@@ -276,6 +287,7 @@ def _pattern_attend(
     mask: AttentionMask,
     need_weights: bool,
     need_importance: bool,
+    score_mod: Any = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """block_sparse's computation: (out, weights | None, importance | None).
 
@@ -285,11 +297,11 @@ def _pattern_attend(
     (:func:`_pattern_attend_eager`): one graph break per call instead of one per block-list operation.
     """
     pattern = core.block_mask(mask.n, mask.m, q.device)
-    if pattern is not None and mask.kinds() == ["causal"] and not (need_weights or need_importance):
+    if pattern is not None and mask.kinds() == ["causal"] and not (need_weights or need_importance or score_mod):
         if not dispatch.block_layout_as_dense(pattern):
             return block_sparse_attention(q, k, v, pattern, scale=core.scale, causal=True), None, None
     bm = _with_caller(mask, pattern, (core.block_size, core.block_size))
-    res = _run_block(q, k, v, bm, core.scale, need_weights, need_importance)
+    res = _run_block(q, k, v, bm, core.scale, need_weights, need_importance, score_mod)
     return res.out, res.weights, res.importance
 
 

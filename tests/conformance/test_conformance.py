@@ -79,7 +79,7 @@ def test_shape_and_dtype(name: str, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_bf16_on_cpu_is_finite_and_close(name: str) -> None:
-    attn = module(name, dtype=torch.float64)
+    attn = module(name, dtype=torch.float64, **get_variant(name).smooth_kwargs())
     x = inputs()
     ref = attn(x)
     y = copy.deepcopy(attn).to(torch.bfloat16)(x.to(torch.bfloat16))
@@ -93,7 +93,7 @@ def test_bf16_on_cpu_is_finite_and_close(name: str) -> None:
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_on_cuda(name: str, dtype: torch.dtype) -> None:
-    attn = module(name, dtype=torch.float64)
+    attn = module(name, dtype=torch.float64, **get_variant(name).smooth_kwargs())
     x = inputs()
     ref = attn(x)
     y = copy.deepcopy(attn).to("cuda", dtype)(x.to("cuda", dtype))
