@@ -9,7 +9,6 @@ the methods here delegate to them.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from attnlib.errors import UnsupportedError
 from attnlib.masks import AttentionMask, MaskLike, normalize_mask
 from attnlib.positional import RotaryCall, RotaryEmbedding, RotaryPositions
 from attnlib.registry import Capabilities, get_variant
+from attnlib.variants._build import check_variant_kwargs
 from attnlib.variants.base import AttentionCore, CoreOutput, check_supported
 
 __all__ = ["Attention", "AttentionCache", "AttentionExtras", "aux_loss", "build_attention", "decode_mode"]
@@ -47,24 +47,6 @@ class AttentionExtras:
     weights: Tensor | None
     importance: Tensor | None
     aux_loss: Tensor | None
-
-
-def _check_variant_kwargs(variant: str, cls: type[AttentionCore], kwargs: dict[str, Any]) -> None:
-    """Unknown options raise a ValueError listing the ones the variant accepts."""
-    params = inspect.signature(cls.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    accepted = [
-        n
-        for n, p in params.items()
-        if n not in ("self", "num_heads", "head_dim") and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"variant {variant!r} got unknown option(s) {unknown}; it accepts: "
-            f"{', '.join(accepted) or 'no options'} (plus the Attention arguments)"
-        )
 
 
 class Attention(nn.Module):
@@ -129,7 +111,7 @@ class Attention(nn.Module):
         self.in_proj = nn.Linear(dim, dim + 2 * kv_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(dim, dim)
         self.rope = RotaryEmbedding(self.head_dim, rope_base) if rope else None
-        _check_variant_kwargs(variant, cls, variant_kwargs)
+        check_variant_kwargs(variant, cls, variant_kwargs)
         self.core: AttentionCore = cls(num_heads=num_heads, head_dim=self.head_dim, **variant_kwargs)
         self.pending_aux_loss: Tensor | None = None
 
