@@ -9,7 +9,7 @@ See :func:`available` for the registered variants and :func:`variant_info` for w
 supports. Masks are boolean with True = may attend (:mod:`attnlib.masks`).
 """
 
-from attnlib import functional, kernels, masks, ot, variants
+from attnlib import analysis, functional, kernels, masks, ot, variants
 from attnlib.attention import Attention, AttentionExtras, aux_loss, build_attention
 from attnlib.decoding import AttentionCache
 from attnlib.errors import UnsupportedError
@@ -27,6 +27,7 @@ __all__ = [
     "KeyPadding",
     "SlidingWindow",
     "UnsupportedError",
+    "analysis",
     "aux_loss",
     "available",
     "build_attention",

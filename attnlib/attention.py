@@ -25,7 +25,7 @@ from attnlib._validation import check_index, describe, non_negative_int, positiv
 from attnlib.decoding import AttentionCache, decode_mode
 from attnlib.errors import UnsupportedError
 from attnlib.masks import AttentionMask, MaskLike, normalize_mask
-from attnlib.positional import RotaryEmbedding, RotaryPositions
+from attnlib.positional import RotaryCall, RotaryEmbedding, RotaryPositions
 from attnlib.registry import Capabilities, get_variant
 from attnlib.variants.base import AttentionCore, CoreOutput, check_supported
 
@@ -281,6 +281,7 @@ class Attention(nn.Module):
                 position_offset,
                 positions,
                 weights_query,
+                need_weights,
             )
         non_negative_int(position_offset, "position_offset", hint=" (the rotary position of the first query)")
         self._check_inputs(x, context)
@@ -289,6 +290,10 @@ class Attention(nn.Module):
         if positions is not None and self.rope is None:
             raise ValueError(
                 "positions= sets rotary positions, but this module has rope=False (build it with rope=True)"
+            )
+        if self.core.projects_tokens and context is None:
+            return self._forward_tokens(
+                x, mask, key_padding_mask, return_extras, need_weights, position_offset, positions, weights_query
             )
         if self.rope is not None:  # self-attention (a context with rope raised above); positions checked there
             q, k, v = self._project_rotated(x, position_offset, positions)
@@ -323,6 +328,7 @@ class Attention(nn.Module):
             k,
             v,
             am,
+            rotary=self.rotary_call(n, position_offset, positions, x.device) if not cross else None,
             cross=cross,
             need_weights=(one_row and row is None) or (return_extras and need_weights and not one_row),
             need_importance=return_extras and not one_row,
@@ -339,7 +345,78 @@ class Attention(nn.Module):
             return y, self._extras(res, weights=row, importance=False)
         return y, self._extras(res, weights=res.weights)
 
+    def _forward_tokens(
+        self,
+        x: Tensor,
+        mask: MaskLike | list[MaskLike],
+        key_padding_mask: Tensor | None,
+        return_extras: bool,
+        need_weights: bool,
+        position_offset: int,
+        positions: Tensor | RotaryPositions | None,
+        weights_query: int | None,
+    ) -> Tensor | tuple[Tensor, AttentionExtras]:
+        """forward for a core with ``projects_tokens``: the core computes the layer from x itself."""
+        b, n, _ = x.shape
+        am = normalize_mask(
+            mask,
+            causal=self.causal,
+            batch=b,
+            heads=self.num_heads,
+            n=n,
+            m=n,
+            device=x.device,
+            key_padding_mask=key_padding_mask,
+        )
+        check_supported(self.variant, self.capabilities, am, cross=False)
+        one_row = return_extras and weights_query is not None
+        query = check_index(weights_query, n, what="weights_query") if one_row else 0
+        y, res = self.run_tokens(
+            x,
+            am,
+            self.rotary_call(n, position_offset, positions, x.device),
+            need_weights=one_row or (return_extras and need_weights),
+            need_importance=return_extras and not one_row,
+        )
+        self.pending_aux_loss = res.aux_loss
+        if not return_extras:
+            return y
+        if one_row:
+            if res.weights is None:
+                raise UnsupportedError(f"weights_query needs attention weights, but variant {self.variant!r} has none")
+            return y, self._extras(res, weights=res.weights[:, :, query : query + 1], importance=False)
+        return y, self._extras(res, weights=res.weights)
+
     # -- shared by forward, the cached forward (attnlib.decoding) and forward_groups (attnlib.packed)
+
+    def rotary_call(
+        self, n: int, offset: int, positions: Tensor | RotaryPositions | None, device: torch.device
+    ) -> RotaryCall | None:
+        """The rotary positions of N self-attention tokens for cores that read them (None otherwise)."""
+        if self.rope is None or not (self.core.uses_rotary or self.core.projects_tokens):
+            return None
+        if isinstance(positions, RotaryPositions):
+            positions = positions.positions
+        pos = torch.arange(n, device=device) if positions is None else positions.to(device).long()
+        pos = pos + offset
+        return RotaryCall(self.rope.base, pos, pos)
+
+    def run_tokens(
+        self, x: Tensor, am: AttentionMask, rotary: RotaryCall | None, *, need_weights: bool, need_importance: bool
+    ) -> tuple[Tensor, CoreOutput]:
+        """A ``projects_tokens`` core on x (B, N, C) under ``am``: (y (B, N, C), its CoreOutput)."""
+        p = self.dropout if self.training and self.capabilities.attn_dropout else 0.0
+        return self.core.forward_tokens(
+            x,
+            am,
+            in_proj=self.in_proj,
+            out_proj=self.out_proj,
+            num_kv_heads=self.num_kv_heads,
+            rotary=rotary,
+            need_weights=need_weights,
+            need_importance=need_importance,
+            dropout_p=p,
+        )
 
     def _repeat_kv(self, k: Tensor, v: Tensor, *, always: bool = False) -> tuple[Tensor, Tensor]:
         """k, v (B, H_kv, M, D) -> (B, H, M, D) for a variant without grouped-query support
@@ -349,11 +426,14 @@ class Attention(nn.Module):
             return k, v
         return k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, am: AttentionMask, **flags: bool) -> CoreOutput:
-        """The core on q, k, v (``flags``: its cross / need_weights / need_importance), with the
-        attention dropout where the variant applies it to its probabilities."""
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, am: AttentionMask, *, rotary: RotaryCall | None = None, **flags: bool
+    ) -> CoreOutput:
+        """The core on q, k, v (``flags``: its cross / need_weights / need_importance; ``rotary``: the
+        positions q and k were rotated at, for cores that read them), with the attention dropout where
+        the variant applies it to its probabilities."""
         p = self.dropout if self.training and self.capabilities.attn_dropout else 0.0
-        return self.core(q, k, v, am, dropout_p=p, **flags)
+        return self.core(q, k, v, am, dropout_p=p, rotary=rotary, **flags)
 
     def _output_dropout(self, out: Tensor) -> Tensor:
         """The attention dropout of a variant without one of its own: on its output (training only)."""

@@ -15,8 +15,8 @@ from torch import Tensor
 
 from attnlib._validation import describe
 from attnlib.errors import UnsupportedError
-from attnlib.masks import MaskLike, normalize_mask
-from attnlib.positional import RotaryPositions
+from attnlib.masks import AttentionMask, MaskLike, normalize_mask
+from attnlib.positional import RotaryCall, RotaryPositions
 from attnlib.registry import Capabilities
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,7 +58,8 @@ class AttentionCache:
             different counts per sequence), or None when all are.
         k, v: (B, H_kv, capacity, D) key/value buffers (``kv`` and ``recompute`` modes; the first
             ``size`` entries are valid), rotary positions already applied.
-        q: (B, H, capacity, D) query buffer (``recompute`` mode only).
+        q: (B, H, capacity, D) query buffer (``recompute`` mode only); for a core that computes
+            from tokens (``projects_tokens``) the input tokens instead, (B, 1, capacity, C).
         state: the variant's recurrent state (``recurrent`` mode only).
     """
 
@@ -204,6 +205,53 @@ def _step_recurrent(attn: Attention, q: Tensor, k: Tensor, v: Tensor, cache: Att
     return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
 
 
+def _cache_mask(
+    attn: Attention,
+    mask: MaskLike | list[MaskLike],
+    key_padding_mask: Tensor | None,
+    b: int,
+    n_q: int,
+    total: int,
+    device: torch.device,
+) -> AttentionMask:
+    """The causal mask of a cached call, n_q queries over ``total`` keys, with key padding (B, total)
+    - the only mask a cached call takes (ValueError for any other)."""
+    size = {"batch": b, "heads": attn.num_heads, "n": n_q, "m": total, "device": device}
+    am = normalize_mask(mask, causal=True, key_padding_mask=key_padding_mask, **size)
+    other = [kind for kind in am.kinds() if kind not in ("causal", "key_padding")]
+    if other:
+        raise ValueError(
+            "with cache=, the only mask is key padding over every token so far: key_padding_mask= "
+            f"(B, cache.length + N) = ({b}, {total}); got {', '.join(other)}"
+        )
+    return am
+
+
+def _forward_tokens_cached(
+    attn: Attention,
+    x: Tensor,
+    cache: AttentionCache,
+    mask: MaskLike | list[MaskLike],
+    key_padding_mask: Tensor | None,
+    return_extras: bool,
+) -> Tensor:
+    """Recompute decoding of a ``projects_tokens`` core: its input tokens are cached and the core
+    runs over the whole prefix (causal), keeping the new rows."""
+    if return_extras:
+        raise ValueError(f"return_extras is not available with a {cache.mode!r} cache; call forward without a cache")
+    b, n = x.shape[0], x.shape[1]
+    start = cache.length
+    total = start + n
+    cache.q = cache._append(cache.q, x[:, None], start)  # the tokens, (B, 1, length, C)
+    am = _cache_mask(attn, mask, key_padding_mask, b, total, total, x.device)
+    pos = torch.arange(total, device=x.device)
+    rotary = None if attn.rope is None else RotaryCall(attn.rope.base, pos, pos)
+    y, res = attn.run_tokens(cache.q[:, 0, :total], am, rotary, need_weights=False, need_importance=False)
+    attn.pending_aux_loss = res.aux_loss
+    cache.length = cache.size = total
+    return y[:, -n:]
+
+
 def forward_cached(
     attn: Attention,
     x: Tensor,
@@ -215,8 +263,12 @@ def forward_cached(
     position_offset: int,
     positions: Tensor | RotaryPositions | None,
     weights_query: int | None,
+    need_weights: bool = False,
 ) -> Tensor | tuple[Tensor, AttentionExtras]:
     """Incremental causal decoding of x (B, N, dim) after the cache's tokens -> (B, N, dim).
+
+    With ``return_extras`` and ``need_weights`` (``kv`` caches) the extras hold the new queries'
+    weights over every held entry, (B, H, N, cache.size + N).
 
     ``Attention.forward(x, cache=cache, ...)``: the arguments are :meth:`Attention.forward`'s.
     """
@@ -227,6 +279,8 @@ def forward_cached(
         raise ValueError(f"batch mismatch: x has B={b} but the cache was made for B={cache.batch}")
     start = cache.length
     fill = cache.size
+    if attn.core.projects_tokens and cache.mode == "recompute":
+        return _forward_tokens_cached(attn, x, cache, mask, key_padding_mask, return_extras)
     q, k, v = attn._project_rotated(x, start)
     if cache.mode == "recurrent":
         if mask is not None or key_padding_mask is not None:
@@ -245,24 +299,29 @@ def forward_cached(
                 "lines up with it - decode without key_padding_mask= after eviction"
             )
         n_q = total if cache.mode == "recompute" else n
-        size = {"batch": b, "heads": attn.num_heads, "n": n_q, "m": total, "device": x.device}
-        am = normalize_mask(mask, causal=True, key_padding_mask=key_padding_mask, **size)
-        other = [kind for kind in am.kinds() if kind not in ("causal", "key_padding")]
-        if other:
-            raise ValueError(
-                "with cache=, the only mask is key padding over every token so far: key_padding_mask= "
-                f"(B, cache.length + N) = ({b}, {total}); got {', '.join(other)}"
-            )
+        am = _cache_mask(attn, mask, key_padding_mask, b, n_q, total, x.device)
         if cache.valid is not None:
             held = torch.cat([cache.valid, cache.valid.new_ones(b, n)], 1)
-            am = normalize_mask(None, causal=True, key_padding_mask=held, **size)
+            am = _cache_mask(attn, None, held, b, n_q, total, x.device)
         cache.k = cache._append(cache.k, k, fill)
         cache.v = cache._append(cache.v, v, fill)
         kk, vv = cache.k[:, :, :total], cache.v[:, :, :total]
         if cache.mode == "recompute":
             cache.q = cache._append(cache.q, q, start)
             q = cache.q[:, :, :total]
-        res = attn._attend(q, *attn._repeat_kv(kk, vv), am, need_importance=return_extras)
+        rotary = None
+        if attn.rope is not None and attn.core.uses_rotary:
+            if cache.size != cache.length:
+                raise UnsupportedError(
+                    f"variant {attn.variant!r} reads the rotary positions of its keys, which an evicted "
+                    "cache no longer knows; decode it without eviction"
+                )
+            kpos = torch.arange(total, device=x.device)
+            rotary = RotaryCall(attn.rope.base, kpos[-q.shape[2] :], kpos)
+        kr, vr = attn._repeat_kv(kk, vv)
+        res = attn._attend(q, kr, vr, am, rotary=rotary, need_importance=return_extras)
+        if return_extras and need_weights:  # a second call: the output keeps the variant's fast path, bit for bit
+            res.weights = attn._attend(q, kr, vr, am, rotary=rotary, need_weights=True).weights
         out = res.out[:, :, -n:]
         attn.pending_aux_loss = res.aux_loss
         if cache.valid is not None:
@@ -272,4 +331,5 @@ def forward_cached(
     y = attn._project_out(out)
     if not return_extras:
         return y
-    return y, attn._extras(res)
+    weights = None if res is None or res.weights is None else res.weights[:, :, -n:]
+    return y, attn._extras(res, weights=weights)

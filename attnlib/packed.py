@@ -14,7 +14,7 @@ from torch import Tensor
 
 from attnlib._validation import describe
 from attnlib.masks import normalize_mask
-from attnlib.positional import RotaryPositions
+from attnlib.positional import RotaryCall, RotaryPositions
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnlib.attention import Attention
@@ -48,6 +48,54 @@ def _check_groups(
     return sizes
 
 
+def _group_positions(positions: Tensor | RotaryPositions | None, start: int, rows: int, n: int) -> Tensor:
+    """The (rows, n) long positions of one group's tokens."""
+    pos = positions.positions if isinstance(positions, RotaryPositions) else positions
+    if pos is None:
+        raise ValueError("forward_groups: rotary positions are missing")
+    return pos[start : start + rows * n].view(rows, n).long()
+
+
+def _forward_groups_tokens(
+    attn: Attention,
+    x: Tensor,
+    sizes: list[tuple[int, int]],
+    positions: Tensor | RotaryPositions | None,
+    return_importance: bool,
+) -> Tensor | tuple[Tensor, Tensor | None]:
+    """forward_groups for a ``projects_tokens`` core: the core runs on each group's tokens."""
+    y = x.new_empty(x.shape[0], attn.dim)
+    imps: list[Tensor] = []
+    has_imp = return_importance
+    aux: Tensor | None = None
+    start = 0
+    for r, n in sizes:
+        t = r * n
+        if t == 0:
+            continue
+        am = normalize_mask(None, causal=attn.causal, batch=r, heads=attn.num_heads, n=n, m=n, device=x.device)
+        rotary = None
+        if attn.rope is not None:
+            pos = _group_positions(positions, start, r, n)
+            rotary = RotaryCall(attn.rope.base, pos, pos)
+        yg, res = attn.run_tokens(
+            x[start : start + t].view(r, n, -1), am, rotary, need_weights=False, need_importance=return_importance
+        )
+        y[start : start + t] = yg.reshape(t, -1)
+        if res.aux_loss is not None:
+            aux = res.aux_loss * t if aux is None else aux + res.aux_loss * t
+        if return_importance:
+            if res.importance is None:
+                has_imp = False
+            else:
+                imps.append(res.importance.mean(1).reshape(t))
+        start += t
+    attn.pending_aux_loss = None if aux is None else aux / max(x.shape[0], 1)
+    if not return_importance:
+        return y
+    return y, (torch.cat(imps) if has_imp and imps else (x.new_zeros(0) if has_imp else None))
+
+
 def forward_groups(
     attn: Attention,
     x: Tensor,
@@ -62,6 +110,8 @@ def forward_groups(
         positions = torch.cat(
             [torch.arange(n, device=x.device).repeat(r) for r, n in sizes] or [x.new_zeros(0, dtype=torch.long)]
         )
+    if attn.core.projects_tokens:
+        return _forward_groups_tokens(attn, x, sizes, positions, return_importance)
     qk, vv = attn._project_tokens(x, 0, positions)  # all T tokens at once
     hq, d = attn.num_heads, attn.head_dim
     merged: Tensor | None = None  # (T, H * Dv): each group's output copied in once (no cat)
@@ -79,7 +129,11 @@ def forward_groups(
         q, k = part[:, :, :hq].transpose(1, 2), part[:, :, hq:].transpose(1, 2)
         v = vv[start : start + t].view(r, n, -1, d).transpose(1, 2)
         am = normalize_mask(None, causal=attn.causal, batch=r, heads=hq, n=n, m=n, device=x.device)
-        res = attn._attend(q, *attn._repeat_kv(k, v), am, need_importance=return_importance)
+        rotary = None
+        if attn.rope is not None and attn.core.uses_rotary:
+            pos = _group_positions(positions, start, r, n)
+            rotary = RotaryCall(attn.rope.base, pos, pos)
+        res = attn._attend(q, *attn._repeat_kv(k, v), am, rotary=rotary, need_importance=return_importance)
         out = attn._output_dropout(res.out)
         if merged is None:
             merged = out.new_empty(x.shape[0], out.shape[1] * out.shape[3])

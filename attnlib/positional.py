@@ -7,10 +7,12 @@ offset only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RotaryEmbedding", "RotaryPositions", "apply_rotary"]
+__all__ = ["RotaryCall", "RotaryEmbedding", "RotaryPositions", "apply_rotary", "rotate_at"]
 
 
 class RotaryPositions:
@@ -60,6 +62,43 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2 = x[..., :d2], x[..., d2:]
     c, s = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def rotate_at(x: Tensor, positions: Tensor, base: float, *, inverse: bool = False) -> Tensor:
+    """Rotate x (B, H, n, D) at positions (n,), (B, n) or (B, H, n) (int or float), frequencies ``base^(-2i/D)``.
+
+    ``inverse`` undoes the rotation (angles negated): ``rotate_at(rotate_at(x, p, b), p, b, inverse=True) == x``.
+    Angles are computed in float64.
+    """
+    d = x.shape[-1]
+    inv = base ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
+    ang = positions.to(device=x.device, dtype=torch.float64)[..., None] * inv  # (*positions.shape, D/2)
+    if ang.dim() == 3:  # (B, n): one position per batch row and token, shared by the heads
+        ang = ang[:, None]
+    sin = -ang.sin() if inverse else ang.sin()
+    return apply_rotary(x, ang.cos(), sin)
+
+
+@dataclass(frozen=True)
+class RotaryCall:
+    """The rotary positions an :class:`attnlib.Attention` applied to the q and k it hands to a core.
+
+    Passed to the cores that declare ``uses_rotary`` (e.g. a gate that pools pre-rotary vectors).
+    ``q_positions`` (N,) or (B, N) and ``k_positions`` (M,) or (B, M) are long; ``base`` the
+    frequency base; the module rotated every head dimension (``head_dim`` = D of q and k).
+    """
+
+    base: float
+    q_positions: Tensor
+    k_positions: Tensor
+
+    def unrotate_q(self, q: Tensor) -> Tensor:
+        """The pre-rotary queries of q (B, H, N, D)."""
+        return rotate_at(q, self.q_positions, self.base, inverse=True)
+
+    def unrotate_k(self, k: Tensor) -> Tensor:
+        """The pre-rotary keys of k (B, H_kv, M, D)."""
+        return rotate_at(k, self.k_positions, self.base, inverse=True)
 
 
 def _check_positions(positions: Tensor | RotaryPositions, n: int, batch: int | None) -> None:

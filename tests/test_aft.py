@@ -223,3 +223,20 @@ def test_aft_modules() -> None:
     _, ex = attnlib.Attention(32, 4, variant="aft_full", causal=True).double()(x, return_extras=True)
     assert ex.weights is None and ex.importance is not None and ex.importance.shape == (2, 12)
     torch.testing.assert_close(ex.importance.sum(-1), torch.ones(2, dtype=torch.float64), rtol=0, atol=ATOL)
+
+
+def test_functional_aft_takes_key_padding_as_a_tensor_or_keypadding() -> None:
+    """The AFT functions take key padding as the (B, T') tensor or as masks.KeyPadding, like the other
+    families; the two give the same result."""
+    from attnlib.functional import aft_full, aft_local, aft_simple
+    from attnlib.masks import KeyPadding
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 9, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    w = torch.randn(9, 9, generator=g, dtype=torch.float64)
+    kp = torch.arange(9)[None, :] < torch.tensor([[5], [9]])
+    for fn, args in ((aft_full, (q, k, v, w)), (aft_local, (q, k, v, w, 3)), (aft_simple, (q, k, v))):
+        a = fn(*args, mask=kp)
+        b = fn(*args, mask=KeyPadding(kp))
+        assert torch.equal(a, b), fn.__name__
+        assert not torch.allclose(a, fn(*args)), fn.__name__  # padding changes the result

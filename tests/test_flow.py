@@ -215,6 +215,11 @@ def test_flow_gradcheck() -> None:
 
 
 def test_flow_module_presets_and_errors() -> None:
+    default = attnlib.Attention(32, 4, variant="flow").core  # the official core file: sigmoid, clamp ±1
+    assert default.competition_clamp == 1.0 and default.feature_map == "sigmoid"
+    assert attnlib.Attention(32, 4, variant="flow", preset="paper").core.competition_clamp is None
+    assert attnlib.Attention(32, 4, variant="flow", preset="nlp_causal").core.competition_clamp == 5.0
+    assert attnlib.Attention(32, 4, variant="flow", preset="timeseries").core.competition_clamp is None
     attn = attnlib.Attention(32, 4, variant="flow", preset="core")
     assert attn.core.competition_clamp == 1.0 and attn.core.feature_map == "sigmoid"
     assert attnlib.Attention(32, 4, variant="flow", preset="lra").core.feature_map == "relu"

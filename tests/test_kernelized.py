@@ -12,13 +12,16 @@ from attnlib.functional.kernelized import (
     draw_random_features,
     fourier_mixing,
     kernelized_rpe_attention,
+    kernelized_rpe_attention_2d,
     kernelized_rpe_reference,
+    kernelized_rpe_reference_2d,
     positive_random_features,
     toeplitz_matmul,
     toeplitz_matrix,
 )
 from attnlib.masks import normalize_mask
 from attnlib.testing import assert_close, make_qkv, max_error
+from attnlib.variants.kernelized import share_rpe_bias
 
 F64 = torch.float64
 
@@ -241,6 +244,65 @@ def test_module_matches_functional_and_weights_are_dense_form() -> None:
 # ------------------------------------------------------------------------------------------
 # fnet
 # ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+@pytest.mark.parametrize("padded", [False, True])
+def test_2d_fft_equals_the_2d_relative_position_equation(prefix: int, padded: bool) -> None:
+    """out_i = sum_j exp(b[r_j - r_i, c_j - c_i]) phi(q_i)·phi(k_j) v_j / (same without v), by loops."""
+    gh, gw, h = 3, 5, 2
+    n = gh * gw + prefix
+    q, k, v = make_qkv(2, h, n, 8, dtype=F64, logit_scale=2.0, seed=4)
+    g = torch.Generator().manual_seed(1)
+    bias = torch.randn(h, 2 * gh - 1, 2 * gw - 1, generator=g, dtype=F64)
+    proj = draw_random_features(16, 8, generator=g).to(F64)
+    kp = key_padding(2, n) if padded else None
+    out, imp = kernelized_rpe_attention_2d(q, k, v, bias, proj, (gh, gw), key_padding=kp, return_importance=True)
+    phi = lambda x: positive_random_features(torch.nn.functional.normalize(x, dim=-1), proj)  # noqa: E731
+    pq, pk = phi(q), phi(k)
+
+    w = torch.zeros(2, h, n, n, dtype=F64)
+    for i in range(n):
+        for j in range(n):
+            if i >= prefix and j >= prefix:
+                (ri, ci), (rj, cj) = divmod(i - prefix, gw), divmod(j - prefix, gw)
+                cw = bias[:, rj - ri + gh - 1, cj - ci + gw - 1].exp()
+            else:
+                cw = torch.ones(h, dtype=F64)
+            real = 1.0 if kp is None else kp[:, j].to(F64)[:, None]
+            w[:, :, i, j] = cw * (pq[:, :, i] * pk[:, :, j]).sum(-1) * real
+    w = w / w.sum(-1, keepdim=True)
+    assert_close(out, w @ v)
+    assert_close(imp, w.mean(2))
+    ref, wr = kernelized_rpe_reference_2d(q, k, v, bias, proj, (gh, gw), key_padding=kp)
+    assert_close(ref, w @ v)
+    assert_close(wr, w)
+
+
+def test_2d_module_uses_the_grid_and_shares_the_bias_across_layers() -> None:
+    torch.manual_seed(0)
+    attn = attnlib.Attention(16, 2, variant="kernelized_rpe", grid=(4, 4), num_features=8).double()
+    assert attn.core.rpe_bias.shape == (2, 7, 7)
+    x = torch.randn(2, 17, 16, dtype=torch.float64)  # a class token + 4 x 4 patches
+    y, ex = attn(x, return_extras=True)
+    q, k, v = attn.project(x)
+    ref, w = kernelized_rpe_reference_2d(q, k, v, attn.core.rpe_bias, attn.core.projection, (4, 4))
+    assert_close(ex.weights, w)
+    assert_close(y, attn.out_proj(ref.transpose(1, 2).reshape(2, 17, 16)))
+    # a cell's right neighbour is one column away, its raster successor at a row end is not
+    with torch.no_grad():
+        attn.core.rpe_bias.zero_()
+        attn.core.rpe_bias[:, 3, 4] = 5.0  # offset (0, +1)
+    _, ex = attn(x, return_extras=True)
+    assert ex.weights[0, 0, 1 + 3, 1 + 4] < ex.weights[0, 0, 1 + 2, 1 + 3] / 10  # (0, 3) -> (1, 0) wraps: no bias
+    with pytest.raises(attnlib.UnsupportedError, match="non-causal"):
+        attnlib.Attention(16, 2, variant="kernelized_rpe", grid=(4, 4), causal=True).double()(x)
+    model = torch.nn.Sequential(*[attnlib.Attention(16, 2, variant="kernelized_rpe", grid=(4, 4)) for _ in range(3)])
+    shared = share_rpe_bias(model)
+    assert all(m.core.rpe_bias is shared for m in model)
+    assert sum(p.numel() for p in model.parameters() if p is shared) == shared.numel()
+    with pytest.raises(ValueError, match="differ"):
+        share_rpe_bias(torch.nn.Sequential(model[0], attnlib.Attention(16, 2, variant="kernelized_rpe")))
 
 
 def dft(n: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from attnlib.functional import (
     performer_projection,
 )
 from attnlib.functional.linear import performer_feature_logits
-from attnlib.masks import KeyPadding, SlidingWindow
+from attnlib.masks import KeyPadding, SlidingWindow, normalize_mask
 from attnlib.testing import make_qkv, rel_error
 
 ATOL = 1e-10
@@ -293,7 +293,7 @@ def test_performer_projection_deterministic_and_validated() -> None:
 def test_performer_module_seed_and_redraw() -> None:
     def make():
         torch.manual_seed(0)
-        return attnlib.Attention(32, 4, variant="performer", redraw_interval=2, seed=7)
+        return attnlib.Attention(32, 4, variant="performer", redraw_interval=2, seed=7, num_features=None)
 
     a, b = make(), make()
     assert torch.equal(a.core.projection, b.core.projection)
@@ -313,7 +313,7 @@ def test_performer_module_seed_and_redraw() -> None:
     b(x)
     b(x)
     assert torch.equal(a.core.projection, b.core.projection)  # deterministic redraws
-    c = attnlib.Attention(32, 4, variant="performer", seed=7)
+    c = attnlib.Attention(32, 4, variant="performer", seed=7, num_features=None)
     c.load_state_dict(a.state_dict())
     assert torch.equal(c.core.projection, a.core.projection) and int(c.core.draws) == 1
 
@@ -405,3 +405,24 @@ def test_slabs_cover_every_batch_row_and_head_once(
         assert rows == n or (split_rows and rows % 4 == 0 and rows < n)
         assert out[bsl, hsl, :rows].is_contiguous()
     assert torch.equal(seen, torch.ones_like(seen))
+
+
+def test_performer_defaults_are_the_official_favor_plus() -> None:
+    """256 orthogonal features with chi row norms, redrawn for every training call, fixed in eval."""
+    from attnlib.registry import get_variant
+
+    core = get_variant("performer")(num_heads=2, head_dim=16)
+    assert core.projection.shape == (256, 16) and core.orthogonal and core.scaling == "chi"
+    assert core.redraw_interval == 1
+    q, k, v = make_qkv(1, 2, 10, 16, dtype=torch.float32, seed=1)
+    mask = normalize_mask(None, causal=False, batch=1, heads=2, n=10, m=10, device=torch.device("cpu"))
+    core.train()
+    w0 = core.projection.clone()
+    core(q, k, v, mask)
+    w1 = core.projection.clone()
+    core(q, k, v, mask)
+    assert not torch.equal(w0, w1) and not torch.equal(w1, core.projection)
+    core.eval()
+    w2 = core.projection.clone()
+    out = core(q, k, v, mask).out
+    assert torch.equal(core.projection, w2) and torch.equal(core(q, k, v, mask).out, out)

@@ -393,3 +393,38 @@ def test_drop_path_and_vit_pooling() -> None:
     pm = torch.ones(4, 16, dtype=torch.bool)
     pm[:, 8:] = False
     assert m(x, patch_mask=pm).shape == (4, 10)
+
+
+def test_branchformer_merges_follow_the_equations() -> None:
+    """learned_ave: per-utterance softmax weights from attention-pooled branch logits (padding ignored);
+    fixed_ave: a fixed convex combination; both then one linear map."""
+    from attnlib.models.asr import BranchMerge
+
+    torch.manual_seed(0)
+    a, m = torch.randn(2, 7, 8, dtype=torch.float64), torch.randn(2, 7, 8, dtype=torch.float64)
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[1, 5:] = False
+    merge = BranchMerge(8, "learned_ave").double()
+    y = merge(a, m, valid)
+    logits = []
+    for x, score, logit in zip((a, m), merge.pool_score, merge.weight_logit):
+        rows = []
+        for b in range(2):
+            n = int(valid[b].sum())
+            p = torch.softmax(score(x[b, :n]).squeeze(-1) / 8**0.5, 0)
+            rows.append(logit(p @ x[b, :n]))
+        logits.append(torch.stack(rows))
+    w = torch.softmax(torch.cat(logits, -1), -1)
+    torch.testing.assert_close(y, merge.proj(w[:, :1, None] * a + w[:, 1:, None] * m), rtol=0, atol=1e-12)
+    torch.testing.assert_close(merge.last_weights.sum(-1), torch.ones(2, dtype=torch.float64))
+    a2 = a.clone()
+    a2[1, 5:] += 100.0  # padded frames do not move the weights
+    merge(a2, m, valid)
+    torch.testing.assert_close(merge.last_weights, w, rtol=0, atol=1e-12)
+    fixed = BranchMerge(8, "fixed_ave", cgmlp_weight=0.25).double()
+    torch.testing.assert_close(fixed(a, m, valid), fixed.proj(0.75 * a + 0.25 * m))
+    with pytest.raises(ValueError, match="merge"):
+        BranchMerge(8, "sum")
+    model = BranchformerCTC(attention={"variant": "softmax"}, vocab_size=5, sample_rate=8000, dim=16, depth=1,
+                            num_heads=2, n_mels=16, merge="learned_ave")  # fmt: skip
+    assert model.blocks[0].merge.method == "learned_ave"

@@ -248,6 +248,37 @@ def test_ltp_in_vit_trains_soft_and_prunes_hard() -> None:
     assert (kept[:, 0] == 0).all() and kept.shape[1] <= 17
 
 
+def test_ltp_hard_stage_freezes_thresholds_and_trains_hard() -> None:
+    """The paper's stage 2: thresholds frozen, hard pruning in training exactly as in eval, no regulariser."""
+    torch.manual_seed(0)
+    model = _vit({"name": "ltp", "final_threshold": 0.5, "normalize": True, "layers": [0, 1]})
+    x = torch.randn(4, 1, 8, 8)
+    model.train()
+    model(x).sum().backward()  # stage 1: soft mask, the thresholds learn
+    pruners = P.ltp_hard_stage(model)
+    assert len(pruners) == 2 and all(p.mode == "hard" and not p.delta.requires_grad for p in pruners)
+    with torch.no_grad():
+        for p in pruners:
+            p.delta.fill_(0.1)
+    deltas = [float(p.delta) for p in pruners]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    model.zero_grad()
+    y = model(x)
+    assert attnlib.aux_loss(model).item() == 0.0  # no regulariser
+    train_kept = model.last_kept_index.clone()
+    y.sum().backward()
+    opt.step()
+    assert [float(p.delta) for p in pruners] == deltas
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert torch.equal(model.last_kept_index, train_kept)  # the trained model saw what inference runs
+    frozen = P.LTPPruner(dim=8, layer=1, depth=2, freeze_threshold=True)
+    assert isinstance(frozen.delta, torch.nn.Parameter) and not frozen.delta.requires_grad
+    with pytest.raises(ValueError, match="no LTP"):
+        P.ltp_hard_stage(torch.nn.Linear(2, 2))
+
+
 # -- tokenlearner / tokenfuser ---------------------------------------------------------------------
 
 
@@ -353,7 +384,34 @@ def test_namm_ema_equals_per_frame_loop() -> None:
     c, e = 0.9**4, torch.zeros(5, dtype=torch.float64)
     for i in range(4):
         e = c * e + (1 - c) * spec[i]
-    torch.testing.assert_close(state.ema[0, 0], e, rtol=0, atol=1e-12)
+    torch.testing.assert_close(state.ema[0, 0, 0], e, rtol=0, atol=1e-12)
+
+
+def test_namm_prefill_records_each_query_row_per_kv_head() -> None:
+    """A prompt chunk adds one value per query (its own row, 0 before the token existed), per KV
+    head: prefilling n tokens at once leaves the same history as feeding them one by one."""
+    torch.manual_seed(0)
+    cfg = {"name": "namm", "delay": 64, "n_fft": 8, "hop": 4}
+    model = _lm(cfg).double().eval()
+    tok = torch.randint(0, 13, (2, 11))
+    chunk, single = model.init_cache(2), model.init_cache(2)
+    with torch.no_grad():
+        model(tok, cache=chunk)
+        for t in range(11):
+            model(tok[:, t : t + 1], cache=single)
+    for i, a in chunk.eviction.items():
+        torch.testing.assert_close(a.hist, single.eviction[i].hist, rtol=0, atol=1e-12)
+        assert a.hist.shape[1] == model.blocks[0].attn.num_kv_heads
+    hist = chunk.eviction[0].hist[..., 4:]  # after the n_fft - hop leading zeros: [b, kv, token j, query t]
+    assert (hist.tril(-1) == 0).all()  # token j gets 0 from the queries t < j before it existed
+    assert (hist.diagonal(dim1=-2, dim2=-1) > 0).all()  # and its own query's weight at t = j
+    pol = P.NAMMEviction(dim=4, layer=0, depth=1, n_fft=8, hop=4, delay=64)
+    state = pol.init_state(1, dtype=torch.float64, kv_heads=2)
+    cache = attnlib.Attention(8, 4, causal=True, num_kv_heads=2).init_cache(1)
+    cache.size = cache.length = 3
+    w = torch.rand(1, 4, 3, 3, dtype=torch.float64)
+    pol.observe(cache, w, state)
+    torch.testing.assert_close(state.hist[0, :, :, 4:], w[0].view(2, 2, 3, 3).mean(1).transpose(-1, -2))
 
 
 def test_namm_eviction_keeps_cache_and_state_aligned() -> None:
@@ -368,7 +426,7 @@ def test_namm_eviction_keeps_cache_and_state_aligned() -> None:
     for i, c in enumerate(cache.layers):
         st = cache.eviction[i]
         assert c.length == 21 and c.size <= 5 + 5  # at most cache_size after the last eviction + new tokens
-        assert st.pos.shape == (2, c.size) and st.ema.shape[:2] == (2, c.size)
+        assert st.pos.shape == (2, c.size) and st.ema.shape[0] == 2 and st.ema.shape[2] == c.size
         assert (st.pos[:, -3:] == torch.arange(18, 21)).all()  # newest tokens protected
     # the keys still held are exactly the keys of the positions the state says they are
     c0, st0 = cache.layers[0], cache.eviction[0]
@@ -390,6 +448,28 @@ def test_evolve_maximises_a_quadratic() -> None:
     assert -fitness() < 0.02 and res.history[-1]["best"] > res.history[0]["best"]
     with pytest.raises(ValueError, match="population"):
         P.evolve(lin, fitness, population=1)
+
+
+def test_evolve_cma_es_solves_an_ill_conditioned_quadratic() -> None:
+    """The NAMM paper's CMA-ES (the 'cma' package) adapts its covariance: it reaches a stretched
+    optimum that the isotropic elite ES with the same budget does not."""
+    pytest.importorskip("cma")
+    target = torch.tensor([0.5, -0.3, 0.2, 0.1])
+    scale = torch.tensor([1.0, 10.0, 100.0, 1000.0])
+    lin = torch.nn.Linear(4, 1, bias=False)
+
+    def fitness() -> float:
+        return -float((scale * (lin.weight[0] - target) ** 2).sum())
+
+    errs = {}
+    for method in ("cma", "elite"):
+        torch.nn.init.zeros_(lin.weight)
+        res = P.evolve(lin, fitness, generations=60, population=12, sigma=0.1, seed=0, method=method)
+        errs[method] = -fitness()
+        assert len(res.history) == 60
+    assert errs["cma"] < 1e-3 and errs["cma"] < errs["elite"] / 10, errs
+    with pytest.raises(ValueError, match="method"):
+        P.evolve(lin, fitness, method="pso")
 
 
 # -- configs and errors ------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import attnlib
 from attnlib.functional import reference_attention
 from attnlib.functional.grat import grat_permutation
-from attnlib.functional.sparse import block_max_attention
+from attnlib.functional.sparse import block_max_attention, mosa_router, mosa_select
 from attnlib.masks import BlockMask, KeyPadding, causal_mask, normalize_mask, window_mask
 from attnlib.registry import get_variant
 from attnlib.testing import assert_close, make_qkv
@@ -185,7 +185,7 @@ def test_seer_density_one_equals_dense(causal: bool, h_kv: int) -> None:
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_seer_sparse_output_equals_reference_under_selected_blocks(causal: bool) -> None:
-    cr = core("seer", block_size=8, density=0.4, gate_dim=16)
+    cr = core("seer", block_size=8, density=0.4, gate_dim=16, last_block_dense=False)
     n = 64
     q, k, v = make_qkv(B, H, n, D, dtype=torch.float64, logit_scale=4.0, seed=8)
     a = am(n, causal=causal)
@@ -204,7 +204,7 @@ def test_seer_sparse_output_equals_reference_under_selected_blocks(causal: bool)
 
 
 def test_seer_topk_density_over_the_causal_triangle() -> None:
-    cr = core("seer", block_size=4, density=0.3, gate_dim=8, causal_gate=False)
+    cr = core("seer", block_size=4, density=0.3, gate_dim=8, last_block_dense=False)
     n = 256
     q, k, _ = make_qkv(1, H, n, D, dtype=torch.float64, seed=9)
     nb = n // 4
@@ -212,6 +212,27 @@ def test_seer_topk_density_over_the_causal_triangle() -> None:
     sel = cr.select(cr.gate_logits(q, k, allowed), allowed, True, n, n)
     dens = sel.sum().item() / (H * allowed.sum().item())
     assert abs(dens - 0.3) < 2 / nb, dens
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_seer_last_block_dense_by_default(causal: bool) -> None:
+    """The official default keeps every allowed block of the last two query-block rows; the other
+    rows keep the top-k budget (per row: the same count as without the option)."""
+    n, bs = 48, 4
+    q, k, _ = make_qkv(B, H, n, D, dtype=torch.float64, seed=10)
+    nb = n // bs
+    allowed = torch.ones(nb, nb, dtype=torch.bool)
+    allowed = allowed.tril() if causal else allowed
+    dense, sparse = (
+        core("seer", block_size=bs, density=0.3, gate_dim=8),
+        core("seer", block_size=bs, density=0.3, gate_dim=8, last_block_dense=False),
+    )
+    sparse.load_state_dict(dense.state_dict())
+    sel = dense.select(dense.gate_logits(q, k, allowed, causal=causal), allowed, causal, n, n)
+    ref = sparse.select(sparse.gate_logits(q, k, allowed, causal=causal), allowed, causal, n, n)
+    assert torch.equal(sel[..., -2:, :], allowed[-2:].expand_as(sel[..., -2:, :]))
+    assert torch.equal(sel[..., :-2, :], ref[..., :-2, :])
+    assert (ref[..., -2:, :].sum(-1) < allowed[-2:].sum(-1)).any()
 
 
 def test_seer_block_max_target_and_training_mode() -> None:
@@ -231,6 +252,125 @@ def test_seer_block_max_target_and_training_mode() -> None:
     t, lg = naive[:, :, 1:], logits[:, :, 1:]
     kl = torch.where(t > 0, t * (t.clamp_min(1e-300).log() - torch.log_softmax(lg, -1)), torch.zeros_like(t))
     assert_close(res.aux_loss, 10.0 * kl.sum() / kl.numel())
+
+
+def _official_gate_logits(q, k, qw, kw, bs, base, pos):
+    """The official prefill AttnGate, written from its equations in the official BSHD layout.
+
+    q (B, N, H, D), k (B, N, H_kv, D) pre-rotary; Q avg-pooled, K max/min/avg-pooled per block
+    (ceil mode), per-head maps (K per KV head), RoPE (rotate-half) on the gate vectors at the
+    positions of each block's first token, K repeated to the query heads, S = Q K^T / sqrt(d_g),
+    key blocks after the query block at -inf (the diagonal block is scored).
+    """
+
+    def pool(x, op):
+        y = x.permute(0, 2, 3, 1)  # (B, H, D, N) -> pool over N with ceil mode
+        b, h, d, n = y.shape
+        y = y.reshape(b * h * d, 1, n)
+        if op == "avg":
+            r = F.avg_pool1d(y, bs, bs, ceil_mode=True)
+        elif op == "max":
+            r = F.max_pool1d(y, bs, bs, ceil_mode=True)
+        else:
+            r = -F.max_pool1d(-y, bs, bs, ceil_mode=True)
+        return r.reshape(b, h, d, -1).permute(0, 3, 1, 2)  # (B, n, H, D)
+
+    qp = pool(q, "avg")
+    kp = torch.cat([pool(k, o) for o in ("max", "min", "avg")], -1)
+    qg = torch.einsum("bshi,hio->bsho", qp, qw)
+    kg = torch.einsum("bshi,hio->bsho", kp, kw)
+    dg = qg.shape[-1]
+    inv = 1.0 / base ** (torch.arange(0, dg, 2, dtype=torch.float64) / dg)
+    ang = pos[::bs].double()[:, None] * inv[None]
+    emb = torch.cat([ang, ang], -1)
+    cos, sin = emb.cos()[None, :, None], emb.sin()[None, :, None]
+
+    def rot(x):
+        x1, x2 = x[..., : dg // 2], x[..., dg // 2 :]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    qg, kg = rot(qg).transpose(1, 2), rot(kg).transpose(1, 2)
+    kg = kg.repeat_interleave(qg.shape[1] // kg.shape[1], 1)
+    s = qg @ kg.transpose(-1, -2) * dg**-0.5
+    nb = s.shape[-1]
+    return s.masked_fill(torch.ones(nb, nb, dtype=torch.bool).triu(1), float("-inf"))
+
+
+def test_seer_loads_official_gate_and_gives_its_logits_with_rope() -> None:
+    """Official-layout gate weights (Q map per query head, K map per KV head) load and give the
+    official gate's logits from the pre-rotary q/k, while the module hands the core rotated ones."""
+    torch.manual_seed(0)
+    bs, n, dg, h, h_kv = 4, 22, 16, 4, 2
+    attn = (
+        attnlib.Attention(
+            32, h, variant="seer", causal=True, rope=True, num_kv_heads=h_kv, block_size=bs, gate_dim=dg, density=0.5
+        )
+        .double()
+        .eval()
+    )
+    d = 32 // h
+    official = {
+        "mask_linear_q.weight": torch.randn(h, d, dg, dtype=torch.float64) / d**0.5,
+        "mask_linear_k.weight": torch.randn(h_kv, 3 * d, dg, dtype=torch.float64) / (3 * d) ** 0.5,
+    }
+    attn.core.load_official_gate(official)
+    x = torch.randn(2, n, 32, dtype=torch.float64)
+    q, k, v = attn.project(x)  # pre-rotary
+    pos = torch.arange(n)
+    ref = _official_gate_logits(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        official["mask_linear_q.weight"],
+        official["mask_linear_k.weight"],
+        bs,
+        10000.0,
+        pos,
+    )
+    qr, kr, _ = attn._project_rotated(x)
+    nb = ref.shape[-1]
+    allowed = torch.ones(nb, nb, dtype=torch.bool).tril()
+    rot = attnlib.positional.RotaryCall(10000.0, pos, pos)
+    got = attn.core.gate_logits(qr, kr, allowed, causal=True, rotary=rot)
+    fin = allowed.expand_as(got)
+    assert torch.equal(got > float("-inf"), fin)
+    assert_close(got[fin], ref[fin])
+    # the module's forward selects from these logits: top-k (official nz_ratio rule), last two rows dense
+    sel = attn.core.select(ref, allowed.expand_as(ref), True, n, n)
+    kk = max(1, math.floor((1 - math.sqrt(0.5)) * nb))
+    assert (sel[..., :-2, :].sum(-1) == torch.clamp(torch.arange(nb - 2) + 1, max=kk)).all()
+    assert torch.equal(sel[..., -2:, :], allowed[-2:].expand_as(sel[..., -2:, :]))
+    kk_v = v.repeat_interleave(h // h_kv, 1)
+    want = reference_attention(
+        qr, kr.repeat_interleave(h // h_kv, 1), kk_v, mask=expand_blocks(sel, bs, n, n), causal=True
+    )
+    assert_close(attn(x), attn.out_proj(want.transpose(1, 2).reshape(2, n, 32)))
+    with pytest.raises(ValueError, match="Q map"):
+        core("seer", block_size=bs, gate_dim=D).load_official_gate(official)
+
+
+def test_seer_gate_scores_the_diagonal_block_by_default() -> None:
+    """The official prefill gate scores key blocks J <= I (diagonal included); causal_gate=True drops it."""
+    q, k, _ = make_qkv(1, H, 32, D, dtype=torch.float64, seed=3)
+    allowed = torch.ones(4, 4, dtype=torch.bool).tril()
+    official = core("seer", block_size=8, gate_dim=16).gate_logits(q, k, allowed, causal=True)
+    assert torch.equal(official[0, 0] > float("-inf"), allowed)
+    strict = core("seer", block_size=8, gate_dim=16, causal_gate=True).gate_logits(q, k, allowed, causal=True)
+    assert torch.equal(strict[0, 0, 1:] > float("-inf"), allowed.tril(-1)[1:])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_seer_official_gate_padded_example_equals_the_example_alone(causal: bool) -> None:
+    """The default (official) gate with its dense last block rows: a right-padded example keeps
+    the blocks, and so the outputs, it has alone (the conformance suite runs the strict gate)."""
+    torch.manual_seed(8)
+    attn = attnlib.Attention(32, 4, variant="seer", causal=causal, rope=True, block_size=4, gate_dim=8)
+    attn = attn.double().eval()
+    lengths, n = [9, 14, 22], 24
+    x = torch.randn(len(lengths), n, 32, dtype=torch.float64)
+    kp = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+    y = attn(x, key_padding_mask=kp)
+    for b, length in enumerate(lengths):
+        assert_close(y[b : b + 1, :length], attn(x[b : b + 1, :length]))
 
 
 def test_seer_freeze_all_but_gates() -> None:
@@ -253,28 +393,54 @@ def test_seer_freeze_all_but_gates() -> None:
 @pytest.mark.parametrize("causal", [False, True])
 def test_mosa_keep_all_equals_scaled_dense(causal: bool) -> None:
     q, k, v = make_qkv(B, H, 20, D, dtype=torch.float64, logit_scale=4.0, seed=11)
-    cr = core("mosa", sparsity=1.0, causal_routing=False, router_bias=True)
-    with torch.no_grad():
-        cr.router.weight.zero_()
-        cr.router.bias.zero_()
-    ref = reference_attention(q, k, v, causal=causal)
-    assert_close(cr(q, k, v, am(20, causal=causal)).out, 0.5 * ref)  # constant router: c = sigmoid(0)
-    with torch.no_grad():
-        cr.router.bias.fill_(50.0)  # sigmoid(50) == 1.0 in float64
-    assert_close(cr(q, k, v, am(20, causal=causal)).out, ref)
+    for routing in ("expert_choice", "causal_expert_choice"):
+        cr = core("mosa", sparsity=1.0, routing=routing, router_bias=True, num_dense_heads=0)
+        with torch.no_grad():
+            cr.router.weight.zero_()
+            cr.router.bias.zero_()
+        ref = reference_attention(q, k, v, causal=causal)
+        assert_close(cr(q, k, v, am(20, causal=causal)).out, 0.5 * ref)  # constant router: c = sigmoid(0)
+        with torch.no_grad():
+            cr.router.bias.fill_(50.0)  # sigmoid(50) == 1.0 in float64
+        assert_close(cr(q, k, v, am(20, causal=causal)).out, ref)
 
 
-@pytest.mark.parametrize("causal_routing", [False, True])
-def test_mosa_equals_dense_masked_oracle(causal_routing: bool) -> None:
+def _mosa_picks_slow(r: torch.Tensor, routing: str, rho: float, tau: float = 0.5) -> torch.Tensor:
+    """Which tokens each head picks, (B, E, N) bool, by the definitions (loops)."""
+    b, e, n = r.shape
+    picked = torch.zeros(b, e, n, dtype=torch.bool)
+
+    def k_of(length: int) -> int:
+        return min(length, max(2, math.floor(length / rho)))
+
+    for bi in range(b):
+        for ei in range(e):
+            row = r[bi, ei]
+            if routing == "expert_choice":
+                picked[bi, ei, row.topk(k_of(n)).indices] = True
+            elif routing == "threshold":
+                picked[bi, ei] = row > tau
+            else:  # causal expert choice: prefix top-k(t+1) membership and a running budget
+                held = 0
+                for t in range(n):
+                    prefix = row[: t + 1]
+                    rank = int(((prefix[:t] > row[t]) | (prefix[:t] == row[t])).sum())
+                    if rank < k_of(t + 1) and held < k_of(t + 1):
+                        picked[bi, ei, t] = True
+                        held += 1
+    return picked
+
+
+@pytest.mark.parametrize("routing", ["expert_choice", "causal_expert_choice", "threshold"])
+def test_mosa_equals_dense_masked_oracle(routing: str) -> None:
     n = 24
     q, k, v = make_qkv(B, H, n, D, dtype=torch.float64, logit_scale=4.0, seed=12)
-    cr = core("mosa", sparsity=3.0, causal_routing=causal_routing, threshold=0.5)
+    cr = core("mosa", sparsity=3.0, routing=routing, threshold=0.5, num_dense_heads=0)
     x = q.transpose(1, 2).reshape(B, n, H * D)
     r = torch.sigmoid(x @ cr.router.weight.T).transpose(1, 2)  # (B, H, N)
-    if causal_routing:
-        picked = r > 0.5
-    else:
-        picked = torch.zeros_like(r, dtype=torch.bool).scatter(-1, r.topk(8, -1).indices, True)
+    picked = _mosa_picks_slow(r, routing, 3.0)
+    if routing != "threshold":
+        assert (picked.sum(-1) <= 8).all()
     for causal in (False, True):
         mask = picked[..., :, None] & picked[..., None, :]
         ref = reference_attention(q, k, v, mask=mask, causal=causal) * r[..., None]
@@ -286,15 +452,102 @@ def test_mosa_equals_dense_masked_oracle(causal_routing: bool) -> None:
     assert torch.equal(x_out[~picked], torch.zeros_like(x_out[~picked]))
 
 
+def _rot_half(x: torch.Tensor, pos: torch.Tensor, n_rot: int, base: float = 10000.0) -> torch.Tensor:
+    """Rotate-half RoPE on the first n_rot dims of x (..., T, D) at positions pos (..., T)."""
+    inv = 1.0 / base ** (torch.arange(0, n_rot, 2, dtype=torch.float64) / n_rot)
+    ang = pos.double()[..., None] * inv
+    emb = torch.cat([ang, ang], -1)
+    xr = x[..., :n_rot]
+    half = torch.cat([-xr[..., n_rot // 2 :], xr[..., : n_rot // 2]], -1)
+    return torch.cat([xr * emb.cos() + half * emb.sin(), x[..., n_rot:]], -1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_mosa_module_is_the_papers_layer(causal: bool) -> None:
+    """Attention(variant="mosa") from tokens = the paper's equations: router on x, per-head
+    projection of the picked tokens, RoPE on half the dims at their original positions, mask
+    I_i >= I_j, times r, per-head output map scatter-added; plus a dense hybrid head."""
+    torch.manual_seed(3)
+    n, c, h, rho = 21, 32, 4, 3.0
+    attn = attnlib.Attention(c, h, variant="mosa", causal=causal, rope=True, sparsity=rho, num_dense_heads=1)
+    attn = attn.double().eval()
+    x = torch.randn(B, n, c, dtype=torch.float64)
+    d, n_rot = c // h, 2 * int(0.5 * (c // h) / 2)
+    w, bias = attn.in_proj.weight, attn.in_proj.bias
+    wo = attn.out_proj.weight
+    r = torch.sigmoid(x @ attn.core.router.weight.T).transpose(1, 2)  # (B, E, N)
+    routing = "causal_expert_choice" if causal else "expert_choice"
+    picked = _mosa_picks_slow(r, routing, rho)
+    y = attn.out_proj.bias.expand(B, n, c).clone()
+    pos = torch.arange(n)
+    for hh in range(h):
+        wq, wk, wv = (w[o * c + hh * d : o * c + (hh + 1) * d] for o in range(3))
+        bq, bk, bv = (bias[o * c + hh * d : o * c + (hh + 1) * d] for o in range(3))
+        for bi in range(B):
+            sel = torch.arange(n) if hh == 0 else picked[bi, hh - 1].nonzero().flatten()
+            xs = x[bi, sel]
+            qs, ks, vs = xs @ wq.T + bq, xs @ wk.T + bk, xs @ wv.T + bv
+            qs, ks = _rot_half(qs, pos[sel], n_rot), _rot_half(ks, pos[sel], n_rot)
+            s = qs @ ks.T / d**0.5
+            if causal:
+                s = s.masked_fill(sel[None, :] > sel[:, None], float("-inf"))
+            a = torch.softmax(s, -1) @ vs
+            if hh > 0:
+                a = a * r[bi, hh - 1, sel, None]
+            y[bi, sel] += a @ wo[:, hh * d : (hh + 1) * d].T
+    assert_close(attn(x), y)
+
+
+def test_mosa_causal_expert_choice_reads_no_future_and_keeps_the_budget() -> None:
+    torch.manual_seed(4)
+    attn = attnlib.Attention(32, 4, variant="mosa", causal=True, rope=True, sparsity=4.0).double().eval()
+    x = torch.randn(2, 40, 32, dtype=torch.float64)
+    y = attn(x)
+    for t in (5, 17, 33):
+        assert_close(attn(x[:, :t]), y[:, :t])
+    r = mosa_router(x, attn.core.router.weight)
+    idx, valid = mosa_select(r, routing="causal_expert_choice", sparsity=4.0)
+    assert idx.shape[-1] <= 10 and valid.sum(-1).max() <= 10  # k(N) = floor(40 / 4)
+    # expert choice reads later tokens: perturbing the last token changes earlier outputs
+    ec = attnlib.Attention(32, 4, variant="mosa", causal=True, rope=True, sparsity=4.0, routing="expert_choice")
+    ec.load_state_dict(attn.state_dict())
+    ec = ec.double().eval()
+    x2 = x.clone()
+    x2[:, -1] = 10 * torch.randn(2, 32, dtype=torch.float64)
+    assert not torch.allclose(ec(x2)[:, :-1], ec(x)[:, :-1])
+
+
+def test_mosa_projects_only_the_picked_tokens() -> None:
+    """With sparsity 8 and no dense heads the layer's FLOPs are a fraction of dense attention's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(5)
+    x = torch.randn(1, 256, 64)
+    counts = {}
+    for variant, kw in (("softmax", {}), ("mosa", {"sparsity": 8.0})):
+        attn = attnlib.Attention(64, 4, variant=variant, causal=True, rope=True, **kw).eval()
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            attn(x)
+        counts[variant] = fc.get_total_flops()
+    # dense: 2·N·C·4C (projections) + 4·N^2·C (scores, values); MoSA: k = N/8 picked tokens per head
+    n, c, k = 256, 64, 32
+    assert counts["softmax"] >= 2 * n * c * 4 * c
+    assert counts["mosa"] <= 2 * n * c * 4 + 2 * k * c * 4 * c + 4 * k * k * c + 4 * n * c * 4
+    assert counts["mosa"] < counts["softmax"] / 4
+
+
 def test_mosa_router_gets_gradient_and_padding_is_never_picked() -> None:
     n = 16
-    q, k, v = make_qkv(B, H, n, D, dtype=torch.float64, seed=13)
-    cr = core("mosa", sparsity=2.0)
+    torch.manual_seed(6)
+    attn = attnlib.Attention(32, 4, variant="mosa", sparsity=2.0, rope=True).double()
+    x = torch.randn(B, n, 32, dtype=torch.float64)
     kp = key_padding(n)
-    _, idx, valid = cr.route(q, am(n, mask=kp))
+    _, idx, valid = attn.core.route(x, am(n, mask=kp))
     assert kp.valid.gather(1, idx.flatten(1)).view_as(idx)[valid].all()
-    cr(q, k, v, am(n, mask=kp)).out.square().sum().backward()
-    assert cr.router.weight.grad.abs().sum() > 0
+    attn(x, key_padding_mask=kp.valid).square().sum().backward()
+    assert attn.core.router.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="routing"):
+        core("mosa", routing="top_k")
 
 
 # ------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ TINY_DATA = {
     "vit_digits_finetune": ["data.batch_size=16"],
     "vit_digits_topk_ft": ["data.batch_size=16"],
     "vit_digits_ltp_ft": ["data.batch_size=16"],
+    "vit_digits_ltp_hard": ["data.batch_size=16"],
     "vit_digits_px1": ["data.batch_size=16"],
     "vit_digits_px1_finetune": ["data.batch_size=16"],
     "vit_digits_px1_topk_ft": ["data.batch_size=16"],
@@ -104,6 +105,11 @@ def test_every_experiment_trains_tiny(experiment: str, tmp_path: Path, chars_roo
         base = "vit_digits_px1" if experiment.startswith("vit_digits_px1") else "vit_digits"  # same patch size
         train(_cfg(f"experiment={base}", *QUIET, *TINY_TRAIN, *TINY_MODEL, *extra, "trainer.max_steps=2"), dense)
         extra.append(f"init_from={dense}")
+    if experiment == "vit_digits_ltp_hard":  # LTP stage 2 starts from a (tiny) stage-1 run
+        stage1 = tmp_path / "stage1"
+        stage1_cfg = _cfg("experiment=vit_digits_ltp", *QUIET, *TINY_TRAIN, *TINY_MODEL, *extra, "trainer.max_steps=2")
+        train(stage1_cfg, stage1)
+        extra.append(f"init_from={stage1}")
     cfg = _cfg(f"experiment={experiment}", *QUIET, *TINY_TRAIN, *TINY_MODEL, *extra)
     res = train(cfg, tmp_path / "run")
     if experiment.endswith(("_ft", "_finetune")):

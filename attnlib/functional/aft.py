@@ -33,7 +33,8 @@ so in float32 a term ``e^{K_t' + w_tt'}`` whose two factors are each below ~e^-8
 maxima is flushed to zero even when their sum is not small (|K|, |w| in the tens and more).
 
 Tensors: q, k, v are (..., T, C) / (..., T', C) with any leading dims, e.g. (B, T, C) or
-(B, H, T, D) (AFT-conv: (B, H, T, D) with w (H, s)). Key padding ``mask`` is (B, T') with B
+(B, H, T, D) (AFT-conv: (B, H, T, D) with w (H, s)). Key padding ``mask`` is (B, T') bool (or a
+:class:`attnlib.masks.KeyPadding` of it, as the other families take it) with B
 the first dim. ``return_importance=True`` also returns the per-channel attention mass each
 key receives averaged over the queries, (..., T', C), in the same time and memory order.
 """
@@ -52,6 +53,7 @@ from attnlib._validation import positive_int
 from attnlib.errors import UnsupportedError
 from attnlib.functional._common import acc_dtype, nonzero, safe_div
 from attnlib.functional._scan import prefix_sum
+from attnlib.masks.padding import KeyPadding
 from attnlib.masks.predicates import MaskMod, and_mod, causal_mod, window_mod
 
 __all__ = [
@@ -95,8 +97,10 @@ def _check(q: Tensor, k: Tensor, v: Tensor, where: str, *, same_channels: bool =
         raise ValueError(f"{where}: empty sequence (T={q.shape[-2]}, T'={k.shape[-2]})")
 
 
-def _key_valid(mask: Tensor | None, k: Tensor, where: str) -> Tensor | None:
+def _key_valid(mask: Tensor | KeyPadding | None, k: Tensor, where: str) -> Tensor | None:
     """Key padding (B, T') -> float (B, 1.., T', 1) broadcastable to k."""
+    if isinstance(mask, KeyPadding):
+        mask = mask.valid
     if mask is None:
         return None
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
@@ -409,7 +413,7 @@ def aft_full(
     w: PairBias,
     *,
     causal: bool = False,
-    mask: Tensor | None = None,
+    mask: Tensor | KeyPadding | None = None,
     query_gate: Literal["sigmoid", "none"] = "sigmoid",
     chunk_size: int = 128,
     return_importance: bool = False,
@@ -421,7 +425,7 @@ def aft_full(
         w: pairwise position bias (T, T') (larger is sliced), or factors ``(U (T, r), V (T', r))``
             with ``w = U V^T`` (the paper's parameterisation).
         causal: sums over t' <= t (T == T').
-        mask: key padding (B, T'), True = real key.
+        mask: key padding (B, T'), True = real key, or a :class:`~attnlib.masks.KeyPadding` of it.
         query_gate: "sigmoid" (paper) or "none" (σ_q ≡ 1).
         chunk_size: query rows per block (memory O(chunk · T')).
         return_importance: also return the per-channel key mass (..., T', C).
@@ -469,7 +473,7 @@ def aft_local(
     window: int,
     *,
     causal: bool = False,
-    mask: Tensor | None = None,
+    mask: Tensor | KeyPadding | None = None,
     query_gate: Literal["sigmoid", "none"] = "sigmoid",
     chunk_size: int = 128,
     return_importance: bool = False,
@@ -516,7 +520,7 @@ def aft_simple(
     v: Tensor,
     *,
     causal: bool = False,
-    mask: Tensor | None = None,
+    mask: Tensor | KeyPadding | None = None,
     query_gate: Literal["sigmoid", "none"] = "sigmoid",
     chunk_size: int = 256,
     return_importance: bool = False,
@@ -570,7 +574,7 @@ def aft_conv(
     w: Tensor,
     *,
     causal: bool = False,
-    mask: Tensor | None = None,
+    mask: Tensor | KeyPadding | None = None,
     query_gate: Literal["sigmoid", "none"] = "sigmoid",
     chunk_size: int = 128,
     return_importance: bool = False,

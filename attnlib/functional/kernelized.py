@@ -27,6 +27,7 @@ Relative-position bias layout everywhere: a tensor whose last dim has ``2N - 1``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,10 @@ __all__ = [
     "draw_random_features",
     "fourier_mixing",
     "kernelized_rpe_attention",
+    "kernelized_rpe_attention_2d",
     "kernelized_rpe_reference",
+    "kernelized_rpe_reference_2d",
+    "offset_matrix_2d",
     "positive_random_features",
     "toeplitz_matmul",
     "toeplitz_matrix",
@@ -264,6 +268,70 @@ def _empty_rows(key_padding: Tensor | None, causal: bool) -> Tensor | None:
     return (~seen)[:, None, :, None]
 
 
+def _features(q: Tensor, k: Tensor, projection: Tensor, key_padding: Tensor | None, ct: torch.dtype):
+    """phi of the L2-normalised queries and keys (B, H, N, m), padded keys zeroed."""
+    w = projection.to(ct)
+    phi_q = positive_random_features(F.normalize(q.to(ct), dim=-1), w)
+    phi_k = positive_random_features(F.normalize(k.to(ct), dim=-1), w)
+    if key_padding is not None:
+        phi_k = phi_k * key_padding[:, None, :, None].to(ct)
+    return phi_q, phi_k
+
+
+def _kernelized_apply(
+    q: Tensor,
+    v: Tensor,
+    phi_q: Tensor,
+    phi_k: Tensor,
+    apply: Callable[[Tensor], Tensor],
+    apply_t: Callable[[Tensor], Tensor],
+    *,
+    empty: Tensor | None,
+    eps: float,
+    return_importance: bool,
+    feature_chunk: int | None,
+    length: int,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``out_i = phi(q_i)^T (C A)_i / phi(q_i)^T (C phi(k))_i`` for a positional operator C.
+
+    ``apply`` maps (B, H, channels, N) -> (B, H, channels, N) as ``y[..., i] = sum_j C_ij a[..., j]``
+    and ``apply_t`` as C^T (for the importance); ``length`` is the padded sequence length of one
+    operator call (for the feature chunking). Shared by the 1-D (Toeplitz) and 2-D (block Toeplitz)
+    relative-position forms.
+    """
+    b, h, n, _ = phi_q.shape
+    dv = v.shape[-1]
+    ct = phi_q.dtype
+    m = phi_k.shape[-1]
+    vv_t = torch.cat([v.to(ct), torch.ones_like(v[..., :1], dtype=ct)], -1).transpose(-1, -2)  # [v, 1] (B, H, Dv+1, N)
+    phi_k_t, phi_q_t = phi_k.transpose(-1, -2), phi_q.transpose(-1, -2)  # (B, H, m, N)
+    if feature_chunk is None:
+        feature_chunk = max(1, _CHUNK_ELEMS // max(1, b * h * (dv + 1) * length))
+    acc = None
+    for s in range(0, m, feature_chunk):
+        e = min(m, s + feature_chunk)
+        a = phi_k_t[:, :, s:e, None, :] * vv_t[:, :, None, :, :]  # A_j = phi(k_j)[s:e] (x) [v_j, 1]
+        y = apply(a.reshape(b, h, (e - s) * (dv + 1), n)).reshape(b, h, e - s, dv + 1, n)
+        part = (y * phi_q_t[:, :, s:e, None, :]).sum(2)  # (B, H, Dv+1, N): sum_a phi(q_i)_a D[a, :, i]
+        acc = part if acc is None else acc + part
+    assert acc is not None
+    acc = acc.transpose(-1, -2)  # (B, H, N, Dv+1)
+    num, den = acc[..., :dv], acc[..., dv:]
+    out = num / den.clamp_min(eps)
+    if empty is not None:
+        out = out.masked_fill(empty, 0.0)
+    out = out.to(q.dtype)
+    if not return_importance:
+        return out
+    # importance_j = (1/N) phi(k_j) · sum_i C_ij phi(q_i) / den_i  (the transposed product)
+    u = phi_q / den.clamp_min(eps)
+    if empty is not None:
+        u = u.masked_fill(empty, 0.0)
+    t = apply_t(u.transpose(-1, -2))
+    imp = (phi_k * t.transpose(-1, -2)).sum(-1) / n
+    return out, imp.to(q.dtype)
+
+
 def kernelized_rpe_attention(
     q: Tensor,
     k: Tensor,
@@ -301,52 +369,30 @@ def kernelized_rpe_attention(
     """
     where = "kernelized_rpe_attention"
     _check_rpe(q, k, v, rpe_bias, projection, where)
-    b, h, n, _ = q.shape
-    dv = v.shape[-1]
+    b, _, n, _ = q.shape
     _check_key_padding(key_padding, b, n, q.device, where)
     ct = acc_dtype(q.dtype)
-    w = projection.to(ct)
-    phi_q = positive_random_features(F.normalize(q.to(ct), dim=-1), w)  # (B, H, N, m)
-    phi_k = positive_random_features(F.normalize(k.to(ct), dim=-1), w)
-    if key_padding is not None:
-        phi_k = phi_k * key_padding[:, None, :, None].to(ct)
+    phi_q, phi_k = _features(q, k, projection, key_padding, ct)
     bias = _bias_table(rpe_bias, n, causal, ct)
     # a global shift of b cancels in the ratio; it keeps exp(b) <= 1 (fp32 FFT round-off ~ max c)
     c = torch.exp(bias - bias.amax(-1, keepdim=True).detach())  # (H|1, 2N-1)
     plan = _ToeplitzPlan(c, n, causal)
-    m = phi_k.shape[-1]
-    length = _fft_length(n)
-    # (B, H, channels, N) layouts, zero-padded to the FFT length once (the FFT runs on contiguous rows)
-    vv = torch.cat([v.to(ct), torch.ones_like(v[..., :1], dtype=ct)], -1)  # last channel: the normaliser
-    vv_t = F.pad(vv.transpose(-1, -2), (0, length - n))  # (B, H, Dv+1, L)
-    phi_k_t = F.pad(phi_k.transpose(-1, -2), (0, length - n))  # (B, H, m, L)
-    phi_q_t = phi_q.transpose(-1, -2)  # (B, H, m, N)
-    if feature_chunk is None:
-        feature_chunk = max(1, _CHUNK_ELEMS // max(1, b * h * (dv + 1) * length))
-    acc = None
-    for s in range(0, m, feature_chunk):
-        e = min(m, s + feature_chunk)
-        a = phi_k_t[:, :, s:e, None, :] * vv_t[:, :, None, :, :]  # A_j = phi(k_j)[s:e] (x) [v_j, 1]
-        y = plan.apply(a.reshape(b, h, (e - s) * (dv + 1), length)).reshape(b, h, e - s, dv + 1, n)
-        part = (y * phi_q_t[:, :, s:e, None, :]).sum(2)  # (B, H, Dv+1, N): sum_a phi(q_i)_a D[a, :, i]
-        acc = part if acc is None else acc + part
-    assert acc is not None
-    acc = acc.transpose(-1, -2)  # (B, H, N, Dv+1)
-    num, den = acc[..., :dv], acc[..., dv:]
-    empty = _empty_rows(key_padding, causal)
-    out = num / den.clamp_min(eps)
-    if empty is not None:
-        out = out.masked_fill(empty, 0.0)
-    out = out.to(q.dtype)
-    if not return_importance:
-        return out
-    # importance_j = (1/N) phi(k_j) · sum_i c_{j-i} phi(q_i) / den_i  (the transposed Toeplitz product)
-    u = phi_q / den.clamp_min(eps)
-    if empty is not None:
-        u = u.masked_fill(empty, 0.0)
-    t = _ToeplitzPlan(c.flip(-1), n, False).apply(u.transpose(-1, -2))
-    imp = (phi_k * t.transpose(-1, -2)).sum(-1) / n
-    return out, imp.to(q.dtype)
+    return _kernelized_apply(
+        q, v, phi_q, phi_k, plan.apply, lambda a: _ToeplitzPlan(c.flip(-1), n, False).apply(a),
+        empty=_empty_rows(key_padding, causal), eps=eps, return_importance=return_importance,
+        feature_chunk=feature_chunk, length=_fft_length(n),
+    )  # fmt: skip
+
+
+def _dense_reference(
+    q: Tensor, k: Tensor, v: Tensor, cmat: Tensor, projection: Tensor, key_padding: Tensor | None, ct: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """``W_ij = phi(q_i)·phi(k_j) C_ij [j allowed] / sum_j (...)``, out = W v (cmat (H|1, N, N))."""
+    phi_q, phi_k = _features(q, k, projection, key_padding, ct)
+    scores = (phi_q @ phi_k.transpose(-1, -2)) * cmat[None]
+    den = scores.sum(-1, keepdim=True)
+    weights = torch.where(den > 0, scores / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(scores))
+    return weights @ v.to(ct), weights
 
 
 def kernelized_rpe_reference(
@@ -373,17 +419,145 @@ def kernelized_rpe_reference(
     b, _, n, _ = q.shape
     _check_key_padding(key_padding, b, n, q.device, where)
     ct = acc_dtype(q.dtype) if dtype is None else dtype
-    w = projection.to(ct)
-    phi_q = positive_random_features(F.normalize(q.to(ct), dim=-1), w)
-    phi_k = positive_random_features(F.normalize(k.to(ct), dim=-1), w)
     bias = _bias_table(rpe_bias, n, causal, ct)  # (H|1, 2N-1)
-    cmat = torch.exp(toeplitz_matrix(bias))  # (H|1, N, N), 0 on future offsets when causal
-    scores = (phi_q @ phi_k.transpose(-1, -2)) * cmat[None]
-    if key_padding is not None:
-        scores = scores * key_padding[:, None, None, :].to(ct)
-    den = scores.sum(-1, keepdim=True)
-    weights = torch.where(den > 0, scores / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(scores))
-    return weights @ v.to(ct), weights
+    return _dense_reference(q, k, v, torch.exp(toeplitz_matrix(bias)), projection, key_padding, ct)
+
+
+# ------------------------------------------------------------------------------------------
+# 2-D relative positions (image grids)
+# ------------------------------------------------------------------------------------------
+
+
+def _check_grid(grid: tuple[int, int], n: int, bias2d: Tensor, h: int, where: str) -> int:
+    """Validate a (gh, gw) grid for N tokens and a (H|1, 2gh-1, 2gw-1) table; returns the prefix count."""
+    if len(grid) != 2:
+        raise ValueError(f"{where}: grid must be (rows, cols), got {grid!r}")
+    gh, gw = (positive_int(g, f"{where}: grid") for g in grid)
+    if gh * gw > n:
+        raise ValueError(f"{where}: a {gh}x{gw} grid needs N >= {gh * gw} tokens, got N={n}")
+    want = (2 * gh - 1, 2 * gw - 1)
+    if not isinstance(bias2d, Tensor) or bias2d.dim() != 3 or tuple(bias2d.shape[1:]) != want:
+        raise ValueError(f"{where}: rpe_bias_2d must be (H, {want[0]}, {want[1]}), got {describe(bias2d)}")
+    if bias2d.shape[0] not in (1, h):
+        raise ValueError(f"{where}: rpe_bias_2d has {bias2d.shape[0]} heads, expected 1 or H={h}")
+    return n - gh * gw
+
+
+def offset_matrix_2d(c2: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Dense 2-level Toeplitz matrix ``C[i, j] = c2[r_j - r_i + gh - 1, c_j - c_i + gw - 1]`` over the
+    raster-ordered grid cells: c2 (..., 2gh - 1, 2gw - 1) -> (..., gh·gw, gh·gw)."""
+    gh, gw = grid
+    r = torch.arange(gh * gw, device=c2.device) // gw
+    col = torch.arange(gh * gw, device=c2.device) % gw
+    return c2[..., r[None, :] - r[:, None] + gh - 1, col[None, :] - col[:, None] + gw - 1]
+
+
+def _bttb_kernel(c2: Tensor, grid: tuple[int, int], shape: tuple[int, int]) -> Tensor:
+    """rfft2 of the 2-D circulant g with ``g[-dr mod L1, -dc mod L2] = c2[dr, dc]`` (offsets centred)."""
+    gh, gw = grid
+    dr = torch.arange(-(gh - 1), gh, device=c2.device)
+    dc = torch.arange(-(gw - 1), gw, device=c2.device)
+    g = c2.new_zeros((*c2.shape[:-2], *shape))
+    g[..., (-dr % shape[0])[:, None], (-dc % shape[1])[None, :]] = c2
+    return torch.fft.rfft2(g, s=shape)
+
+
+def _grid_operator(c2: Tensor, c0: Tensor, grid: tuple[int, int], prefix: int) -> Callable[[Tensor], Tensor]:
+    """y = C a for a (B, H, channels, N): the grid block by 2-D FFT (``c2`` (H|1, 2gh-1, 2gw-1)),
+    every pair involving one of the ``prefix`` leading tokens weighted by ``c0`` (H|1,)."""
+    gh, gw = grid
+    shape = (_fft_length(gh), _fft_length(gw))
+    kern = _bttb_kernel(c2, grid, shape)[None, :, None]  # (1, H|1, 1, F1, F2)
+    c0 = c0[None, :, None, None]
+
+    def apply(a: Tensor) -> Tensor:
+        pre, cells = a[..., :prefix], a[..., prefix:]
+        img = cells.reshape(*cells.shape[:-1], gh, gw)
+        y = torch.fft.irfft2(torch.fft.rfft2(img, s=shape) * kern, s=shape)[..., :gh, :gw].flatten(-2)
+        total = a.sum(-1, keepdim=True)
+        if prefix:
+            y = y + c0 * pre.sum(-1, keepdim=True)
+            return torch.cat([(c0 * total).expand_as(pre), y], -1)
+        return y
+
+    return apply
+
+
+def kernelized_rpe_attention_2d(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rpe_bias_2d: Tensor,
+    projection: Tensor,
+    grid: tuple[int, int],
+    *,
+    key_padding: Tensor | None = None,
+    eps: float = 1e-6,
+    return_importance: bool = False,
+    feature_chunk: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Kernelized attention with a 2-D relative-position bias over an image grid (Luo et al. 2021, images).
+
+    The last gh·gw of the N tokens are the cells of a (gh, gw) grid in raster order (patches);
+    the leading ``N - gh·gw`` (e.g. a class token) carry no position. The kernel of cells i, j is
+    multiplied by ``exp(b[dr, dc])`` with ``(dr, dc) = (row_j - row_i, col_j - col_i)`` (Swin's 2-D
+    relative positions, which the paper uses for ImageNet); a pair involving a leading token by
+    ``exp(0)``. ``C`` is then a two-level (block) Toeplitz matrix, applied by 2-D FFT:
+    O(N log N) time, O(N) memory; non-causal only.
+
+    Args:
+        q, k: (B, H, N, D), L2-normalised here; v: (B, H, N, Dv).
+        rpe_bias_2d: (H, 2gh - 1, 2gw - 1) (or 1 head), entry ``[dr + gh - 1, dc + gw - 1]``.
+        projection: random features (m, D) or (H, m, D).
+        grid: (gh, gw).
+        key_padding, eps, return_importance, feature_chunk: as :func:`kernelized_rpe_attention`.
+
+    Returns:
+        out (B, H, N, Dv), or (out, importance (B, H, N)).
+    """
+    where = "kernelized_rpe_attention_2d"
+    check_qkv(q, k, v, where=where)
+    b, h, n, _ = q.shape
+    if k.shape[2] != n or k.shape[1] != h:
+        raise ValueError(f"{where}: needs self-attention with H_kv == H, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    prefix = _check_grid(grid, n, rpe_bias_2d, h, where)
+    _check_key_padding(key_padding, b, n, q.device, where)
+    ct = acc_dtype(q.dtype)
+    phi_q, phi_k = _features(q, k, projection, key_padding, ct)
+    bias = rpe_bias_2d.to(ct)
+    shift = bias.flatten(1).amax(-1).clamp_min(0.0).detach()  # exp(b - shift) <= 1, exp(0 - shift) <= 1
+    c2 = torch.exp(bias - shift[:, None, None])
+    c0 = torch.exp(-shift)
+    fwd = _grid_operator(c2, c0, tuple(grid), prefix)
+    bwd = _grid_operator(c2.flip(-1, -2), c0, tuple(grid), prefix)
+    return _kernelized_apply(
+        q, v, phi_q, phi_k, fwd, bwd, empty=_empty_rows(key_padding, False), eps=eps,
+        return_importance=return_importance, feature_chunk=feature_chunk,
+        length=_fft_length(grid[0]) * _fft_length(grid[1]) + prefix,
+    )  # fmt: skip
+
+
+def kernelized_rpe_reference_2d(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rpe_bias_2d: Tensor,
+    projection: Tensor,
+    grid: tuple[int, int],
+    *,
+    key_padding: Tensor | None = None,
+    dtype: torch.dtype | None = torch.float64,
+) -> tuple[Tensor, Tensor]:
+    """The dense (N, N) form of :func:`kernelized_rpe_attention_2d` (the oracle): (out, weights)."""
+    where = "kernelized_rpe_reference_2d"
+    check_qkv(q, k, v, where=where)
+    b, h, n, _ = q.shape
+    prefix = _check_grid(grid, n, rpe_bias_2d, h, where)
+    _check_key_padding(key_padding, b, n, q.device, where)
+    ct = acc_dtype(q.dtype) if dtype is None else dtype
+    cmat = torch.zeros(rpe_bias_2d.shape[0], n, n, dtype=ct, device=q.device)  # log-weights: 0 for prefix pairs
+    cmat[:, prefix:, prefix:] = offset_matrix_2d(rpe_bias_2d.to(ct), tuple(grid))
+    return _dense_reference(q, k, v, torch.exp(cmat), projection, key_padding, ct)
 
 
 def fourier_mixing(x: Tensor, *, dims: tuple[int, int] = (-2, -1), norm: str = "backward") -> Tensor:

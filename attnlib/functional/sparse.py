@@ -10,8 +10,9 @@ top-k selections need the precision.
   :func:`block_max_attention`.
 * SeerAttention (Gao et al. 2024, arXiv 2410.13276): :func:`seer_gate_logits`,
   :func:`seer_own_blocks`, :func:`seer_select`, :func:`seer_gate_loss`.
-* MoSA (Piękos, Csordás & Schmidhuber 2025, arXiv 2505.00315): :func:`mosa_route`,
-  :func:`mosa_attention`.
+* MoSA (Piękos, Csordás & Schmidhuber 2025, arXiv 2505.00315): :func:`mosa_router`,
+  :func:`mosa_select`, :func:`mosa_attention` (projected tokens), :func:`mosa_token_attention`
+  (projects only the picked tokens).
 * Sparsifiner (Wei et al., CVPR 2023): :func:`sparsifiner_approx_attention`,
   :func:`sparsifiner_recon_loss`, :func:`sparsifiner_attention`.
 * SwinBERT's learnable soft mask (Lin et al., CVPR 2022): :func:`swinbert_soft_mask`,
@@ -39,15 +40,23 @@ from attnlib.functional._common import (
 )
 from attnlib.functional.softmax import softmax_attention
 from attnlib.masks import AttentionMask
-from attnlib.positional import apply_rotary
+from attnlib.positional import RotaryCall, rotate_at
 
 __all__ = [
+    "MOSA_ROUTINGS",
     "RowsFn",
     "block_max_attention",
     "block_pool",
     "mosa_attention",
-    "mosa_route",
+    "mosa_k",
+    "mosa_picked_attention",
+    "mosa_router",
+    "mosa_scatter_weights",
+    "mosa_select",
+    "mosa_token_attention",
+    "partial_rotary",
     "rope_at_positions",
+    "seer_gate_from_official",
     "seer_gate_logits",
     "seer_gate_loss",
     "seer_own_blocks",
@@ -95,11 +104,8 @@ def block_pool(x: Tensor, size: int, ops: tuple[str, ...], valid: Tensor | None 
 
 
 def rope_at_positions(x: Tensor, pos: Tensor, base: float) -> Tensor:
-    """Rotary embedding of x (B, H, n, d) at (float) positions pos (n,), frequencies ``base^(-2i/d)``."""
-    d = x.shape[-1]
-    inv = base ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
-    ang = pos.to(torch.float64)[:, None] * inv[None, :]
-    return apply_rotary(x, ang.cos(), ang.sin())
+    """Rotary embedding of x (B, H, n, d) at (float) positions pos (n,) or (B, n), frequencies ``base^(-2i/d)``."""
+    return rotate_at(x, pos, base)
 
 
 def block_max_attention(
@@ -148,45 +154,56 @@ def seer_gate_logits(
     allowed: Tensor | None = None,
     causal_gate: bool = False,
     key_valid: Tensor | None = None,
+    rotary: RotaryCall | None = None,
     cross: bool = False,
 ) -> Tensor:
     """SeerAttention's AttnGate: block logits (B, H, n_q, n_k), float32 (float64 for float64 inputs).
 
     Q is pooled per block with ``q_pool``, K with ``k_pool`` (:func:`block_pool`); per-head
     maps ``q_gate`` (H, len(q_pool)·D, d_g) (None: the pooled Q itself, one op and d_g == D)
-    and ``k_gate`` (H, len(k_pool)·D, d_g); RoPE at block positions (first token of each
-    block, bottom-right aligned for N != M) unless ``rope_base`` is None; then
-    ``S = Q~ K~^T / sqrt(d_g)``.
+    and ``k_gate`` (H, len(k_pool)·D, d_g); RoPE at block positions (the position of the first
+    token of each block) unless ``rope_base`` is None; then ``S = Q~ K~^T / sqrt(d_g)``.
 
     Args:
         q: (B, H, N, D); k: (B, H_kv, M, D) (the pooled keys are repeated to H heads).
         allowed: block-level mask broadcastable to (B, H, n_q, n_k); the rest is -inf.
         causal_gate: query block I is represented by query block I - 1 (block 0 by its first
             query) and only key blocks entirely before it are scored, so the gate never reads
-            future tokens.
+            future tokens (not the official gate, which scores the diagonal block).
         key_valid: (B, M) bool, keeps padding out of the pooling (of the queries too in
             self-attention, i.e. N == M and not ``cross``).
+        rotary: the rotary positions q and k were rotated at by the module. The gate then pools
+            the pre-rotary q and k (the rotation is undone) and rotates the gate vectors at the
+            first position of each block with ``rotary.base``, as the official gate (which is
+            called before the model applies RoPE). Without it, q and k are pooled as given and the
+            block positions are ``I·block_size`` (queries bottom-right aligned for N != M).
         cross: cross-attention (the queries are not padded, whatever N and M).
     """
     _, h, n, _ = q.shape
     m = k.shape[2]
     bs = block_size
     acc = acc_dtype(q.dtype)
+    q, k = q.to(acc), k.to(acc)
+    if rotary is not None:
+        q, k = rotary.unrotate_q(q), rotary.unrotate_k(k)
     q_valid = key_valid if key_valid is not None and n == m and not cross else None
-    qp = block_pool(q.to(acc), bs, q_pool, q_valid)
-    kp = block_pool(k.to(acc), bs, k_pool, key_valid)
+    qp = block_pool(q, bs, q_pool, q_valid)
+    kp = block_pool(k, bs, k_pool, key_valid)
     if causal_gate:
-        first = q[:, :, :1].to(acc).repeat(1, 1, 1, len(q_pool))
+        first = q[:, :, :1].repeat(1, 1, 1, len(q_pool))
         qp = torch.cat([first, qp[:, :, :-1]], 2)
     if kp.shape[1] != h:
         kp = kp.repeat_interleave(h // kp.shape[1], 1)
     qg = qp if q_gate is None else torch.einsum("bhnd,hde->bhne", qp, q_gate.to(acc))
     kg = torch.einsum("bhnd,hde->bhne", kp, k_gate.to(acc))
-    if rope_base is not None:
+    if rotary is not None:
+        qg = rotate_at(qg, rotary.q_positions[..., ::bs], rotary.base)
+        kg = rotate_at(kg, rotary.k_positions[..., ::bs], rotary.base)
+    elif rope_base is not None:
         qpos = torch.arange(qg.shape[2], device=q.device) * bs + (m - n)
         kpos = torch.arange(kg.shape[2], device=q.device) * bs
-        qg = rope_at_positions(qg, qpos, rope_base)
-        kg = rope_at_positions(kg, kpos, rope_base)
+        qg = rotate_at(qg, qpos, rope_base)
+        kg = rotate_at(kg, kpos, rope_base)
     s = torch.matmul(qg, kg.transpose(-1, -2)) / math.sqrt(k_gate.shape[-1])
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
@@ -195,6 +212,28 @@ def seer_gate_logits(
         past = torch.arange(s.shape[3], device=q.device)[None, :] < (first_pos // bs)[:, None]
         s = s.masked_fill(~past, float("-inf"))
     return s
+
+
+def seer_gate_from_official(state: dict[str, Tensor], num_heads: int, prefix: str = "") -> tuple[Tensor | None, Tensor]:
+    """Gate weights of the official SeerAttention AttnGate -> (q_gate (H, ·, d_g) | None, k_gate (H, ·, d_g)).
+
+    ``state`` holds ``{prefix}mask_linear_k.weight`` (H or H_kv, len(k_pool)·D, d_g) and, when the
+    gate has a query map, ``{prefix}mask_linear_q.weight`` (H, len(q_pool)·D, d_g) - the official
+    ``MultiHeadLinear`` layout, which is ours. A key map per KV head (grouped-query attention) is
+    repeated to the query heads of its group (head h uses KV head h // (H / H_kv), as the
+    official ``repeat_kv``), which gives the same logits.
+    """
+    kw = state[f"{prefix}mask_linear_k.weight"]
+    qw = state.get(f"{prefix}mask_linear_q.weight")
+    if kw.dim() != 3 or num_heads % kw.shape[0]:
+        raise ValueError(
+            f"mask_linear_k.weight must be (H_kv, in, d_g) with H_kv dividing H={num_heads}, got {tuple(kw.shape)}"
+        )
+    if kw.shape[0] != num_heads:
+        kw = kw.repeat_interleave(num_heads // kw.shape[0], 0)
+    if qw is not None and (qw.dim() != 3 or qw.shape[0] != num_heads):
+        raise ValueError(f"mask_linear_q.weight must be (H={num_heads}, in, d_g), got {tuple(qw.shape)}")
+    return qw, kw
 
 
 def seer_own_blocks(n: int, m: int, block_size: int, device: torch.device) -> Tensor:
@@ -217,17 +256,23 @@ def seer_select(
     block_size: int,
     n: int,
     m: int,
+    last_block_dense: bool = True,
+    keep_own_blocks: bool = False,
     key_padding: Tensor | None = None,
+    cross: bool = False,
 ) -> Tensor:
     """SeerAttention's block selection (B, H, n_q, n_k) bool from gate logits (B, H, n_q, n_k).
 
     Top-k per query block by ``density`` (causal: k = max(1, floor((1 - sqrt(1 - density)) ·
     n_k)), the official ``nz_ratio`` rule; otherwise k = max(1, round(density · n_k))), or
-    ``threshold`` on softmax(logits) when given; never a -inf logit. With ``causal`` the
-    blocks holding each query block's own positions (:func:`seer_own_blocks`) that ``allowed``
-    (block level) permits are always kept. With ``key_padding`` (B, M) n_k is each example's
-    number of key blocks up to its last real key, so a padded example keeps the blocks it keeps
-    when run alone.
+    ``threshold`` on softmax(logits) when given; never a -inf logit. ``last_block_dense`` (the
+    official default) keeps every allowed block of the last two query-block rows.
+    ``keep_own_blocks`` (with ``causal``) always keeps the block(s) holding each query block's own
+    positions (:func:`seer_own_blocks`) that ``allowed`` permits, so no row is empty under a
+    threshold; the official selection does not. With ``key_padding`` (B, M) n_k is each
+    example's number of key blocks up to its last real key, and in self-attention (N == M, not
+    ``cross``) the last two query-block rows are each example's own, so a padded example keeps
+    the blocks it keeps when run alone.
     """
     nk = logits.shape[-1]
     finite = logits != float("-inf")  # NaN scores count as allowed (selected), so NaN is never hidden
@@ -242,7 +287,16 @@ def seer_select(
         keep = torch.arange(top.shape[-1], device=logits.device) < kk[:, None, None, None]
         sel = torch.zeros_like(finite).scatter_(-1, top, keep.expand_as(top))
     sel = sel & finite
-    if causal:  # keep the block(s) holding each query block's own positions
+    if last_block_dense:
+        nq = logits.shape[-2]
+        rows = torch.arange(nq, device=logits.device)
+        if key_padding is not None and n == m and not cross:  # each example's own last two query blocks
+            last = -(-sequence_extent(key_padding, m, logits.shape[0], logits.device) // block_size)  # (B,)
+            dense = (rows >= last[:, None] - 2)[:, None, :, None]  # (B, 1, n_q, 1)
+        else:
+            dense = (rows >= nq - 2)[:, None]  # (n_q, 1)
+        sel = (sel | dense) & allowed
+    if causal and keep_own_blocks:
         sel = sel | (seer_own_blocks(n, m, block_size, logits.device) & allowed)
     return sel
 
@@ -279,60 +333,169 @@ def seer_gate_loss(
 # ------------------------------------------------------------------------------------------
 
 
-def mosa_route(
-    q: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
+MOSA_ROUTINGS = ("expert_choice", "causal_expert_choice", "threshold")
+
+
+def mosa_k(n: int, sparsity: float, min_tokens: int = 2) -> int:
+    """MoSA's tokens per head for a sequence of n: ``clamp(floor(n / sparsity), min_tokens, n)`` (official)."""
+    return min(n, max(min_tokens, math.floor(n / sparsity)))
+
+
+def mosa_router(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """MoSA's router scores ``r = sigmoid(x W_r^T + b)``: x (B, N, C), weight (E, C) -> r (B, E, N).
+
+    Computed in float32 (float64 for float64 inputs): rankings need the precision.
+    """
+    acc = acc_dtype(x.dtype)
+    logits = F.linear(x.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
+    return torch.sigmoid(logits).transpose(1, 2)
+
+
+def _causal_expert_choice(score: Tensor, sparsity: float, min_tokens: int) -> Tensor:
+    """Causal expert choice: (B, E, N) scores (-inf = never) -> picked (B, E, N) bool.
+
+    Token t is a candidate iff expert choice over the prefix 0..t would pick it (it ranks among
+    the top ``k(t+1)`` of ``score[0..t]``, earlier tokens winning ties) and it is picked iff it
+    is a candidate and the head has picked fewer than ``k(t+1)`` tokens so far, with
+    ``k(n) = clamp(floor(n / sparsity), min_tokens, n)``. Each decision reads only the prefix, so it
+    never changes when later tokens arrive, and a head never holds more than ``k(N)`` tokens. The
+    running count ``c_{t+1} = min(c_t + cand_t, k(t+1))`` has the closed form
+    ``A_{t+1} + min(0, min_{s<=t} (k(s+1) - A_{s+1}))`` with A the candidate prefix count.
+    """
+    n = score.shape[-1]
+    dev = score.device
+    t = torch.arange(n, device=dev)
+    kt = torch.clamp(torch.clamp(torch.div(t + 1, sparsity, rounding_mode="floor"), min=min_tokens), max=t + 1).long()
+    # rank of r_t among r_0..r_t: strictly larger earlier scores and equal earlier ones (ties: earlier first)
+    rank = torch.zeros_like(score, dtype=torch.long)
+    step = max(1, 2**22 // max(1, score[..., :1].numel() * n))  # query chunk: memory O(chunk * N)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        cur = score[..., a:b, None]  # (B, E, c, 1)
+        prev = score[..., None, :]  # (B, E, 1, N)
+        earlier = t[None, :] < t[a:b, None]  # (c, N)
+        beats = (prev > cur) | ((prev == cur) & (prev > float("-inf")))
+        rank[..., a:b] = (beats & earlier).sum(-1)
+    cand = (rank < kt) & (score > float("-inf"))
+    cum = cand.long().cumsum(-1)  # A_{t+1}
+    slack = torch.cummin(kt - cum, -1).values.clamp(max=0)
+    count = cum + slack  # c_{t+1}
+    prev_count = F.pad(count, (1, 0))[..., :-1]
+    return count > prev_count
+
+
+def mosa_select(
+    r: Tensor,
     *,
-    key_padding: Tensor | None = None,
-    causal_routing: bool,
+    routing: str,
     sparsity: float = 4.0,
     min_tokens: int = 2,
     threshold: float = 0.5,
     include_first: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """MoSA's router and token choice per head.
+    valid: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """MoSA's token choice per head from router scores r (B, E, N).
 
-    Router ``r = sigmoid(x W^T + b)`` with x the concatenated per-head queries (B, N, H·D),
-    ``weight`` (H, H·D), ``bias`` (H,) or None, in float32 (float64 for float64 inputs).
-    Expert choice (``causal_routing=False``): head e picks its top-k tokens,
-    k = clamp(floor(N / sparsity), min_tokens, N), N the example's number of real tokens.
-    Causal routing: token t is picked iff ``r_t > threshold`` (a per-token decision; k varies per head). Padding tokens
-    (``key_padding`` (B, N) False) are never picked; ``include_first`` always picks token 0.
+    * ``"expert_choice"`` (the paper and the official code): head e keeps its top-k tokens of the
+      whole sequence, k = :func:`mosa_k` of the example's number of real tokens; ``include_first``
+      keeps token 0 and the top-(k-1) of the rest (official). Whether token t is picked depends on
+      later tokens' scores.
+    * ``"causal_expert_choice"``: the same budget decided token by token from the prefix only
+      (:func:`_causal_expert_choice`): causal outputs never depend on later tokens and
+      incremental decoding equals the full forward.
+    * ``"threshold"``: token t is picked iff ``r_t > threshold`` (k varies per head).
+
+    ``valid`` (B, N) bool: padding tokens are never picked, so a right-padded example picks what
+    it picks alone. A NaN score is always picked (beyond the budget if need be): NaN reaches the
+    output instead of being hidden as an unpicked token.
 
     Returns:
-        (r (B, H, N), idx (B, H, K) picked positions ascending, slot_valid (B, H, K) bool:
-        which of the K slots hold a picked token).
+        (idx (B, E, K) picked positions ascending, slot_valid (B, E, K) bool: the slots holding
+        a picked token).
     """
-    b, h, n, d = q.shape
-    x = q.transpose(1, 2).reshape(b, n, h * d)
-    acc = acc_dtype(q.dtype)  # router in >= fp32
-    logits = F.linear(x.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
-    r = torch.sigmoid(logits).transpose(1, 2)  # (B, H, N)
-    valid = torch.ones(b, 1, n, dtype=torch.bool, device=q.device)
-    if key_padding is not None:
-        valid = valid & key_padding[:, None, :]
-    if causal_routing:
-        pick = ((r.detach() > threshold) | r.detach().isnan()) & valid  # a NaN score is picked: NaN stays NaN
+    if routing not in MOSA_ROUTINGS:
+        raise ValueError(f"mosa: routing must be one of {MOSA_ROUTINGS}, got {routing!r}")
+    b, e, n = r.shape
+    ok = torch.ones(b, 1, n, dtype=torch.bool, device=r.device) if valid is None else valid[:, None, :]
+    score = r.detach().masked_fill(~ok, float("-inf"))
+    if routing == "expert_choice":  # topk ranks NaN first: a NaN score is picked
+        kk = mosa_k(n, sparsity, min_tokens)
         if include_first:
-            pick[..., 0] = valid[..., 0].expand_as(pick[..., 0])
-        cnt = pick.sum(-1)
-        kmax = max(1, int(cnt.max()))
-        order = torch.argsort((~pick).to(torch.int8), dim=-1, stable=True)[..., :kmax]
-        slot_valid = torch.arange(kmax, device=q.device) < cnt[..., None]
-        return r, order, slot_valid
-    kk = min(n, max(min_tokens, math.floor(n / sparsity)))
-    score = r.detach().masked_fill(~valid, float("-inf"))
-    if include_first:
-        score[..., 0] = torch.where(valid[..., 0], float("inf"), float("-inf"))
-    top = score.topk(kk, dim=-1).indices
-    idx, order = top.sort(-1)
-    slot_valid = torch.gather(valid.expand(b, h, n), -1, idx)
-    if key_padding is not None:  # k from the example's real tokens: a padded example picks what it picks alone
-        real = key_padding.sum(-1)  # (B,)
-        k_b = torch.minimum(real, (real.double() / sparsity).floor().long().clamp_min(min_tokens))
-        slot_valid = slot_valid & (order < k_b[:, None, None])
-    return r, idx, slot_valid
+            score = score.clone()
+            score[..., 0] = torch.where(ok[..., 0], float("inf"), float("-inf"))
+        idx, order = score.topk(kk, dim=-1).indices.sort(-1)
+        slot_valid = torch.gather(ok.expand(b, e, n), -1, idx)
+        if valid is not None:  # k from the example's real tokens
+            real = valid.sum(-1)  # (B,)
+            k_b = torch.minimum(real, (real.double() / sparsity).floor().long().clamp_min(min_tokens))
+            slot_valid = slot_valid & (order < k_b[:, None, None])
+        return idx, slot_valid
+    if routing == "threshold":
+        pick = (score > threshold) & ok
+        if include_first:
+            pick[..., 0] = ok[..., 0].expand_as(pick[..., 0])
+    else:
+        pick = _causal_expert_choice(score, sparsity, min_tokens)
+    pick = pick | (score.isnan() & ok)
+    cnt = pick.sum(-1)
+    kmax = max(1, int(cnt.max()))
+    order = torch.argsort((~pick).to(torch.int8), dim=-1, stable=True)[..., :kmax]
+    return order, torch.arange(kmax, device=r.device) < cnt[..., None]
+
+
+def mosa_picked_attention(
+    qg: Tensor,
+    kg: Tensor,
+    vg: Tensor,
+    idx: Tensor,
+    slot_valid: Tensor,
+    *,
+    causal: bool = False,
+    full: Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Softmax attention among each head's picked tokens: qg, kg (B, E, K, D), vg (B, E, K, Dv).
+
+    ``idx`` / ``slot_valid`` (B, E, K) from :func:`mosa_select`; causal by the original positions
+    (``idx[j1] >= idx[j2]``, the paper's mask); ``full`` (B|1, E|1, N, N) a caller mask in the
+    original positions. Returns (out (B, E, K, Dv), weights (B, E, K, K) or None).
+    """
+    b, e, kk = idx.shape
+    allowed = slot_valid[..., None, :] & slot_valid[..., :, None]  # (B, E, K, K)
+    if causal:
+        allowed = allowed & (idx[..., None, :] <= idx[..., :, None])
+    if full is not None:
+        n = full.shape[-1]
+        fb = full.expand(b, e, n, n)
+        allowed = allowed & fb.gather(2, idx[..., None].expand(b, e, kk, n)).gather(
+            3, idx[..., None, :].expand(b, e, kk, kk)
+        )
+    if need_weights:
+        return softmax_attention(
+            qg, kg, vg, mask=allowed, scale=scale, dropout_p=dropout_p, backend="math", return_weights=True
+        )
+    return softmax_attention(qg, kg, vg, mask=allowed, scale=scale, dropout_p=dropout_p), None
+
+
+def mosa_scatter_weights(
+    w_g: Tensor, idx: Tensor, n: int, need_weights: bool, need_importance: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Picked-token weights w_g (B, E, K, K) (router-scaled) in the sequence's positions.
+
+    Returns (weights (B, E, N, N) or None, importance (B, E, N) or None).
+    """
+    b, e, kk = idx.shape
+    weights = imp = None
+    if need_weights:
+        full_w = torch.zeros(b, e, kk, n, dtype=w_g.dtype, device=w_g.device)
+        full_w = full_w.scatter(3, idx[..., None, :].expand(b, e, kk, kk), w_g)
+        weights = torch.zeros(b, e, n, n, dtype=w_g.dtype, device=w_g.device)
+        weights = weights.scatter(2, idx[..., None].expand(b, e, kk, n), full_w)
+    if need_importance:
+        imp = torch.zeros(b, e, n, dtype=w_g.dtype, device=w_g.device).scatter_add(2, idx, w_g.sum(2)) / n
+    return weights, imp
 
 
 def mosa_attention(
@@ -350,51 +513,91 @@ def mosa_attention(
     need_weights: bool = False,
     need_importance: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """MoSA's attention among each head's picked tokens, scaled by the router score and scattered back.
+    """MoSA over already projected tokens: q, k, v (B, E, N, D); r (B, E, N); idx, slot_valid from :func:`mosa_select`.
 
-    q, k, v (B, H, N, D); r, idx, slot_valid from :func:`mosa_route`. Head e attends among its
-    K tokens only (causal by original positions when ``causal``; ``full`` (B|1, H|1, N, N) a
-    caller mask), multiplies the result by its router score (the router's only gradient path)
-    and scatters it back; tokens a head did not pick get 0 from it.
+    Head e attends among its K picked tokens only (:func:`mosa_picked_attention`), multiplies the
+    result by its router score (the router's only gradient path) and scatters it back; tokens a
+    head did not pick get 0 from it.
 
     Returns:
-        (out (B, H, N, Dv), weights (B, H, N, N) or None, importance (B, H, N) or None).
+        (out (B, E, N, Dv), weights (B, E, N, N) or None, importance (B, E, N) or None).
     """
-    b, h, n, d = q.shape
+    b, e, n, d = q.shape
     kk = idx.shape[-1]
     gi = idx[..., None]
-    qg = torch.gather(q, 2, gi.expand(b, h, kk, d))
-    kg = torch.gather(k, 2, gi.expand(b, h, kk, d))
-    vg = torch.gather(v, 2, gi.expand(b, h, kk, v.shape[-1]))
-    rg = torch.gather(r, 2, idx).to(q.dtype) * slot_valid
-    allowed = slot_valid[..., None, :] & slot_valid[..., :, None]  # (B, H, K, K)
-    if causal:
-        allowed = allowed & (idx[..., None, :] <= idx[..., :, None])
-    if full is not None:
-        fb = full.expand(b, h, n, n)
-        allowed = allowed & fb.gather(2, gi.expand(b, h, kk, n)).gather(3, idx[..., None, :].expand(b, h, kk, kk))
-    if need_weights or need_importance:
-        out_g, w_g = softmax_attention(
-            qg, kg, vg, mask=allowed, scale=scale, dropout_p=dropout_p, backend="math", return_weights=True
-        )
-    else:
-        out_g = softmax_attention(qg, kg, vg, mask=allowed, scale=scale, dropout_p=dropout_p)
-        w_g = None
-    out_g = out_g * rg[..., None]
-    out = torch.zeros(b, h, n, v.shape[-1], dtype=out_g.dtype, device=q.device)
-    out = out.scatter(2, gi.expand(b, h, kk, v.shape[-1]), out_g)
-    weights = imp = None
-    if w_g is not None:
-        wr = w_g * rg[..., None]
-        if need_weights:
-            full_w = torch.zeros(b, h, kk, n, dtype=wr.dtype, device=q.device)
-            full_w = full_w.scatter(3, idx[..., None, :].expand(b, h, kk, kk), wr)
-            weights = torch.zeros(b, h, n, n, dtype=wr.dtype, device=q.device)
-            weights = weights.scatter(2, gi.expand(b, h, kk, n), full_w)
-        if need_importance:
-            imp = torch.zeros(b, h, n, dtype=wr.dtype, device=q.device)
-            imp = imp.scatter_add(2, idx, wr.sum(2)) / n
+    qg = torch.gather(q, 2, gi.expand(b, e, kk, d))
+    kg = torch.gather(k, 2, gi.expand(b, e, kk, d))
+    vg = torch.gather(v, 2, gi.expand(b, e, kk, v.shape[-1]))
+    rg = torch.where(slot_valid, torch.gather(r, 2, idx).to(q.dtype), 0.0)
+    out_g, w_g = mosa_picked_attention(
+        qg, kg, vg, idx, slot_valid, causal=causal, full=full, scale=scale, dropout_p=dropout_p,
+        need_weights=need_weights or need_importance,
+    )  # fmt: skip
+    out = torch.zeros(b, e, n, v.shape[-1], dtype=out_g.dtype, device=q.device)
+    out = out.scatter(2, gi.expand(b, e, kk, v.shape[-1]), out_g * rg[..., None])
+    if w_g is None:
+        return out, None, None
+    weights, imp = mosa_scatter_weights(w_g * rg[..., None], idx, n, need_weights, need_importance)
     return out, weights, imp
+
+
+def partial_rotary(x: Tensor, positions: Tensor, base: float, n_rot: int) -> Tensor:
+    """Rotate the first ``n_rot`` dims of x (..., K, D) at positions (broadcastable to x's (..., K)), keep the rest."""
+    if n_rot <= 0:
+        return x
+    return torch.cat([rotate_at(x[..., :n_rot], positions, base), x[..., n_rot:]], -1)
+
+
+def mosa_token_attention(
+    x: Tensor,
+    w_qkv: tuple[Tensor, Tensor, Tensor],
+    b_qkv: tuple[Tensor | None, Tensor | None, Tensor | None],
+    w_out: Tensor,
+    r: Tensor,
+    idx: Tensor,
+    slot_valid: Tensor,
+    *,
+    positions: Tensor | None = None,
+    rope_base: float = 10000.0,
+    n_rot: int = 0,
+    causal: bool = False,
+    full: Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """MoSA from tokens, projecting only the picked ones (the paper's compute and KV saving).
+
+    x (B, N, C); per-head maps ``w_qkv`` = (W_q, W_k, W_v) each (E, D, C) and biases (E, D) or
+    None; ``w_out`` (E, C, Dv) (head e's columns of the output projection); r, idx, slot_valid
+    as in :func:`mosa_attention`. Head e gathers its K tokens, projects them
+    (``X_s W^T``, O(K·C·D)), rotates the first ``n_rot`` dims of q and k at the tokens' original
+    ``positions`` (N,) or (B, N) (none when None), attends among them
+    (:func:`mosa_picked_attention`), scales by the router score, projects out (O(K·Dv·C)) and
+    scatter-adds into the sequence.
+
+    Returns:
+        (y (B, N, C) without the output bias, router-scaled weights among the picks (B, E, K, K) or None).
+    """
+    b, n, c = x.shape
+    e, kk = idx.shape[1], idx.shape[2]
+    flat = (idx + n * torch.arange(b, device=x.device)[:, None, None]).reshape(-1)  # rows of x (B·N, C)
+    xs = x.reshape(b * n, c).index_select(0, flat).view(b, e, kk, c)  # (B, E, K, C); saves a 1-D index only
+    q, k, v = (
+        torch.einsum("bekc,edc->bekd", xs, w) + (0 if bb is None else bb[None, :, None, :])
+        for w, bb in zip(w_qkv, b_qkv)
+    )
+    if positions is not None and n_rot > 0:
+        pos = positions.expand(b, n) if positions.dim() == 2 else positions[None].expand(b, n)
+        pg = torch.gather(pos[:, None].expand(b, e, n), 2, idx)
+        q, k = partial_rotary(q, pg, rope_base, n_rot), partial_rotary(k, pg, rope_base, n_rot)
+    rg = torch.where(slot_valid, torch.gather(r, 2, idx).to(x.dtype), 0.0)
+    out_g, w_g = mosa_picked_attention(
+        q, k, v, idx, slot_valid, causal=causal, full=full, scale=scale, dropout_p=dropout_p, need_weights=need_weights
+    )
+    yg = torch.einsum("bekd,ecd->bekc", out_g * rg[..., None], w_out)
+    y = torch.zeros(b * n, c, dtype=yg.dtype, device=x.device).index_add(0, flat, yg.reshape(b * e * kk, c))
+    return y.view(b, n, c), None if w_g is None else w_g * rg[..., None]
 
 
 # ------------------------------------------------------------------------------------------

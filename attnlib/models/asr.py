@@ -29,6 +29,7 @@ from attnlib.errors import UnsupportedError
 from attnlib.models.blocks import AttentionConfig, DropPath, FeedForward, init_weights, make_attention
 
 __all__ = [
+    "BranchMerge",
     "BranchformerCTC",
     "CTCEncoder",
     "ConformerCTC",
@@ -302,9 +303,59 @@ class ConvGatingMLP(nn.Module):
         return self.down(self.drop(r * g))
 
 
-class BranchformerBlock(nn.Module):
-    """Branchformer block: ``x + Linear([MHSA(LN(x)), cgMLP(LN(x))])``, then LayerNorm.
+class BranchMerge(nn.Module):
+    """Branchformer's merge of the attention branch a and the cgMLP branch m (Peng et al. 2022).
 
+    * ``"concat"``: ``Linear_{2C->C}([a, m])``.
+    * ``"learned_ave"``: the paper's learned weighted average ``Linear_{C->C}(w_a a + w_m m)``; each
+      branch is pooled over time by attention pooling (scores ``Linear_{C->1}(x) / sqrt(C)``,
+      softmax over valid frames), the pooled vector gives a logit ``Linear_{C->1}``, and
+      ``(w_a, w_m)`` = softmax of the two logits, one pair per utterance.
+    * ``"fixed_ave"``: ``Linear_{C->C}((1 - cgmlp_weight) a + cgmlp_weight m)``.
+
+    ``forward(a (B, T, C), m (B, T, C), valid (B, T) bool) -> (B, T, C)``; ``last_weights`` keeps
+    the (B, 2) branch weights of the latest ``learned_ave`` call (for inspection).
+    """
+
+    METHODS = ("concat", "learned_ave", "fixed_ave")
+
+    def __init__(self, dim: int, method: str = "concat", cgmlp_weight: float = 0.5) -> None:
+        super().__init__()
+        if method not in self.METHODS:
+            raise ValueError(f"Branchformer merge must be one of {self.METHODS}, got {method!r}")
+        if not 0.0 <= float(cgmlp_weight) <= 1.0:
+            raise ValueError(f"cgmlp_weight must be in [0, 1], got {cgmlp_weight!r}")
+        self.method, self.dim, self.cgmlp_weight = method, dim, float(cgmlp_weight)
+        self.proj = nn.Linear(2 * dim if method == "concat" else dim, dim)
+        if method == "learned_ave":
+            self.pool_score = nn.ModuleList(nn.Linear(dim, 1) for _ in range(2))
+            self.weight_logit = nn.ModuleList(nn.Linear(dim, 1) for _ in range(2))
+        self.last_weights: Tensor | None = None
+
+    def branch_weights(self, a: Tensor, m: Tensor, valid: Tensor) -> Tensor:
+        """(B, 2) softmax weights of the two branches (``learned_ave``)."""
+        logits = []
+        for x, score, logit in zip((a, m), self.pool_score, self.weight_logit):
+            s = (score(x).squeeze(-1) / self.dim**0.5).masked_fill(~valid, float("-inf"))
+            p = torch.softmax(s, -1).nan_to_num(0.0)  # an utterance without frames pools to 0
+            logits.append(logit(torch.einsum("bt,btc->bc", p, x)))
+        return torch.softmax(torch.cat(logits, -1), -1)
+
+    def forward(self, a: Tensor, m: Tensor, valid: Tensor) -> Tensor:
+        if self.method == "concat":
+            return self.proj(torch.cat([a, m], -1))
+        if self.method == "fixed_ave":
+            return self.proj((1.0 - self.cgmlp_weight) * a + self.cgmlp_weight * m)
+        w = self.branch_weights(a, m, valid)
+        self.last_weights = w.detach()
+        return self.proj(w[:, 0, None, None] * a + w[:, 1, None, None] * m)
+
+
+class BranchformerBlock(nn.Module):
+    """Branchformer block: ``x + Merge(MHSA(LN(x)), cgMLP(LN(x)))``, then LayerNorm.
+
+    ``merge`` is ``"concat"`` (the ESPnet default), ``"learned_ave"`` (the paper's learned
+    weighted average) or ``"fixed_ave"`` (with ``cgmlp_weight``); see :class:`BranchMerge`.
     ``forward(x (B, T, dim), valid (B, T) bool) -> (B, T, dim)``.
     """
 
@@ -316,6 +367,8 @@ class BranchformerBlock(nn.Module):
         *,
         cgmlp_ratio: float = 4.0,
         conv_kernel: int = 31,
+        merge: str = "concat",
+        cgmlp_weight: float = 0.5,
         dropout: float = 0.1,
         attn_dropout: float = 0.0,
         drop_path: float = 0.0,
@@ -329,7 +382,7 @@ class BranchformerBlock(nn.Module):
         )
         units = 2 * round(dim * cgmlp_ratio / 2)
         self.cgmlp = ConvGatingMLP(dim, units, conv_kernel, dropout)
-        self.merge = nn.Linear(2 * dim, dim)
+        self.merge = BranchMerge(dim, merge, cgmlp_weight)
         self.final_norm = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
         self.drop_path = DropPath(drop_path)
@@ -337,7 +390,7 @@ class BranchformerBlock(nn.Module):
     def forward(self, x: Tensor, valid: Tensor) -> Tensor:
         a = self.drop(self.attn(self.attn_norm(x), key_padding_mask=valid))
         m = self.drop(self.cgmlp(self.mlp_norm(x), valid))
-        x = x + self.drop_path(self.drop(self.merge(torch.cat([a, m], -1))))
+        x = x + self.drop_path(self.drop(self.merge(a, m, valid)))
         return self.final_norm(x)
 
 
@@ -491,7 +544,8 @@ class ConformerCTC(CTCEncoder):
 
 
 class BranchformerCTC(CTCEncoder):
-    """Branchformer encoder + CTC (Peng et al. 2022). Block options: ``cgmlp_ratio``, ``conv_kernel``.
+    """Branchformer encoder + CTC (Peng et al. 2022). Block options: ``cgmlp_ratio``, ``conv_kernel``,
+    ``merge`` ("concat", "learned_ave", "fixed_ave") and ``cgmlp_weight``.
 
     See :class:`CTCEncoder` for arguments and shapes.
     """

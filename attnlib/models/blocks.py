@@ -304,8 +304,12 @@ class TransformerBlock(nn.Module):
         positions: Tensor | RotaryPositions | None = None,
         return_importance: bool = False,
         importance_query: int | None = None,
+        return_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor | None]:
         """x (B, N, dim); key_padding_mask (B, M) (True = real token); cache for decoding.
+
+        ``return_weights`` returns the attention weights (B, H, N, M) instead of the importance
+        (e.g. the per-query rows a KV-cache eviction policy reads; None if the variant has none).
 
         ``positions`` (B, N) long (or a shared :class:`attnlib.positional.RotaryPositions`): rotary
         position of each token (after token pruning).
@@ -320,7 +324,10 @@ class TransformerBlock(nn.Module):
         if positions is not None:
             kw["positions"] = positions
         imp = None
-        if return_importance:
+        if return_weights:
+            a, extras = self.attn(self.norm1(x), return_extras=True, need_weights=True, **kw)
+            imp = extras.weights
+        elif return_importance:
             if importance_query is None:
                 a, extras = self.attn(self.norm1(x), return_extras=True, need_weights=False, **kw)
                 imp = extras.importance
@@ -332,7 +339,7 @@ class TransformerBlock(nn.Module):
             a = self.attn(self.norm1(x), **kw)
         x = x + self.drop_path(self.drop(a))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return (x, imp) if return_importance else x
+        return (x, imp) if return_importance or return_weights else x
 
     def forward_groups(
         self,

@@ -165,7 +165,8 @@ class DecoderLM(nn.Module):
             for i in self.pruning.layers:
                 if layers[i].mode != "kv":
                     raise ValueError(f"pruner {self.pruning.name!r} needs 'kv' caches, got mode {layers[i].mode!r}")
-                cache.eviction[i] = self.pruning.get(i).init_state(batch, device=w.device)
+                kv_heads = self.blocks[i].attn.num_kv_heads
+                cache.eviction[i] = self.pruning.get(i).init_state(batch, device=w.device, kv_heads=kv_heads)
         return cache
 
     def features(self, tokens: Tensor, mask: Tensor | None = None, cache: DecoderCache | None = None) -> Tensor:
@@ -189,8 +190,8 @@ class DecoderLM(nn.Module):
                 if pol is None:
                     x = blk(x, key_padding_mask=mask, cache=cache.layers[i])
                     continue
-                x, imp = blk(x, key_padding_mask=mask, cache=cache.layers[i], return_importance=True)
-                pol.observe(cache.layers[i], imp, cache.eviction[i])
+                x, weights = blk(x, key_padding_mask=mask, cache=cache.layers[i], return_weights=True)
+                pol.observe(cache.layers[i], weights, cache.eviction[i])
         else:
             for i, blk in enumerate(self.blocks):
                 x = blk(x, key_padding_mask=mask, cache=None if cache is None else cache.layers[i])

@@ -29,7 +29,7 @@ from attnlib.pruning.base import (
 )
 from attnlib.pruning.evolve import EvolveResult, evolve
 from attnlib.pruning.iared2 import IARed2Pruner, iared2_reward, reinforce_loss
-from attnlib.pruning.ltp import LTPPruner
+from attnlib.pruning.ltp import LTPPruner, ltp_hard_stage
 from attnlib.pruning.namm import NAMMEviction, NAMMScorer, NAMMState, stft_magnitudes
 from attnlib.pruning.tokenlearner import TokenFuser, TokenLearnerPruner
 from attnlib.pruning.topk import TopKPruner
@@ -52,6 +52,7 @@ __all__ = [
     "evolve",
     "get_pruner",
     "iared2_reward",
+    "ltp_hard_stage",
     "pruning_dict",
     "register_pruner",
     "reinforce_loss",

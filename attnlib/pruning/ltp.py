@@ -22,6 +22,14 @@ learned threshold are dropped:
   The keep-ratio loss likewise takes the hard mask's value with mu's gradient
   (``hard_j + mu_j - stopgrad(mu_j)``), so ``keep_target`` is the fraction inference keeps.
 
+The paper's two stages: (1) threshold search with the soft mask (``mode="auto"`` / ``"soft"``,
+thresholds and weights trained with the regulariser), then (2) the thresholds are frozen and the
+model is fine-tuned with hard pruning (``mode="hard"``, ``freeze_threshold=True``: no soft mask,
+no regulariser, the threshold takes no gradient or weight decay), as the official
+``--masking_mode hard`` run restored from the soft checkpoint. :func:`ltp_hard_stage` switches a
+trained model's LTP pruners to stage 2; ``experiment=vit_digits_ltp_hard init_from=<stage-1 run>``
+runs it.
+
 ``final_threshold = -inf`` disables pruning (identity, bit for bit). Deviations from the official
 code (kssteven418/LTP): pruned tokens are removed (not masked with -10000), a class token /
 protected tokens are never dropped, scores come from the attention without dropout, and the
@@ -37,7 +45,7 @@ from torch import Tensor, nn
 
 from attnlib.pruning.base import PruneOutput, TokenPruner, register_pruner, score_query_of, select_tokens
 
-__all__ = ["LTPPruner"]
+__all__ = ["LTPPruner", "ltp_hard_stage"]
 
 _MODES = ("auto", "soft", "hard", "straight_through")
 
@@ -55,6 +63,8 @@ class LTPPruner(TokenPruner):
             (hard forward with soft-mask gradients while training, hard in eval).
         min_threshold: floor of the hard threshold (LTP: 1e-5).
         learn_threshold: make delta_l a trainable parameter (else a fixed buffer).
+        freeze_threshold: stage 2 of the paper: delta_l stays a parameter (it loads from the
+            stage-1 checkpoint) but takes no gradient.
         normalize: score ``N_valid * s_j`` instead of ``s_j`` (1 = uniform attention), which makes
             thresholds independent of the sequence length (off in the paper).
         keep_target: None (LTP's ``lam * mean mu`` over the batch) or a fraction in (0, 1]: each
@@ -82,6 +92,7 @@ class LTPPruner(TokenPruner):
         normalize: bool = False,
         keep_target: float | None = None,
         score: str = "mean",
+        freeze_threshold: bool = False,
     ) -> None:
         super().__init__(dim=dim, layer=layer, depth=depth)
         if mode not in _MODES:
@@ -101,7 +112,7 @@ class LTPPruner(TokenPruner):
         self.needs_importance = self.final_threshold != -math.inf  # type: ignore[misc]
         delta = torch.zeros(())
         if learn_threshold:
-            self.delta = nn.Parameter(delta)
+            self.delta = nn.Parameter(delta, requires_grad=not freeze_threshold)
         else:
             self.register_buffer("delta", delta)
 
@@ -166,3 +177,20 @@ class LTPPruner(TokenPruner):
             f"layer={self.layer}, final_threshold={self.final_threshold}, temperature={self.temperature}, "
             f"lam={self.lam}, mode={self.mode!r}, keep_target={self.keep_target}, score={self.score!r}"
         )
+
+
+def ltp_hard_stage(model: nn.Module) -> list[LTPPruner]:
+    """Switch every LTP pruner of ``model`` to the paper's second stage, in place.
+
+    Each :class:`LTPPruner` gets ``mode="hard"`` (hard pruning in training as in inference, no
+    soft mask, no regulariser) and its learned threshold offset is frozen
+    (``requires_grad=False``). Returns the pruners; ValueError when the model has none.
+    """
+    pruners = [m for m in model.modules() if isinstance(m, LTPPruner)]
+    if not pruners:
+        raise ValueError("ltp_hard_stage: the model has no LTP pruner")
+    for p in pruners:
+        p.mode = "hard"
+        if isinstance(p.delta, nn.Parameter):
+            p.delta.requires_grad_(False)
+    return pruners

@@ -1,27 +1,33 @@
 """NAMM-style KV-cache eviction (Cetin et al., "An Evolved Universal Transformer Memory", ICLR 2025).
 
 While a :class:`attnlib.models.DecoderLM` decodes with a ``kv`` cache, every cached token's
-*received attention* (the attention contract's importance for the new queries, averaged over
-heads) is recorded as a time series. Every ``delay`` new tokens, per layer:
+*received attention* is recorded as a time series per KV head: the attention weight each new
+query gives it (query heads averaged within their KV group), one value per query - so a prompt
+chunk of n tokens adds n values per token, each from its own query row (0 from the queries before
+the token existed, by the causal mask), as the official code's STFT over per-query rows. Every
+``delay`` new tokens, per layer:
 
-1. short-time Fourier transform of each token's series since the last invocation (``n_fft``,
-   ``hop``, periodic Hann window, one-sided magnitudes; the last ``n_fft - hop`` values of the
-   previous invocation are prepended - zeros for a new sequence) -> (F frames, n_fft/2 + 1);
+1. short-time Fourier transform of each (KV head, token) series since the last invocation
+   (``n_fft``, ``hop``, periodic Hann window, one-sided magnitudes; the last ``n_fft - hop``
+   values of the previous invocation are prepended - zeros for a new sequence) -> (F frames,
+   n_fft/2 + 1);
 2. exponential moving average over frames with ``c = ema ** hop`` per frame, continuing the
    token's previous EMA decayed by ``ema ** (F * hop)``;
 3. features = EMA spectrum (scaled by the number of cached tokens, so uniform attention has
    scale 1) + a sinusoidal embedding of the token's age (``recency_dim``, base ``recency_base``);
-4. a small scorer (MLP, shared across layers) gives a score per token; tokens scoring < 0 are
-   evicted (the newest ``protect_last`` are always kept; optional hard cap ``cache_size``).
+4. a small scorer (MLP, shared across layers and heads) scores every (KV head, token); a token is
+   evicted when every KV head scores it < 0 (the newest ``protect_last`` are always kept;
+   optional hard cap ``cache_size`` on the best head score).
 
-The scorer is non-differentiable through eviction; train it with :func:`attnlib.pruning.evolve`.
-Its output layer starts at zero, so an untrained scorer scores 0 and evicts nothing (the
-no-eviction model equals the full-cache model exactly).
+The scorer is non-differentiable through eviction; train it with :func:`attnlib.pruning.evolve`
+(``method="cma"``: the paper's CMA-ES). Its output layer starts at zero, so an untrained scorer
+scores 0 and evicts nothing (the no-eviction model equals the full-cache model exactly).
 
-Simplifications vs the official code (SakanaAI/evo-memory), stated plainly: no backward-attention
-memory (BAM) layer - the scorer is a per-token MLP; features are averaged over heads (per layer,
-not per KV head); no running feature normalisation (a fixed scale instead); a chunk of n > 1 new
-queries contributes its query-averaged attention n times (single-token decoding is exact).
+Remaining differences from the official code (SakanaAI/evo-memory), stated plainly: no
+backward-attention memory (BAM) layer - the scorer is a per-token MLP; the official policy evicts
+per KV head (ragged per-head caches), here one cache per layer keeps a token while any KV head
+keeps it (the features and scores are per KV head); no running feature normalisation (a fixed
+scale instead).
 """
 
 from __future__ import annotations
@@ -74,11 +80,11 @@ class NAMMScorer(nn.Module):
 
 @dataclass
 class NAMMState:
-    """Per-layer eviction state, aligned with the layer's KV cache entries (size S).
+    """Per-layer eviction state, aligned with the layer's KV cache entries (size S), per KV head.
 
     Attributes:
-        hist: (B, S, T) received attention not yet turned into spectra (T >= n_fft - hop).
-        ema: (B, S, n_fft // 2 + 1) EMA of the spectra.
+        hist: (B, H_kv, S, T) received attention not yet turned into spectra (T >= n_fft - hop).
+        ema: (B, H_kv, S, n_fft // 2 + 1) EMA of the spectra.
         pos: (B, S) long original position of each cached token.
         pending: new tokens since the last invocation.
         evicted: total entries evicted so far (summed over the batch).
@@ -178,12 +184,16 @@ class NAMMEviction(TokenPruner):
     # -- decoding ------------------------------------------------------------------------------
 
     def init_state(
-        self, batch: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+        self,
+        batch: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        kv_heads: int = 1,
     ) -> NAMMState:
-        """Empty state for ``batch`` sequences."""
+        """Empty state for ``batch`` sequences and ``kv_heads`` key/value heads."""
         return NAMMState(
-            hist=torch.zeros(batch, 0, self.n_fft - self.hop, dtype=dtype, device=device),
-            ema=torch.zeros(batch, 0, self.n_freq, dtype=dtype, device=device),
+            hist=torch.zeros(batch, kv_heads, 0, self.n_fft - self.hop, dtype=dtype, device=device),
+            ema=torch.zeros(batch, kv_heads, 0, self.n_freq, dtype=dtype, device=device),
             pos=torch.zeros(batch, 0, dtype=torch.long, device=device),
         )
 
@@ -197,52 +207,58 @@ class NAMMEviction(TokenPruner):
         return torch.cat([ang.sin(), ang.cos()], -1)
 
     def features(self, state: NAMMState, length: int, valid: Tensor | None) -> Tensor:
-        """(B, S, feat_dim) features of the cached tokens (after the EMA update)."""
-        s_valid = (
-            torch.full((state.ema.shape[0], 1), state.ema.shape[1], device=state.ema.device)
-            if valid is None
-            else valid.sum(1, keepdim=True)
-        )
-        spec = state.ema * s_valid[..., None].to(state.ema.dtype)
+        """(B, H_kv, S, feat_dim) features of the cached tokens (after the EMA update)."""
+        b, _, s, _ = state.ema.shape
+        s_valid = torch.full((b, 1), s, device=state.ema.device) if valid is None else valid.sum(1, keepdim=True)
+        spec = state.ema * s_valid[:, None, :, None].to(state.ema.dtype)
         age = (length - 1 - state.pos).clamp_min(0)
-        return torch.cat([spec, self.recency(age).to(spec.dtype)], -1)
+        rec = self.recency(age).to(spec.dtype)[:, None].expand(-1, spec.shape[1], -1, -1)
+        return torch.cat([spec, rec], -1)
 
     @torch.no_grad()
-    def observe(self, cache: Any, importance: Tensor, state: NAMMState) -> None:
+    def observe(self, cache: Any, weights: Tensor, state: NAMMState) -> None:
         """Record the attention the cache's entries received and evict every ``delay`` tokens.
 
         ``cache`` is the layer's :class:`attnlib.AttentionCache` (``kv`` mode) right after a
-        step that added n tokens; ``importance`` (B, cache.size) is the attention each entry
-        received from those n queries (averaged over heads and queries).
+        step that added n tokens; ``weights`` (B, H, n, cache.size) the attention weights of
+        those n queries (each query's row: its own time step; query heads are averaged within
+        their KV group, H_kv = ``cache.k.shape[1]``). A (B, cache.size) tensor is taken as one
+        query row for one head (e.g. head- and query-averaged importance).
         """
-        b, s = importance.shape
+        if weights.dim() == 2:
+            weights = weights[:, None, None, :]
+        b, h, n_q, s = weights.shape
         s_old = state.pos.shape[1]
         n_new = s - s_old
         if n_new <= 0 or s != cache.size:
             raise ValueError(f"namm state out of step with the cache: state {s_old} entries, cache {cache.size}")
-        imp = importance.to(state.hist.dtype)
-        t = state.hist.shape[2]
-        hist = torch.cat([state.hist, state.hist.new_zeros(b, n_new, t)], 1)
-        state.hist = torch.cat([hist, imp[:, :, None].expand(b, s, n_new)], 2)
-        state.ema = torch.cat([state.ema, state.ema.new_zeros(b, n_new, self.n_freq)], 1)
+        kv = state.hist.shape[1]
+        if h % kv:
+            raise ValueError(f"namm: {h} attention heads do not group into the state's {kv} KV heads")
+        rows = weights.to(state.hist.dtype).view(b, kv, h // kv, n_q, s).mean(2).transpose(-1, -2)  # (B, kv, S, n)
+        t = state.hist.shape[-1]
+        hist = torch.cat([state.hist, state.hist.new_zeros(b, kv, n_new, t)], 2)
+        state.hist = torch.cat([hist, rows], 3)
+        state.ema = torch.cat([state.ema, state.ema.new_zeros(b, kv, n_new, self.n_freq)], 2)
         new_pos = torch.arange(cache.length - n_new, cache.length, device=state.pos.device)
         state.pos = torch.cat([state.pos, new_pos.expand(b, n_new)], 1)
-        state.pending += n_new
+        state.pending += n_q
         if state.pending < self.delay:
             return
         frames = state.pending // self.hop
         used = self.n_fft - self.hop + frames * self.hop
-        spec = stft_magnitudes(state.hist[:, :, :used], self.n_fft, self.hop)  # (B, S, F, n_freq)
+        spec = stft_magnitudes(state.hist[..., :used], self.n_fft, self.hop)  # (B, kv, S, F, n_freq)
         c = self.ema**self.hop
         w = (1 - c) * c ** torch.arange(frames - 1, -1, -1, dtype=spec.dtype, device=spec.device)
-        state.ema = (spec * w[:, None]).sum(2) + self.ema ** (frames * self.hop) * state.ema
-        state.hist = state.hist[:, :, frames * self.hop :]
+        state.ema = (spec * w[:, None]).sum(-2) + self.ema ** (frames * self.hop) * state.ema
+        state.hist = state.hist[..., frames * self.hop :]
         state.pending -= frames * self.hop
         self._evict(cache, state)
 
     def _evict(self, cache: Any, state: NAMMState) -> None:
         b, s = state.pos.shape
-        score = self.scorer(self.features(state, cache.length, cache.valid).to(self.scorer.fc1.weight.dtype))
+        feats = self.features(state, cache.length, cache.valid).to(self.scorer.fc1.weight.dtype)
+        score = self.scorer(feats).amax(1)  # (B, S): a token stays while any KV head keeps it
         valid = torch.ones(b, s, dtype=torch.bool, device=score.device) if cache.valid is None else cache.valid
         newest = torch.arange(s, device=score.device) >= s - self.protect_last
         keep = ((score >= 0) | newest) & valid
@@ -259,8 +275,10 @@ class NAMMEviction(TokenPruner):
         mask = torch.arange(k, device=order.device)[None, :] < counts[:, None]
         state.evicted += int((valid.sum() - counts.sum()).item())
         cache.evict(order, mask)
-        state.hist = state.hist.gather(1, order[..., None].expand(-1, -1, state.hist.shape[2]))
-        state.ema = state.ema.gather(1, order[..., None].expand(-1, -1, state.ema.shape[2]))
+        kv = state.hist.shape[1]
+        idx = order[:, None, :, None].expand(-1, kv, -1, -1)
+        state.hist = state.hist.gather(2, idx.expand(-1, -1, -1, state.hist.shape[-1]))
+        state.ema = state.ema.gather(2, idx.expand(-1, -1, -1, state.ema.shape[-1]))
         state.pos = state.pos.gather(1, order)
 
     def extra_repr(self) -> str:

@@ -33,10 +33,13 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from attnlib.analysis.distill import attention_distillation
+from attnlib.analysis.summary import entropy_metrics
 from attnlib.attention import aux_loss
 from attnlib.data import build_data
 from attnlib.data.base import stable_hash
 from attnlib.models import build_model
+from attnlib.training import tasks
 from attnlib.training.checkpoint import (
     CHECKPOINT_KEYS,
     atomic_save,
@@ -88,6 +91,10 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "deterministic": False,
     "distill_weight": 0.5,
     "distill_temperature": 1.0,
+    "distill_attention": None,
+    "distill_attention_weight": 1.0,
+    "distill_relation_heads": 8,
+    "log_attention_entropy": True,
 }
 
 # config sections that must match for a resume to continue the same run
@@ -120,7 +127,7 @@ def validate_trainer(t: Mapping[str, Any], data: Mapping[str, Any] | None = None
             problems.append(f"{prefix}.{key} must be {expected}, got {value!r}")
 
     for key, low in (("max_steps", 1), ("log_every", 1), ("warmup_steps", 0), ("eval_every", 0),
-                     ("checkpoint_every", 0)):  # fmt: skip
+                     ("checkpoint_every", 0), ("distill_relation_heads", 1)):  # fmt: skip
         v = _as_int(t[key])
         need(v is not None and v >= low, key, f"an integer >= {low}")
         if v is not None:
@@ -133,7 +140,7 @@ def validate_trainer(t: Mapping[str, Any], data: Mapping[str, Any] | None = None
     lr = t["lr"]
     need(_is_num(lr) and math.isfinite(lr) and 0 < lr <= _F32_MAX, "lr",
          f"a finite number > 0 (at most float32's largest, {_F32_MAX:.3g})")  # fmt: skip
-    for key in ("weight_decay", "grad_clip", "aux_loss_weight"):
+    for key in ("weight_decay", "grad_clip", "aux_loss_weight", "distill_attention_weight"):
         need(_is_num(t[key]) and math.isfinite(t[key]) and t[key] >= 0, key, "a finite number >= 0")
     for key in ("min_lr_ratio", "distill_weight"):
         need(_is_num(t[key]) and 0 <= t[key] <= 1, key, "a number in [0, 1]")
@@ -143,12 +150,14 @@ def validate_trainer(t: Mapping[str, Any], data: Mapping[str, Any] | None = None
     betas = t["betas"]
     need(isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_is_num(b) and 0 <= b < 1 for b in betas),
          "betas", "two numbers in [0, 1)")  # fmt: skip
+    need(t["distill_attention"] in (None, "maps", "relations"), "distill_attention", "null, maps or relations")
     need(t["precision"] in ("fp32", "bf16", "fp16"), "precision", "one of fp32, bf16, fp16")
     dev = t["device"]
     need(isinstance(dev, str) and (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")), "device",
          "auto, cpu, cuda or cuda:<index>")  # fmt: skip
     for key in ("compile", "find_unused_parameters", "progress", "tensorboard", "deterministic"):
         need(isinstance(t[key], bool), key, "true or false")
+    need(isinstance(t["log_attention_entropy"], bool), "log_attention_entropy", "true or false")
     for key in ("batch_size", "eval_batch_size"):
         if data is not None and key in data:
             v = _as_int(data[key])
@@ -275,8 +284,9 @@ def train(cfg: DictConfig | Mapping[str, Any], run_dir: str | os.PathLike[str]) 
     resumed step) and ``init_from`` (null | a checkpoint or run dir: warm start from its model
     weights with a fresh optimizer and schedule, :func:`init_weights_from`; ignored when
     resuming from a checkpoint) and ``distill_from`` (null | a checkpoint or run dir: a frozen
-    teacher model for knowledge distillation, classification only; ``trainer.distill_weight`` /
-    ``distill_temperature``).
+    teacher model for knowledge distillation of classification logits, ``trainer.distill_weight`` /
+    ``distill_temperature``, and of attention in any task, ``trainer.distill_attention``:
+    :mod:`attnlib.analysis.distill`).
 
     A new run refuses a ``run_dir`` that holds another run (``resume`` continues one), and no
     two processes train in one ``run_dir`` at a time (:mod:`attnlib.training.rundir`).
@@ -408,6 +418,7 @@ def _run(
         if info.is_main:
             log.info("distilling from %s (weight %s, temperature %s)", cfg.distill_from, t["distill_weight"],
                      t["distill_temperature"])  # fmt: skip
+    loss_fn = attention_distillation(train_loss, teacher, t)  # train_loss itself unless trainer.distill_attention
 
     if info.world > 1:
         kw = {"device_ids": [dev.index]} if dev.type == "cuda" else {}
@@ -437,7 +448,7 @@ def _run(
             batch = _to(data.train_batch(step, rank=info.rank, world=info.world), dev)
             aux_loss(model)  # drop stale auxiliary losses (e.g. from evaluation)
             with autocast() if autocast is not None else _null():
-                loss, items = train_loss(
+                loss, items = loss_fn(
                     fwd_model,
                     batch,
                     data.task,
@@ -499,6 +510,7 @@ def _run(
                     logger.log(step, "val", val)
                     msg = " ".join(f"{k}={v:.4f}" for k, v in val.items())
                     (bar.write if bar is not None else print)(f"step {step}: val {msg}")
+                    _log_attention(logger, step, model, data, dev, t)
                 t_log = time.perf_counter()
             state = _Pending(step, capture_rng(), train_seconds, (run_loss, run_items, run_n))
             if step == total:  # the final state: written now (after a check that it is finite)
@@ -533,12 +545,22 @@ def _run(
     if logger is not None:
         logger.log(step, "val", val)
         logger.log(step, "test", test)
+        _log_attention(logger, step, model, data, dev, t)
         logger.close()
         tmp = run_dir / ".results.json.tmp"
         tmp.write_text(json.dumps(results, indent=2) + "\n")
         tmp.replace(run_dir / "results.json")
         print(f"\nResults ({run_dir / 'results.json'}):\n{format_table(results)}")
     return results
+
+
+def _log_attention(logger: MetricLogger, step: int, model: nn.Module, data: Any, dev: torch.device, t: Any) -> None:
+    """Per-head attention entropy on a few validation examples -> metrics.csv split ``attention``
+    (one forward through the task's own loss, apart from the training loss the loop calls)."""
+    if t["log_attention_entropy"]:
+        batch = _to(next(data.eval_batches("val", limit=16)), dev)
+        run = lambda m: tasks.train_loss(m, batch, data.task)  # noqa: E731
+        logger.log(step, "attention", entropy_metrics(_unwrap(model), run))
 
 
 def _null() -> Any:

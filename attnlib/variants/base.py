@@ -22,6 +22,7 @@ from attnlib._validation import check_qkv
 from attnlib.errors import UnsupportedError
 from attnlib.functional._common import weights_importance
 from attnlib.masks import AttentionMask, MaskLike
+from attnlib.positional import RotaryCall
 from attnlib.registry import Capabilities
 
 __all__ = ["AttentionCore", "CoreOutput", "check_supported"]
@@ -97,6 +98,13 @@ class AttentionCore(nn.Module):
 
     name: ClassVar[str] = "?"
     capabilities: ClassVar[Capabilities] = Capabilities()
+    #: :meth:`attend` takes ``rotary=`` (a :class:`attnlib.positional.RotaryCall` or None): the
+    #: rotary positions the module applied to q and k (e.g. for a gate that pools pre-rotary vectors).
+    uses_rotary: ClassVar[bool] = False
+    #: :meth:`forward_tokens` computes the whole layer from the module's input tokens (e.g. to
+    #: project only the tokens a router picked); :class:`attnlib.Attention` then calls it instead of
+    #: projecting every token and calling :meth:`attend`.
+    projects_tokens: ClassVar[bool] = False
 
     def __init__(self, *, num_heads: int, head_dim: int) -> None:
         super().__init__()
@@ -147,6 +155,7 @@ class AttentionCore(nn.Module):
         need_weights: bool = False,
         need_importance: bool = False,
         dropout_p: float = 0.0,
+        rotary: RotaryCall | None = None,
     ) -> CoreOutput:
         """Check the request against the capabilities, then :meth:`attend`.
 
@@ -158,6 +167,7 @@ class AttentionCore(nn.Module):
             need_weights: fill ``CoreOutput.weights`` (B, H, N, M) if the variant has them.
             need_importance: fill ``CoreOutput.importance`` (B, H, M).
             dropout_p: attention dropout (only passed when ``capabilities.attn_dropout``).
+            rotary: the module's rotary positions of q and k, passed on to cores with ``uses_rotary``.
         """
         check_qkv(q, k, v, where=f"variant {self.name!r}")
         if not self.capabilities.gqa and k.shape[1] != q.shape[1]:
@@ -166,6 +176,7 @@ class AttentionCore(nn.Module):
                 f"(got H={q.shape[1]}, H_kv={k.shape[1]}); attnlib.Attention repeats them for it"
             )
         check_supported(self.name, self.capabilities, mask, cross=cross)
+        extra = {"rotary": rotary} if self.uses_rotary else {}
         return self.attend(
             q,
             k,
@@ -175,7 +186,31 @@ class AttentionCore(nn.Module):
             need_weights=need_weights,
             need_importance=need_importance,
             dropout_p=dropout_p,
+            **extra,
         )
+
+    def forward_tokens(
+        self,
+        x: Tensor,
+        mask: AttentionMask,
+        *,
+        in_proj: nn.Linear,
+        out_proj: nn.Linear,
+        num_kv_heads: int,
+        rotary: RotaryCall | None,
+        need_weights: bool,
+        need_importance: bool,
+        dropout_p: float,
+    ) -> tuple[Tensor, CoreOutput]:
+        """The whole self-attention layer from the module's tokens (cores with ``projects_tokens``).
+
+        x (B, N, C); ``in_proj`` / ``out_proj`` the module's projections (rows of ``in_proj``: H
+        query heads, then ``num_kv_heads`` key heads, then as many value heads, D each);
+        ``rotary``: the positions (and base) the module would rotate q and k with, or None.
+        Returns (y (B, N, C) after ``out_proj``, the :class:`CoreOutput` extras; its ``out`` may be
+        the per-head output (B, H, N, Dv)).
+        """
+        raise NotImplementedError(f"variant {self.name!r} does not compute from tokens (projects_tokens=False)")
 
     def attend(
         self,

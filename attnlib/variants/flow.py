@@ -22,13 +22,14 @@ from attnlib.variants.base import CoreOutput
 
 __all__ = ["FLOW_PRESETS", "FlowAttention"]
 
-# preset -> (feature_map, competition_clamp), after the official files (spec §1e)
+# preset -> (feature_map, competition_clamp), after the official files (thuml/Flowformer)
 FLOW_PRESETS: dict[str, tuple[str, float | None]] = {
-    "paper": ("sigmoid", None),
-    "core": ("sigmoid", 1.0),  # Flow_Attention.py, CV, GPT module
-    "nlp_causal": ("sigmoid", 5.0),
-    "rl_causal": ("sigmoid", 10.0),
-    "lra": ("relu", None),  # JAX LRA: relu + 1e-6, no clamp
+    "paper": ("sigmoid", None),  # the paper's equations (no clamp)
+    "core": ("sigmoid", 1.0),  # Flow_Attention.py (both classes), Flowformer_CV, Flowformer_TorchModule (GPT)
+    "nlp_causal": ("sigmoid", 5.0),  # Flowformer_NLP/flow_attention.py (causal LM, WikiText-103)
+    "rl_causal": ("sigmoid", 10.0),  # Flowformer_RL/.../flowformer_attention.py (decision transformer)
+    "lra": ("relu", None),  # Flowformer_LRA (JAX): relu + 1e-6, no clamp
+    "timeseries": ("sigmoid", None),  # Flowformer_TimeSeries/models/Flow_Attention.py: no clamp
 }
 
 
@@ -38,14 +39,17 @@ class FlowAttention(KernelCore):
 
     Args:
         eps: lower clamp of the flows in divisions (1e-6).
-        competition_clamp: clamp Ô to [-c, c] before the competition softmax, as the official
-            code does (1.0); None (default) is the paper's equation. With ±1 the clamp
-            saturates about half the sources (all when N > M), switching competition off.
+        competition_clamp: clamp Ô to [-c, c] before the competition softmax. Default 1.0, the
+            official core file ``Flow_Attention.py`` (also the CV and GPT code); None is the
+            paper's equation. With ±1 the clamp saturates about half the sources (all when
+            N > M), which switches competition off for them (see the presets).
         feature_map: "sigmoid" (default) or "relu" (relu + 1e-6, the LRA code).
         competition, allocation: False gives the paper's "w/o competition" / "w/o allocation"
             ablations.
-        preset: "paper", "core" (clamp 1), "nlp_causal" (clamp 5), "rl_causal" (clamp 10) or
-            "lra" (relu features); sets feature_map and competition_clamp (overriding them).
+        preset: one official setting, sets feature_map and competition_clamp (overriding them):
+            "core" (clamp 1: ``Flow_Attention.py``, CV, GPT module), "nlp_causal" (clamp 5:
+            the WikiText-103 LM), "rl_causal" (clamp 10), "lra" (relu features, no clamp),
+            "timeseries" (no clamp) or "paper" (the paper's equations, no clamp).
         chunk_size, explicit: as for ``linear``.
 
     In self-attention with key padding, padded tokens are removed as queries too (they would
@@ -62,7 +66,7 @@ class FlowAttention(KernelCore):
         num_heads: int,
         head_dim: int,
         eps: float = 1e-6,
-        competition_clamp: float | None = None,
+        competition_clamp: float | None = 1.0,
         feature_map: str = "sigmoid",
         competition: bool = True,
         allocation: bool = True,

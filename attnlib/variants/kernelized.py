@@ -24,18 +24,21 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from attnlib._validation import positive_int, positive_number
+from attnlib.errors import UnsupportedError
 from attnlib.functional.kernelized import (
     clipped_offset_bias,
     draw_random_features,
     fourier_mixing,
     kernelized_rpe_attention,
+    kernelized_rpe_attention_2d,
     kernelized_rpe_reference,
+    kernelized_rpe_reference_2d,
 )
 from attnlib.masks import AttentionMask
 from attnlib.registry import Capabilities, register_variant
 from attnlib.variants.base import AttentionCore, CoreOutput
 
-__all__ = ["FNetMixing", "KernelizedRPEAttention"]
+__all__ = ["FNetMixing", "KernelizedRPEAttention", "share_rpe_bias"]
 
 
 @register_variant("kernelized_rpe")
@@ -47,11 +50,23 @@ class KernelizedRPEAttention(AttentionCore):
     approximates ``softmax(q̂·k̂ + b_{j-i}) v`` (exact in expectation over the features for the
     numerator and denominator; the error falls like ``m^-1/2``).
 
+    Images: with ``grid=(gh, gw)`` the last gh·gw tokens are the patches of a gh x gw grid in
+    raster order and the bias is 2-D, one learned value per head for every (row, column) offset
+    (Swin's relative positions, which the paper uses for ImageNet), applied by a 2-D FFT
+    (:func:`attnlib.functional.kernelized_rpe_attention_2d`); leading tokens (a class token)
+    carry no position (bias 0 to and from every token). The 1-D bias would give raster offsets that
+    wrap across rows.
+
+    The paper shares the bias table across layers (its Eq. 6: "for each j - i, b_{j-i} is a
+    learnable scalar and shared across all layers"); an :class:`attnlib.Attention` owns its
+    core, so each layer has its own table unless :func:`share_rpe_bias` ties them.
+
     Args:
         num_heads, head_dim: set by :class:`attnlib.Attention`.
         num_features: random features m (paper: 16-64; 32 for ImageNet, 64 for WikiText-103).
         max_distance: R; one learned bias per head for each offset in ``-R..R`` (offsets
             beyond are clipped to ``±R``, Shaw-style), initialised to 0 (a normalised Performer).
+        grid: (gh, gw) for 2-D relative positions over an image grid (non-causal), or None (1-D).
         orthogonal: draw orthogonal random features (lower variance) instead of i.i.d. ones.
         eps: lower clamp of the normaliser.
         feature_chunk: random features per FFT batch (memory), default automatic.
@@ -90,8 +105,12 @@ class KernelizedRPEAttention(AttentionCore):
         orthogonal: bool = False,
         eps: float = 1e-6,
         feature_chunk: int | None = None,
+        grid: tuple[int, int] | list[int] | None = None,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
+        self.grid = None if grid is None else tuple(positive_int(g, "kernelized_rpe: grid") for g in grid)
+        if self.grid is not None and len(self.grid) != 2:
+            raise ValueError(f"kernelized_rpe: grid must be (rows, cols), got {grid!r}")
         self.num_features = positive_int(num_features, "kernelized_rpe: num_features")
         self.max_distance = positive_int(max_distance, "kernelized_rpe: max_distance")
         if feature_chunk is not None:
@@ -100,7 +119,10 @@ class KernelizedRPEAttention(AttentionCore):
         self.orthogonal = bool(orthogonal)
         self.eps = float(eps)
         self.feature_chunk = feature_chunk
-        self.rpe_bias = nn.Parameter(torch.zeros(num_heads, 2 * max_distance + 1))
+        if self.grid is None:
+            self.rpe_bias = nn.Parameter(torch.zeros(num_heads, 2 * max_distance + 1))
+        else:
+            self.rpe_bias = nn.Parameter(torch.zeros(num_heads, 2 * self.grid[0] - 1, 2 * self.grid[1] - 1))
         self.register_buffer("projection", draw_random_features(num_features, head_dim, orthogonal=self.orthogonal))
 
     @classmethod
@@ -130,8 +152,10 @@ class KernelizedRPEAttention(AttentionCore):
         dropout_p: float,
     ) -> CoreOutput:
         n = q.shape[2]
-        bias = self.bias_table(n)
         kp = mask.key_padding
+        if self.grid is not None:
+            return self._attend_2d(q, k, v, mask, need_weights, need_importance)
+        bias = self.bias_table(n)
         res = kernelized_rpe_attention(
             q,
             k,
@@ -153,8 +177,52 @@ class KernelizedRPEAttention(AttentionCore):
             weights = weights.to(q.dtype)
         return CoreOutput(out, weights=weights, importance=imp)
 
+    def _attend_2d(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, need_weights: bool, need_importance: bool
+    ) -> CoreOutput:
+        """The 2-D (image grid) form."""
+        if mask.causal:
+            raise UnsupportedError(
+                "kernelized_rpe with grid= (2-D relative positions) is non-causal; build it without grid for causal use"
+            )
+        assert self.grid is not None
+        kp = mask.key_padding
+        res = kernelized_rpe_attention_2d(
+            q, k, v, self.rpe_bias, self.projection, self.grid, key_padding=kp, eps=self.eps,
+            return_importance=need_importance, feature_chunk=self.feature_chunk,
+        )  # fmt: skip
+        out, imp = res if isinstance(res, tuple) else (res, None)
+        weights = None
+        if need_weights:
+            _, weights = kernelized_rpe_reference_2d(
+                q, k, v, self.rpe_bias, self.projection, self.grid, key_padding=kp, dtype=None
+            )
+            weights = weights.to(q.dtype)
+        return CoreOutput(out, weights=weights, importance=imp)
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", num_features={self.num_features}, max_distance={self.max_distance}"
+        grid = f", grid={self.grid}" if self.grid is not None else ""
+        return super().extra_repr() + f", num_features={self.num_features}, max_distance={self.max_distance}{grid}"
+
+
+def share_rpe_bias(model: nn.Module) -> nn.Parameter:
+    """Tie the relative-position bias of every ``kernelized_rpe`` core in ``model`` to the first one's.
+
+    The paper shares one bias table across all layers (its Eq. 6); attnlib layers own theirs until
+    this ties them (all must have the same shape: same heads, ``max_distance`` / ``grid``).
+    Returns the shared parameter; ValueError when there is no such core or the shapes differ.
+    """
+    cores = [m for m in model.modules() if isinstance(m, KernelizedRPEAttention)]
+    if not cores:
+        raise ValueError("share_rpe_bias: the model has no 'kernelized_rpe' attention")
+    shared = cores[0].rpe_bias
+    for c in cores[1:]:
+        if c.rpe_bias.shape != shared.shape:
+            raise ValueError(
+                f"share_rpe_bias: bias tables differ in shape ({tuple(c.rpe_bias.shape)} vs {tuple(shared.shape)})"
+            )
+        c.rpe_bias = shared
+    return shared
 
 
 @register_variant("fnet")

@@ -160,11 +160,20 @@ class PerformerAttention(KernelCore):
     estimates softmax attention, with error falling as m grows. Numerically stabilised by
     exact max-shifts (see :func:`attnlib.functional.performer_attention`).
 
+    Defaults follow the official FAVOR+ code (``make_fast_softmax_attention``): m = 256
+    orthogonal features with chi row norms, redrawn for every training call (the paper: redrawing
+    is what lets a Performer train from scratch). Deviation: W stays fixed in eval mode (the
+    official code redraws at every call, seeded by the sum of the queries), so evaluation is
+    deterministic and incremental decoding equals the full forward; call
+    :meth:`redraw_projection` to draw anew.
+
     Args:
-        num_features: m, default ``floor(D ln D)`` (266 for D = 64).
+        num_features: m, default 256 (official); None = ``floor(D ln D)`` (266 for D = 64, the
+            lucidrains default).
         orthogonal: orthogonal random features (default) or i.i.d. Gaussian.
         scaling: row norms "chi" (unbiased) or "sqrt_d".
-        redraw_interval: redraw W every this many training forwards (None = never).
+        redraw_interval: redraw W every this many training forwards (default 1, the official
+            every-call redraw; lucidrains: 1000; None = never).
         seed: W is drawn from ``torch.Generator().manual_seed(seed + 7919 * draw)``,
             so it is deterministic; it is a buffer (saved in the state dict).
         chunk_size, explicit: as for ``linear``.
@@ -177,10 +186,10 @@ class PerformerAttention(KernelCore):
         *,
         num_heads: int,
         head_dim: int,
-        num_features: int | None = None,
+        num_features: int | None = 256,
         orthogonal: bool = True,
         scaling: str = "chi",
-        redraw_interval: int | None = None,
+        redraw_interval: int | None = 1,
         seed: int = 0,
         chunk_size: int = 64,
         explicit: bool = False,

@@ -21,6 +21,7 @@ softmax attention under "caller masks AND the variant's pattern".
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,9 +41,15 @@ from attnlib.functional._common import sequence_extent
 from attnlib.functional.grat import grat_caller_mask, grat_layout
 from attnlib.functional.softmax import softmax_attention, softmax_importance
 from attnlib.functional.sparse import (
+    MOSA_ROUTINGS,
     RowsFn,
     mosa_attention,
-    mosa_route,
+    mosa_router,
+    mosa_scatter_weights,
+    mosa_select,
+    mosa_token_attention,
+    partial_rotary,
+    seer_gate_from_official,
     seer_gate_logits,
     seer_gate_loss,
     seer_select,
@@ -56,6 +63,7 @@ from attnlib.functional.sparse import (
 )
 from attnlib.kernels import block_sparse_attention
 from attnlib.masks import AttentionMask, BlockMask, MaskLike
+from attnlib.positional import RotaryCall
 from attnlib.registry import Capabilities, register_variant
 from attnlib.variants.base import AttentionCore, CoreOutput
 
@@ -425,10 +433,16 @@ class SeerAttention(AttentionCore):
     averaged over all elements (PyTorch ``KLDivLoss`` 'mean'). Use :func:`freeze_all_but_gates`
     to train only the gates. ``train_sparse=True`` runs the sparse kernel in training too.
 
-    Deviation: the gate K projection is per *query* head (the official one is per KV head; the
-    two coincide without grouped-query attention), and the gate pools the q/k the core
-    receives (after the module's RoPE, if any; the official gate pools pre-RoPE vectors and
-    re-rotates the pooled ones - ``gate_rope`` does the re-rotation).
+    Positions as in the official gate: inside an :class:`attnlib.Attention` built with
+    ``rope=True`` the gate pools the *pre-rotary* q and k (the core undoes the module's rotation)
+    and rotates the gate vectors once, at the position of the first token of each block, with
+    the module's rotary base; the attention itself uses the rotated q and k. Gate weights of the
+    official code load with :meth:`load_official_gate` and give the same logits.
+
+    Remaining deviations: the gate K projection is per *query* head (the official one is per KV
+    head when the gate has a Q projection; :meth:`load_official_gate` repeats a per-KV-head map,
+    which gives the same logits, but training then unties it); the gate RoPE is the default
+    rotary (no Llama-3 / YaRN frequency scaling).
 
     Args:
         block_size: gate / mask block (official 64).
@@ -436,15 +450,24 @@ class SeerAttention(AttentionCore):
         threshold: keep blocks with gate probability > threshold (overrides density).
         gate_dim: gate hidden size d_g (official 128).
         q_pool, k_pool: pooling ops among "avg", "max", "min".
-        gate_rope, rope_base: RoPE on pooled gate vectors at block positions.
+        gate_rope: RoPE on the pooled gate vectors. None (default): exactly when the module
+            applies rotary positions (the official gate, in a RoPE model); True: also without
+            them, at block positions ``I·block_size`` with ``rope_base``; False: never.
+        rope_base: rotary base of the gate when the module has no rotary positions.
         loss_scale: gate loss scale (official 10).
         skip_first: fraction of leading query blocks left out of the loss (official 1/4).
         train_sparse: use the sparse kernel in training as well.
+        last_block_dense: keep every allowed block of the last two query-block rows (official
+            default True).
+        keep_own_blocks: under causal masks always keep the block(s) holding each query's own
+            position (no empty rows under a threshold; not in the official code).
         causal_gate: under causal masks, score only key blocks entirely in the past of a
             query block, from the previous query block's pooled queries (block 0: its first
-            query), and keep the own-position blocks. The official prefill gate pools the
-            whole query block and scores the diagonal block, so its mask depends on later
-            tokens of the same block; ``causal_gate=False`` reproduces that.
+            query), so the block choice never reads later tokens of the same block. The official
+            prefill gate (default False) pools the whole query block and scores the diagonal
+            block, so under causal masks tokens later in a query's own block can change which
+            blocks that query reads (never what it reads inside them); use True where strict
+            causality matters (training a causal model through the gate).
         scale: attention logit scale, default head_dim**-0.5.
     """
 
@@ -455,6 +478,7 @@ class SeerAttention(AttentionCore):
         permutation_equivariant=False,
         paper="Gao et al. 2024, SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs, arXiv 2410.13276",
     )
+    uses_rotary = True
 
     def __init__(
         self,
@@ -467,30 +491,35 @@ class SeerAttention(AttentionCore):
         gate_dim: int = 128,
         q_pool: tuple[str, ...] | list[str] = ("avg",),
         k_pool: tuple[str, ...] | list[str] = ("max", "min", "avg"),
-        gate_rope: bool = True,
+        gate_rope: bool | None = None,
         rope_base: float = 10000.0,
         loss_scale: float = 10.0,
         skip_first: float = 0.25,
         train_sparse: bool = False,
-        causal_gate: bool = True,
+        last_block_dense: bool = True,
+        keep_own_blocks: bool = False,
+        causal_gate: bool = False,
         scale: float | None = None,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
         where = "seer"
         self.causal_gate = bool(causal_gate)
+        self.last_block_dense = bool(last_block_dense)
+        self.keep_own_blocks = bool(keep_own_blocks)
         self.block_size = positive_int(block_size, f"{where}: block_size")
         self.density = fraction(density, f"{where}: density")
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
             raise ValueError(f"{where}: threshold must be a float or None, got {threshold!r}")
         self.threshold = None if threshold is None else float(threshold)
         self.gate_dim = positive_int(gate_dim, f"{where}: gate_dim")
-        if gate_rope and self.gate_dim % 2:
-            raise ValueError(f"{where}: gate_rope needs an even gate_dim, got {gate_dim}")
+        if gate_rope is not False and self.gate_dim % 2:
+            raise ValueError(f"{where}: gate RoPE needs an even gate_dim, got {gate_dim} (or set gate_rope=False)")
         self.q_pool, self.k_pool = tuple(q_pool), tuple(k_pool)
         for ops in (self.q_pool, self.k_pool):
             if not ops or any(o not in ("avg", "max", "min") for o in ops):
                 raise ValueError(f"{where}: pooling ops must be a non-empty list of 'avg', 'max', 'min', got {ops}")
-        self.gate_rope, self.rope_base = bool(gate_rope), float(rope_base)
+        self.gate_rope = None if gate_rope is None else bool(gate_rope)
+        self.rope_base = float(rope_base)
         self.loss_scale = non_negative_number(loss_scale, f"{self.name}: loss_scale")
         if not 0.0 <= float(skip_first) < 1.0:
             raise ValueError(f"{where}: skip_first must be in [0, 1), got {skip_first!r}")
@@ -508,7 +537,9 @@ class SeerAttention(AttentionCore):
 
     @classmethod
     def conformance_kwargs(cls) -> dict[str, Any]:
-        return {"block_size": 4, "density": 0.5, "gate_dim": 8}
+        # the strictly causal gate: the official one (default) lets later tokens of a query's own
+        # block change which blocks it reads, which the registry's causality property forbids
+        return {"block_size": 4, "density": 0.5, "gate_dim": 8, "causal_gate": True}
 
     def gate_logits(
         self,
@@ -518,16 +549,21 @@ class SeerAttention(AttentionCore):
         *,
         causal: bool = False,
         key_valid: Tensor | None = None,
+        rotary: RotaryCall | None = None,
         cross: bool = False,
     ) -> Tensor:
         """Block logits (B, H, n_q, n_k), float32 (float64 for float64 inputs).
 
         ``allowed`` (block level, broadcastable) sets the rest to -inf; ``key_valid`` (B, M)
-        keeps padding out of the pooling (of the queries too unless ``cross``). With ``causal``
-        and ``causal_gate`` query block I is represented by query block I - 1 (block 0 by its
-        first query) and only key blocks entirely before it are scored, so the gate never reads
-        future tokens.
+        keeps padding out of the pooling (of the queries too unless ``cross``); ``rotary``: the
+        positions the module rotated q and k at (the gate pools the pre-rotary vectors and rotates
+        at block positions). With ``causal`` and ``causal_gate`` query block I is represented by
+        query block I - 1 (block 0 by its first query) and only key blocks entirely before it are
+        scored, so the gate never reads future tokens.
         """
+        use_rotary = rotary if self.gate_rope is not False else None
+        if use_rotary is None and rotary is not None:  # gate_rope=False: still pool pre-rotary vectors
+            q, k = rotary.unrotate_q(q), rotary.unrotate_k(k)
         return seer_gate_logits(
             q,
             k,
@@ -540,14 +576,47 @@ class SeerAttention(AttentionCore):
             allowed=allowed,
             causal_gate=causal and self.causal_gate,
             key_valid=key_valid,
+            rotary=use_rotary,
             cross=cross,
         )
 
+    @torch.no_grad()
+    def load_official_gate(self, state: dict[str, Tensor], prefix: str = "") -> None:
+        """Load AttnGate weights trained with the official SeerAttention code.
+
+        ``state``: ``{prefix}mask_linear_k.weight`` and (gates with a Q map)
+        ``{prefix}mask_linear_q.weight``, e.g. one layer's entries of the official
+        ``attn_gate_weights.pth`` with ``prefix="model.layers.0.self_attn.attn_gate."``. Pooling ops,
+        block size and gate_dim must match the official gate type (``Qavg_Kmaxminavg``: q_pool
+        ("avg",), k_pool ("max", "min", "avg")).
+        """
+        qw, kw = seer_gate_from_official(state, self.num_heads, prefix)
+        if (qw is None) != (self.q_gate is None):
+            raise ValueError(
+                f"seer: the official gate {'has' if qw is not None else 'has no'} Q map, this gate "
+                f"{'has' if self.q_gate is not None else 'has none'} (q_pool={self.q_pool}, gate_dim={self.gate_dim})"
+            )
+        for name, w in (("k_gate", kw), ("q_gate", qw)):
+            p = getattr(self, name)
+            if w is None or p is None:
+                continue
+            if tuple(w.shape) != tuple(p.shape):
+                raise ValueError(f"seer: official {name} has shape {tuple(w.shape)}, expected {tuple(p.shape)}")
+            p.copy_(w)
+
     def select(
-        self, logits: Tensor, allowed: Tensor, causal: bool, n: int, m: int, key_padding: Tensor | None = None
+        self,
+        logits: Tensor,
+        allowed: Tensor,
+        causal: bool,
+        n: int,
+        m: int,
+        key_padding: Tensor | None = None,
+        cross: bool = False,
     ) -> Tensor:
         """Block selection (B, H, n_q, n_k) bool from gate logits and the caller's allowed blocks;
-        with ``key_padding`` (B, M) the top-k budget counts each example's blocks up to its last real key."""
+        with ``key_padding`` (B, M) the top-k budget (and, in self-attention, the dense last rows)
+        follow each example's last real key."""
         return seer_select(
             logits,
             allowed,
@@ -557,7 +626,10 @@ class SeerAttention(AttentionCore):
             block_size=self.block_size,
             n=n,
             m=m,
+            last_block_dense=self.last_block_dense,
+            keep_own_blocks=self.keep_own_blocks,
             key_padding=key_padding,
+            cross=cross,
         )
 
     def attend(
@@ -571,6 +643,7 @@ class SeerAttention(AttentionCore):
         need_weights: bool,
         need_importance: bool,
         dropout_p: float,
+        rotary: RotaryCall | None = None,
     ) -> CoreOutput:
         b, h, n, _ = q.shape
         m = k.shape[2]
@@ -579,14 +652,16 @@ class SeerAttention(AttentionCore):
         base = _with_caller(mask, None, bs)
         partial, full = base.block_states()
         allowed = (partial | full).expand(b, h, -1, -1)
-        logits = self.gate_logits(q, k, allowed, causal=mask.causal, key_valid=mask.key_padding, cross=cross)
+        logits = self.gate_logits(
+            q, k, allowed, causal=mask.causal, key_valid=mask.key_padding, rotary=rotary, cross=cross
+        )
         aux = None
         if self.training:
             aux = self.loss_scale * seer_gate_loss(logits, q, k, mask, scale, self.block_size, self.skip_first)
             if not self.train_sparse:  # no attention dropout (capabilities.attn_dropout=False)
                 return _dense(q, k, v, mask, scale, 0.0, need_weights, need_importance, aux)
         with torch.no_grad():
-            sel = self.select(logits.detach(), allowed, mask.causal, n, m, mask.key_padding)
+            sel = self.select(logits.detach(), allowed, mask.causal, n, m, mask.key_padding, cross)
         bm = base.restrict(sel)
         res = _run_block(q, k, v, bm, scale, need_weights, need_importance)
         res.aux_loss = aux
@@ -619,31 +694,52 @@ def freeze_all_but_gates(model: nn.Module) -> list[nn.Parameter]:
 
 @register_variant("mosa")
 class MoSAAttention(AttentionCore):
-    """MoSA: Mixture of Sparse Attention with expert-choice routing per head.
+    """MoSA: Mixture of Sparse Attention, each head an expert that picks its own tokens.
 
-    Router ``r = sigmoid(x W_r)`` (one score per head and token, computed in float32); head e
-    keeps its top-k tokens, k = clamp(floor(N / sparsity), min_tokens, N) (expert choice),
-    attends among them only (causal by original positions when causal), multiplies the
-    result by the router score (the router's only gradient path) and scatters it back;
-    tokens a head did not pick get 0 from it. Key padding: pad tokens are never picked.
+    Router ``r = sigmoid(x W_r)`` (one score per MoSA head and token, no bias by default, in
+    float32) on the module's input tokens x; head e picks k = clamp(floor(N / sparsity),
+    min_tokens, N) tokens, projects *only those* to q, k, v (so its cost is O(k·C·D + k^2·D)
+    and it holds k key/value entries, not N), rotates the first ``rotate_fraction`` of the dims
+    of q and k at the tokens' original positions, attends among them (causally by original
+    positions: ``I_i >= I_j``, the paper's mask), multiplies the result by the router score (the
+    router's only gradient path), projects it out and scatter-adds it at the picked positions;
+    tokens a head did not pick get 0 from it. The first ``num_dense_heads`` heads are ordinary
+    dense softmax heads (the paper's hybrid), with the same partial rotary.
 
-    Expert choice reads the whole sequence, so whether token t is picked depends on later
-    tokens (the official code's leak, issue #3). ``causal_routing=True`` instead picks token
-    t iff ``r_t > threshold`` - a per-token decision, so causal outputs never depend on the
-    future (k then varies per head). ``causal_routing=None`` (default) uses it exactly for
-    causal calls.
+    Routing (``routing``):
 
-    Router input: the concatenated per-head queries (= x W_q), a reparametrisation of the
-    official ``x W_r`` (the core does not see x).
+    * ``"expert_choice"``: the paper's and the official code's top-k over the whole sequence.
+      With ``causal`` only the attention among the picks is causal; *which* tokens are picked
+      depends on later tokens (an open question in the official repository: "Information leakage
+      via router"), so a causal model's outputs read the future.
+    * ``"causal_expert_choice"``: the same budget decided from the prefix: token t is picked iff
+      expert choice over tokens 0..t would pick it and the head holds fewer than k(t+1) tokens.
+      Causal outputs never read later tokens, decoding equals the full forward, and a head never
+      holds more than k(N) tokens (ours; not in the paper).
+    * ``"auto"`` (default): ``expert_choice`` for non-causal calls, ``causal_expert_choice``
+      for causal ones.
+    * ``"threshold"``: token t is picked iff ``r_t > threshold`` (the count is not tied to
+      ``sparsity``; kept for comparison).
+
+    Positions: the partial rotary uses the module's rotary positions and base, so build the
+    :class:`attnlib.Attention` with ``rope=True`` (as :class:`attnlib.models.DecoderLM` does);
+    without it MoSA has no positions (the official MoSA always rotates, base 1e4).
 
     Args:
         sparsity: rho, k = N / rho (1 keeps every token).
-        causal_routing: None (auto), True (threshold routing) or False (expert choice).
-        threshold: router score threshold for causal routing.
-        include_first: token 0 is always picked.
+        routing: "auto", "expert_choice", "causal_expert_choice" or "threshold".
+        threshold: router score threshold of ``"threshold"`` routing.
+        include_first: token 0 is always picked (official option).
         min_tokens: smallest k (official 2).
+        num_dense_heads: dense heads among the module's heads (the hybrid; the official README
+            example: 3 dense + 4 MoSA heads).
+        rotate_fraction: share of each head's dims that are rotated (official 0.5).
         router_bias: bias in the router (official: none).
         scale: logit scale, default head_dim**-0.5.
+
+    Called as a bare core on q, k, v (no tokens) the router reads the concatenated per-head
+    queries instead of x and nothing is rotated; :class:`attnlib.Attention` always goes through
+    :meth:`forward_tokens`.
     """
 
     capabilities = Capabilities(
@@ -665,6 +761,7 @@ class MoSAAttention(AttentionCore):
         family="sparse",
         paper="Piękos, Csordás & Schmidhuber 2025, Mixture of Sparse Attention (MoSA), arXiv 2505.00315",
     )
+    projects_tokens = True
 
     def __init__(
         self,
@@ -672,43 +769,76 @@ class MoSAAttention(AttentionCore):
         num_heads: int,
         head_dim: int,
         sparsity: float = 4.0,
-        causal_routing: bool | None = None,
+        routing: str = "auto",
         threshold: float = 0.5,
         include_first: bool = False,
         min_tokens: int = 2,
+        num_dense_heads: int = 0,
+        rotate_fraction: float = 0.5,
         router_bias: bool = False,
         scale: float | None = None,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or float(sparsity) < 1.0:
             raise ValueError(f"mosa: sparsity must be a number >= 1 (k = N / sparsity), got {sparsity!r}")
+        if routing not in ("auto", *MOSA_ROUTINGS):
+            raise ValueError(f"mosa: routing must be 'auto' or one of {MOSA_ROUTINGS}, got {routing!r}")
         if not 0.0 <= float(threshold) < 1.0:
             raise ValueError(f"mosa: threshold must be in [0, 1), got {threshold!r}")
+        if not 0.0 <= float(rotate_fraction) <= 1.0:
+            raise ValueError(f"mosa: rotate_fraction must be in [0, 1], got {rotate_fraction!r}")
+        self.num_dense_heads = non_negative_int(num_dense_heads, "mosa: num_dense_heads")
+        if self.num_dense_heads >= num_heads:
+            raise ValueError(f"mosa: num_dense_heads must be < num_heads={num_heads}, got {num_dense_heads}")
         self.sparsity = float(sparsity)
-        self.causal_routing = causal_routing
+        self.routing = routing
         self.threshold = float(threshold)
         self.include_first = bool(include_first)
         self.min_tokens = positive_int(min_tokens, "mosa: min_tokens")
+        self.rotate_fraction = float(rotate_fraction)
+        self.n_rot = 2 * int(self.rotate_fraction * head_dim / 2)
         self.scale = optional_positive_number(scale, f"{self.name}: scale")
-        self.router = nn.Linear(num_heads * head_dim, num_heads, bias=router_bias)
+        self.router = nn.Linear(num_heads * head_dim, num_heads - self.num_dense_heads, bias=router_bias)
 
     @classmethod
     def conformance_kwargs(cls) -> dict[str, Any]:
-        return {"sparsity": 2.0}
+        return {"sparsity": 2.0, "num_dense_heads": 1}
 
-    def route(self, q: Tensor, mask: AttentionMask) -> tuple[Tensor, Tensor, Tensor]:
-        """(scores r (B, H, N) float32, picked positions idx (B, H, K) ascending, slot_valid (B, H, K))."""
-        return mosa_route(
-            q,
-            self.router.weight,
-            self.router.bias,
-            key_padding=mask.key_padding,
-            causal_routing=mask.causal if self.causal_routing is None else self.causal_routing,
+    def routing_for(self, causal: bool) -> str:
+        """The routing a call uses ("auto" resolved by ``causal``)."""
+        if self.routing == "auto":
+            return "causal_expert_choice" if causal else "expert_choice"
+        return self.routing
+
+    def route(self, tokens: Tensor, mask: AttentionMask) -> tuple[Tensor, Tensor, Tensor]:
+        """Router scores and picks from tokens (B, N, C).
+
+        Returns (r (B, E, N), idx (B, E, K) ascending, slot_valid (B, E, K)).
+        """
+        r = mosa_router(tokens, self.router.weight, self.router.bias)
+        idx, slot_valid = mosa_select(
+            r,
+            routing=self.routing_for(mask.causal),
             sparsity=self.sparsity,
             min_tokens=self.min_tokens,
             threshold=self.threshold,
             include_first=self.include_first,
+            valid=mask.key_padding,
         )
+        return r, idx, slot_valid
+
+    def _dense_heads(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout_p: float, need: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """The hybrid's dense heads: softmax attention of q, k, v (B, H_d, N, D) under ``mask``."""
+        hd = q.shape[1]
+        full = None if mask.full is None else mask.full[:, :hd] if mask.full.shape[1] > 1 else mask.full
+        sub = dataclasses.replace(mask, heads=hd, full=full, _dense_cache={})
+        if need:
+            return softmax_attention(
+                q, k, v, mask=sub, scale=self.scale, dropout_p=dropout_p, backend="math", return_weights=True
+            )
+        return softmax_attention(q, k, v, mask=sub, scale=self.scale, dropout_p=dropout_p), None
 
     def attend(
         self,
@@ -722,25 +852,96 @@ class MoSAAttention(AttentionCore):
         need_importance: bool,
         dropout_p: float,
     ) -> CoreOutput:
-        r, idx, slot_valid = self.route(q, mask)
+        hd = self.num_dense_heads
+        b, h, n, d = q.shape
+        r, idx, slot_valid = self.route(q.transpose(1, 2).reshape(b, n, h * d), mask)
+        full = None if mask.full is None else mask.full[:, hd:] if mask.full.shape[1] > 1 else mask.full
         out, weights, imp = mosa_attention(
-            q,
-            k,
-            v,
-            r,
-            idx,
-            slot_valid,
-            causal=mask.causal,
-            full=mask.full,
-            scale=self.scale,
-            dropout_p=dropout_p,
-            need_weights=need_weights,
-            need_importance=need_importance,
-        )
-        return CoreOutput(out, weights=weights, importance=imp)
+            q[:, hd:], k[:, hd:], v[:, hd:], r, idx, slot_valid, causal=mask.causal, full=full,
+            scale=self.scale, dropout_p=dropout_p, need_weights=need_weights, need_importance=need_importance,
+        )  # fmt: skip
+        if not hd:
+            return CoreOutput(out, weights=weights, importance=imp)
+        od, wd = self._dense_heads(q[:, :hd], k[:, :hd], v[:, :hd], mask, dropout_p, need_weights or need_importance)
+        return _merge_heads(od, wd, out, weights, imp, need_weights, need_importance)
+
+    def forward_tokens(
+        self,
+        x: Tensor,
+        mask: AttentionMask,
+        *,
+        in_proj: nn.Linear,
+        out_proj: nn.Linear,
+        num_kv_heads: int,
+        rotary: RotaryCall | None,
+        need_weights: bool,
+        need_importance: bool,
+        dropout_p: float,
+    ) -> tuple[Tensor, CoreOutput]:
+        h, d, hd = self.num_heads, self.head_dim, self.num_dense_heads
+        n, c = x.shape[1], x.shape[2]
+        g = h // num_kv_heads
+        kv = torch.arange(h, device=x.device) // g  # the key/value head of each query head
+        w, bias = in_proj.weight, in_proj.bias
+        rows = [torch.arange(h, device=x.device) * d, h * d + kv * d, (h + num_kv_heads) * d + kv * d]
+        per_head = [r[:, None] + torch.arange(d, device=x.device) for r in rows]  # 3 x (H, D) row indices
+        wq, wk, wv = (w[i] for i in per_head)  # (H, D, C)
+        bq, bk, bv = (None if bias is None else bias[i] for i in per_head)  # (H, D)
+        w_out = out_proj.weight.view(c, h, d).permute(1, 0, 2)  # (H, C, D)
+        pos = None if rotary is None else rotary.q_positions
+        base = 10000.0 if rotary is None else rotary.base
+        r, idx, slot_valid = self.route(x, mask)
+        full = None if mask.full is None else mask.full[:, hd:] if mask.full.shape[1] > 1 else mask.full
+        y, w_g = mosa_token_attention(
+            x, (wq[hd:], wk[hd:], wv[hd:]),
+            (None, None, None) if bias is None else (bq[hd:], bk[hd:], bv[hd:]),
+            w_out[hd:], r, idx, slot_valid, positions=pos, rope_base=base, n_rot=self.n_rot,
+            causal=mask.causal, full=full, scale=self.scale, dropout_p=dropout_p,
+            need_weights=need_weights or need_importance,
+        )  # fmt: skip
+        weights = imp = None
+        if w_g is not None:
+            weights, imp = mosa_scatter_weights(w_g, idx, n, need_weights, need_importance)
+        if hd:
+            q, k, v = (
+                torch.einsum("bnc,hdc->bhnd", x, ww[:hd]) + (0 if bb is None else bb[None, :hd, None, :])
+                for ww, bb in ((wq, bq), (wk, bk), (wv, bv))
+            )
+            if pos is not None:
+                pp = pos if pos.dim() == 1 else pos[:, None]
+                q, k = partial_rotary(q, pp, base, self.n_rot), partial_rotary(k, pp, base, self.n_rot)
+            od, wd = self._dense_heads(q, k, v, mask, dropout_p, need_weights or need_importance)
+            y = y + torch.einsum("bhnd,hcd->bnc", od, w_out[:hd])
+            merged = _merge_heads(od, wd, None, weights, imp, need_weights, need_importance)
+            weights, imp = merged.weights, merged.importance
+        if out_proj.bias is not None:
+            y = y + out_proj.bias
+        return y, CoreOutput(y, weights=weights, importance=imp)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", sparsity={self.sparsity}, causal_routing={self.causal_routing}"
+        return (
+            super().extra_repr()
+            + f", sparsity={self.sparsity}, routing={self.routing!r}, num_dense_heads={self.num_dense_heads}"
+        )
+
+
+def _merge_heads(
+    dense_out: Tensor,
+    dense_w: Tensor | None,
+    sparse_out: Tensor | None,
+    sparse_w: Tensor | None,
+    sparse_imp: Tensor | None,
+    need_weights: bool,
+    need_importance: bool,
+) -> CoreOutput:
+    """Dense heads first, then the sparse heads: outputs (when given), weights and importance concatenated."""
+    out = dense_out if sparse_out is None else torch.cat([dense_out, sparse_out], 1)
+    weights = imp = None
+    if need_weights and dense_w is not None and sparse_w is not None:
+        weights = torch.cat([dense_w, sparse_w], 1)
+    if need_importance and dense_w is not None and sparse_imp is not None:
+        imp = torch.cat([dense_w.mean(2), sparse_imp], 1)
+    return CoreOutput(out, weights=weights, importance=imp)
 
 
 # ------------------------------------------------------------------------------------------
