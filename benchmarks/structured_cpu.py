@@ -151,9 +151,23 @@ def main() -> None:
     def keep(variant: str) -> bool:
         return not only or variant in only
 
+    def save(done: bool) -> None:
+        result = {
+            "command": "python benchmarks/structured_cpu.py " + " ".join(sys.argv[1:]),
+            "started": started.isoformat(timespec="seconds"),
+            "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds") if done else None,
+            "machine": info,
+            "load_at_end": load_average(),
+            "rows": rows,
+        }
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{a.out}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (RESULTS / f"{a.out}.md").write_text(_markdown(result))
+
     def log(row: dict[str, Any]) -> None:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "timings"}), flush=True)
+        save(False)  # every finished row is on disk, should a later one run out of time
 
     if "time" in which:
         for variant, n, mode, kw, target in TIME_ROWS:
@@ -205,18 +219,7 @@ def main() -> None:
                 row["error"] = str(e).splitlines()[0]
             row |= {"target": limit, "load_before": load, "load_after": load_average()}
             log(row)
-    finished = dt.datetime.now(dt.UTC)
-    result = {
-        "command": "python benchmarks/structured_cpu.py " + " ".join(sys.argv[1:]),
-        "started": started.isoformat(timespec="seconds"),
-        "finished": finished.isoformat(timespec="seconds"),
-        "machine": info,
-        "load_at_end": load_average(),
-        "rows": rows,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{a.out}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{a.out}.md").write_text(_markdown(result))
+    save(True)
 
 
 def _verdict(row: dict[str, Any], key: str, target: float | None, noisy: bool) -> str:
@@ -237,7 +240,9 @@ def _markdown(r: dict[str, Any]) -> str:
         f"# Sparse and structured variants vs the softmax module ({m['threads']} threads)",
         "",
         f"Machine: CPU `{m['cpu']}` ({m['cores']} cores, {m['threads']} torch threads, {m['cpu_capability']}); "
-        f"torch {m['torch']}, Python {m['python']}; commit `{m['commit']}`; {r['started']} to {r['finished']}.",
+        f"torch {m['torch']}, Python {m['python']}; commit `{m['commit']}`; {r['started']} to "
+        + (r["finished"] or "(not finished: the rows below are those completed)")
+        + ".",
         f"Load average (1/5/15 min) at start {m['loadavg']}, at end {r['load_at_end']}."
         + (
             " **Taken under load** (a shared machine): the time ratios are provisional; memory is load-independent."
