@@ -169,25 +169,27 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "timings"}), flush=True)
         save(False)  # every finished row is on disk, should a later one run out of time
 
+    def timed(table: str, variant: str, n: int, mode: str, kw: dict[str, Any], tgt: float | None, *shape: int) -> None:
+        load = load_average()
+        row: dict[str, Any] = {"table": table, "variant": variant, "n": n, "pass": mode, "kwargs": kw}
+        try:
+            t = run_isolated(time_pair, variant, n, mode, kw, a.threads, a.runs, *shape, timeout=a.timeout)
+            row |= {
+                "softmax_s": t["softmax"]["median_s"],
+                "variant_s": t[variant]["median_s"],
+                "ratio": t[variant]["median_s"] / t["softmax"]["median_s"],
+                "noise": max(t["softmax"]["noise"], t[variant]["noise"]),
+                "timings": t,
+            }
+        except IsolatedError as e:
+            row["error"] = str(e).splitlines()[0]
+        row |= {"target": tgt, "load_before": load, "load_after": load_average()}
+        log(row)
+
     if "time" in which:
         for variant, n, mode, kw, target in TIME_ROWS:
-            if not keep(variant):
-                continue
-            load = load_average()
-            row: dict[str, Any] = {"table": "time", "variant": variant, "n": n, "pass": mode, "kwargs": kw}
-            try:
-                t = run_isolated(time_pair, variant, n, mode, kw, a.threads, a.runs, 1, 512, 8, timeout=a.timeout)
-                row |= {
-                    "softmax_s": t["softmax"]["median_s"],
-                    "variant_s": t[variant]["median_s"],
-                    "ratio": t[variant]["median_s"] / t["softmax"]["median_s"],
-                    "noise": max(t["softmax"]["noise"], t[variant]["noise"]),
-                    "timings": t,
-                }
-            except IsolatedError as e:
-                row["error"] = str(e).splitlines()[0]
-            row |= {"target": target, "load_before": load, "load_after": load_average()}
-            log(row)
+            if keep(variant):
+                timed("time", variant, n, mode, kw, target, 1, 512, 8)
     if "memory" in which:
         for variant, n, mode, kw, limit in MEMORY_ROWS:
             if not keep(variant):
@@ -201,24 +203,9 @@ def main() -> None:
             log(row)
     if "short" in which:
         for variant in SHORT_VARIANTS:
-            if not keep(variant):
-                continue
-            load = load_average()
-            row = {"table": "short", "variant": variant, "n": 17, "pass": "fwd+bwd", "kwargs": {}}
-            limit = 10.0 if variant in ("sinkhorn", "got") else 3.0
-            try:
-                t = run_isolated(time_pair, variant, 17, "fwd+bwd", {}, a.threads, a.runs, 64, 64, 4, timeout=a.timeout)
-                row |= {
-                    "softmax_s": t["softmax"]["median_s"],
-                    "variant_s": t[variant]["median_s"],
-                    "ratio": t[variant]["median_s"] / t["softmax"]["median_s"],
-                    "noise": max(t["softmax"]["noise"], t[variant]["noise"]),
-                    "timings": t,
-                }
-            except IsolatedError as e:
-                row["error"] = str(e).splitlines()[0]
-            row |= {"target": limit, "load_before": load, "load_after": load_average()}
-            log(row)
+            if keep(variant):
+                limit = 10.0 if variant in ("sinkhorn", "got") else 3.0
+                timed("short", variant, 17, "fwd+bwd", {}, limit, 64, 64, 4)
     save(True)
 
 

@@ -268,13 +268,35 @@ def sinkhorn_steps(
     Returns:
         (f, g); the plan is ``exp(logk + f_i + g_j)``.
     """
+    return _alternate(
+        steps,
+        f,
+        g,
+        lambda g: log_a - torch.logsumexp(logk + g[..., None, :], -1),
+        lambda f: log_b - torch.logsumexp(logk + f[..., :, None], -2),
+        rmask,
+        cmask,
+    )
+
+
+def _alternate(
+    steps: int,
+    f: Tensor,
+    g: Tensor,
+    row_step: Callable[[Tensor], Tensor],
+    col_step: Callable[[Tensor], Tensor],
+    rmask: Tensor | None,
+    cmask: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """``steps`` alternating updates ``f = row_step(g)``, ``g = col_step(f)`` (rows first); potentials
+    outside ``rmask`` / ``cmask`` set to 0."""
     for it in range(steps):
         if it % 2 == 0:
-            f = log_a - torch.logsumexp(logk + g[..., None, :], -1)
+            f = row_step(g)
             if rmask is not None:
                 f = torch.where(rmask, f, 0.0)
         else:
-            g = log_b - torch.logsumexp(logk + f[..., :, None], -2)
+            g = col_step(f)
             if cmask is not None:
                 g = torch.where(cmask, g, 0.0)
     return f, g
@@ -325,17 +347,14 @@ def sinkhorn_steps_blocked(
     def col_lse(s: int, e: int, f: Tensor) -> Tensor:
         return torch.logsumexp(rows(s, e) + f[..., s:e, None], -2)
 
-    for it in range(steps):
-        if it % 2 == 0:
-            f = log_a - torch.cat([_blockwise(row_lse, s, e, g) for s, e in blocks], -1)
-            if rmask is not None:
-                f = torch.where(rmask, f, 0.0)
-        else:
-            parts = [_blockwise(col_lse, s, e, f) for s, e in blocks]
-            g = log_b - (parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts, -2), -2))
-            if cmask is not None:
-                g = torch.where(cmask, g, 0.0)
-    return f, g
+    def row_step(g: Tensor) -> Tensor:
+        return log_a - torch.cat([_blockwise(row_lse, s, e, g) for s, e in blocks], -1)
+
+    def col_step(f: Tensor) -> Tensor:
+        parts = [_blockwise(col_lse, s, e, f) for s, e in blocks]
+        return log_b - (parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts, -2), -2))
+
+    return _alternate(steps, f, g, row_step, col_step, rmask, cmask)
 
 
 def transport_blocked(
