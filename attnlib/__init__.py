@@ -14,7 +14,9 @@ from attnlib.attention import Attention, AttentionExtras, aux_loss, build_attent
 from attnlib.decoding import AttentionCache
 from attnlib.errors import UnsupportedError
 from attnlib.masks import BlockMask, KeyPadding, SlidingWindow
+from attnlib.multihead import MultiheadAttention
 from attnlib.registry import Capabilities, available, register_variant, variant_info
+from attnlib.variants import build_core
 
 __version__ = "0.1.0"
 
@@ -25,12 +27,14 @@ __all__ = [
     "BlockMask",
     "Capabilities",
     "KeyPadding",
+    "MultiheadAttention",
     "SlidingWindow",
     "UnsupportedError",
     "analysis",
     "aux_loss",
     "available",
     "build_attention",
+    "build_core",
     "functional",
     "kernels",
     "masks",

@@ -9,7 +9,6 @@ the methods here delegate to them.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,9 +23,11 @@ from attnlib._config import to_plain_dict
 from attnlib._validation import check_index, describe, non_negative_int, positive_int
 from attnlib.decoding import AttentionCache, decode_mode
 from attnlib.errors import UnsupportedError
+from attnlib.functional.gta import Geometry, gta_output, gta_transform
 from attnlib.masks import AttentionMask, MaskLike, normalize_mask
 from attnlib.positional import RotaryCall, RotaryEmbedding, RotaryPositions
 from attnlib.registry import Capabilities, get_variant
+from attnlib.variants._build import check_variant_kwargs
 from attnlib.variants.base import AttentionCore, CoreOutput, check_supported
 
 __all__ = ["Attention", "AttentionCache", "AttentionExtras", "aux_loss", "build_attention", "decode_mode"]
@@ -47,24 +48,6 @@ class AttentionExtras:
     weights: Tensor | None
     importance: Tensor | None
     aux_loss: Tensor | None
-
-
-def _check_variant_kwargs(variant: str, cls: type[AttentionCore], kwargs: dict[str, Any]) -> None:
-    """Unknown options raise a ValueError listing the ones the variant accepts."""
-    params = inspect.signature(cls.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    accepted = [
-        n
-        for n, p in params.items()
-        if n not in ("self", "num_heads", "head_dim") and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"variant {variant!r} got unknown option(s) {unknown}; it accepts: "
-            f"{', '.join(accepted) or 'no options'} (plus the Attention arguments)"
-        )
 
 
 class Attention(nn.Module):
@@ -129,7 +112,7 @@ class Attention(nn.Module):
         self.in_proj = nn.Linear(dim, dim + 2 * kv_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(dim, dim)
         self.rope = RotaryEmbedding(self.head_dim, rope_base) if rope else None
-        _check_variant_kwargs(variant, cls, variant_kwargs)
+        check_variant_kwargs(variant, cls, variant_kwargs)
         self.core: AttentionCore = cls(num_heads=num_heads, head_dim=self.head_dim, **variant_kwargs)
         self.pending_aux_loss: Tensor | None = None
 
@@ -233,6 +216,7 @@ class Attention(nn.Module):
         cache: AttentionCache | None = None,
         positions: Tensor | RotaryPositions | None = None,
         weights_query: int | None = None,
+        geometry: Geometry | None = None,
     ) -> Tensor | tuple[Tensor, AttentionExtras]:
         """Attend.
 
@@ -265,11 +249,17 @@ class Attention(nn.Module):
                 path; the others compute the full weights and the row is taken from them.
                 Negative values count from the end; UnsupportedError for a variant without
                 weights.
+            geometry: GTA (geometric transform attention, :mod:`attnlib.functional.gta`): the
+                group representations of the queries' and keys' tokens (camera poses, patch
+                positions); q, k, v are expressed in each query's frame around the variant's
+                call, for any variant. Not with ``cache``.
 
         Returns:
             (B, N, dim), or ((B, N, dim), AttentionExtras) when ``return_extras``.
         """
         if cache is not None:
+            if geometry is not None:
+                raise UnsupportedError("geometry= (GTA) is not supported with incremental decoding (cache=)")
             return decoding.forward_cached(
                 self,
                 x,
@@ -299,6 +289,10 @@ class Attention(nn.Module):
             q, k, v = self._project_rotated(x, position_offset, positions)
         else:
             q, k, v = self.project(x, context)
+        if geometry is not None:
+            if not isinstance(geometry, Geometry):
+                raise ValueError(f"geometry must be an attnlib.functional.gta.Geometry, got {describe(geometry)}")
+            q, k, v = gta_transform(q, k, v, geometry)
         b, h, n, _ = q.shape
         am = normalize_mask(
             mask,
@@ -337,7 +331,7 @@ class Attention(nn.Module):
             if res.weights is None:
                 raise UnsupportedError(f"weights_query needs attention weights, but variant {self.variant!r} has none")
             row = res.weights[:, :, query : query + 1]
-        y = self._project_out(res.out)
+        y = self._project_out(res.out if geometry is None else gta_output(res.out, geometry))
         self.pending_aux_loss = res.aux_loss
         if not return_extras:
             return y

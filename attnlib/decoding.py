@@ -13,16 +13,18 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from attnlib._validation import describe
+from attnlib._validation import check_qkv, describe
 from attnlib.errors import UnsupportedError
+from attnlib.functional._common import repeat_kv
 from attnlib.masks import AttentionMask, MaskLike, normalize_mask
 from attnlib.positional import RotaryCall, RotaryPositions
 from attnlib.registry import Capabilities
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnlib.attention import Attention, AttentionExtras
+    from attnlib.variants.base import AttentionCore, CoreOutput
 
-__all__ = ["AttentionCache", "decode_mode", "forward_cached", "init_cache"]
+__all__ = ["AttentionCache", "attend_new_queries", "decode_mode", "forward_cached", "init_cache", "kv_decode_exact"]
 
 _CACHE_MODES = ("recurrent", "kv", "recompute")
 
@@ -333,3 +335,70 @@ def forward_cached(
         return y
     weights = None if res is None or res.weights is None else res.weights[:, :, -n:]
     return y, attn._extras(res, weights=weights)
+
+
+def kv_decode_exact(core: AttentionCore) -> bool:
+    """Whether ``core`` attending from N new queries to M >= N cached keys (causal, bottom-right
+    aligned) gives exactly the last N rows of its causal forward over all M positions.
+
+    True for an ``exact`` variant with ``causal_cross`` and no pattern of its own
+    (:meth:`AttentionCore.implied_mask` None): exact softmax over the allowed keys is row-wise. A
+    variant whose pattern or learned gate is laid out over the positions (block_sparse's layouts,
+    seer's pooled blocks) places it differently for N new rows than for the whole sequence, and
+    others are not known to be row-wise: they decode exactly by recomputing over the prefix.
+    """
+    caps = core.capabilities
+    return caps.causal_cross and caps.exact and core.implied_mask(2, 3) is None
+
+
+def attend_new_queries(
+    core: AttentionCore,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_padding_mask: Tensor | None = None,
+    prefix_queries: Tensor | None = None,
+    need_weights: bool = False,
+    dropout_p: float = 0.0,
+) -> CoreOutput:
+    """Causal attention of the last N positions of a sequence to its M keys/values held elsewhere
+    (e.g. a framework's key/value cache): q (B, H, N, D), k, v (B, H_kv, M, D) with M >= N.
+
+    Where :func:`kv_decode_exact` holds (or a core with ``capabilities.causal_cross`` gets no
+    ``prefix_queries``), the new queries attend directly (bottom-right aligned causal mask, the
+    ``"kv"`` decode mode). Otherwise the core needs the queries of the M - N earlier positions,
+    ``prefix_queries`` (B, H, M - N, D): it runs over the whole prefix and keeps the new rows (the
+    ``"recompute"`` mode), which equals recomputing the sequence from scratch.
+    ``key_padding_mask`` (B, M): True = real key. Key/value heads are repeated for a core without
+    grouped-query support. Returns the core's :class:`CoreOutput` for the N new rows.
+    """
+    check_qkv(q, k, v, where="attend_new_queries")
+    caps = core.capabilities
+    b, h, n, _ = q.shape
+    m = k.shape[2]
+    if not caps.causal:
+        raise UnsupportedError(f"variant {core.name!r} does not support causal=True")
+    if m < n:
+        raise ValueError(f"attend_new_queries needs at least as many keys as queries, got N={n}, M={m}")
+    direct = kv_decode_exact(core) or (caps.causal_cross and prefix_queries is None)
+    if n != m and not direct:
+        if prefix_queries is None or tuple(prefix_queries.shape) != (b, h, m - n, q.shape[3]):
+            raise UnsupportedError(
+                f"variant {core.name!r} does not attend from N={n} new queries to M={m} cached keys "
+                "exactly (attnlib.decoding.kv_decode_exact): it recomputes over the prefix and needs the queries of "
+                f"the {m - n} earlier positions, prefix_queries (B, H, M - N, D) = ({b}, {h}, {m - n}, "
+                f"{q.shape[3]}); got {describe(prefix_queries)}"
+            )
+        q = torch.cat([prefix_queries.to(q.dtype), q], 2)
+    if not caps.gqa and k.shape[1] != h:
+        k, v = repeat_kv(k, h // k.shape[1]), repeat_kv(v, h // k.shape[1])
+    am = normalize_mask(
+        None, causal=True, batch=b, heads=h, n=q.shape[2], m=m, device=q.device, key_padding_mask=key_padding_mask
+    )
+    res = core(q, k, v, am, need_weights=need_weights, dropout_p=dropout_p)
+    if q.shape[2] != n:
+        res.out = res.out[:, :, -n:]
+        res.weights = None if res.weights is None else res.weights[:, :, -n:]
+        res.importance = None
+    return res

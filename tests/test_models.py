@@ -37,9 +37,18 @@ DATA_KW = {
     "encoder": {"vocab_size": 16, "num_classes": 10},
     "conformer": {"vocab_size": 11, "sample_rate": 8000},
     "branchformer": {"vocab_size": 11, "sample_rate": 8000},
+    "tabular": {"num_features": 5, "max_classes": 3},
+    "asr_attention": {"vocab_size": 11, "sample_rate": 8000},
 }
 TINY = {"dim": 16, "depth": 1, "num_heads": 2}
 TINY_ASR = {**TINY, "n_mels": 16, "specaugment": None}
+TINY_BY_MODEL = {
+    "conformer": TINY_ASR,
+    "branchformer": TINY_ASR,
+    "asr_attention": TINY_ASR,
+    "tabular": {"dim": 16, "num_heads": 2},
+}
+ASR_MODELS = ("conformer", "branchformer", "asr_attention")
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +68,10 @@ def _inputs(model_name: str, b: int = 2) -> tuple[tuple, dict]:
         mask = torch.ones(b, 12, dtype=torch.bool)
         mask[0, 9:] = False
         return (x, mask), {}
+    if model_name == "tabular":
+        tok = torch.randn(b, 9, 6, generator=g)
+        tok[..., -1] = torch.tensor([0.0, 1.0, 2.0, 1.0, 0.0, -1.0, -1.0, -1.0, -1.0])
+        return (tok,), {}
     wave = torch.randn(b, 4000, generator=g) * 0.1
     return (wave, torch.tensor([4000, 2500][:b])), {}
 
@@ -79,7 +92,7 @@ def test_attention_config_composes_into_backbone(hydra_configs, variant: str, mo
     build-time UnsupportedError naming the variant and the missing capability."""
     cfg = compose("train", overrides=[f"attention={variant}", f"model={model_name}"])
     assert cfg.attention.variant == variant
-    tiny = TINY_ASR if model_name in ("conformer", "branchformer") else TINY
+    tiny = TINY_BY_MODEL.get(model_name, TINY)
     needs = MODEL_NEEDS[model_name]
     caps = attnlib.variant_info(variant)
     missing = [f for f in needs if not getattr(caps, f)]
@@ -94,13 +107,15 @@ def test_attention_config_composes_into_backbone(hydra_configs, variant: str, mo
     args, kw = _inputs(model_name)
     with torch.no_grad():
         out = model(*args, **kw)
-    if model_name in ("conformer", "branchformer"):
+    if model_name in ASR_MODELS:
         log_probs, frames = out
         assert log_probs.shape[0] == 2 and log_probs.shape[-1] == 11
         assert frames.tolist() == [int(f) for f in frames] and int(frames.max()) == log_probs.shape[1]
         out = log_probs[0, : int(frames[0])]
     elif model_name == "lm":
         assert out.shape == (2, 12, 37)
+    elif model_name == "tabular":
+        assert out.shape == (2, 9, 3)
     else:
         assert out.shape == (2, 10)
     assert torch.isfinite(out).all()
@@ -127,7 +142,7 @@ def bare_variant(monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.mark.parametrize("model_name", sorted(m for m in MODEL_NEEDS if MODEL_NEEDS[m]))
 def test_missing_capability_error_names_variant_and_capability(bare_variant: str, model_name: str) -> None:
-    kw = {**DATA_KW[model_name], **(TINY_ASR if model_name in ("conformer", "branchformer") else TINY)}
+    kw = {**DATA_KW[model_name], **TINY_BY_MODEL.get(model_name, TINY)}
     with pytest.raises(attnlib.UnsupportedError) as e:
         build_model({"name": model_name}, {"variant": bare_variant}, **kw)
     msg = str(e.value)

@@ -76,6 +76,17 @@ TINY_DATA = {
     ],
 }
 TINY_DATA["asr_digits_branchformer"] = TINY_DATA["asr_digits"]
+TINY_DATA["tabular_icl"] = [
+    "data.num_train=8",
+    "data.num_test=4",
+    "data.num_val=4",
+    "data.num_test_tables=4",
+    "data.batch_size=2",
+    "data.eval_batch_size=4",
+]
+# models without a single ``depth`` (the tabular learner has one per axis)
+TINY_MODEL_OF = {"tabular_icl": ["model.dim=16", "model.num_heads=2", "model.row_blocks=1", "model.icl_blocks=1"]}
+TINY_DATA["asr_digits_aed"] = [*TINY_DATA["asr_digits"], "model.decoder_depth=1"]
 MAIN_METRIC = {"classify": "accuracy", "lm": "bpc", "recall": "accuracy", "ctc": "cer"}
 
 
@@ -110,7 +121,8 @@ def test_every_experiment_trains_tiny(experiment: str, tmp_path: Path, chars_roo
         stage1_cfg = _cfg("experiment=vit_digits_ltp", *QUIET, *TINY_TRAIN, *TINY_MODEL, *extra, "trainer.max_steps=2")
         train(stage1_cfg, stage1)
         extra.append(f"init_from={stage1}")
-    cfg = _cfg(f"experiment={experiment}", *QUIET, *TINY_TRAIN, *TINY_MODEL, *extra)
+    tiny_model = TINY_MODEL_OF.get(experiment, TINY_MODEL)
+    cfg = _cfg(f"experiment={experiment}", *QUIET, *TINY_TRAIN, *tiny_model, *extra)
     res = train(cfg, tmp_path / "run")
     if experiment.endswith(("_ft", "_finetune")):
         assert res["init_from"] == res["distill_from"] == str(tmp_path / "dense")

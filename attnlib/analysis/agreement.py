@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
-from attnlib.analysis.capture import attention_sites, core_call_hooks, site_core
+from attnlib.analysis.capture import Removable, attention_sites, core_call_hooks, site_core
 from attnlib.analysis.measures import js_divergence, kl_divergence, l1_distance
 from attnlib.errors import UnsupportedError
 from attnlib.registry import get_variant
@@ -113,7 +112,7 @@ def variant_agreement(
         torch.random.set_rng_state(gen_state)
     found: dict[str, dict[int, dict[str, Tensor]]] = {v: {} for v in spec}
     skipped: dict[str, dict[str, str]] = {v: {} for v in spec}
-    handles: list[RemovableHandle] = []
+    handles: list[Removable] = []
 
     def make(layer: int, name: str) -> Any:
         def on_call(args: tuple[Any, ...], kwargs: dict[str, Any], out: CoreOutput) -> None:
@@ -131,9 +130,19 @@ def variant_agreement(
 
         return on_call
 
+    def tokens_only(name: str, core: AttentionCore) -> Any:
+        def on_tokens(_x: Tensor, _mask: Any, _out: CoreOutput) -> None:
+            why = f"site {name!r} ({core.name}) computes the layer from its tokens: no per-head q, k, v to replay on"
+            for var in shadows:
+                skipped[var].setdefault(name, why)
+
+        return on_tokens
+
     try:
         for layer, ((name, _), core) in enumerate(zip(sites, cores)):
-            handles += core_call_hooks(core, make(layer, name), weights=True, importance=False)
+            handles += core_call_hooks(
+                core, make(layer, name), weights=True, importance=False, on_tokens=tokens_only(name, core)
+            )
         with torch.no_grad():
             run(model)
     finally:

@@ -276,10 +276,13 @@ def core_call_hooks(
     *,
     weights: bool,
     importance: bool,
-) -> list[RemovableHandle]:
+    on_tokens: Callable[[Tensor, AttentionMask, CoreOutput], None] | None = None,
+) -> list[Removable]:
     """Hooks on a core that ask it for weights / importance, show every call to
     ``on_call(args, kwargs, output)`` (args: q, k, v, mask), and hand the caller exactly what it
-    asked for. Returns the two handles to remove."""
+    asked for. A core that computes the layer from the module's tokens (``projects_tokens``, e.g.
+    MoSA) is also watched there: ``on_tokens(x (B, N, C), mask, output)`` sees each such call
+    (ignored when None). Returns the handles to remove."""
     asked: list[tuple[bool, bool]] = []
 
     def pre(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -295,13 +298,46 @@ def core_call_hooks(
         on_call(args, kwargs, out)
         return replace(out, weights=out.weights if want_w else None, importance=out.importance if want_i else None)
 
-    return [
+    handles: list[Removable] = [
         core.register_forward_pre_hook(pre, with_kwargs=True),
         core.register_forward_hook(post, with_kwargs=True),
     ]
+    if core.projects_tokens:
+        handles.append(_TokenPathHook(core, weights, importance, on_tokens))
+    return handles
 
 
-def _core_hooks(core: AttentionCore, sink: CaptureSink) -> list[RemovableHandle]:
+class _TokenPathHook:
+    """Wraps ``forward_tokens`` of one core instance (the token path bypasses module hooks):
+    asks it for weights / importance, shows each call to ``on_tokens`` and hands the caller what
+    it asked for. ``remove()`` restores the class's method."""
+
+    def __init__(
+        self,
+        core: AttentionCore,
+        weights: bool,
+        importance: bool,
+        on_tokens: Callable[[Tensor, AttentionMask, CoreOutput], None] | None,
+    ) -> None:
+        self.core = core
+        original = core.forward_tokens
+
+        def wrapped(x: Tensor, mask: AttentionMask, **kw: Any) -> tuple[Tensor, CoreOutput]:
+            want_w, want_i = kw["need_weights"], kw["need_importance"]
+            kw["need_weights"], kw["need_importance"] = want_w or weights, want_i or importance
+            y, out = original(x, mask, **kw)
+            if on_tokens is not None:
+                on_tokens(x, mask, out)
+            kept = replace(out, weights=out.weights if want_w else None, importance=out.importance if want_i else None)
+            return y, kept
+
+        core.forward_tokens = wrapped  # type: ignore[method-assign]
+
+    def remove(self) -> None:
+        self.core.__dict__.pop("forward_tokens", None)
+
+
+def _core_hooks(core: AttentionCore, sink: CaptureSink) -> list[Removable]:
     """Record every call of a core into ``sink``."""
 
     def on_call(args: tuple[Any, ...], _kwargs: dict[str, Any], out: CoreOutput) -> None:
@@ -319,7 +355,10 @@ def _core_hooks(core: AttentionCore, sink: CaptureSink) -> list[RemovableHandle]
             v=pre_rope[2],
         )
 
-    return core_call_hooks(core, on_call, weights=sink.weights, importance=sink.importance)
+    def on_tokens(x: Tensor, mask: AttentionMask, out: CoreOutput) -> None:
+        on_call((x.unsqueeze(1), x.unsqueeze(1), None, mask), {}, out)  # q, k stand-ins: (B, 1, N, C)
+
+    return core_call_hooks(core, on_call, weights=sink.weights, importance=sink.importance, on_tokens=on_tokens)
 
 
 def _qkv_hooks(attn: Attention, sink: CaptureSink) -> list[RemovableHandle]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import attnlib
+from attnlib.decoding import decode_mode
 from attnlib.registry import get_variant
 
 __all__ = ["capability_matrix", "main"]
@@ -28,12 +29,13 @@ _COLUMNS = [
 def capability_matrix(names: list[str] | None = None) -> str:
     """Markdown table: one row per variant, one column per capability, generated from the registry."""
     names = attnlib.available() if names is None else names
-    head = ["variant", "family", "complexity", *[title for _, title in _COLUMNS], "paper"]
+    head = ["variant", "family", "complexity", *[title for _, title in _COLUMNS], "decode", "paper"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in names:
         caps = get_variant(name).capabilities
         cells = [f"`{name}`", caps.family, caps.complexity]
         cells += ["✓" if getattr(caps, field) else "·" for field, _ in _COLUMNS]
+        cells.append(decode_mode(caps) or "·")  # how attnlib.AttentionCache decodes it
         cells.append(caps.paper)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

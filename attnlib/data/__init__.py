@@ -5,6 +5,7 @@
 * ``mqar`` - Zoology's multi-query associative recall.
 * ``listops`` - the LRA ListOps grammar, length configurable.
 * ``speech_digits`` - spoken digit strings synthesised with espeak-ng.
+* ``tables`` - random-SCM tables for tabular in-context learning.
 
 :func:`build_data` builds one from a data config (``name`` + keyword arguments).
 """
@@ -21,6 +22,7 @@ from attnlib.data.digits import DigitsData
 from attnlib.data.listops import ListOpsData
 from attnlib.data.mqar import MQARData
 from attnlib.data.speech_digits import SpeechDigitsData
+from attnlib.data.tables import TablesData
 
 __all__ = [
     "DATASETS",
@@ -30,6 +32,7 @@ __all__ = [
     "ListOpsData",
     "MQARData",
     "SpeechDigitsData",
+    "TablesData",
     "build_data",
     "cache_dir",
 ]
@@ -41,6 +44,7 @@ DATASETS: dict[str, type[DataModule]] = {
     "mqar": MQARData,
     "listops": ListOpsData,
     "speech_digits": SpeechDigitsData,
+    "tables": TablesData,
 }
 
 

@@ -5,6 +5,8 @@ says otherwise (the AFT functions work per channel on (..., T, C)). Masks follow
 :mod:`attnlib.masks` (True = may attend).
 """
 
+from typing import Any
+
 from attnlib.functional._common import repeat_kv
 from attnlib.functional.aft import aft_conv, aft_full, aft_local, aft_simple
 from attnlib.functional.ecoformer import (
@@ -35,6 +37,7 @@ from attnlib.functional.linear import (
 from attnlib.functional.local import local_attention, local_importance
 from attnlib.functional.sinkhorn import sinkhorn_attention
 from attnlib.functional.softmax import (
+    biased_softmax_attention,
     reference_attention,
     softmax_attention,
     softmax_attention_importance,
@@ -47,6 +50,8 @@ __all__ = [
     "aft_full",
     "aft_local",
     "aft_simple",
+    "attention",
+    "biased_softmax_attention",
     "binarize",
     "cosformer_attention",
     "draw_random_features",
@@ -79,3 +84,14 @@ __all__ = [
     "toeplitz_matmul",
     "toeplitz_matrix",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``attention``: the by-name entry point, which builds a variant's core. It lives in
+    :mod:`attnlib.variants` (above this package) and is looked up lazily, the one name here that
+    is not pure math."""
+    if name == "attention":
+        from attnlib.variants._build import attention
+
+        return attention
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -155,7 +155,8 @@ def local_attention(
     for g0, g1, qg, kg, vg, allowed in groups:
         assert vg is not None
         empty = ~allowed.any(-1, keepdim=True)
-        has_empty = bool(empty.any())
+        # under torch.compile always take the (value-identical) masked branch: no data-dependent branch
+        has_empty = torch.compiler.is_compiling() or bool(empty.any())
         if has_empty:
             allowed = allowed | empty
         o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=allowed, dropout_p=dropout_p, scale=scale)

@@ -21,11 +21,12 @@ from attnlib import dispatch
 from attnlib._validation import check_index, check_qkv, positive_int
 from attnlib.dispatch import cpu_key_padding  # its documented name here
 from attnlib.errors import UnsupportedError
-from attnlib.functional._common import acc_dtype, as_attention_mask, repeat_kv
+from attnlib.functional._common import acc_dtype, as_attention_mask, repeat_kv, softmax_or_zero
 from attnlib.masks import AttentionMask, BlockMask, MaskLike
 
 __all__ = [
     "Backend",
+    "biased_softmax_attention",
     "cpu_key_padding",
     "reference_attention",
     "softmax_attention",
@@ -342,3 +343,43 @@ def softmax_attention_importance(
         return q.new_zeros(b, h, 0, v.shape[-1]), q.new_zeros(b, h, k.shape[2])
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
     return out, (imp / n).to(q.dtype)
+
+
+def biased_softmax_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor,
+    *,
+    mask: MaskLike | list[MaskLike] = None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Softmax attention with an additive score bias: ``softmax(q k^T · scale + bias) v``, explicit.
+
+    Args:
+        q: (B, H, N, D); k: (B, H_kv, M, D); v: (B, H_kv, M, Dv).
+        bias: float, broadcastable to (B, H, N, M) - e.g. nn.MultiheadAttention's additive float
+            ``attn_mask``; ``-inf`` entries forbid like a False entry of ``mask``.
+        mask, causal, scale, dropout_p: as :func:`softmax_attention`.
+        return_weights: also return the (B, H, N, M) weights.
+
+    Rows with no allowed key return zeros. The softmax runs in :func:`acc_dtype` (>= fp32).
+    """
+    check_qkv(q, k, v, where="biased_softmax_attention")
+    if not isinstance(bias, Tensor) or not bias.is_floating_point():
+        raise ValueError(f"bias must be a float tensor broadcastable to (B, H, N, M), got {bias!r:.80}")
+    am = as_attention_mask(q, k, mask, causal)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    g = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, g), repeat_kv(v, g)
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(acc_dtype(q.dtype, bias.dtype)) * scale + bias
+    allowed = am.dense()
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    w = softmax_or_zero(scores).to(q.dtype)
+    wd = F.dropout(w, p=dropout_p) if dropout_p > 0 else w
+    out = torch.matmul(wd, v)
+    return (out, w) if return_weights else out

@@ -1,7 +1,7 @@
 """Named block-sparse layouts, mixed into :class:`attnlib.masks.BlockMask` as classmethods.
 
 ``BlockMask.causal``, ``sliding_window``, ``all_blocks``, ``dilated``, ``strided``,
-``global_tokens``, ``longformer``, ``document`` and ``grat``. Each layout is one element
+``global_tokens``, ``prefix_keys``, ``longformer``, ``document`` and ``grat``. Each layout is one element
 predicate (from :mod:`attnlib.masks.predicates` where the kind has one) plus a block
 classification that names the candidate blocks without touching N x M pairs, so building
 costs O(candidate blocks · bq · bk); only blocks the classification cannot decide are
@@ -262,6 +262,35 @@ class BlockPatterns:
             maybe, sure = maybe & c_maybe, sure & c_sure
             mask_mod = and_mod(global_mod, causal_mod(n, m))
         return cls._from_rule(mask_mod, maybe[None, None], sure[None, None], block_size=(bq, bk), seq_lengths=(n, m))
+
+    @classmethod
+    def prefix_keys(
+        cls: type[BlockMask],
+        N: int,
+        num_keys: int,
+        *,
+        M: int | None = None,
+        block_size: int | tuple[int, int] = 128,
+        device: torch.device | str | None = None,
+    ) -> BlockMask:
+        """Every query attends the first ``num_keys`` keys only (``kv_idx < num_keys``).
+
+        In-context learning over table rows (TabICL, Orion-BiX): with the ``num_keys`` labelled
+        rows first, every row - labelled or to be predicted - reads only the labelled ones, so
+        no prediction sees another test row. Built in O(blocks).
+        """
+        where = "BlockMask.prefix_keys"
+        n, m = _sizes(N, M, where)
+        p = non_negative_int(num_keys, f"{where}: num_keys")
+        bq, bk = positive_int_pair(block_size, "block_size")
+
+        def prefix_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            return (kv < p) | (q < 0)  # type: ignore[operator]  # (q < 0) is False: broadcasts q
+
+        qlo, qhi, klo, khi = block_spans(n, m, (bq, bk), device)
+        zero = torch.zeros((), dtype=torch.long, device=device)
+        maybe, sure = prefix_mod(zero, zero, qlo, klo), prefix_mod(zero, zero, qhi, khi)
+        return cls._from_rule(prefix_mod, maybe[None, None], sure[None, None], block_size=(bq, bk), seq_lengths=(n, m))
 
     @classmethod
     def longformer(

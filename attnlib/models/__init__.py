@@ -4,6 +4,8 @@
 * :class:`DecoderLM` - causal language model with KV-cache / recurrent decoding and ``generate``.
 * :class:`EncoderClassifier` - bidirectional encoder for padded token sequences (ListOps).
 * :class:`ConformerCTC`, :class:`BranchformerCTC` - speech recognition with a CTC head.
+* :class:`TabularICL` - tabular in-context learning with bi-axial (Orion-BiX) row attention.
+* :class:`ConformerAED` - speech recognition with an attention decoder (joint CTC/attention).
 
 :func:`build_model` builds one from a model config (``name`` + keyword arguments, the
 contents of ``configs/model/<name>.yaml``) and an attention config. A variant that lacks a
@@ -21,6 +23,7 @@ from torch import nn
 from attnlib._config import split_named_config
 from attnlib.errors import UnsupportedError
 from attnlib.models.asr import BranchformerCTC, ConformerCTC, CTCEncoder, LogMelFrontend, ctc_greedy_decode
+from attnlib.models.asr_attention import ConformerAED
 from attnlib.models.blocks import (
     DropPath,
     FeedForward,
@@ -33,14 +36,17 @@ from attnlib.models.blocks import (
 )
 from attnlib.models.encoder import EncoderClassifier
 from attnlib.models.lm import DecoderCache, DecoderLM
+from attnlib.models.tabular import BiAxialRowBlock, TabularICL
 from attnlib.models.vit import ViT
 
 __all__ = [
     "MODELS",
     "MODEL_NEEDS",
     "PRUNABLE",
+    "BiAxialRowBlock",
     "BranchformerCTC",
     "CTCEncoder",
+    "ConformerAED",
     "ConformerCTC",
     "DecoderCache",
     "DecoderLM",
@@ -48,6 +54,7 @@ __all__ = [
     "EncoderClassifier",
     "FeedForward",
     "LogMelFrontend",
+    "TabularICL",
     "TransformerBlock",
     "ViT",
     "attention_dict",
@@ -66,6 +73,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "encoder": EncoderClassifier,
     "conformer": ConformerCTC,
     "branchformer": BranchformerCTC,
+    "tabular": TabularICL,
+    "asr_attention": ConformerAED,
 }
 
 #: Model config name -> capabilities its attention needs (field -> reason).
@@ -75,6 +84,11 @@ MODEL_NEEDS: dict[str, dict[str, str]] = {
     "encoder": {"key_padding": "batches of different-length sequences are padded"},
     "conformer": {"key_padding": "utterances of different lengths are padded in a batch"},
     "branchformer": {"key_padding": "utterances of different lengths are padded in a batch"},
+    "tabular": {
+        "key_padding": "in-context learning: rows read only the labelled rows (a key-padding mask)",
+        "cross": "bi-axial rows: the hierarchical pattern and the CLS tokens attend through context=",
+    },
+    "asr_attention": {"key_padding": "utterances of different lengths are padded in a batch"},
 }
 
 
@@ -84,7 +98,9 @@ PRUNABLE = ("lm", "vit")
 _NO_PRUNING = {
     "conformer": ConformerCTC.PRUNING_NOTE,
     "branchformer": ConformerCTC.PRUNING_NOTE,
+    "asr_attention": ConformerCTC.PRUNING_NOTE,
     "encoder": "Its padded sequence classification could use it, but it is not wired in yet.",
+    "tabular": "Its rows are table rows read in context, not tokens to drop.",
 }
 
 

@@ -500,7 +500,8 @@ class CTCEncoder(nn.Module):
         """The attention variant's registry name."""
         return self.blocks[0].attn.variant
 
-    def forward(self, wave: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def encode(self, wave: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The encoder's output before the CTC layer: wave (B, T) -> (x (B, T', dim), frames (B,))."""
         feats, frames = self.frontend(wave, lengths)
         if self.specaugment is not None:
             feats = self.specaugment(feats, frames)
@@ -509,6 +510,10 @@ class CTCEncoder(nn.Module):
         valid = _length_mask(frames, x.shape[1])
         for blk in self.blocks:
             x = blk(x, valid)
+        return x, frames
+
+    def forward(self, wave: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x, frames = self.encode(wave, lengths)
         return F.log_softmax(self.head(x).float(), -1), frames
 
     def ctc_loss(self, log_probs: Tensor, out_lengths: Tensor, targets: Tensor, target_lengths: Tensor) -> Tensor:

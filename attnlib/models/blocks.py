@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from attnlib.attention import Attention, AttentionCache, build_attention
 from attnlib.errors import UnsupportedError
+from attnlib.functional.gta import Geometry
 from attnlib.positional import RotaryPositions
 from attnlib.registry import available, variant_info
 from attnlib.variants.base import AttentionCore
@@ -305,11 +306,13 @@ class TransformerBlock(nn.Module):
         return_importance: bool = False,
         importance_query: int | None = None,
         return_weights: bool = False,
+        geometry: Geometry | None = None,
     ) -> Tensor | tuple[Tensor, Tensor | None]:
         """x (B, N, dim); key_padding_mask (B, M) (True = real token); cache for decoding.
 
         ``return_weights`` returns the attention weights (B, H, N, M) instead of the importance
         (e.g. the per-query rows a KV-cache eviction policy reads; None if the variant has none).
+        ``geometry``: GTA group representations of the tokens (:mod:`attnlib.functional.gta`).
 
         ``positions`` (B, N) long (or a shared :class:`attnlib.positional.RotaryPositions`): rotary
         position of each token (after token pruning).
@@ -323,6 +326,8 @@ class TransformerBlock(nn.Module):
             kw["cache"] = cache
         if positions is not None:
             kw["positions"] = positions
+        if geometry is not None:
+            kw["geometry"] = geometry
         imp = None
         if return_weights:
             a, extras = self.attn(self.norm1(x), return_extras=True, need_weights=True, **kw)

@@ -8,6 +8,7 @@ Registered pruners (``configs/pruning/<name>.yaml``):
 * ``ltp`` - Learned Token Pruning (learned per-layer thresholds, soft -> hard).
 * ``topk`` - keep a fixed ratio by importance; optional EViT fusion of the dropped tokens.
 * ``tokenlearner`` - TokenLearner: S learned spatial-attention poolings (+ :class:`TokenFuser`).
+* ``dtm`` - LIT's deformable token merging: the patch grid merged 2x2 by a deformable convolution.
 * ``iared2`` - IA-RED2: multi-head interpreter policy trained with REINFORCE.
 * ``namm`` - NAMM-style KV-cache eviction for :class:`attnlib.models.DecoderLM` decoding,
   scorer trained with :func:`evolve`.
@@ -27,6 +28,7 @@ from attnlib.pruning.base import (
     register_pruner,
     select_tokens,
 )
+from attnlib.pruning.dtm import DeformableTokenMerging
 from attnlib.pruning.evolve import EvolveResult, evolve
 from attnlib.pruning.iared2 import IARed2Pruner, iared2_reward, reinforce_loss
 from attnlib.pruning.ltp import LTPPruner, ltp_hard_stage
@@ -35,6 +37,7 @@ from attnlib.pruning.tokenlearner import TokenFuser, TokenLearnerPruner
 from attnlib.pruning.topk import TopKPruner
 
 __all__ = [
+    "DeformableTokenMerging",
     "EvolveResult",
     "IARed2Pruner",
     "LTPPruner",

@@ -35,7 +35,7 @@ from torch import nn
 
 from attnlib.analysis.distill import attention_distillation
 from attnlib.analysis.summary import entropy_metrics
-from attnlib.attention import aux_loss
+from attnlib.attention import Attention, aux_loss
 from attnlib.data import build_data
 from attnlib.data.base import stable_hash
 from attnlib.models import build_model
@@ -374,7 +374,9 @@ def _run(
     data.ensure_setup()
     model = build_model(cfg.model, cfg.attention, **data.model_kwargs()).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
-    variant = _unwrap(model).blocks[0].attn.variant if hasattr(model, "blocks") else str(cfg.attention.get("variant"))
+    # the first attention's variant (a model's first blocks may have none, e.g. LIT's MLP-only blocks)
+    attns = (m.variant for m in _unwrap(model).modules() if isinstance(m, Attention))
+    variant = next(attns, str(cfg.attention.get("variant")))
     opt = build_optimizer(model, t)
     total = int(t["max_steps"])
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -8,7 +8,9 @@ Tasks (a data module's ``task``):
 * ``recall`` - batches ``tokens``, ``labels`` (-100 = none): cross-entropy at labelled
   positions; accuracy there.
 * ``ctc`` - batches ``wave``, ``lengths``, ``targets``, ``target_lengths``: CTC loss;
-  character error rate (edit distance / reference characters) and utterance accuracy.
+  character error rate (edit distance / reference characters) and utterance accuracy. A model
+  with ``joint_ctc_attention`` (an attention decoder) computes its own loss from
+  ``model(wave, lengths, targets, target_lengths)`` and transcribes with ``transcribe``.
 
 Evaluation sums counts over DDP ranks, so metrics are exact over the whole split.
 """
@@ -88,11 +90,24 @@ def train_loss(
         logits = model(batch["tokens"], select=sel)
         return F.cross_entropy(logits.float(), batch["labels"][sel]), int(sel.sum())
     if task == "ctc":
-        log_probs, frames = model(batch["wave"], batch["lengths"])
         core = model.module if hasattr(model, "module") else model
+        if getattr(core, "joint_ctc_attention", False):  # attention decoder: the model computes its loss
+            loss = model(batch["wave"], batch["lengths"], batch["targets"], batch["target_lengths"])
+            return loss, len(batch["lengths"])
+        log_probs, frames = model(batch["wave"], batch["lengths"])
         loss = core.ctc_loss(log_probs, frames, batch["targets"], batch["target_lengths"])
         return loss, len(batch["lengths"])
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+
+
+def _ctc_eval(model: nn.Module, core: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, list[list[int]]]:
+    """(mean loss, transcripts) of a speech batch: greedy CTC, or an attention decoder's own search."""
+    args = (batch["wave"], batch["lengths"], batch["targets"], batch["target_lengths"])
+    if getattr(core, "joint_ctc_attention", False):
+        return model(*args), core.transcribe(batch["wave"], batch["lengths"])
+    log_probs, frames = model(batch["wave"], batch["lengths"])
+    loss = core.ctc_loss(log_probs, frames, batch["targets"], batch["target_lengths"])
+    return loss, ctc_greedy_decode(log_probs, frames, core.blank)
 
 
 @torch.no_grad()
@@ -150,10 +165,9 @@ def evaluate(
                     acc["correct"] += float((logits.argmax(-1) == tgt).sum())
                     acc["count"] += len(tgt)
                 elif task == "ctc":
-                    log_probs, frames = model(batch["wave"], batch["lengths"])
-                    loss = core.ctc_loss(log_probs, frames, batch["targets"], batch["target_lengths"])
-                    acc["loss_sum"] += float(loss) * len(frames)
-                    for i, hyp in enumerate(ctc_greedy_decode(log_probs, frames, core.blank)):
+                    loss, hyps = _ctc_eval(model, core, batch)
+                    acc["loss_sum"] += float(loss) * len(hyps)
+                    for i, hyp in enumerate(hyps):
                         ref = batch["targets"][i, : int(batch["target_lengths"][i])].tolist()
                         acc["edits"] += edit_distance(ref, hyp)
                         acc["ref_len"] += len(ref)

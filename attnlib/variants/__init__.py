@@ -16,9 +16,10 @@ ecoformer), ``flow`` (flow), ``aft`` (aft_full, aft_local, aft_simple, aft_conv)
 import importlib
 import pkgutil
 
+from attnlib.variants._build import build_core
 from attnlib.variants.base import AttentionCore, CoreOutput
 
-__all__ = ["AttentionCore", "CoreOutput", "family_modules", "load_all"]
+__all__ = ["AttentionCore", "CoreOutput", "build_core", "family_modules", "load_all"]
 
 
 def family_modules() -> list[str]:

@@ -261,11 +261,48 @@ class BlockSparseAttention(AttentionCore):
         need_importance: bool,
         dropout_p: float,
     ) -> CoreOutput:
-        bm = _with_caller(mask, self.block_mask(mask.n, mask.m, q.device), (self.block_size, self.block_size))
-        return _run_block(q, k, v, bm, self.scale, need_weights, need_importance)
+        fn = _pattern_attend_eager() if torch.compiler.is_compiling() else _pattern_attend
+        out, w, imp = fn(self, q, k, v, mask, need_weights, need_importance)
+        return CoreOutput(out, weights=w, importance=imp)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", pattern={self.pattern!r}, block_size={self.block_size}"
+
+
+def _pattern_attend(
+    core: BlockSparseAttention,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: AttentionMask,
+    need_weights: bool,
+    need_importance: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """block_sparse's computation: (out, weights | None, importance | None).
+
+    A causal-only caller mask goes to the kernel as its ``causal=`` flag (the pattern's causal
+    layout is cached on the pattern) instead of a new BlockMask per call. The layout work is
+    data-dependent (active-block lists), so ``torch.compile`` runs this function eagerly
+    (:func:`_pattern_attend_eager`): one graph break per call instead of one per block-list operation.
+    """
+    pattern = core.block_mask(mask.n, mask.m, q.device)
+    if pattern is not None and mask.kinds() == ["causal"] and not (need_weights or need_importance):
+        if not dispatch.block_layout_as_dense(pattern):
+            return block_sparse_attention(q, k, v, pattern, scale=core.scale, causal=True), None, None
+    bm = _with_caller(mask, pattern, (core.block_size, core.block_size))
+    res = _run_block(q, k, v, bm, core.scale, need_weights, need_importance)
+    return res.out, res.weights, res.importance
+
+
+_EAGER: dict[str, Any] = {}
+
+
+def _pattern_attend_eager() -> Any:
+    """:func:`_pattern_attend` behind ``torch.compiler.disable``, made on first use (wrapping it at
+    import would import torch._dynamo - and Triton - with ``import attnlib``)."""
+    if "fn" not in _EAGER:
+        _EAGER["fn"] = torch.compiler.disable(_pattern_attend)
+    return _EAGER["fn"]
 
 
 # ------------------------------------------------------------------------------------------

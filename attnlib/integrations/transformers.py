@@ -1,0 +1,241 @@
+"""A Hugging Face ``transformers`` attention backend: any attnlib variant inside a model you did not write.
+
+.. code-block:: python
+
+    import attnlib.integrations.transformers as hf_attnlib
+    hf_attnlib.register()                                     # once per process
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="attnlib")   # softmax
+    hf_attnlib.set_variant(model, "linear")                   # every attention layer, or layers=[...]
+
+:func:`register` adds ``"attnlib"`` to transformers' attention-function *and* attention-mask
+interfaces (the mask one builds the same boolean (B, 1, N, M) masks as ``"sdpa"``; without it the
+model would pass no mask at all). Per call, :func:`attention_forward`:
+
+* splits transformers' combined 4-D mask back into ``causal`` + a (B, M) key-padding mask and
+  checks that the split rebuilds it exactly; a mask that does not split (packed sequences, sliding
+  windows, ...) goes whole to variants with ``full_mask`` support and raises
+  :class:`attnlib.UnsupportedError` for the others;
+* takes grouped-query k/v (repeated for variants without ``gqa``), the model's ``scaling``
+  (q is rescaled when it differs from head_dim**-0.5), attention dropout in training, and q / k / v
+  of mixed dtype under autocast (cast to the autocast dtype, as SDPA does);
+* decodes with transformers' key/value cache: where :func:`attnlib.decoding.kv_decode_exact` holds
+  (exact softmax) the new queries attend to the cached keys; the other causal variants keep the
+  queries of the sequence so far on the layer and recompute over the prefix
+  (:func:`attnlib.decoding.attend_new_queries`), so
+  ``generate()`` with the cache equals recomputing the prefix. That needs the cache to grow by
+  appending (``DynamicCache``, greedy or sampled decoding); a cache that was reordered (beam
+  search) or cropped raises UnsupportedError instead of giving a wrong answer;
+* keeps the variant's auxiliary loss on the layer (``pending_aux_loss``), so
+  :func:`attnlib.aux_loss` ``(model)`` collects it in the training loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlib.decoding import attend_new_queries, kv_decode_exact
+from attnlib.errors import UnsupportedError
+from attnlib.masks import normalize_mask
+from attnlib.masks.predicates import causal_mod, evaluate_rows
+from attnlib.variants import AttentionCore, build_core
+
+__all__ = ["attention_forward", "attention_layers", "register", "set_variant", "split_mask"]
+
+NAME = "attnlib"
+_DEFAULT_CORES: dict[tuple[int, int], AttentionCore] = {}
+
+
+def register(name: str = NAME) -> None:
+    """Register ``name`` (default ``"attnlib"``) with transformers' attention-function and attention-mask
+    interfaces; build models with ``attn_implementation=name``. Idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def _heads(module: nn.Module) -> tuple[int, int]:
+    """(query heads, head size) of a transformers attention layer."""
+    head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None)
+    heads = getattr(module, "num_heads", None) or getattr(module, "num_attention_heads", None)
+    cfg = getattr(module, "config", None)
+    if heads is None and cfg is not None:
+        heads = getattr(cfg, "num_attention_heads", None)
+    if head_dim is None and cfg is not None and heads:
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    if not heads or not head_dim:
+        raise ValueError(f"cannot read the heads / head size of {type(module).__name__}")
+    return int(heads), int(head_dim)
+
+
+def attention_layers(model: nn.Module) -> list[nn.Module]:
+    """The attention layers of a transformers model that call the attention interface, in module order
+    (modules with ``config``, ``is_causal`` and ``scaling`` attributes, e.g. LlamaAttention, GPT2Attention,
+    BertSelfAttention, ViTSelfAttention)."""
+    return [
+        m
+        for m in model.modules()
+        if hasattr(m, "config") and hasattr(m, "is_causal") and hasattr(m, "scaling") and not hasattr(m, "layers")
+    ]
+
+
+def set_variant(model: nn.Module, variant: str, *, layers: list[int] | None = None, **kwargs: Any) -> nn.Module:
+    """Use ``variant`` (with its options ``kwargs``) in the attention layers of ``model``.
+
+    ``layers``: indices into :func:`attention_layers` (default all). Each chosen layer gets its own
+    core as the submodule ``attnlib_core`` (so the variant's parameters train with the model and
+    appear in its ``state_dict``), on the layer's device and dtype. The model must use
+    ``attn_implementation="attnlib"`` (:func:`register` first); ``set_variant(model, "softmax")``
+    goes back to exact attention. Returns the model.
+    """
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl != NAME:
+        raise ValueError(
+            f"the model uses attn_implementation={impl!r}; call attnlib.integrations.transformers.register() "
+            f"and build it with attn_implementation={NAME!r}"
+        )
+    found = attention_layers(model)
+    if not found:
+        raise ValueError(f"no transformers attention layers found in {type(model).__name__}")
+    chosen = range(len(found)) if layers is None else layers
+    for i in chosen:
+        if not 0 <= i < len(found):
+            raise ValueError(f"layers holds {i}, but the model has {len(found)} attention layers")
+        mod = found[i]
+        heads, head_dim = _heads(mod)
+        core = build_core(variant, heads, head_dim, **kwargs).train(mod.training)
+        p = next(mod.parameters(), None)
+        if p is not None:
+            core = core.to(device=p.device, dtype=p.dtype)
+        mod.attnlib_core = core
+        mod.__dict__.pop("_attnlib_queries", None)
+    return model
+
+
+def _core_of(module: nn.Module, heads: int, head_dim: int) -> AttentionCore:
+    core = getattr(module, "attnlib_core", None)
+    if core is not None:
+        return core
+    key = (heads, head_dim)
+    if key not in _DEFAULT_CORES:
+        _DEFAULT_CORES[key] = build_core("softmax", heads, head_dim)
+    return _DEFAULT_CORES[key]
+
+
+def split_mask(mask: Tensor, causal: bool) -> tuple[bool, Tensor | None] | None:
+    """transformers' combined mask (B|1, 1, N, M) -> (causal, key padding (B, M) True = real key | None).
+
+    ``mask`` is bool (True = may attend) or additive float (0 / -inf). The key padding is the keys
+    any query may see; the split is returned only when ``causal`` (bottom-right aligned, as is the
+    transformers layout of a cache that grows by appending) AND that padding rebuilds ``mask``
+    exactly, else None.
+    """
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    if mask.dtype != torch.bool and bool((mask.masked_fill(~allowed, 0) != 0).any()):
+        return None  # a real additive bias, not a mask
+    if allowed.dim() != 4 or allowed.shape[1] != 1:
+        return None
+    n, m = allowed.shape[-2:]
+    kp = allowed[:, 0].any(-2)  # (B, M)
+    rebuilt = kp[:, None, None, :]
+    if causal:
+        rebuilt = rebuilt & evaluate_rows(causal_mod(n, m), 0, n, m, batch=1, heads=1, device=mask.device)
+    if not torch.equal(rebuilt.expand_as(allowed), allowed):
+        return None
+    return causal, None if bool(kp.all()) else kp
+
+
+def attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    """transformers' attention-function interface: q (B, H, N, D), k, v (B, H_kv, M, D) ->
+    (out (B, N, H, Dv), weights (B, H, N, M) | None). See the module docstring."""
+    for opt in ("softcap", "position_bias", "sliding_window", "s_aux"):
+        if kwargs.get(opt) is not None:
+            raise UnsupportedError(f"the attnlib attention backend does not support {opt}=")
+    b, h, n, d = query.shape
+    m = key.shape[2]
+    core = _core_of(module, h, d)
+    caps = core.capabilities
+    dev = query.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        query, key, value = query.to(dt), key.to(dt), value.to(dt)
+    if scaling is not None and abs(scaling - d**-0.5) > 1e-12 * d**-0.5:
+        query = query * (scaling * d**0.5)
+    last_key = key[:, :, -1]
+    causal_flag = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal)
+    cross = bool(getattr(module, "is_cross_attention", False))
+    full: Tensor | None = None
+    kp: Tensor | None = None
+    causal = causal_flag and not cross
+    if attention_mask is not None:
+        split = split_mask(attention_mask, causal)
+        if split is None:
+            if not caps.full_mask:
+                raise UnsupportedError(
+                    f"variant {core.name!r} takes causal + key-padding masks only (no full (B, H, N, M) mask), "
+                    "and this attention mask is not causal + key padding"
+                )
+            full = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+            causal = False
+        else:
+            causal, kp = split
+    want_weights = bool(kwargs.get("output_attentions", False)) and caps.has_weights
+    p = dropout if module.training else 0.0
+    state = module.__dict__.get("_attnlib_queries")
+    exact_kv = kv_decode_exact(core)
+    decoding = causal and full is None and n != m and not exact_kv
+    keep = causal and not exact_kv and not torch.is_grad_enabled()
+    if decoding:
+        prefix = None
+        if state is not None and state[0].shape[2] == m - n and state[0].shape[0] == b:
+            if torch.equal(state[1], key[:, :, m - n - 1]):
+                prefix = state[0]
+        if prefix is None:
+            raise UnsupportedError(
+                f"variant {core.name!r} decodes with a key/value cache by recomputing over the prefix, which "
+                "needs the queries of every earlier position; they are kept when the cache grows by appending "
+                "from the first token (DynamicCache; greedy or sampled generate), not after a reorder (beam "
+                "search), crop or a static cache"
+            )
+        res = attend_new_queries(
+            core,
+            query,
+            key,
+            value,
+            key_padding_mask=kp,
+            prefix_queries=prefix,
+            need_weights=want_weights,
+            dropout_p=p if caps.attn_dropout else 0.0,
+        )
+        query_all = torch.cat([prefix, query], 2)
+    else:
+        if not caps.gqa and key.shape[1] != h:
+            g = h // key.shape[1]
+            key, value = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+        am = normalize_mask(full, causal=causal, batch=b, heads=h, n=n, m=m, device=query.device, key_padding_mask=kp)
+        res = core(
+            query, key, value, am, cross=cross, need_weights=want_weights, dropout_p=p if caps.attn_dropout else 0.0
+        )
+        query_all = query
+    if keep and query_all.shape[2] == m:
+        module.__dict__["_attnlib_queries"] = (query_all.detach(), last_key.detach())
+    out = res.out
+    if p > 0 and not caps.attn_dropout:
+        out = F.dropout(out, p)
+    module.pending_aux_loss = res.aux_loss
+    return out.transpose(1, 2).contiguous(), res.weights

@@ -1,0 +1,225 @@
+"""Attention-decoder ASR vs Conformer-CTC on synthesised spoken digits (CPU), with other cross-attentions.
+
+Trains each configuration for the same number of steps with several seeds, then evaluates the
+test split (400 held-out digit strings) and records the character error rate (CER) and the
+utterance accuracy. For the attention-decoder models the test set is also decoded three ways:
+the joint CTC/attention beam search (the model's default), the attention decoder alone
+(greedy, CTC weight 0) and the model's own CTC layer (greedy). Results merge into
+benchmarks/results/asr_attention_digits.{json,md}; finished runs are reused from the run
+directory, so an interrupted sweep continues where it stopped.
+
+    python benchmarks/asr_attention_digits.py                       # every configuration, seeds 0 1 2
+    python benchmarks/asr_attention_digits.py ctc aed_softmax --seeds 0
+    python benchmarks/asr_attention_digits.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, display_path, machine_info, markdown_table
+
+STEPS = 500
+# name -> overrides of `attnlib-train` (the step budget and evaluation schedule are added)
+CONFIGS: dict[str, list[str]] = {
+    "ctc": ["experiment=asr_digits"],
+    "aed_softmax": ["experiment=asr_digits_aed"],
+    "aed_monotonic": ["experiment=asr_digits_aed", "attention@model.cross_attention=monotonic"],
+    "aed_additive": ["experiment=asr_digits_aed", "attention@model.cross_attention=additive"],
+    "aed_hard_additive": [
+        "experiment=asr_digits_aed",
+        "attention@model.cross_attention=additive",
+        "model.cross_attention.hard=true",
+    ],
+}
+DEFAULT = ["aed_softmax", "ctc", "aed_monotonic", "aed_additive"]
+OUT = "asr_attention_digits"
+
+
+def _schedule(steps: int) -> list[str]:
+    return [
+        f"trainer.max_steps={steps}",
+        f"trainer.eval_every={steps}",
+        f"trainer.checkpoint_every={steps}",
+        "trainer.progress=false",
+    ]
+
+
+def train(name: str, seed: int, steps: int, runs: Path) -> dict:
+    """Train one configuration (or reuse its finished run); returns results.json plus wall time."""
+    run = runs / f"{name}-s{seed}"
+    done = run / "results.json"
+    overrides = [*CONFIGS[name], f"seed={seed}", "+data.seed=0", *_schedule(steps)]
+    if not done.exists():
+        cmd = [sys.executable, "-m", "attnlib.cli.train", *overrides, f"hydra.run.dir={run}"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if proc.returncode != 0:
+            raise SystemExit(f"{name} seed {seed} failed:\n{proc.stderr[-3000:]}")
+        (run / "wall_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+    res = json.loads(done.read_text())
+    wall = run / "wall_seconds.txt"
+    res["wall_seconds_command"] = float(wall.read_text()) if wall.exists() else None
+    res["command"] = " ".join(["attnlib-train", *overrides])
+    res["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    res.setdefault("commit", machine_info()["commit"])
+    return res
+
+
+def decode_ablation(run: Path) -> dict[str, float]:
+    """Test CER of a trained attention-decoder model decoded three ways (see the module docstring)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from attnlib.data import build_data
+    from attnlib.models import build_model
+    from attnlib.models.asr import ctc_greedy_decode
+    from attnlib.training.metrics import edit_distance
+
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    data = build_data(OmegaConf.to_container(cfg.data, resolve=True))
+    data.ensure_setup()
+    model = build_model(cfg.model, cfg.attention, **data.model_kwargs())
+    state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    model.eval()
+    torch.set_num_threads(1)
+    edits = {"joint_beam": 0, "attention_greedy": 0, "ctc_greedy": 0}
+    ref_len = 0
+    with torch.no_grad():
+        for batch in data.eval_batches("test"):
+            refs = [batch["targets"][i, : int(n)].tolist() for i, n in enumerate(batch["target_lengths"])]
+            ref_len += sum(len(r) for r in refs)
+            hyps = {
+                "joint_beam": model.transcribe(batch["wave"], batch["lengths"]),
+                "attention_greedy": model.transcribe(batch["wave"], batch["lengths"], beam_size=1, ctc_weight=0.0),
+            }
+            lp, frames = model(batch["wave"], batch["lengths"])
+            hyps["ctc_greedy"] = ctc_greedy_decode(lp, frames, model.blank)
+            for k, hs in hyps.items():
+                edits[k] += sum(edit_distance(r, h) for r, h in zip(refs, hs))
+    return {k: v / max(ref_len, 1) for k, v in edits.items()}
+
+
+def write_tables(records: dict) -> None:
+    """Rewrite the markdown table from the records: per configuration, median CER over its seeds."""
+    rows = []
+    for name in [n for n in CONFIGS if n in records["runs"]]:
+        runs = records["runs"][name]
+        cers = [r["test_cer"] for r in runs.values()]
+        accs = [r["test_utterance_accuracy"] for r in runs.values()]
+        abl = [r["decoding"] for r in runs.values() if r.get("decoding")]
+
+        def med(key: str, items: list[dict] = abl) -> str:
+            return f"{statistics.median(d[key] for d in items):.4f}" if items else "-"
+
+        rows.append(
+            [
+                f"`{name}`",
+                ", ".join(str(s) for s in sorted(int(s) for s in runs)),
+                f"{statistics.median(cers):.4f}",
+                " / ".join(f"{c:.4f}" for _, c in sorted((int(s), r["test_cer"]) for s, r in runs.items())),
+                f"{statistics.median(accs):.3f}",
+                med("attention_greedy"),
+                med("ctc_greedy"),
+                f"{statistics.median(r['train_seconds'] for r in runs.values()):.0f}",
+                f"{statistics.median(r['params'] for r in runs.values()):,}",
+                ", ".join(sorted({str(r.get("commit", "?")) for r in runs.values()})),
+            ]
+        )
+    info = records["machine"]
+    commands = "\n".join(f"- `{n}`: `{next(iter(records['runs'][n].values()))['command']}`" for n in records["runs"])
+    text = (
+        "# Attention-decoder ASR vs Conformer-CTC (spoken digits, CPU)\n\n"
+        f"Machine: `{info['cpu']}`, torch {info['torch']}, table written at commit {info['commit']}, "
+        f"{records['date']}. A shared 2-core machine (one training thread; load average "
+        f"{records['load']} during the sweep), so times are upper bounds for a quiet machine. "
+        f"Every run trains {records['steps']} steps (batch 32, the `asr_digits` schedule shortened) and is "
+        "evaluated once on the 400 held-out test strings. The seed changes the initialisation, SpecAugment and "
+        "the batch order; the data (one synthesis, `data.seed=0`) is the same for every run. "
+        "A finished run is reused by later sweeps (the last column names the commit each was trained at). "
+        "Rerun: `python benchmarks/asr_attention_digits.py`.\n\n"
+        "CER = character error rate of the model's own decoding: greedy CTC for `ctc`, the joint CTC/attention "
+        "beam search (beam 4, CTC weight 0.3, length-normalised) for the attention decoders; their last two "
+        "columns decode the same trained model with the attention decoder alone (greedy) and with its CTC "
+        "layer alone (greedy).\n\n"
+        + markdown_table(
+            [
+                "config",
+                "seeds",
+                "test CER (median)",
+                "test CER per seed",
+                "utterance acc (median)",
+                "attention-only CER",
+                "CTC-only CER",
+                "train s (median)",
+                "params",
+                "trained at commit",
+            ],
+            rows,
+        )
+        + "\n\nCommands:\n\n"
+        + commands
+        + "\n"
+    )
+    (RESULTS / f"{OUT}.md").write_text(text)
+
+
+def main() -> None:
+    """Run the chosen configurations and seeds; merge their records."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="*", help=f"configurations (default {' '.join(DEFAULT)}): {', '.join(CONFIGS)}")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--runs", default=None, help="run directories (default $TMPDIR/attnlib-asr-attention)")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args()
+    if args.list:
+        for n, ov in CONFIGS.items():
+            print(f"{n:18s} attnlib-train {' '.join(ov)}")
+        return
+    names = args.names or DEFAULT
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configurations {unknown}; known: {', '.join(CONFIGS)}")
+    runs = Path(args.runs or Path(tempfile.gettempdir()) / "attnlib-asr-attention")
+    runs.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{OUT}.json"
+    records = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+    if records.get("steps", args.steps) != args.steps:
+        raise SystemExit(f"{path} holds {records['steps']}-step runs; use --steps {records['steps']} or move it")
+    loads = []
+    for seed in args.seeds:  # seed-major: every configuration gets its first seed first
+        for name in names:
+            print(f"{name} seed {seed}: training ...", flush=True)
+            loads.append(os.getloadavg()[0])
+            res = train(name, seed, args.steps, runs)
+            if name != "ctc":
+                res["decoding"] = decode_ablation(runs / f"{name}-s{seed}")
+            loads.append(os.getloadavg()[0])
+            if path.exists():  # another sweep may have added runs meanwhile: merge into the file's records
+                records = json.loads(path.read_text())
+            records["runs"].setdefault(name, {})[str(seed)] = res
+            records.update(
+                steps=args.steps,
+                machine=machine_info(),
+                date=time.strftime("%Y-%m-%d"),
+                load=f"{min(loads):.1f}-{max(loads):.1f}",
+                runs_dir=display_path(runs),
+            )
+            path.write_text(json.dumps(records, indent=2) + "\n")
+            write_tables(records)
+            print(f"{name} seed {seed}: test CER {res['test_cer']:.4f} ({res['train_seconds']:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

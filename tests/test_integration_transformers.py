@@ -1,0 +1,215 @@
+"""The transformers backend on random-init tiny models (no downloads): equals "sdpa" with softmax,
+every causal variant decodes with transformers' cache exactly as without it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import attnlib
+from attnlib import UnsupportedError
+
+transformers = pytest.importorskip("transformers")  # installed by the dev / hf extras
+hfa = pytest.importorskip("attnlib.integrations.transformers")
+
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+hfa.register()
+VOCAB = 64
+CAUSAL = [v for v in attnlib.available() if attnlib.variant_info(v).causal]
+# causal variants whose rows depend on the sequence length (not on later tokens): a key/value
+# cache of any framework cannot equal recomputation for them (the earlier layers' keys were
+# computed at a shorter length). cosformer is prefix-stable with max_len (below).
+LENGTH_DEPENDENT = {"sparsifiner", "swinbert_mask"}
+DECODE_KWARGS = {"cosformer": {"max_len": 64}}
+
+
+def _pair(cls, cfg, seed: int = 0):
+    torch.manual_seed(seed)
+    ref = cls._from_config(copy.deepcopy(cfg), attn_implementation="sdpa").eval()
+    ours = cls._from_config(copy.deepcopy(cfg), attn_implementation="attnlib").eval()
+    assert ref.config._attn_implementation == "sdpa" and ours.config._attn_implementation == "attnlib"
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _llama_cfg() -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+
+
+def _ids(b: int = 2, n: int = 9, seed: int = 1) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _padding(side: str, b: int = 2, n: int = 9, pad: int = 3) -> torch.Tensor:
+    am = torch.ones(b, n, dtype=torch.long)
+    if side == "left":
+        am[0, :pad] = 0
+    else:
+        am[0, n - pad :] = 0
+    return am
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_softmax_equals_sdpa_decoders(arch, side):
+    if arch == "llama":
+        ref, ours = _pair(LlamaForCausalLM, _llama_cfg())
+    else:
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0)
+        ref, ours = _pair(GPT2LMHeadModel, cfg)
+    ids, am = _ids(), _padding(side)
+    with torch.no_grad():
+        a, b = ref(ids, attention_mask=am).logits, ours(ids, attention_mask=am).logits
+    real = am.bool()[..., None]
+    assert torch.allclose(a * real, b * real, atol=2e-6)
+
+
+def test_softmax_equals_sdpa_bert_and_vit():
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    ref, ours = _pair(BertModel, cfg)
+    ids, am = _ids(), _padding("right")
+    with torch.no_grad():
+        a = ref(ids, attention_mask=am).last_hidden_state
+        b = ours(ids, attention_mask=am).last_hidden_state
+    assert torch.allclose(a, b, atol=2e-6)
+    vcfg = ViTConfig(
+        image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=3,
+    )  # fmt: skip
+    ref, ours = _pair(ViTForImageClassification, vcfg)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(ref(x).logits, ours(x).logits, atol=2e-6)
+    hfa.set_variant(ours, "linear")
+    assert ours(x).logits.shape == (2, 3)
+
+
+@pytest.mark.parametrize("variant", CAUSAL)
+def test_causal_variant_in_llama(variant):
+    _, model = _pair(LlamaForCausalLM, _llama_cfg())
+    kwargs = attnlib.registry.get_variant(variant).conformance_kwargs() | DECODE_KWARGS.get(variant, {})
+    hfa.set_variant(model, variant, **kwargs)
+    ids = _ids()
+    with torch.no_grad():
+        full = model(ids).logits
+
+        # no future leak: changing the last tokens leaves the earlier logits alone
+        ids2 = ids.clone()
+        ids2[:, 6:] = (ids2[:, 6:] + 7) % (VOCAB - 1) + 1
+        assert torch.allclose(model(ids2).logits[:, :6], full[:, :6], atol=1e-5)
+        # a right-padded row equals the sequence alone
+        am = _padding("right")
+        padded = model(ids, attention_mask=am).logits
+        alone = model(ids[:1, :6]).logits
+        assert torch.allclose(padded[0, :6], alone[0], atol=1e-5)
+    if variant in LENGTH_DEPENDENT:
+        return
+    # generate with transformers' cache equals recomputing the prefix
+    kw = {"max_new_tokens": 4, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    g1 = model.generate(ids, use_cache=True, **kw)
+    g2 = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(g1.sequences, g2.sequences)
+    for x, y in zip(g1.logits, g2.logits):
+        assert torch.allclose(x, y, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["softmax", "linear", "flow"])
+def test_generate_left_padded_batch(variant):
+    ref, model = _pair(LlamaForCausalLM, _llama_cfg())
+    hfa.set_variant(model, variant)
+    ids, am = _ids(), _padding("left")
+    kw = {"max_new_tokens": 3, "do_sample": False, "attention_mask": am}
+    seq = model.generate(ids, use_cache=True, **kw)
+    assert torch.equal(seq, model.generate(ids, use_cache=False, **kw))
+    if variant == "softmax":
+        assert torch.equal(seq, ref.generate(ids, **kw))
+
+
+def test_mask_split():
+    n = m = 5
+    causal = torch.ones(n, m, dtype=torch.bool).tril()
+    kp = torch.tensor([[False, False, True, True, True], [True] * 5])
+    mask = (causal & kp[:, None, :])[:, None]
+    assert hfa.split_mask(mask, True)[0] is True
+    assert torch.equal(hfa.split_mask(mask, True)[1], kp)
+    causal_flag, padding = hfa.split_mask(kp[:, None, None, :].expand(2, 1, n, m), False)
+    assert causal_flag is False and torch.equal(padding, kp)
+    band = causal & ~torch.ones(n, m, dtype=torch.bool).tril(-2)  # a sliding window does not split
+    assert hfa.split_mask(band[None, None], True) is None
+    additive = torch.zeros(1, 1, n, m).masked_fill(~causal, torch.finfo(torch.float32).min)
+    assert hfa.split_mask(additive, True) == (True, None)
+
+
+def test_unsplittable_mask_raises_for_linear_and_runs_for_softmax():
+    _, model = _pair(LlamaForCausalLM, _llama_cfg())
+    layer = hfa.attention_layers(model)[0]
+    q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
+    band = torch.ones(5, 5, dtype=torch.bool).tril() & ~torch.ones(5, 5, dtype=torch.bool).tril(-2)
+    out, _ = hfa.attention_forward(layer, q, k, k, band[None, None], scaling=8**-0.5)
+    ref = attnlib.functional.attention(q, k, k, mask=band)
+    assert torch.allclose(out.transpose(1, 2), ref, atol=1e-6)
+    hfa.set_variant(model, "linear")
+    with pytest.raises(UnsupportedError, match="causal \\+ key-padding"):
+        hfa.attention_forward(layer, q, k, k, band[None, None])
+
+
+def test_scaling_autocast_mixed_dtypes_and_dropout():
+    _, model = _pair(LlamaForCausalLM, _llama_cfg())
+    layer = hfa.attention_layers(model)[0]
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    out, _ = hfa.attention_forward(layer, q, k, v, None, scaling=0.5)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5, enable_gqa=True)
+    assert torch.allclose(out.transpose(1, 2), ref, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = hfa.attention_forward(layer, q, k, v.bfloat16(), None, scaling=8**-0.5)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float().transpose(1, 2), ref * 0 + out.float().transpose(1, 2))
+    model.train()
+    torch.manual_seed(0)
+    o1, _ = hfa.attention_forward(layer, q, k, v, None, dropout=0.5, scaling=8**-0.5)
+    model.eval()
+    o2, _ = hfa.attention_forward(layer, q, k, v, None, dropout=0.0, scaling=8**-0.5)
+    assert not torch.allclose(o1, o2)
+
+
+def test_aux_loss_reaches_the_training_loop():
+    _, model = _pair(LlamaForCausalLM, _llama_cfg())
+    hfa.set_variant(model, "seer", **attnlib.registry.get_variant("seer").conformance_kwargs(), layers=[1])
+    model.train()
+    ids = _ids(n=16)
+    loss = model(ids, labels=ids).loss
+    aux = attnlib.aux_loss(model)
+    assert aux.ndim == 0 and float(aux.detach()) > 0
+    (loss + aux).backward()
+    gate = hfa.attention_layers(model)[1].attnlib_core
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.parameters())
+
+
+def test_set_variant_needs_the_backend_and_beam_search_is_refused():
+    ref, model = _pair(LlamaForCausalLM, _llama_cfg())
+    with pytest.raises(ValueError, match="register"):
+        hfa.set_variant(ref, "linear")
+    hfa.set_variant(model, "linear")
+    with pytest.raises(UnsupportedError, match="beam search"):
+        model.generate(_ids(), max_new_tokens=3, num_beams=2, do_sample=False)
