@@ -18,12 +18,14 @@ import torch
 
 __all__ = [
     "FEW_KEYS",
+    "ROW_BLOCK_ELEMENTS",
     "SHORT_ROW",
     "block_layout_as_dense",
     "cpu_key_padding",
     "cpu_vector_width",
     "few_keys_explicit",
     "fused_cpu_block_parts",
+    "row_block",
     "softmax_backend",
     "softmax_rows_explicit",
     "triton_preferred",
@@ -34,6 +36,20 @@ SHORT_ROW = 32
 
 FEW_KEYS = 16
 """Below this many keys the ``softmax`` variant runs the explicit path on CPU, not SDPA (:func:`few_keys_explicit`)."""
+
+
+ROW_BLOCK_ELEMENTS = 1 << 22
+"""Elements of one (rows x columns) block that the blocked (O(N · block) memory) paths hold at once."""
+
+
+def row_block(rows: int, cols: int, lead: int = 1) -> int:
+    """How many of ``rows`` query rows a blocked path processes at once.
+
+    The blocked forms (Sparsifiner's predictor, Sinkhorn / IPOT iterations, the matmul form of
+    AFT-full) never hold more than about :data:`ROW_BLOCK_ELEMENTS` floats of a (lead, rows, cols)
+    intermediate, so their memory grows with N · block, not N²; at least 16 rows (or all of them).
+    """
+    return max(1, min(rows, max(16, ROW_BLOCK_ELEMENTS // max(1, cols * lead))))
 
 
 def softmax_rows_explicit(m: int, device: torch.device) -> bool:

@@ -187,3 +187,25 @@ def test_module_weights_importance_and_padding() -> None:
     fast = attn.core(q, k, v, am, need_importance=True)
     torch.testing.assert_close(fast.importance, ex.weights.mean(-2), rtol=0, atol=ATOL)
     del y
+
+
+def test_ksh_written_out_gradient_and_nesterov_steps_equal_autograd_and_torch_sgd() -> None:
+    """The hash learner's relaxed-loss gradient and its SGD loop equal autograd + torch.optim.SGD."""
+    from attnlib.functional.ecoformer import _ksh_grad, _ksh_loss, _nesterov_sgd
+
+    g = torch.Generator().manual_seed(5)
+    kq = torch.randn(2, 3, 7, 5, generator=g, dtype=torch.float64)
+    kk = torch.randn(2, 3, 6, 5, generator=g, dtype=torch.float64)
+    resid = torch.randn(2, 3, 7, 6, generator=g, dtype=torch.float64)
+    a0 = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    a = a0.clone().requires_grad_()
+    (want,) = torch.autograd.grad(_ksh_loss(kq, kk, resid, a, 0.1, False).sum(), a)
+    torch.testing.assert_close(_ksh_grad(kq, kk, resid, a0, 0.1), want, rtol=1e-12, atol=1e-14)
+    a = a0.clone().requires_grad_()
+    opt = torch.optim.SGD([a], lr=0.3, momentum=0.9, nesterov=True)
+    for _ in range(7):
+        opt.zero_grad()
+        _ksh_loss(kq, kk, resid, a, 0.1, False).sum().backward()
+        opt.step()
+    got = _nesterov_sgd(lambda x: _ksh_grad(kq, kk, resid, x, 0.1), a0, 0.3, 0.9, 7)
+    torch.testing.assert_close(got, a.detach(), rtol=1e-12, atol=1e-14)

@@ -198,3 +198,31 @@ def test_got_sinkhorn_solver_dot_cost_and_dtypes() -> None:
         attnlib.Attention(16, 2, variant="got", cost="l2")
     with pytest.raises(attnlib.UnsupportedError, match="got"):
         attnlib.Attention(16, 2, variant="got")(torch.randn(1, 4, 16), mask=torch.ones(1, 1, 4, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("what", ["sinkhorn", "ipot", "ot-sinkhorn"])
+def test_blocked_path_equals_the_whole_matrix(monkeypatch: pytest.MonkeyPatch, what: str) -> None:
+    """Without weights the iterations run over blocks of query rows (16 rows each here, with the
+    costs recomputed); output and gradients equal the whole-matrix path, under padding masks."""
+    n, m = 40, 35
+    q, k, v = make_qkv(B, H, n, D, m=m, dtype=F64, logit_scale=2.0, seed=31)
+    kp, qp = kpad(m, seed=32), kpad(n, seed=33)
+    qp[1] = False  # an example without a real query: zero output, no NaN
+
+    def run(blocked: bool) -> tuple[torch.Tensor, ...]:
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        if what == "sinkhorn":
+            res = sinkhorn_attention(*x, mask=KeyPadding(kp), query_mask=qp, n_iters=4, return_weights=not blocked)
+        else:
+            solver = "ipot" if what == "ipot" else "sinkhorn"
+            res = ot.ot_attention(
+                *x, key_mask=kp, query_mask=qp, solver=solver, eps=0.1, n_iters=6, return_weights=not blocked
+            )
+        out = res if blocked else res[0]
+        return (out, *torch.autograd.grad(out.square().sum(), x))
+
+    whole = run(False)
+    monkeypatch.setattr("attnlib.dispatch.ROW_BLOCK_ELEMENTS", 1)
+    for got, want in zip(run(True), whole, strict=True):
+        assert_close(got, want, atol=1e-12)
+    assert torch.equal(whole[0][1], torch.zeros_like(whole[0][1]))

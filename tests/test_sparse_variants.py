@@ -611,6 +611,35 @@ def test_sparsifiner_reconstruction_loss() -> None:
         recon(*make_qkv(B, H, 40, D, dtype=torch.float64), am(40))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_sparsifiner_blocked_paths_equal_the_whole_matrix(monkeypatch: pytest.MonkeyPatch, causal: bool) -> None:
+    """Row blocks (16 rows each here), the additive-bias fused path and the explicit path agree with
+    one whole-matrix computation: output, predictor, and the reconstruction loss and its gradients."""
+    n = 40
+    q, k, v = make_qkv(B, H, n, D, dtype=torch.float64, logit_scale=4.0, seed=21)
+    cr = core("sparsifiner", num_tokens=48, keep_rate=0.3, reduce_n_factor=4, basis_topk=4)
+    with torch.no_grad():
+        cr.up.normal_(0, 0.1)
+    kp = key_padding(n)
+    mask = am(n, mask=kp, causal=causal)
+    whole = cr(q, k, v, mask, need_weights=True)  # explicit path, one block (n * n * B * H < 2**22)
+    a_whole = cr.approx_attention(q, k, sparse_basis=True, causal=causal, key_valid=kp.valid)
+    cr.train()
+    loss_whole = cr(q, k, v, mask).aux_loss
+    g_whole = torch.autograd.grad(loss_whole, [cr.up, cr.down, cr.q_reduce.weight])
+    monkeypatch.setattr("attnlib.dispatch.ROW_BLOCK_ELEMENTS", 1)
+    cr.eval()
+    fused = cr(q, k, v, mask)  # additive bias through SDPA, blocks of 16 rows
+    assert_close(fused.out, whole.out)
+    rows = cr.predictor(q, k, sparse_basis=True, causal=causal, key_valid=kp.valid)
+    assert_close(torch.cat([rows(0, 16), rows(16, 33), rows(33, n)], 2), a_whole)
+    cr.train()
+    loss = cr(q, k, v, mask).aux_loss
+    assert_close(loss, loss_whole)
+    for got, want in zip(torch.autograd.grad(loss, [cr.up, cr.down, cr.q_reduce.weight]), g_whole, strict=True):
+        assert_close(got, want)
+
+
 # ------------------------------------------------------------------------------------------
 # SwinBERT mask
 # ------------------------------------------------------------------------------------------

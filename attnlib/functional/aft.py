@@ -252,6 +252,7 @@ def _aft(
     rules = ([causal_mod(t)] if causal else []) + ([] if full else [window_mod(left, right, t)])
     pair_rule = and_mod(*rules) if rules else None
     outs: list[Tensor] = []
+    ekv_full: Tensor | None = None
     mass = torch.zeros(*lead[:-2], tk, ch, dtype=dt, device=q.device) if need_importance else None
     u_rows: list[Tensor] = []  # importance: e^{-r_t} / den_t of every row (out-of-band weight)
     blocks = causal_row_blocks(kmask, c, low) if causal else [(s, min(t, s + c)) for s in range(0, t, c)]
@@ -293,8 +294,8 @@ def _aft(
         # pair terms
         pair = None
         g_scale: Tensor | float = 1.0
-        num = torch.zeros(*lead[:-2], e - s, ch, dtype=dt, device=q.device)
-        den = torch.zeros_like(num)
+        num: Tensor | None = None
+        den: Tensor | None = None
         if block is not None:
             lo, hi = (0, e if causal else tk) if full else (max(0, s - left), min(tk, e + right))
             if causal:
@@ -303,17 +304,32 @@ def _aft(
             wb = wb.to(dt)
             if pair_rule is not None:
                 allowed = allowed & _on_rows(pair_rule, s, e, lo, hi, q.device)
-            wmax = wb.masked_fill(~allowed, low).amax(-1, keepdim=True).detach()
+            every = allowed.numel() == 1 and bool(allowed.all())  # no pair masked: skip the selects
+            wmax = (wb if every else wb.masked_fill(~allowed, low)).amax(-1, keepdim=True).detach()
             r = finite(wmax) if full else wmax.clamp_min(0.0)
-            pair = torch.where(allowed, torch.exp(wb - r), torch.zeros_like(wb))
-            ek = expk(lo, hi, m_c)
-            num = num + _bmm(pair, ek * v[..., lo:hi, :])
-            den = den + _bmm(pair, ek)
+            pair = torch.exp(wb - r) if every else torch.where(allowed, torch.exp(wb - r), torch.zeros_like(wb))
+            if ekv_full is not None:  # non-causal AFT-full: every block reads the same keys and shift
+                ekv = ekv_full
+            else:
+                ek = expk(lo, hi, m_c)
+                ekv = _stack_channels(ek * v[..., lo:hi, :], ek)
+                if pair.dim() == 2:  # one bias for every batch and head: fold them into the columns
+                    ekv = ekv.movedim(-2, 0).reshape(ekv.shape[-2], *ekv.shape[:-2], ekv.shape[-1])
+                if full and not causal:
+                    ekv_full = ekv
+            # numerator and denominator in one product
+            if pair.dim() == 2:
+                nd = torch.matmul(pair, ekv.flatten(1)).view(pair.shape[0], *ekv.shape[1:]).movedim(0, -2)
+            else:
+                nd = _bmm(pair, ekv)
+            num, den = nd[..., :ch], nd[..., ch:]
             if not full:
                 g_scale = torch.exp(-r)
         if out_num is not None and out_den is not None:
-            num = num + g_scale * out_num
-            den = den + g_scale * out_den
+            num = g_scale * out_num if num is None else num + g_scale * out_num
+            den = g_scale * out_den if den is None else den + g_scale * out_den
+        assert num is not None and den is not None
+        num, den = num.expand(*lead[:-2], e - s, ch), den.expand(*lead[:-2], e - s, ch)  # simple: one row
         outs.append(_gate(q[..., s:e, :], query_gate) * safe_div(num, den))
         if need_importance:
             assert mass is not None
@@ -354,6 +370,11 @@ def _aft(
             resc = torch.where(seen, torch.exp(m_pos - _rows(m_pos, gap, tk)), torch.zeros((), dtype=dt))
             mass += e_own * _rows(suf_u, gap, tk) * resc
     return out, mass / t
+
+
+def _stack_channels(a: Tensor, b: Tensor) -> Tensor:
+    """a (..., L, C) and b (broadcastable to a) side by side: (..., L, 2C), one matmul operand."""
+    return torch.cat([a, b.expand_as(a)], -1)
 
 
 def _bmm(a: Tensor, b: Tensor) -> Tensor:

@@ -29,6 +29,7 @@ O(N^2) in memory; it runs once, on at most ``max_tokens`` tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -324,6 +325,44 @@ def _supervision(q: Tensor, k: Tensor, allowed: Tensor | None, topk: int) -> Ten
     return s0
 
 
+def _ksh_loss(kq: Tensor, kk: Tensor, resid: Tensor, a: Tensor, scale: float, binary: bool) -> Tensor:
+    """KSH's loss of one bit per head: ``-scale · Σ_{b,i,j} y^q_i R_ij y^k_j`` (H,).
+
+    kq (B, H, N, m), kk (B, H, M, m): centred kernel features; resid R (B, H, N, M); a (H, m).
+    ``binary``: y = sign(k a) (±1); else the relaxation y = tanh(k a / 2) = 2 sigmoid(k a) - 1.
+    """
+    yq = torch.einsum("bhnm,hm->bhn", kq, a)
+    yk = torch.einsum("bhnm,hm->bhn", kk, a)
+    if binary:
+        yq = torch.where(yq >= 0, 1.0, -1.0).to(kq.dtype)
+        yk = torch.where(yk >= 0, 1.0, -1.0).to(kq.dtype)
+    else:
+        yq, yk = torch.tanh(yq / 2), torch.tanh(yk / 2)
+    # Σ_{b,i,j} yq_i R_ij yk_j as matrix-vector products (no (N, M) temporaries)
+    return -torch.einsum("bhn,bhnm,bhm->h", yq, resid, yk) * scale  # (H,)
+
+
+def _ksh_grad(kq: Tensor, kk: Tensor, resid: Tensor, a: Tensor, scale: float) -> Tensor:
+    """d Σ_h _ksh_loss(..., binary=False) / da (H, m), written out: with u = kq a, w = kk a,
+    ``dL/du_i = -scale/2 · (R tanh(w/2))_i (1 - tanh²(u/2))`` and likewise for w."""
+    yq = torch.tanh(torch.einsum("bhnm,hm->bhn", kq, a) / 2)
+    yk = torch.tanh(torch.einsum("bhnm,hm->bhn", kk, a) / 2)
+    gq = torch.matmul(resid, yk[..., None])[..., 0] * (1 - yq * yq)  # (B, H, N)
+    gk = torch.matmul(yq[..., None, :], resid)[..., 0, :] * (1 - yk * yk)  # (B, H, M)
+    return (torch.einsum("bhn,bhnm->hm", gq, kq) + torch.einsum("bhn,bhnm->hm", gk, kk)) * (-scale / 2)
+
+
+def _nesterov_sgd(grad: Callable[[Tensor], Tensor], a0: Tensor, lr: float, momentum: float, iters: int) -> Tensor:
+    """``iters`` steps of ``torch.optim.SGD(lr=lr, momentum=momentum, nesterov=True)`` from a0,
+    with the gradient from ``grad(a)`` (no autograd graph, no optimizer object per step)."""
+    a, buf = a0.clone(), None
+    for _ in range(iters):
+        g = grad(a)
+        buf = g.clone() if buf is None else buf.mul_(momentum).add_(g)
+        a = a - lr * (g + momentum * buf)
+    return a
+
+
 def learn_ksh_hash(
     q: Tensor,
     k: Tensor,
@@ -346,7 +385,9 @@ def learn_ksh_hash(
         projection: (H, b, m) initial A (e.g. N(0, 1)); a learned copy is returned.
         num_anchors: m; anchors are m random (real) key tokens of the first sample, normalised.
         topk: positives / negatives per query row.
-        lr, momentum, iters: Nesterov SGD on each bit (official: 5e-4, 0.9, 100).
+        lr, momentum, iters: Nesterov SGD on each bit (official: 5e-4, 0.9, 100), with the
+            gradient of the relaxed loss written out (the steps of ``torch.optim.SGD`` without
+            an autograd graph per step).
         causal: the supervision only uses pairs j <= i (and σ is the prefix mean).
         key_padding: (B, M) bool of real keys (also used as query padding when N == M).
         max_tokens: learn on at most this many tokens (a random ordered subset; None = all);
@@ -403,27 +444,12 @@ def learn_ksh_hash(
         scale = 1.0 / (n * nbits)
 
         def loss(a: Tensor, binary: bool) -> Tensor:
-            yq = torch.einsum("bhnm,hm->bhn", kq, a)
-            yk = torch.einsum("bhnm,hm->bhn", kk, a)
-            if binary:
-                yq = torch.where(yq >= 0, 1.0, -1.0).to(dt)
-                yk = torch.where(yk >= 0, 1.0, -1.0).to(dt)
-            else:
-                yq, yk = torch.tanh(yq / 2), torch.tanh(yk / 2)  # = 2 sigmoid(y) - 1
-            # Σ_{b,i,j} yq_i R_ij yk_j as matrix-vector products (no (N, M) temporaries in the loop)
-            return -torch.einsum("bhn,bhnm,bhm->h", yq, resid, yk) * scale  # (H,)
+            return _ksh_loss(kq, kk, resid, a, scale, binary)
 
         for r in range(nbits):
             a0 = proj[:, r].clone()
             l0 = loss(a0, True)
-            a = a0.clone().requires_grad_(True)
-            opt = torch.optim.SGD([a], lr=lr, momentum=momentum, nesterov=True)
-            with torch.enable_grad():
-                for _ in range(iters):
-                    opt.zero_grad()
-                    loss(a, False).sum().backward()
-                    opt.step()
-            a1 = a.detach()
+            a1 = _nesterov_sgd(lambda a, res=resid: _ksh_grad(kq, kk, res, a, scale), a0, lr, momentum, iters)
             l1 = loss(a1, True)
             if not torch.isfinite(a1).all():
                 a1, l1 = a0, l0

@@ -31,13 +31,16 @@ The public module :mod:`attnlib.ot` re-exports these names.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
+from attnlib import dispatch
 from attnlib._validation import describe, int_at_least, non_negative_number, positive_number
 from attnlib.functional._common import acc_dtype, nonzero
 
@@ -53,6 +56,8 @@ __all__ = [
     "prune_cost",
     "sinkhorn",
     "sinkhorn_steps",
+    "sinkhorn_steps_blocked",
+    "transport_blocked",
     "transport_cost",
 ]
 
@@ -263,16 +268,123 @@ def sinkhorn_steps(
     Returns:
         (f, g); the plan is ``exp(logk + f_i + g_j)``.
     """
+    return _alternate(
+        steps,
+        f,
+        g,
+        lambda g: log_a - torch.logsumexp(logk + g[..., None, :], -1),
+        lambda f: log_b - torch.logsumexp(logk + f[..., :, None], -2),
+        rmask,
+        cmask,
+    )
+
+
+def _alternate(
+    steps: int,
+    f: Tensor,
+    g: Tensor,
+    row_step: Callable[[Tensor], Tensor],
+    col_step: Callable[[Tensor], Tensor],
+    rmask: Tensor | None,
+    cmask: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """``steps`` alternating updates ``f = row_step(g)``, ``g = col_step(f)`` (rows first); potentials
+    outside ``rmask`` / ``cmask`` set to 0."""
     for it in range(steps):
         if it % 2 == 0:
-            f = log_a - torch.logsumexp(logk + g[..., None, :], -1)
+            f = row_step(g)
             if rmask is not None:
                 f = torch.where(rmask, f, 0.0)
         else:
-            g = log_b - torch.logsumexp(logk + f[..., :, None], -2)
+            g = col_step(f)
             if cmask is not None:
                 g = torch.where(cmask, g, 0.0)
     return f, g
+
+
+LogKernelRows = Callable[[int, int], Tensor]
+"""``rows(s, e)`` -> the rows s..e-1 of a log-kernel (..., N, M), recomputed on demand (NEG on pairs without mass)."""
+
+
+def _blockwise(fn: Callable[..., Tensor], *args: Any) -> Tensor:
+    """``fn(*args)``; under autograd its intermediates are recomputed in the backward pass
+    (activation checkpointing), so a block's (rows x M) tensors are never kept for backward."""
+    if torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def _blocks(n: int, m: int, lead: int) -> list[tuple[int, int]]:
+    step = dispatch.row_block(n, m, lead)
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+def sinkhorn_steps_blocked(
+    rows: LogKernelRows,
+    shape: tuple[int, ...],
+    log_a: Tensor,
+    log_b: Tensor,
+    steps: int,
+    f: Tensor,
+    g: Tensor,
+    *,
+    rmask: Tensor | None = None,
+    cmask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`sinkhorn_steps` on a log-kernel given a block of rows at a time.
+
+    ``rows(s, e)`` returns the log-kernel's rows s..e-1 (..., e-s, M); ``shape`` is the full
+    (..., N, M). A row step takes each block's row log-sum-exps; a column step combines the
+    blocks' column log-sum-exps by one more log-sum-exp. Memory O(block · M) (under autograd
+    too: each block is recomputed in the backward pass); the kernel is recomputed at every step.
+    """
+    *lead, n, m = shape
+    blocks = _blocks(n, m, int(np.prod(lead)) if lead else 1)
+
+    def row_lse(s: int, e: int, g: Tensor) -> Tensor:
+        return torch.logsumexp(rows(s, e) + g[..., None, :], -1)
+
+    def col_lse(s: int, e: int, f: Tensor) -> Tensor:
+        return torch.logsumexp(rows(s, e) + f[..., s:e, None], -2)
+
+    def row_step(g: Tensor) -> Tensor:
+        return log_a - torch.cat([_blockwise(row_lse, s, e, g) for s, e in blocks], -1)
+
+    def col_step(f: Tensor) -> Tensor:
+        parts = [_blockwise(col_lse, s, e, f) for s, e in blocks]
+        return log_b - (parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts, -2), -2))
+
+    return _alternate(steps, f, g, row_step, col_step, rmask, cmask)
+
+
+def transport_blocked(
+    rows: LogKernelRows,
+    f: Tensor,
+    g: Tensor,
+    v: Tensor,
+    *,
+    normalize_rows: bool = False,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """``P v`` with the plan ``P = exp(logk + f_i + g_j)`` formed a block of rows at a time.
+
+    ``rows`` as for :func:`sinkhorn_steps_blocked`; f (..., N), g (..., M), v (..., M, Dv).
+    ``normalize_rows`` divides each row of P by its sum first (0 rows stay 0); ``dropout_p``
+    drops entries of P (training). Returns (..., N, Dv); memory O(block · M).
+    """
+    n, m = f.shape[-1], g.shape[-1]
+
+    def block(s: int, e: int, f: Tensor, g: Tensor, v: Tensor) -> Tensor:
+        p = torch.exp(rows(s, e) + f[..., s:e, None] + g[..., None, :])
+        if normalize_rows:
+            p = p / nonzero(p.sum(-1, keepdim=True))
+        if dropout_p > 0:
+            p = F.dropout(p, p=dropout_p)
+        return torch.matmul(p, v)
+
+    lead = int(np.prod(f.shape[:-1])) if f.dim() > 1 else 1
+    outs = [_blockwise(block, s, e, f, g, v) for s, e in _blocks(n, m, lead)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, -2)
 
 
 def _sinkhorn_log(
@@ -752,6 +864,11 @@ def ot_attention(
             "sinkhorn" (``eps``).
         n_iters: solver iterations (differentiated through).
 
+    Without ``return_weights`` the solver runs over blocks of query rows and never holds an
+    N x M matrix (memory O(N · block); the costs are recomputed at every step): IPOT's plan after
+    t steps is ``exp(t · (-C / beta) + D_i + S_j)`` on the real pairs, D and S the running sums of
+    its inner Sinkhorn potentials, so only vectors are carried from step to step.
+
     Returns:
         out (B, H, N, Dv) in q's dtype (computed in >= float32), or (out, weights (B, H, N, M)).
     """
@@ -767,6 +884,11 @@ def ot_attention(
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     ct = _compute_dtype(q)
+    beta = positive_number(beta, f"{where}: beta")
+    eps = positive_number(eps, f"{where}: eps")
+    n_iters = int_at_least(n_iters, 1, f"{where}: n_iters")
+    if not return_weights:
+        return _ot_attention_blocked(q, k, v, key_mask, query_mask, cost, solver, beta, eps, n_iters, scale)
     if cost == "cosine":
         c = cosine_cost(q.to(ct), k.to(ct))
     else:
@@ -774,16 +896,87 @@ def ot_attention(
     a_mask = None if query_mask is None else query_mask[:, None, :].expand(b, h, n)
     b_mask = None if key_mask is None else key_mask[:, None, :].expand(b, h, m)
     pb = _Problem(c, None, None, a_mask, b_mask, where)
-    plan = _solve(
-        pb,
-        pb.cost,
-        solver,
-        positive_number(beta, f"{where}: beta"),
-        positive_number(eps, f"{where}: eps"),
-        int_at_least(n_iters, 1, f"{where}: n_iters"),
-    )
+    plan = _solve(pb, pb.cost, solver, beta, eps, n_iters)
     weights = plan / nonzero(plan.sum(-1, keepdim=True))  # plans are >= 0
     out = (weights @ v.to(ct)).to(q.dtype)
     if return_weights:
         return out, weights.to(q.dtype)
     return out
+
+
+def _ot_attention_blocked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_mask: Tensor | None,
+    query_mask: Tensor | None,
+    cost: str,
+    solver: str,
+    beta: float,
+    eps: float,
+    n_iters: int,
+    scale: float | None,
+) -> Tensor:
+    """:func:`ot_attention`'s output computed a block of query rows at a time (same validation)."""
+    b, h, n, d = q.shape
+    m = k.shape[2]
+    ct = _compute_dtype(q)
+    dev = q.device
+    if cost == "cosine":
+        qx, kx, shift, mult = F.normalize(q.to(ct), dim=-1), F.normalize(k.to(ct), dim=-1), 1.0, -1.0
+    else:
+        qx, kx, shift, mult = q.to(ct), k.to(ct), 0.0, -(d**-0.5 if scale is None else scale)
+    for name, mk, size in (("query_mask", query_mask, n), ("key_mask", key_mask, m)):
+        _check_mask(None if mk is None else mk[:, None, :].expand(b, h, size), (b, h, size), name, "ot_attention", dev)
+    rmask = torch.ones(b, h, n, dtype=torch.bool, device=dev)
+    cmask = torch.ones(b, h, m, dtype=torch.bool, device=dev)
+    if query_mask is not None:
+        rmask = rmask & query_mask[:, None, :]
+    if key_mask is not None:
+        cmask = cmask & key_mask[:, None, :]
+    live = rmask.any(-1, keepdim=True) & cmask.any(-1, keepdim=True)
+    rmask, cmask = rmask & live, cmask & live
+    log_a = torch.where(rmask, -torch.log(rmask.sum(-1, keepdim=True).clamp_min(1).to(ct)), 0.0)
+    log_b = torch.where(cmask, -torch.log(cmask.sum(-1, keepdim=True).clamp_min(1).to(ct)), 0.0)
+    step_size = beta if solver == "ipot" else eps
+
+    def neg_cost(s: int, e: int) -> Tensor:  # -C / step on the block's pairs, NEG elsewhere
+        c = shift + mult * torch.matmul(qx[..., s:e, :], kx.transpose(-1, -2))
+        pair = rmask[..., s:e, None] & cmask[..., None, :]
+        return (-c / step_size).masked_fill(~pair, NEG)
+
+    shape = (b, h, n, m)
+    if solver == "sinkhorn":
+        f, g = sinkhorn_steps_blocked(
+            neg_cost,
+            shape,
+            log_a,
+            log_b,
+            2 * n_iters,
+            torch.zeros_like(log_a),
+            torch.zeros_like(log_b),
+            rmask=rmask,
+            cmask=cmask,
+        )
+        return transport_blocked(neg_cost, f, g, v.to(ct), normalize_rows=True).to(q.dtype)
+    # IPOT (inner_iters = 1): log T_t = t · logg + D_t + S_t on the real pairs, with D_t, S_t the
+    # sums of the potentials (delta, sigma) of the steps so far; T_0 = 1 1^T, sigma_0 = 1/M
+    big_d, big_s = torch.zeros_like(log_a), torch.zeros_like(log_b)
+    log_delta = torch.zeros_like(log_a)
+    log_sigma = torch.where(cmask, -torch.log(cmask.sum(-1, keepdim=True).clamp_min(1).to(ct)), 0.0)
+
+    def kernel(t: int, big_d: Tensor, big_s: Tensor) -> LogKernelRows:
+        def rows(s: int, e: int) -> Tensor:
+            return neg_cost(s, e) * t + big_d[..., s:e, None] + big_s[..., None, :]
+
+        return rows
+
+    for t in range(1, n_iters + 1):
+        logq = kernel(t, big_d, big_s)  # log(G * T_{t-1}) = t · logg + D_{t-1} + S_{t-1}
+        log_delta, log_sigma = sinkhorn_steps_blocked(
+            logq, shape, log_a, log_b, 2, log_delta, log_sigma, rmask=rmask, cmask=cmask
+        )
+        big_d, big_s = big_d + log_delta, big_s + log_sigma
+    plan_rows = kernel(n_iters, big_d, big_s)
+    zf, zg = torch.zeros_like(log_a), torch.zeros_like(log_b)
+    return transport_blocked(plan_rows, zf, zg, v.to(ct), normalize_rows=True).to(q.dtype)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from attnlib._validation import check_qkv, describe, int_at_least
 from attnlib.functional._common import acc_dtype, as_attention_mask, repeat_kv
-from attnlib.functional.ot import NEG, sinkhorn_steps
+from attnlib.functional.ot import NEG, sinkhorn_steps, sinkhorn_steps_blocked, transport_blocked
 from attnlib.masks import MaskLike
 
 __all__ = ["sinkhorn_attention"]
@@ -54,7 +54,9 @@ def sinkhorn_attention(
         scale: logit scale, default D**-0.5.
         n_iters: normalisation steps, rows first (1 = softmax).
         dropout_p: dropout on P (training).
-        return_weights: also return P (B, H, N, M) (before dropout).
+        return_weights: also return P (B, H, N, M) (before dropout). Without weights the
+            iterations run over blocks of query rows (:func:`attnlib.functional.ot.sinkhorn_steps_blocked`):
+            memory O(N · block) instead of O(N · M), the logits recomputed at every step.
 
     Returns:
         out (B, H, N, Dv) in q's dtype (the iterations run in >= float32), or (out, P).
@@ -74,7 +76,6 @@ def sinkhorn_attention(
     k, v = repeat_kv(k, g), repeat_kv(v, g)
     ct = acc_dtype(q.dtype)
     scale = d**-0.5 if scale is None else scale
-    logits = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale  # (B, H, N, M)
     allowed = am.dense()
     if query_mask is not None:
         qm = query_mask[:, None, :, None]
@@ -91,10 +92,23 @@ def sinkhorn_attention(
         m_real = cols.sum(-1, keepdim=True).to(ct).clamp_min(1)
         log_row = torch.zeros((), dtype=ct, device=q.device)
         log_col = torch.log(n_real.clamp_min(1) / m_real)  # columns carry N_real / M_real each
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, NEG)  # NEG + finite potentials stays ~NEG: no refill needed
     f = torch.zeros(b, h, n, dtype=ct, device=q.device)  # log row scalings
     gpot = torch.zeros(b, h, m, dtype=ct, device=q.device)  # log column scalings
+    if not return_weights:  # blocks of query rows: the logits are recomputed, never held N x M
+        qc, kc = q.to(ct), k.to(ct)
+
+        def logit_rows(s: int, e: int) -> Tensor:
+            lg = torch.matmul(qc[..., s:e, :], kc.transpose(-1, -2)) * scale
+            if allowed is not None:
+                lg = lg.masked_fill(~allowed[..., s:e, :], NEG)
+            return lg
+
+        shape = (b, h, n, m)
+        f, gpot = sinkhorn_steps_blocked(logit_rows, shape, log_row, log_col, n_iters, f, gpot, rmask=rows, cmask=cols)
+        return transport_blocked(logit_rows, f, gpot, v.to(ct), dropout_p=dropout_p).to(q.dtype)
+    logits = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale  # (B, H, N, M)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, NEG)  # NEG + finite potentials stays ~NEG: no refill needed
     f, gpot = sinkhorn_steps(logits, log_row, log_col, n_iters, f, gpot, rmask=rows, cmask=cols)
     z = logits + f[..., :, None] + gpot[..., None, :]
     p = torch.exp(z)  # exp(~NEG) == 0 exactly on disallowed pairs

@@ -22,11 +22,14 @@ top-k selections need the precision.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
+from attnlib import dispatch
 from attnlib.functional._common import (
     acc_dtype,
     masked_scores,
@@ -41,6 +44,7 @@ from attnlib.positional import RotaryCall, rotate_at
 
 __all__ = [
     "MOSA_ROUTINGS",
+    "RowsFn",
     "block_max_attention",
     "block_pool",
     "mosa_attention",
@@ -59,7 +63,9 @@ __all__ = [
     "seer_select",
     "sparsifiner_approx_attention",
     "sparsifiner_attention",
+    "sparsifiner_predictor",
     "sparsifiner_recon_loss",
+    "sparsifiner_select",
     "swinbert_hard_mask",
     "swinbert_soft_attention",
     "swinbert_soft_mask",
@@ -599,6 +605,71 @@ def mosa_token_attention(
 # ------------------------------------------------------------------------------------------
 
 
+RowsFn = Callable[[int, int], Tensor]
+"""``rows(s, e)`` -> the rows s..e-1 of a (B, H, N, N) matrix, computed on demand (blocked paths)."""
+
+
+def sparsifiner_predictor(
+    q: Tensor,
+    k: Tensor,
+    q_reduce: tuple[Tensor, Tensor],
+    k_reduce: tuple[Tensor, Tensor],
+    down: Tensor,
+    up: Tensor,
+    *,
+    predictor_scale: float,
+    sparse_basis: bool,
+    basis_topk: int = 8,
+    basis_threshold: float = 0.02,
+    causal: bool = False,
+    key_valid: Tensor | None = None,
+) -> RowsFn:
+    """Sparsifiner's predictor A^ as a function of a row range: ``rows(s, e)`` -> A^[:, :, s:e] (B, H, e-s, N).
+
+    The same A^ as :func:`sparsifiner_approx_attention`, computed a block of query rows at a
+    time so that nothing N x N is held: the channel reduction and (non-causal) key
+    down-projection are shared by every block; with ``causal`` a block's logits are
+    ``(tril(q_c k_c^T) P_down)`` over its rows (O(block · N · (c + n_d)), never the
+    (N, c, n_d) prefix sums). With ``sparse_basis`` Cf has ``basis_topk`` entries per row, so
+    a row of A^ is a weighted sum of that many rows of |W_up| (an embedding bag: O(topk · N)
+    per row instead of O(n_d · N)).
+    """
+    n = q.shape[2]
+    acc = acc_dtype(q.dtype)  # ranking needs precision
+    wq, bq_, wk, bk_ = (t.to(acc) for t in (*q_reduce, *k_reduce))
+    qc, kc = F.linear(q.to(acc), wq, bq_), F.linear(k.to(acc), wk, bk_)
+    if key_valid is not None:
+        kc = kc * key_valid[:, None, :, None].to(acc)
+    dn = down[:n].to(acc)
+    k_down = None if causal else torch.einsum("bhnc,nd->bhcd", kc, dn)
+    w_up = up[:n].to(acc).T  # (n_d, N)
+    if sparse_basis:
+        w_up = w_up.abs()
+        w_up = (w_up * (w_up > basis_threshold)).contiguous()  # rows gathered by the embedding bag
+
+    def rows(s: int, e: int) -> Tensor:
+        if k_down is None:  # query i sees the down-projection of keys j <= i only
+            sc = torch.matmul(qc[:, :, s:e], kc[:, :, :e].transpose(-1, -2))
+            later = torch.arange(s, e, device=q.device)[:, None] < torch.arange(e, device=q.device)
+            logits = torch.matmul(sc.masked_fill(later, 0.0), dn[:e])
+        else:
+            logits = torch.matmul(qc[:, :, s:e], k_down)
+        cf = torch.softmax(logits * predictor_scale, -1)
+        if not sparse_basis:
+            return torch.matmul(cf, w_up)
+        top = cf.topk(min(basis_topk, cf.shape[-1]), -1)
+        lead = top.indices.shape[:-1]
+        a = F.embedding_bag(
+            top.indices.reshape(-1, top.indices.shape[-1]),
+            w_up,
+            per_sample_weights=top.values.reshape(-1, top.values.shape[-1]),
+            mode="sum",
+        )
+        return a.view(*lead, n)
+
+    return rows
+
+
 def sparsifiner_approx_attention(
     q: Tensor,
     k: Tensor,
@@ -625,52 +696,132 @@ def sparsifiner_approx_attention(
 
     ``key_valid`` (B, N) leaves padding keys out of the down-projection; with ``causal`` query i
     uses the down-projection of keys j <= i only (a prefix sum), so the predicted mask never
-    depends on later tokens.
+    depends on later tokens. The whole matrix at once; :func:`sparsifiner_predictor` gives it
+    a block of rows at a time.
     """
-    n = q.shape[2]
-    acc = acc_dtype(q.dtype)  # ranking needs precision
-    wq, bq_, wk, bk_ = (t.to(acc) for t in (*q_reduce, *k_reduce))
-    qc, kc = F.linear(q.to(acc), wq, bq_), F.linear(k.to(acc), wk, bk_)
-    if key_valid is not None:
-        kc = kc * key_valid[:, None, :, None].to(acc)
-    dn = down[:n].to(acc)
-    if causal:
-        k_down = torch.einsum("bhnc,nd->bhncd", kc, dn).cumsum(2)
-        logits = torch.einsum("bhnc,bhncd->bhnd", qc, k_down)
-    else:
-        logits = torch.einsum("bhnc,bhcd->bhnd", qc, torch.einsum("bhnc,nd->bhcd", kc, dn))
-    cf = torch.softmax(logits * predictor_scale, -1)
-    w_up = up[:n].to(acc).T  # (n_d, N)
-    if sparse_basis:
-        top = cf.topk(min(basis_topk, cf.shape[-1]), -1).indices
-        cf = torch.zeros_like(cf).scatter(-1, top, cf.gather(-1, top))
-        w_up = w_up.abs()
-        w_up = w_up * (w_up > basis_threshold)
-    return torch.matmul(cf, w_up)
+    rows = sparsifiner_predictor(
+        q,
+        k,
+        q_reduce,
+        k_reduce,
+        down,
+        up,
+        predictor_scale=predictor_scale,
+        sparse_basis=sparse_basis,
+        basis_topk=basis_topk,
+        basis_threshold=basis_threshold,
+        causal=causal,
+        key_valid=key_valid,
+    )
+    return rows(0, q.shape[2])
+
+
+def _as_rows(a: Tensor | RowsFn) -> RowsFn:
+    return a if callable(a) else (lambda s, e: a[:, :, s:e])
+
+
+def _mask_rows(allowed: Tensor | None, s: int, e: int) -> Tensor | None:
+    return None if allowed is None else allowed[..., s:e, :]
 
 
 def sparsifiner_recon_loss(
-    a_raw: Tensor, q: Tensor, k: Tensor, allowed: Tensor | None, scale: float, num_dense_queries: int
+    a_raw: Tensor | RowsFn, q: Tensor, k: Tensor, allowed: Tensor | None, scale: float, num_dense_queries: int
 ) -> Tensor:
     """Sparsifiner's reconstruction loss ``sum((A^_raw - A)^2)`` over the rows after ``num_dense_queries``.
 
-    ``a_raw`` (B, H, N, N) is the predictor's raw output; A = softmax(q k^T · scale) under
+    ``a_raw`` (B, H, N, N) is the predictor's raw output, or ``rows(s, e)`` giving its rows
+    (:func:`sparsifiner_predictor`, ``sparse_basis=False``): the loss is then summed over blocks
+    of rows, each recomputed in the backward pass (activation checkpointing), so neither the
+    forward nor the backward holds an N x N matrix. A = softmax(q k^T · scale) under
     ``allowed`` (broadcastable bool or None), detached: the predictor's only gradient.
     """
-    with torch.no_grad():
-        s = torch.matmul(q, k.transpose(-1, -2)) * scale
-        if allowed is not None:
-            s = s.masked_fill(~allowed, float("-inf"))
-        teacher = softmax_or_zero(s.to(acc_dtype(q.dtype)))
-    nd = num_dense_queries
-    return (a_raw[:, :, nd:] - teacher[:, :, nd:].to(a_raw.dtype)).square().sum()
+    rows_of = _as_rows(a_raw)
+    b, h, n = q.shape[:3]
+
+    def block(s: int, e: int) -> Tensor:
+        with torch.no_grad():
+            sc = torch.matmul(q[:, :, s:e], k.transpose(-1, -2)) * scale
+            ok = _mask_rows(allowed, s, e)
+            if ok is not None:
+                sc = sc.masked_fill(~ok, float("-inf"))
+            teacher = softmax_or_zero(sc.to(acc_dtype(q.dtype)))
+        a = rows_of(s, e)
+        return (a - teacher.to(a.dtype)).square().sum()
+
+    nd = min(num_dense_queries, n)
+    step = dispatch.row_block(n - nd, n, b * h)
+    total = q.new_zeros((), dtype=acc_dtype(q.dtype))
+    for s in range(nd, n, step):
+        e = min(n, s + step)
+        part = checkpoint(block, s, e, use_reentrant=False) if callable(a_raw) else block(s, e)
+        total = total + part
+    return total
+
+
+def sparsifiner_select(
+    a_hat: Tensor | RowsFn,
+    n: int,
+    *,
+    keep_rate: float,
+    allowed: Tensor | None = None,
+    num_dense_queries: int = 1,
+    additive: bool = False,
+) -> Callable[[int, int], Tensor]:
+    """The keys each query keeps: ``keep(s, e)`` -> bool (B, H, e-s, N) for query rows s..e-1.
+
+    With ``additive`` the same selection as an additive logit bias in the dtype of ``a_hat``
+    (0 where kept, -inf elsewhere): what PyTorch's fused CPU attention takes without converting.
+
+    Query i keeps its K_i = ceil(keep_rate · #keys it may see) (ceil(keep_rate · N) without
+    masks) highest-ranked keys under ``a_hat`` ((B, H, N, N) or ``rows(s, e)``), restricted to
+    ``allowed`` (broadcastable to (B, H, N, N)); the first ``num_dense_queries`` rows keep every
+    allowed key. Selection has no gradient. Every block uses the same top-k size (the largest
+    K_i), so a row's selection does not depend on the block it falls in.
+    """
+    rows_of = _as_rows(a_hat)
+    kk = min(n, math.ceil(keep_rate * n))
+    k_row = None
+    if allowed is not None:
+        # query i keeps ceil(keep_rate * #keys it may see), so neither a causal prefix's output
+        # (incremental decoding == full forward) nor a padded example's depends on the length
+        k_row = (allowed.sum(-1, keepdim=True) * keep_rate).ceil().clamp(min=1)  # (B|1, H|1, N, 1)
+        kk = min(n, int(k_row.max()))
+    nd = min(num_dense_queries, n)
+
+    def keep(s: int, e: int) -> Tensor:
+        with torch.no_grad():
+            a = rows_of(s, e)
+            ok = _mask_rows(allowed, s, e)
+            if ok is not None:
+                a = a.masked_fill(~ok, float("-inf"))
+            # best first where rows keep different counts (the first K_i ranks); a set otherwise
+            idx = a.topk(kk, -1, sorted=k_row is not None).indices  # (B, H, e-s, K)
+            if additive:
+                out, hit, miss = torch.full_like(a, float("-inf")), 0.0, float("-inf")
+            else:
+                out, hit, miss = torch.zeros(a.shape, dtype=torch.bool, device=a.device), True, False
+            if k_row is None:
+                out.scatter_(-1, idx, hit)
+            else:
+                picked = (torch.arange(kk, device=idx.device) < k_row[..., s:e, :]).expand(idx.shape)
+                out.scatter_(-1, idx, torch.full(idx.shape, hit, dtype=out.dtype).masked_fill(~picked, miss))
+            if ok is not None:
+                out.masked_fill_(~ok, miss)
+            if s < nd:  # dense (CLS) rows
+                dense = out[..., : nd - s, :]
+                dense.fill_(hit)
+                if ok is not None:
+                    dense.masked_fill_(~ok[..., : nd - s, :], miss)
+            return out
+
+    return keep
 
 
 def sparsifiner_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    a_hat: Tensor,
+    a_hat: Tensor | RowsFn,
     *,
     keep_rate: float,
     allowed: Tensor | None = None,
@@ -684,8 +835,14 @@ def sparsifiner_attention(
 
     Query i keeps K_i = ceil(keep_rate · #keys it may see) (ceil(keep_rate · N) without masks),
     so neither a causal prefix's output nor a padded example's depends on N; ``a_hat``
-    (B, H, N, N) ranks the keys (no gradient), ``allowed`` (broadcastable to (B, H, N, N)) restricts them. The first
-    ``num_dense_queries`` query rows (CLS) attend densely. O(N·K·D).
+    ((B, H, N, N), or ``rows(s, e)`` giving its rows, see :func:`sparsifiner_predictor`) ranks
+    the keys (no gradient), ``allowed`` (broadcastable to (B, H, N, N)) restricts them. The first
+    ``num_dense_queries`` query rows (CLS) attend densely (see :func:`sparsifiner_select`).
+
+    Computed a block of query rows at a time: the block's selection becomes a boolean mask
+    and softmax attention runs under it (PyTorch's fused kernel on CPU, the explicit form when
+    weights are requested), so memory is O(block · N) besides the output and ``allowed``.
+    Softmax over the K kept keys equals softmax over the whole row with the others masked.
 
     Args:
         q, k, v: (B, H, N, D).
@@ -693,46 +850,36 @@ def sparsifiner_attention(
     Returns:
         (out (B, H, N, Dv), weights (B, H, N, N) when ``return_weights`` else None).
     """
-    b, h, n, d = q.shape
-    kk = min(n, math.ceil(keep_rate * n))
-    rank_ok = None
-    if allowed is not None:
-        # query i keeps ceil(keep_rate * #keys it may see), so neither a causal prefix's output
-        # (incremental decoding == full forward) nor a padded example's depends on the length
-        k_row = (allowed.sum(-1, keepdim=True) * keep_rate).ceil().clamp(min=1)  # (B|1, H|1, N, 1)
-        kk = min(n, int(k_row.max()))
-        rank_ok = torch.arange(kk, device=q.device) < k_row  # (B|1, H|1, N, K)
-    with torch.no_grad():
-        if allowed is not None:
-            a_hat = a_hat.masked_fill(~allowed, float("-inf"))
-        idx = a_hat.topk(kk, -1).indices  # (B, H, N, K), best first
-    # gathered attention over K keys per query; dense rows (CLS) separately
-    kg = torch.gather(k[:, :, None].expand(b, h, n, n, d), 3, idx[..., None].expand(b, h, n, kk, d))
-    vg = torch.gather(v[:, :, None].expand(b, h, n, n, v.shape[-1]), 3, idx[..., None].expand(b, h, n, kk, v.shape[-1]))
-    s = torch.einsum("bhnd,bhnkd->bhnk", q, kg) * scale
-    s = s.to(acc_dtype(q.dtype))
-    if allowed is not None:
-        ok = torch.gather(allowed.expand(b, h, n, n), 3, idx)
-        if rank_ok is not None:
-            ok = ok & rank_ok
-        s = s.masked_fill(~ok, float("-inf"))
-    p = softmax_or_zero(s).to(q.dtype)
-    pd = F.dropout(p, dropout_p) if dropout_p > 0 else p
-    out = torch.einsum("bhnk,bhnkd->bhnd", pd, vg)
-    nd = min(num_dense_queries, n)
-    w_dense = None
-    if nd:
-        dmask = None if allowed is None else allowed[:, :, :nd]
-        o_d, w_dense = softmax_attention(
-            q[:, :, :nd], k, v, mask=dmask, scale=scale, dropout_p=dropout_p, backend="math", return_weights=True
+    b, h, n = q.shape[:3]
+    fused = not return_weights and q.dtype == acc_dtype(q.dtype)  # the bias in q's dtype is exact
+    keep = sparsifiner_select(
+        a_hat, n, keep_rate=keep_rate, allowed=allowed, num_dense_queries=num_dense_queries, additive=fused
+    )
+    outs: list[Tensor] = []
+    weights: list[Tensor] = []
+    step = dispatch.row_block(n, n, b * h)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        if fused:
+            bias = keep(s, e).to(q.dtype)
+            empty = None if allowed is None else bias.amax(-1, keepdim=True) == float("-inf")
+            if empty is not None:  # rows without a key: attend anywhere (finite), then zero
+                bias = bias.masked_fill(empty, 0.0)
+            o = F.scaled_dot_product_attention(q[:, :, s:e], k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+            outs.append(o if empty is None else o.masked_fill(empty, 0.0))
+            continue
+        res = softmax_attention(
+            q[:, :, s:e], k, v, mask=keep(s, e), scale=scale, dropout_p=dropout_p, return_weights=return_weights
         )
-        out = torch.cat([o_d, out[:, :, nd:]], 2)
+        if return_weights:
+            outs.append(res[0])
+            weights.append(res[1])
+        else:
+            outs.append(res)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
     if not return_weights:
         return out, None
-    w = torch.zeros(b, h, n, n, dtype=p.dtype, device=q.device).scatter(3, idx, p)
-    if w_dense is not None:
-        w = torch.cat([w_dense, w[:, :, nd:]], 2)
-    return out, w
+    return out, weights[0] if len(weights) == 1 else torch.cat(weights, 2)
 
 
 # ------------------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ class SinkhornAttention(AttentionCore):
         need_importance: bool,
         dropout_p: float,
     ) -> CoreOutput:
-        out, w = sinkhorn_attention(
+        res = sinkhorn_attention(
             q,
             k,
             v,
@@ -98,8 +98,11 @@ class SinkhornAttention(AttentionCore):
             scale=self.scale,
             n_iters=self.n_iters,
             dropout_p=dropout_p,
-            return_weights=True,
+            return_weights=need_weights or need_importance,
         )
+        if not isinstance(res, tuple):
+            return CoreOutput(res)
+        out, w = res
         return CoreOutput.from_weights(out, w, need_weights=need_weights, need_importance=need_importance)
 
     def extra_repr(self) -> str:
@@ -221,7 +224,7 @@ class GOTAttention(AttentionCore):
     ) -> CoreOutput:
         qm = _query_mask(mask, cross)
         km = mask.key_padding
-        out, w = ot_attention(
+        res = ot_attention(
             q,
             k,
             v,
@@ -232,11 +235,14 @@ class GOTAttention(AttentionCore):
             beta=self.beta,
             eps=self.eps,
             n_iters=self.n_iters,
-            return_weights=True,
+            return_weights=need_weights or need_importance,
         )
         aux = None
         if self.training and (self.wd_weight > 0 or self.gwd_weight > 0):
             aux = self.regularizer(q, k, qm, km)
+        if not isinstance(res, tuple):
+            return CoreOutput(res, aux_loss=aux)
+        out, w = res
         return CoreOutput.from_weights(out, w, need_weights=need_weights, need_importance=need_importance, aux_loss=aux)
 
     def extra_repr(self) -> str:

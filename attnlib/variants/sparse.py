@@ -42,6 +42,7 @@ from attnlib.functional.grat import grat_caller_mask, grat_layout
 from attnlib.functional.softmax import softmax_attention, softmax_importance
 from attnlib.functional.sparse import (
     MOSA_ROUTINGS,
+    RowsFn,
     mosa_attention,
     mosa_router,
     mosa_scatter_weights,
@@ -52,8 +53,8 @@ from attnlib.functional.sparse import (
     seer_gate_logits,
     seer_gate_loss,
     seer_select,
-    sparsifiner_approx_attention,
     sparsifiner_attention,
+    sparsifiner_predictor,
     sparsifiner_recon_loss,
     swinbert_hard_mask,
     swinbert_soft_attention,
@@ -1096,19 +1097,14 @@ class SparsifinerAttention(AttentionCore):
     def conformance_kwargs(cls) -> dict[str, Any]:
         return {"num_tokens": 64, "keep_rate": 0.5, "reduce_n_factor": 4, "basis_topk": 4}
 
-    def approx_attention(
+    def predictor(
         self, q: Tensor, k: Tensor, *, sparse_basis: bool, causal: bool = False, key_valid: Tensor | None = None
-    ) -> Tensor:
-        """The predictor's A^ (B, H, N, N), in float32 (float64 for float64 inputs).
-
-        ``key_valid`` (B, N) leaves padding keys out of the token down-projection; with
-        ``causal`` query i uses the down-projection of keys j <= i only (a prefix sum), so the
-        predicted mask never depends on later tokens.
-        """
+    ) -> RowsFn:
+        """The predictor's A^ as ``rows(s, e)`` -> (B, H, e-s, N) (see :func:`sparsifiner_predictor`)."""
         n = q.shape[2]
         if n > self.num_tokens:
             raise ValueError(f"sparsifiner: sequence length N={n} exceeds num_tokens={self.num_tokens}")
-        return sparsifiner_approx_attention(
+        return sparsifiner_predictor(
             q,
             k,
             (self.q_reduce.weight, self.q_reduce.bias),
@@ -1122,6 +1118,17 @@ class SparsifinerAttention(AttentionCore):
             causal=causal,
             key_valid=key_valid,
         )
+
+    def approx_attention(
+        self, q: Tensor, k: Tensor, *, sparse_basis: bool, causal: bool = False, key_valid: Tensor | None = None
+    ) -> Tensor:
+        """The predictor's A^ (B, H, N, N), in float32 (float64 for float64 inputs).
+
+        ``key_valid`` (B, N) leaves padding keys out of the token down-projection; with
+        ``causal`` query i uses the down-projection of keys j <= i only (a prefix sum), so the
+        predicted mask never depends on later tokens.
+        """
+        return self.predictor(q, k, sparse_basis=sparse_basis, causal=causal, key_valid=key_valid)(0, q.shape[2])
 
     def attend(
         self,
@@ -1142,12 +1149,12 @@ class SparsifinerAttention(AttentionCore):
         allowed = mask.dense()
         aux = None
         if self.training:
-            a_raw = self.approx_attention(q, k, sparse_basis=False, causal=mask.causal, key_valid=mask.key_padding)
+            a_raw = self.predictor(q, k, sparse_basis=False, causal=mask.causal, key_valid=mask.key_padding)
             aux = self.recon_weight * sparsifiner_recon_loss(a_raw, q, k, allowed, scale, self.num_dense_queries)
         if self.reconstruct:
             return _dense(q, k, v, mask, scale, dropout_p, need_weights, need_importance, aux)
         with torch.no_grad():
-            a_hat = self.approx_attention(q, k, sparse_basis=True, causal=mask.causal, key_valid=mask.key_padding)
+            a_hat = self.predictor(q, k, sparse_basis=True, causal=mask.causal, key_valid=mask.key_padding)
         out, w = sparsifiner_attention(
             q,
             k,
