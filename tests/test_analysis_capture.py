@@ -318,3 +318,36 @@ def test_agreement_equals_a_direct_computation_of_the_divergences() -> None:
     assert bool(torch.isinf(res.kl).all())  # the window gives no mass where softmax has some
     o_p, o_w = p @ v, w @ v
     assert torch.allclose(res.out_rel_error, ((o_w - o_p).norm() / o_p.norm()).reshape(1), atol=1e-12)
+
+
+def test_capture_sees_multihead_attention_and_the_transformers_backend() -> None:
+    """The drop-in modules are capture sites too: attnlib.MultiheadAttention, and every layer of a
+    transformers model built with attn_implementation="attnlib" (weights equal to the softmax of
+    the layer's own scores: rows sum to one, causal)."""
+    transformers = pytest.importorskip("transformers")
+    from attnlib.integrations.transformers import register, set_variant
+
+    torch.manual_seed(0)
+    mha = attnlib.MultiheadAttention(16, 2, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad(), capture(mha) as rec:
+        _, ref = mha(x, x, x, average_attn_weights=False)
+    (r,) = rec.records
+    torch.testing.assert_close(r.weights, ref)
+    assert _no_hooks(mha)
+
+    register()
+    cfg = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attn_implementation="attnlib",
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    set_variant(model, "softmax")
+    with torch.no_grad(), capture(model) as rec:
+        model(torch.randint(0, 50, (1, 6)))
+    assert len(rec.records) == 2
+    for r in rec.records:
+        w = r.weights
+        assert w.shape == (1, 4, 6, 6)
+        torch.testing.assert_close(w.sum(-1), torch.ones(1, 4, 6))
+        assert float(w.triu(1).abs().max()) == 0.0  # causal
