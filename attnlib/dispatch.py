@@ -18,6 +18,7 @@ import torch
 
 __all__ = [
     "FEW_KEYS",
+    "KERNELIZED_DENSE_MAX_N",
     "ROW_BLOCK_ELEMENTS",
     "SHORT_ROW",
     "block_layout_as_dense",
@@ -25,6 +26,7 @@ __all__ = [
     "cpu_vector_width",
     "few_keys_explicit",
     "fused_cpu_block_parts",
+    "kernelized_dense",
     "row_block",
     "softmax_backend",
     "softmax_rows_explicit",
@@ -50,6 +52,22 @@ def row_block(rows: int, cols: int, lead: int = 1) -> int:
     intermediate, so their memory grows with N · block, not N²; at least 16 rows (or all of them).
     """
     return max(1, min(rows, max(16, ROW_BLOCK_ELEMENTS // max(1, cols * lead))))
+
+
+KERNELIZED_DENSE_MAX_N = 1024
+"""Up to this length kernelized RPE attention multiplies by its Toeplitz matrix directly (:func:`kernelized_dense`)."""
+
+
+def kernelized_dense(n: int) -> bool:
+    """Whether kernelized RPE attention of length ``n`` takes its dense (row-blocked) form.
+
+    The FFT form transforms m·(Dv + 1) channels of length >= 2N per head (O(m·Dv·N log N)); the
+    dense form is two matmuls over (N, N) row blocks (O(N²·(m + Dv)), O(N · block) memory). The
+    matmuls win by a wide margin up to N = 1024 (4-100x on CPU, fp32, m = 64, Dv = 16 / 64;
+    ``benchmarks/results/structured_cpu_2t.md`` has the module rows), so the FFT form serves
+    longer sequences, where its O(N log N) cost pays.
+    """
+    return n <= KERNELIZED_DENSE_MAX_N
 
 
 def softmax_rows_explicit(m: int, device: torch.device) -> bool:

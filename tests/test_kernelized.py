@@ -26,6 +26,17 @@ from attnlib.variants.kernelized import share_rpe_bias
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True, params=["fft", "dense"])
+def kernelized_form(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both forms of the 1-D kernelized product: the FFT (Toeplitz by FFT)
+    and the dense row-blocked one that :func:`attnlib.dispatch.kernelized_dense` picks for short
+    sequences (the threshold forced to 0 / to a huge length)."""
+    from attnlib import dispatch
+
+    monkeypatch.setattr(dispatch, "KERNELIZED_DENSE_MAX_N", 0 if request.param == "fft" else 1 << 30)
+    return request.param
+
+
 def rpe_inputs(b: int, h: int, n: int, d: int, *, m: int = 16, bias_scale: float = 0.5, seed: int = 0, dtype=F64):
     q, k, v = make_qkv(b, h, n, d, dtype=dtype, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -341,3 +352,26 @@ def test_fnet_variant_mixes_all_heads_values() -> None:
         attn.double()(x, key_padding_mask=torch.ones(2, 9, dtype=torch.bool))
     with pytest.raises(ValueError, match="norm must be"):
         attnlib.Attention(24, 3, variant="fnet", norm="forward")
+
+
+def test_dense_and_fft_forms_agree_and_auto_picks_dense_for_short_sequences() -> None:
+    """The two forms give the same output and importance (float64), causal or not, with padding;
+    "auto" equals the form the dispatch rule names; a bad method is refused."""
+    from attnlib import dispatch
+
+    q, k, v, bias, w = rpe_inputs(2, 3, 40, 8)
+    kp = key_padding(2, 40)
+    for causal in (False, True):
+        fft = kernelized_rpe_attention(
+            q, k, v, bias, w, causal=causal, key_padding=kp, return_importance=True, method="fft"
+        )
+        dense = kernelized_rpe_attention(
+            q, k, v, bias, w, causal=causal, key_padding=kp, return_importance=True, method="dense"
+        )
+        for a, b in zip(fft, dense):
+            assert_close(a, b, atol=1e-10)
+        auto = kernelized_rpe_attention(q, k, v, bias, w, causal=causal, key_padding=kp, return_importance=True)
+        want = dense if dispatch.kernelized_dense(40) else fft
+        assert all(torch.equal(a, b) for a, b in zip(auto, want))
+    with pytest.raises(ValueError, match="method"):
+        kernelized_rpe_attention(q, k, v, bias, w, method="direct")  # type: ignore[arg-type]

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnlib import dispatch
 from attnlib._validation import check_qkv, describe, positive_int
 from attnlib.functional._common import acc_dtype
 
@@ -344,6 +346,7 @@ def kernelized_rpe_attention(
     eps: float = 1e-6,
     return_importance: bool = False,
     feature_chunk: int | None = None,
+    method: Literal["auto", "fft", "dense"] = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Kernelized attention with relative-position bias by FFT (Luo et al. 2021, Algorithm 1).
 
@@ -361,6 +364,11 @@ def kernelized_rpe_attention(
             N queries, (B, H, N), by one more (transposed) Toeplitz product.
         feature_chunk: random features per FFT batch (memory O(B·H·chunk·Dv·N)); default
             picks a chunk of about 16M elements.
+        method: "fft" (the paper's Toeplitz product by FFT), "dense" (the same weights
+            ``phi(q_i)·phi(k_j) exp(b_{j-i})`` as (N, N) row blocks and two matmuls, O(N · block)
+            memory) or "auto": dense up to :data:`attnlib.dispatch.KERNELIZED_DENSE_MAX_N`
+            (:func:`attnlib.dispatch.kernelized_dense`), where it is much faster. Both give the
+            same result up to round-off.
 
     Returns:
         out (B, H, N, Dv) in q's dtype (computed in >= float32), or (out, importance).
@@ -376,12 +384,60 @@ def kernelized_rpe_attention(
     bias = _bias_table(rpe_bias, n, causal, ct)
     # a global shift of b cancels in the ratio; it keeps exp(b) <= 1 (fp32 FFT round-off ~ max c)
     c = torch.exp(bias - bias.amax(-1, keepdim=True).detach())  # (H|1, 2N-1)
+    if method not in ("auto", "fft", "dense"):
+        raise ValueError(f"{where}: method must be 'auto', 'fft' or 'dense', got {method!r}")
+    if method == "dense" or (method == "auto" and dispatch.kernelized_dense(n)):
+        return _kernelized_dense(
+            q, v, phi_q, phi_k, toeplitz_matrix(c), empty=_empty_rows(key_padding, causal), eps=eps,
+            return_importance=return_importance,
+        )  # fmt: skip
     plan = _ToeplitzPlan(c, n, causal)
     return _kernelized_apply(
         q, v, phi_q, phi_k, plan.apply, lambda a: _ToeplitzPlan(c.flip(-1), n, False).apply(a),
         empty=_empty_rows(key_padding, causal), eps=eps, return_importance=return_importance,
         feature_chunk=feature_chunk, length=_fft_length(n),
     )  # fmt: skip
+
+
+def _kernelized_dense(
+    q: Tensor,
+    v: Tensor,
+    phi_q: Tensor,
+    phi_k: Tensor,
+    cmat: Tensor,
+    *,
+    empty: Tensor | None,
+    eps: float,
+    return_importance: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`_kernelized_apply` with the positional matrix cmat (H|1, N, N) applied directly:
+    ``S_ij = phi(q_i)·phi(k_j) C_ij`` over row blocks (:func:`attnlib.dispatch.row_block`),
+    out_i = S_i v / S_i 1 with the same eps clamp and empty rows; importance_j = (1/N) sum_i
+    S_ij / den_i."""
+    b, h, n, _ = phi_q.shape
+    ct = phi_q.dtype
+    vv = v.to(ct)
+    phi_k_t = phi_k.transpose(-1, -2)
+    step = dispatch.row_block(n, n, b * h)
+    outs: list[Tensor] = []
+    imp = phi_q.new_zeros(b, h, n) if return_importance else None
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        scores = (phi_q[:, :, s:e] @ phi_k_t) * cmat[None, :, s:e]  # (B, H, rows, N)
+        den = scores.sum(-1, keepdim=True).clamp_min(eps)
+        outs.append((scores @ vv) / den)
+        if imp is not None:
+            u = 1.0 / den
+            if empty is not None:
+                u = u.masked_fill(empty[:, :, s:e], 0.0)
+            imp = imp + (scores * u).sum(-2)
+    out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+    if empty is not None:
+        out = out.masked_fill(empty, 0.0)
+    out = out.to(q.dtype)
+    if imp is None:
+        return out
+    return out, (imp / n).to(q.dtype)
 
 
 def _dense_reference(
