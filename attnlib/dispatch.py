@@ -63,9 +63,8 @@ def kernelized_dense(n: int) -> bool:
 
     The FFT form transforms m·(Dv + 1) channels of length >= 2N per head (O(m·Dv·N log N)); the
     dense form is two matmuls over (N, N) row blocks (O(N²·(m + Dv)), O(N · block) memory). The
-    matmuls win by a wide margin up to N = 1024 (4-100x on CPU, fp32, m = 64, Dv = 16 / 64;
-    ``benchmarks/results/structured_cpu_2t.md`` has the module rows), so the FFT form serves
-    longer sequences, where its O(N log N) cost pays.
+    matmuls win by a wide margin at short lengths (``benchmarks/results/structured_cpu_2t.md``
+    times the module); the FFT form serves longer sequences, where its O(N log N) cost pays.
     """
     return n <= KERNELIZED_DENSE_MAX_N
 
