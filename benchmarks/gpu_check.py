@@ -34,13 +34,13 @@ How to call it (a task lent a GPU; 15 minutes of device time in all, so one call
 
 * dry-run here first (CPU, tiny sizes, the interpreter; every step starts and parses)::
 
-      python benchmarks/gpu_check.py --dry-run --out /tmp/gpu_check
+      python benchmarks/gpu_check.py --dry-run --out "$(mktemp -d)"
 
 * then ONE device call: ``run`` with ``timeout_s=540``, ``carry=[".whl"]`` and the command
   (one line; ``python benchmarks/gpu_check.py --print-run`` prints it with the carry list)::
 
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit; \
+        --target .whl/site .whl/*.whl && export PYTHONPATH=$PWD/.whl/site:$PWD || exit; \
         PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT
 
   and ``give_back`` afterwards. The report comes back as $OUT/gpu_check.md; copy it to
@@ -66,8 +66,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_COMMAND = (
-    "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "
-    ".whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py "
+    "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .whl/site "
+    ".whl/*.whl && export PYTHONPATH=$PWD/.whl/site:$PWD || exit; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py "
     "--out $OUT"
 )
 RUN_CARRY = [".whl"]
