@@ -33,6 +33,7 @@ STEPS = 500
 CONFIGS: dict[str, list[str]] = {
     "ctc": ["experiment=asr_digits"],
     "aed_softmax": ["experiment=asr_digits_aed"],
+    "aed_relaxed": ["experiment=asr_digits_aed_relaxed"],
     "aed_monotonic": ["experiment=asr_digits_aed", "attention@model.cross_attention=monotonic"],
     "aed_additive": ["experiment=asr_digits_aed", "attention@model.cross_attention=additive"],
     "aed_hard_additive": [
@@ -41,7 +42,7 @@ CONFIGS: dict[str, list[str]] = {
         "model.cross_attention.hard=true",
     ],
 }
-DEFAULT = ["aed_softmax", "ctc", "aed_monotonic", "aed_additive"]
+DEFAULT = ["aed_softmax", "ctc", "aed_relaxed", "aed_monotonic", "aed_additive"]
 OUT = "asr_attention_digits"
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_module
+from torch import Tensor
 
 import attnlib
 from attnlib.models import ConformerAED, build_model
@@ -233,3 +234,79 @@ def test_padded_batch_transcribes_as_each_utterance_alone() -> None:
     both = m.transcribe(wave, lengths, beam_size=3)
     alone = [m.transcribe(wave[i : i + 1, : int(lengths[i])], beam_size=3)[0] for i in range(2)]
     assert both == alone and all(both)  # non-empty, different hypotheses
+
+
+def _relaxed_cross_reference(attn: attnlib.Attention, x: Tensor, memory: Tensor, valid: Tensor, gamma: float) -> Tensor:
+    """Relaxed cross-attention the slow way (float64): O = W_o [((1 - gamma) A + gamma U) V] per head,
+    A = softmax(q k^T / sqrt(D)) over the valid frames, U_ij = 1 / #valid frames of the utterance."""
+    dim, h = attn.dim, attn.num_heads
+    d = dim // h
+    w, bias = attn.in_proj.weight, attn.in_proj.bias
+    q = x @ w[:dim].T + bias[:dim]
+    k = memory @ w[dim : 2 * dim].T + bias[dim : 2 * dim]
+    v = memory @ w[2 * dim :].T + bias[2 * dim :]
+    out = torch.zeros_like(q)
+    for b in range(x.shape[0]):
+        keep = valid[b]
+        for head in range(h):
+            sl = slice(head * d, (head + 1) * d)
+            s = q[b, :, sl] @ k[b, keep, sl].T / math.sqrt(d)
+            a = torch.softmax(s, -1)
+            u = torch.full_like(a, 1.0 / int(keep.sum()))
+            out[b, :, sl] = ((1 - gamma) * a + gamma * u) @ v[b, keep, sl]
+    return out @ attn.out_proj.weight.T + attn.out_proj.bias
+
+
+def test_relaxed_cross_attention_config_reaches_the_cross_attention_only() -> None:
+    """experiment=asr_digits_aed_relaxed puts the relaxed modifier (gamma 0.35, training only) on every
+    decoder cross-attention and on no other attention of the model."""
+    with initialize_config_module("attnlib.configs", version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=asr_digits_aed_relaxed"])
+        plain = compose("train", overrides=["experiment=asr_digits_aed"])
+    m = build_model(cfg.model, cfg.attention, vocab_size=11, sample_rate=8000, **TINY)
+    assert list(plain.model.cross_attention.modifiers) == [] and list(plain.attention.modifiers) == []
+    cross = {id(layer.cross_attn) for layer in m.decoder.layers}
+    attns = [mod for mod in m.modules() if isinstance(mod, attnlib.Attention)]
+    assert len(attns) == len(m.blocks) + 2 * len(m.decoder.layers)
+    for a in attns:
+        if id(a) in cross:
+            assert a.modifiers.names() == ["relaxed"]
+            (r,) = a.modifiers.mods
+            assert (r.gamma, r.when) == (0.35, "train")
+        else:
+            assert len(a.modifiers) == 0
+
+
+def test_relaxed_cross_attention_equals_its_definition_in_training_only() -> None:
+    """In training each decoder cross-attention computes (1 - gamma) A + gamma U over the valid encoder
+    frames (checked against the explicit weights on the inputs it received); in eval the relaxed model
+    equals the plain one (the papers relax in training only)."""
+    gamma = 0.35
+    relaxed_cfg = {"variant": "softmax", "modifiers": [{"name": "relaxed", "gamma": gamma}]}
+    relaxed = _model(relaxed_cfg, decoder_dropout=0.0)
+    plain = _model({"variant": "softmax"}, decoder_dropout=0.0)
+    plain.load_state_dict(relaxed.state_dict())
+    g = torch.Generator().manual_seed(6)
+    memory = torch.randn(3, 9, 16, dtype=torch.float64, generator=g) * 2
+    valid = torch.arange(9)[None] < torch.tensor([9, 6, 4])[:, None]
+    tokens = torch.randint(0, 5, (3, 5), generator=g)
+    seen: list[tuple] = []
+
+    def record(mod, args, kwargs, out):  # the cross-attention's query input, memory, padding and output
+        seen.append((mod, args[0], args[1], kwargs["key_padding_mask"], out))
+
+    hooks = [layer.cross_attn.register_forward_hook(record, with_kwargs=True) for layer in relaxed.decoder.layers]
+    relaxed.decoder.train()
+    logits = relaxed.decoder(tokens, memory, valid)
+    for hk in hooks:
+        hk.remove()
+    assert len(seen) == len(relaxed.decoder.layers)
+    for mod, x, mem, keep, out in seen:
+        torch.testing.assert_close(out, _relaxed_cross_reference(mod, x, mem, keep, gamma), rtol=0, atol=1e-12)
+    plain.decoder.train()
+    assert (logits - plain.decoder(tokens, memory, valid)).abs().max() > 1e-5  # relaxation changed the training pass
+    relaxed.eval()
+    plain.eval()
+    torch.testing.assert_close(
+        relaxed.decoder(tokens, memory, valid), plain.decoder(tokens, memory, valid), rtol=0, atol=0
+    )
