@@ -138,6 +138,15 @@ def write_tables(records: dict) -> None:
             ]
         )
     info = records["machine"]
+    counts = {n: len(records["runs"][n]) for n in records["runs"]}
+    seeds_note = ""
+    if len(set(counts.values())) > 1:
+        most = max(counts.values())
+        fewer = ", ".join(f"`{n}` ({c})" for n, c in counts.items() if c < most)
+        seeds_note = (
+            f"Not every row has {most} seeds: {fewer} - the shared machine's time allowed no more; "
+            "a single seed is no comparison, only a first measurement.\n\n"
+        )
     commands = "\n".join(f"- `{n}`: `{next(iter(records['runs'][n].values()))['command']}`" for n in records["runs"])
     text = (
         "# Attention-decoder ASR vs Conformer-CTC (spoken digits, CPU)\n\n"
@@ -152,7 +161,10 @@ def write_tables(records: dict) -> None:
         "CER = character error rate of the model's own decoding: greedy CTC for `ctc`, the joint CTC/attention "
         "beam search (beam 4, CTC weight 0.3, length-normalised) for the attention decoders; their last two "
         "columns decode the same trained model with the attention decoder alone (greedy) and with its CTC "
-        "layer alone (greedy).\n\n"
+        "layer alone (greedy). `aed_relaxed` is `aed_softmax` with relaxed cross-attention (gamma 0.35, in "
+        "training only; decoding uses the plain weights), `aed_monotonic` / `aed_additive` replace the "
+        "cross-attention by monotonic (MoChA chunk 4) / additive (Bahdanau) attention.\n\n"
+        + seeds_note
         + markdown_table(
             [
                 "config",
@@ -183,10 +195,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--runs", default=None, help="run directories (default $TMPDIR/attnlib-asr-attention)")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--tables", action="store_true", help="only rewrite the markdown from the JSON records")
     args = ap.parse_args()
     if args.list:
         for n, ov in CONFIGS.items():
             print(f"{n:18s} attnlib-train {' '.join(ov)}")
+        return
+    if args.tables:
+        write_tables(json.loads((RESULTS / f"{OUT}.json").read_text()))
         return
     names = args.names or DEFAULT
     unknown = [n for n in names if n not in CONFIGS]
