@@ -133,7 +133,7 @@ def write_tables(records: dict) -> None:
                 med("attention_greedy"),
                 med("ctc_greedy"),
                 f"{statistics.median(r['train_seconds'] for r in runs.values()):.0f}",
-                f"{statistics.median(r['params'] for r in runs.values()):,}",
+                f"{int(statistics.median(r['params'] for r in runs.values())):,}",
                 ", ".join(sorted({str(r.get("commit", "?")) for r in runs.values()})),
             ]
         )
