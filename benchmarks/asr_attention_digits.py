@@ -162,6 +162,14 @@ def write_tables(records: dict) -> None:
             f"Not every row has {most} seeds: {fewer} - the shared machine's time allowed no more; "
             "a single seed is no comparison, only a first measurement.\n\n"
         )
+    missing = [n for n in DEFAULT if n not in records["runs"]]
+    if missing:
+        seeds_note += (
+            "Not measured yet: "
+            + ", ".join(f"`{n}`" for n in missing)
+            + " (its 500-step run did not fit the shared machine's time; "
+            f"`python benchmarks/{Path(__file__).name} {' '.join(missing)}` adds it).\n\n"
+        )
     stuck = [
         f"`{n}` seed {s}"
         for n, runs in records["runs"].items()
