@@ -37,8 +37,13 @@ def decode_mode(caps: Capabilities) -> str | None:
       whole cache with a bottom-right aligned causal mask.
     * ``"recompute"`` (``caps.causal`` only): queries, keys and values of every position are
       cached and the causal core runs over the whole prefix; only the new rows are kept. Exact
-      for any variant without future leakage, at O(prefix) cost per step.
+      for any variant whose causal rows do not depend on the total length
+      (``caps.decode``), at O(prefix) cost per step.
+
+    None when ``caps.decode`` is False (a causal row depends on the total length N).
     """
+    if not caps.decode:
+        return None
     if caps.recurrent:
         return "recurrent"
     if caps.causal_cross:
@@ -149,6 +154,9 @@ def init_cache(attn: Attention, batch: int, mode: str | None) -> AttentionCache:
             f"init_cache needs a causal Attention (build it with causal=True); this {attn.variant!r} module is not"
         )
     caps = attn.core.capabilities
+    reason = attn.core.decoding_error()
+    if reason is not None:
+        raise UnsupportedError(reason)
     mode = decode_mode(caps) if mode is None else mode
     if mode not in _CACHE_MODES:
         raise ValueError(f"cache mode must be one of {_CACHE_MODES} or None, got {mode!r}")
@@ -346,14 +354,13 @@ def kv_decode_exact(core: AttentionCore) -> bool:
     """Whether ``core`` attending from N new queries to M >= N cached keys (causal, bottom-right
     aligned) gives exactly the last N rows of its causal forward over all M positions.
 
-    True for an ``exact`` variant with ``causal_cross`` and no pattern of its own
-    (:meth:`AttentionCore.implied_mask` None): exact softmax over the allowed keys is row-wise. A
-    variant whose pattern or learned gate is laid out over the positions (block_sparse's layouts,
-    seer's pooled blocks) places it differently for N new rows than for the whole sequence, and
-    others are not known to be row-wise: they decode exactly by recomputing over the prefix.
+    True for a variant with ``causal_cross`` that decodes (``capabilities.decode`` and no
+    :meth:`AttentionCore.decoding_error`): ``causal_cross`` promises exactly these rows (a pattern
+    laid out over positions, like block_sparse's, is placed at the queries' positions M - N + i),
+    and the decoding conformance suite checks it for every such variant. The others decode
+    exactly by recomputing over the prefix.
     """
-    caps = core.capabilities
-    return caps.causal_cross and caps.exact and core.implied_mask(2, 3) is None
+    return core.capabilities.causal_cross and core.decoding_error() is None
 
 
 def attend_new_queries(
@@ -386,6 +393,9 @@ def attend_new_queries(
         raise UnsupportedError(f"variant {core.name!r} does not support causal=True")
     if m < n:
         raise ValueError(f"attend_new_queries needs at least as many keys as queries, got N={n}, M={m}")
+    reason = core.decoding_error() if m > n else None
+    if reason is not None:
+        raise UnsupportedError(reason)
     direct = kv_decode_exact(core) or (caps.causal_cross and prefix_queries is None)
     if n != m and not direct:
         if prefix_queries is None or tuple(prefix_queries.shape) != (b, h, m - n, q.shape[3]):

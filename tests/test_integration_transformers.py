@@ -28,11 +28,6 @@ from transformers import (  # noqa: E402
 hfa.register()
 VOCAB = 64
 CAUSAL = [v for v in attnlib.available() if attnlib.variant_info(v).causal]
-# causal variants whose rows depend on the sequence length (not on later tokens): a key/value
-# cache of any framework cannot equal recomputation for them (the earlier layers' keys were
-# computed at a shorter length). cosformer is prefix-stable with max_len (below).
-LENGTH_DEPENDENT = {"sparsifiner", "swinbert_mask"}
-DECODE_KWARGS = {"cosformer": {"max_len": 64}}
 
 
 def _pair(cls, cfg, seed: int = 0):
@@ -108,8 +103,7 @@ def test_softmax_equals_sdpa_bert_and_vit():
 @pytest.mark.parametrize("variant", CAUSAL)
 def test_causal_variant_in_llama(variant):
     _, model = _pair(LlamaForCausalLM, _llama_cfg())
-    kwargs = attnlib.registry.get_variant(variant).conformance_kwargs() | DECODE_KWARGS.get(variant, {})
-    hfa.set_variant(model, variant, **kwargs)
+    hfa.set_variant(model, variant, **attnlib.registry.get_variant(variant).decoding_kwargs())
     ids = _ids()
     with torch.no_grad():
         full = model(ids).logits
@@ -123,10 +117,12 @@ def test_causal_variant_in_llama(variant):
         padded = model(ids, attention_mask=am).logits
         alone = model(ids[:1, :6]).logits
         assert torch.allclose(padded[0, :6], alone[0], atol=1e-5)
-    if variant in LENGTH_DEPENDENT:
+    kw = {"max_new_tokens": 4, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    if not attnlib.variant_info(variant).decode:  # rows depend on the sequence length: the cache refuses
+        with pytest.raises(UnsupportedError, match="decode"):
+            model.generate(ids, use_cache=True, **kw)
         return
     # generate with transformers' cache equals recomputing the prefix
-    kw = {"max_new_tokens": 4, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
     g1 = model.generate(ids, use_cache=True, **kw)
     g2 = model.generate(ids, use_cache=False, **kw)
     assert torch.equal(g1.sequences, g2.sequences)
@@ -213,3 +209,13 @@ def test_set_variant_needs_the_backend_and_beam_search_is_refused():
     hfa.set_variant(model, "linear")
     with pytest.raises(UnsupportedError, match="beam search"):
         model.generate(_ids(), max_new_tokens=3, num_beams=2, do_sample=False)
+
+
+@pytest.mark.parametrize(("variant", "kwargs"), [("cosformer", {}), ("seer", {"block_size": 4, "gate_dim": 8})])
+def test_options_that_cannot_decode_refuse_on_the_framework_cache(variant, kwargs):
+    """cosformer without max_len and seer's official (length-dependent) selection raise on a cached
+    decoding step instead of giving a result that differs from recomputation."""
+    _, model = _pair(LlamaForCausalLM, _llama_cfg())
+    hfa.set_variant(model, variant, **kwargs)
+    with pytest.raises(UnsupportedError, match="decode"):
+        model.generate(_ids(), use_cache=True, max_new_tokens=2, do_sample=False)

@@ -794,8 +794,14 @@ def sparsifiner_select(
             ok = _mask_rows(allowed, s, e)
             if ok is not None:
                 a = a.masked_fill(~ok, float("-inf"))
-            # best first where rows keep different counts (the first K_i ranks); a set otherwise
-            idx = a.topk(kk, -1, sorted=k_row is not None).indices  # (B, H, e-s, K)
+            # best first where rows keep different counts (the first K_i ranks); a set otherwise.
+            # Ranks are stable there (ties, e.g. the zeros of the thresholded basis, go to the
+            # earlier key): topk breaks ties by the row length, so a causal row would then depend
+            # on how many later keys exist and decoding would differ from the full forward
+            if k_row is None:
+                idx = a.topk(kk, -1, sorted=False).indices  # (B, H, e-s, K)
+            else:
+                idx = a.sort(dim=-1, descending=True, stable=True).indices[..., :kk]
             if additive:
                 out, hit, miss = torch.full_like(a, float("-inf")), 0.0, float("-inf")
             else:

@@ -19,7 +19,7 @@ model would pass no mask at all). Per call, :func:`attention_forward`:
   (q is rescaled when it differs from head_dim**-0.5), attention dropout in training, and q / k / v
   of mixed dtype under autocast (cast to the autocast dtype, as SDPA does);
 * decodes with transformers' key/value cache: where :func:`attnlib.decoding.kv_decode_exact` holds
-  (exact softmax) the new queries attend to the cached keys; the other causal variants keep the
+  (variants with ``causal_cross``) the new queries attend to the cached keys; the other causal variants keep the
   queries of the sequence so far on the layer and recompute over the prefix
   (:func:`attnlib.decoding.attend_new_queries`), so
   ``generate()`` with the cache equals recomputing the prefix. That needs the cache to grow by

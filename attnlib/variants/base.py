@@ -126,6 +126,28 @@ class AttentionCore(nn.Module):
         return {}
 
     @classmethod
+    def decoding_kwargs(cls) -> dict[str, Any]:
+        """Constructor kwargs with which the conformance suite decodes (``capabilities.decode``):
+        :meth:`conformance_kwargs` unless options of those make :meth:`decoding_error` refuse."""
+        return cls.conformance_kwargs()
+
+    def decoding_error(self) -> str | None:
+        """Why this core, with its options, cannot decode incrementally, or None when it can.
+
+        Incremental decoding must equal recomputing the causal sequence; a core whose options make
+        the causal row of position i depend on the total length (not only on positions <= i)
+        returns the reason (naming the options that would decode), and every decoding entry point
+        (:meth:`attnlib.Attention.init_cache`, :func:`attnlib.decoding.attend_new_queries`) raises
+        :class:`attnlib.UnsupportedError` with it. Default: None where ``capabilities.decode``.
+        """
+        if not self.capabilities.decode:
+            return (
+                f"variant {self.name!r} cannot decode incrementally (capabilities.decode=False): the causal "
+                "row of a position depends on the total sequence length, so a cache cannot equal recomputation"
+            )
+        return None
+
+    @classmethod
     def smooth_kwargs(cls) -> dict[str, Any]:
         """Constructor kwargs that turn off the variant's hard data-dependent decisions (thresholds).
 

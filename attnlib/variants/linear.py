@@ -337,12 +337,22 @@ class CosformerAttention(KernelCore):
         )
         return unpack(res, need_weights, need_importance)
 
-    def initial_state(self, batch: int, *, dtype: torch.dtype, device: torch.device) -> State:
+    @classmethod
+    def decoding_kwargs(cls) -> dict[str, Any]:
+        return {**cls.conformance_kwargs(), "max_len": 64}
+
+    def decoding_error(self) -> str | None:
         if self.max_len is None:
-            raise UnsupportedError(
-                "variant 'cosformer' needs max_len for recurrent decoding: its cos re-weighting uses the "
-                "sequence length L, which is unknown while generating; build it with max_len=<context length>"
+            return (
+                "variant 'cosformer' needs max_len to decode: its cos re-weighting uses the sequence length "
+                "L, which is unknown while generating; build it with max_len=<context length>"
             )
+        return super().decoding_error()
+
+    def initial_state(self, batch: int, *, dtype: torch.dtype, device: torch.device) -> State:
+        reason = self.decoding_error()
+        if reason is not None:
+            raise UnsupportedError(reason)
         d = self.head_dim
         return {
             "S": self._zeros(batch, 2 * d, d, dtype=dtype, device=device),
@@ -428,12 +438,18 @@ class LinearSelfAttention(KernelCore):
         )
         return unpack(res, need_weights, need_importance)
 
-    def initial_state(self, batch: int, *, dtype: torch.dtype, device: torch.device) -> State:
+    def decoding_error(self) -> str | None:
         if self.normalize == "n":
-            raise UnsupportedError(
+            return (
                 "variant 'lsa' with normalize='n' divides by the final sequence length, unknown while "
                 "decoding; use normalize='prefix_count' (the default) or 'none'"
             )
+        return super().decoding_error()
+
+    def initial_state(self, batch: int, *, dtype: torch.dtype, device: torch.device) -> State:
+        reason = self.decoding_error()
+        if reason is not None:
+            raise UnsupportedError(reason)
         d = self.head_dim
         return {
             "S": self._zeros(batch, d, d, dtype=dtype, device=device),
