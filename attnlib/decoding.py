@@ -24,7 +24,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from attnlib.attention import Attention, AttentionExtras
     from attnlib.variants.base import AttentionCore, CoreOutput
 
-__all__ = ["AttentionCache", "attend_new_queries", "decode_mode", "forward_cached", "init_cache", "kv_decode_exact"]
+__all__ = [
+    "AttentionCache",
+    "attend_new_queries",
+    "decode_mode",
+    "forward_cached",
+    "init_cache",
+    "kv_decode_exact",
+    "step_tokens",
+]
 
 _CACHE_MODES = ("recurrent", "kv", "recompute")
 
@@ -201,18 +209,32 @@ def _check_call(
     return cache
 
 
-def _step_recurrent(attn: Attention, q: Tensor, k: Tensor, v: Tensor, cache: AttentionCache) -> Tensor:
-    """The variant's recurrent ``step`` over the N new tokens, one at a time -> (B, H, N, Dv)."""
-    k, v = attn._repeat_kv(k, v, always=True)  # a recurrent step takes one key/value head per query head
-    state = cache.state
-    if state is None:
-        raise ValueError("recurrent cache has no state; make caches with Attention.init_cache()")
+def step_tokens(
+    core: AttentionCore, q: Tensor, k: Tensor, v: Tensor, state: dict[str, Tensor]
+) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """The core's recurrent ``step`` over N tokens, one at a time: q (B, H, N, D), k (B, H_kv, N, D),
+    v (B, H_kv, N, Dv) and the state after the earlier tokens -> (out (B, H, N, Dv) or None when
+    N = 0, the state after these tokens). Key/value heads are repeated to the query heads (a
+    recurrent step takes one per query head)."""
+    g = q.shape[1] // k.shape[1]
+    if g > 1:
+        k, v = repeat_kv(k, g), repeat_kv(v, g)
     outs = []
     for t in range(q.shape[2]):
-        o, state = attn.core.step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
+        o, state = core.step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
         outs.append(o)
-    cache.state = state
-    return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+    if not outs:
+        return None, state
+    return (torch.cat(outs, 2) if len(outs) > 1 else outs[0]), state
+
+
+def _step_recurrent(attn: Attention, q: Tensor, k: Tensor, v: Tensor, cache: AttentionCache) -> Tensor:
+    """The variant's recurrent ``step`` over the N new tokens, one at a time -> (B, H, N, Dv)."""
+    if cache.state is None:
+        raise ValueError("recurrent cache has no state; make caches with Attention.init_cache()")
+    out, cache.state = step_tokens(attn.core, q, k, v, cache.state)
+    assert out is not None
+    return out
 
 
 def _cache_mask(
@@ -381,7 +403,11 @@ def attend_new_queries(
     ``prefix_queries``), the new queries attend directly (bottom-right aligned causal mask, the
     ``"kv"`` decode mode). Otherwise the core needs the queries of the M - N earlier positions,
     ``prefix_queries`` (B, H, M - N, D): it runs over the whole prefix and keeps the new rows (the
-    ``"recompute"`` mode), which equals recomputing the sequence from scratch.
+    ``"recompute"`` mode), which equals recomputing the sequence from scratch. A core with a
+    :meth:`AttentionCore.causal_reach` r (``local``) given no ``prefix_queries`` needs neither: its
+    new rows read only the last N + r keys, over which it runs alone (placeholder queries for the
+    earlier positions, whose rows are dropped), O((N + r) · r) whatever M (not with
+    ``need_weights``, which are over all M keys).
     ``key_padding_mask`` (B, M): True = real key. Key/value heads are repeated for a core without
     grouped-query support. Returns the core's :class:`CoreOutput` for the N new rows.
     """
@@ -397,6 +423,12 @@ def attend_new_queries(
     if reason is not None:
         raise UnsupportedError(reason)
     direct = kv_decode_exact(core) or (caps.causal_cross and prefix_queries is None)
+    reach = None if direct or n == m or need_weights or prefix_queries is not None else core.causal_reach()
+    if reach is not None:  # only the last n + reach keys matter; placeholder queries before the new ones
+        m = min(m, n + reach)
+        k, v = k[:, :, -m:], v[:, :, -m:]
+        key_padding_mask = None if key_padding_mask is None else key_padding_mask[:, -m:]
+        prefix_queries = q.new_zeros(b, h, m - n, q.shape[3])
     if n != m and not direct:
         if prefix_queries is None or tuple(prefix_queries.shape) != (b, h, m - n, q.shape[3]):
             raise UnsupportedError(

@@ -30,6 +30,16 @@ VOCAB = 64
 CAUSAL = [v for v in attnlib.available() if attnlib.variant_info(v).causal]
 
 
+def _fast(variant: str) -> bool:
+    """Whether the variant decodes on transformers' cache in O(1) per token: a recurrent state, or a window."""
+    cls = attnlib.registry.get_variant(variant)
+    core = cls(num_heads=4, head_dim=8, **cls.decoding_kwargs())
+    return cls.capabilities.decode and (cls.capabilities.recurrent or core.causal_reach() is not None)
+
+
+FAST = [v for v in CAUSAL if _fast(v)]
+
+
 def _pair(cls, cfg, seed: int = 0):
     torch.manual_seed(seed)
     ref = cls._from_config(copy.deepcopy(cfg), attn_implementation="sdpa").eval()
@@ -128,6 +138,64 @@ def test_causal_variant_in_llama(variant):
     assert torch.equal(g1.sequences, g2.sequences)
     for x, y in zip(g1.logits, g2.logits):
         assert torch.allclose(x, y, atol=1e-5)
+    if variant in FAST:  # the O(1) step (recurrent state / window) against recomputing over the prefix
+        _fast_decode(model, False)
+        g3 = model.generate(ids, use_cache=True, **kw)
+        assert torch.equal(g1.sequences, g3.sequences)
+        for x, y in zip(g1.logits, g3.logits):
+            assert torch.allclose(x, y, atol=1e-5)
+
+
+def _fast_decode(model, on: bool) -> None:
+    for layer in hfa.attention_layers(model):
+        layer.attnlib_fast_decode = on
+
+
+@pytest.mark.parametrize("variant", FAST)
+def test_decoding_step_cost_does_not_grow_with_the_prefix(variant):
+    """On transformers' cache a decoding step of a recurrent variant makes one recurrent step per layer
+    and no parallel call, local attends over window + 1 keys: the same work (FLOPs, step calls, keys
+    read) after 6 and after 14 tokens; switched off, the step recomputes over the prefix."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _, model = _pair(LlamaForCausalLM, _llama_cfg())
+    hfa.set_variant(model, variant, **attnlib.registry.get_variant(variant).decoding_kwargs())
+    layers = hfa.attention_layers(model)
+    seen: dict[str, list[int]] = {"steps": [], "keys": []}
+    for layer in layers:
+        core = layer.attnlib_core
+        core.register_forward_pre_hook(lambda mod, args: seen["keys"].append(args[1].shape[2]))
+        if core.capabilities.recurrent:
+            step = core.step
+            core.step = lambda *a, _s=step: seen["steps"].append(1) or _s(*a)
+
+    def step_cost(prefix: int) -> dict:
+        ids = _ids(n=prefix + 2)
+        with torch.no_grad():
+            cache = model(ids[:, :prefix], use_cache=True).past_key_values
+            model(ids[:, prefix : prefix + 1], past_key_values=cache, use_cache=True)  # first step (builds the state)
+            seen["steps"].clear(), seen["keys"].clear()
+            with FlopCounterMode(display=False) as flops:
+                model(ids[:, prefix + 1 :], past_key_values=cache, use_cache=True)
+        held = layers[0].__dict__.get("_attnlib_state")
+        return {
+            "flops": flops.get_total_flops(),
+            "steps": len(seen["steps"]),
+            "keys read": list(seen["keys"]),
+            "state size": 0 if held is None else sum(t.numel() for t in held.state.values()),
+        }
+
+    short, long = step_cost(6), step_cost(14)
+    if short["state size"] != long["state size"]:  # a state that grows by design (aft_full keeps every key)
+        for cost in (short, long):
+            del cost["flops"], cost["state size"]
+    assert short == long, f"{variant}: a step after 6 tokens costs {short}, after 14 {long}"
+    if attnlib.variant_info(variant).recurrent:
+        assert short["steps"] == len(layers) and short["keys read"] == []  # one step per layer, no parallel call
+    else:
+        assert short["steps"] == 0 and len(short["keys read"]) == len(layers)
+    _fast_decode(model, False)
+    assert step_cost(6)["keys read"] != step_cost(14)["keys read"]  # recomputation reads the whole prefix
 
 
 @pytest.mark.parametrize("variant", ["softmax", "linear", "flow"])

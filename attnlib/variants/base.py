@@ -284,6 +284,17 @@ class AttentionCore(nn.Module):
         """
         return None
 
+    def causal_reach(self) -> int | None:
+        """How many earlier positions a causal row reads at most, or None when it may read the
+        whole prefix.
+
+        An integer r promises that the causal row of position i depends only on the keys/values of
+        positions i - r .. i, and on them only through their offsets from i (e.g. ``local``'s
+        sliding window): a decoding step on a framework's key/value cache then attends over the
+        last N + r entries alone (:func:`attnlib.decoding.attend_new_queries`), O(r) per token.
+        """
+        return None
+
     # -- recurrent decoding (variants with ``capabilities.recurrent``) ------------------------
 
     def initial_state(self, batch: int, *, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
