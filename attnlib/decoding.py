@@ -259,6 +259,25 @@ def _cache_mask(
     return am
 
 
+def _window_rows(
+    attn: Attention, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, n: int
+) -> tuple[Tensor, Tensor, Tensor, AttentionMask]:
+    """A ``recompute`` call of a core with a :meth:`AttentionCore.causal_reach` r (``local``): the N new
+    rows read only the last N + r positions, so q, k, v (all M positions) and the causal mask shrink
+    to them, O((N + r) · r) per call whatever M. Unchanged where the core reads the whole prefix or
+    a modifier edits the scores (a score edit may read absolute positions)."""
+    reach = attn.core.causal_reach()
+    total = k.shape[2]
+    if reach is None or total <= n + reach or attn.modifiers.changes_attention(attn.training):
+        kp = key_padding_mask
+        lo = 0
+    else:
+        lo = total - n - reach
+        q, k, v = q[:, :, lo:], k[:, :, lo:], v[:, :, lo:]
+        kp = None if key_padding_mask is None else key_padding_mask[:, lo:]
+    return q, k, v, _cache_mask(attn, None, kp, q.shape[0], total - lo, total - lo, q.device)
+
+
 def _forward_tokens_cached(
     attn: Attention,
     x: Tensor,
@@ -355,6 +374,8 @@ def forward_cached(
                 )
             kpos = torch.arange(total, device=x.device)
             rotary = RotaryCall(attn.rope.base, kpos[-q.shape[2] :], kpos)
+        if cache.mode == "recompute" and mask is None and rotary is None and attn.core.causal_reach() is not None:
+            q, kk, vv, am = _window_rows(attn, q, kk, vv, key_padding_mask, n)
         kr, vr = attn._repeat_kv(kk, vv)
         res = attn._attend(q, kr, vr, am, rotary=rotary, need_importance=return_extras)
         if return_extras and need_weights:  # a second call: the output keeps the variant's fast path, bit for bit

@@ -111,3 +111,25 @@ def test_kv_step_attends_to_the_cache_alone(name: str) -> None:
         for n_new in (1, 4):
             res = attend_new_queries(core, q[:, :, N - n_new :], k, v)
             assert_close(res.out, full[:, :, N - n_new :], atol=1e-9, name=f"{name} last {n_new} rows")
+
+
+@pytest.mark.parametrize(
+    ("name", "mode"),
+    [(n, m) for n in DECODERS if attnlib.variant_info(n).key_padding for m in claimed_modes(n) if m != "recurrent"],
+    ids=lambda v: str(v),
+)
+def test_cached_decoding_with_left_padding_equals_the_full_forward(name: str, mode: str) -> None:
+    """A left-padded sequence decoded with key_padding_mask over the tokens so far gives the full
+    forward's rows at its real positions (the recurrent step takes no mask and refuses it)."""
+    x = inputs(2)
+    keep = torch.ones(B, N, dtype=torch.bool)
+    keep[0, :3] = False
+    attn = build(name, get_variant(name).decoding_kwargs())
+    cache = attn.init_cache(B, mode=mode)
+    with torch.no_grad():
+        full = attn(x, key_padding_mask=keep)
+        got = [attn(x[:, :5], cache=cache, key_padding_mask=keep[:, :5])]
+        got += [attn(x[:, t : t + 1], cache=cache, key_padding_mask=keep[:, : t + 1]) for t in range(5, N)]
+    got_t = torch.cat(got, 1)
+    assert_close(got_t[1], full[1], atol=1e-9, name=f"{name} {mode} unpadded row")
+    assert_close(got_t[0, 3:], full[0, 3:], atol=1e-9, name=f"{name} {mode} left-padded row")
