@@ -162,9 +162,7 @@ def init_cache(attn: Attention, batch: int, mode: str | None) -> AttentionCache:
             f"init_cache needs a causal Attention (build it with causal=True); this {attn.variant!r} module is not"
         )
     caps = attn.core.capabilities
-    reason = attn.core.decoding_error()
-    if reason is not None:
-        raise UnsupportedError(reason)
+    attn.core.check_decoding()
     mode = decode_mode(caps) if mode is None else mode
     if mode not in _CACHE_MODES:
         raise ValueError(f"cache mode must be one of {_CACHE_MODES} or None, got {mode!r}")
@@ -440,9 +438,8 @@ def attend_new_queries(
         raise UnsupportedError(f"variant {core.name!r} does not support causal=True")
     if m < n:
         raise ValueError(f"attend_new_queries needs at least as many keys as queries, got N={n}, M={m}")
-    reason = core.decoding_error() if m > n else None
-    if reason is not None:
-        raise UnsupportedError(reason)
+    if m > n:
+        core.check_decoding()
     direct = kv_decode_exact(core) or (caps.causal_cross and prefix_queries is None)
     reach = None if direct or n == m or need_weights or prefix_queries is not None else core.causal_reach()
     if reach is not None:  # only the last n + reach keys matter; placeholder queries before the new ones

@@ -147,6 +147,12 @@ class AttentionCore(nn.Module):
             )
         return None
 
+    def check_decoding(self) -> None:
+        """Raise :class:`attnlib.UnsupportedError` with :meth:`decoding_error`'s reason, if any."""
+        reason = self.decoding_error()
+        if reason is not None:
+            raise UnsupportedError(reason)
+
     @classmethod
     def smooth_kwargs(cls) -> dict[str, Any]:
         """Constructor kwargs that turn off the variant's hard data-dependent decisions (thresholds).

@@ -350,9 +350,7 @@ class CosformerAttention(KernelCore):
         return super().decoding_error()
 
     def initial_state(self, batch: int, *, dtype: torch.dtype, device: torch.device) -> State:
-        reason = self.decoding_error()
-        if reason is not None:
-            raise UnsupportedError(reason)
+        self.check_decoding()
         d = self.head_dim
         return {
             "S": self._zeros(batch, 2 * d, d, dtype=dtype, device=device),
@@ -361,8 +359,7 @@ class CosformerAttention(KernelCore):
         }
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: State) -> tuple[Tensor, State]:
-        if self.max_len is None:
-            self.initial_state(1, dtype=q.dtype, device=q.device)  # raises
+        self.check_decoding()
         assert self.max_len is not None
         self._check_step(q, k, v)
         return cosformer_step(q, k, v, state, max_len=self.max_len, eps=self.eps)
@@ -447,9 +444,7 @@ class LinearSelfAttention(KernelCore):
         return super().decoding_error()
 
     def initial_state(self, batch: int, *, dtype: torch.dtype, device: torch.device) -> State:
-        reason = self.decoding_error()
-        if reason is not None:
-            raise UnsupportedError(reason)
+        self.check_decoding()
         d = self.head_dim
         return {
             "S": self._zeros(batch, d, d, dtype=dtype, device=device),
@@ -457,8 +452,7 @@ class LinearSelfAttention(KernelCore):
         }
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: State) -> tuple[Tensor, State]:
-        if self.normalize == "n":
-            self.initial_state(1, dtype=q.dtype, device=q.device)  # raises
+        self.check_decoding()
         self._check_step(q, k, v)
         return lsa_step(q, k, v, state, normalize=self.normalize, scale=self.scale)
 
