@@ -405,3 +405,46 @@ def test_autotune_key_buckets_n() -> None:
     tri = _tri()
     assert "N_BUCKET" in tri._KEY and {"BQ", "BK", "BLOCK_D", "PREC", "CAUSAL"} <= set(tri._KEY)
     assert [tri._n_bucket(n) for n in (1, 100, 4096, 4097, 16384)] == [16, 128, 4096, 8192, 16384]
+
+
+def _alibi_reference(q, k, v, allowed, slopes, go):
+    """float64 softmax of ``q kᵀ / √D - slope_h |i - j|`` over the allowed pairs (empty rows 0) and its
+    gradients w.r.t. q, k, v for the output cotangent ``go``."""
+    g = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    n, m = q.shape[2], k.shape[2]
+    dist = (torch.arange(n)[:, None] - torch.arange(m)[None, :]).abs().double()
+    s = q @ kk.transpose(-1, -2) * q.shape[-1] ** -0.5 - slopes.double()[None, :, None, None] * dist
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    out = p @ vv
+    return (out.detach(), *torch.autograd.grad(out, (q, k, v), go))
+
+
+@INTERP
+@pytest.mark.parametrize(("causal", "tile"), [(False, None), (True, (16, 16))])
+def test_interpreter_alibi_in_kernel_fp32(causal, tile, monkeypatch, spy) -> None:
+    """ALiBi as a kernel argument (forward and both backward kernels, GQA, N != M, partial blocks,
+    sub-tiles) in fp32 equals the float64 reference, and the PyTorch path (its score_mod) equals it
+    too; a Python score_mod is refused by the kernel with a message naming alibi_slopes."""
+    monkeypatch.setattr(_tri(), "INTERPRET_TILE", tile)
+    n, m = 45, 70
+    q, k, v = make_qkv(1, 4, n, 16, m=m, h_kv=2, dtype=torch.float64, logit_scale=2.0, seed=3)
+    dense = _dense(1, 1, n, m, 0.6, seed=4)
+    allowed = _full_mask(dense, causal, None)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    qkv = tuple(t.requires_grad_() for t in (q, k, v))
+    go = torch.randn(1, 4, n, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    want = _alibi_reference(*qkv, allowed, slopes, go)
+    bm = BlockMask.from_dense(dense, 32)
+    for backend, dtype, tol in (("triton", torch.float32, 1e-5), ("torch", torch.float64, 1e-10)):
+        ins = tuple(t.detach().to(dtype).requires_grad_() for t in qkv)
+        out = block_sparse_attention(*ins, bm, backend=backend, causal=causal, alibi_slopes=slopes)
+        got = (out, *torch.autograd.grad(out, ins, go.to(dtype)))
+        for name, a, w in zip(("out", "dq", "dk", "dv"), got, want):
+            err = float((a.detach().double() - w.detach()).abs().max())
+            assert err <= tol * max(1.0, float(w.abs().max())), f"{backend} {name}: max error {err:.2e}"
+    assert spy == {"forward": 1, "backward": 1}
+    with pytest.raises(UnsupportedError, match="alibi_slopes"):
+        block_sparse_attention(*qkv, bm, backend="triton", score_mod=lambda s, b, h, i, j: s)
+    with pytest.raises(ValueError, match=r"alibi_slopes must be a float tensor \(H,\)"):
+        block_sparse_attention(*qkv, bm, alibi_slopes=torch.ones(3))
