@@ -62,13 +62,13 @@ class NoKernelConfigError(RuntimeError):
 
 def _fwd(
     Q, K, V, O, LSE,
-    KVN, KVI, FKVN, FKVI, TILES, KVLEN, SLOPES,
+    KVN, KVI, FKVN, FKVI, TILES, KVLEN,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
     snb, snh, sfb, sfh, sib, sih, siq, stb, sth, stq, stp,
     H, G, N, M, NQ, qk_scale, N_BUCKET,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    EVEN_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KVLEN: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     SPLIT_M: tl.constexpr = BQ // BLOCK_M
@@ -96,9 +96,6 @@ def _fwd(
     klen = M
     if HAS_KVLEN:
         klen = tl.load(KVLEN + b)
-    slope = 0.0
-    if HAS_ALIBI:  # ALiBi: - slope_h * |q_idx - kv_idx| on the scaled scores, in log2 units here
-        slope = tl.load(SLOPES + h).to(ACC) * LOG2E
     til = b * stb + h * sth + qb.to(tl.int64) * stq
     lst = b * sib + h * sih + qb * siq
     kbase = K + b * skb + hk * skh
@@ -128,8 +125,6 @@ def _fwd(
             else:
                 k = tl.load(kptr + offs_d[None, :], mask=kin[:, None] & (offs_d[None, :] < D), other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * qk_scale
-            if HAS_ALIBI:
-                s -= slope * tl.abs(offs_m[:, None] - offs_n[None, :]).to(ACC)
             if phase == 0:
                 s = tl.where(tile != 0, s, float("-inf"))
             if not EVEN_N:
@@ -160,14 +155,14 @@ def _fwd(
 
 def _bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    QN, QI, QS, QST, FQN, FQI, FQST, TILES, KVLEN, SLOPES,
+    QN, QI, QS, QST, FQN, FQI, FQST, TILES, KVLEN,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, slb, slh,
     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
     snb, snh, sib, sih, sik, stb, sth, stq, stp,
     HKV, G, N, M, NK, sm_scale, qk_scale, N_BUCKET,
     D: tl.constexpr, DV_: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    EVEN_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KVLEN: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     SPLIT_M: tl.constexpr = BQ // BLOCK_M
@@ -204,9 +199,6 @@ def _bwd_dkdv(
     live = kb * BK < klen  # key blocks past this row's key length: nothing to do
     for g in range(0, G):
         h = hk * G + g
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(SLOPES + h).to(ACC) * LOG2E
         lay = b * snb + h * snh + kb
         lst = b * sib + h * sih + kb * sik
         qbase = Q + b * sqb + h * sqh
@@ -252,8 +244,6 @@ def _bwd_dkdv(
                 lse = tl.load(LSE + lbase + offs_m, mask=qin, other=float("inf"))
                 delta = tl.load(DELTA + lbase + offs_m, mask=qin, other=0.0)
                 sT = tl.dot(k, qT, input_precision=PREC, out_dtype=ACC) * qk_scale
-                if HAS_ALIBI:
-                    sT -= slope * tl.abs(offs_m[None, :] - offs_n[:, None]).to(ACC)
                 pT = tl.math.exp2(sT - lse[None, :] * LOG2E)
                 if phase == 0:
                     pT = tl.where(tileT != 0, pT, 0.0)
@@ -281,13 +271,13 @@ def _bwd_dkdv(
 
 def _bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ,
-    KVN, KVI, FKVN, FKVI, TILES, KVLEN, SLOPES,
+    KVN, KVI, FKVN, FKVI, TILES, KVLEN,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, slb, slh, sdqb, sdqh, sdqn,
     snb, snh, sfb, sfh, sib, sih, siq, stb, sth, stq, stp,
     H, G, N, M, NQ, sm_scale, qk_scale, N_BUCKET,
     D: tl.constexpr, DV_: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    EVEN_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KVLEN: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     SPLIT_M: tl.constexpr = BQ // BLOCK_M
@@ -320,9 +310,6 @@ def _bwd_dq(
     klen = M
     if HAS_KVLEN:
         klen = tl.load(KVLEN + b)
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(SLOPES + h).to(ACC) * LOG2E
     til = b * stb + h * sth + qb.to(tl.int64) * stq
     lst = b * sib + h * sih + qb * siq
     kbase = K + b * skb + hk * skh
@@ -353,8 +340,6 @@ def _bwd_dq(
                 k = tl.load(kptr + offs_d[None, :], mask=kin[:, None] & (offs_d[None, :] < D), other=0.0)
                 vv = tl.load(vptr + offs_dv[None, :], mask=kin[:, None] & (offs_dv[None, :] < DV_), other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * qk_scale
-            if HAS_ALIBI:
-                s -= slope * tl.abs(offs_m[:, None] - offs_n[None, :]).to(ACC)
             p = tl.math.exp2(s - lse[:, None] * LOG2E)
             if phase == 0:
                 p = tl.where(tile != 0, p, 0.0)
@@ -379,7 +364,7 @@ KERNELS = {"fwd": _fwd, "dkdv": _bwd_dkdv, "dq": _bwd_dq}
 # compilation: JIT + autotune on CUDA, the interpreter on CPU tensors
 # ------------------------------------------------------------------------------------------
 
-_KEY = ["N_BUCKET", "BLOCK_D", "BLOCK_DV", "BQ", "BK", "PREC", "CAUSAL", "HAS_KVLEN", "HAS_ALIBI", "EVEN_N"]
+_KEY = ["N_BUCKET", "BLOCK_D", "BLOCK_DV", "BQ", "BK", "PREC", "CAUSAL", "HAS_KVLEN", "EVEN_N"]
 
 
 def _prune_for(kernel: str) -> Any:
@@ -554,7 +539,7 @@ def precision_for(dtype: torch.dtype) -> str:
     return cfgs.fp32_precision()
 
 
-def _common(q: Tensor, v: Tensor, bm: Any, causal: bool, has_kvlen: bool, has_alibi: bool = False) -> dict[str, Any]:
+def _common(q: Tensor, v: Tensor, bm: Any, causal: bool, has_kvlen: bool) -> dict[str, Any]:
     d, dv = q.shape[-1], v.shape[-1]
     bq, bk = bm.block_size
     return {
@@ -566,7 +551,6 @@ def _common(q: Tensor, v: Tensor, bm: Any, causal: bool, has_kvlen: bool, has_al
         "EVEN_N": bm.seq_lengths[1] % bk == 0 and not has_kvlen,
         "CAUSAL": bool(causal),
         "HAS_KVLEN": bool(has_kvlen),
-        "HAS_ALIBI": bool(has_alibi),
         "PREC": precision_for(q.dtype),
         "ACC": tl.float64 if q.dtype == torch.float64 else tl.float32,
     }
@@ -575,13 +559,6 @@ def _common(q: Tensor, v: Tensor, bm: Any, causal: bool, has_kvlen: bool, has_al
 def _strided(t: Tensor) -> Tensor:
     """The kernels take B / H / N strides; only the last dimension must be dense."""
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _slopes(slopes: Tensor | None, q: Tensor) -> Tensor:
-    if slopes is None:
-        return torch.zeros(1, dtype=torch.float32, device=q.device)  # a valid, unused pointer
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return slopes.to(device=q.device, dtype=acc).contiguous()
 
 
 def _n_bucket(n: int) -> int:
@@ -595,17 +572,9 @@ def _kv_len(kv_len: Tensor | None, q: Tensor, m: int) -> Tensor:
 
 
 def forward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    bm: Any,
-    scale: float,
-    causal: bool = False,
-    kv_len: Tensor | None = None,
-    alibi_slopes: Tensor | None = None,
+    q: Tensor, k: Tensor, v: Tensor, bm: Any, scale: float, causal: bool = False, kv_len: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Triton forward: q (B, H, N, D), k/v (B, H_kv, M, ·) -> out (B, H, N, Dv), lse (B, H, N) fp32.
-    ``alibi_slopes`` (H,): adds ``-slope_h * |q_idx - kv_idx|`` to the scaled scores (ALiBi)."""
+    """Triton forward: q (B, H, N, D), k/v (B, H_kv, M, ·) -> out (B, H, N, Dv), lse (B, H, N) fp32."""
     q, k, v = _strided(q), _strided(k), _strided(v)
     b, h, n, _ = q.shape
     hk, m = k.shape[1], k.shape[2]
@@ -614,11 +583,11 @@ def forward(
     _, kvi, _, fkvi = _layout(bm, False)
     kvn, fkvn = _fwd_counts(bm, causal, kv_len)
     tiles = _tiles(bm)
-    meta = _common(q, v, bm, causal, kv_len is not None, alibi_slopes is not None)
+    meta = _common(q, v, bm, causal, kv_len is not None)
     meta["DV"] = v.shape[-1]
     nq = kvn.shape[-1]
     args = (
-        q, k, v, out, lse, kvn, kvi, fkvn, fkvi, tiles, _kv_len(kv_len, q, m), _slopes(alibi_slopes, q),
+        q, k, v, out, lse, kvn, kvi, fkvn, fkvi, tiles, _kv_len(kv_len, q, m),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
@@ -642,7 +611,6 @@ def backward(
     scale: float,
     causal: bool = False,
     kv_len: Tensor | None = None,
-    alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Triton backward: gradients (dq, dk, dv) of the forward above."""
     q, k, v, do = _strided(q), _strided(k), _strided(v), _strided(do)
@@ -661,12 +629,11 @@ def backward(
     qst, fqst = _bwd_starts(bm) if causal else (qn, fqn)  # unused pointers when not causal
     tiles = _tiles(bm)
     klen = _kv_len(kv_len, q, m)
-    meta = _common(q, v, bm, causal, kv_len is not None, alibi_slopes is not None)
+    meta = _common(q, v, bm, causal, kv_len is not None)
     meta["DV_"] = v.shape[-1]
-    slopes = _slopes(alibi_slopes, q)
     nq, nk = kvn.shape[-1], qn.shape[-1]
     args_kv = (
-        q, k, v, do, lse_b, delta, dk, dv, qn, qi, qs, qst, fqn, fqi, fqst, tiles, klen, slopes,
+        q, k, v, do, lse_b, delta, dk, dv, qn, qi, qs, qst, fqn, fqi, fqst, tiles, klen,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         lse_b.stride(0), lse_b.stride(1),
@@ -677,7 +644,7 @@ def backward(
     )  # fmt: skip
     _launch("dkdv", nk, b * hk, q, args_kv, meta)
     args_q = (
-        q, k, v, do, lse_b, delta, dq, kvn, kvi, fkvn, fkvi, tiles, klen, slopes,
+        q, k, v, do, lse_b, delta, dq, kvn, kvi, fkvn, fkvi, tiles, klen,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         lse_b.stride(0), lse_b.stride(1), dq.stride(0), dq.stride(1), dq.stride(2),

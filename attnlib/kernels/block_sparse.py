@@ -166,7 +166,6 @@ def block_sparse_attention(
     backend: KernelBackend = "auto",
     return_lse: bool = False,
     score_mod: Any = None,
-    alibi_slopes: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact softmax attention over the pairs a BlockMask allows, visiting only active blocks.
 
@@ -189,12 +188,7 @@ def block_sparse_attention(
             float64 inputs); -inf on rows with no allowed key.
         score_mod: optional ``score_mod(score, b, h, q_idx, kv_idx)`` (FlexAttention's signature)
             applied to each scaled score tile before the softmax, on the PyTorch path (explicit
-            tiles per bucket of query blocks, autograd backward; "auto" picks it, "triton" raises:
-            a Python callable cannot run inside the kernel).
-        alibi_slopes: optional (H,) float tensor: ALiBi, ``-slope_h * |q_idx - kv_idx|`` added to
-            the scaled scores (raw query / key indices, as ``score_mod`` sees them). An argument
-            of the Triton kernels (forward and backward); the PyTorch path applies it as a
-            ``score_mod``. Composes with ``causal`` and ``kv_lengths``, not with ``score_mod``.
+            tiles per bucket of query blocks, autograd backward; "auto" picks it, "triton" raises).
 
     Returns:
         out (B, H, N, Dv) (or (out, lse)). Rows with no allowed key are zeros, with zero
@@ -212,17 +206,15 @@ def block_sparse_attention(
         if kv_lengths.device != q.device:
             raise ValueError(f"block_sparse_attention: kv_lengths is on {kv_lengths.device} but q is on {q.device}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if alibi_slopes is not None:
-        _check_slopes(alibi_slopes, q)
-        if score_mod is not None:
-            raise ValueError("block_sparse_attention: give alibi_slopes or score_mod, not both")
     if score_mod is not None:
         if backend == "triton":
             raise UnsupportedError(
-                "block_sparse_attention(backend='triton'): a Python score_mod cannot run inside the Triton kernel; "
-                "use backend='torch' (ALiBi is supported in the kernel: alibi_slopes=)"
+                "block_sparse_attention(backend='triton'): no score_mod support; use backend='torch'"
             )
-        return _score_mod_path(q, k, v, block_mask, scale, score_mod, causal, kv_lengths, return_lse)
+        from attnlib.kernels._block_sparse_score_mod import score_mod_forward
+
+        out, lse = score_mod_forward(q, k, v, block_mask, scale, score_mod)
+        return (out, lse) if return_lse else out
     if backend == "triton":
         why = triton_supports(q, k, v, block_mask)
         if why is not None:
@@ -235,41 +227,7 @@ def block_sparse_attention(
             _warn_once(why)
     else:
         impl = "torch"
-    if alibi_slopes is not None and impl == "torch":
-        slopes = alibi_slopes.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-
-        def alibi(s: Tensor, b: Tensor, h: Tensor, qi: Tensor, kj: Tensor) -> Tensor:
-            return s - slopes[h] * (qi - kj).abs()
-
-        return _score_mod_path(q, k, v, block_mask, scale, alibi, causal, kv_lengths, return_lse)
-    out, lse = _BlockSparseFn.apply(q, k, v, block_mask, scale, impl, bool(causal), kv_lengths, alibi_slopes)
-    return (out, lse) if return_lse else out
-
-
-def _check_slopes(slopes: Any, q: Tensor) -> None:
-    h = q.shape[1]
-    if not isinstance(slopes, Tensor) or slopes.shape != (h,) or not slopes.is_floating_point():
-        got = f"{tuple(slopes.shape)} {slopes.dtype}" if isinstance(slopes, Tensor) else type(slopes).__name__
-        raise ValueError(f"block_sparse_attention: alibi_slopes must be a float tensor (H,) = ({h},), got {got}")
-    if slopes.device != q.device:
-        raise ValueError(f"block_sparse_attention: alibi_slopes is on {slopes.device} but q is on {q.device}")
-
-
-def _score_mod_path(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    bm: Any,
-    scale: float,
-    score_mod: Any,
-    causal: bool,
-    kv_lengths: Tensor | None,
-    return_lse: bool,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """The PyTorch score_mod path, on ``bm`` AND the causal rule AND the key lengths."""
-    from attnlib.kernels._block_sparse_score_mod import score_mod_forward
-
-    out, lse = score_mod_forward(q, k, v, _torch_mask(bm, bool(causal), kv_lengths), scale, score_mod)
+    out, lse = _BlockSparseFn.apply(q, k, v, block_mask, scale, impl, bool(causal), kv_lengths)
     return (out, lse) if return_lse else out
 
 
@@ -318,19 +276,15 @@ class _BlockSparseFn(torch.autograd.Function):
         impl: str,
         causal: bool,
         kv_lengths: Tensor | None,
-        alibi_slopes: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         if impl.startswith("triton"):
             from attnlib.kernels import _triton_block_sparse as tri
 
             try:
-                out, lse = tri.forward(q, k, v, bm, scale, causal, kv_lengths, alibi_slopes)
+                out, lse = tri.forward(q, k, v, bm, scale, causal, kv_lengths)
             except tri.NoKernelConfigError as e:
-                if impl == "triton!" or alibi_slopes is not None:
-                    raise UnsupportedError(
-                        f"block_sparse_attention(backend='triton'): {e}"
-                        + ("; with alibi_slopes use backend='torch'" if alibi_slopes is not None else "")
-                    ) from e
+                if impl == "triton!":
+                    raise UnsupportedError(f"block_sparse_attention(backend='triton'): {e}") from e
                 _warn_once(str(e))
                 impl = "torch"
         if impl == "torch":
@@ -338,7 +292,6 @@ class _BlockSparseFn(torch.autograd.Function):
             out, lse = _torch_forward(q, k, v, bm, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.bm, ctx.scale, ctx.impl, ctx.causal, ctx.kv_lengths = bm, scale, impl, causal, kv_lengths
-        ctx.alibi_slopes = alibi_slopes
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -351,17 +304,15 @@ class _BlockSparseFn(torch.autograd.Function):
             from attnlib.kernels import _triton_block_sparse as tri
 
             try:
-                dq, dk, dv = tri.backward(
-                    dout, q, k, v, out, lse, bm, ctx.scale, ctx.causal, ctx.kv_lengths, ctx.alibi_slopes
-                )
-                return dq, dk, dv, None, None, None, None, None, None
+                dq, dk, dv = tri.backward(dout, q, k, v, out, lse, bm, ctx.scale, ctx.causal, ctx.kv_lengths)
+                return dq, dk, dv, None, None, None, None, None
             except tri.NoKernelConfigError as e:
-                if ctx.impl == "triton!" or ctx.alibi_slopes is not None:
+                if ctx.impl == "triton!":
                     raise UnsupportedError(f"block_sparse_attention(backend='triton'): {e}") from e
                 _warn_once(str(e))
                 bm = _torch_mask(bm, ctx.causal, ctx.kv_lengths)
         dq, dk, dv = _torch_backward(dout, q, k, v, out, lse, bm, ctx.scale)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------
