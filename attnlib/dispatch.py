@@ -19,6 +19,7 @@ import torch
 __all__ = [
     "FEW_KEYS",
     "KERNELIZED_DENSE_MAX_N",
+    "OT_WHOLE_MATRIX_MAX",
     "ROW_BLOCK_ELEMENTS",
     "SHORT_ROW",
     "block_layout_as_dense",
@@ -27,6 +28,7 @@ __all__ = [
     "few_keys_explicit",
     "fused_cpu_block_parts",
     "kernelized_dense",
+    "ot_whole_matrix",
     "row_block",
     "softmax_backend",
     "softmax_rows_explicit",
@@ -52,6 +54,21 @@ def row_block(rows: int, cols: int, lead: int = 1) -> int:
     intermediate, so their memory grows with N · block, not N²; at least 16 rows (or all of them).
     """
     return max(1, min(rows, max(16, ROW_BLOCK_ELEMENTS // max(1, cols * lead))))
+
+
+OT_WHOLE_MATRIX_MAX = 1 << 18
+"""Up to this many (batch x heads x N x M) elements OT attention runs on the whole matrix (:func:`ot_whole_matrix`)."""
+
+
+def ot_whole_matrix(elements: int) -> bool:
+    """Whether OT attention (IPOT / Sinkhorn over N x M per head) holds the whole cost matrix.
+
+    The blocked form recomputes each block of costs at every step and checkpoints it under
+    autograd (memory O(N · block)); on small problems (short sequences) its per-block calls cost
+    far more than the arithmetic, so up to :data:`OT_WHOLE_MATRIX_MAX` elements the solver runs on
+    the whole matrix (autograd then keeps every step's matrices: n_iters x a few x 1 MB at most).
+    """
+    return elements <= OT_WHOLE_MATRIX_MAX
 
 
 KERNELIZED_DENSE_MAX_N = 32768

@@ -31,6 +31,7 @@ The public module :mod:`attnlib.ot` re-exports these names.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -474,6 +475,40 @@ def _ipot_log(pb: _Problem, cost: Tensor, beta: float, n_iters: int, inner_iters
     return logt
 
 
+def _ipot_exp(pb: _Problem, cost: Tensor, beta: float, n_iters: int) -> Tensor | None:
+    """IPOT (one Sinkhorn step per proximal step) as GOT's code writes it, in the exp domain:
+    ``Q = G * T``, ``delta = a / (Q sigma)``, ``sigma = b / (Q^T delta)``, ``T = diag(delta) Q
+    diag(sigma)``, with ``G = exp(-(C - min_j C_ij) / beta)`` (a per-row shift, which the row
+    scaling delta absorbs, so every row of G keeps an entry 1). Used while no entry of G falls
+    below sqrt(tiny), i.e. ``max (C_ij - min_j C_ij) / beta <= -log(tiny) / 2`` (43 in float32;
+    cosine costs with beta >= 0.05), so no row or column of Q can lose its mass to underflow.
+
+    A step is three elementwise products, one matrix-vector product and one column sum, with no
+    log-sum-exp: several times faster, forward and backward. Returns the plan (differentiable when grad is
+    enabled), or None when it is not finite or a real row or column lost all its mass to
+    underflow (the caller then runs the log domain, :func:`_ipot_log`)."""
+    pair = pb.pair
+    tiny = torch.finfo(pb.dtype).tiny
+    shift = cost.detach().masked_fill(~pair, float("inf")).amin(-1, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    spread = (cost.detach() - shift).masked_fill(~pair, 0.0).amax() / beta
+    if not bool(spread <= -math.log(tiny) / 2):  # G would come near underflow: a column could vanish
+        return None
+    g = torch.exp((shift - cost) / beta).masked_fill(~pair, 0.0)
+    a, b = pb.a[..., :, None], pb.b
+    sigma = torch.where(pb.cmask, 1.0 / pb.cmask.sum(-1, keepdim=True).clamp_min(1).to(pb.dtype), 0.0)
+    plan = pair.to(pb.dtype)
+    for _ in range(n_iters):
+        q = g * plan
+        qd = q * (a / (q @ sigma[..., :, None]).clamp_min(tiny))  # delta_i Q_ij
+        sigma = b / qd.sum(-2).clamp_min(tiny)
+        plan = qd * sigma[..., None, :]
+    with torch.no_grad():
+        ok = torch.isfinite(plan).all()
+        ok &= ((plan.sum(-1) > 0) | ~pb.rmask).all() & ((plan.sum(-2) > 0) | ~pb.cmask).all()
+    return plan if bool(ok) else None
+
+
 def ipot(
     cost: Tensor,
     a: Tensor | None = None,
@@ -550,7 +585,8 @@ def gw_cost(cx: Tensor, cy: Tensor, plan: Tensor, a: Tensor | None = None, b: Te
 def _solve(pb: _Problem, cost: Tensor, solver: str, beta: float, eps: float, n_iters: int) -> Tensor:
     """Plan for ``cost`` under pb's marginals/masks with the named solver."""
     if solver == "ipot":
-        return pb.plan(_ipot_log(pb, cost, beta, n_iters, 1))
+        plan = _ipot_exp(pb, cost, beta, n_iters)
+        return plan if plan is not None else pb.plan(_ipot_log(pb, cost, beta, n_iters, 1))
     logk = (-cost / eps).masked_fill(~pb.pair, NEG)
     f, g = _sinkhorn_log(pb, logk, n_iters, None, 1)
     return pb.plan(logk + f[..., :, None] + g[..., None, :])
@@ -864,8 +900,9 @@ def ot_attention(
             "sinkhorn" (``eps``).
         n_iters: solver iterations (differentiated through).
 
-    Without ``return_weights`` the solver runs over blocks of query rows and never holds an
-    N x M matrix (memory O(N · block); the costs are recomputed at every step): IPOT's plan after
+    Without ``return_weights`` (and above :func:`attnlib.dispatch.ot_whole_matrix`'s size) the
+    solver runs over blocks of query rows and never holds an N x M matrix (memory O(N · block);
+    the costs are recomputed at every step): IPOT's plan after
     t steps is ``exp(t · (-C / beta) + D_i + S_j)`` on the real pairs, D and S the running sums of
     its inner Sinkhorn potentials, so only vectors are carried from step to step.
 
@@ -887,7 +924,7 @@ def ot_attention(
     beta = positive_number(beta, f"{where}: beta")
     eps = positive_number(eps, f"{where}: eps")
     n_iters = int_at_least(n_iters, 1, f"{where}: n_iters")
-    if not return_weights:
+    if not return_weights and not dispatch.ot_whole_matrix(b * h * n * m):
         return _ot_attention_blocked(q, k, v, key_mask, query_mask, cost, solver, beta, eps, n_iters, scale)
     if cost == "cosine":
         c = cosine_cost(q.to(ct), k.to(ct))
