@@ -498,11 +498,13 @@ def _ipot_exp(pb: _Problem, cost: Tensor, beta: float, n_iters: int) -> Tensor |
     a, b = pb.a[..., :, None], pb.b
     sigma = torch.where(pb.cmask, 1.0 / pb.cmask.sum(-1, keepdim=True).clamp_min(1).to(pb.dtype), 0.0)
     plan = pair.to(pb.dtype)
+    inplace = not (torch.is_grad_enabled() and g.requires_grad)  # no graph: one (N, M) buffer
     for _ in range(n_iters):
-        q = g * plan
-        qd = q * (a / (q @ sigma[..., :, None]).clamp_min(tiny))  # delta_i Q_ij
+        q = plan.mul_(g) if inplace else g * plan
+        delta = a / (q @ sigma[..., :, None]).clamp_min(tiny)
+        qd = q.mul_(delta) if inplace else q * delta  # delta_i Q_ij
         sigma = b / qd.sum(-2).clamp_min(tiny)
-        plan = qd * sigma[..., None, :]
+        plan = qd.mul_(sigma[..., None, :]) if inplace else qd * sigma[..., None, :]
     with torch.no_grad():
         ok = torch.isfinite(plan).all()
         ok &= ((plan.sum(-1) > 0) | ~pb.rmask).all() & ((plan.sum(-2) > 0) | ~pb.cmask).all()
@@ -850,16 +852,37 @@ def got_loss(
     Returns:
         The scalar loss, or ``(loss, T_w, T_g)`` with the plans of :func:`got_distance`.
     """
-    wd, gwd, t_w, t_g = got_distance(  # type: ignore[misc]
-        x,
-        y,
-        x_mask=x_mask,
-        y_mask=y_mask,
-        wd_weight=wd_weight,
-        gwd_weight=gwd_weight,
-        return_plans=True,
-        **got_kwargs,  # type: ignore[arg-type]
-    )
+    x, y, x_mask, y_mask = (_as_tensor(t) for t in (x, y, x_mask, y_mask))  # type: ignore[assignment]
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.dim() < 2 or y.dim() < 2:
+        raise ValueError(f"got_loss: expects x (..., N, D) and y (..., M, D), got {describe(x)} and {describe(y)}")
+    lead = x.shape[:-2]
+    count = int(np.prod(lead)) if lead else 1
+    # examples are independent: long sequences are solved a few examples at a time (peak memory)
+    step = max(1, dispatch.ROW_BLOCK_ELEMENTS // max(1, x.shape[-2] * y.shape[-2]))
+    if step >= count or x.shape[:-2] != y.shape[:-2]:
+        parts = [(x, y, x_mask, y_mask)]
+    else:
+        flat = [None if t is None else t.reshape(count, *t.shape[len(lead) :]) for t in (x, y, x_mask, y_mask)]
+        parts = [tuple(None if t is None else t[s : s + step] for t in flat) for s in range(0, count, step)]
+    res = [
+        got_distance(  # type: ignore[misc]
+            px,
+            py,
+            x_mask=pxm,
+            y_mask=pym,
+            wd_weight=wd_weight,
+            gwd_weight=gwd_weight,
+            return_plans=True,
+            **got_kwargs,  # type: ignore[arg-type]
+        )
+        for px, py, pxm, pym in parts
+    ]
+    if len(res) == 1:
+        wd, gwd, t_w, t_g = res[0]
+    else:
+        wd, gwd, t_w, t_g = (torch.cat([r[i] for r in res]) for i in range(4))
+        wd, gwd = wd.reshape(lead), gwd.reshape(lead)
+        t_w, t_g = t_w.reshape(*lead, *t_w.shape[1:]), t_g.reshape(*lead, *t_g.shape[1:])
     per = wd_weight * wd + gwd_weight * gwd
     live = (t_w.detach().sum((-1, -2)) > 0).to(per.dtype)  # a plan carries mass iff both sides have some
     loss = (per * live).sum() / live.sum().clamp_min(1.0)
