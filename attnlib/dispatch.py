@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "ENTMAX_SORT_MAX_N",
     "FEW_KEYS",
     "KERNELIZED_DENSE_MAX_N",
     "OT_WHOLE_MATRIX_MAX",
@@ -25,6 +26,7 @@ __all__ = [
     "block_layout_as_dense",
     "cpu_key_padding",
     "cpu_vector_width",
+    "entmax_sorts",
     "few_keys_explicit",
     "fused_cpu_block_parts",
     "kernelized_dense",
@@ -54,6 +56,20 @@ def row_block(rows: int, cols: int, lead: int = 1) -> int:
     intermediate, so their memory grows with N · block, not N²; at least 16 rows (or all of them).
     """
     return max(1, min(rows, max(16, ROW_BLOCK_ELEMENTS // max(1, cols * lead))))
+
+
+ENTMAX_SORT_MAX_N = 128
+"""Rows up to this long take 1.5-entmax's sort-based threshold (:func:`entmax_sorts`)."""
+
+
+def entmax_sorts(n: int) -> bool:
+    """Whether 1.5-entmax sorts rows of length ``n`` rather than finding the threshold sort-free.
+
+    The sort-free threshold (block maxima, candidates, Newton steps) has a fixed bookkeeping cost
+    per call; on short rows the sort is cheaper (a (64, 17, 64) training batch: 2.3x softmax's
+    time sort-free vs 1.8x sorted, one loaded CPU thread), on long rows it is several times slower.
+    """
+    return n <= ENTMAX_SORT_MAX_N
 
 
 OT_WHOLE_MATRIX_MAX = 1 << 18

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from attnlib import dispatch
 from attnlib._validation import check_qkv, number_above, positive_int
 from attnlib.functional._common import acc_dtype, as_attention_mask, masked_scores, repeat_kv
 from attnlib.masks import MaskLike
@@ -129,6 +130,8 @@ def _entmax15_rows(x: Tensor) -> Tensor:
     solves sum over the support (z - tau)^2 = 1 exactly (checked for consistency row by row).
     Rows not settled after :data:`ENTMAX15_NEWTON_STEPS` steps are sorted."""
     r, n = x.shape
+    if dispatch.entmax_sorts(n):
+        return _entmax15_sort_rows(x)
     w = ENTMAX15_BLOCK
     nb = n // w
     maxima = x[:, : nb * w].reshape(r, nb, w).amax(-1)
@@ -173,12 +176,17 @@ def _entmax15_rows(x: Tensor) -> Tensor:
     p[row, col] = pk[row, pos]
     rest = (~done).squeeze(-1).nonzero().squeeze(-1)
     if rest.numel():
-        xs = x[rest]
-        m = xs.amax(-1, keepdim=True)
-        zs, _ = torch.sort((xs - m) / 2, -1, descending=True)
-        tau_r, _ = _entmax15_sorted(zs)
-        p[rest] = torch.clamp((xs - m) / 2 - tau_r, min=0).square()
+        p[rest] = _entmax15_sort_rows(x[rest])
     return p
+
+
+def _entmax15_sort_rows(x: Tensor) -> Tensor:
+    """1.5-entmax of the rows of ``x`` (R, n) by a full sort (-inf allowed; all -inf rows -> 0)."""
+    m = x.amax(-1, keepdim=True)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    z = (x - m) / 2
+    tau, _ = _entmax15_sorted(torch.sort(z, -1, descending=True).values)
+    return torch.clamp(z - tau, min=0).square().nan_to_num_(0.0)
 
 
 class _Entmax15(torch.autograd.Function):

@@ -450,6 +450,9 @@ def _kernelized_dense(
     r_l, r_r = _constant_reach(c)
     span = min(n, r_l + r_r + 1)
     step = min(n, dispatch.row_block(n, span, b * h), max(16, span))
+    if span + 2 * step >= n:  # the windows would cover about everything: one dense pass, no running sums
+        r_l = r_r = n
+        span, step = n, min(n, dispatch.row_block(n, n, b * h))
     # the weights outside the windows, (H|1, 1, 1); zero weights are skipped
     c_left, c_right = c[..., 0].reshape(-1, 1, 1), c[..., -1].reshape(-1, 1, 1)
     use_left = r_l < n and bool((c_left != 0).any())
