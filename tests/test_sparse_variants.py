@@ -85,6 +85,57 @@ def test_block_sparse_cross_attention_and_block_masks() -> None:
     assert_close(cr(q, k, v, am(20, 33, extra), cross=True).out, ref2)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_sparse_right_padding_reaches_the_kernel_as_lengths(
+    causal: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Right padding (each example's real keys a prefix) goes to the kernel as ``kv_lengths=`` with the
+    cached pattern itself (no new BlockMask per call; the PyTorch path builds one layout per set of
+    lengths and reuses it); other padding is ANDed into the layout. Output and gradients equal the
+    float64 reference."""
+    import attnlib.variants.sparse as sp
+
+    seen: list[tuple] = []
+    kernel = sp.block_sparse_attention
+
+    def spy(q, k, v, bm, **kw):
+        seen.append((bm, kw.get("kv_lengths"), kw.get("causal", False)))
+        return kernel(q, k, v, bm, **kw)
+
+    builds: list[int] = []
+    real = BlockMask.from_key_padding.__func__
+    monkeypatch.setattr(sp, "block_sparse_attention", spy)
+    monkeypatch.setattr(
+        BlockMask, "from_key_padding", classmethod(lambda c, *a, **kw: builds.append(1) or real(c, *a, **kw))
+    )
+    cr = core("block_sparse", pattern="sliding_window", window=6, block_size=8)
+    n = 45
+    lengths = torch.tensor([n, 19])
+    right = torch.arange(n)[None, :] < lengths[:, None]
+    holes = right.clone()
+    holes[0, 3] = False
+    pattern = cr.block_mask(n, n, "cpu")
+    allowed = window_mask(n, n, left=6, right=6)[None, None]
+    for kp, want, new_layouts in ((right, lengths, 1), (holes, None, 1), (right, lengths, 0)):
+        seen.clear()
+        builds.clear()
+        qkv = tuple(
+            t.requires_grad_() for t in make_qkv(B, H, n, D, h_kv=2, dtype=torch.float64, logit_scale=4.0, seed=31)
+        )
+        out = cr(*qkv, am(n, mask=KeyPadding(kp), causal=causal)).out
+        ref = reference_attention(*qkv, mask=[KeyPadding(kp), allowed], causal=causal)
+        assert_close(out, ref)
+        go = torch.randn_like(ref)
+        for a, r in zip(torch.autograd.grad(out, qkv, go), torch.autograd.grad(ref, qkv, go), strict=True):
+            assert_close(a, r)
+        ((bm, kvl, c),) = seen
+        if want is None:
+            assert kvl is None and bm is not pattern
+        else:
+            assert bm is pattern and torch.equal(kvl, want) and c == causal
+        assert len(builds) == new_layouts
+
+
 # ------------------------------------------------------------------------------------------
 # GRAT
 # ------------------------------------------------------------------------------------------

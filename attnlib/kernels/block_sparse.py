@@ -244,9 +244,14 @@ def _warn_once(reason: str) -> None:
         )
 
 
+_KV_MASKS_KEPT = 8  # key-length layouts the PyTorch path keeps per BlockMask
+
+
 def _torch_mask(bm: Any, causal: bool, kv_lengths: Tensor | None) -> Any:
     """The PyTorch path's layout: ``bm`` AND the causal rule AND the key lengths (built through
-    the BlockMask's own class; the causal one is cached on ``bm``)."""
+    the BlockMask's own class; the causal one is cached on ``bm``, the key-length ones on the
+    causal one for the last :data:`_KV_MASKS_KEPT` sets of lengths, so a model whose layers
+    share one padding builds it once per batch, and each layout's plan is cached with it)."""
     if causal:
         cache = getattr(bm, "_cache", None)
         if cache is not None and "torch_causal_mask" in cache:
@@ -259,8 +264,20 @@ def _torch_mask(bm: Any, causal: bool, kv_lengths: Tensor | None) -> Any:
             bm = both
     if kv_lengths is not None:
         n, m = bm.seq_lengths
+        key = tuple(min(int(x), m) for x in kv_lengths.tolist())
+        if all(x == m for x in key):
+            return bm
+        cache = getattr(bm, "_cache", None)
+        held = None if cache is None else cache.setdefault("torch_kv_masks", {})
+        if held is not None and key in held:
+            return held[key]
         keep = torch.arange(m, device=kv_lengths.device)[None, :] < kv_lengths[:, None]
-        bm = bm & type(bm).from_key_padding(keep, n, block_size=bm.block_size)
+        both = bm & type(bm).from_key_padding(keep, n, block_size=bm.block_size)
+        if held is not None:  # the layouts of the last few length sets (with their cached plans)
+            held[key] = both
+            while len(held) > _KV_MASKS_KEPT:
+                del held[next(iter(held))]
+        bm = both
     return bm
 
 

@@ -292,15 +292,21 @@ def _pattern_attend(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """block_sparse's computation: (out, weights | None, importance | None).
 
-    A causal-only caller mask goes to the kernel as its ``causal=`` flag (the pattern's causal
-    layout is cached on the pattern) instead of a new BlockMask per call. The layout work is
+    Causal and right-padding key padding (each example's real keys a prefix, see
+    :meth:`AttentionMask.key_lengths`) go to the kernel as its ``causal=`` / ``kv_lengths=`` flags
+    (the PyTorch path caches those layouts on the pattern) instead of a new BlockMask per call;
+    other caller masks are ANDed into the pattern. The layout work is
     data-dependent (active-block lists), so ``torch.compile`` runs this function eagerly
     (:func:`_pattern_attend_eager`): one graph break per call instead of one per block-list operation.
     """
     pattern = core.block_mask(mask.n, mask.m, q.device)
-    if pattern is not None and mask.kinds() == ["causal"] and not (need_weights or need_importance or score_mod):
-        if not dispatch.block_layout_as_dense(pattern):
-            return block_sparse_attention(q, k, v, pattern, scale=core.scale, causal=True), None, None
+    flags = {"causal", "key_padding"}
+    if pattern is not None and set(mask.kinds()) & flags and set(mask.kinds()) <= flags:
+        if not (need_weights or need_importance or score_mod or dispatch.block_layout_as_dense(pattern)):
+            lengths = mask.key_lengths()
+            if mask.key_padding is None or lengths is not None:
+                out = block_sparse_attention(q, k, v, pattern, scale=core.scale, causal=mask.causal, kv_lengths=lengths)
+                return out, None, None
     bm = _with_caller(mask, pattern, (core.block_size, core.block_size))
     res = _run_block(q, k, v, bm, core.scale, need_weights, need_importance, score_mod)
     return res.out, res.weights, res.importance
