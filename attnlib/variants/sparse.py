@@ -83,8 +83,19 @@ __all__ = [
 # ------------------------------------------------------------------------------------------
 
 
+_PLAIN_LAYOUTS: dict[tuple[Any, ...], BlockMask] = {}
+
+
 def _with_caller(am: AttentionMask, pattern: BlockMask | None, block_size: tuple[int, int]) -> BlockMask:
-    """pattern AND every caller mask, as one BlockMask."""
+    """pattern AND every caller mask, as one BlockMask (the all-blocks / causal layouts are kept per size)."""
+    if pattern is None and set(am.kinds()) <= {"causal"}:
+        key = (am.n, am.m, str(am.device), am.causal, block_size)
+        if key not in _PLAIN_LAYOUTS:
+            if len(_PLAIN_LAYOUTS) >= 32:
+                _PLAIN_LAYOUTS.pop(next(iter(_PLAIN_LAYOUTS)))
+            layout = am.as_block_mask(block_size)
+            _PLAIN_LAYOUTS[key] = layout or BlockMask.all_blocks(am.n, am.m, block_size=block_size, device=am.device)
+        return _PLAIN_LAYOUTS[key]
     caller = am.as_block_mask(block_size)
     if pattern is None:
         if caller is None:
