@@ -19,9 +19,11 @@ import torch
 __all__ = [
     "FEW_KEYS",
     "KERNELIZED_DENSE_MAX_N",
+    "MASKED_DENSE_MAX_ELEMENTS",
     "ROW_BLOCK_ELEMENTS",
     "SHORT_ROW",
     "block_layout_as_dense",
+    "block_layout_as_masked_dense",
     "cpu_key_padding",
     "cpu_vector_width",
     "few_keys_explicit",
@@ -143,6 +145,35 @@ def block_layout_as_dense(block_mask: Any) -> bool:
     thing without padding the sequence to the block size.
     """
     return bool(block_mask.all_full())
+
+
+MASKED_DENSE_MAX_ELEMENTS = 1 << 26
+"""Largest (B'·H'·N·M) layout :func:`block_layout_as_masked_dense` turns into a cached float mask (256 MB in fp32)."""
+
+
+def block_layout_as_masked_dense(block_mask: Any, device: torch.device) -> bool:
+    """Whether attention under a block layout runs as one SDPA call with the layout's dense additive mask.
+
+    True on CPU when the layout visits every block (each one full or partial, none skipped - e.g. a
+    learned element-wise mask with no empty block) and its dense form has at most
+    :data:`MASKED_DENSE_MAX_ELEMENTS` entries: the block-sparse path would then do all the dense
+    work and, beyond its bias cache, rebuild the partial blocks' float masks on every call, while
+    PyTorch's fused CPU kernel with a cached float mask costs about as much as unmasked attention.
+    The caller caches the mask with the layout. Not on CUDA, where the Triton kernel masks
+    partial blocks from the layout's tiles.
+    """
+    if device.type != "cpu":
+        return False
+    bp, hp = block_mask.kv_num_blocks.shape[:2]
+    n, m = block_mask.seq_lengths
+    if bp * hp * n * m > MASKED_DENSE_MAX_ELEMENTS:
+        return False
+    cache = getattr(block_mask, "_cache", {})
+    if "all_active" not in cache:
+        nk = block_mask.kv_indices.shape[-1]
+        visited = block_mask.kv_num_blocks + block_mask.full_kv_num_blocks
+        cache["all_active"] = bool((visited == nk).all()) and not bool((block_mask.kv_num_blocks == 0).all())
+    return bool(cache["all_active"])
 
 
 def triton_preferred(device: torch.device) -> bool:

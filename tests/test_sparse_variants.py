@@ -157,8 +157,9 @@ def test_block_sparse_all_full_layout_takes_the_dense_path(
     n: int, window: int, padded: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A layout with every block full (window wider than the sequence, one block) is dense
-    attention: the kernel is skipped and the result equals the float64 reference; otherwise
-    (a real window, or key padding making blocks partial) the kernel runs."""
+    attention: the kernel is skipped and the result equals the float64 reference; a layout of one
+    partial block (a real window, or key padding) runs as one SDPA call with its cached mask on CPU
+    (:func:`attnlib.dispatch.block_layout_as_masked_dense`), also without the kernel."""
     import attnlib.variants.sparse as sp
 
     calls: list[int] = []
@@ -180,8 +181,7 @@ def test_block_sparse_all_full_layout_takes_the_dense_path(
     out = core(q, k, v, am).out
     allowed = window_mask(n, n, left=window, right=window) & kp[:, None, None, :]
     assert_close(out, reference_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), mask=allowed))
-    dense = window >= n and not padded
-    assert calls == ([] if dense else [1])
+    assert calls == []
     bm = BlockMask.sliding_window(n, window, window, block_size=128)
     assert bm.all_full() == (window >= n)
 
@@ -694,6 +694,39 @@ def test_sparsifiner_blocked_paths_equal_the_whole_matrix(monkeypatch: pytest.Mo
 # ------------------------------------------------------------------------------------------
 # SwinBERT mask
 # ------------------------------------------------------------------------------------------
+
+
+def test_all_active_layout_runs_as_one_masked_sdpa_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layout that visits every block (e.g. a binarised learned element mask) runs on CPU as SDPA with
+    its dense additive mask cached on the layout: output and gradients equal the float64 reference (an
+    empty row gives 0, GQA); a layout that skips a block still runs the block-sparse kernel."""
+    import attnlib.variants.sparse as sp
+    from attnlib import dispatch
+
+    cpu = torch.device("cpu")
+    n = 40
+    dense = torch.rand(1, 1, n, n, generator=torch.Generator().manual_seed(5)) < 0.5
+    dense[..., 3, :] = False  # an empty row
+    bm = BlockMask.from_dense(dense, 8)
+    assert dispatch.block_layout_as_masked_dense(bm, cpu)
+    kernel_calls: list[int] = []
+    kernel = sp.block_sparse_attention
+    monkeypatch.setattr(sp, "block_sparse_attention", lambda *a, **kw: kernel_calls.append(1) or kernel(*a, **kw))
+    qkv = tuple(t.requires_grad_() for t in make_qkv(B, H, n, D, h_kv=2, dtype=torch.float64, logit_scale=3.0, seed=6))
+    for _ in range(2):  # the second call reuses the cached mask
+        out = sp._run_block(*qkv, bm, None, False, False).out
+        ref = reference_attention(*qkv, mask=dense)
+        assert_close(out, ref)
+        go = torch.randn_like(ref)
+        for a, r in zip(torch.autograd.grad(out, qkv, go), torch.autograd.grad(ref, qkv, go), strict=True):
+            assert_close(a, r)
+    assert kernel_calls == [] and "masked_dense/torch.float64" in bm._cache
+    skipped = dense.clone()
+    skipped[..., :8, 16:24] = False
+    bm2 = BlockMask.from_dense(skipped, 8)
+    assert not dispatch.block_layout_as_masked_dense(bm2, cpu)
+    assert_close(sp._run_block(*qkv, bm2, None, False, False).out, reference_attention(*qkv, mask=skipped))
+    assert kernel_calls == [1]
 
 
 def test_swinbert_saturated_mask_equals_dense() -> None:

@@ -39,7 +39,7 @@ from attnlib.functional._common import (
     softmax_or_zero,
 )
 from attnlib.functional.softmax import softmax_attention
-from attnlib.masks import AttentionMask
+from attnlib.masks import AttentionMask, BlockMask
 from attnlib.positional import RotaryCall, rotate_at
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "RowsFn",
     "block_max_attention",
     "block_pool",
+    "layout_masked_attention",
     "mosa_attention",
     "mosa_k",
     "mosa_picked_attention",
@@ -138,6 +139,26 @@ def block_max_attention(
         p = p.view(b, h, nblk, bq, nk, bk).amax((3, 5))
         out[:, :, i0 : i0 + nblk] = p
     return out / nonzero(out.sum(-1, keepdim=True))
+
+
+def layout_masked_attention(q: Tensor, k: Tensor, v: Tensor, bm: BlockMask, *, scale: float | None = None) -> Tensor:
+    """Exact attention under a block layout as one SDPA call with its dense additive mask.
+
+    q (B, H, N, D), k, v (B, H_kv, M, ·) -> (B, H, N, Dv). The mask (B'|1, H'|1, N, M) in q's
+    dtype (0 allowed, -inf not) is built once and cached on ``bm`` (see
+    :func:`attnlib.dispatch.block_layout_as_masked_dense` for when this beats the block-sparse
+    kernel); rows with no allowed key are 0. Differentiable w.r.t. q, k, v.
+    """
+    key = f"masked_dense/{q.dtype}"
+    if key not in bm._cache:
+        allowed = bm.to_dense()
+        empty = ~allowed.any(-1, keepdim=True)
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(~(allowed | empty), float("-inf"))
+        bm._cache[key] = (bias, empty if bool(empty.any()) else None)
+    bias, empty = bm._cache[key]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out if empty is None else out.masked_fill(empty, 0.0)
 
 
 # ------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from attnlib.functional.softmax import softmax_attention, softmax_importance
 from attnlib.functional.sparse import (
     MOSA_ROUTINGS,
     RowsFn,
+    layout_masked_attention,
     mosa_attention,
     mosa_router,
     mosa_scatter_weights,
@@ -122,6 +123,8 @@ def _run_block(
     """
     if dispatch.block_layout_as_dense(bm):
         out = softmax_attention(q, k, v, scale=scale, score_mod=score_mod)
+    elif score_mod is None and dispatch.block_layout_as_masked_dense(bm, q.device):
+        out = layout_masked_attention(q, k, v, bm, scale=scale)
     else:
         out = block_sparse_attention(q, k, v, bm, scale=scale, score_mod=score_mod)
     if need_weights:
