@@ -88,10 +88,19 @@ def block_pool(x: Tensor, size: int, ops: tuple[str, ...], valid: Tensor | None 
     b, h, n, d = x.shape
     nb = math.ceil(n / size)
     pad = nb * size - n
-    if pad == 0 and valid is None:  # whole blocks of real tokens: plain reductions, no masks or copies
-        xv = x.reshape(b, h, nb, size, d)
-        red = {"avg": lambda: xv.sum(3) / size, "max": lambda: xv.amax(3), "min": lambda: xv.amin(3)}
-        return torch.cat([red[op]() for op in ops], -1)
+    if valid is None:  # real tokens only (the last block may be short): plain reductions, no masks
+        fill = {"avg": 0.0, "max": float("-inf"), "min": float("inf")}
+        red = {"avg": torch.sum, "max": torch.amax, "min": torch.amin}
+        outs = []
+        for op in ops:
+            xv = (F.pad(x, (0, 0, 0, pad), value=fill[op]) if pad else x).reshape(b, h, nb, size, d)
+            outs.append(red[op](xv, 3))
+        if "avg" in ops:
+            i = ops.index("avg")
+            count = torch.full((nb, 1), float(size), dtype=x.dtype, device=x.device)
+            count[-1] = size - pad
+            outs[i] = outs[i] / count
+        return torch.cat(outs, -1) if len(outs) > 1 else outs[0]
     xb = F.pad(x, (0, 0, 0, pad)).view(b, h, nb, size, d)
     vm = (torch.arange(nb * size, device=x.device) < n).view(1, 1, nb, size, 1)
     if valid is not None:
