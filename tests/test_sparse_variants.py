@@ -663,6 +663,46 @@ def test_sparsifiner_reconstruction_loss() -> None:
 
 
 @pytest.mark.parametrize("causal", [False, True])
+def test_sparsifiner_block_selection_follows_its_definition(causal: bool) -> None:
+    """selection="blocks": query block I keeps its ceil(keep_rate · #visible key blocks) key blocks with
+    the highest mean of A^ (computed here from the whole A^, the slow way), the CLS row stays dense;
+    the kernel path and the weights path equal the float64 reference under that mask."""
+    n, bs = 45, 8
+    q, k, v = make_qkv(B, H, n, D, dtype=torch.float64, logit_scale=4.0, seed=22)
+    cr = core(
+        "sparsifiner", num_tokens=48, keep_rate=0.3, reduce_n_factor=4, basis_topk=4, selection="blocks", block_size=bs
+    )
+    with torch.no_grad():
+        cr.up.normal_(0, 0.1)
+    kp = key_padding(n) if causal else None
+    mask = am(n, mask=kp, causal=causal)
+    a = cr.approx_attention(q, k, sparse_basis=True, causal=causal, key_valid=None if kp is None else kp.valid)
+    nb = math.ceil(n / bs)
+    tok = mask.dense()
+    tok = torch.ones(1, 1, n, n, dtype=torch.bool) if tok is None else tok
+    tok = tok.expand(B, H, n, n)
+    keep = torch.zeros(B, H, n, n, dtype=torch.bool)
+    for b in range(B):
+        for h in range(H):
+            for i in range(nb):
+                rows = slice(i * bs, (i + 1) * bs)
+                blocks = [slice(j * bs, (j + 1) * bs) for j in range(nb)]
+                score = torch.stack([a[b, h, rows, c].mean() for c in blocks])
+                visible = torch.tensor([bool(tok[b, h, rows, c].any()) for c in blocks])
+                count = max(1, math.ceil(0.3 * int(visible.sum())))
+                for j in score.masked_fill(~visible, float("-inf")).topk(count).indices.tolist():
+                    if visible[j]:
+                        keep[b, h, rows, blocks[j]] = True
+    keep = keep & tok
+    keep[:, :, 0] = tok[:, :, 0]  # the CLS row
+    ref, w = reference_attention(q, k, v, mask=keep, return_weights=True)
+    assert_close(cr(q, k, v, mask).out, ref)
+    res = cr(q, k, v, mask, need_weights=True)
+    assert_close(res.out, ref)
+    assert_close(res.weights, w)
+
+
+@pytest.mark.parametrize("causal", [False, True])
 def test_sparsifiner_blocked_paths_equal_the_whole_matrix(monkeypatch: pytest.MonkeyPatch, causal: bool) -> None:
     """Row blocks (16 rows each here), the additive-bias fused path and the explicit path agree with
     one whole-matrix computation: output, predictor, and the reconstruction loss and its gradients."""

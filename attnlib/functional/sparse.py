@@ -64,6 +64,7 @@ __all__ = [
     "seer_select",
     "sparsifiner_approx_attention",
     "sparsifiner_attention",
+    "sparsifiner_block_select",
     "sparsifiner_predictor",
     "sparsifiner_recon_loss",
     "sparsifiner_select",
@@ -657,8 +658,14 @@ def sparsifiner_predictor(
     basis_threshold: float = 0.02,
     causal: bool = False,
     key_valid: Tensor | None = None,
+    block_pooled: int | None = None,
 ) -> RowsFn:
     """Sparsifiner's predictor A^ as a function of a row range: ``rows(s, e)`` -> A^[:, :, s:e] (B, H, e-s, N).
+
+    With ``block_pooled`` = b the function gives the mean of A^ over each (query block, key block)
+    of b x b tokens instead, ``rows(I0, I1)`` -> (B, H, I1-I0, ceil(N/b)) for query blocks I0..I1-1
+    (the last blocks' means over their real tokens): A^ is linear in Cf, so this is the block mean
+    of Cf's rows times W_up's block means, O(N·n_d + (N/b)²·n_d), never A^ itself.
 
     The same A^ as :func:`sparsifiner_approx_attention`, computed a block of query rows at a
     time so that nothing N x N is held: the channel reduction and (non-causal) key
@@ -681,14 +688,35 @@ def sparsifiner_predictor(
         w_up = w_up.abs()
         w_up = (w_up * (w_up > basis_threshold)).contiguous()  # rows gathered by the embedding bag
 
-    def rows(s: int, e: int) -> Tensor:
+    def coefficients(s: int, e: int) -> Tensor:
         if k_down is None:  # query i sees the down-projection of keys j <= i only
             sc = torch.matmul(qc[:, :, s:e], kc[:, :, :e].transpose(-1, -2))
             later = torch.arange(s, e, device=q.device)[:, None] < torch.arange(e, device=q.device)
             logits = torch.matmul(sc.masked_fill(later, 0.0), dn[:e])
         else:
             logits = torch.matmul(qc[:, :, s:e], k_down)
-        cf = torch.softmax(logits * predictor_scale, -1)
+        return torch.softmax(logits * predictor_scale, -1)
+
+    if block_pooled is not None:  # mean of A^ over blocks = (mean of Cf over the query block) W_up pooled
+        bs = block_pooled
+        nb = math.ceil(n / bs)
+        w_pool = F.pad(w_up, (0, nb * bs - n)).view(-1, nb, bs).sum(-1) / _block_counts(n, bs, w_up)
+        step = max(bs, dispatch.row_block(n, w_up.shape[0], q.shape[0] * q.shape[1]) // bs * bs)
+        pooled = []
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            cf = coefficients(s, e)
+            if sparse_basis:
+                top = cf.topk(min(basis_topk, cf.shape[-1]), -1)
+                cf = torch.zeros_like(cf).scatter_(-1, top.indices, top.values)
+            rows_here = math.ceil((e - s) / bs)
+            cf = F.pad(cf, (0, 0, 0, rows_here * bs - (e - s))).unflatten(2, (rows_here, bs)).sum(3)
+            pooled.append(cf / _block_counts(e - s, bs, cf)[:, None])
+        cf_pooled = torch.cat(pooled, 2) if len(pooled) > 1 else pooled[0]
+        return lambda s, e: torch.matmul(cf_pooled[:, :, s:e], w_pool)
+
+    def rows(s: int, e: int) -> Tensor:
+        cf = coefficients(s, e)
         if not sparse_basis:
             return torch.matmul(cf, w_up)
         top = cf.topk(min(basis_topk, cf.shape[-1]), -1)
@@ -702,6 +730,14 @@ def sparsifiner_predictor(
         return a.view(*lead, n)
 
     return rows
+
+
+def _block_counts(n: int, size: int, like: Tensor) -> Tensor:
+    """Real tokens in each of the ceil(n / size) blocks of n tokens: (n_blocks,) in like's dtype."""
+    nb = math.ceil(n / size)
+    c = torch.full((nb,), float(size), dtype=like.dtype, device=like.device)
+    c[-1] = n - (nb - 1) * size
+    return c
 
 
 def sparsifiner_approx_attention(
@@ -849,6 +885,21 @@ def sparsifiner_select(
             return out
 
     return keep
+
+
+def sparsifiner_block_select(scores: Tensor, allowed: Tensor, *, keep_rate: float) -> Tensor:
+    """Key blocks each query block keeps: (B, H, n_q, n_k) bool from block scores (B, H, n_q, n_k).
+
+    Query block I keeps its ceil(keep_rate · #key blocks it may visit) highest-scored key blocks
+    among ``allowed`` (bool, broadcastable; the caller's layout), at least one where any is allowed.
+    The block form of :func:`sparsifiner_select` (which ranks single keys per query).
+    """
+    allowed = allowed.expand_as(scores)
+    counts = (allowed.sum(-1, keepdim=True) * keep_rate).ceil().clamp(min=1).to(torch.long)  # (B, H, n_q, 1)
+    kk = min(scores.shape[-1], int(counts.max()))
+    idx = scores.masked_fill(~allowed, float("-inf")).topk(kk, -1).indices  # best first
+    keep = torch.arange(kk, device=scores.device) < counts
+    return torch.zeros_like(allowed).scatter_(-1, idx, keep) & allowed
 
 
 def sparsifiner_attention(

@@ -55,6 +55,7 @@ from attnlib.functional.sparse import (
     seer_gate_loss,
     seer_select,
     sparsifiner_attention,
+    sparsifiner_block_select,
     sparsifiner_predictor,
     sparsifiner_recon_loss,
     swinbert_hard_mask,
@@ -1047,6 +1048,11 @@ class SparsifinerAttention(AttentionCore):
         predictor_scale: logit scale of the predictor (official code: num_heads**-0.5).
         recon_weight: weight of the reconstruction loss (official 0.01).
         reconstruct: stage 1 (dense output, raw basis).
+        selection: "tokens" (the paper: each query keeps its top K keys) or "blocks" (ours, for
+            speed: each query block of ``block_size`` rows keeps its top ceil(keep_rate · n_k) key
+            blocks by the block means of A^, computed without A^ itself, and attention runs on
+            the block-sparse kernel; the ``num_dense_queries`` rows stay dense).
+        block_size: query / key block of ``selection="blocks"``.
         scale: attention logit scale, default head_dim**-0.5.
     """
 
@@ -1090,10 +1096,16 @@ class SparsifinerAttention(AttentionCore):
         predictor_scale: float | None = None,
         recon_weight: float = 0.01,
         reconstruct: bool = False,
+        selection: str = "tokens",
+        block_size: int = 64,
         scale: float | None = None,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
         where = "sparsifiner"
+        if selection not in ("tokens", "blocks"):
+            raise ValueError(f"{where}: selection must be 'tokens' or 'blocks', got {selection!r}")
+        self.selection = selection
+        self.block_size = positive_int(block_size, f"{where}: block_size")
         self.num_tokens = positive_int(num_tokens, f"{where}: num_tokens")
         self.keep_rate = fraction(keep_rate, f"{where}: keep_rate")
         n_d = max(1, self.num_tokens // positive_int(reduce_n_factor, f"{where}: reduce_n_factor"))
@@ -1118,9 +1130,17 @@ class SparsifinerAttention(AttentionCore):
         return {"num_tokens": 64, "keep_rate": 0.5, "reduce_n_factor": 4, "basis_topk": 4}
 
     def predictor(
-        self, q: Tensor, k: Tensor, *, sparse_basis: bool, causal: bool = False, key_valid: Tensor | None = None
+        self,
+        q: Tensor,
+        k: Tensor,
+        *,
+        sparse_basis: bool,
+        causal: bool = False,
+        key_valid: Tensor | None = None,
+        block_pooled: int | None = None,
     ) -> RowsFn:
-        """The predictor's A^ as ``rows(s, e)`` -> (B, H, e-s, N) (see :func:`sparsifiner_predictor`)."""
+        """The predictor's A^ as ``rows(s, e)`` -> (B, H, e-s, N), or its block means with
+        ``block_pooled`` (see :func:`sparsifiner_predictor`)."""
         n = q.shape[2]
         if n > self.num_tokens:
             raise ValueError(f"sparsifiner: sequence length N={n} exceeds num_tokens={self.num_tokens}")
@@ -1137,6 +1157,7 @@ class SparsifinerAttention(AttentionCore):
             basis_threshold=self.basis_threshold,
             causal=causal,
             key_valid=key_valid,
+            block_pooled=block_pooled,
         )
 
     def approx_attention(
@@ -1173,6 +1194,8 @@ class SparsifinerAttention(AttentionCore):
             aux = self.recon_weight * sparsifiner_recon_loss(a_raw, q, k, allowed, scale, self.num_dense_queries)
         if self.reconstruct:
             return _dense(q, k, v, mask, scale, dropout_p, need_weights, need_importance, aux)
+        if self.selection == "blocks":
+            return self._attend_blocks(q, k, v, mask, scale, dropout_p, need_weights, need_importance, aux)
         with torch.no_grad():
             a_hat = self.predictor(q, k, sparse_basis=True, causal=mask.causal, key_valid=mask.key_padding)
         out, w = sparsifiner_attention(
@@ -1191,6 +1214,44 @@ class SparsifinerAttention(AttentionCore):
         if w is None:
             return CoreOutput(out, aux_loss=aux)
         return CoreOutput.from_weights(out, w, need_weights=need_weights, need_importance=need_importance, aux_loss=aux)
+
+    def block_layout(self, q: Tensor, k: Tensor, mask: AttentionMask) -> BlockMask:
+        """``selection="blocks"``: the caller's layout restricted to the key blocks each query block keeps."""
+        base = _with_caller(mask, None, (self.block_size, self.block_size))
+        partial, full = base.block_states()
+        with torch.no_grad():
+            rows = self.predictor(
+                q, k, sparse_basis=True, causal=mask.causal, key_valid=mask.key_padding, block_pooled=self.block_size
+            )
+            scores = rows(0, base.num_blocks[0])
+            sel = sparsifiner_block_select(scores, partial | full, keep_rate=self.keep_rate)
+        return base.restrict(sel)
+
+    def _attend_blocks(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: AttentionMask,
+        scale: float,
+        dropout_p: float,
+        need_weights: bool,
+        need_importance: bool,
+        aux: Tensor | None,
+    ) -> CoreOutput:
+        bm = self.block_layout(q, k, mask)
+        n, nd = q.shape[2], min(self.num_dense_queries, q.shape[2])
+        if need_weights or need_importance or dropout_p > 0:  # weights are N x M anyway: one dense mask
+            allowed = bm.to_dense().expand(q.shape[0], q.shape[1], n, k.shape[2]).clone()
+            if nd:
+                rows = mask.dense_rows(0, nd)
+                allowed[:, :, :nd] = True if rows is None else rows
+            return _dense(q, k, v, allowed, scale, dropout_p, need_weights, need_importance, aux)  # type: ignore[arg-type]
+        out = _run_block(q, k, v, bm, scale, False, False).out
+        if nd:  # the dense (CLS) rows
+            head = softmax_attention(q[:, :, :nd], k, v, mask=mask.dense_rows(0, nd), scale=scale)
+            out = torch.cat([head, out[:, :, nd:]], 2)
+        return CoreOutput(out, aux_loss=aux)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_tokens={self.num_tokens}, keep_rate={self.keep_rate}"
