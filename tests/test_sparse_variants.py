@@ -663,7 +663,7 @@ def test_sparsifiner_reconstruction_loss() -> None:
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_sparsifiner_block_selection_follows_its_definition(causal: bool) -> None:
+def test_sparsifiner_block_selection_follows_its_definition(causal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """selection="blocks": query block I keeps its ceil(keep_rate · #visible key blocks) key blocks with
     the highest mean of A^ (computed here from the whole A^, the slow way), the CLS row stays dense;
     the kernel path and the weights path equal the float64 reference under that mask."""
@@ -700,6 +700,8 @@ def test_sparsifiner_block_selection_follows_its_definition(causal: bool) -> Non
     res = cr(q, k, v, mask, need_weights=True)
     assert_close(res.out, ref)
     assert_close(res.weights, w)
+    monkeypatch.setattr("attnlib.dispatch.ROW_BLOCK_ELEMENTS", 1)  # block scores over chunks of 16 rows
+    assert_close(cr(q, k, v, mask).out, ref)
 
 
 @pytest.mark.parametrize("causal", [False, True])

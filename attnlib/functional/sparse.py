@@ -688,14 +688,17 @@ def sparsifiner_predictor(
         w_up = w_up.abs()
         w_up = (w_up * (w_up > basis_threshold)).contiguous()  # rows gathered by the embedding bag
 
-    def coefficients(s: int, e: int) -> Tensor:
+    def scaled_logits(s: int, e: int) -> Tensor:
         if k_down is None:  # query i sees the down-projection of keys j <= i only
             sc = torch.matmul(qc[:, :, s:e], kc[:, :, :e].transpose(-1, -2))
             later = torch.arange(s, e, device=q.device)[:, None] < torch.arange(e, device=q.device)
             logits = torch.matmul(sc.masked_fill(later, 0.0), dn[:e])
         else:
             logits = torch.matmul(qc[:, :, s:e], k_down)
-        return torch.softmax(logits * predictor_scale, -1)
+        return logits * predictor_scale
+
+    def coefficients(s: int, e: int) -> Tensor:
+        return torch.softmax(scaled_logits(s, e), -1)
 
     if block_pooled is not None:  # mean of A^ over blocks = (mean of Cf over the query block) W_up pooled
         bs = block_pooled
@@ -705,12 +708,18 @@ def sparsifiner_predictor(
         pooled = []
         for s in range(0, n, step):
             e = min(n, s + step)
-            cf = coefficients(s, e)
-            if sparse_basis:
-                top = cf.topk(min(basis_topk, cf.shape[-1]), -1)
-                cf = torch.zeros_like(cf).scatter_(-1, top.indices, top.values)
             rows_here = math.ceil((e - s) / bs)
-            cf = F.pad(cf, (0, 0, 0, rows_here * bs - (e - s))).unflatten(2, (rows_here, bs)).sum(3)
+            if sparse_basis:  # the basis_topk kept coefficients of each row, added into its block's row
+                logits = scaled_logits(s, e)
+                top = logits.topk(min(basis_topk, logits.shape[-1]), -1)
+                vals = torch.exp(top.values - torch.logsumexp(logits, -1, keepdim=True))  # softmax at the top
+                n_d = logits.shape[-1]
+                at = (torch.arange(e - s, device=q.device) // bs * n_d)[:, None] + top.indices
+                cf = vals.new_zeros(*vals.shape[:2], rows_here * n_d)
+                cf = cf.scatter_add_(-1, at.flatten(2), vals.flatten(2)).view(*vals.shape[:2], rows_here, n_d)
+            else:
+                cf = coefficients(s, e)
+                cf = F.pad(cf, (0, 0, 0, rows_here * bs - (e - s))).unflatten(2, (rows_here, bs)).sum(3)
             pooled.append(cf / _block_counts(e - s, bs, cf)[:, None])
         cf_pooled = torch.cat(pooled, 2) if len(pooled) > 1 else pooled[0]
         return lambda s, e: torch.matmul(cf_pooled[:, :, s:e], w_pool)
