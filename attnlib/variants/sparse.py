@@ -1051,7 +1051,8 @@ class SparsifinerAttention(AttentionCore):
         selection: "tokens" (the paper: each query keeps its top K keys) or "blocks" (ours, for
             speed: each query block of ``block_size`` rows keeps its top ceil(keep_rate · n_k) key
             blocks by the block means of A^, computed without A^ itself, and attention runs on
-            the block-sparse kernel; the ``num_dense_queries`` rows stay dense).
+            the block-sparse kernel; the ``num_dense_queries`` rows stay dense; under causal masks
+            a block's choice also reads its later rows, so prefixes are not independent of them).
         block_size: query / key block of ``selection="blocks"``.
         scale: attention logit scale, default head_dim**-0.5.
     """
