@@ -24,7 +24,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from attnlib.attention import Attention, AttentionExtras
     from attnlib.variants.base import AttentionCore, CoreOutput
 
-__all__ = ["AttentionCache", "attend_new_queries", "decode_mode", "forward_cached", "init_cache", "kv_decode_exact"]
+__all__ = [
+    "AttentionCache",
+    "attend_new_queries",
+    "decode_mode",
+    "forward_cached",
+    "init_cache",
+    "kv_decode_exact",
+    "step_tokens",
+]
 
 _CACHE_MODES = ("recurrent", "kv", "recompute")
 
@@ -37,8 +45,13 @@ def decode_mode(caps: Capabilities) -> str | None:
       whole cache with a bottom-right aligned causal mask.
     * ``"recompute"`` (``caps.causal`` only): queries, keys and values of every position are
       cached and the causal core runs over the whole prefix; only the new rows are kept. Exact
-      for any variant without future leakage, at O(prefix) cost per step.
+      for any variant whose causal rows do not depend on the total length
+      (``caps.decode``), at O(prefix) cost per step.
+
+    None when ``caps.decode`` is False (a causal row depends on the total length N).
     """
+    if not caps.decode:
+        return None
     if caps.recurrent:
         return "recurrent"
     if caps.causal_cross:
@@ -149,6 +162,7 @@ def init_cache(attn: Attention, batch: int, mode: str | None) -> AttentionCache:
             f"init_cache needs a causal Attention (build it with causal=True); this {attn.variant!r} module is not"
         )
     caps = attn.core.capabilities
+    attn.core.check_decoding()
     mode = decode_mode(caps) if mode is None else mode
     if mode not in _CACHE_MODES:
         raise ValueError(f"cache mode must be one of {_CACHE_MODES} or None, got {mode!r}")
@@ -193,18 +207,32 @@ def _check_call(
     return cache
 
 
-def _step_recurrent(attn: Attention, q: Tensor, k: Tensor, v: Tensor, cache: AttentionCache) -> Tensor:
-    """The variant's recurrent ``step`` over the N new tokens, one at a time -> (B, H, N, Dv)."""
-    k, v = attn._repeat_kv(k, v, always=True)  # a recurrent step takes one key/value head per query head
-    state = cache.state
-    if state is None:
-        raise ValueError("recurrent cache has no state; make caches with Attention.init_cache()")
+def step_tokens(
+    core: AttentionCore, q: Tensor, k: Tensor, v: Tensor, state: dict[str, Tensor]
+) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """The core's recurrent ``step`` over N tokens, one at a time: q (B, H, N, D), k (B, H_kv, N, D),
+    v (B, H_kv, N, Dv) and the state after the earlier tokens -> (out (B, H, N, Dv) or None when
+    N = 0, the state after these tokens). Key/value heads are repeated to the query heads (a
+    recurrent step takes one per query head)."""
+    g = q.shape[1] // k.shape[1]
+    if g > 1:
+        k, v = repeat_kv(k, g), repeat_kv(v, g)
     outs = []
     for t in range(q.shape[2]):
-        o, state = attn.core.step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
+        o, state = core.step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
         outs.append(o)
-    cache.state = state
-    return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+    if not outs:
+        return None, state
+    return (torch.cat(outs, 2) if len(outs) > 1 else outs[0]), state
+
+
+def _step_recurrent(attn: Attention, q: Tensor, k: Tensor, v: Tensor, cache: AttentionCache) -> Tensor:
+    """The variant's recurrent ``step`` over the N new tokens, one at a time -> (B, H, N, Dv)."""
+    if cache.state is None:
+        raise ValueError("recurrent cache has no state; make caches with Attention.init_cache()")
+    out, cache.state = step_tokens(attn.core, q, k, v, cache.state)
+    assert out is not None
+    return out
 
 
 def _cache_mask(
@@ -227,6 +255,25 @@ def _cache_mask(
             f"(B, cache.length + N) = ({b}, {total}); got {', '.join(other)}"
         )
     return am
+
+
+def _window_rows(
+    attn: Attention, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, n: int
+) -> tuple[Tensor, Tensor, Tensor, AttentionMask]:
+    """A ``recompute`` call of a core with a :meth:`AttentionCore.causal_reach` r (``local``): the N new
+    rows read only the last N + r positions, so q, k, v (all M positions) and the causal mask shrink
+    to them, O((N + r) · r) per call whatever M. Unchanged where the core reads the whole prefix or
+    a modifier edits the scores (a score edit may read absolute positions)."""
+    reach = attn.core.causal_reach()
+    total = k.shape[2]
+    if reach is None or total <= n + reach or attn.modifiers.changes_attention(attn.training):
+        kp = key_padding_mask
+        lo = 0
+    else:
+        lo = total - n - reach
+        q, k, v = q[:, :, lo:], k[:, :, lo:], v[:, :, lo:]
+        kp = None if key_padding_mask is None else key_padding_mask[:, lo:]
+    return q, k, v, _cache_mask(attn, None, kp, q.shape[0], total - lo, total - lo, q.device)
 
 
 def _forward_tokens_cached(
@@ -325,6 +372,8 @@ def forward_cached(
                 )
             kpos = torch.arange(total, device=x.device)
             rotary = RotaryCall(attn.rope.base, kpos[-q.shape[2] :], kpos)
+        if cache.mode == "recompute" and mask is None and rotary is None and attn.core.causal_reach() is not None:
+            q, kk, vv, am = _window_rows(attn, q, kk, vv, key_padding_mask, n)
         kr, vr = attn._repeat_kv(kk, vv)
         res = attn._attend(q, kr, vr, am, rotary=rotary, need_importance=return_extras)
         if return_extras and need_weights:  # a second call: the output keeps the variant's fast path, bit for bit
@@ -346,14 +395,13 @@ def kv_decode_exact(core: AttentionCore) -> bool:
     """Whether ``core`` attending from N new queries to M >= N cached keys (causal, bottom-right
     aligned) gives exactly the last N rows of its causal forward over all M positions.
 
-    True for an ``exact`` variant with ``causal_cross`` and no pattern of its own
-    (:meth:`AttentionCore.implied_mask` None): exact softmax over the allowed keys is row-wise. A
-    variant whose pattern or learned gate is laid out over the positions (block_sparse's layouts,
-    seer's pooled blocks) places it differently for N new rows than for the whole sequence, and
-    others are not known to be row-wise: they decode exactly by recomputing over the prefix.
+    True for a variant with ``causal_cross`` that decodes (``capabilities.decode`` and no
+    :meth:`AttentionCore.decoding_error`): ``causal_cross`` promises exactly these rows (a pattern
+    laid out over positions, like block_sparse's, is placed at the queries' positions M - N + i),
+    and the decoding conformance suite checks it for every such variant. The others decode
+    exactly by recomputing over the prefix.
     """
-    caps = core.capabilities
-    return caps.causal_cross and caps.exact and core.implied_mask(2, 3) is None
+    return core.capabilities.causal_cross and core.decoding_error() is None
 
 
 def attend_new_queries(
@@ -374,7 +422,11 @@ def attend_new_queries(
     ``prefix_queries``), the new queries attend directly (bottom-right aligned causal mask, the
     ``"kv"`` decode mode). Otherwise the core needs the queries of the M - N earlier positions,
     ``prefix_queries`` (B, H, M - N, D): it runs over the whole prefix and keeps the new rows (the
-    ``"recompute"`` mode), which equals recomputing the sequence from scratch.
+    ``"recompute"`` mode), which equals recomputing the sequence from scratch. A core with a
+    :meth:`AttentionCore.causal_reach` r (``local``) given no ``prefix_queries`` needs neither: its
+    new rows read only the last N + r keys, over which it runs alone (placeholder queries for the
+    earlier positions, whose rows are dropped), O((N + r) · r) whatever M (not with
+    ``need_weights``, which are over all M keys).
     ``key_padding_mask`` (B, M): True = real key. Key/value heads are repeated for a core without
     grouped-query support. Returns the core's :class:`CoreOutput` for the N new rows.
     """
@@ -386,7 +438,15 @@ def attend_new_queries(
         raise UnsupportedError(f"variant {core.name!r} does not support causal=True")
     if m < n:
         raise ValueError(f"attend_new_queries needs at least as many keys as queries, got N={n}, M={m}")
+    if m > n:
+        core.check_decoding()
     direct = kv_decode_exact(core) or (caps.causal_cross and prefix_queries is None)
+    reach = None if direct or n == m or need_weights or prefix_queries is not None else core.causal_reach()
+    if reach is not None:  # only the last n + reach keys matter; placeholder queries before the new ones
+        m = min(m, n + reach)
+        k, v = k[:, :, -m:], v[:, :, -m:]
+        key_padding_mask = None if key_padding_mask is None else key_padding_mask[:, -m:]
+        prefix_queries = q.new_zeros(b, h, m - n, q.shape[3])
     if n != m and not direct:
         if prefix_queries is None or tuple(prefix_queries.shape) != (b, h, m - n, q.shape[3]):
             raise UnsupportedError(

@@ -48,6 +48,12 @@ class Capabilities:
         permutation_equivariant: without masks and ``causal``, permuting the tokens permutes
             the output (no positional structure inside the variant).
         recurrent: has a recurrent ``step`` form for causal decoding.
+        decode: incremental causal decoding (:meth:`attnlib.Attention.init_cache`, a framework's
+            cache) equals recomputing the whole causal sequence: the causal row of position i
+            depends on positions <= i only, not on the total length N. Left unset it follows
+            ``causal``; a causal variant whose rows depend on N declares ``decode=False``, and a
+            core whose *options* make them depend on N says so in
+            :meth:`AttentionCore.decoding_error` (decoding then raises UnsupportedError).
         importance: reports ``importance`` (attention mass each key receives) through
             ``return_extras`` - what token pruning (:mod:`attnlib.pruning`) ranks tokens by.
             False unless declared, like every capability.
@@ -73,10 +79,17 @@ class Capabilities:
     gqa: bool = False
     permutation_equivariant: bool = False
     recurrent: bool = False
+    decode: bool | None = None  # None: same as ``causal`` (set in __post_init__)
     importance: bool = False
     score_mod: bool = False
     family: str = ""
     paper: str = ""
+
+    def __post_init__(self) -> None:
+        if self.decode is None:
+            object.__setattr__(self, "decode", self.causal)
+        if self.decode and not self.causal:
+            raise ValueError("Capabilities(decode=True) needs causal=True")
 
     def supports(self, kind: str) -> bool:
         """Whether the mask kind (as in :meth:`AttentionMask.kinds`) is supported."""

@@ -2,18 +2,21 @@
 
 Each arm trains ``experiment=vit_digits`` with no warmup (the setting where the paper reports
 entropy collapse and instability for the baseline) for ``--steps`` steps at each learning rate,
-with and without ``model.sigma_reparam=true`` (every Linear and the patch convolution); the
+with and without ``model.sigma_reparam=true`` (every Linear and the patch convolution), under
+each weight initialisation in ``--inits`` and each seed in ``--seeds``; the
 training loop logs the mean attention entropy (``attn_entropy``, sampled query rows) every 20
 steps. Writes benchmarks/results/sigma_reparam_lr_sweep.{md,json,png}.
 
-    python benchmarks/sigma_reparam_lr_sweep.py
-    python benchmarks/sigma_reparam_lr_sweep.py --steps 100 --lrs 1e-3 3e-2   # a quick look
+    python benchmarks/sigma_reparam_lr_sweep.py --jobs 2
+    python benchmarks/sigma_reparam_lr_sweep.py --steps 100 --lrs 1e-3 3e-2 --seeds 0   # a quick look
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 import tempfile
 import time
@@ -26,11 +29,16 @@ from _runs import load_avg, metric_series, run_configs
 ARMS = {"baseline": [], "sigma_reparam": ["model.sigma_reparam=true"]}
 
 
+def _cell(records: list[dict], key: str) -> list[float]:
+    return [r[key] for r in records if r.get(key) is not None]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lrs", nargs="*", type=float, default=[1e-3, 3e-3, 1e-2, 3e-2])
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lrs", nargs="*", type=float, default=[1e-3, 1e-2, 3e-2])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    p.add_argument("--inits", nargs="*", default=["gpt2", "fan_in"], help="model.init schemes (both arms)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes (one thread each)")
     p.add_argument("--out", default=str(RESULTS / "sigma_reparam_lr_sweep"))
     args = p.parse_args()
@@ -45,15 +53,20 @@ def main() -> None:
         "trainer.progress=false",
         "trainer.tensorboard=false",
         "trainer.threads=1",
-        f"seed={args.seed}",
     ]
-    cells = [(lr, arm) for lr in args.lrs for arm in ARMS]
-    runs = [([*base, f"trainer.lr={lr}", *ARMS[arm]], work / f"{arm}_{lr:g}") for lr, arm in cells]
+    cells = [(init, lr, arm, seed) for init in args.inits for lr in args.lrs for arm in ARMS for seed in args.seeds]
+    runs = [
+        ([*base, f"seed={seed}", f"model.init={init}", f"trainer.lr={lr}", *ARMS[arm]],
+         work / f"{init}_{arm}_{lr:g}_{seed}")
+        for init, lr, arm, seed in cells
+    ]  # fmt: skip
     records = []
-    for (lr, arm), (_, run), res in zip(cells, runs, run_configs(runs, args.jobs)):
+    for (init, lr, arm, seed), (_, run), res in zip(cells, runs, run_configs(runs, args.jobs)):
         rec = {
+            "init": init,
             "arm": arm,
             "lr": lr,
+            "seed": seed,
             "test_accuracy": res.get("test_accuracy"),
             "test_loss": res.get("test_loss"),
             "diverged": res.get("diverged"),
@@ -73,25 +86,37 @@ def main() -> None:
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
     plot(records, Path(args.out + ".png"))
     rows = []
-    for r in records:
-        ent = [v for _, v in r["entropy"]]
-        rows.append([
-            r["arm"], f"{r['lr']:g}",
-            "diverged" if r["diverged"] else f"{r['test_accuracy']:.4f}",
-            f"{ent[0]:.3f}" if ent else "-", f"{min(ent):.3f}" if ent else "-", f"{ent[-1]:.3f}" if ent else "-",
-            f"{r['loss'][-1][1]:.3f}" if r["loss"] else "-",
-        ])  # fmt: skip
-    head = ["arm", "lr", "test acc", "entropy first log", "entropy min", "entropy last", "train loss last"]
+    for init in args.inits:
+        for lr in args.lrs:
+            for arm in ARMS:
+                rs = [r for r in records if (r["init"], r["lr"], r["arm"]) == (init, lr, arm)]
+                acc = [0.0 if r["diverged"] else r["test_accuracy"] for r in rs]
+                ent_min = [min(v for _, v in r["entropy"]) for r in rs if r["entropy"]]
+                ent_last = [r["entropy"][-1][1] for r in rs if r["entropy"]]
+                loss_last = [r["loss"][-1][1] for r in rs if r["loss"]]
+                rows.append([
+                    init, arm, f"{lr:g}", f"{statistics.median(acc):.3f}",
+                    " / ".join(f"{a:.3f}" for a in acc), sum(bool(r["diverged"]) for r in rs),
+                    _med(ent_min), _med(ent_last), _med(loss_last),
+                ])  # fmt: skip
+    head = ["init", "arm", "lr", "test acc (median)", "test acc per seed", "diverged",
+            "entropy min (median)", "entropy last (median)", "train loss last (median)"]  # fmt: skip
     m = meta["machine"]
+    loads = [r["load_avg"][0] for r in records]
     text = (
         "# sigmaReparam vs baseline over a learning-rate sweep (ViT on digits)\n\n"
-        f"`attnlib-train {' '.join(base)} trainer.lr=<lr> [model.sigma_reparam=true]`: {args.steps} steps, no "
-        "warmup, otherwise the vit_digits experiment (AdamW, weight decay 0.05, grad clip 1, cosine decay). "
+        f"`attnlib-train {' '.join(base)} seed=<seed> model.init=<init> trainer.lr=<lr> "
+        f"[model.sigma_reparam=true]`: {args.steps} steps, no warmup, otherwise the vit_digits experiment "
+        "(AdamW, weight decay 0.05 on matrices - not on gamma -, grad clip 1, cosine decay, LayerNorm kept). "
         "Entropy: mean attention entropy over layers, heads and 16 sampled query rows (nats; uniform over the 17 "
-        f"tokens = {__import__('math').log(17):.3f}), logged every 20 steps. One seed per cell.\n\n"
+        f"tokens = {math.log(17):.3f}), logged every 20 steps. Seeds {args.seeds} per cell; medians over seeds.\n\n"
+        "`init`: `gpt2` is a truncated normal with std 0.02 (at width 64 every reparametrised weight starts "
+        "with spectral norm about 0.3, so gamma starts there); `fan_in` is PyTorch's Linear default "
+        "(uniform within 1/sqrt(fan_in); spectral norm about 1-1.5 at init, the scale the official ViT-B "
+        "recipe starts its gammas at with std 0.02 at width 768). See docs/modifiers.md (sigmaReparam).\n\n"
         f"Machine: `{m['cpu']}`, 1 thread per run, {args.jobs} run(s) in parallel, torch {m['torch']}, "
-        f"commit {m['commit']}; a shared machine "
-        f"(load average after each run in the json). Date {meta['date']}. Command: `{meta['command']}`.\n\n"
+        f"commit {m['commit']}; a shared machine, 1-minute load average {min(loads):.2f}-{max(loads):.2f} "
+        f"after the runs (each in the json). Date {meta['date']}. Command: `{meta['command']}`.\n\n"
         + markdown_table(head, rows)
         + f"\n\n![entropy curves and accuracy]({Path(args.out).name}.png)\n"
     )
@@ -99,36 +124,50 @@ def main() -> None:
     print(text)
 
 
+def _med(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.3f}" if xs else "-"
+
+
 def plot(records: list[dict], path: Path) -> None:
-    """Entropy curves (one panel per arm, one line per lr) and final accuracy vs lr."""
+    """Entropy curves (one panel per init x arm, one line per lr, first seed) and median accuracy vs lr."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    inits = list(dict.fromkeys(r["init"] for r in records))
+    fig, axes = plt.subplots(len(inits), 3, figsize=(15, 4 * len(inits)), squeeze=False)
     lrs = sorted({r["lr"] for r in records})
+    seed0 = min(r["seed"] for r in records)
     colors = plt.cm.viridis([i / max(len(lrs) - 1, 1) for i in range(len(lrs))])
-    for ax, arm in zip(axes[:2], ARMS):
-        for lr, c in zip(lrs, colors):
-            r = next((x for x in records if x["arm"] == arm and x["lr"] == lr), None)
-            if r and r["entropy"]:
-                s, v = zip(*r["entropy"])
-                ax.plot(s, v, color=c, label=f"lr {lr:g}" + (" (diverged)" if r["diverged"] else ""))
-        ax.set_title(f"{arm}: mean attention entropy")
-        ax.set_xlabel("step")
-        ax.set_ylabel("entropy (nats)")
-        ax.legend(fontsize=8)
-    for arm, style in zip(ARMS, ("o-", "s--")):
-        pts = [(r["lr"], r["test_accuracy"] or 0.0) for r in records if r["arm"] == arm]
-        if pts:
-            x, y = zip(*sorted(pts))
-            axes[2].plot(x, y, style, label=arm)
-    axes[2].set_xscale("log")
-    axes[2].set_xlabel("learning rate")
-    axes[2].set_ylabel("test accuracy (diverged = 0)")
-    axes[2].set_title("final test accuracy")
-    axes[2].legend()
+    for row, init in zip(axes, inits):
+        for ax, arm in zip(row[:2], ARMS):
+            for lr, c in zip(lrs, colors):
+                r = next(
+                    (x for x in records if (x["init"], x["arm"], x["lr"], x["seed"]) == (init, arm, lr, seed0)), None
+                )
+                if r and r["entropy"]:
+                    s, v = zip(*r["entropy"])
+                    ax.plot(s, v, color=c, label=f"lr {lr:g}" + (" (diverged)" if r["diverged"] else ""))
+            ax.set_title(f"init {init}, {arm}: mean attention entropy (seed {seed0})")
+            ax.set_xlabel("step")
+            ax.set_ylabel("entropy (nats)")
+            ax.legend(fontsize=8)
+        for arm, style in zip(ARMS, ("o-", "s--")):
+            pts = []
+            for lr in lrs:
+                acc = [0.0 if r["diverged"] else r["test_accuracy"] for r in records
+                       if (r["init"], r["arm"], r["lr"]) == (init, arm, lr)]  # fmt: skip
+                if acc:
+                    pts.append((lr, statistics.median(acc)))
+            if pts:
+                x, y = zip(*pts)
+                row[2].plot(x, y, style, label=arm)
+        row[2].set_xscale("log")
+        row[2].set_xlabel("learning rate")
+        row[2].set_ylabel("median test accuracy (diverged = 0)")
+        row[2].set_title(f"init {init}: final test accuracy")
+        row[2].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -284,3 +284,17 @@ def test_cpu_path_key_blocks_going_down_and_multi_query() -> None:
         assert_close(out, ref)
         for got, want in zip(_grads(out, qkv), _grads(ref, qkv)):
             assert_close(got, want)
+
+
+def test_score_mod_path_keeps_causal_and_key_lengths() -> None:
+    """The PyTorch score_mod path applies ``causal`` and ``kv_lengths`` like the plain path."""
+    from attnlib.testing import make_qkv
+
+    q, k, v = make_qkv(2, 2, 40, 16, m=40, dtype=torch.float64, logit_scale=2.0, seed=11)
+    bm = BlockMask.from_dense(torch.ones(1, 1, 40, 40, dtype=torch.bool), 16)
+    kvl = torch.tensor([40, 23])
+    plain = block_sparse_attention(q, k, v, bm, causal=True, kv_lengths=kvl, backend="torch")
+    modded = block_sparse_attention(
+        q, k, v, bm, causal=True, kv_lengths=kvl, backend="torch", score_mod=lambda s, b, h, i, j: s
+    )
+    torch.testing.assert_close(modded, plain, rtol=0, atol=1e-12)

@@ -131,3 +131,34 @@ def test_entmax_variant() -> None:
     near = cls(num_heads=4, head_dim=8, alpha=1.001).double()
     err = float((near(q, k, v, am).out - reference_attention(q, k, v, causal=True)).abs().max())
     assert err < 5e-3, err
+
+
+@pytest.mark.parametrize(("block", "steps"), [(4, 30), (8, 1), (64, 30), (4, 0)])
+def test_entmax15_sort_free_threshold_equals_sorted_formula(monkeypatch, block: int, steps: int) -> None:
+    """The sort-free threshold (block-maxima bound, Newton steps, closed form on the support; rows
+    left over are sorted) equals the package's sort-based 1.5-entmax: dense and sparse rows, tied,
+    partly and fully masked rows, in float64 and float32."""
+    import attnlib.functional.entmax as fe
+
+    monkeypatch.setattr("attnlib.dispatch.ENTMAX_SORT_MAX_N", 0)  # short rows would be sorted
+    monkeypatch.setattr(fe, "ENTMAX15_BLOCK", block)
+    monkeypatch.setattr(fe, "ENTMAX15_NEWTON_STEPS", steps)
+    g = torch.Generator().manual_seed(11)
+    scale = torch.tensor([0.05, 0.3, 1.0, 3.0, 10.0, 1.0], dtype=torch.float64).view(6, 1, 1)
+    x = torch.randn(6, 43, 17, generator=g, dtype=torch.float64) * scale
+    x[5, :5, :9] = float("-inf")
+    x[5, :, 7] = float("-inf")
+    x[4, :, 3] = 0.25  # a row of ties
+    x[4, :20, 4] = 2.0  # ties at the top
+    z = x.clone().requires_grad_()
+    p = entmax15(z, 1)
+    want = ref_pkg.entmax15(x.nan_to_num(neginf=-1e30), 1)
+    want[5, :, 7] = 0.0
+    torch.testing.assert_close(p, want, rtol=0, atol=1e-14)
+    assert torch.equal(p[5, :, 7], torch.zeros_like(p[5, :, 7]))
+    assert torch.equal(p == 0, want == 0), "the same support"
+    support = (want > 0).sum(1)
+    assert support[:5].min() == 1 and support.max() == 43, "one-hot to dense rows"
+    p.square().sum().backward()
+    assert torch.isfinite(z.grad).all()
+    torch.testing.assert_close(entmax15(x.float(), 1), want.float(), rtol=0, atol=2e-6)

@@ -3,6 +3,7 @@ every causal variant decodes with transformers' cache exactly as without it."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -28,11 +29,16 @@ from transformers import (  # noqa: E402
 hfa.register()
 VOCAB = 64
 CAUSAL = [v for v in attnlib.available() if attnlib.variant_info(v).causal]
-# causal variants whose rows depend on the sequence length (not on later tokens): a key/value
-# cache of any framework cannot equal recomputation for them (the earlier layers' keys were
-# computed at a shorter length). cosformer is prefix-stable with max_len (below).
-LENGTH_DEPENDENT = {"sparsifiner", "swinbert_mask"}
-DECODE_KWARGS = {"cosformer": {"max_len": 64}}
+
+
+def _fast(variant: str) -> bool:
+    """Whether the variant decodes on transformers' cache in O(1) per token: a recurrent state, or a window."""
+    cls = attnlib.registry.get_variant(variant)
+    core = cls(num_heads=4, head_dim=8, **cls.decoding_kwargs())
+    return cls.capabilities.decode and (cls.capabilities.recurrent or core.causal_reach() is not None)
+
+
+FAST = [v for v in CAUSAL if _fast(v)]
 
 
 def _pair(cls, cfg, seed: int = 0):
@@ -44,12 +50,20 @@ def _pair(cls, cfg, seed: int = 0):
     return ref, ours
 
 
-def _llama_cfg() -> LlamaConfig:
+def _model(variant: str, layers: int = 2, **kwargs):
+    """A random-init Llama (GQA) on the attnlib backend with ``variant`` in every layer (no sdpa twin)."""
+    torch.manual_seed(0)
+    cfg = _llama_cfg(layers)
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation="attnlib").eval()
+    return hfa.set_variant(model, variant, **kwargs)
+
+
+def _llama_cfg(layers: int = 2) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,  # grouped-query attention
         max_position_embeddings=64,
@@ -70,19 +84,20 @@ def _padding(side: str, b: int = 2, n: int = 9, pad: int = 3) -> torch.Tensor:
     return am
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_softmax_equals_sdpa_decoders(arch, side):
+def test_softmax_equals_sdpa_decoders(arch):
     if arch == "llama":
         ref, ours = _pair(LlamaForCausalLM, _llama_cfg())
     else:
         cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0)
         ref, ours = _pair(GPT2LMHeadModel, cfg)
-    ids, am = _ids(), _padding(side)
-    with torch.no_grad():
-        a, b = ref(ids, attention_mask=am).logits, ours(ids, attention_mask=am).logits
-    real = am.bool()[..., None]
-    assert torch.allclose(a * real, b * real, atol=2e-6)
+    ids = _ids()
+    for side in ("left", "right"):
+        am = _padding(side)
+        with torch.no_grad():
+            a, b = ref(ids, attention_mask=am).logits, ours(ids, attention_mask=am).logits
+        real = am.bool()[..., None]
+        assert torch.allclose(a * real, b * real, atol=2e-6), side
 
 
 def test_softmax_equals_sdpa_bert_and_vit():
@@ -107,9 +122,7 @@ def test_softmax_equals_sdpa_bert_and_vit():
 
 @pytest.mark.parametrize("variant", CAUSAL)
 def test_causal_variant_in_llama(variant):
-    _, model = _pair(LlamaForCausalLM, _llama_cfg())
-    kwargs = attnlib.registry.get_variant(variant).conformance_kwargs() | DECODE_KWARGS.get(variant, {})
-    hfa.set_variant(model, variant, **kwargs)
+    model = _model(variant, **attnlib.registry.get_variant(variant).decoding_kwargs())
     ids = _ids()
     with torch.no_grad():
         full = model(ids).logits
@@ -123,21 +136,84 @@ def test_causal_variant_in_llama(variant):
         padded = model(ids, attention_mask=am).logits
         alone = model(ids[:1, :6]).logits
         assert torch.allclose(padded[0, :6], alone[0], atol=1e-5)
-    if variant in LENGTH_DEPENDENT:
-        return
-    # generate with transformers' cache equals recomputing the prefix
     kw = {"max_new_tokens": 4, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    if not attnlib.variant_info(variant).decode:  # rows depend on the sequence length: the cache refuses
+        with pytest.raises(UnsupportedError, match="decode"):
+            model.generate(ids, use_cache=True, **kw)
+        return
+    # generate with transformers' cache equals recomputing the prefix: one forward over the generated
+    # sequence gives every step's logits (what generate(use_cache=False) computes, at a quarter of the cost)
     g1 = model.generate(ids, use_cache=True, **kw)
-    g2 = model.generate(ids, use_cache=False, **kw)
-    assert torch.equal(g1.sequences, g2.sequences)
-    for x, y in zip(g1.logits, g2.logits):
-        assert torch.allclose(x, y, atol=1e-5)
+    with torch.no_grad():
+        recomputed = model(g1.sequences[:, :-1]).logits[:, ids.shape[1] - 1 :]
+    assert torch.equal(g1.sequences[:, ids.shape[1] :], recomputed.argmax(-1))
+    for i, x in enumerate(g1.logits):
+        assert torch.allclose(x, recomputed[:, i], atol=1e-5)
+    if variant in FAST:  # the O(1) step (recurrent state / window) against recomputing over the prefix
+        _fast_decode(model, False)
+        g3 = model.generate(ids, use_cache=True, **kw)
+        assert torch.equal(g1.sequences, g3.sequences)
+        for x, y in zip(g1.logits, g3.logits):
+            assert torch.allclose(x, y, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["softmax", "linear", "flow"])
+def _fast_decode(model, on: bool) -> None:
+    for layer in hfa.attention_layers(model):
+        layer.attnlib_fast_decode = on
+
+
+@pytest.mark.parametrize("variant", FAST)
+def test_decoding_step_cost_does_not_grow_with_the_prefix(variant):
+    """On transformers' cache a decoding step of a recurrent variant makes one recurrent step per layer
+    and no parallel call, local attends over window + 1 keys: the same work (FLOPs, step calls, keys
+    read) after 6 and after 14 tokens; switched off, the step recomputes over the prefix."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _model(variant, layers=1, **attnlib.registry.get_variant(variant).decoding_kwargs())
+    layers = hfa.attention_layers(model)
+    seen: dict[str, list[int]] = {"steps": [], "keys": []}
+    for layer in layers:
+        core = layer.attnlib_core
+        core.register_forward_pre_hook(lambda mod, args: seen["keys"].append(args[1].shape[2]))
+        if core.capabilities.recurrent:
+            step = core.step
+            core.step = lambda *a, _s=step: seen["steps"].append(1) or _s(*a)
+
+    def step_cost(prefix: int, count_flops: bool = True) -> dict:
+        ids = _ids(n=prefix + 2)
+        with torch.no_grad():
+            cache = model(ids[:, :prefix], use_cache=True).past_key_values
+            model(ids[:, prefix : prefix + 1], past_key_values=cache, use_cache=True)  # first step (builds the state)
+            seen["steps"].clear(), seen["keys"].clear()
+            with FlopCounterMode(display=False) if count_flops else contextlib.nullcontext() as flops:
+                model(ids[:, prefix + 1 :], past_key_values=cache, use_cache=True)
+        held = layers[0].__dict__.get("_attnlib_state")
+        return {
+            "flops": flops.get_total_flops() if count_flops else None,
+            "steps": len(seen["steps"]),
+            "keys read": list(seen["keys"]),
+            "state size": 0 if held is None else sum(t.numel() for t in held.state.values()),
+        }
+
+    short, long = step_cost(6), step_cost(14)
+    if short["state size"] != long["state size"]:  # a state that grows by design (aft_full keeps every key)
+        for cost in (short, long):
+            del cost["flops"], cost["state size"]
+    assert short == long, f"{variant}: a step after 6 tokens costs {short}, after 14 {long}"
+    if attnlib.variant_info(variant).recurrent:
+        assert short["steps"] == len(layers) and short["keys read"] == []  # one step per layer, no parallel call
+    else:
+        assert short["steps"] == 0 and len(short["keys read"]) == len(layers)
+    _fast_decode(model, False)
+    assert step_cost(6, False)["keys read"] != step_cost(14, False)["keys read"]  # recomputation reads the prefix
+
+
+@pytest.mark.parametrize("variant", ["softmax", "linear", "local"])
 def test_generate_left_padded_batch(variant):
+    """Left padding: exact attention (softmax), a recurrent variant (recomputes: its step takes no
+    mask) and a window (the padding mask sliced with the keys)."""
     ref, model = _pair(LlamaForCausalLM, _llama_cfg())
-    hfa.set_variant(model, variant)
+    hfa.set_variant(model, variant, **attnlib.registry.get_variant(variant).decoding_kwargs())  # local: window 3
     ids, am = _ids(), _padding("left")
     kw = {"max_new_tokens": 3, "do_sample": False, "attention_mask": am}
     seq = model.generate(ids, use_cache=True, **kw)
@@ -213,3 +289,13 @@ def test_set_variant_needs_the_backend_and_beam_search_is_refused():
     hfa.set_variant(model, "linear")
     with pytest.raises(UnsupportedError, match="beam search"):
         model.generate(_ids(), max_new_tokens=3, num_beams=2, do_sample=False)
+
+
+@pytest.mark.parametrize(("variant", "kwargs"), [("cosformer", {}), ("seer", {"block_size": 4, "gate_dim": 8})])
+def test_options_that_cannot_decode_refuse_on_the_framework_cache(variant, kwargs):
+    """cosformer without max_len and seer's official (length-dependent) selection raise on a cached
+    decoding step instead of giving a result that differs from recomputation."""
+    _, model = _pair(LlamaForCausalLM, _llama_cfg())
+    hfa.set_variant(model, variant, **kwargs)
+    with pytest.raises(UnsupportedError, match="decode"):
+        model.generate(_ids(), use_cache=True, max_new_tokens=2, do_sample=False)

@@ -9,6 +9,7 @@ import torch
 
 import attnlib
 from attnlib.functional.kernelized import (
+    clipped_offset_bias,
     draw_random_features,
     fourier_mixing,
     kernelized_rpe_attention,
@@ -375,3 +376,23 @@ def test_dense_and_fft_forms_agree_and_auto_picks_dense_for_short_sequences() ->
         assert all(torch.equal(a, b) for a, b in zip(auto, want))
     with pytest.raises(ValueError, match="method"):
         kernelized_rpe_attention(q, k, v, bias, w, method="direct")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("reach", [0, 3, 20, 150])
+@pytest.mark.parametrize("causal", [False, True])
+def test_clipped_bias_windows_and_running_sums_equal_dense_form(reach: int, causal: bool) -> None:
+    """A bias clipped beyond ±R: row blocks read their window of keys densely and the rest through
+    running sums at the constant weight; equal to the dense Toeplitz form (values and importance),
+    with key padding and per-head biases."""
+    from attnlib.functional.kernelized import _constant_reach
+
+    n = 100
+    q, k, v, _, w = rpe_inputs(2, 3, n, 8, seed=reach)
+    table = torch.randn(3, 2 * reach + 1, generator=torch.Generator().manual_seed(9), dtype=F64)
+    bias = clipped_offset_bias(table, n, reach)
+    assert _constant_reach(bias) == (min(reach, n - 1), min(reach, n - 1))
+    kp = key_padding(2, n)
+    out, imp = kernelized_rpe_attention(q, k, v, bias, w, causal=causal, key_padding=kp, return_importance=True)
+    ref, weights = kernelized_rpe_reference(q, k, v, bias, w, causal=causal, key_padding=kp)
+    assert_close(out, ref, atol=1e-12, name="out")
+    assert_close(imp, weights.mean(2), atol=1e-13, name="importance")

@@ -238,7 +238,7 @@ def test_frontend_matches_dft_definition() -> None:
 
 # -- incremental decoding ------------------------------------------------------------------------
 
-CAUSAL_VARIANTS = [n for n in attnlib.available() if attnlib.variant_info(n).causal]
+CAUSAL_VARIANTS = [n for n in attnlib.available() if attnlib.variant_info(n).decode]  # causal and decodes
 
 
 def _decode_equals_full(variant: str, kwargs: dict | None = None, *, gqa: int | None = None) -> str:

@@ -395,3 +395,55 @@ def test_unbalanced_marginals_and_wrong_mask_shapes_raise() -> None:
         ipot(c, torch.full((4,), 0.5, dtype=torch.float64))  # b defaults to uniform (mass 1)
     with pytest.raises(ValueError, match=r"a_mask must have shape \(4,\)"):
         sinkhorn(c, a_mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_exp_domain_ipot_equals_log_domain_and_falls_back_on_underflow() -> None:
+    """IPOT's exp-domain steps (GOT's code; the solver of the whole-matrix paths) give the
+    log-domain plan and gradients, under padding masks; where exp(-C / beta) would lose a whole
+    row to underflow the log domain takes over."""
+    from attnlib.functional.ot import _ipot_exp, _ipot_log, _Problem, _solve
+
+    g = torch.Generator().manual_seed(5)
+    cost = (torch.rand(3, 9, 7, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    am = torch.ones(3, 9, dtype=torch.bool)
+    bm = torch.ones(3, 7, dtype=torch.bool)
+    am[1, 6:] = False
+    bm[2, :2] = False
+    pb = _Problem(cost, None, None, am, bm, "test")
+    fast = _ipot_exp(pb, pb.cost, 0.5, 30)
+    assert fast is not None
+    slow = pb.plan(_ipot_log(pb, pb.cost, 0.5, 30, 1))
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-14)
+    w = torch.randn(3, 9, 7, generator=g, dtype=torch.float64)
+    (ga,) = torch.autograd.grad((fast * w).sum(), cost)
+    (gb,) = torch.autograd.grad((slow * w).sum(), cost)
+    torch.testing.assert_close(ga, gb, rtol=1e-8, atol=1e-12)
+    assert fast[1, 6:].abs().sum() == 0 and fast[2, :, :2].abs().sum() == 0
+    # float32, costs x 50 and beta 0.01: exp(-C / beta) underflows, the log domain answers
+    c32, _, _ = problem(9, 7, 8)
+    pb32 = _Problem(t(c32).float() * 50, None, None, None, None, "test")
+    assert _ipot_exp(pb32, pb32.cost, 0.01, 100) is None
+    plan = _solve(pb32, pb32.cost, "ipot", 0.01, 0.05, 100)
+    assert torch.isfinite(plan).all()
+    torch.testing.assert_close(plan, pb32.plan(_ipot_log(pb32, pb32.cost, 0.01, 100, 1)), rtol=0, atol=0)
+
+
+def test_got_loss_solved_a_few_examples_at_a_time_equals_all_at_once(monkeypatch) -> None:
+    """Long sequences solve the regulariser's examples in groups (peak memory); loss, plans and
+    gradients equal the single batched solve, with padding and two leading dims."""
+    from attnlib.functional.ot import got_loss
+
+    x, y = feats(6, 7, 5, 20).reshape(2, 3, 7, 5), feats(6, 6, 5, 21).reshape(2, 3, 6, 5)
+    xm = torch.ones(2, 3, 7, dtype=torch.bool)
+    xm[1, 2, 5:] = False
+
+    def run() -> tuple[torch.Tensor, ...]:
+        xg = x.clone().requires_grad_(True)
+        loss, t_w, t_g = got_loss(xg, y, x_mask=xm, return_plans=True)
+        (grad,) = torch.autograd.grad(loss, xg)
+        return loss, t_w, t_g, grad
+
+    whole = run()
+    monkeypatch.setattr("attnlib.dispatch.ROW_BLOCK_ELEMENTS", 2 * 7 * 6)  # two examples per group
+    for got, want in zip(run(), whole, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-13)

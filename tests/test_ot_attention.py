@@ -223,6 +223,7 @@ def test_blocked_path_equals_the_whole_matrix(monkeypatch: pytest.MonkeyPatch, w
 
     whole = run(False)
     monkeypatch.setattr("attnlib.dispatch.ROW_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr("attnlib.dispatch.OT_WHOLE_MATRIX_MAX", 0)
     for got, want in zip(run(True), whole, strict=True):
         assert_close(got, want, atol=1e-12)
     assert torch.equal(whole[0][1], torch.zeros_like(whole[0][1]))

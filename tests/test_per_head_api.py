@@ -67,6 +67,9 @@ def test_attend_new_queries_equals_the_causal_forward(variant):
     res = attend_new_queries(core, q[:, :, 9:], k, v, key_padding_mask=kp, prefix_queries=prefix)
     assert torch.allclose(res.out, full[:, :, 9:], atol=1e-10)
     assert kv_decode_exact(core) == (variant == "softmax")
-    if not kv_decode_exact(core):
+    if core.causal_reach() is not None:  # a window (local): the last keys suffice, without prefix queries
+        res = attend_new_queries(core, q[:, :, 9:], k, v, key_padding_mask=kp)
+        assert torch.allclose(res.out, full[:, :, 9:], atol=1e-10)
+    elif not kv_decode_exact(core):
         with pytest.raises(UnsupportedError, match="prefix_queries"):
             attend_new_queries(core, q[:, :, 9:], k, v)

@@ -59,6 +59,38 @@ def test_identity_at_init_scale_invariance_and_orthogonal_gradient() -> None:
     assert abs(float((orig.grad * orig).sum())) < 1e-9 * float(orig.grad.norm() * orig.norm())  # d/dc f(cW) = 0
 
 
+@pytest.mark.parametrize("splits", [None, [5, 4, 3]])
+def test_weight_and_gradients_equal_the_exact_spectral_formula(splits: list[int] | None) -> None:
+    """After enough power steps from a random u: W_hat_s = gamma_s W_s / ||W_s||_2 (the exact spectral
+    norm), and the gradients reaching W and gamma equal autograd through that exact formula."""
+    lin = _linear()
+    p = SpectralReparam(lin.weight, splits)
+    parametrize.register_parametrization(lin, "weight", p, unsafe=True)
+    orig = lin.parametrizations.weight.original
+    with torch.no_grad():
+        p.u.copy_(torch.nn.functional.normalize(torch.randn(p.u.shape, dtype=torch.float64), dim=1))
+        p.gamma.copy_(torch.tensor([0.7, 1.9, 1.3][: p.gamma.numel()], dtype=torch.float64))
+    lin.train()
+    for _ in range(200):  # one power step per change of the weight
+        with torch.no_grad():
+            orig.mul_(1.0)
+        _ = lin.weight
+    w = orig.detach().clone().requires_grad_(True)
+    g = p.gamma.detach().clone().requires_grad_(True)
+    parts = w.split(splits or [12], 0)
+    exact = torch.cat([gi * part / torch.linalg.matrix_norm(part, 2) for gi, part in zip(g, parts)], 0)
+    lin.eval()  # no further power step: the same u for the value and the gradient
+    torch.testing.assert_close(lin.weight, exact, rtol=0, atol=1e-10)
+    x = torch.randn(6, 7, dtype=torch.float64)
+    target = torch.randn(6, 12, dtype=torch.float64)
+    (torch.nn.functional.linear(x, exact, lin.bias) - target).square().sum().backward()
+    lin.zero_grad()
+    (lin(x) - target).square().sum().backward()
+    assert orig.grad is not None and p.gamma.grad is not None and float(p.gamma.grad.abs().min()) > 0
+    torch.testing.assert_close(orig.grad, w.grad, rtol=0, atol=1e-8)  # sigma keeps its gradient v u^T
+    torch.testing.assert_close(p.gamma.grad, g.grad, rtol=0, atol=1e-10)
+
+
 def test_fused_qkv_has_one_sigma_per_slice() -> None:
     torch.manual_seed(0)
     a = attnlib.Attention(16, 4, num_kv_heads=2, modifiers=[{"name": "sigma_reparam", "gamma_init": "one"}]).double()

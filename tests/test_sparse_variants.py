@@ -807,3 +807,23 @@ def test_swinbert_soft_and_hard_masks_follow_the_definition() -> None:
     hard[n - t :, n - t :] = soft >= 0.5
     assert_close(cr(q, k, v, am(n)).out, reference_attention(q, k, v, mask=hard[None, None]))
     assert cr(q, k, v, am(n)).aux_loss is None
+
+
+def test_top_k_earliest_is_a_stable_sort_prefix() -> None:
+    """Sparsifiner's key choice keeps the first K of a stable descending sort (ties to the earlier
+    key, NaN first), per row K, on rows full of ties - and a prefix of a row keeps the same keys as
+    the row's own prefix ranking (what makes causal decoding equal the full forward)."""
+    from attnlib.functional.sparse import top_k_earliest
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 4, (2, 3, 5, 17), generator=g).double()  # many ties
+    a[0, 0, 0, 3] = float("nan")
+    a[1, 2, 4, 5:] = float("-inf")
+    k_row = torch.randint(1, 9, (2, 3, 5, 1), generator=g)
+    got = top_k_earliest(a, 8, k_row)
+    order = torch.nan_to_num(a, nan=float("inf")).sort(dim=-1, descending=True, stable=True).indices
+    want = torch.zeros_like(got).scatter_(-1, order, torch.arange(17).expand_as(order) < k_row)
+    assert torch.equal(got, want)
+    row = torch.zeros(1, 12, dtype=torch.float64)  # all tied: every prefix keeps its first keys
+    for n in range(1, 13):
+        assert torch.equal(top_k_earliest(row[:, :n], min(3, n)), torch.arange(n)[None] < min(3, n))

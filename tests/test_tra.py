@@ -137,6 +137,31 @@ def test_rows_with_no_kept_key_are_exactly_zero_with_finite_grads() -> None:
     assert torch.isfinite(q.grad).all()
 
 
+def test_gradients_equal_the_notebook_form() -> None:
+    """Gradients as in the authors' code: the keep pattern and the counts n_ij are constants, the kept
+    scores and the gate carry gradient, a dropped key gets none through its score."""
+    q, k, v = _inputs(seed=3)
+    g = torch.Generator().manual_seed(4)
+    gate = torch.nn.functional.logsigmoid(torch.randn(B, H, N, generator=g, dtype=torch.float64))
+    w = torch.randn(B, H, N, D, generator=g, dtype=torch.float64)
+    ins = [t.clone().requires_grad_(True) for t in (q, k, v, gate)]
+    (tra_attention(*ins, causal=True, chunk_size=4) * w).sum().backward()
+    ref = [t.clone().requires_grad_(True) for t in (q, k, v, gate)]
+    qn, kn = rms_normalize(ref[0]), rms_normalize(ref[1])
+    s = qn @ kn.transpose(-1, -2) / math.sqrt(D)
+    keep = (s > 0) & torch.ones(N, N, dtype=torch.bool).tril()
+    n = torch.zeros(B, H, N, N, dtype=torch.float64)
+    for i in range(N):
+        for j in range(i + 1):
+            n[:, :, i, j] = keep[:, :, i, j : i + 1].sum(-1)
+    logits = (s + ref[3][..., None] * n).masked_fill(~keep, float("-inf"))
+    p = torch.softmax(logits, -1).nan_to_num(0.0)
+    ((p @ ref[2]) * w).sum().backward()
+    for a, b in zip(ins, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-10)
+    assert float(ins[3].grad.abs().sum()) > 0  # the gate learns
+
+
 def test_gates_are_log_sigmoids_and_bad_inputs_raise() -> None:
     a = attnlib.Attention(16, 2, variant="tra")
     g = a.core.gates(torch.randn(2, 2, 7, 8))

@@ -50,7 +50,9 @@ def masked_scores(
     """The logits of query rows ``rows = (s0, s1)``: ``q[s0:s1] k^T`` cast to ``dtype``, times
     ``scale``, -inf where ``mask`` forbids. q (B, H, N, D), k (B, H, M, D) -> (B, H, s1 - s0, M)."""
     s0, s1 = rows
-    s = torch.matmul(q[:, :, s0:s1], k.transpose(-1, -2)).to(dtype) * scale
+    s = torch.matmul(q[:, :, s0:s1], k.transpose(-1, -2)).to(dtype)
+    if scale != 1.0:
+        s = s * scale
     allowed = mask.dense_rows(s0, s1)
     return s if allowed is None else s.masked_fill(~allowed, float("-inf"))
 

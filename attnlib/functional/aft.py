@@ -307,19 +307,19 @@ def _aft(
             every = allowed.numel() == 1 and bool(allowed.all())  # no pair masked: skip the selects
             wmax = (wb if every else wb.masked_fill(~allowed, low)).amax(-1, keepdim=True).detach()
             r = finite(wmax) if full else wmax.clamp_min(0.0)
-            pair = torch.exp(wb - r) if every else torch.where(allowed, torch.exp(wb - r), torch.zeros_like(wb))
+            pair = (wb - r).exp_() if every else torch.where(allowed, (wb - r).exp_(), torch.zeros_like(wb))
             if ekv_full is not None:  # non-causal AFT-full: every block reads the same keys and shift
                 ekv = ekv_full
             else:
                 ek = expk(lo, hi, m_c)
                 ekv = _stack_channels(ek * v[..., lo:hi, :], ek)
                 if pair.dim() == 2:  # one bias for every batch and head: fold them into the columns
-                    ekv = ekv.movedim(-2, 0).reshape(ekv.shape[-2], *ekv.shape[:-2], ekv.shape[-1])
+                    ekv = ekv.movedim(-2, 0).contiguous()
                 if full and not causal:
                     ekv_full = ekv
             # numerator and denominator in one product
             if pair.dim() == 2:
-                nd = torch.matmul(pair, ekv.flatten(1)).view(pair.shape[0], *ekv.shape[1:]).movedim(0, -2)
+                nd = torch.matmul(pair, ekv.view(ekv.shape[0], -1)).view(pair.shape[0], *ekv.shape[1:]).movedim(0, -2)
             else:
                 nd = _bmm(pair, ekv)
             num, den = nd[..., :ch], nd[..., ch:]

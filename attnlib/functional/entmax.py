@@ -8,7 +8,10 @@ Sparse Transformers") maps scores z (along ``dim``) to
 with alpha > 1: alpha -> 1 is softmax, alpha = 2 is sparsemax (Martins & Astudillo 2016).
 Unlike softmax it gives exact zeros. Here:
 
-* :func:`sparsemax` and :func:`entmax15` - exact, sort-based thresholds (O(n log n));
+* :func:`sparsemax` - exact, sort-based threshold (O(n log n));
+* :func:`entmax15` - exact threshold without a sort: a lower bound from block maxima, Newton
+  steps on the scores above it, the closed form on the final support (a full sort only for a
+  row that does not settle);
 * :func:`entmax_bisect` - any alpha > 1 (a float or a tensor, e.g. learned per head) by
   bisection on tau: 50 halvings of [max z' - 1, max z' - n^(1 - alpha)], z' = (alpha - 1) z,
   then renormalised;
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from attnlib import dispatch
 from attnlib._validation import check_qkv, number_above, positive_int
 from attnlib.functional._common import acc_dtype, as_attention_mask, masked_scores, repeat_kv
 from attnlib.masks import MaskLike
@@ -96,22 +100,105 @@ class _Sparsemax(torch.autograd.Function):
         return sup * (dp - mean), None
 
 
+ENTMAX15_BLOCK = 64
+"""Width of the blocks whose maxima give :func:`entmax15` its first lower bound on the threshold."""
+
+ENTMAX15_NEWTON_STEPS = 30
+"""Most Newton steps :func:`entmax15` takes on a row's candidates before it sorts the row instead."""
+
+
+def _entmax15_sorted(zs: Tensor) -> tuple[Tensor, Tensor]:
+    """The 1.5-entmax threshold of rows ``zs`` (already halved) sorted in descending order
+    -> (tau (rows, 1), support size (rows, 1)): the support is a prefix of the sorted row."""
+    k = torch.arange(1, zs.shape[-1] + 1, device=zs.device, dtype=zs.dtype)
+    mean = zs.cumsum(-1) / k
+    mean_sq = (zs * zs).cumsum(-1) / k
+    ss = k * (mean_sq - mean * mean)
+    delta = torch.clamp((1 - ss) / k, min=0)
+    tau = mean - torch.sqrt(delta)
+    kstar = (tau <= zs).sum(-1, keepdim=True).clamp_min(1)
+    return tau.gather(-1, kstar - 1), kstar
+
+
+def _entmax15_rows(x: Tensor) -> Tensor:
+    """1.5-entmax of the rows of ``x`` (R, n) (scores, not yet halved; -inf allowed) -> (R, n).
+
+    Sort-free and exact: the 1.5-entmax of the maxima of blocks of :data:`ENTMAX15_BLOCK` scores
+    has a threshold at or below the row's (dropping entries only lowers it), so only the scores
+    above it are candidates. On those, Newton's method on the convex f(tau) = sum (z - tau)_+^2 - 1
+    rises to the threshold from below; once the support {z > t} is the final one, the threshold
+    solves sum over the support (z - tau)^2 = 1 exactly (checked for consistency row by row).
+    Rows not settled after :data:`ENTMAX15_NEWTON_STEPS` steps are sorted."""
+    r, n = x.shape
+    if dispatch.entmax_sorts(n):
+        return _entmax15_sort_rows(x)
+    w = ENTMAX15_BLOCK
+    nb = n // w
+    maxima = x[:, : nb * w].reshape(r, nb, w).amax(-1)
+    if nb * w < n:
+        maxima = torch.cat([maxima, x[:, nb * w :].amax(-1, keepdim=True)], 1)
+    maxima = maxima.sort(-1, descending=True).values
+    mx = maxima[:, :1]
+    empty = torch.isneginf(mx)
+    mx = torch.where(empty, torch.zeros_like(mx), mx)
+    t_lo, _ = _entmax15_sorted((maxima - mx) / 2)
+    t_lo = t_lo.masked_fill(empty, 0.0)
+    # candidates: scores above the lower bound (none in an all -inf row), packed row by row
+    row, col = (x > torch.where(empty, torch.full_like(mx, float("inf")), mx + 2 * t_lo)).nonzero(as_tuple=True)
+    counts = torch.bincount(row, minlength=r)
+    vals = (x[row, col] - mx[row, 0]) / 2
+    pos = torch.arange(row.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[row]
+    # padding below the lower bound never enters a support
+    c = torch.full((r, max(1, int(counts.max()) if r else 1)), -2.0, dtype=x.dtype, device=x.device)
+    c = c + t_lo
+    c[row, pos] = vals
+    t = t_lo
+    done = empty.clone()
+    tau = torch.zeros_like(t)
+    for _ in range(ENTMAX15_NEWTON_STEPS):
+        # on the support {c > t}: s1 = sum (c - t), s2 = sum (c - t)^2; the threshold t + u with
+        # cnt u^2 - 2 s1 u + s2 - 1 = 0 is exact when its support is {c > t} as well
+        y = (c - t).clamp_(min=0)
+        cnt = (y > 0).sum(-1, keepdim=True).to(x.dtype)
+        s1 = y.sum(-1, keepdim=True)
+        s2 = y.square_().sum(-1, keepdim=True)
+        f = s2 - 1
+        u = f / (s1 + torch.sqrt(torch.clamp(s1 * s1 - cnt * f, min=0))).clamp_min(torch.finfo(x.dtype).tiny)
+        ok = ~done & ((c > t + u).sum(-1, keepdim=True).to(x.dtype) == cnt)
+        tau = torch.where(ok, t + u, tau)
+        done |= ok
+        if bool(done.all()):
+            break
+        # Newton's step from below (f is convex and decreasing in t)
+        t = torch.where(done, t, t + f / (2 * s1).clamp_min(torch.finfo(x.dtype).tiny))
+    pk = (c - tau).clamp_(min=0).square_()
+    p = torch.zeros_like(x)
+    p[row, col] = pk[row, pos]
+    rest = (~done).squeeze(-1).nonzero().squeeze(-1)
+    if rest.numel():
+        p[rest] = _entmax15_sort_rows(x[rest])
+    return p
+
+
+def _entmax15_sort_rows(x: Tensor) -> Tensor:
+    """1.5-entmax of the rows of ``x`` (R, n) by a full sort (-inf allowed; all -inf rows -> 0)."""
+    m = x.amax(-1, keepdim=True)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    z = (x - m) / 2
+    tau, _ = _entmax15_sorted(torch.sort(z, -1, descending=True).values)
+    return torch.clamp(z - tau, min=0).square().nan_to_num_(0.0)
+
+
 class _Entmax15(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, dim: int) -> Tensor:
-        z, empty, dtype = _prep(x, dim)
-        z = z / 2
-        zs, _ = torch.sort(z, dim=-1, descending=True)
-        k = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
-        mean = zs.cumsum(-1) / k
-        mean_sq = (zs * zs).cumsum(-1) / k
-        ss = k * (mean_sq - mean * mean)
-        delta = torch.clamp((1 - ss) / k, min=0)
-        tau = mean - torch.sqrt(delta)
-        kstar = (tau <= zs).sum(-1, keepdim=True).clamp_min(1)
-        tau_star = tau.gather(-1, kstar - 1)
-        p = torch.clamp(z - tau_star, min=0) ** 2
-        out = _finish(p, empty, dim, dtype)
+        if not x.is_floating_point():
+            raise ValueError(f"expected a floating-point tensor, got {x.dtype}")
+        dtype = x.dtype
+        z = x.movedim(dim, -1).to(acc_dtype(dtype))
+        shape = z.shape
+        p = _entmax15_rows(z.reshape(-1, shape[-1])).reshape(shape)
+        out = p.to(dtype).movedim(-1, dim)
         ctx.save_for_backward(out)
         ctx.dim = dim
         return out
@@ -201,7 +288,12 @@ def sparsemax(x: Tensor, dim: int = -1) -> Tensor:
 
 
 def entmax15(x: Tensor, dim: int = -1) -> Tensor:
-    """1.5-entmax along ``dim`` by its exact sort-based threshold. Same shape and dtype as ``x``."""
+    """Exact 1.5-entmax along ``dim``. Same shape and dtype as ``x``.
+
+    The threshold is found without sorting (a lower bound from block maxima, Newton steps on the
+    scores above it, and the closed form on the final support, checked row by row); a row that
+    does not settle is sorted. Memory O(size of x).
+    """
     if not isinstance(x, Tensor):
         raise ValueError(f"entmax15 expects a tensor, got {type(x).__name__}")
     return _Entmax15.apply(x, _dim(x, dim, "entmax15"))
@@ -310,9 +402,10 @@ def entmax_attention(
     acc = acc_dtype(q.dtype)
     outs, weights = [], []
     imp = torch.zeros(b, h, k.shape[2], dtype=acc, device=q.device) if return_importance else None
+    qs = q * scale  # the logit scale on q (N x D) rather than on every (N x M) score chunk
     for s0 in range(0, n, chunk_size):
         s1 = min(n, s0 + chunk_size)
-        s = masked_scores(q, kk, am, (s0, s1), scale, acc)
+        s = masked_scores(qs, kk, am, (s0, s1), 1.0, acc)
         p = _entmax_map(s, alpha, n_iter)
         if imp is not None:
             imp = imp + p.sum(2)

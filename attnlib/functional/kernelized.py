@@ -10,7 +10,10 @@
       out_i = sum_j c_{j-i} phi(q_i)·phi(k_j) v_j / sum_j c_{j-i} phi(q_i)·phi(k_j)
 
   ``C = [c_{j-i}]`` is a Toeplitz matrix, so both sums are Toeplitz matrix products computed
-  by FFT: O(N log N) time and O(N) memory in the sequence length. ``causal=True`` sets
+  by FFT: O(N log N) time and O(N) memory in the sequence length. The same weights applied
+  directly (row blocks, two matmuls) are faster on a CPU up to tens of thousands of keys per row,
+  and for a bias that is constant beyond ±R (clipped) a row block needs only its window of 2R
+  keys densely plus running sums for the rest (``method="dense"``; ``"auto"`` chooses). ``causal=True`` sets
   ``c_r = 0`` for future offsets (``b_r = -inf`` for ``r > 0``); the causal product is a
   dyadic sequence of FFTs (O(N log^2 N)) in which no row reads a later key, not even through
   FFT round-off.
@@ -52,7 +55,7 @@ __all__ = [
     "toeplitz_matrix",
 ]
 
-_CHUNK_ELEMS = 1 << 24  # real elements of one FFT batch (features x values x padded length)
+_CHUNK_ELEMS = 1 << 20  # real elements of one FFT batch (features x values x padded length; cache-sized)
 
 
 def _fft_length(n: int) -> int:
@@ -363,12 +366,15 @@ def kernelized_rpe_attention(
         return_importance: also return the attention mass each key receives, averaged over the
             N queries, (B, H, N), by one more (transposed) Toeplitz product.
         feature_chunk: random features per FFT batch (memory O(B·H·chunk·Dv·N)); default
-            picks a chunk of about 16M elements.
+            picks a chunk of about 1M elements (cache-sized).
         method: "fft" (the paper's Toeplitz product by FFT), "dense" (the same weights
             ``phi(q_i)·phi(k_j) exp(b_{j-i})`` as (N, N) row blocks and two matmuls, O(N · block)
-            memory) or "auto": dense up to :data:`attnlib.dispatch.KERNELIZED_DENSE_MAX_N`
-            (:func:`attnlib.dispatch.kernelized_dense`), where it is much faster. Both give the
-            same result up to round-off.
+            memory; where the bias is constant beyond some offset ±R, as a clipped bias is,
+            each row block reads only its window of keys densely and the rest through running
+            sums) or "auto": dense while the window is at most
+            :data:`attnlib.dispatch.KERNELIZED_DENSE_MAX_N` keys
+            (:func:`attnlib.dispatch.kernelized_dense`), where it is faster. Both give the same
+            result up to round-off.
 
     Returns:
         out (B, H, N, Dv) in q's dtype (computed in >= float32), or (out, importance).
@@ -386,9 +392,12 @@ def kernelized_rpe_attention(
     c = torch.exp(bias - bias.amax(-1, keepdim=True).detach())  # (H|1, 2N-1)
     if method not in ("auto", "fft", "dense"):
         raise ValueError(f"{where}: method must be 'auto', 'fft' or 'dense', got {method!r}")
-    if method == "dense" or (method == "auto" and dispatch.kernelized_dense(n)):
+    if method == "auto":
+        r_l, r_r = _constant_reach(c)
+        method = "dense" if dispatch.kernelized_dense(n, r_l + r_r + 1) else "fft"
+    if method == "dense":
         return _kernelized_dense(
-            q, v, phi_q, phi_k, toeplitz_matrix(c), empty=_empty_rows(key_padding, causal), eps=eps,
+            q, v, phi_q, phi_k, c, empty=_empty_rows(key_padding, causal), eps=eps,
             return_importance=return_importance,
         )  # fmt: skip
     plan = _ToeplitzPlan(c, n, causal)
@@ -399,44 +408,108 @@ def kernelized_rpe_attention(
     )  # fmt: skip
 
 
+def _constant_reach(c: Tensor) -> tuple[int, int]:
+    """(left, right): the smallest R_l, R_r >= 0 with ``c_r`` the same for every offset r <= -R_l
+    and the same for every r >= R_r (every head), for c (H|1, 2N-1) over offsets -(N-1)..N-1.
+
+    A bias clipped beyond ±R (:func:`clipped_offset_bias`) gives R_l = R_r = R; a causal one has
+    c_r = 0 for every r >= 1, so R_r <= 1."""
+    n = (c.shape[-1] + 1) // 2
+
+    def reach(side: Tensor) -> int:  # side[..., d] = c at offset ±d, d = 0..N-1
+        changes = (side[..., 1:] != side[..., :-1]).flatten(0, -2).any(0).nonzero()
+        return int(changes.max()) + 1 if changes.numel() else 0
+
+    return reach(c[..., :n].flip(-1)), reach(c[..., n - 1 :])
+
+
 def _kernelized_dense(
     q: Tensor,
     v: Tensor,
     phi_q: Tensor,
     phi_k: Tensor,
-    cmat: Tensor,
+    c: Tensor,
     *,
     empty: Tensor | None,
     eps: float,
     return_importance: bool,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """:func:`_kernelized_apply` with the positional matrix cmat (H|1, N, N) applied directly:
-    ``S_ij = phi(q_i)·phi(k_j) C_ij`` over row blocks (:func:`attnlib.dispatch.row_block`),
-    out_i = S_i v / S_i 1 with the same eps clamp and empty rows; importance_j = (1/N) sum_i
-    S_ij / den_i."""
+    """:func:`_kernelized_apply` with the Toeplitz weights applied directly, row block by row block:
+    ``S_ij = phi(q_i)·phi(k_j) c_{j-i}``, out_i = S_i [v, 1]; importance_j = (1/N) sum_i S_ij / den_i.
+
+    Where c is constant beyond offsets -R_l and R_r (:func:`_constant_reach`; e.g. a bias clipped
+    at ±R), a block of rows [s, e) reads the keys [s - R_l, e + R_r) (widened to whole key blocks)
+    densely and every other key through two running sums of ``phi(k_j) (x) [v_j, 1]`` (keys before
+    and after its window) times the constant weight there: O(N·(R_l + R_r + block)·(m + Dv)) time
+    and O(N · block) memory. Without such a reach it is the dense form, O(N²·(m + Dv))."""
     b, h, n, _ = phi_q.shape
     ct = phi_q.dtype
-    vv = v.to(ct)
+    dv = v.shape[-1]
+    vv = torch.cat([v.to(ct), torch.ones_like(v[..., :1], dtype=ct)], -1)  # [v, 1] (B, H, N, Dv+1)
     phi_k_t = phi_k.transpose(-1, -2)
-    step = dispatch.row_block(n, n, b * h)
+    r_l, r_r = _constant_reach(c)
+    span = min(n, r_l + r_r + 1)
+    step = min(n, dispatch.row_block(n, span, b * h), max(16, span))
+    if span + 2 * step >= n:  # the windows would cover about everything: one dense pass, no running sums
+        r_l = r_r = n
+        span, step = n, min(n, dispatch.row_block(n, n, b * h))
+    # the weights outside the windows, (H|1, 1, 1); zero weights are skipped
+    c_left, c_right = c[..., 0].reshape(-1, 1, 1), c[..., -1].reshape(-1, 1, 1)
+    use_left = r_l < n and bool((c_left != 0).any())
+    use_right = r_r < n and bool((c_right != 0).any())
+    # per key block of `step` keys: sum_j phi(k_j) (x) [v_j, 1], and exclusive prefix / suffix sums
+    nb = -(-n // step)
+    if use_left or use_right:
+        pad = nb * step - n
+        kb = F.pad(phi_k, (0, 0, 0, pad)).reshape(b, h, nb, step, -1)
+        vb = F.pad(vv, (0, 0, 0, pad)).reshape(b, h, nb, step, dv + 1)
+        blocks = kb.transpose(-1, -2) @ vb  # (B, H, nb, m, Dv+1)
+        zero = torch.zeros_like(blocks[:, :, :1])
+        before = torch.cat([zero, blocks.cumsum(2)], 2)  # before[t]: keys of blocks < t
+        after = torch.cat([blocks.flip(2).cumsum(2).flip(2), zero], 2)  # after[t]: keys of blocks >= t
+    offs = torch.arange(n, device=c.device)
     outs: list[Tensor] = []
     imp = phi_q.new_zeros(b, h, n) if return_importance else None
+    g_left = phi_q.new_zeros(b, h, nb + 1, phi_q.shape[-1]) if return_importance and use_left else None
+    g_right = phi_q.new_zeros(b, h, nb + 1, phi_q.shape[-1]) if return_importance and use_right else None
     for s in range(0, n, step):
         e = min(n, s + step)
-        scores = (phi_q[:, :, s:e] @ phi_k_t) * cmat[None, :, s:e]  # (B, H, rows, N)
-        den = scores.sum(-1, keepdim=True).clamp_min(eps)
-        outs.append((scores @ vv) / den)
+        lo = max(0, s - r_l) // step  # first key block read densely
+        hi = min(nb, -(-(e + r_r) // step))  # end of the key blocks read densely
+        k0, k1 = lo * step, min(n, hi * step)
+        cblk = c[:, offs[k0:k1][None, :] - offs[s:e, None] + n - 1]  # (H|1, rows, keys)
+        scores = (phi_q[:, :, s:e] @ phi_k_t[..., k0:k1]).mul_(cblk)
+        nd = scores @ vv[:, :, k0:k1]  # (B, H, rows, Dv+1)
+        if use_left and lo > 0:
+            nd = nd + phi_q[:, :, s:e] @ (c_left * before[:, :, lo])
+        if use_right and hi < nb:
+            nd = nd + phi_q[:, :, s:e] @ (c_right * after[:, :, hi])
+        den = nd[..., dv:].clamp_min(eps)
+        outs.append(nd[..., :dv] / den)
         if imp is not None:
             u = 1.0 / den
             if empty is not None:
                 u = u.masked_fill(empty[:, :, s:e], 0.0)
-            imp = imp + (scores * u).sum(-2)
+            imp[..., k0:k1] += (scores * u).sum(-2)
+            gq = (phi_q[:, :, s:e] * u).sum(-2)  # (B, H, m): sum_i phi(q_i) / den_i
+            if g_left is not None and lo > 0:
+                g_left[:, :, lo] += gq  # read by the key blocks < lo
+            if g_right is not None and hi < nb:
+                g_right[:, :, hi] += gq  # read by the key blocks >= hi
     out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
     if empty is not None:
         out = out.masked_fill(empty, 0.0)
     out = out.to(q.dtype)
     if imp is None:
         return out
+    # the keys outside the windows: key j in block t receives phi(k_j) · sum of the row blocks'
+    # g over those whose left window starts after t (c_left) or whose right window ends at or before t
+    kblk = offs // step
+    for g, wgt, rev in ((g_left, c_left, True), (g_right, c_right, False)):
+        if g is None:
+            continue
+        acc = g.flip(2).cumsum(2).flip(2)[:, :, 1:] if rev else g.cumsum(2)[:, :, :-1]  # (B, H, nb, m)
+        imp = imp + (phi_k * acc[:, :, kblk]).sum(-1) * wgt.reshape(1, -1, 1)
     return out, (imp / n).to(q.dtype)
 
 

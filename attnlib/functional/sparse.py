@@ -837,6 +837,26 @@ def sparsifiner_recon_loss(
     return total
 
 
+def top_k_earliest(a: Tensor, kk: int, k_row: Tensor | None = None) -> Tensor:
+    """Bool mask of the ``k`` highest entries of each row of ``a`` (..., N): k = ``kk``, or per row
+    ``k_row`` (..., 1) <= kk. Ties at the k-th value go to the earlier positions (NaN ranks highest),
+    so the choice is that of a stable sort: unlike ``topk``'s, it never depends on the row length
+    (a causal row keeps the same keys however many later keys exist). O(N + kk log kk) per row."""
+    vals = a.topk(kk, -1).values  # descending (NaN first)
+    if bool(vals.isnan().any()):
+        a = torch.nan_to_num(a, nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+        vals = a.topk(kk, -1).values
+    k = torch.full((*vals.shape[:-1], 1), kk, device=a.device) if k_row is None else k_row.long()
+    k = k.expand(*vals.shape[:-1], 1)
+    thr = vals.gather(-1, k - 1)  # (..., 1): the k-th value
+    above = a > thr
+    ties = a == thr
+    need = k - above.sum(-1, keepdim=True)  # how many of the tied entries to keep
+    if not bool((ties.sum(-1, keepdim=True) > need).any()):  # no row has more ties than places
+        return above | ties
+    return above | (ties & (ties.cumsum(-1) <= need))
+
+
 def sparsifiner_select(
     a_hat: Tensor | RowsFn,
     n: int,
@@ -873,17 +893,12 @@ def sparsifiner_select(
             ok = _mask_rows(allowed, s, e)
             if ok is not None:
                 a = a.masked_fill(~ok, float("-inf"))
-            # best first where rows keep different counts (the first K_i ranks); a set otherwise
-            idx = a.topk(kk, -1, sorted=k_row is not None).indices  # (B, H, e-s, K)
+            sel = top_k_earliest(a, kk, None if k_row is None else k_row[..., s:e, :])
             if additive:
-                out, hit, miss = torch.full_like(a, float("-inf")), 0.0, float("-inf")
+                hit, miss = 0.0, float("-inf")
+                out = torch.zeros_like(a).masked_fill_(~sel, miss)
             else:
-                out, hit, miss = torch.zeros(a.shape, dtype=torch.bool, device=a.device), True, False
-            if k_row is None:
-                out.scatter_(-1, idx, hit)
-            else:
-                picked = (torch.arange(kk, device=idx.device) < k_row[..., s:e, :]).expand(idx.shape)
-                out.scatter_(-1, idx, torch.full(idx.shape, hit, dtype=out.dtype).masked_fill(~picked, miss))
+                out, hit, miss = sel, True, False
             if ok is not None:
                 out.masked_fill_(~ok, miss)
             if s < nd:  # dense (CLS) rows

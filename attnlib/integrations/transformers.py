@@ -19,12 +19,16 @@ model would pass no mask at all). Per call, :func:`attention_forward`:
   (q is rescaled when it differs from head_dim**-0.5), attention dropout in training, and q / k / v
   of mixed dtype under autocast (cast to the autocast dtype, as SDPA does);
 * decodes with transformers' key/value cache: where :func:`attnlib.decoding.kv_decode_exact` holds
-  (exact softmax) the new queries attend to the cached keys; the other causal variants keep the
-  queries of the sequence so far on the layer and recompute over the prefix
-  (:func:`attnlib.decoding.attend_new_queries`), so
-  ``generate()`` with the cache equals recomputing the prefix. That needs the cache to grow by
-  appending (``DynamicCache``, greedy or sampled decoding); a cache that was reordered (beam
-  search) or cropped raises UnsupportedError instead of giving a wrong answer;
+  (variants with ``causal_cross``) the new queries attend to the cached keys; a recurrent variant
+  keeps its own state on the layer beside the framework's cache and steps each new token in O(1)
+  (the state is used only while the cache provably continues it: same length, same first and last
+  keys; a reset, crop or reorder drops it); ``local`` attends over the last ``window`` keys; the
+  other causal variants (and the recurrent ones under key padding) keep the queries of the
+  sequence so far on the layer and recompute over the prefix
+  (:func:`attnlib.decoding.attend_new_queries`), so ``generate()`` with the cache equals
+  recomputing the prefix. That needs the cache to grow by appending (``DynamicCache``, greedy or
+  sampled decoding); a cache that was reordered (beam search) or cropped raises UnsupportedError
+  instead of giving a wrong answer;
 * keeps the variant's auxiliary loss on the layer (``pending_aux_loss``), so
   :func:`attnlib.aux_loss` ``(model)`` collects it in the training loop.
 """
@@ -37,16 +41,85 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlib.decoding import attend_new_queries, kv_decode_exact
+from attnlib.decoding import attend_new_queries, kv_decode_exact, step_tokens
 from attnlib.errors import UnsupportedError
 from attnlib.masks import normalize_mask
 from attnlib.masks.predicates import causal_mod, evaluate_rows
-from attnlib.variants import AttentionCore, build_core
+from attnlib.variants import AttentionCore, CoreOutput, build_core
 
 __all__ = ["attention_forward", "attention_layers", "register", "set_variant", "split_mask"]
 
 NAME = "attnlib"
 _DEFAULT_CORES: dict[tuple[int, int], AttentionCore] = {}
+_QUERIES = "_attnlib_queries"  # (queries so far (B, H, M, D), last key (B, H_kv, D)) on a layer
+_STATE = "_attnlib_state"  # a recurrent variant's decoding state on a layer (see _State)
+
+
+class _State:
+    """A recurrent core's state after the first ``length`` positions of the sequence a framework's
+    key/value cache holds, with that cache's first and last keys (B, H_kv, D) to prove it is current."""
+
+    def __init__(self, state: dict[str, Tensor], length: int, first: Tensor, last: Tensor) -> None:
+        self.state, self.length, self.first, self.last = state, length, first, last
+
+    def current(self, key: Tensor, n: int) -> bool:
+        """Whether the cache ``key`` (B, H_kv, M, D), whose last ``n`` entries are new, continues
+        exactly the sequence this state has consumed (same batch, length M - n, same first and
+        last keys: a reset, crop, reorder or another sequence fails)."""
+        m = key.shape[2]
+        return (
+            self.length == m - n
+            and self.first.shape == key[:, :, 0].shape
+            and torch.equal(self.first, key[:, :, 0])
+            and torch.equal(self.last, key[:, :, m - n - 1])
+        )
+
+
+def _steps(core: AttentionCore, module: nn.Module, kp: Tensor | None, want_weights: bool, p: float) -> bool:
+    """Whether decoding steps of this layer may use the core's recurrent state (an O(1) step per token):
+    a recurrent variant whose options decode, no key padding (the step takes no mask), no weights,
+    no dropout, no gradient, and the layer's ``attnlib_fast_decode`` switch on (the default)."""
+    return (
+        core.capabilities.recurrent
+        and getattr(module, "attnlib_fast_decode", True)
+        and kp is None
+        and not want_weights
+        and p == 0
+        and not torch.is_grad_enabled()
+        and core.decoding_error() is None
+    )
+
+
+def _recurrent_decode(
+    module: nn.Module, core: AttentionCore, query: Tensor, key: Tensor, value: Tensor
+) -> Tensor | None:
+    """The new rows (B, H, N, Dv) from the layer's recurrent state, stepping the N new tokens; the
+    state comes from the last step when it is current, else from the kept queries of the prefix
+    (stepped once), else None (the caller raises). The state replaces the kept queries."""
+    n, m = query.shape[2], key.shape[2]
+    held = module.__dict__.get(_STATE)
+    if held is not None and held.current(key, n):
+        state = held.state
+    else:
+        prefix = _kept_queries(module, query, key)
+        if prefix is None:
+            return None
+        state = core.initial_state(query.shape[0], dtype=query.dtype, device=query.device)
+        _, state = step_tokens(core, prefix, key[:, :, : m - n], value[:, :, : m - n], state)
+    out, state = step_tokens(core, query, key[:, :, m - n :], value[:, :, m - n :], state)
+    module.__dict__[_STATE] = _State(state, m, key[:, :, 0].detach(), key[:, :, -1].detach())
+    module.__dict__.pop(_QUERIES, None)
+    return out
+
+
+def _kept_queries(module: nn.Module, query: Tensor, key: Tensor) -> Tensor | None:
+    """The queries of the M - N earlier positions kept on the layer, if they belong to this cache."""
+    n, m = query.shape[2], key.shape[2]
+    kept = module.__dict__.get(_QUERIES)
+    if kept is not None and kept[0].shape[2] == m - n and kept[0].shape[0] == query.shape[0]:
+        if torch.equal(kept[1], key[:, :, m - n - 1]):
+            return kept[0]
+    return None
 
 
 def register(name: str = NAME) -> None:
@@ -84,10 +157,15 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-def set_variant(model: nn.Module, variant: str, *, layers: list[int] | None = None, **kwargs: Any) -> nn.Module:
+def set_variant(
+    model: nn.Module, variant: str, *, layers: list[int] | None = None, fast_decode: bool = True, **kwargs: Any
+) -> nn.Module:
     """Use ``variant`` (with its options ``kwargs``) in the attention layers of ``model``.
 
-    ``layers``: indices into :func:`attention_layers` (default all). Each chosen layer gets its own
+    ``layers``: indices into :func:`attention_layers` (default all). ``fast_decode`` (default True):
+    on the framework's key/value cache a recurrent variant decodes from its own state and ``local``
+    from the last ``window`` keys, O(1) per token; False recomputes over the prefix, O(prefix) per
+    token, with the same outputs (the layer attribute ``attnlib_fast_decode``). Each chosen layer gets its own
     core as the submodule ``attnlib_core`` (so the variant's parameters train with the model and
     appear in its ``state_dict``), on the layer's device and dtype. The model must use
     ``attn_implementation="attnlib"`` (:func:`register` first); ``set_variant(model, "softmax")``
@@ -113,7 +191,9 @@ def set_variant(model: nn.Module, variant: str, *, layers: list[int] | None = No
         if p is not None:
             core = core.to(device=p.device, dtype=p.dtype)
         mod.attnlib_core = core
-        mod.__dict__.pop("_attnlib_queries", None)
+        mod.attnlib_fast_decode = bool(fast_decode)
+        mod.__dict__.pop(_QUERIES, None)
+        mod.__dict__.pop(_STATE, None)
     return model
 
 
@@ -196,16 +276,21 @@ def attention_forward(
             causal, kp = split
     want_weights = bool(kwargs.get("output_attentions", False)) and caps.has_weights
     p = dropout if module.training else 0.0
-    state = module.__dict__.get("_attnlib_queries")
     exact_kv = kv_decode_exact(core)
     decoding = causal and full is None and n != m and not exact_kv
-    keep = causal and not exact_kv and not torch.is_grad_enabled()
-    if decoding:
-        prefix = None
-        if state is not None and state[0].shape[2] == m - n and state[0].shape[0] == b:
-            if torch.equal(state[1], key[:, :, m - n - 1]):
-                prefix = state[0]
-        if prefix is None:
+    fast = getattr(module, "attnlib_fast_decode", True)
+    windowed = fast and core.causal_reach() is not None and not want_weights  # reads the last keys only
+    keep = causal and not exact_kv and not windowed and not torch.is_grad_enabled()
+    stepped = _steps(core, module, kp, want_weights, p)
+    if not decoding:
+        module.__dict__.pop(_STATE, None)  # a new sequence (prefill) or a call without the cache
+    out = _recurrent_decode(module, core, query, key, value) if decoding and stepped else None
+    if out is not None:
+        res = CoreOutput(out)
+        query_all = None
+    elif decoding:
+        prefix = None if windowed else _kept_queries(module, query, key)
+        if prefix is None and not windowed:
             raise UnsupportedError(
                 f"variant {core.name!r} decodes with a key/value cache by recomputing over the prefix, which "
                 "needs the queries of every earlier position; they are kept when the cache grows by appending "
@@ -222,7 +307,7 @@ def attention_forward(
             need_weights=want_weights,
             dropout_p=p if caps.attn_dropout else 0.0,
         )
-        query_all = torch.cat([prefix, query], 2)
+        query_all = None if prefix is None else torch.cat([prefix, query], 2)
     else:
         if not caps.gqa and key.shape[1] != h:
             g = h // key.shape[1]
@@ -232,8 +317,8 @@ def attention_forward(
             query, key, value, am, cross=cross, need_weights=want_weights, dropout_p=p if caps.attn_dropout else 0.0
         )
         query_all = query
-    if keep and query_all.shape[2] == m:
-        module.__dict__["_attnlib_queries"] = (query_all.detach(), last_key.detach())
+    if keep and query_all is not None and query_all.shape[2] == m:
+        module.__dict__[_QUERIES] = (query_all.detach(), last_key.detach())
     out = res.out
     if p > 0 and not caps.attn_dropout:
         out = F.dropout(out, p)

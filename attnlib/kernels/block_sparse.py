@@ -213,7 +213,7 @@ def block_sparse_attention(
             )
         from attnlib.kernels._block_sparse_score_mod import score_mod_forward
 
-        out, lse = score_mod_forward(q, k, v, block_mask, scale, score_mod)
+        out, lse = score_mod_forward(q, k, v, _torch_mask(block_mask, bool(causal), kv_lengths), scale, score_mod)
         return (out, lse) if return_lse else out
     if backend == "triton":
         why = triton_supports(q, k, v, block_mask)

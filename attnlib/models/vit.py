@@ -139,6 +139,8 @@ class ViT(nn.Module):
             gets exactly its own-batch result); ``"pad"`` runs one padded batch with a key-padding
             mask (the longest row's cost for every row). Training always pads (stochastic depth
             and the pruners' training modes work on whole rows).
+        init: weight initialisation, "gpt2" (truncated normal, std 0.02) or "fan_in" (scaled by
+            the width), see :func:`attnlib.models.blocks.init_weights`.
         sigma_reparam: sigmaReparam (Zhai et al. 2023) on every Linear and the patch-embedding
             convolution (attention q/k/v slices and output, MLP, head), see
             :func:`attnlib.modifiers.apply_sigma_reparam`.
@@ -173,6 +175,7 @@ class ViT(nn.Module):
         rope: bool = False,
         pruning: Any = None,
         ragged: str = "groups",
+        init: str = "gpt2",
         sigma_reparam: bool = False,
     ) -> None:
         super().__init__()
@@ -259,7 +262,7 @@ class ViT(nn.Module):
         self.head: nn.Module | None = None
         self.class_attention: dict[str, Any] = {}
         self._build_pool(attention, dim, num_heads, mlp_ratio, num_classes, dropout, attn_dropout, class_attention)
-        init_weights(self)
+        init_weights(self, scheme=init)
         for mod in self.modules():
             if mod is not self and isinstance(mod, (ClassAttentionBlock, GatedClassAttention, PEG)):
                 mod.reset_parameters()

@@ -126,6 +126,34 @@ class AttentionCore(nn.Module):
         return {}
 
     @classmethod
+    def decoding_kwargs(cls) -> dict[str, Any]:
+        """Constructor kwargs with which the conformance suite decodes (``capabilities.decode``):
+        :meth:`conformance_kwargs` unless options of those make :meth:`decoding_error` refuse."""
+        return cls.conformance_kwargs()
+
+    def decoding_error(self) -> str | None:
+        """Why this core, with its options, cannot decode incrementally, or None when it can.
+
+        Incremental decoding must equal recomputing the causal sequence; a core whose options make
+        the causal row of position i depend on the total length (not only on positions <= i)
+        returns the reason (naming the options that would decode), and every decoding entry point
+        (:meth:`attnlib.Attention.init_cache`, :func:`attnlib.decoding.attend_new_queries`) raises
+        :class:`attnlib.UnsupportedError` with it. Default: None where ``capabilities.decode``.
+        """
+        if not self.capabilities.decode:
+            return (
+                f"variant {self.name!r} cannot decode incrementally (capabilities.decode=False): the causal "
+                "row of a position depends on the total sequence length, so a cache cannot equal recomputation"
+            )
+        return None
+
+    def check_decoding(self) -> None:
+        """Raise :class:`attnlib.UnsupportedError` with :meth:`decoding_error`'s reason, if any."""
+        reason = self.decoding_error()
+        if reason is not None:
+            raise UnsupportedError(reason)
+
+    @classmethod
     def smooth_kwargs(cls) -> dict[str, Any]:
         """Constructor kwargs that turn off the variant's hard data-dependent decisions (thresholds).
 
@@ -259,6 +287,17 @@ class AttentionCore(nn.Module):
         :meth:`attend` for ``need_weights`` and takes the row. Variants whose full weights cost
         O(N·M) but one row O(M) (exact softmax) override this, so a caller that needs one row
         (the class token's, for EViT-style pruning) keeps the variant's fast output path.
+        """
+        return None
+
+    def causal_reach(self) -> int | None:
+        """How many earlier positions a causal row reads at most, or None when it may read the
+        whole prefix.
+
+        An integer r promises that the causal row of position i depends only on the keys/values of
+        positions i - r .. i, and on them only through their offsets from i (e.g. ``local``'s
+        sliding window): a decoding step on a framework's key/value cache then attends over the
+        last N + r entries alone (:func:`attnlib.decoding.attend_new_queries`), O(r) per token.
         """
         return None
 

@@ -171,6 +171,9 @@ class LocalAttention(AttentionCore):
     def implied_mask(self, n: int, m: int, device: torch.device | str = "cpu") -> MaskLike:
         return SlidingWindow(self.window, self.window)
 
+    def causal_reach(self) -> int | None:
+        return self.window  # causal row i reads keys i - window .. i, by offset only
+
     @classmethod
     def conformance_kwargs(cls) -> dict[str, object]:
         return {"window": 3, "chunk_size": 4}

@@ -2,7 +2,7 @@
 
 ``entmax`` - Correia, Niculae & Martins 2019, "Adaptively Sparse Transformers" (EMNLP), as
 used for ASR by Zhao et al. 2022 (arXiv 2209.15176): ``A = entmax_alpha(Q K^T / sqrt(D) + mask)``,
-``O = A V``. alpha = 2 is sparsemax, 1.5 the exact sort-based 1.5-entmax, other values use
+``O = A V``. alpha = 2 is sparsemax, 1.5 the exact (sort-free) 1.5-entmax, other values use
 bisection; ``learn_alpha=True`` learns one alpha per head as ``alpha_h = 1 + sigmoid(a_h)``
 (in (1, 2)), clamped to >= 1.01 (the alpha gradient is singular at 1). Attention weights
 contain exact zeros. See :mod:`attnlib.functional.entmax`.

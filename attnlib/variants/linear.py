@@ -337,12 +337,20 @@ class CosformerAttention(KernelCore):
         )
         return unpack(res, need_weights, need_importance)
 
-    def initial_state(self, batch: int, *, dtype: torch.dtype, device: torch.device) -> State:
+    @classmethod
+    def decoding_kwargs(cls) -> dict[str, Any]:
+        return {**cls.conformance_kwargs(), "max_len": 64}
+
+    def decoding_error(self) -> str | None:
         if self.max_len is None:
-            raise UnsupportedError(
-                "variant 'cosformer' needs max_len for recurrent decoding: its cos re-weighting uses the "
-                "sequence length L, which is unknown while generating; build it with max_len=<context length>"
+            return (
+                "variant 'cosformer' needs max_len to decode: its cos re-weighting uses the sequence length "
+                "L, which is unknown while generating; build it with max_len=<context length>"
             )
+        return super().decoding_error()
+
+    def initial_state(self, batch: int, *, dtype: torch.dtype, device: torch.device) -> State:
+        self.check_decoding()
         d = self.head_dim
         return {
             "S": self._zeros(batch, 2 * d, d, dtype=dtype, device=device),
@@ -351,8 +359,7 @@ class CosformerAttention(KernelCore):
         }
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: State) -> tuple[Tensor, State]:
-        if self.max_len is None:
-            self.initial_state(1, dtype=q.dtype, device=q.device)  # raises
+        self.check_decoding()
         assert self.max_len is not None
         self._check_step(q, k, v)
         return cosformer_step(q, k, v, state, max_len=self.max_len, eps=self.eps)
@@ -428,12 +435,16 @@ class LinearSelfAttention(KernelCore):
         )
         return unpack(res, need_weights, need_importance)
 
-    def initial_state(self, batch: int, *, dtype: torch.dtype, device: torch.device) -> State:
+    def decoding_error(self) -> str | None:
         if self.normalize == "n":
-            raise UnsupportedError(
+            return (
                 "variant 'lsa' with normalize='n' divides by the final sequence length, unknown while "
                 "decoding; use normalize='prefix_count' (the default) or 'none'"
             )
+        return super().decoding_error()
+
+    def initial_state(self, batch: int, *, dtype: torch.dtype, device: torch.device) -> State:
+        self.check_decoding()
         d = self.head_dim
         return {
             "S": self._zeros(batch, d, d, dtype=dtype, device=device),
@@ -441,8 +452,7 @@ class LinearSelfAttention(KernelCore):
         }
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: State) -> tuple[Tensor, State]:
-        if self.normalize == "n":
-            self.initial_state(1, dtype=q.dtype, device=q.device)  # raises
+        self.check_decoding()
         self._check_step(q, k, v)
         return lsa_step(q, k, v, state, normalize=self.normalize, scale=self.scale)
 

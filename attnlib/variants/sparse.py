@@ -271,6 +271,22 @@ class BlockSparseAttention(AttentionCore):
             self._cache[key] = bm
         return self._cache[key]
 
+    def decode_pattern(self, n: int, m: int, device: torch.device | str) -> BlockMask | None:
+        """The pattern of N new queries after M - N earlier positions (causal N < M, decoding).
+
+        Query i sits at position M - N + i (bottom-right aligned, like the causal mask), so its
+        row is row M - N + i of the (M, M) pattern: the layout blocks stay aligned to the
+        sequence's positions and a decoded token sees exactly the keys its row sees in the full
+        causal forward. The (M, M) pattern is not kept (M grows with every decoding step);
+        O(N · M) memory.
+        """
+        key = (m, m, str(device))
+        kept = key in self._cache
+        square = self.block_mask(m, m, device)
+        if not kept:
+            del self._cache[key]
+        return None if square is None else BlockMask.from_dense(square.dense_rows(m - n, m), self.block_size)
+
     def implied_mask(self, n: int, m: int, device: torch.device | str = "cpu") -> MaskLike:
         return self.block_mask(n, m, device)
 
@@ -314,10 +330,12 @@ def _pattern_attend(
     data-dependent (active-block lists), so ``torch.compile`` runs this function eagerly
     (:func:`_pattern_attend_eager`): one graph break per call instead of one per block-list operation.
     """
-    pattern = core.block_mask(mask.n, mask.m, q.device)
+    decoding = mask.causal and mask.n < mask.m  # new queries after cached positions
+    pattern = (core.decode_pattern if decoding else core.block_mask)(mask.n, mask.m, q.device)
+    plain = not (decoding or need_weights or need_importance or score_mod)
     flags = {"causal", "key_padding"}
-    if pattern is not None and set(mask.kinds()) & flags and set(mask.kinds()) <= flags:
-        if not (need_weights or need_importance or score_mod or dispatch.block_layout_as_dense(pattern)):
+    if pattern is not None and plain and set(mask.kinds()) & flags and set(mask.kinds()) <= flags:
+        if not dispatch.block_layout_as_dense(pattern):
             lengths = mask.key_lengths()
             if mask.key_padding is None or lengths is not None:
                 out = block_sparse_attention(q, k, v, pattern, scale=core.scale, causal=mask.causal, kv_lengths=lengths)
@@ -542,7 +560,9 @@ class SeerAttention(AttentionCore):
     """
 
     capabilities = Capabilities(
-        **_BLOCK_CAPS,  # type: ignore[arg-type]
+        # causal N != M: the causal gate of query block I pools the queries of block I - 1, which a
+        # key/value cache does not hold, so new queries cannot attend alone; decoding recomputes
+        **{**_BLOCK_CAPS, "causal_cross": False},  # type: ignore[arg-type]
         complexity="O(N·density·N) + O((N/b)^2)",
         trainable=True,
         permutation_equivariant=False,
@@ -610,6 +630,28 @@ class SeerAttention(AttentionCore):
         # the strictly causal gate: the official one (default) lets later tokens of a query's own
         # block change which blocks it reads, which the registry's causality property forbids
         return {"block_size": 4, "density": 0.5, "gate_dim": 8, "causal_gate": True}
+
+    @classmethod
+    def decoding_kwargs(cls) -> dict[str, Any]:
+        return {**cls.conformance_kwargs(), "threshold": 0.2, "last_block_dense": False, "keep_own_blocks": True}
+
+    def decoding_error(self) -> str | None:
+        length_dependent = [
+            text
+            for bad, text in (
+                (not self.causal_gate, "causal_gate=False pools later tokens of a query's own block"),
+                (self.last_block_dense, "last_block_dense=True keeps the last two block rows of the sequence dense"),
+                (self.threshold is None, "the density top-k keeps a number of blocks set by the total length"),
+            )
+            if bad
+        ]
+        if length_dependent:
+            return (
+                "variant 'seer' decodes only where its block choice for a position does not depend on the "
+                f"sequence length: {'; '.join(length_dependent)}. Build it with causal_gate=True, "
+                "last_block_dense=False and a threshold= (keep_own_blocks=True avoids empty rows)"
+            )
+        return super().decoding_error()
 
     def gate_logits(
         self,
@@ -1295,6 +1337,7 @@ class SwinBERTMaskAttention(AttentionCore):
         block_mask=False,
         window=False,
         causal_cross=False,
+        decode=False,  # the mask covers the last num_tokens tokens: a row depends on the total length
         complexity="O(N^2) train, O(N·density·N) eval",
         exact=False,
         has_weights=True,

@@ -64,12 +64,10 @@ def test_every_path_under_default_dtype_float64(name: str) -> None:
                 outs.append(attn(x, torch.randn(B, M, DIM, dtype=dtype)))
             gqa = module(name, dtype, causal=causal, num_kv_heads=2, rope=True).eval()
             outs.append(gqa(x))
-            if causal and decode_mode(c) is not None:
-                try:
-                    cache = attn.init_cache(B)
-                except attnlib.UnsupportedError:  # a recurrent step that needs an option (cosformer: max_len)
-                    cache = attn.init_cache(B, mode="recompute")
-                outs += [attn(x[:, :5], cache=cache), attn(x[:, 5:6], cache=cache)]
+            if causal and decode_mode(c) is not None:  # with the options that decode (cosformer: max_len)
+                dec = module(name, dtype, causal=True, **get_variant(name).decoding_kwargs()).eval()
+                cache = dec.init_cache(B)
+                outs += [dec(x[:, :5], cache=cache), dec(x[:, 5:6], cache=cache)]
             attn.train()
             y = attn(x)
             (y.square().mean() + attnlib.aux_loss(attn)).backward()
