@@ -28,6 +28,7 @@ from _common import RESULTS, machine_info, markdown_table
 # (variant, N, pass, kwargs, target ratio vs softmax or None)
 TIME_ROWS: list[tuple[str, int, str, dict[str, Any], float | None]] = [
     ("sparsifiner", 4096, "fwd", {}, 0.5),
+    ("sparsifiner", 4096, "fwd", {"selection": "blocks"}, 0.5),
     ("aft_full", 8192, "fwd", {}, 1.5),
     ("swinbert_mask", 8192, "fwd", {"num_tokens": 8192}, 1.0),
     ("entmax", 4096, "fwd", {}, 10.0),

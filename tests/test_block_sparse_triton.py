@@ -195,6 +195,38 @@ def test_interpreter_forward_has_no_host_sync(monkeypatch) -> None:
 
 
 @INTERP
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float16, 2e-2)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_interpreter_block_sparse_variant_right_padding_as_lengths(dtype, tol, causal, monkeypatch, spy) -> None:
+    """The ``block_sparse`` variant with right padding runs the Triton kernel (interpreter, fp32 /
+    fp16) on its cached pattern with ``kv_lengths=``: output and gradients within the dtype's error
+    of the float64 reference under pattern AND padding (AND causal)."""
+    from attnlib.masks import KeyPadding, normalize_mask, window_mask
+    from attnlib.registry import get_variant
+
+    monkeypatch.setattr("attnlib.dispatch.triton_preferred", lambda device: True)
+    monkeypatch.setattr(_tri(), "INTERPRET_TILE", (16, 16))
+    n, lengths = 50, torch.tensor([50, 21])
+    core = get_variant("block_sparse")(num_heads=2, head_dim=16, pattern="sliding_window", window=9, block_size=16)
+    valid = torch.arange(n)[None, :] < lengths[:, None]
+    qkv64 = tuple(t.requires_grad_() for t in make_qkv(2, 2, n, 16, dtype=torch.float64, logit_scale=2.0, seed=9))
+    allowed = (window_mask(n, n, left=9, right=9)[None, None] & valid[:, None, None, :]).expand(2, 2, n, n)
+    if causal:
+        allowed = allowed & torch.ones(n, n, dtype=torch.bool).tril()
+    ref = reference_attention(*qkv64, mask=allowed)
+    go = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    want = (ref, *torch.autograd.grad(ref, qkv64, go))
+    qkv = tuple(t.detach().to(dtype).requires_grad_() for t in qkv64)
+    am = normalize_mask(KeyPadding(valid), causal=causal, batch=2, heads=2, n=n, m=n, device=torch.device("cpu"))
+    out = core(*qkv, am).out
+    got = (out, *torch.autograd.grad(out, qkv, go.to(dtype)))
+    for name, a, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        err = float((a.detach().double() - w.detach()).abs().max())
+        assert err <= tol * max(1.0, float(w.detach().abs().max())), f"{name}: max error {err:.2e}"
+    assert spy == {"forward": 1, "backward": 1}
+
+
+@INTERP
 def test_kv_lengths_validation() -> None:
     q, k, v = make_qkv(2, 2, 32, 16)
     bm = BlockMask.causal(32, block_size=16)

@@ -244,3 +244,29 @@ def test_normalize_mask_intersects_repeated_windows_and_block_masks() -> None:
     a, b = torch.rand(7, 7, generator=g) > 0.4, torch.rand(7, 7, generator=g) > 0.4
     am = _norm([BlockMask.from_dense(a, 4), BlockMask.from_dense(b, 2)], n=7, m=7)
     assert torch.equal(am.dense()[0, 0], a & b)
+
+
+def test_prefix_lengths_reads_right_padding_once_per_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Right padding (real keys a prefix) gives its lengths, any other padding None; the answer is
+    remembered for the same unchanged tensor (no second read) and recomputed after an in-place edit."""
+    from attnlib.masks import padding
+
+    lengths = torch.tensor([7, 0, 3])
+    right = torch.arange(7)[None, :] < lengths[:, None]
+    assert torch.equal(padding.prefix_lengths(right), lengths)
+    holes = right.clone()
+    holes[0, 2] = False
+    assert padding.prefix_lengths(holes) is None
+    assert padding.prefix_lengths(torch.ones(2, 5, dtype=torch.bool)).tolist() == [5, 5]
+    reads: list[int] = []
+    real_sum = torch.Tensor.sum
+    monkeypatch.setattr(torch.Tensor, "sum", lambda self, *a, **kw: reads.append(1) or real_sum(self, *a, **kw))
+    assert torch.equal(padding.prefix_lengths(right), lengths) and reads == []
+    right[2, 3] = True  # in place: a new version, read again
+    assert torch.equal(padding.prefix_lengths(right), torch.tensor([7, 0, 4])) and reads == [1]
+    with torch.inference_mode():  # no version counter: read every time, still right
+        inf = torch.arange(4)[None, :] < torch.tensor([[2]])
+        assert padding.prefix_lengths(inf).tolist() == [2]
+    assert _norm(KeyPadding(holes[:2])).key_lengths() is None
+    assert _norm([KeyPadding(right[:2]), KeyPadding(right[:2])], causal=True).key_lengths().tolist() == [7, 0]
+    assert _norm(None).key_lengths() is None

@@ -85,6 +85,57 @@ def test_block_sparse_cross_attention_and_block_masks() -> None:
     assert_close(cr(q, k, v, am(20, 33, extra), cross=True).out, ref2)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_sparse_right_padding_reaches_the_kernel_as_lengths(
+    causal: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Right padding (each example's real keys a prefix) goes to the kernel as ``kv_lengths=`` with the
+    cached pattern itself (no new BlockMask per call; the PyTorch path builds one layout per set of
+    lengths and reuses it); other padding is ANDed into the layout. Output and gradients equal the
+    float64 reference."""
+    import attnlib.variants.sparse as sp
+
+    seen: list[tuple] = []
+    kernel = sp.block_sparse_attention
+
+    def spy(q, k, v, bm, **kw):
+        seen.append((bm, kw.get("kv_lengths"), kw.get("causal", False)))
+        return kernel(q, k, v, bm, **kw)
+
+    builds: list[int] = []
+    real = BlockMask.from_key_padding.__func__
+    monkeypatch.setattr(sp, "block_sparse_attention", spy)
+    monkeypatch.setattr(
+        BlockMask, "from_key_padding", classmethod(lambda c, *a, **kw: builds.append(1) or real(c, *a, **kw))
+    )
+    cr = core("block_sparse", pattern="sliding_window", window=6, block_size=8)
+    n = 45
+    lengths = torch.tensor([n, 19])
+    right = torch.arange(n)[None, :] < lengths[:, None]
+    holes = right.clone()
+    holes[0, 3] = False
+    pattern = cr.block_mask(n, n, "cpu")
+    allowed = window_mask(n, n, left=6, right=6)[None, None]
+    for kp, want, new_layouts in ((right, lengths, 1), (holes, None, 1), (right, lengths, 0)):
+        seen.clear()
+        builds.clear()
+        qkv = tuple(
+            t.requires_grad_() for t in make_qkv(B, H, n, D, h_kv=2, dtype=torch.float64, logit_scale=4.0, seed=31)
+        )
+        out = cr(*qkv, am(n, mask=KeyPadding(kp), causal=causal)).out
+        ref = reference_attention(*qkv, mask=[KeyPadding(kp), allowed], causal=causal)
+        assert_close(out, ref)
+        go = torch.randn_like(ref)
+        for a, r in zip(torch.autograd.grad(out, qkv, go), torch.autograd.grad(ref, qkv, go), strict=True):
+            assert_close(a, r)
+        ((bm, kvl, c),) = seen
+        if want is None:
+            assert kvl is None and bm is not pattern
+        else:
+            assert bm is pattern and torch.equal(kvl, want) and c == causal
+        assert len(builds) == new_layouts
+
+
 # ------------------------------------------------------------------------------------------
 # GRAT
 # ------------------------------------------------------------------------------------------
@@ -106,8 +157,9 @@ def test_block_sparse_all_full_layout_takes_the_dense_path(
     n: int, window: int, padded: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A layout with every block full (window wider than the sequence, one block) is dense
-    attention: the kernel is skipped and the result equals the float64 reference; otherwise
-    (a real window, or key padding making blocks partial) the kernel runs."""
+    attention: the kernel is skipped and the result equals the float64 reference; a layout of one
+    partial block (a real window, or key padding) runs as one SDPA call with its cached mask on CPU
+    (:func:`attnlib.dispatch.block_layout_as_masked_dense`), also without the kernel."""
     import attnlib.variants.sparse as sp
 
     calls: list[int] = []
@@ -129,8 +181,7 @@ def test_block_sparse_all_full_layout_takes_the_dense_path(
     out = core(q, k, v, am).out
     allowed = window_mask(n, n, left=window, right=window) & kp[:, None, None, :]
     assert_close(out, reference_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), mask=allowed))
-    dense = window >= n and not padded
-    assert calls == ([] if dense else [1])
+    assert calls == []
     bm = BlockMask.sliding_window(n, window, window, block_size=128)
     assert bm.all_full() == (window >= n)
 
@@ -612,6 +663,48 @@ def test_sparsifiner_reconstruction_loss() -> None:
 
 
 @pytest.mark.parametrize("causal", [False, True])
+def test_sparsifiner_block_selection_follows_its_definition(causal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """selection="blocks": query block I keeps its ceil(keep_rate · #visible key blocks) key blocks with
+    the highest mean of A^ (computed here from the whole A^, the slow way), the CLS row stays dense;
+    the kernel path and the weights path equal the float64 reference under that mask."""
+    n, bs = 45, 8
+    q, k, v = make_qkv(B, H, n, D, dtype=torch.float64, logit_scale=4.0, seed=22)
+    cr = core(
+        "sparsifiner", num_tokens=48, keep_rate=0.3, reduce_n_factor=4, basis_topk=4, selection="blocks", block_size=bs
+    )
+    with torch.no_grad():
+        cr.up.normal_(0, 0.1)
+    kp = key_padding(n) if causal else None
+    mask = am(n, mask=kp, causal=causal)
+    a = cr.approx_attention(q, k, sparse_basis=True, causal=causal, key_valid=None if kp is None else kp.valid)
+    nb = math.ceil(n / bs)
+    tok = mask.dense()
+    tok = torch.ones(1, 1, n, n, dtype=torch.bool) if tok is None else tok
+    tok = tok.expand(B, H, n, n)
+    keep = torch.zeros(B, H, n, n, dtype=torch.bool)
+    for b in range(B):
+        for h in range(H):
+            for i in range(nb):
+                rows = slice(i * bs, (i + 1) * bs)
+                blocks = [slice(j * bs, (j + 1) * bs) for j in range(nb)]
+                score = torch.stack([a[b, h, rows, c].mean() for c in blocks])
+                visible = torch.tensor([bool(tok[b, h, rows, c].any()) for c in blocks])
+                count = max(1, math.ceil(0.3 * int(visible.sum())))
+                for j in score.masked_fill(~visible, float("-inf")).topk(count).indices.tolist():
+                    if visible[j]:
+                        keep[b, h, rows, blocks[j]] = True
+    keep = keep & tok
+    keep[:, :, 0] = tok[:, :, 0]  # the CLS row
+    ref, w = reference_attention(q, k, v, mask=keep, return_weights=True)
+    assert_close(cr(q, k, v, mask).out, ref)
+    res = cr(q, k, v, mask, need_weights=True)
+    assert_close(res.out, ref)
+    assert_close(res.weights, w)
+    monkeypatch.setattr("attnlib.dispatch.ROW_BLOCK_ELEMENTS", 1)  # block scores over chunks of 16 rows
+    assert_close(cr(q, k, v, mask).out, ref)
+
+
+@pytest.mark.parametrize("causal", [False, True])
 def test_sparsifiner_blocked_paths_equal_the_whole_matrix(monkeypatch: pytest.MonkeyPatch, causal: bool) -> None:
     """Row blocks (16 rows each here), the additive-bias fused path and the explicit path agree with
     one whole-matrix computation: output, predictor, and the reconstruction loss and its gradients."""
@@ -643,6 +736,39 @@ def test_sparsifiner_blocked_paths_equal_the_whole_matrix(monkeypatch: pytest.Mo
 # ------------------------------------------------------------------------------------------
 # SwinBERT mask
 # ------------------------------------------------------------------------------------------
+
+
+def test_all_active_layout_runs_as_one_masked_sdpa_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layout that visits every block (e.g. a binarised learned element mask) runs on CPU as SDPA with
+    its dense additive mask cached on the layout: output and gradients equal the float64 reference (an
+    empty row gives 0, GQA); a layout that skips a block still runs the block-sparse kernel."""
+    import attnlib.variants.sparse as sp
+    from attnlib import dispatch
+
+    cpu = torch.device("cpu")
+    n = 40
+    dense = torch.rand(1, 1, n, n, generator=torch.Generator().manual_seed(5)) < 0.5
+    dense[..., 3, :] = False  # an empty row
+    bm = BlockMask.from_dense(dense, 8)
+    assert dispatch.block_layout_as_masked_dense(bm, cpu)
+    kernel_calls: list[int] = []
+    kernel = sp.block_sparse_attention
+    monkeypatch.setattr(sp, "block_sparse_attention", lambda *a, **kw: kernel_calls.append(1) or kernel(*a, **kw))
+    qkv = tuple(t.requires_grad_() for t in make_qkv(B, H, n, D, h_kv=2, dtype=torch.float64, logit_scale=3.0, seed=6))
+    for _ in range(2):  # the second call reuses the cached mask
+        out = sp._run_block(*qkv, bm, None, False, False).out
+        ref = reference_attention(*qkv, mask=dense)
+        assert_close(out, ref)
+        go = torch.randn_like(ref)
+        for a, r in zip(torch.autograd.grad(out, qkv, go), torch.autograd.grad(ref, qkv, go), strict=True):
+            assert_close(a, r)
+    assert kernel_calls == [] and "masked_dense/torch.float64" in bm._cache
+    skipped = dense.clone()
+    skipped[..., :8, 16:24] = False
+    bm2 = BlockMask.from_dense(skipped, 8)
+    assert not dispatch.block_layout_as_masked_dense(bm2, cpu)
+    assert_close(sp._run_block(*qkv, bm2, None, False, False).out, reference_attention(*qkv, mask=skipped))
+    assert kernel_calls == [1]
 
 
 def test_swinbert_saturated_mask_equals_dense() -> None:

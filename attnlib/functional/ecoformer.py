@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnlib import dispatch
 from attnlib._validation import check_qkv
 from attnlib.errors import UnsupportedError
 from attnlib.functional._common import acc_dtype, nonzero, repeat_kv, safe_div
@@ -342,14 +343,32 @@ def _ksh_loss(kq: Tensor, kk: Tensor, resid: Tensor, a: Tensor, scale: float, bi
     return -torch.einsum("bhn,bhnm,bhm->h", yq, resid, yk) * scale  # (H,)
 
 
+def _ksh_pack(kq: Tensor, kk: Tensor, resid: Tensor) -> tuple[Tensor, Tensor]:
+    """The operands of :func:`_ksh_grad_packed`: the features of queries and keys stacked per head,
+    ``feats`` (H, B·(N+M), m), and ``pair`` (H, B, N+M, N+M) = [[0, R], [Rᵀ, 0]] per example."""
+    b, h, n, _ = kq.shape
+    m = kk.shape[2]
+    feats = torch.cat([kq, kk], 2).transpose(0, 1).reshape(h, b * (n + m), -1)
+    pair = resid.new_zeros(h, b, n + m, n + m)
+    r = resid.transpose(0, 1)
+    pair[:, :, :n, n:] = r
+    pair[:, :, n:, :n] = r.transpose(-1, -2)
+    return feats, pair
+
+
+def _ksh_grad_packed(feats: Tensor, pair: Tensor, a: Tensor, scale: float) -> Tensor:
+    """:func:`_ksh_grad` on the packed operands of :func:`_ksh_pack`: five batched products per step
+    (the greedy KSH runs thousands of them, one after another, on small tensors)."""
+    h, b, ln = pair.shape[:3]
+    y = torch.tanh(torch.matmul(feats, a[:, :, None]) * 0.5)  # (H, B·L, 1): [tanh(kq a/2); tanh(kk a/2)]
+    g = torch.matmul(pair, y.view(h, b, ln, 1)).view(h, b * ln, 1) * (1 - y * y)  # [R yk; Rᵀ yq] ⊙ (1 - y²)
+    return torch.matmul(feats.transpose(1, 2), g)[..., 0] * (-scale / 2)
+
+
 def _ksh_grad(kq: Tensor, kk: Tensor, resid: Tensor, a: Tensor, scale: float) -> Tensor:
     """d Σ_h _ksh_loss(..., binary=False) / da (H, m), written out: with u = kq a, w = kk a,
     ``dL/du_i = -scale/2 · (R tanh(w/2))_i (1 - tanh²(u/2))`` and likewise for w."""
-    yq = torch.tanh(torch.einsum("bhnm,hm->bhn", kq, a) / 2)
-    yk = torch.tanh(torch.einsum("bhnm,hm->bhn", kk, a) / 2)
-    gq = torch.matmul(resid, yk[..., None])[..., 0] * (1 - yq * yq)  # (B, H, N)
-    gk = torch.matmul(yq[..., None, :], resid)[..., 0, :] * (1 - yk * yk)  # (B, H, M)
-    return (torch.einsum("bhn,bhnm->hm", gq, kq) + torch.einsum("bhn,bhnm->hm", gk, kk)) * (-scale / 2)
+    return _ksh_grad_packed(*_ksh_pack(kq, kk, resid), a, scale)
 
 
 def _nesterov_sgd(grad: Callable[[Tensor], Tensor], a0: Tensor, lr: float, momentum: float, iters: int) -> Tensor:
@@ -446,22 +465,25 @@ def learn_ksh_hash(
         def loss(a: Tensor, binary: bool) -> Tensor:
             return _ksh_loss(kq, kk, resid, a, scale, binary)
 
-        for r in range(nbits):
-            a0 = proj[:, r].clone()
-            l0 = loss(a0, True)
-            a1 = _nesterov_sgd(lambda a, res=resid: _ksh_grad(kq, kk, res, a, scale), a0, lr, momentum, iters)
-            l1 = loss(a1, True)
-            if not torch.isfinite(a1).all():
-                a1, l1 = a0, l0
-            keep = (l1 < l0)[:, None]
-            best = torch.where(keep, a1, a0)
-            proj[:, r] = best
-            before[:, r] = l0.cpu()
-            after[:, r] = torch.minimum(l0, l1).cpu()
-            yq = torch.where(torch.einsum("bhnm,hm->bhn", kq, best) >= 0, 1.0, -1.0).to(dt)
-            yk = torch.where(torch.einsum("bhnm,hm->bhn", kk, best) >= 0, 1.0, -1.0).to(dt)
-            outer = yq[..., :, None] * yk[..., None, :]
-            resid = resid - (outer if allowed is None else outer * allowed)
+        # thousands of dependent steps on small tensors: one intra-op thread (see dispatch.serial_cpu_loop)
+        with dispatch.serial_cpu_loop(resid.numel() + kq.numel() + kk.numel(), q.device):
+            for r in range(nbits):
+                a0 = proj[:, r].clone()
+                l0 = loss(a0, True)
+                feats, pair = _ksh_pack(kq, kk, resid)
+                a1 = _nesterov_sgd(lambda a, f=feats, p=pair: _ksh_grad_packed(f, p, a, scale), a0, lr, momentum, iters)
+                l1 = loss(a1, True)
+                if not torch.isfinite(a1).all():
+                    a1, l1 = a0, l0
+                keep = (l1 < l0)[:, None]
+                best = torch.where(keep, a1, a0)
+                proj[:, r] = best
+                before[:, r] = l0.cpu()
+                after[:, r] = torch.minimum(l0, l1).cpu()
+                yq = torch.where(torch.einsum("bhnm,hm->bhn", kq, best) >= 0, 1.0, -1.0).to(dt)
+                yk = torch.where(torch.einsum("bhnm,hm->bhn", kk, best) >= 0, 1.0, -1.0).to(dt)
+                outer = yq[..., :, None] * yk[..., None, :]
+                resid = resid - (outer if allowed is None else outer * allowed)
         return {
             "anchors": anchors,
             "center": center,

@@ -39,7 +39,7 @@ from attnlib.functional._common import (
     softmax_or_zero,
 )
 from attnlib.functional.softmax import softmax_attention
-from attnlib.masks import AttentionMask
+from attnlib.masks import AttentionMask, BlockMask
 from attnlib.positional import RotaryCall, rotate_at
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "RowsFn",
     "block_max_attention",
     "block_pool",
+    "layout_masked_attention",
     "mosa_attention",
     "mosa_k",
     "mosa_picked_attention",
@@ -63,6 +64,7 @@ __all__ = [
     "seer_select",
     "sparsifiner_approx_attention",
     "sparsifiner_attention",
+    "sparsifiner_block_select",
     "sparsifiner_predictor",
     "sparsifiner_recon_loss",
     "sparsifiner_select",
@@ -87,6 +89,19 @@ def block_pool(x: Tensor, size: int, ops: tuple[str, ...], valid: Tensor | None 
     b, h, n, d = x.shape
     nb = math.ceil(n / size)
     pad = nb * size - n
+    if valid is None:  # real tokens only (the last block may be short): plain reductions, no masks
+        fill = {"avg": 0.0, "max": float("-inf"), "min": float("inf")}
+        red = {"avg": torch.sum, "max": torch.amax, "min": torch.amin}
+        outs = []
+        for op in ops:
+            xv = (F.pad(x, (0, 0, 0, pad), value=fill[op]) if pad else x).reshape(b, h, nb, size, d)
+            outs.append(red[op](xv, 3))
+        if "avg" in ops:
+            i = ops.index("avg")
+            count = torch.full((nb, 1), float(size), dtype=x.dtype, device=x.device)
+            count[-1] = size - pad
+            outs[i] = outs[i] / count
+        return torch.cat(outs, -1) if len(outs) > 1 else outs[0]
     xb = F.pad(x, (0, 0, 0, pad)).view(b, h, nb, size, d)
     vm = (torch.arange(nb * size, device=x.device) < n).view(1, 1, nb, size, 1)
     if valid is not None:
@@ -134,6 +149,26 @@ def block_max_attention(
         p = p.view(b, h, nblk, bq, nk, bk).amax((3, 5))
         out[:, :, i0 : i0 + nblk] = p
     return out / nonzero(out.sum(-1, keepdim=True))
+
+
+def layout_masked_attention(q: Tensor, k: Tensor, v: Tensor, bm: BlockMask, *, scale: float | None = None) -> Tensor:
+    """Exact attention under a block layout as one SDPA call with its dense additive mask.
+
+    q (B, H, N, D), k, v (B, H_kv, M, ·) -> (B, H, N, Dv). The mask (B'|1, H'|1, N, M) in q's
+    dtype (0 allowed, -inf not) is built once and cached on ``bm`` (see
+    :func:`attnlib.dispatch.block_layout_as_masked_dense` for when this beats the block-sparse
+    kernel); rows with no allowed key are 0. Differentiable w.r.t. q, k, v.
+    """
+    key = f"masked_dense/{q.dtype}"
+    if key not in bm._cache:
+        allowed = bm.to_dense()
+        empty = ~allowed.any(-1, keepdim=True)
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(~(allowed | empty), float("-inf"))
+        bm._cache[key] = (bias, empty if bool(empty.any()) else None)
+    bias, empty = bm._cache[key]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out if empty is None else out.masked_fill(empty, 0.0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -623,8 +658,14 @@ def sparsifiner_predictor(
     basis_threshold: float = 0.02,
     causal: bool = False,
     key_valid: Tensor | None = None,
+    block_pooled: int | None = None,
 ) -> RowsFn:
     """Sparsifiner's predictor A^ as a function of a row range: ``rows(s, e)`` -> A^[:, :, s:e] (B, H, e-s, N).
+
+    With ``block_pooled`` = b the function gives the mean of A^ over each (query block, key block)
+    of b x b tokens instead, ``rows(I0, I1)`` -> (B, H, I1-I0, ceil(N/b)) for query blocks I0..I1-1
+    (the last blocks' means over their real tokens): A^ is linear in Cf, so this is the block mean
+    of Cf's rows times W_up's block means, O(N·n_d + (N/b)²·n_d), never A^ itself.
 
     The same A^ as :func:`sparsifiner_approx_attention`, computed a block of query rows at a
     time so that nothing N x N is held: the channel reduction and (non-causal) key
@@ -647,14 +688,44 @@ def sparsifiner_predictor(
         w_up = w_up.abs()
         w_up = (w_up * (w_up > basis_threshold)).contiguous()  # rows gathered by the embedding bag
 
-    def rows(s: int, e: int) -> Tensor:
+    def scaled_logits(s: int, e: int) -> Tensor:
         if k_down is None:  # query i sees the down-projection of keys j <= i only
             sc = torch.matmul(qc[:, :, s:e], kc[:, :, :e].transpose(-1, -2))
             later = torch.arange(s, e, device=q.device)[:, None] < torch.arange(e, device=q.device)
             logits = torch.matmul(sc.masked_fill(later, 0.0), dn[:e])
         else:
             logits = torch.matmul(qc[:, :, s:e], k_down)
-        cf = torch.softmax(logits * predictor_scale, -1)
+        return logits * predictor_scale
+
+    def coefficients(s: int, e: int) -> Tensor:
+        return torch.softmax(scaled_logits(s, e), -1)
+
+    if block_pooled is not None:  # mean of A^ over blocks = (mean of Cf over the query block) W_up pooled
+        bs = block_pooled
+        nb = math.ceil(n / bs)
+        w_pool = F.pad(w_up, (0, nb * bs - n)).view(-1, nb, bs).sum(-1) / _block_counts(n, bs, w_up)
+        step = max(bs, dispatch.row_block(n, w_up.shape[0], q.shape[0] * q.shape[1]) // bs * bs)
+        pooled = []
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            rows_here = math.ceil((e - s) / bs)
+            if sparse_basis:  # the basis_topk kept coefficients of each row, added into its block's row
+                logits = scaled_logits(s, e)
+                top = logits.topk(min(basis_topk, logits.shape[-1]), -1)
+                vals = torch.exp(top.values - torch.logsumexp(logits, -1, keepdim=True))  # softmax at the top
+                n_d = logits.shape[-1]
+                at = (torch.arange(e - s, device=q.device) // bs * n_d)[:, None] + top.indices
+                cf = vals.new_zeros(*vals.shape[:2], rows_here * n_d)
+                cf = cf.scatter_add_(-1, at.flatten(2), vals.flatten(2)).view(*vals.shape[:2], rows_here, n_d)
+            else:
+                cf = coefficients(s, e)
+                cf = F.pad(cf, (0, 0, 0, rows_here * bs - (e - s))).unflatten(2, (rows_here, bs)).sum(3)
+            pooled.append(cf / _block_counts(e - s, bs, cf)[:, None])
+        cf_pooled = torch.cat(pooled, 2) if len(pooled) > 1 else pooled[0]
+        return lambda s, e: torch.matmul(cf_pooled[:, :, s:e], w_pool)
+
+    def rows(s: int, e: int) -> Tensor:
+        cf = coefficients(s, e)
         if not sparse_basis:
             return torch.matmul(cf, w_up)
         top = cf.topk(min(basis_topk, cf.shape[-1]), -1)
@@ -668,6 +739,14 @@ def sparsifiner_predictor(
         return a.view(*lead, n)
 
     return rows
+
+
+def _block_counts(n: int, size: int, like: Tensor) -> Tensor:
+    """Real tokens in each of the ceil(n / size) blocks of n tokens: (n_blocks,) in like's dtype."""
+    nb = math.ceil(n / size)
+    c = torch.full((nb,), float(size), dtype=like.dtype, device=like.device)
+    c[-1] = n - (nb - 1) * size
+    return c
 
 
 def sparsifiner_approx_attention(
@@ -830,6 +909,21 @@ def sparsifiner_select(
             return out
 
     return keep
+
+
+def sparsifiner_block_select(scores: Tensor, allowed: Tensor, *, keep_rate: float) -> Tensor:
+    """Key blocks each query block keeps: (B, H, n_q, n_k) bool from block scores (B, H, n_q, n_k).
+
+    Query block I keeps its ceil(keep_rate · #key blocks it may visit) highest-scored key blocks
+    among ``allowed`` (bool, broadcastable; the caller's layout), at least one where any is allowed.
+    The block form of :func:`sparsifiner_select` (which ranks single keys per query).
+    """
+    allowed = allowed.expand_as(scores)
+    counts = (allowed.sum(-1, keepdim=True) * keep_rate).ceil().clamp(min=1).to(torch.long)  # (B, H, n_q, 1)
+    kk = min(scores.shape[-1], int(counts.max()))
+    idx = scores.masked_fill(~allowed, float("-inf")).topk(kk, -1).indices  # best first
+    keep = torch.arange(kk, device=scores.device) < counts
+    return torch.zeros_like(allowed).scatter_(-1, idx, keep) & allowed
 
 
 def sparsifiner_attention(

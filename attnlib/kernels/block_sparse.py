@@ -244,9 +244,14 @@ def _warn_once(reason: str) -> None:
         )
 
 
+_KV_MASKS_KEPT = 8  # key-length layouts the PyTorch path keeps per BlockMask
+
+
 def _torch_mask(bm: Any, causal: bool, kv_lengths: Tensor | None) -> Any:
     """The PyTorch path's layout: ``bm`` AND the causal rule AND the key lengths (built through
-    the BlockMask's own class; the causal one is cached on ``bm``)."""
+    the BlockMask's own class; the causal one is cached on ``bm``, the key-length ones on the
+    causal one for the last :data:`_KV_MASKS_KEPT` sets of lengths, so a model whose layers
+    share one padding builds it once per batch, and each layout's plan is cached with it)."""
     if causal:
         cache = getattr(bm, "_cache", None)
         if cache is not None and "torch_causal_mask" in cache:
@@ -259,8 +264,20 @@ def _torch_mask(bm: Any, causal: bool, kv_lengths: Tensor | None) -> Any:
             bm = both
     if kv_lengths is not None:
         n, m = bm.seq_lengths
+        key = tuple(min(int(x), m) for x in kv_lengths.tolist())
+        if all(x == m for x in key):
+            return bm
+        cache = getattr(bm, "_cache", None)
+        held = None if cache is None else cache.setdefault("torch_kv_masks", {})
+        if held is not None and key in held:
+            return held[key]
         keep = torch.arange(m, device=kv_lengths.device)[None, :] < kv_lengths[:, None]
-        bm = bm & type(bm).from_key_padding(keep, n, block_size=bm.block_size)
+        both = bm & type(bm).from_key_padding(keep, n, block_size=bm.block_size)
+        if held is not None:  # the layouts of the last few length sets (with their cached plans)
+            held[key] = both
+            while len(held) > _KV_MASKS_KEPT:
+                del held[next(iter(held))]
+        bm = both
     return bm
 
 
@@ -566,8 +583,13 @@ def _groups(bm: Any, b: int, h: int, hk: int, d: int, bk: int) -> tuple[list[_Gr
     return groups, empty
 
 
-def _part_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
-    """Attention of rows q (R, X, bq, D) over k/v (R, X, L, ·) with additive bias -> (out, lse)."""
+def _part_forward(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, nan_guard: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Attention of rows q (R, X, bq, D) over k/v (R, X, L, ·) with additive bias -> (out, lse).
+
+    ``nan_guard=False`` when the caller knows q holds no NaN (the fused kernel's NaN rows need a fix-up).
+    """
     if dispatch.fused_cpu_block_parts(q.device, q.shape[-1], v.shape[-1]):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q,
@@ -578,6 +600,8 @@ def _part_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: f
             attn_mask=None if bias is None else bias.expand(*q.shape[:2], *bias.shape[2:]),
             scale=scale,
         )
+        if not nan_guard:
+            return out, lse
         nan_q = q.isnan().any(-1, keepdim=True)  # the fused kernel returns 0 for such a row (few keys)
         return out.masked_fill(nan_q, float("nan")), lse.masked_fill(nan_q.squeeze(-1), float("nan"))
     # fp16 / bf16 inputs: scores, probabilities and the output accumulate in fp32 (a half-precision
@@ -680,6 +704,8 @@ def _torch_forward(q: Tensor, k: Tensor, v: Tensor, bm: Any, scale: float) -> tu
     out = torch.zeros(b * h * nq, bq, dv, dtype=q.dtype, device=q.device)
     lse = torch.full((b * h * nq, bq), float("-inf"), dtype=lse_dtype, device=q.device)
     groups, empty = _groups(bm, b, h, hk, d, bk)
+    # one pass over q instead of one per part (the per-part fix-up costs as much as the gathers)
+    nan_guard = dispatch.fused_cpu_block_parts(q.device, d, dv) and bool(q.isnan().any())
     for grp in groups:
         qg = None if grp.q_gather is None else qf.index_select(0, grp.q_gather)
         kg = None if grp.k_gather is None else kf.index_select(0, grp.k_gather)
@@ -692,6 +718,7 @@ def _torch_forward(q: Tensor, k: Tensor, v: Tensor, bm: Any, scale: float) -> tu
                 _k_side(it, vf, vg, bk),
                 it.bucket.bias(q.dtype, it.sl),
                 scale,
+                nan_guard,
             )
             if it.q_spec is not None:
                 _view(out, it.q_spec, it.r, it.x, bq).copy_(o)

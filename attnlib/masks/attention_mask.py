@@ -10,7 +10,7 @@ from torch import Tensor
 
 from attnlib._validation import describe, positive_int_pair
 from attnlib.masks.block import BlockMask
-from attnlib.masks.padding import KeyPadding
+from attnlib.masks.padding import KeyPadding, prefix_lengths
 from attnlib.masks.predicates import (
     MaskMod,
     and_mod,
@@ -77,6 +77,14 @@ class AttentionMask:
     def is_empty(self) -> bool:
         """True when nothing constrains the call (every query may attend every key)."""
         return not self.kinds()
+
+    def key_lengths(self) -> Tensor | None:
+        """The key padding as per-example lengths (B,) when it is right padding, else None.
+
+        None also when there is no key padding. See :func:`attnlib.masks.padding.prefix_lengths`
+        (one host synchronisation per padding tensor, remembered while the tensor is unchanged).
+        """
+        return None if self.key_padding is None else prefix_lengths(self.key_padding)
 
     def without(self, *kinds: str) -> AttentionMask:
         """A copy with the named constraints removed (for variants that honour them natively)."""

@@ -590,8 +590,12 @@ class EcoformerAttention(KernelCore):
             self.learn_hash(q, k, mask)
         kp = mask.key_padding
         qvalid = None if cross else kp  # self-attention: padded tokens are no queries either
-        hq = self.codes(q, causal=mask.causal, valid=qvalid)
-        hk = self.codes(k, causal=mask.causal, valid=kp)
+        if q.shape == k.shape:  # one hashing pass over queries and keys (σ is per example: rows stay apart)
+            both = None if kp is None else torch.cat([torch.ones_like(kp) if qvalid is None else qvalid, kp])
+            hq, hk = self.codes(torch.cat([q, k]), causal=mask.causal, valid=both).chunk(2)
+        else:
+            hq = self.codes(q, causal=mask.causal, valid=qvalid)
+            hk = self.codes(k, causal=mask.causal, valid=kp)
         res = ecoformer_attention(
             hq,
             hk,

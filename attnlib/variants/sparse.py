@@ -43,6 +43,7 @@ from attnlib.functional.softmax import softmax_attention, softmax_importance
 from attnlib.functional.sparse import (
     MOSA_ROUTINGS,
     RowsFn,
+    layout_masked_attention,
     mosa_attention,
     mosa_router,
     mosa_scatter_weights,
@@ -54,6 +55,7 @@ from attnlib.functional.sparse import (
     seer_gate_loss,
     seer_select,
     sparsifiner_attention,
+    sparsifiner_block_select,
     sparsifiner_predictor,
     sparsifiner_recon_loss,
     swinbert_hard_mask,
@@ -83,8 +85,19 @@ __all__ = [
 # ------------------------------------------------------------------------------------------
 
 
+_PLAIN_LAYOUTS: dict[tuple[Any, ...], BlockMask] = {}
+
+
 def _with_caller(am: AttentionMask, pattern: BlockMask | None, block_size: tuple[int, int]) -> BlockMask:
-    """pattern AND every caller mask, as one BlockMask."""
+    """pattern AND every caller mask, as one BlockMask (the all-blocks / causal layouts are kept per size)."""
+    if pattern is None and set(am.kinds()) <= {"causal"}:
+        key = (am.n, am.m, str(am.device), am.causal, block_size)
+        if key not in _PLAIN_LAYOUTS:
+            if len(_PLAIN_LAYOUTS) >= 32:
+                _PLAIN_LAYOUTS.pop(next(iter(_PLAIN_LAYOUTS)))
+            layout = am.as_block_mask(block_size)
+            _PLAIN_LAYOUTS[key] = layout or BlockMask.all_blocks(am.n, am.m, block_size=block_size, device=am.device)
+        return _PLAIN_LAYOUTS[key]
     caller = am.as_block_mask(block_size)
     if pattern is None:
         if caller is None:
@@ -111,6 +124,8 @@ def _run_block(
     """
     if dispatch.block_layout_as_dense(bm):
         out = softmax_attention(q, k, v, scale=scale, score_mod=score_mod)
+    elif score_mod is None and dispatch.block_layout_as_masked_dense(bm, q.device):
+        out = layout_masked_attention(q, k, v, bm, scale=scale)
     else:
         out = block_sparse_attention(q, k, v, bm, scale=scale, score_mod=score_mod)
     if need_weights:
@@ -308,17 +323,23 @@ def _pattern_attend(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """block_sparse's computation: (out, weights | None, importance | None).
 
-    A causal-only caller mask goes to the kernel as its ``causal=`` flag (the pattern's causal
-    layout is cached on the pattern) instead of a new BlockMask per call. The layout work is
+    Causal and right-padding key padding (each example's real keys a prefix, see
+    :meth:`AttentionMask.key_lengths`) go to the kernel as its ``causal=`` / ``kv_lengths=`` flags
+    (the PyTorch path caches those layouts on the pattern) instead of a new BlockMask per call;
+    other caller masks are ANDed into the pattern. The layout work is
     data-dependent (active-block lists), so ``torch.compile`` runs this function eagerly
     (:func:`_pattern_attend_eager`): one graph break per call instead of one per block-list operation.
     """
     decoding = mask.causal and mask.n < mask.m  # new queries after cached positions
     pattern = (core.decode_pattern if decoding else core.block_mask)(mask.n, mask.m, q.device)
     plain = not (decoding or need_weights or need_importance or score_mod)
-    if pattern is not None and plain and mask.kinds() == ["causal"]:
+    flags = {"causal", "key_padding"}
+    if pattern is not None and plain and set(mask.kinds()) & flags and set(mask.kinds()) <= flags:
         if not dispatch.block_layout_as_dense(pattern):
-            return block_sparse_attention(q, k, v, pattern, scale=core.scale, causal=True), None, None
+            lengths = mask.key_lengths()
+            if mask.key_padding is None or lengths is not None:
+                out = block_sparse_attention(q, k, v, pattern, scale=core.scale, causal=mask.causal, kv_lengths=lengths)
+                return out, None, None
     bm = _with_caller(mask, pattern, (core.block_size, core.block_size))
     res = _run_block(q, k, v, bm, core.scale, need_weights, need_importance, score_mod)
     return res.out, res.weights, res.importance
@@ -1069,6 +1090,12 @@ class SparsifinerAttention(AttentionCore):
         predictor_scale: logit scale of the predictor (official code: num_heads**-0.5).
         recon_weight: weight of the reconstruction loss (official 0.01).
         reconstruct: stage 1 (dense output, raw basis).
+        selection: "tokens" (the paper: each query keeps its top K keys) or "blocks" (ours, for
+            speed: each query block of ``block_size`` rows keeps its top ceil(keep_rate · n_k) key
+            blocks by the block means of A^, computed without A^ itself, and attention runs on
+            the block-sparse kernel; the ``num_dense_queries`` rows stay dense; under causal masks
+            a block's choice also reads its later rows, so prefixes are not independent of them).
+        block_size: query / key block of ``selection="blocks"``.
         scale: attention logit scale, default head_dim**-0.5.
     """
 
@@ -1112,10 +1139,16 @@ class SparsifinerAttention(AttentionCore):
         predictor_scale: float | None = None,
         recon_weight: float = 0.01,
         reconstruct: bool = False,
+        selection: str = "tokens",
+        block_size: int = 64,
         scale: float | None = None,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim)
         where = "sparsifiner"
+        if selection not in ("tokens", "blocks"):
+            raise ValueError(f"{where}: selection must be 'tokens' or 'blocks', got {selection!r}")
+        self.selection = selection
+        self.block_size = positive_int(block_size, f"{where}: block_size")
         self.num_tokens = positive_int(num_tokens, f"{where}: num_tokens")
         self.keep_rate = fraction(keep_rate, f"{where}: keep_rate")
         n_d = max(1, self.num_tokens // positive_int(reduce_n_factor, f"{where}: reduce_n_factor"))
@@ -1140,9 +1173,17 @@ class SparsifinerAttention(AttentionCore):
         return {"num_tokens": 64, "keep_rate": 0.5, "reduce_n_factor": 4, "basis_topk": 4}
 
     def predictor(
-        self, q: Tensor, k: Tensor, *, sparse_basis: bool, causal: bool = False, key_valid: Tensor | None = None
+        self,
+        q: Tensor,
+        k: Tensor,
+        *,
+        sparse_basis: bool,
+        causal: bool = False,
+        key_valid: Tensor | None = None,
+        block_pooled: int | None = None,
     ) -> RowsFn:
-        """The predictor's A^ as ``rows(s, e)`` -> (B, H, e-s, N) (see :func:`sparsifiner_predictor`)."""
+        """The predictor's A^ as ``rows(s, e)`` -> (B, H, e-s, N), or its block means with
+        ``block_pooled`` (see :func:`sparsifiner_predictor`)."""
         n = q.shape[2]
         if n > self.num_tokens:
             raise ValueError(f"sparsifiner: sequence length N={n} exceeds num_tokens={self.num_tokens}")
@@ -1159,6 +1200,7 @@ class SparsifinerAttention(AttentionCore):
             basis_threshold=self.basis_threshold,
             causal=causal,
             key_valid=key_valid,
+            block_pooled=block_pooled,
         )
 
     def approx_attention(
@@ -1195,6 +1237,8 @@ class SparsifinerAttention(AttentionCore):
             aux = self.recon_weight * sparsifiner_recon_loss(a_raw, q, k, allowed, scale, self.num_dense_queries)
         if self.reconstruct:
             return _dense(q, k, v, mask, scale, dropout_p, need_weights, need_importance, aux)
+        if self.selection == "blocks":
+            return self._attend_blocks(q, k, v, mask, scale, dropout_p, need_weights, need_importance, aux)
         with torch.no_grad():
             a_hat = self.predictor(q, k, sparse_basis=True, causal=mask.causal, key_valid=mask.key_padding)
         out, w = sparsifiner_attention(
@@ -1213,6 +1257,44 @@ class SparsifinerAttention(AttentionCore):
         if w is None:
             return CoreOutput(out, aux_loss=aux)
         return CoreOutput.from_weights(out, w, need_weights=need_weights, need_importance=need_importance, aux_loss=aux)
+
+    def block_layout(self, q: Tensor, k: Tensor, mask: AttentionMask) -> BlockMask:
+        """``selection="blocks"``: the caller's layout restricted to the key blocks each query block keeps."""
+        base = _with_caller(mask, None, (self.block_size, self.block_size))
+        partial, full = base.block_states()
+        with torch.no_grad():
+            rows = self.predictor(
+                q, k, sparse_basis=True, causal=mask.causal, key_valid=mask.key_padding, block_pooled=self.block_size
+            )
+            scores = rows(0, base.num_blocks[0])
+            sel = sparsifiner_block_select(scores, partial | full, keep_rate=self.keep_rate)
+        return base.restrict(sel)
+
+    def _attend_blocks(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: AttentionMask,
+        scale: float,
+        dropout_p: float,
+        need_weights: bool,
+        need_importance: bool,
+        aux: Tensor | None,
+    ) -> CoreOutput:
+        bm = self.block_layout(q, k, mask)
+        n, nd = q.shape[2], min(self.num_dense_queries, q.shape[2])
+        if need_weights or need_importance or dropout_p > 0:  # weights are N x M anyway: one dense mask
+            allowed = bm.to_dense().expand(q.shape[0], q.shape[1], n, k.shape[2]).clone()
+            if nd:
+                rows = mask.dense_rows(0, nd)
+                allowed[:, :, :nd] = True if rows is None else rows
+            return _dense(q, k, v, allowed, scale, dropout_p, need_weights, need_importance, aux)  # type: ignore[arg-type]
+        out = _run_block(q, k, v, bm, scale, False, False).out
+        if nd:  # the dense (CLS) rows
+            head = softmax_attention(q[:, :, :nd], k, v, mask=mask.dense_rows(0, nd), scale=scale)
+            out = torch.cat([head, out[:, :, nd:]], 2)
+        return CoreOutput(out, aux_loss=aux)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_tokens={self.num_tokens}, keep_rate={self.keep_rate}"
