@@ -824,6 +824,12 @@ def test_top_k_earliest_is_a_stable_sort_prefix() -> None:
     order = torch.nan_to_num(a, nan=float("inf")).sort(dim=-1, descending=True, stable=True).indices
     want = torch.zeros_like(got).scatter_(-1, order, torch.arange(17).expand_as(order) < k_row)
     assert torch.equal(got, want)
+    gauss = torch.randn(2, 3, 5, 17, generator=g, dtype=torch.float64)  # no ties: the fast path
+    for rows in (a, gauss):
+        order = torch.nan_to_num(rows, nan=float("inf")).sort(dim=-1, descending=True, stable=True).indices
+        for kk in range(1, 18):  # one k for every row, with and without a tie across the cut
+            want = torch.zeros_like(got).scatter_(-1, order, torch.arange(17).expand_as(order) < kk)
+            assert torch.equal(top_k_earliest(rows, kk), want), kk
     row = torch.zeros(1, 12, dtype=torch.float64)  # all tied: every prefix keeps its first keys
     for n in range(1, 13):
         assert torch.equal(top_k_earliest(row[:, :n], min(3, n)), torch.arange(n)[None] < min(3, n))

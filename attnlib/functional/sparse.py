@@ -842,6 +842,18 @@ def top_k_earliest(a: Tensor, kk: int, k_row: Tensor | None = None) -> Tensor:
     ``k_row`` (..., 1) <= kk. Ties at the k-th value go to the earlier positions (NaN ranks highest),
     so the choice is that of a stable sort: unlike ``topk``'s, it never depends on the row length
     (a causal row keeps the same keys however many later keys exist). O(N + kk log kk) per row."""
+    n = a.shape[-1]
+    if k_row is None and kk < n:
+        # one unsorted top-(k+1): the k-th and (k+1)-th values tell whether the k-th value is tied
+        # across the cut; without such a tie ``a >= k-th value`` is the top-k set whatever the order
+        vals = a.topk(kk + 1, -1, sorted=False).values
+        if bool(vals.isnan().any()):
+            a = torch.nan_to_num(a, nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+            vals = a.topk(kk + 1, -1, sorted=False).values
+        cut = vals.topk(2, -1, largest=False).values  # (..., 2): (k+1)-th, k-th value
+        thr = cut[..., 1:]
+        if bool((cut[..., :1] < thr).all()):
+            return a >= thr
     vals = a.topk(kk, -1).values  # descending (NaN first)
     if bool(vals.isnan().any()):
         a = torch.nan_to_num(a, nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
@@ -896,7 +908,7 @@ def sparsifiner_select(
             sel = top_k_earliest(a, kk, None if k_row is None else k_row[..., s:e, :])
             if additive:
                 hit, miss = 0.0, float("-inf")
-                out = torch.zeros_like(a).masked_fill_(~sel, miss)
+                out = torch.full_like(a, miss).masked_fill_(sel, hit)
             else:
                 out, hit, miss = sel, True, False
             if ok is not None:
