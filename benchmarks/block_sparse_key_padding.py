@@ -23,10 +23,9 @@ from _common import RESULTS, machine_info, markdown_table
 def measure(threads: int, runs: int) -> dict[str, Any]:
     """Medians (s) and aten op counts of the padded and unpadded calls, eval fwd and train fwd+bwd."""
     import torch
-    from torch.profiler import profile
 
     import attnlib
-    from attnlib.bench.timing import time_cpu_interleaved
+    from attnlib.bench.timing import aten_op_counts, time_cpu_interleaved
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -54,11 +53,7 @@ def measure(threads: int, runs: int) -> dict[str, Any]:
     for mode in ("fwd", "fwd+bwd"):
         fns = {"padded": call(mode, True), "unpadded": call(mode, False)}
         t = time_cpu_interleaved(fns, runs=runs, warmup=1, threads=threads, shuffle=0, block_s=0.2)
-        ops = {}
-        for name, fn in fns.items():
-            with profile() as p:
-                fn()
-            ops[name] = sum(e.count for e in p.key_averages() if e.key.startswith("aten::"))
+        ops = aten_op_counts(fns)
         out[mode] = {name: {"median_s": t[name].median_s, "aten_ops": ops[name]} for name in fns}
     return out
 

@@ -20,11 +20,10 @@ from typing import Any
 def measure(variant: str, threads: int, runs: int) -> dict[str, Any]:
     """First-call time, interleaved medians and aten op counts of one step (variant and softmax)."""
     import torch
-    from torch.profiler import profile
 
     import attnlib
     from attnlib.bench.methods import variant_defaults
-    from attnlib.bench.timing import time_cpu_interleaved
+    from attnlib.bench.timing import aten_op_counts, time_cpu_interleaved
     from attnlib.registry import get_variant
 
     torch.set_num_threads(threads)
@@ -49,11 +48,7 @@ def measure(variant: str, threads: int, runs: int) -> dict[str, Any]:
     fns[variant]()
     first = time.perf_counter() - t0
     t = time_cpu_interleaved(fns, runs=runs, warmup=1, threads=threads, shuffle=0, block_s=0.2)
-    ops = {}
-    for name, fn in fns.items():
-        with profile() as p:
-            fn()
-        ops[name] = sum(e.count for e in p.key_averages() if e.key.startswith("aten::"))
+    ops = aten_op_counts(fns)
     return {
         "variant": variant,
         "first_call_s": first,

@@ -655,3 +655,12 @@ def test_compare_example_runs_every_variant(capsys: pytest.CaptureFixture[str]) 
     errors = {name: (float(r[6]), float(r[7])) for name, r in rows.items()}
     assert all(math.isfinite(a) and math.isfinite(b) for a, b in errors.values()), errors
     assert errors["softmax"][0] < 1e-5
+
+
+def test_aten_op_counts_counts_each_functions_operators() -> None:
+    """One call of each function is profiled: a chain of three tensor ops counts more than one op."""
+    from attnlib.bench.timing import aten_op_counts
+
+    x = torch.randn(4, 4)
+    counts = aten_op_counts({"three": lambda: torch.mul(torch.add(x, x), x).neg(), "one": lambda: x.neg()})
+    assert counts["one"] == 1 and counts["three"] == 3, counts

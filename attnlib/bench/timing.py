@@ -230,3 +230,19 @@ def interleaved_medians(
     """
     res = time_cpu_interleaved(fns, runs=repeats, warmup=warmup, block_s=0.0, shuffle=shuffle, rewarm=rewarm)
     return {k: v.median_s for k, v in res.items()}
+
+
+def aten_op_counts(fns: dict[str, Callable[[], object]]) -> dict[str, int]:
+    """ATen operators each function runs in one call, counted by ``torch.profiler``.
+
+    A load-independent cost measure beside the timings: on a busy machine every operator waits for
+    the thread pool, so fewer operators per call is what still helps there. Runs each function once.
+    """
+    from torch.profiler import profile
+
+    counts: dict[str, int] = {}
+    for name, fn in fns.items():
+        with profile() as p:
+            fn()
+        counts[name] = sum(e.count for e in p.key_averages() if e.key.startswith("aten::"))
+    return counts
