@@ -21,8 +21,11 @@ model would pass no mask at all). Per call, :func:`attention_forward`:
 * decodes with transformers' key/value cache: where :func:`attnlib.decoding.kv_decode_exact` holds
   (variants with ``causal_cross``) the new queries attend to the cached keys; a recurrent variant
   keeps its own state on the layer beside the framework's cache and steps each new token in O(1)
-  (the state is used only while the cache provably continues it: same length, same first and last
-  keys; a reset, crop or reorder drops it); ``local`` attends over the last ``window`` keys; the
+  (the state is used only while the cache appears to continue it: same length, same first and last
+  keys; a reset or crop drops it. This is a cheap check, not a proof: a beam-search reorder that
+  leaves every row's first and last key of a layer unchanged - possible in the first layer, where a
+  key depends only on its token and position - goes undetected there, so beam search is not
+  supported for these variants); ``local`` attends over the last ``window`` keys; the
   other causal variants (and the recurrent ones under key padding) keep the queries of the
   sequence so far on the layer and recompute over the prefix
   (:func:`attnlib.decoding.attend_new_queries`), so ``generate()`` with the cache equals
