@@ -17,7 +17,9 @@ SOFTMAX = {"variant": "softmax"}
 
 
 def _block(**kw) -> BiAxialRowBlock:
+    """A row block; the pattern definitions are checked without the rotary feature positions (rope=False)."""
     torch.manual_seed(0)
+    kw.setdefault("rope", False)
     return BiAxialRowBlock(8, 2, SOFTMAX, **kw).double().eval()
 
 
@@ -58,16 +60,39 @@ def test_hierarchical_pattern_reads_the_updated_first_half() -> None:
     assert torch.equal(blk.hierarchical(one), one)  # F = 1: empty half, skipped
 
 
+@pytest.mark.parametrize("rope", [False, True])
 @pytest.mark.parametrize(
     ("patterns", "invariant"),
     [(("standard",), True), (("relational",), True), (("grouped",), False), (("hierarchical",), False)],
 )
-def test_feature_permutation_invariance_of_the_cls_output(patterns, invariant) -> None:
-    blk = _block(patterns=patterns, num_groups=2)
+def test_feature_permutation_invariance_of_the_cls_output(patterns, invariant, rope) -> None:
+    """Without feature positions the standard / relational patterns cannot tell the features apart
+    (a row is a set of values); the rotary feature positions make every pattern order-aware."""
+    blk = _block(patterns=patterns, num_groups=2, rope=rope)
     x = torch.randn(3, 6, 8, dtype=DT)
     p = torch.tensor([3, 0, 5, 1, 4, 2])
     assert blk(x).shape == (3, 4, 8)
-    assert torch.allclose(blk(x[:, p]), blk(x), rtol=0, atol=1e-12) == invariant
+    same = torch.allclose(blk(x[:, p]), blk(x), rtol=0, atol=1e-12)
+    assert same == (invariant and not rope)
+
+
+@pytest.mark.parametrize("row_mode", ["biaxial", "standard"])
+def test_a_row_knows_which_feature_holds_which_value(row_mode: str) -> None:
+    """Two columns with the same labelled values look alike to the column blocks; swapping their values in
+    a row to predict must still change its prediction (the row blocks' rotary feature positions), else
+    the model sees each row as a set of values and cannot learn which feature predicts the class."""
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(12, generator=g, dtype=DT)
+    x = torch.randn(13, 5, generator=g, dtype=DT)
+    x[:12, 0], x[:12, 1] = v, v[torch.randperm(12, generator=g)]
+    labels = torch.cat([torch.arange(12, dtype=DT) % 3, torch.tensor([-1.0], dtype=DT)])
+    tok = torch.cat([x, labels[:, None]], 1)[None]
+    swapped = tok.clone()
+    swapped[0, 12, [0, 1]] = tok[0, 12, [1, 0]]
+    for rope in (False, True):
+        m = _model(row_mode=row_mode, row_rope=rope)
+        moved = (m(swapped)[0, 12] - m(tok)[0, 12]).abs().max()
+        assert (moved > 1e-6) == rope, (rope, float(moved))
 
 
 def _model(**kw) -> TabularICL:

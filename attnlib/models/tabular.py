@@ -37,8 +37,17 @@ ROW_MODES = ("biaxial", "standard")
 """``TabularICL(row_mode=...)``: Orion-BiX's patterns + CLS tokens, or one plain block + mean pooling."""
 
 
+ROW_ROPE_BASE = 100_000.0
+"""Frequency base of the rotary positions over the feature index in the row blocks (TabICL's default)."""
+
+
 def _proj(dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim))
+
+
+def _rope(rope: bool, base: float) -> dict:
+    """TransformerBlock keywords: rotary positions over the feature index, or none."""
+    return {"rope": True, "rope_base": base} if rope else {}
 
 
 class BiAxialRowBlock(nn.Module):
@@ -58,6 +67,9 @@ class BiAxialRowBlock(nn.Module):
 
     Then ``num_cls`` learned tokens cross-attend to the features (pre-norm, MLP) and the block's
     output is those tokens (as in the official code, so a second block reads the CLS tokens).
+    ``rope`` (default True): the self-attention patterns (standard, grouped, relational) use rotary
+    positions over the feature index (within a group for grouped) with base ``rope_base``, as
+    TabICL's row interaction, so the block knows which feature holds which value.
     """
 
     def __init__(
@@ -71,6 +83,8 @@ class BiAxialRowBlock(nn.Module):
         num_cls: int = 4,
         patterns: tuple[str, ...] | list[str] = ROW_PATTERNS,
         dropout: float = 0.0,
+        rope: bool = True,
+        rope_base: float = ROW_ROPE_BASE,
     ) -> None:
         super().__init__()
         bad = [p for p in patterns if p not in ROW_PATTERNS]
@@ -86,7 +100,7 @@ class BiAxialRowBlock(nn.Module):
             if p == "hierarchical":
                 self.layers[p] = ClassAttentionBlock(dim, num_heads, attention, include_cls=False, **kw)
             else:
-                self.layers[p] = TransformerBlock(dim, num_heads, attention, **kw)
+                self.layers[p] = TransformerBlock(dim, num_heads, attention, **kw, **_rope(rope, rope_base))
             if p != "standard":
                 self.projs[p] = _proj(dim)
         self.cls_tokens = nn.Parameter(torch.zeros(num_cls, dim))
@@ -150,6 +164,11 @@ class TabularICL(nn.Module):
             CLS tokens flattened) or ``"standard"`` (``row_blocks`` plain blocks, mean of the
             feature tokens).
         num_groups, num_cls, row_patterns: of the bi-axial blocks.
+        row_rope: rotary positions over the feature index in the row blocks' self-attention (base
+            :data:`ROW_ROPE_BASE`, as TabICL's row interaction). Without them a row's feature tokens
+            carry no feature identity - after per-table standardisation the columns look alike to the
+            column blocks - so a row is read as a *set* of values (swap two features' values and the
+            prediction is the same) and the model cannot learn which feature predicts the class.
         icl_blocks: blocks along the rows in context (keys: labelled rows).
 
     Shapes: ``forward(tokens (B, S, F + 1), select=None | (B, S) bool) -> (B, S, max_classes)``
@@ -173,6 +192,7 @@ class TabularICL(nn.Module):
         num_groups: int = 4,
         num_cls: int = 4,
         row_patterns: tuple[str, ...] | list[str] = ROW_PATTERNS,
+        row_rope: bool = True,
         icl_blocks: int = 2,
         dropout: float = 0.0,
     ) -> None:
@@ -194,13 +214,15 @@ class TabularICL(nn.Module):
                     num_cls=num_cls,
                     patterns=row_patterns,
                     dropout=dropout,
+                    rope=row_rope,
                 )
                 for _ in range(row_blocks)
             )
             self.row_out = nn.Linear(num_cls * dim, dim)
         else:
             self.row_blocks = nn.ModuleList(
-                TransformerBlock(dim, num_heads, attention, **kw) for _ in range(row_blocks)
+                TransformerBlock(dim, num_heads, attention, **kw, **_rope(row_rope, ROW_ROPE_BASE))
+                for _ in range(row_blocks)
             )
             self.row_out = nn.Linear(dim, dim)
         self.label_embed = nn.Embedding(max_classes, dim)
