@@ -178,14 +178,18 @@ def _fwd(
         hi = tl.where(f < 0, t, hi)
         if MODE == 1:
             # sum over {z > t} of (z - t - u)^2 = 1: s2 u^2 - 2 s1 u + f = 0, the smaller root
-            new = t + f / (s1 + tl.sqrt(tl.maximum(s1 * s1 - s2 * f, 0.0)))
+            num = f
+            den = s1 + tl.sqrt(tl.maximum(s1 * s1 - s2 * f, 0.0))
         elif MODE == 2:
-            new = t + f / s2
-        else:
+            num = f
+            den = s2
+        else:  # Halley: t - 2 f f' / (2 f'^2 - f f'')
             df = -c0 * s1
-            ddf = c0 * c1 * s2
-            new = t - 2.0 * f * df / (2.0 * df * df - f * ddf)
-        inside = (new >= lo) & (new <= hi)  # False for NaN
+            num = -2.0 * f * df
+            den = 2.0 * df * df - f * (c0 * c1 * s2)
+        ok = den != 0
+        new = t + num / tl.where(ok, den, 1.0)
+        inside = ok & (new >= lo) & (new <= hi)  # False for NaN
         new = tl.where(inside, new, 0.5 * (lo + hi))
         new = tl.where((f == 0) | ~valid, t, new)
         step = tl.where(valid, tl.abs(new - t) - tol * (1.0 + tl.abs(new)), -1.0)
