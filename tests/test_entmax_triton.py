@@ -166,7 +166,7 @@ def test_bad_input_and_unsupported_calls(monkeypatch) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize(
     ("alpha", "causal", "b", "h", "hk", "n", "m", "d", "lengths"),
     [
