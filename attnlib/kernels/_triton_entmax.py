@@ -34,6 +34,8 @@ Imported lazily by :mod:`attnlib.kernels.entmax`; importing it requires ``triton
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -52,15 +54,18 @@ INTERPRET_TILES = (16, 16)
 """(BLOCK_M, BLOCK_N) under ``TRITON_INTERPRET=1`` (tests run tiny problems)."""
 
 
-def tiles(dtype: torch.dtype, d: int, dv: int, interpreted: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a call: 64 x 64 tiles (64 x 32 for fp32 with a
-    head dim above 64, which keeps the q, k and v tiles of two pipeline stages within shared memory).
-    Not tuned on a GPU."""
+def tiles(dtype: torch.dtype, d: int, dv: int, interpreted: bool, kernel: str = "fwd") -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` ("fwd", "dq", "dkdv") for a call:
+    64 x 64 tiles, 4 warps, 2 stages; 64 x 32 for fp32 with a head dim above 64 (shared memory); 8
+    warps for dK/dV with a head dim above 64 (4 spill registers on sm_90). Chosen from an offline
+    compile for sm_90 (``benchmarks/results/entmax_compile_sm90.md``); not tuned on a GPU."""
     if interpreted:
         return (*INTERPRET_TILES, 1, 1)
-    if dtype == torch.float32 and max(d, dv) > 64:
-        return 64, 32, 4, 2
-    return 64, 64, 4, 2
+    wide = max(d, dv) > 64
+    warps = 8 if kernel == "dkdv" and wide else 4
+    if dtype == torch.float32 and wide:
+        return 64, 32, warps, 2
+    return 64, 64, warps, 2
 
 
 @triton.jit
@@ -345,9 +350,14 @@ def _pow2(d: int) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs take IEEE dots (the threshold search is sensitive to TF32's 10-bit mantissa);
-    the setting is ignored for fp16 / bf16 operands."""
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    """``input_precision`` of the dots: fp32 inputs take 3xTF32 (about fp32 accuracy; plain TF32's
+    10-bit mantissa moves the thresholds, and IEEE fp32 dots spill tens of KB per thread at
+    D = 128 on sm_90), or IEEE with ``ATTNLIB_TRITON_FP32=ieee``; ignored for fp16 / bf16 operands."""
+    if dtype == torch.float64:
+        return "ieee"
+    if dtype == torch.float32:
+        return "ieee" if os.environ.get("ATTNLIB_TRITON_FP32", "").lower() == "ieee" else "tf32x3"
+    return "tf32"
 
 
 def _mode(alpha: float) -> int:
@@ -416,7 +426,6 @@ def backward(
     """Launch the dQ and dK / dV kernels from the forward's (tau, sum of p, A) -> (dq, dk, dv)."""
     b, h, n, d = q.shape
     hk, m, dv_ = k.shape[1], k.shape[2], v.shape[-1]
-    bm, bn, warps, stages = tiles(q.dtype, d, dv_, interpreted)
     do = do.contiguous()
     has = psum > 0
     safe = torch.where(has, psum, torch.ones_like(psum))
@@ -431,26 +440,26 @@ def backward(
         "DV": dv_,
         "BLOCK_D": _pow2(d),
         "BLOCK_DV": _pow2(dv_),
-        "BLOCK_M": bm,
-        "BLOCK_N": bn,
         "CAUSAL": bool(causal),
         "HAS_KVLEN": kv_lengths is not None,
         "MODE": _mode(alpha),
         "PREC": _precision(q.dtype),
-        "num_warps": warps,
-        "num_stages": stages,
     }
     kvl = _kvlen(kv_lengths, q)
+    bm, bn, warps, stages = tiles(q.dtype, d, dv_, interpreted, "dq")
     nqt = triton.cdiv(n, bm)
     _bwd_dq_kernel[(b * h * nqt,)](
         q, k, v, do, dq, tau, inv, cg, delta, kvl,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         h, h // hk, n, m, nqt, (alpha - 1.0) * scale, scale, float(alpha), **common,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
     )  # fmt: skip
+    bm, bn, warps, stages = tiles(q.dtype, d, dv_, interpreted, "dkdv")
     nkt = triton.cdiv(m, bn)
     _bwd_dkdv_kernel[(b * hk * nkt,)](
         q, k, v, do, dk, dv, tau, inv, cg, delta, kvl,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         h, hk, h // hk, n, m, nkt, (alpha - 1.0) * scale, scale, float(alpha), **common,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return dq, dk, dv
