@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 from _common import RESULTS, machine_info, markdown_table
-from gpu_compile_check import ARCH_SMEM, _ptxas
+from gpu_compile_check import ARCH_SMEM, compile_and_measure
 
 FLOATS = {"zscale", "alpha", "tol", "qk_scale"}
 UNALIGNED = {"H", "G", "HK", "NQT", "NKT", "n_iter"}
@@ -40,8 +40,6 @@ def _job(kernel: str, dtype: torch.dtype, d: int, mode: int) -> dict:
 
 def compile_one(job: dict, arch: int) -> dict:
     """Compile one kernel configuration for ``sm_<arch>``; never raises."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
@@ -72,23 +70,8 @@ def compile_one(job: dict, arch: int) -> dict:
             if name not in UNALIGNED:
                 attrs[(i,)] = [["tt.divisibility", 16]]  # strides and N / M: multiples of 16
     const = {k: v for k, v in const.items() if k in names}
-    rec = dict(job)
-    t0 = time.perf_counter()
-    try:
-        src = ASTSource(JITFunction(fn), sig, constexprs=const, attrs=attrs)
-        k = triton.compile(
-            src, target=GPUTarget("cuda", arch, 32), options={"num_warps": job["w"], "num_stages": job["s"]}
-        )
-    except Exception as e:  # a config the compiler rejects is a result too
-        rec.update(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}")
-        rec["compile_s"] = round(time.perf_counter() - t0, 1)
-        return rec
-    rec["compile_s"] = round(time.perf_counter() - t0, 1)
-    rec["smem"] = int(k.metadata.shared)
-    rec.update(_ptxas(k.asm["ptx"], arch))
-    rec["fits_smem"] = rec["smem"] <= ARCH_SMEM[arch]
-    rec["ok"] = True
-    return rec
+    src = ASTSource(JITFunction(fn), sig, constexprs=const, attrs=attrs)
+    return compile_and_measure(src, arch, job["w"], job["s"], dict(job))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,17 +18,21 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=["one_block", "head_slabs", "many_blocks"])
-def block_size(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test with the default block size of the linear family's fast path (small inputs:
-    every batch row in one unit), with 1000-element blocks (at the tests' sizes, N·width of
-    300-1000: one or a few heads of one batch row per unit, see ``_scan.slabs``), and with
-    blocks of one chunk (one head, running states carried across many row blocks). Use with
-    ``pytestmark = pytest.mark.usefixtures("block_size")`` or per test."""
-    from attnlib.functional import _scan
+@pytest.fixture
+def count_calls(monkeypatch: pytest.MonkeyPatch):
+    """``count_calls(module, names)`` wraps the functions ``names`` of ``module`` so that each call is
+    counted and returns the live counts (e.g. a kernel module's launchers: a test knows the kernel ran)."""
 
-    if request.param == "head_slabs":
-        monkeypatch.setattr(_scan, "BLOCK_ELEMENTS", 1000)
-    if request.param == "many_blocks":
-        monkeypatch.setattr(_scan, "BLOCK_ELEMENTS", 1)
-    return request.param
+    def count(module: object, names: tuple[str, ...]) -> dict[str, int]:
+        calls = dict.fromkeys(names, 0)
+        for name in names:
+            real = getattr(module, name)
+
+            def wrapped(*a, _real=real, _name=name, **kw):
+                calls[_name] += 1
+                return _real(*a, **kw)
+
+            monkeypatch.setattr(module, name, wrapped)
+        return calls
+
+    return count

@@ -105,6 +105,25 @@ def _load_rows(ptr, offs, n, d_offs, D, stride):
     )
 
 
+@triton.jit
+def _query_tile(pid, NQT, H, G, N, M, KVLEN, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_KVLEN: tl.constexpr):
+    """The query tile of program ``pid`` -> (b, h, kv head, flat (b, h) index, rows, key length,
+    M - N, end of the keys this tile reads)."""
+    bh = pid // NQT
+    qt = pid % NQT
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    klen = M
+    if HAS_KVLEN:
+        klen = tl.minimum(tl.load(KVLEN + b).to(tl.int32), M)
+    shift = M - N
+    kend = klen
+    if CAUSAL:
+        kend = tl.maximum(tl.minimum(klen, qt * BLOCK_M + BLOCK_M + shift), 0)
+    return b, h, h // G, bh.to(tl.int64), offs_m, klen, shift, kend
+
+
 def _fwd(
     Q, K, V, O, TAU, SUM, A, KVLEN,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sab, sah, san,
@@ -113,26 +132,15 @@ def _fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KVLEN: tl.constexpr,
     MODE: tl.constexpr, NEED_A: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    bh = pid // NQT
-    qt = pid % NQT
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // G
-    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, h, hk, bh, offs_m, klen, shift, kend = _query_tile(
+        tl.program_id(0), NQT, H, G, N, M, KVLEN, BLOCK_M, CAUSAL, HAS_KVLEN
+    )
     rn = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = _load_rows(Q + b * sqb + h * sqh, offs_m, N, offs_d, D, sqn)
     kbase = K + b * skb + hk * skh
     vbase = V + b * svb + hk * svh
-    klen = M
-    if HAS_KVLEN:
-        klen = tl.minimum(tl.load(KVLEN + b).to(tl.int32), M)
-    shift = M - N
-    kend = klen
-    if CAUSAL:
-        kend = tl.maximum(tl.minimum(klen, qt * BLOCK_M + BLOCK_M + shift), 0)
     c0 = 1.0 / (alpha - 1.0)
     c1 = c0 - 1.0
     c2 = c0 - 2.0
@@ -222,7 +230,7 @@ def _fwd(
     rows = offs_m < N
     o_ptr = O + b * sob + h * soh + offs_m.to(tl.int64)[:, None] * son + offs_dv[None, :]
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=rows[:, None] & (offs_dv[None, :] < DV))
-    row_off = bh.to(tl.int64) * N + offs_m
+    row_off = bh * N + offs_m
     tl.store(TAU + row_off, tl.where(valid, t, float("inf")), mask=rows)
     tl.store(SUM + row_off, psum, mask=rows)
     if NEED_A:
@@ -239,32 +247,21 @@ def _bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KVLEN: tl.constexpr,
     MODE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    bh = pid // NQT
-    qt = pid % NQT
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // G
-    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, h, hk, bh, offs_m, klen, shift, kend = _query_tile(
+        tl.program_id(0), NQT, H, G, N, M, KVLEN, BLOCK_M, CAUSAL, HAS_KVLEN
+    )
     rn = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = _load_rows(Q + b * sqb + h * sqh, offs_m, N, offs_d, D, sqn)
     do = _load_rows(DO + b * sdb + h * sdh, offs_m, N, offs_dv, DV, sdn)
     rows = offs_m < N
-    row_off = bh.to(tl.int64) * N + offs_m
+    row_off = bh * N + offs_m
     t = tl.load(TAU + row_off, mask=rows, other=float("inf"))
     cg = tl.load(CG + row_off, mask=rows, other=0.0)
     delta = tl.load(DELTA + row_off, mask=rows, other=0.0)
     kbase = K + b * skb + hk * skh
     vbase = V + b * svb + hk * svh
-    klen = M
-    if HAS_KVLEN:
-        klen = tl.minimum(tl.load(KVLEN + b).to(tl.int32), M)
-    shift = M - N
-    kend = klen
-    if CAUSAL:
-        kend = tl.maximum(tl.minimum(klen, qt * BLOCK_M + BLOCK_M + shift), 0)
     c0 = 1.0 / (alpha - 1.0)
     c1 = c0 - 1.0
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)

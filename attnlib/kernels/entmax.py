@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from attnlib.errors import UnsupportedError
-from attnlib.kernels.block_sparse import _interpret, triton_available
+from attnlib.kernels.block_sparse import _interpret, check_kernel_qkv, triton_available
 
 __all__ = ["FUSED_ENTMAX_MAX_HEAD_DIM", "entmax_attention_fused", "fused_entmax_supports"]
 
@@ -58,25 +58,8 @@ def fused_entmax_supports(q: Tensor, k: Tensor, v: Tensor, alpha: Any) -> str | 
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, kv_lengths: Tensor | None) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 4 or not t.is_floating_point():
-            got = f"shape {tuple(t.shape)}, dtype {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"entmax_attention_fused: {name} must be a float tensor (B, H, N, D), got {got}")
-    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
-        raise ValueError(
-            f"entmax_attention_fused: q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} "
-            f"on {q.device}/{k.device}/{v.device}"
-        )
-    b, h, n, d = q.shape
-    if k.shape[0] != b or v.shape[0] != b or v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2] or k.shape[3] != d:
-        raise ValueError(
-            "entmax_attention_fused: expected q (B, H, N, D), k (B, H_kv, M, D), v (B, H_kv, M, Dv), got "
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    if k.shape[1] == 0 or h % k.shape[1]:
-        raise ValueError(f"entmax_attention_fused: query heads H={h} must be a multiple of H_kv={k.shape[1]}")
-    if b == 0 or n == 0 or k.shape[2] == 0:
-        raise ValueError(f"entmax_attention_fused: empty input (B={b}, N={n}, M={k.shape[2]})")
+    check_kernel_qkv(q, k, v, "entmax_attention_fused")
+    b = q.shape[0]
     if kv_lengths is not None and (
         not isinstance(kv_lengths, Tensor) or kv_lengths.shape != (b,) or kv_lengths.is_floating_point()
     ):
