@@ -36,3 +36,19 @@ def count_calls(monkeypatch: pytest.MonkeyPatch):
         return calls
 
     return count
+
+
+@pytest.fixture(params=["one_block", "head_slabs", "many_blocks"])
+def block_size(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the default block size of the linear family's fast path (small inputs:
+    every batch row in one unit), with 1000-element blocks (at the tests' sizes, N·width of
+    300-1000: one or a few heads of one batch row per unit, see ``_scan.slabs``), and with
+    blocks of one chunk (one head, running states carried across many row blocks). Use with
+    ``pytestmark = pytest.mark.usefixtures("block_size")`` or per test."""
+    from attnlib.functional import _scan
+
+    if request.param == "head_slabs":
+        monkeypatch.setattr(_scan, "BLOCK_ELEMENTS", 1000)
+    if request.param == "many_blocks":
+        monkeypatch.setattr(_scan, "BLOCK_ELEMENTS", 1)
+    return request.param
