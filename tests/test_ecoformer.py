@@ -101,6 +101,30 @@ def test_one_product_form_equals_quadratic_with_gradients(padded: bool) -> None:
         assert bool((out[2] == 0).all()) and bool(got.isfinite().all())
 
 
+@pytest.mark.parametrize("centred", [False, True])
+def test_sample_hash_written_out_gradient_equals_autograd(centred: bool) -> None:
+    """Codes with the sample bandwidth and a fixed hash (one autograd node, gradient written out) equal
+    the composed path (an all-True padding mask takes it) bit for bit, and so do their straight-through
+    gradients (float64; a zero token included)."""
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(2, 3, 9, 5, dtype=torch.float64, generator=g) * 2).requires_grad_()
+    with torch.no_grad():
+        x[0, 1, 2] = 0.0
+    anchors = torch.nn.functional.normalize(torch.randn(3, 7, 5, dtype=torch.float64, generator=g), dim=-1)
+    proj = torch.randn(3, 6, 7, dtype=torch.float64, generator=g) * 3
+    center = torch.randn(3, 7, dtype=torch.float64, generator=g) * 0.1 if centred else None
+    fast = kernelized_hash(x, anchors, proj, center)
+    slow = kernelized_hash(x, anchors, proj, center, valid=torch.ones(2, 9, dtype=torch.bool))
+    assert torch.equal(fast, slow)
+    assert fast.grad_fn is not None and slow.grad_fn is not None
+    assert type(fast.grad_fn).__name__ != type(slow.grad_fn).__name__  # the two paths ran
+    gr = torch.randn(fast.shape, dtype=torch.float64, generator=g)
+    (got,) = torch.autograd.grad(fast, x, gr)
+    (want,) = torch.autograd.grad(slow, x, gr)
+    assert float((want != 0).double().mean()) > 0.5  # most gradients pass the straight-through window
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-15)
+
+
 def test_cross_attention_consistent_only() -> None:
     hq, hk = _codes(2, 3, 7, 8, 1), _codes(2, 3, 12, 8, 2)
     _, _, v = make_qkv(2, 3, 12, 4, dtype=torch.float64)

@@ -158,8 +158,51 @@ def kernelized_hash(
 
     Returns (B, H, N, b) codes in float32 or better (straight-through gradient).
     """
+    fixed = not any(t is not None and t.requires_grad for t in (anchors, projection, center))
+    if valid is None and not causal and fixed:  # one autograd node (the usual training call)
+        dt = acc_dtype(x.dtype)
+        return _SampleHash.apply(x.to(dt), anchors.to(dt), projection.to(dt), center)
     d = anchor_distances(x, anchors)
     return hash_from_distances(d, _bandwidth(d, valid, causal), center, projection)
+
+
+class _SampleHash(torch.autograd.Function):
+    """:func:`kernelized_hash` with the sample bandwidth (no mask, not causal) and a fixed hash, its
+    straight-through gradient with respect to x written out (a few operators instead of autograd's
+    graph through normalisation, distances, bandwidth, kernel and projection)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, anchors: Tensor, projection: Tensor, center: Tensor | None) -> Tensor:  # type: ignore[override]
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        safe = norm.clamp_min(1e-12)  # F.normalize's eps
+        xh = x / safe
+        a2 = anchors.square().sum(-1)[None, :, None, :]
+        d_raw = torch.matmul(xh, anchors.transpose(-1, -2) * -2.0).add_(xh.square().sum(-1, keepdim=True) + a2)
+        d = d_raw.clamp_min(0.0)
+        mean = d.mean((-2, -1), keepdim=True)  # σ: the sample's mean distance (1 where not positive)
+        live = mean > 0
+        sig = torch.where(live, mean, 1.0)
+        u = torch.exp(d / (-2.0 * sig))
+        kf = u if center is None else u - center.to(u.dtype)[None, :, None, :]
+        y = torch.matmul(kf, projection.transpose(-1, -2))
+        ctx.save_for_backward(xh, norm, safe, d_raw, d, sig, live, u, y, anchors, projection)
+        return torch.where(y >= 0, 1.0, y.clamp(-1.0, -1.0))  # clamp keeps NaN
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        xh, norm, safe, d_raw, d, sig, live, u, y, anchors, projection = ctx.saved_tensors
+        g_y = torch.where(y.abs() < 1, grad, 0.0)  # straight-through
+        g_t = torch.matmul(g_y, projection) * u  # d(exp t)/dt, t = -d / (2σ)
+        g_d = g_t / (-2.0 * sig)
+        n_avg = d.shape[-2] * d.shape[-1]  # σ = the mean of d (where positive)
+        g_sig = (g_t * d).sum((-2, -1), keepdim=True) / (2.0 * n_avg) / sig.square()
+        g_d = torch.where(d_raw >= 0, g_d + torch.where(live, g_sig, 0.0), 0.0)
+        # d = |x̂|² + |a|² - 2 x̂·a
+        g_xh = xh * (2.0 * g_d.sum(-1, keepdim=True)) - torch.matmul(g_d, anchors * 2.0)
+        # x̂ = x / max(|x|, eps): the radial part leaves where |x| >= eps
+        radial = (g_xh * xh).sum(-1, keepdim=True)
+        g_x = (g_xh - xh * torch.where(norm >= 1e-12, radial, 0.0)) / safe
+        return g_x, None, None, None
 
 
 def ecoformer_attention(
