@@ -31,6 +31,7 @@ __all__ = [
     "block_layout_as_masked_dense",
     "cpu_key_padding",
     "cpu_vector_width",
+    "entmax_fused",
     "entmax_sorts",
     "few_keys_explicit",
     "fused_cpu_block_parts",
@@ -76,6 +77,17 @@ def entmax_sorts(n: int) -> bool:
     time sort-free vs 1.8x sorted, one loaded CPU thread), on long rows it is several times slower.
     """
     return n <= ENTMAX_SORT_MAX_N
+
+
+def entmax_fused(device: torch.device) -> bool:
+    """Whether entmax attention tries the fused Triton kernel (:mod:`attnlib.kernels.entmax`) first.
+
+    True on CUDA (the call still takes the PyTorch path when Triton is missing or the kernel does
+    not support it: a learned alpha, weights, dropout, masks other than causal / right padding).
+    On CPU the PyTorch path (sort-free 1.5-entmax, query chunks) runs; the kernel there is only
+    Triton's interpreter.
+    """
+    return device.type == "cuda"
 
 
 OT_WHOLE_MATRIX_MAX = 1 << 18

@@ -1,4 +1,4 @@
-"""The GPU check: everything GPU-side of attnlib in ONE device call of at most 8 minutes.
+"""The GPU check: everything GPU-side of attnlib in ONE device call of at most 9 minutes.
 
 Steps, in priority order, each in its own process with its own timeout (and an overall
 deadline: a step that would start after it is skipped and says so):
@@ -17,6 +17,10 @@ deadline: a step that would start after it is skipped and says so):
                  references, recording whether the Triton kernel ran.
 4. ``bench``   - a short ``attnlib-bench bench=gpu_quick`` (N = 4k / 8k, d = 128, 30 s budget).
 5. ``train``   - 30 steps of ``attnlib-train experiment=lm_chars trainer=gpu``.
+6. ``entmax``  - the fused alpha-entmax Triton kernel: its gpu-marked fp16 tests, then fp16,
+                 B=1, H=16, d=128, N=4096 (plain and causal) forward and forward + backward vs the
+                 PyTorch entmax path and SDPA (softmax) on the same inputs (do_bench medians),
+                 with its relative error vs the PyTorch path.
 
 Output: a compact table on stdout and, under ``--out``: gpu_check.md, gpu_check.json,
 gpu_check.log (every step's output), bench_speed.md / .json and train_results.json (at most
@@ -36,7 +40,7 @@ How to call it (a task lent a GPU; 15 minutes of device time in all, so one call
 
       python benchmarks/gpu_check.py --dry-run --out "$(mktemp -d)"
 
-* then ONE device call: ``run`` with ``timeout_s=540``, ``carry=[".whl"]`` and the command
+* then ONE device call: ``run`` with ``timeout_s=560``, ``carry=[".whl"]`` and the command
   (one line; ``python benchmarks/gpu_check.py --print-run`` prints it with the carry list)::
 
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -71,11 +75,12 @@ RUN_COMMAND = (
     "--out $OUT"
 )
 RUN_CARRY = [".whl"]
-RUN_TIMEOUT_S = 540
-STEPS = ("tests", "kernels", "edge", "bench", "train")
-# seconds per step on the GPU (sum 450 <= the 8-minute call, leaving time for the start)
-TIMEOUTS = {"tests": 120, "kernels": 145, "edge": 60, "bench": 55, "train": 70}
-DRY_TIMEOUTS = {"tests": 240, "kernels": 300, "edge": 300, "bench": 120, "train": 120}
+RUN_TIMEOUT_S = 560
+STEPS = ("tests", "kernels", "edge", "bench", "train", "entmax")
+# seconds per step on the GPU (sum 500 <= the call's 560 s, leaving time for the start); a step
+# that fails or times out does not stop the next, and the last ones are skipped when the budget is spent
+TIMEOUTS = {"tests": 120, "kernels": 145, "edge": 60, "bench": 55, "train": 70, "entmax": 50}
+DRY_TIMEOUTS = {"tests": 240, "kernels": 300, "edge": 300, "bench": 120, "train": 120, "entmax": 240}
 
 
 # ------------------------------------------------------------------------------------------
@@ -554,11 +559,93 @@ def step_train(work: Path, dry: bool) -> None:
     _save(work, "train", {"summary": summary, "failed": proc.returncode != 0})
 
 
+def step_entmax(work: Path, dry: bool) -> None:
+    """The fused entmax kernel: gpu-marked fp16 tests, then timings vs the PyTorch path and SDPA."""
+    import torch
+
+    from attnlib.testing import make_qkv
+
+    py = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
+    cmd = [*py, *(["--collect-only"] if dry else ["-n", "8"]), "tests/test_entmax_triton.py"]
+    cmd += ["-k", "gpu and (fp16 or variant)"]
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    print(proc.stdout[-10_000:], flush=True)
+    tests = _tail(proc.stdout, 100)
+    failed = proc.returncode not in (0, 5)
+    dev = "cpu" if dry else "cuda"
+    dtype = torch.float32 if dry else torch.float16  # the interpreter's half dots are slow, bf16 wrong
+    h, d, n = (1, 16, 32) if dry else (16, 128, 4096)
+    rows = []
+    for causal in (False, True):
+        label = ["causal" if causal else "plain", n]
+        try:
+            q, k, v = (t.to(dev, dtype) for t in make_qkv(1, h, n, d, logit_scale=3.0, seed=n))
+            ms, err = _entmax_times(q, k, v, causal, dry)
+            rows.append(
+                [
+                    *label,
+                    *(f"{ms[key]:.2f}" for key in ("fused", "torch entmax", "sdpa")),
+                    *(f"{ms[key + ' f+b']:.2f}" for key in ("fused", "torch entmax", "sdpa")),
+                    f"{ms['fused'] / ms['sdpa']:.1f}x",
+                    f"{err:.1e}",
+                ]
+            )
+            failed |= not err < (1e-4 if dry else 2e-2)
+        except Exception as e:  # one failing row does not hide the others
+            rows.append([*label, f"{type(e).__name__}: {e}"[:160], "-", "-", "-", "-", "-", "-", "-"])
+            failed = True
+    header = ["mask", "N", "fused ms", "torch entmax ms", "sdpa ms", "fused f+b", "torch f+b", "sdpa f+b"]
+    md = f"tests: {tests}\n\n" + _md_table([*header, "fused / sdpa", "rel err vs torch"], rows)
+    _save(work, "entmax", {"summary": f"{len(rows)} rows; tests: {tests}", "markdown": md, "failed": failed})
+
+
+def _entmax_times(q: Any, k: Any, v: Any, causal: bool, dry: bool) -> tuple[dict[str, float], float]:
+    """Median ms of the fused kernel, the PyTorch entmax path and SDPA (forward; forward + backward),
+    and the fused output's relative error vs the PyTorch path."""
+    import torch
+    import torch.nn.functional as F
+
+    from attnlib.kernels import entmax_attention_fused
+
+    fns = {
+        "fused": lambda q, k, v: entmax_attention_fused(q, k, v, causal=causal),
+        "torch entmax": lambda q, k, v: _torch_entmax(q, k, v, causal),
+        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+    }
+    go = torch.randn_like(q)
+    ms: dict[str, float] = {}
+    outs = {}
+    for name, fn in fns.items():
+        with torch.no_grad():
+            outs[name] = fn(q, k, v)
+            ms[name] = _bench(lambda fn=fn: fn(q, k, v), dry)
+        qkv = [t.detach().requires_grad_() for t in (q, k, v)]
+
+        def fb(fn=fn, qkv=qkv) -> None:
+            torch.autograd.grad(fn(*qkv), qkv, go)
+
+        ms[name + " f+b"] = _bench(fb, dry)
+    return ms, _rel(outs["fused"], outs["torch entmax"])
+
+
+def _torch_entmax(q: Any, k: Any, v: Any, causal: bool) -> Any:
+    """The PyTorch entmax path on CUDA (the policy that routes CUDA calls to the kernel turned off)."""
+    from attnlib import dispatch
+    from attnlib.functional.entmax import entmax_attention
+
+    real = dispatch.entmax_fused
+    dispatch.entmax_fused = lambda device: False  # type: ignore[assignment]
+    try:
+        return entmax_attention(q, k, v, causal=causal, chunk_size=1024)
+    finally:
+        dispatch.entmax_fused = real  # type: ignore[assignment]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, Triton interpreter, configs parsed only")
-    ap.add_argument("--budget", type=float, default=None, help="overall seconds (450; dry run 1200)")
+    ap.add_argument("--budget", type=float, default=None, help="overall seconds (500; dry run 1200)")
     ap.add_argument("--only", nargs="*", choices=STEPS, help="run only these steps")
     ap.add_argument("--print-run", action="store_true", help="print the device tool's command / carry / timeout")
     ap.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
@@ -571,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         (Path(args.work) / f"edge_{args.edge_case}.json").write_text(json.dumps(row, default=str))
         return 0
     if args.budget is None:
-        args.budget = 1200.0 if args.dry_run else 450.0
+        args.budget = 1200.0 if args.dry_run else 500.0
     if args.print_run:
         print(json.dumps({"command": RUN_COMMAND, "carry": RUN_CARRY, "timeout_s": RUN_TIMEOUT_S}, indent=1))
         return 0

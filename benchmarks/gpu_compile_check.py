@@ -32,6 +32,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -126,8 +127,6 @@ def _ptxas(ptx: str, arch: int) -> dict[str, int]:
 
 def compile_one(job: dict) -> dict:
     """Compile one (kernel, dtype, head dim, tile config) for the target; never raises."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
@@ -139,19 +138,27 @@ def compile_one(job: dict) -> dict:
         job["kernel"], job["dtype"], job["d"], MASK_BLOCK, MASK_BLOCK, (c.block_m, c.block_n), job["prec"]
     )
     src = ASTSource(JITFunction(tri.KERNELS[job["kernel"]]), sig, constexprs=const, attrs=attrs)
+    return compile_and_measure(src, job["arch"], c.warps, c.stages, rec)
+
+
+def compile_and_measure(src: Any, arch: int, warps: int, stages: int, rec: dict) -> dict:
+    """Compile the ``triton.compiler.ASTSource`` ``src`` for ``sm_<arch>`` and add to ``rec`` the
+    compile seconds, shared memory (and whether it fits), registers and spill bytes, or the
+    compiler's error (a config the compiler rejects is a result too); never raises."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
     t0 = time.perf_counter()
     try:
-        k = triton.compile(
-            src, target=GPUTarget("cuda", job["arch"], 32), options={"num_warps": c.warps, "num_stages": c.stages}
-        )
-    except Exception as e:  # a config the compiler rejects is a result too
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    except Exception as e:
         rec.update(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}")
         rec["compile_s"] = round(time.perf_counter() - t0, 1)
         return rec
     rec["compile_s"] = round(time.perf_counter() - t0, 1)
     rec["smem"] = int(k.metadata.shared)
-    rec.update(_ptxas(k.asm["ptx"], job["arch"]))
-    rec["fits_smem"] = rec["smem"] <= ARCH_SMEM[job["arch"]]
+    rec.update(_ptxas(k.asm["ptx"], arch))
+    rec["fits_smem"] = rec["smem"] <= ARCH_SMEM[arch]
     rec["ok"] = True
     return rec
 

@@ -18,6 +18,26 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def count_calls(monkeypatch: pytest.MonkeyPatch):
+    """``count_calls(module, names)`` wraps the functions ``names`` of ``module`` so that each call is
+    counted and returns the live counts (e.g. a kernel module's launchers: a test knows the kernel ran)."""
+
+    def count(module: object, names: tuple[str, ...]) -> dict[str, int]:
+        calls = dict.fromkeys(names, 0)
+        for name in names:
+            real = getattr(module, name)
+
+            def wrapped(*a, _real=real, _name=name, **kw):
+                calls[_name] += 1
+                return _real(*a, **kw)
+
+            monkeypatch.setattr(module, name, wrapped)
+        return calls
+
+    return count
+
+
 @pytest.fixture(params=["one_block", "head_slabs", "many_blocks"])
 def block_size(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test with the default block size of the linear family's fast path (small inputs:

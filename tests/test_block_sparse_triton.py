@@ -32,19 +32,10 @@ def _tri():
 
 
 @pytest.fixture
-def spy(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+def spy(count_calls) -> dict[str, int]:
     """Counts the Triton forward / backward launches (so a test knows the kernel ran)."""
     tri = _tri()
-    calls = {"forward": 0, "backward": 0}
-    for name in ("forward", "backward"):
-        real = getattr(tri, name)
-
-        def wrapped(*a, _real=real, _name=name, **kw):
-            calls[_name] += 1
-            return _real(*a, **kw)
-
-        monkeypatch.setattr(tri, name, wrapped)
-    return calls
+    return count_calls(tri, ("forward", "backward"))
 
 
 def _dense(b: int, h: int, n: int, m: int, density: float, seed: int) -> torch.Tensor:

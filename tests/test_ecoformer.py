@@ -78,6 +78,53 @@ def test_linear_time_equals_quadratic(mode: str, causal: bool, padded: bool) -> 
         assert float((w.sum(-1)[real_rows] - 1).abs().max()) > 0.1
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_one_product_form_equals_quadratic_with_gradients(padded: bool) -> None:
+    """The non-causal "consistent" form (numerator and denominator from one product with [v, 1])
+    equals the Hamming weights the slow way, and so do its gradients; an example without keys gives
+    0 with finite gradients."""
+    n, m = 11, 13
+    hq, hk = _codes(3, 2, n, 8, 5), _codes(3, 2, m, 8, 6)
+    v = make_qkv(3, 2, m, 4, dtype=torch.float64, seed=7)[2].requires_grad_()
+    kp = None
+    if padded:
+        kp = torch.rand(3, m, generator=torch.Generator().manual_seed(8)) > 0.4
+        kp[2] = False  # no key at all
+    out_ref, _ = ref_eco(hq, hk, v, causal=False, kp=kp, mode="consistent")
+    out = ecoformer_attention(hq, hk, v, mask=None if kp is None else KeyPadding(kp))
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=ATOL)
+    g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    (got,) = torch.autograd.grad(out, v, g)
+    (want,) = torch.autograd.grad(out_ref, v, g)
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+    if padded:
+        assert bool((out[2] == 0).all()) and bool(got.isfinite().all())
+
+
+@pytest.mark.parametrize("centred", [False, True])
+def test_sample_hash_written_out_gradient_equals_autograd(centred: bool) -> None:
+    """Codes with the sample bandwidth and a fixed hash (one autograd node, gradient written out) equal
+    the composed path (an all-True padding mask takes it) bit for bit, and so do their straight-through
+    gradients (float64; a zero token included)."""
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(2, 3, 9, 5, dtype=torch.float64, generator=g) * 2).requires_grad_()
+    with torch.no_grad():
+        x[0, 1, 2] = 0.0
+    anchors = torch.nn.functional.normalize(torch.randn(3, 7, 5, dtype=torch.float64, generator=g), dim=-1)
+    proj = torch.randn(3, 6, 7, dtype=torch.float64, generator=g) * 3
+    center = torch.randn(3, 7, dtype=torch.float64, generator=g) * 0.1 if centred else None
+    fast = kernelized_hash(x, anchors, proj, center)
+    slow = kernelized_hash(x, anchors, proj, center, valid=torch.ones(2, 9, dtype=torch.bool))
+    assert torch.equal(fast, slow)
+    assert fast.grad_fn is not None and slow.grad_fn is not None
+    assert type(fast.grad_fn).__name__ != type(slow.grad_fn).__name__  # the two paths ran
+    gr = torch.randn(fast.shape, dtype=torch.float64, generator=g)
+    (got,) = torch.autograd.grad(fast, x, gr)
+    (want,) = torch.autograd.grad(slow, x, gr)
+    assert float((want != 0).double().mean()) > 0.5  # most gradients pass the straight-through window
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-15)
+
+
 def test_cross_attention_consistent_only() -> None:
     hq, hk = _codes(2, 3, 7, 8, 1), _codes(2, 3, 12, 8, 2)
     _, _, v = make_qkv(2, 3, 12, 4, dtype=torch.float64)
@@ -96,6 +143,8 @@ def test_sign_and_straight_through_gradient() -> None:
     assert h.tolist() == [-1.0, -1.0, 1.0, 1.0, 1.0]  # sign(0) = +1, never a zero bit
     h.sum().backward()
     assert y.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]  # gradient only where |y| < 1
+    odd = binarize(torch.tensor([-0.0, float("nan"), float("inf"), -float("inf")]))
+    assert odd[[0, 2, 3]].tolist() == [1.0, 1.0, -1.0] and bool(odd[1].isnan())  # NaN stays NaN
 
 
 def test_causal_codes_ignore_future_tokens() -> None:

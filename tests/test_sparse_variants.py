@@ -833,3 +833,24 @@ def test_top_k_earliest_is_a_stable_sort_prefix() -> None:
     row = torch.zeros(1, 12, dtype=torch.float64)  # all tied: every prefix keeps its first keys
     for n in range(1, 13):
         assert torch.equal(top_k_earliest(row[:, :n], min(3, n)), torch.arange(n)[None] < min(3, n))
+
+
+def test_top_k_earliest_fill_writes_the_same_choice() -> None:
+    """The scattered form (bool, or a 0 / -inf additive bias) keeps exactly top_k_earliest's keys:
+    one k and per-row k, rows with and without ties across the cut, NaN, -inf, every key kept."""
+    from attnlib.functional.sparse import top_k_earliest, top_k_earliest_fill
+
+    g = torch.Generator().manual_seed(3)
+    tied = torch.randint(0, 4, (2, 3, 6, 17), generator=g).double()
+    tied[0, 0, 0, 3] = float("nan")
+    tied[1, 2, 4, 5:] = float("-inf")
+    gauss = torch.randn(2, 3, 6, 17, generator=g, dtype=torch.float64)
+    gauss[0, 1, 2, :4] = gauss[0, 1, 2, 4]  # one row tied at some cuts
+    k_row = torch.randint(1, 9, (2, 3, 6, 1), generator=g)
+    for a in (tied, gauss, gauss.float()):
+        for kk, kr in [(kk, None) for kk in range(1, 18)] + [(8, k_row), (17, k_row.clamp(min=5) * 2 - 1)]:
+            want = top_k_earliest(a, kk, kr)
+            assert torch.equal(top_k_earliest_fill(a, kk, kr), want), kk
+            bias = top_k_earliest_fill(a, kk, kr, hit=0.0, miss=float("-inf"))
+            assert bias.dtype == a.dtype
+            assert torch.equal(bias == 0, want) and bool((bias[~want] == float("-inf")).all()), kk

@@ -352,6 +352,26 @@ def _entmax_map(s: Tensor, alpha: float | Tensor, n_iter: int) -> Tensor:
     return entmax_bisect(s, float(alpha), -1, n_iter)
 
 
+def _fused(q: Tensor, k: Tensor, v: Tensor, am: Any, alpha: float, scale: float, n_iter: int) -> Tensor | None:
+    """The fused kernel's output when the machine policy prefers it and it supports the call
+    (a fixed alpha; causal and right-padded key masks only), else None."""
+    if not dispatch.entmax_fused(q.device):
+        return None
+    kinds = set(am.kinds())
+    if not kinds <= {"causal", "key_padding"}:
+        return None
+    lengths = am.key_lengths() if "key_padding" in kinds else None
+    if "key_padding" in kinds and lengths is None:
+        return None
+    from attnlib.kernels.entmax import entmax_attention_fused, fused_entmax_supports
+
+    if fused_entmax_supports(q, k, v, alpha) is not None:
+        return None
+    return entmax_attention_fused(
+        q, k, v, alpha=alpha, scale=scale, causal=am.causal, kv_lengths=lengths, n_iter=n_iter
+    )
+
+
 def entmax_attention(
     q: Tensor,
     k: Tensor,
@@ -384,6 +404,10 @@ def entmax_attention(
     Returns:
         out (B, H, N, Dv), then weights and/or importance when requested. Rows with no
         allowed key are zeros.
+
+    On CUDA (:func:`attnlib.dispatch.entmax_fused`) a call with a fixed alpha, no weights,
+    importance or dropout, and at most causal / right-padded key masks runs the fused Triton
+    kernel :func:`attnlib.kernels.entmax_attention_fused` (``n_iter`` caps its threshold steps).
     """
     check_qkv(q, k, v, where="entmax_attention")
     am = as_attention_mask(q, k, mask, causal)
@@ -397,6 +421,10 @@ def entmax_attention(
         alpha = alpha.reshape(1, -1, 1, 1).to(acc_dtype(q.dtype))
     else:
         number_above(alpha, 1, "entmax_attention: alpha")
+    if not (return_weights or return_importance or dropout_p > 0 or isinstance(alpha, Tensor)):
+        fused = _fused(q, k, v, am, float(alpha), scale, n_iter)
+        if fused is not None:
+            return fused
     g = h // k.shape[1]
     kk, vv = repeat_kv(k, g), repeat_kv(v, g)
     acc = acc_dtype(q.dtype)

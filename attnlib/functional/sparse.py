@@ -72,6 +72,7 @@ __all__ = [
     "swinbert_soft_attention",
     "swinbert_soft_mask",
     "swinbert_sparsity",
+    "top_k_earliest_fill",
 ]
 
 
@@ -869,6 +870,50 @@ def top_k_earliest(a: Tensor, kk: int, k_row: Tensor | None = None) -> Tensor:
     return above | (ties & (ties.cumsum(-1) <= need))
 
 
+def top_k_earliest_fill(
+    a: Tensor, kk: int, k_row: Tensor | None = None, *, hit: float | bool = True, miss: float | bool = False
+) -> Tensor:
+    """:func:`top_k_earliest`'s choice written as values: (..., N) of ``miss`` with ``hit`` at the kept keys.
+
+    The dtype is ``a``'s for float ``hit`` / ``miss`` (e.g. 0 / -inf: an additive logit bias), bool
+    for bool ones. The kept keys come from one ``topk`` (unsorted for one k, sorted for per-row
+    ``k_row``) and are scattered into a tensor filled with ``miss`` (K writes per row, no
+    N-long comparison); rows whose k-th value is tied across the cut take the stable rule of
+    :func:`top_k_earliest`, computed on those rows only.
+    """
+    n = a.shape[-1]
+    dtype = torch.bool if isinstance(hit, bool) else a.dtype
+    kk = min(kk, n)
+    if bool(torch.isnan(a.sum())):  # NaN ranks highest (a sum is NaN also for +inf and -inf: harmless)
+        a = torch.nan_to_num(a, nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+    out = torch.full(a.shape, miss, dtype=dtype, device=a.device)
+    if kk == 0:
+        return out
+    m = min(kk + 1, n)  # one past the cut, to see a tie across it
+    if k_row is None:
+        top = a.topk(m, -1, sorted=False)
+        if m == kk:  # every key kept
+            return out.fill_(hit)
+        cut = top.values.topk(2, -1, largest=False)  # (k+1)-th and k-th values, and where they are
+        src = torch.full(top.values.shape, hit, dtype=dtype, device=a.device)
+        src.scatter_(-1, cut.indices[..., :1], miss)  # the (k+1)-th is not kept
+        tied = cut.values[..., 0] == cut.values[..., 1]
+    else:
+        top = a.topk(m, -1)  # descending
+        k = k_row.long().expand(*a.shape[:-1], 1)
+        src = torch.where(torch.arange(m, device=a.device) < k, hit, miss).to(dtype)
+        after = k.clamp(max=m - 1)
+        tied = (k < n) & (top.values.gather(-1, after) == top.values.gather(-1, k - 1))
+        tied = tied[..., 0]
+    out.scatter_(-1, top.indices, src)
+    if bool(tied.any()):  # ties across the cut: the stable rule on those rows
+        flat, rows = out.view(-1, n), tied.reshape(-1).nonzero()[:, 0]
+        sub_k = None if k_row is None else k.reshape(-1, 1)[rows]
+        sel = top_k_earliest(a.reshape(-1, n)[rows], kk, sub_k)
+        flat[rows] = torch.where(sel, hit, miss).to(dtype)
+    return out
+
+
 def sparsifiner_select(
     a_hat: Tensor | RowsFn,
     n: int,
@@ -886,18 +931,24 @@ def sparsifiner_select(
     Query i keeps its K_i = ceil(keep_rate · #keys it may see) (ceil(keep_rate · N) without
     masks) highest-ranked keys under ``a_hat`` ((B, H, N, N) or ``rows(s, e)``), restricted to
     ``allowed`` (broadcastable to (B, H, N, N)); the first ``num_dense_queries`` rows keep every
-    allowed key. Selection has no gradient. Every block uses the same top-k size (the largest
-    K_i), so a row's selection does not depend on the block it falls in.
+    allowed key; a row that may see no key keeps none. Selection has no gradient. Every block
+    uses the same top-k size (the largest K_i), so a row's selection does not depend on the
+    block it falls in.
     """
     rows_of = _as_rows(a_hat)
     kk = min(n, math.ceil(keep_rate * n))
     k_row = None
+    empty = None
     if allowed is not None:
         # query i keeps ceil(keep_rate * #keys it may see), so neither a causal prefix's output
         # (incremental decoding == full forward) nor a padded example's depends on the length
-        k_row = (allowed.sum(-1, keepdim=True) * keep_rate).ceil().clamp(min=1)  # (B|1, H|1, N, 1)
+        seen = allowed.sum(-1, keepdim=True)  # (B|1, H|1, N, 1)
+        k_row = (seen * keep_rate).ceil().clamp(min=1)
         kk = min(n, int(k_row.max()))
+        empty = seen == 0
+        empty = empty if bool(empty.any()) else None  # such a row's one pick is a key it may not see
     nd = min(num_dense_queries, n)
+    hit, miss = (0.0, float("-inf")) if additive else (True, False)
 
     def keep(s: int, e: int) -> Tensor:
         with torch.no_grad():
@@ -905,14 +956,9 @@ def sparsifiner_select(
             ok = _mask_rows(allowed, s, e)
             if ok is not None:
                 a = a.masked_fill(~ok, float("-inf"))
-            sel = top_k_earliest(a, kk, None if k_row is None else k_row[..., s:e, :])
-            if additive:
-                hit, miss = 0.0, float("-inf")
-                out = torch.full_like(a, miss).masked_fill_(sel, hit)
-            else:
-                out, hit, miss = sel, True, False
-            if ok is not None:
-                out.masked_fill_(~ok, miss)
+            out = top_k_earliest_fill(a, kk, None if k_row is None else k_row[..., s:e, :], hit=hit, miss=miss)
+            if empty is not None:
+                out.masked_fill_(empty[..., s:e, :], miss)
             if s < nd:  # dense (CLS) rows
                 dense = out[..., : nd - s, :]
                 dense.fill_(hit)
@@ -978,12 +1024,14 @@ def sparsifiner_attention(
     )
     outs: list[Tensor] = []
     weights: list[Tensor] = []
+    no_key = None if allowed is None else ~allowed.any(-1, keepdim=True)  # rows that may see no key
+    no_key = no_key if no_key is not None and bool(no_key.any()) else None
     step = dispatch.row_block(n, n, b * h)
     for s in range(0, n, step):
         e = min(n, s + step)
         if fused:
             bias = keep(s, e).to(q.dtype)
-            empty = None if allowed is None else bias.amax(-1, keepdim=True) == float("-inf")
+            empty = None if no_key is None else no_key[..., s:e, :]
             if empty is not None:  # rows without a key: attend anywhere (finite), then zero
                 bias = bias.masked_fill(empty, 0.0)
             o = F.scaled_dot_product_attention(q[:, :, s:e], k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)

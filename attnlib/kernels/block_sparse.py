@@ -112,27 +112,35 @@ def triton_supports(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> s
     return None
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> None:
+def check_kernel_qkv(q: Tensor, k: Tensor, v: Tensor, where: str) -> None:
+    """ValueError unless q (B, H, N, D), k (B, H_kv, M, D), v (B, H_kv, M, Dv) are non-empty float
+    tensors of one dtype and device with H a multiple of H_kv (the kernels' common contract)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4 or not t.is_floating_point():
             got = f"shape {tuple(t.shape)}, dtype {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"block_sparse_attention: {name} must be a float tensor (B, H, N, D), got {got}")
+            raise ValueError(f"{where}: {name} must be a float tensor (B, H, N, D), got {got}")
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
         raise ValueError(
-            f"block_sparse_attention: q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
+            f"{where}: q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
             f"{q.device}/{k.device}/{v.device}"
         )
     b, h, n, d = q.shape
     bk_, hk, m, dk = k.shape
     if bk_ != b or v.shape[0] != b or v.shape[1] != hk or v.shape[2] != m or dk != d:
         raise ValueError(
-            "block_sparse_attention: expected q (B, H, N, D), k (B, H_kv, M, D), v (B, H_kv, M, Dv), got "
+            f"{where}: expected q (B, H, N, D), k (B, H_kv, M, D), v (B, H_kv, M, Dv), got "
             f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if hk == 0 or h % hk:
-        raise ValueError(f"block_sparse_attention: query heads H={h} must be a multiple of key/value heads H_kv={hk}")
+        raise ValueError(f"{where}: query heads H={h} must be a multiple of key/value heads H_kv={hk}")
     if n == 0 or m == 0 or b == 0:
-        raise ValueError(f"block_sparse_attention: empty input (B={b}, N={n}, M={m})")
+        raise ValueError(f"{where}: empty input (B={b}, N={n}, M={m})")
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> None:
+    check_kernel_qkv(q, k, v, "block_sparse_attention")
+    b, h, n, _ = q.shape
+    m = k.shape[2]
     needed = ("block_size", "seq_lengths", "kv_num_blocks", "kv_indices", "partial_tiles", "block_states")
     if not all(hasattr(block_mask, a) for a in needed):
         raise ValueError(
