@@ -102,6 +102,36 @@ def test_explicit_torch_path_matches_fused(monkeypatch: pytest.MonkeyPatch) -> N
         assert_close(got, want)
 
 
+def test_torch_path_reuses_gather_buffers_across_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many small gather groups of different sizes (the buffers are reused, and grown): forward and
+    gradients still equal the float64 reference; a NaN in one query row reaches that row only."""
+    from attnlib.kernels import block_sparse as bs_mod
+
+    monkeypatch.setattr(bs_mod, "_GATHER_ELEMS", 3 * 8 * 16)  # a few rows per group
+    q, k, v = make_qkv(2, 4, 61, 16, m=75, h_kv=2, dtype=torch.float64, logit_scale=3.0, seed=7)
+    g = torch.Generator().manual_seed(8)
+    blocks = torch.rand(2, 4, 8, 10, generator=g) < 0.35  # scattered key blocks: they are gathered
+    dense = blocks.repeat_interleave(8, 2).repeat_interleave(8, 3)[..., :61, :75]
+    dense &= torch.rand(dense.shape, generator=g) < 0.8
+    bm = BlockMask.from_dense(dense, 8)
+    groups, _ = bs_mod._groups(bm, 2, 4, 2, 16, 8)
+    sizes = {g.k_gather.numel() for g in groups if g.k_gather is not None}
+    assert len(groups) > 4 and len(sizes) > 1, "the test needs several gather groups of different sizes"
+    qkv = tuple(t.requires_grad_() for t in (q, k, v))
+    out = block_sparse_attention(*qkv, bm, backend="torch")
+    ref = reference_attention(*qkv, mask=dense)
+    assert_close(out, ref, name="out")
+    for got, want, name in zip(_grads(out, qkv), _grads(ref, qkv), ("dq", "dk", "dv"), strict=True):
+        assert_close(got, want, name=name)
+    q_nan = q.detach().clone()
+    q_nan[1, 2, 5, 3] = float("nan")
+    out_nan = block_sparse_attention(q_nan, k.detach(), v.detach(), bm, backend="torch")
+    assert out_nan[1, 2, 5].isnan().all(), "a NaN query must give a NaN output row"
+    rest = torch.ones(out_nan.shape[:3], dtype=torch.bool)
+    rest[1, 2, 5] = False
+    assert_close(out_nan[rest], ref.detach()[rest], name="rows without NaN")
+
+
 def test_all_blocks_equals_sdpa_and_patterns() -> None:
     q, k, v = make_qkv(1, 2, 70, 16, dtype=torch.float64, seed=3)
     for bm, dense in (
