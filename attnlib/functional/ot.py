@@ -998,45 +998,93 @@ def _ot_attention_blocked(
     rmask, cmask = rmask & live, cmask & live
     log_a = torch.where(rmask, -torch.log(rmask.sum(-1, keepdim=True).clamp_min(1).to(ct)), 0.0)
     log_b = torch.where(cmask, -torch.log(cmask.sum(-1, keepdim=True).clamp_min(1).to(ct)), 0.0)
-    step_size = beta if solver == "ipot" else eps
+    if solver == "ipot":
+        return _ipot_attention_columns(qx, kx, v.to(ct), -mult / beta, rmask, cmask, log_a, log_b, n_iters).to(q.dtype)
 
     def neg_cost(s: int, e: int) -> Tensor:  # -C / step on the block's pairs, NEG elsewhere
         c = shift + mult * torch.matmul(qx[..., s:e, :], kx.transpose(-1, -2))
         pair = rmask[..., s:e, None] & cmask[..., None, :]
-        return (-c / step_size).masked_fill(~pair, NEG)
+        return (-c / eps).masked_fill(~pair, NEG)
 
-    shape = (b, h, n, m)
-    if solver == "sinkhorn":
-        f, g = sinkhorn_steps_blocked(
-            neg_cost,
-            shape,
-            log_a,
-            log_b,
-            2 * n_iters,
-            torch.zeros_like(log_a),
-            torch.zeros_like(log_b),
-            rmask=rmask,
-            cmask=cmask,
-        )
-        return transport_blocked(neg_cost, f, g, v.to(ct), normalize_rows=True).to(q.dtype)
-    # IPOT (inner_iters = 1): log T_t = t · logg + D_t + S_t on the real pairs, with D_t, S_t the
-    # sums of the potentials (delta, sigma) of the steps so far; T_0 = 1 1^T, sigma_0 = 1/M
-    big_d, big_s = torch.zeros_like(log_a), torch.zeros_like(log_b)
-    log_delta = torch.zeros_like(log_a)
-    log_sigma = torch.where(cmask, -torch.log(cmask.sum(-1, keepdim=True).clamp_min(1).to(ct)), 0.0)
-
-    def kernel(t: int, big_d: Tensor, big_s: Tensor) -> LogKernelRows:
-        def rows(s: int, e: int) -> Tensor:
-            return neg_cost(s, e) * t + big_d[..., s:e, None] + big_s[..., None, :]
-
-        return rows
-
-    for t in range(1, n_iters + 1):
-        logq = kernel(t, big_d, big_s)  # log(G * T_{t-1}) = t · logg + D_{t-1} + S_{t-1}
-        log_delta, log_sigma = sinkhorn_steps_blocked(
-            logq, shape, log_a, log_b, 2, log_delta, log_sigma, rmask=rmask, cmask=cmask
-        )
-        big_d, big_s = big_d + log_delta, big_s + log_sigma
-    plan_rows = kernel(n_iters, big_d, big_s)
     zf, zg = torch.zeros_like(log_a), torch.zeros_like(log_b)
-    return transport_blocked(plan_rows, zf, zg, v.to(ct), normalize_rows=True).to(q.dtype)
+    shape = (b, h, n, m)
+    f, g = sinkhorn_steps_blocked(neg_cost, shape, log_a, log_b, 2 * n_iters, zf, zg, rmask=rmask, cmask=cmask)
+    return transport_blocked(neg_cost, f, g, v.to(ct), normalize_rows=True).to(q.dtype)
+
+
+def _ipot_attention_columns(
+    qx: Tensor,
+    kx: Tensor,
+    v: Tensor,
+    gain: float,
+    rmask: Tensor,
+    cmask: Tensor,
+    log_a: Tensor,
+    log_b: Tensor,
+    n_iters: int,
+) -> Tensor:
+    """IPOT attention (one Sinkhorn step per proximal step) carried by one column potential.
+
+    With ``-C_ij / beta = gain · qx_i·kx_j + const`` (the constant cancels), IPOT's plan after t
+    steps is ``T_t = exp(t · gain · qx_i·kx_j + D_i + S_j)``, where D and S are the running sums
+    of its Sinkhorn potentials; the row step and the column step of step t reduce to
+
+    * ``P = softmax_j(t · gain · qx_i·kx_j + u_j)`` with ``u = S_{t-1} + log sigma_{t-1}``
+      (the row step: ``D_t = log a - LSE_j(...)``, so ``exp(... + D_t) = a_i P_ij``);
+    * ``S_t = log b - log(a^T P) + u`` (the column step), ``log sigma_t = S_t - S_{t-1}``;
+
+    and the row-normalised plan (the attention weights) is ``softmax_j(n · gain · qx·kx + S_n)``,
+    so D is never needed. One pass over each block of rows per step (a matmul, a softmax and a
+    vector-matrix product), versus two log-sum-exp passes of the log-domain form. Should a real
+    column's mass ``a^T P`` underflow (far apart costs), that step's column sums are recomputed by
+    log-sum-exp of ``log a_i + log_softmax``. Memory O(block · M), under autograd too.
+
+    qx (B, H, N, D), kx (B, H, M, D), v (B, H, M, Dv); rmask / cmask (B, H, N) / (B, H, M) real
+    rows / columns; log_a, log_b their log masses (uniform). Returns (B, H, N, Dv), 0 on padded rows.
+    """
+    b, h, n, d = qx.shape
+    m, bh = kx.shape[2], b * h
+    q3, k3, v3 = qx.reshape(bh, n, d), kx.reshape(bh, m, d), v.reshape(bh, m, v.shape[-1])
+    ones = q3.new_ones(bh, n, 1)
+    cm = cmask.reshape(bh, m)
+    rows_a = torch.where(rmask, log_a.exp(), 0.0).reshape(bh, 1, n)  # a_i, 0 on padded rows
+    log_rows_a = torch.where(rmask, log_a, NEG).reshape(bh, n, 1)
+    log_b = log_b.reshape(bh, m)
+    hb, rb = dispatch.ot_blocks(bh, n, m)
+    heads = [(i, min(bh, i + hb)) for i in range(0, bh, hb)]
+    rows = [(s, min(n, s + rb)) for s in range(0, n, rb)]
+    floor = torch.finfo(qx.dtype).tiny / torch.finfo(qx.dtype).eps  # column masses above keep full precision
+
+    # logits alpha · qx_i·kx_j + pot_j of a block, as one matmul of [alpha qx, 1] and [kx, pot]
+    def col_mass(i: int, j: int, s: int, e: int, qa: Tensor, ka: Tensor) -> Tensor:
+        return torch.bmm(rows_a[i:j, :, s:e], torch.softmax(torch.bmm(qa[i:j, s:e], ka[i:j]), -1))[:, 0]
+
+    def log_col_mass(i: int, j: int, s: int, e: int, qa: Tensor, ka: Tensor) -> Tensor:
+        logp = torch.log_softmax(torch.bmm(qa[i:j, s:e], ka[i:j]), -1)
+        return torch.logsumexp(log_rows_a[i:j, s:e] + logp, 1)
+
+    def out_rows(i: int, j: int, s: int, e: int, qa: Tensor, ka: Tensor) -> Tensor:
+        return torch.bmm(torch.softmax(torch.bmm(qa[i:j, s:e], ka[i:j]), -1), v3[i:j])
+
+    def augmented(alpha: float, pot: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.cat([alpha * q3, ones], -1), torch.cat([k3, pot[..., None]], -1).transpose(1, 2)
+
+    def columns(fn: Callable[..., Tensor], qa: Tensor, ka: Tensor) -> list[list[Tensor]]:
+        return [[_blockwise(fn, i, j, s, e, qa, ka) for s, e in rows] for i, j in heads]
+
+    s_prev = torch.where(cm, 0.0, NEG)  # S_0 (T_0 = 1 1^T)
+    u = torch.where(cm, log_b, NEG)  # S_0 + log sigma_0, sigma_0 = 1 / M = b
+    for t in range(1, n_iters + 1):
+        qa, ka = augmented(t * gain, u)
+        col = torch.cat([sum(parts) for parts in columns(col_mass, qa, ka)])  # type: ignore[misc]
+        with torch.no_grad():
+            ok = bool(((col > floor) & torch.isfinite(col) | ~cm).all())
+        if ok:
+            log_col = torch.log(torch.where(cm, col, 1.0))
+        else:  # a real column's mass underflowed: this step's column sums by log-sum-exp
+            log_col = torch.cat([torch.logsumexp(torch.stack(p), 0) for p in columns(log_col_mass, qa, ka)])
+        s_t = torch.where(cm, log_b - log_col + u, NEG)
+        u, s_prev = torch.where(cm, 2.0 * s_t - s_prev, NEG), s_t
+    qa, ka = augmented(n_iters * gain, s_prev)
+    out = torch.cat([torch.cat(parts, 1) for parts in columns(out_rows, qa, ka)])
+    return out.reshape(b, h, n, -1) * rmask[..., None].to(out.dtype)
