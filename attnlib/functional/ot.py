@@ -864,29 +864,39 @@ def got_loss(
     else:
         flat = [None if t is None else t.reshape(count, *t.shape[len(lead) :]) for t in (x, y, x_mask, y_mask)]
         parts = [tuple(None if t is None else t[s : s + step] for t in flat) for s in range(0, count, step)]
-    res = [
-        got_distance(  # type: ignore[misc]
+
+    def part(px: Tensor, py: Tensor, pxm: Tensor | None, pym: Tensor | None) -> tuple[Tensor, ...]:
+        return got_distance(  # type: ignore[return-value]
             px,
             py,
             x_mask=pxm,
             y_mask=pym,
             wd_weight=wd_weight,
             gwd_weight=gwd_weight,
-            return_plans=True,
+            return_plans=return_plans,
             **got_kwargs,  # type: ignore[arg-type]
         )
-        for px, py, pxm, pym in parts
-    ]
+
+    # several groups without plans to return: each group's graph is recomputed in the backward
+    # pass, so only one group's (N x M) matrices are held at a time
+    run = _blockwise if len(parts) > 1 and not return_plans else (lambda fn, *args: fn(*args))
+    res = [run(part, *p) for p in parts]
     if len(res) == 1:
-        wd, gwd, t_w, t_g = res[0]
+        outs = res[0]
     else:
-        wd, gwd, t_w, t_g = (torch.cat([r[i] for r in res]) for i in range(4))
-        wd, gwd = wd.reshape(lead), gwd.reshape(lead)
-        t_w, t_g = t_w.reshape(*lead, *t_w.shape[1:]), t_g.reshape(*lead, *t_g.shape[1:])
+        outs = tuple(torch.cat([r[i] for r in res]) for i in range(len(res[0])))
+        outs = tuple(o.reshape(*lead, *o.shape[1:]) for o in outs)
+    wd, gwd = outs[0], outs[1]
     per = wd_weight * wd + gwd_weight * gwd
-    live = (t_w.detach().sum((-1, -2)) > 0).to(per.dtype)  # a plan carries mass iff both sides have some
+    live = torch.ones(per.shape, dtype=torch.bool, device=per.device)  # examples with real tokens on both sides
+    for mk in (x_mask, y_mask):
+        if mk is not None:
+            live = live & mk.any(-1)
+    live = live.to(per.dtype)
     loss = (per * live).sum() / live.sum().clamp_min(1.0)
-    return (loss, t_w, t_g) if return_plans else loss
+    if return_plans:
+        return loss, outs[2], outs[3]
+    return loss
 
 
 # ------------------------------------------------------------------------------------------
