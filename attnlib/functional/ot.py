@@ -957,8 +957,11 @@ def ot_attention(
     beta = positive_number(beta, f"{where}: beta")
     eps = positive_number(eps, f"{where}: eps")
     n_iters = int_at_least(n_iters, 1, f"{where}: n_iters")
-    if not return_weights and not dispatch.ot_whole_matrix(b * h * n * m):
-        return _ot_attention_blocked(q, k, v, key_mask, query_mask, cost, solver, beta, eps, n_iters, scale)
+    whole = return_weights or dispatch.ot_whole_matrix(b * h * n * m)
+    if solver == "ipot" or not whole:
+        return _ot_attention_blocked(
+            q, k, v, key_mask, query_mask, cost, solver, beta, eps, n_iters, scale, whole, return_weights
+        )
     if cost == "cosine":
         c = cosine_cost(q.to(ct), k.to(ct))
     else:
@@ -986,8 +989,11 @@ def _ot_attention_blocked(
     eps: float,
     n_iters: int,
     scale: float | None,
-) -> Tensor:
-    """:func:`ot_attention`'s output computed a block of query rows at a time (same validation)."""
+    whole: bool = False,
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`ot_attention` from potentials: IPOT (:func:`_ipot_attention_columns`, on the whole
+    matrix if ``whole``) or Sinkhorn a block of query rows at a time (same validation)."""
     b, h, n, d = q.shape
     m = k.shape[2]
     ct = _compute_dtype(q)
@@ -1009,7 +1015,10 @@ def _ot_attention_blocked(
     log_a = torch.where(rmask, -torch.log(rmask.sum(-1, keepdim=True).clamp_min(1).to(ct)), 0.0)
     log_b = torch.where(cmask, -torch.log(cmask.sum(-1, keepdim=True).clamp_min(1).to(ct)), 0.0)
     if solver == "ipot":
-        return _ipot_attention_columns(qx, kx, v.to(ct), -mult / beta, rmask, cmask, log_a, log_b, n_iters).to(q.dtype)
+        res = _ipot_attention_columns(
+            qx, kx, v.to(ct), -mult / beta, rmask, cmask, log_a, log_b, n_iters, whole, return_weights
+        )
+        return (res[0].to(q.dtype), res[1].to(q.dtype)) if return_weights else res[0].to(q.dtype)
 
     def neg_cost(s: int, e: int) -> Tensor:  # -C / step on the block's pairs, NEG elsewhere
         c = shift + mult * torch.matmul(qx[..., s:e, :], kx.transpose(-1, -2))
@@ -1032,7 +1041,9 @@ def _ipot_attention_columns(
     log_a: Tensor,
     log_b: Tensor,
     n_iters: int,
-) -> Tensor:
+    whole: bool = False,
+    return_weights: bool = False,
+) -> tuple[Tensor, ...]:
     """IPOT attention (one Sinkhorn step per proximal step) carried by one column potential.
 
     With ``-C_ij / beta = gain · qx_i·kx_j + const`` (the constant cancels), IPOT's plan after t
@@ -1044,57 +1055,82 @@ def _ipot_attention_columns(
     * ``S_t = log b - log(a^T P) + u`` (the column step), ``log sigma_t = S_t - S_{t-1}``;
 
     and the row-normalised plan (the attention weights) is ``softmax_j(n · gain · qx·kx + S_n)``,
-    so D is never needed. One pass over each block of rows per step (a matmul, a softmax and a
-    vector-matrix product), versus two log-sum-exp passes of the log-domain form. Should a real
-    column's mass ``a^T P`` underflow (far apart costs), that step's column sums are recomputed by
-    log-sum-exp of ``log a_i + log_softmax``. Memory O(block · M), under autograd too.
+    so D is never needed: a step is a matmul (or, on the whole matrix, a scaled add of the
+    scores), a softmax and a vector-matrix product, versus two log-sum-exp passes of the
+    log-domain form. Should a real column's mass ``a^T P`` underflow (far apart costs), that
+    step's column sums are recomputed by log-sum-exp of ``log a_i + log_softmax``.
+
+    ``whole`` keeps the (B·H, N, M) scores and differentiates through every step; otherwise the
+    logits are recomputed in blocks of heads x rows (:func:`attnlib.dispatch.ot_blocks`),
+    checkpointed under autograd (memory O(block · M)).
 
     qx (B, H, N, D), kx (B, H, M, D), v (B, H, M, Dv); rmask / cmask (B, H, N) / (B, H, M) real
-    rows / columns; log_a, log_b their log masses (uniform). Returns (B, H, N, Dv), 0 on padded rows.
+    rows / columns; log_a, log_b their log masses (uniform). Returns (out (B, H, N, Dv),) or, with
+    ``return_weights`` (needs ``whole``), (out, weights (B, H, N, M)); both 0 on padded rows.
     """
     b, h, n, d = qx.shape
     m, bh = kx.shape[2], b * h
     q3, k3, v3 = qx.reshape(bh, n, d), kx.reshape(bh, m, d), v.reshape(bh, m, v.shape[-1])
-    ones = q3.new_ones(bh, n, 1)
     cm = cmask.reshape(bh, m)
     rows_a = torch.where(rmask, log_a.exp(), 0.0).reshape(bh, 1, n)  # a_i, 0 on padded rows
     log_rows_a = torch.where(rmask, log_a, NEG).reshape(bh, n, 1)
     log_b = log_b.reshape(bh, m)
-    hb, rb = dispatch.ot_blocks(bh, n, m)
-    heads = [(i, min(bh, i + hb)) for i in range(0, bh, hb)]
-    rows = [(s, min(n, s + rb)) for s in range(0, n, rb)]
     floor = torch.finfo(qx.dtype).tiny / torch.finfo(qx.dtype).eps  # column masses above keep full precision
+    if whole:
+        heads, rows = [(0, bh)], [(0, n)]
+        scores = torch.bmm(q3, k3.transpose(1, 2))
 
-    # logits alpha · qx_i·kx_j + pot_j of a block, as one matmul of [alpha qx, 1] and [kx, pot]
-    def col_mass(i: int, j: int, s: int, e: int, qa: Tensor, ka: Tensor) -> Tensor:
-        return torch.bmm(rows_a[i:j, :, s:e], torch.softmax(torch.bmm(qa[i:j, s:e], ka[i:j]), -1))[:, 0]
+        def prepare(alpha: float, pot: Tensor) -> tuple[Any, Tensor]:
+            return alpha, pot
 
-    def log_col_mass(i: int, j: int, s: int, e: int, qa: Tensor, ka: Tensor) -> Tensor:
-        logp = torch.log_softmax(torch.bmm(qa[i:j, s:e], ka[i:j]), -1)
-        return torch.logsumexp(log_rows_a[i:j, s:e] + logp, 1)
+        def logits(i: int, j: int, s: int, e: int, alpha: Any, pot: Tensor) -> Tensor:
+            return torch.add(pot[i:j, None, :], scores[i:j, s:e], alpha=alpha)
 
-    def out_rows(i: int, j: int, s: int, e: int, qa: Tensor, ka: Tensor) -> Tensor:
-        return torch.bmm(torch.softmax(torch.bmm(qa[i:j, s:e], ka[i:j]), -1), v3[i:j])
+        def run(fn: Callable[..., Tensor], *args: Any) -> Tensor:
+            return fn(*args)
+    else:
+        ones = q3.new_ones(bh, n, 1)
+        hb, rb = dispatch.ot_blocks(bh, n, m)
+        heads = [(i, min(bh, i + hb)) for i in range(0, bh, hb)]
+        rows = [(s, min(n, s + rb)) for s in range(0, n, rb)]
 
-    def augmented(alpha: float, pot: Tensor) -> tuple[Tensor, Tensor]:
-        return torch.cat([alpha * q3, ones], -1), torch.cat([k3, pot[..., None]], -1).transpose(1, 2)
+        def prepare(alpha: float, pot: Tensor) -> tuple[Any, Tensor]:  # [alpha qx, 1] . [kx, pot]
+            return torch.cat([alpha * q3, ones], -1), torch.cat([k3, pot[..., None]], -1).transpose(1, 2)
 
-    def columns(fn: Callable[..., Tensor], qa: Tensor, ka: Tensor) -> list[list[Tensor]]:
-        return [[_blockwise(fn, i, j, s, e, qa, ka) for s, e in rows] for i, j in heads]
+        def logits(i: int, j: int, s: int, e: int, qa: Any, ka: Tensor) -> Tensor:
+            return torch.bmm(qa[i:j, s:e], ka[i:j])
+
+        run = _blockwise
+
+    def col_mass(i: int, j: int, s: int, e: int, x: Any, y: Tensor) -> Tensor:
+        return torch.bmm(rows_a[i:j, :, s:e], torch.softmax(logits(i, j, s, e, x, y), -1))[:, 0]
+
+    def log_col_mass(i: int, j: int, s: int, e: int, x: Any, y: Tensor) -> Tensor:
+        return torch.logsumexp(log_rows_a[i:j, s:e] + torch.log_softmax(logits(i, j, s, e, x, y), -1), 1)
+
+    def out_rows(i: int, j: int, s: int, e: int, x: Any, y: Tensor) -> Tensor:
+        return torch.bmm(torch.softmax(logits(i, j, s, e, x, y), -1), v3[i:j])
+
+    def columns(fn: Callable[..., Tensor], x: Any, y: Tensor) -> list[list[Tensor]]:
+        return [[run(fn, i, j, s, e, x, y) for s, e in rows] for i, j in heads]
 
     s_prev = torch.where(cm, 0.0, NEG)  # S_0 (T_0 = 1 1^T)
     u = torch.where(cm, log_b, NEG)  # S_0 + log sigma_0, sigma_0 = 1 / M = b
     for t in range(1, n_iters + 1):
-        qa, ka = augmented(t * gain, u)
-        col = torch.cat([sum(parts) for parts in columns(col_mass, qa, ka)])  # type: ignore[misc]
+        x, y = prepare(t * gain, u)
+        col = torch.cat([sum(parts) for parts in columns(col_mass, x, y)])  # type: ignore[misc]
         with torch.no_grad():
             ok = bool(((col > floor) & torch.isfinite(col) | ~cm).all())
         if ok:
             log_col = torch.log(torch.where(cm, col, 1.0))
         else:  # a real column's mass underflowed: this step's column sums by log-sum-exp
-            log_col = torch.cat([torch.logsumexp(torch.stack(p), 0) for p in columns(log_col_mass, qa, ka)])
+            log_col = torch.cat([torch.logsumexp(torch.stack(p), 0) for p in columns(log_col_mass, x, y)])
         s_t = torch.where(cm, log_b - log_col + u, NEG)
         u, s_prev = torch.where(cm, 2.0 * s_t - s_prev, NEG), s_t
-    qa, ka = augmented(n_iters * gain, s_prev)
-    out = torch.cat([torch.cat(parts, 1) for parts in columns(out_rows, qa, ka)])
-    return out.reshape(b, h, n, -1) * rmask[..., None].to(out.dtype)
+    keep = rmask.reshape(bh, n, 1).to(v3.dtype)
+    x, y = prepare(n_iters * gain, s_prev)
+    if return_weights:
+        w = torch.softmax(logits(0, bh, 0, n, x, y), -1) * keep
+        return (w @ v3).reshape(b, h, n, -1), w.reshape(b, h, n, m)
+    out = torch.cat([torch.cat(parts, 1) for parts in columns(out_rows, x, y)])
+    return ((out * keep).reshape(b, h, n, -1),)
