@@ -933,11 +933,11 @@ def ot_attention(
             "sinkhorn" (``eps``).
         n_iters: solver iterations (differentiated through).
 
-    Without ``return_weights`` (and above :func:`attnlib.dispatch.ot_whole_matrix`'s size) the
-    solver runs over blocks of query rows and never holds an N x M matrix (memory O(N · block);
-    the costs are recomputed at every step): IPOT's plan after
-    t steps is ``exp(t · (-C / beta) + D_i + S_j)`` on the real pairs, D and S the running sums of
-    its inner Sinkhorn potentials, so only vectors are carried from step to step.
+    IPOT runs in a form carried by one column potential (``_ipot_attention_columns``: a
+    softmax per step, equal to the log-domain iterations); above
+    :func:`attnlib.dispatch.ot_whole_matrix`'s size (and without ``return_weights``) it never holds
+    an N x M matrix (memory O(N · block), the scores recomputed at every step). Sinkhorn runs over
+    blocks of query rows there too (:func:`sinkhorn_steps_blocked`).
 
     Returns:
         out (B, H, N, Dv) in q's dtype (computed in >= float32), or (out, weights (B, H, N, M)).
