@@ -1114,11 +1114,20 @@ def _ipot_attention_columns(
     def columns(fn: Callable[..., Tensor], x: Any, y: Tensor) -> list[list[Tensor]]:
         return [[run(fn, i, j, s, e, x, y) for s, e in rows] for i, j in heads]
 
+    def col_sums(x: Any, y: Tensor) -> Tensor:  # a running sum: few small tensors live at once
+        total = []
+        for i, j in heads:
+            acc = run(col_mass, i, j, *rows[0], x, y)
+            for s, e in rows[1:]:
+                acc = acc + run(col_mass, i, j, s, e, x, y)
+            total.append(acc)
+        return torch.cat(total)
+
     s_prev = torch.where(cm, 0.0, NEG)  # S_0 (T_0 = 1 1^T)
     u = torch.where(cm, log_b, NEG)  # S_0 + log sigma_0, sigma_0 = 1 / M = b
     for t in range(1, n_iters + 1):
         x, y = prepare(t * gain, u)
-        col = torch.cat([sum(parts) for parts in columns(col_mass, x, y)])  # type: ignore[misc]
+        col = col_sums(x, y)
         with torch.no_grad():
             ok = bool(((col > floor) & torch.isfinite(col) | ~cm).all())
         if ok:
