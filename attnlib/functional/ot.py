@@ -1114,9 +1114,19 @@ def _ipot_attention_columns(
     def columns(fn: Callable[..., Tensor], x: Any, y: Tensor) -> list[list[Tensor]]:
         return [[run(fn, i, j, s, e, x, y) for s, e in rows] for i, j in heads]
 
-    def col_sums(x: Any, y: Tensor) -> Tensor:  # a running sum: few small tensors live at once
+    # without autograd, blocks write into buffers allocated once: nothing small outlives a block
+    # among the blocks' temporaries, which the allocator would otherwise keep (growing with N^2)
+    buffered = not torch.is_grad_enabled() or not any(t.requires_grad for t in (qx, kx, v))
+
+    def col_sums(x: Any, y: Tensor) -> Tensor:
+        if buffered:
+            col = q3.new_zeros(bh, m)
+            for i, j in heads:
+                for s, e in rows:
+                    col[i:j] += col_mass(i, j, s, e, x, y)
+            return col
         total = []
-        for i, j in heads:
+        for i, j in heads:  # a running sum: few small tensors live at once
             acc = run(col_mass, i, j, *rows[0], x, y)
             for s, e in rows[1:]:
                 acc = acc + run(col_mass, i, j, s, e, x, y)
@@ -1141,5 +1151,11 @@ def _ipot_attention_columns(
     if return_weights:
         w = torch.softmax(logits(0, bh, 0, n, x, y), -1) * keep
         return (w @ v3).reshape(b, h, n, -1), w.reshape(b, h, n, m)
-    out = torch.cat([torch.cat(parts, 1) for parts in columns(out_rows, x, y)])
+    if buffered:
+        out = v3.new_empty(bh, n, v3.shape[-1])
+        for i, j in heads:
+            for s, e in rows:
+                out[i:j, s:e] = out_rows(i, j, s, e, x, y)
+    else:
+        out = torch.cat([torch.cat(parts, 1) for parts in columns(out_rows, x, y)])
     return ((out * keep).reshape(b, h, n, -1),)
