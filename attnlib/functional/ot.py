@@ -1133,7 +1133,7 @@ def _ipot_attention_columns(
             total.append(acc)
         return torch.cat(total)
 
-    s_prev = torch.where(cm, 0.0, NEG)  # S_0 (T_0 = 1 1^T)
+    s_prev = torch.where(cm, torch.zeros_like(log_b), NEG)  # S_0 (T_0 = 1 1^T); log_b's dtype
     u = torch.where(cm, log_b, NEG)  # S_0 + log sigma_0, sigma_0 = 1 / M = b
     for t in range(1, n_iters + 1):
         x, y = prepare(t * gain, u)
