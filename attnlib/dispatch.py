@@ -23,6 +23,7 @@ __all__ = [
     "FEW_KEYS",
     "KERNELIZED_DENSE_MAX_N",
     "MASKED_DENSE_MAX_ELEMENTS",
+    "OT_BLOCK_ELEMENTS",
     "OT_WHOLE_MATRIX_MAX",
     "ROW_BLOCK_ELEMENTS",
     "SERIAL_LOOP_ELEMENTS",
@@ -36,6 +37,7 @@ __all__ = [
     "few_keys_explicit",
     "fused_cpu_block_parts",
     "kernelized_dense",
+    "ot_blocks",
     "ot_whole_matrix",
     "row_block",
     "serial_cpu_loop",
@@ -103,6 +105,24 @@ def ot_whole_matrix(elements: int) -> bool:
     the whole matrix (autograd then keeps every step's matrices: n_iters x a few x 1 MB at most).
     """
     return elements <= OT_WHOLE_MATRIX_MAX
+
+
+OT_BLOCK_ELEMENTS = 1 << 18
+"""Elements of one (heads x rows x keys) block of blocked IPOT attention (:func:`ot_blocks`)."""
+
+
+def ot_blocks(lead: int, rows: int, cols: int) -> tuple[int, int]:
+    """(heads, rows) of one block of blocked IPOT attention over ``lead`` (rows x cols) problems.
+
+    A block's logits are formed by one matmul and read back at once by a softmax, so blocks of
+    about :data:`OT_BLOCK_ELEMENTS` floats (1 MB in float32) stay in cache between the two:
+    whole heads, several at a time, when a head fits, else a band of at least 16 rows of one head
+    (never more than :data:`ROW_BLOCK_ELEMENTS`).
+    """
+    budget = max(1, min(ROW_BLOCK_ELEMENTS, OT_BLOCK_ELEMENTS))
+    if rows * cols <= budget:
+        return max(1, min(lead, budget // max(1, rows * cols))), rows
+    return 1, max(1, min(rows, max(16, budget // max(1, cols))))
 
 
 KERNELIZED_DENSE_MAX_N = 32768

@@ -443,7 +443,14 @@ def test_got_loss_solved_a_few_examples_at_a_time_equals_all_at_once(monkeypatch
         (grad,) = torch.autograd.grad(loss, xg)
         return loss, t_w, t_g, grad
 
+    def run_loss_only() -> tuple[torch.Tensor, ...]:  # groups recomputed in the backward pass
+        xg = x.clone().requires_grad_(True)
+        loss = got_loss(xg, y, x_mask=xm)
+        return loss, *torch.autograd.grad(loss, xg)
+
     whole = run()
     monkeypatch.setattr("attnlib.dispatch.ROW_BLOCK_ELEMENTS", 2 * 7 * 6)  # two examples per group
     for got, want in zip(run(), whole, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+    for got, want in zip(run_loss_only(), (whole[0], whole[3]), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-13)

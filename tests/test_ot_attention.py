@@ -156,6 +156,49 @@ def test_got_weights_are_row_normalised_ipot_plan() -> None:
     assert res.aux_loss is None  # eval mode: no regulariser
 
 
+@pytest.mark.parametrize("blocked", [False, True])
+@pytest.mark.parametrize(("cost", "beta"), [("cosine", 0.5), ("dot", 0.3), ("cosine", 1e-4)])
+def test_got_column_potential_form_equals_the_log_domain_ipot(monkeypatch, blocked: bool, cost: str, beta: float):
+    """OT attention runs IPOT through one column potential (a softmax per step); output and
+    gradients equal the row-normalised log-domain IPOT plan (``ot.ipot``, differentiated through)
+    in float64, under query and key padding, on the whole matrix and over blocks of rows. With
+    beta = 1e-4 column masses underflow even in float64 and the log-sum-exp column step runs."""
+    n, m, iters = 20, 17, 7
+    q, k, v = make_qkv(B, H, n, D, m=m, dtype=F64, logit_scale=2.0, seed=41)
+    kp, qp = kpad(m, seed=42), kpad(n, seed=43)
+    qp[1] = False  # an example without a real query: zero output, no NaN
+    calls = []
+    real_log_softmax = torch.log_softmax
+    monkeypatch.setattr(torch, "log_softmax", lambda *a, **kw: calls.append(1) or real_log_softmax(*a, **kw))
+
+    def reference(q, k, v):
+        c = ot.cosine_cost(q, k) if cost == "cosine" else -(q @ k.transpose(-1, -2)) * D**-0.5
+        plan = ot.ipot(
+            c, beta=beta, n_iters=iters, a_mask=qp[:, None].expand(B, H, n), b_mask=kp[:, None].expand(B, H, m)
+        )
+        return plan / plan.sum(-1, keepdim=True).clamp_min(1e-300) @ v
+
+    def grads(fn):
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*x)
+        return (out, *torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1], dtype=F64)).sum(), x))
+
+    want = grads(reference)
+    if blocked:
+        monkeypatch.setattr("attnlib.dispatch.ROW_BLOCK_ELEMENTS", 1)
+        monkeypatch.setattr("attnlib.dispatch.OT_WHOLE_MATRIX_MAX", 0)
+    got = grads(
+        lambda q, k, v: ot.ot_attention(q, k, v, key_mask=kp, query_mask=qp, cost=cost, beta=beta, n_iters=iters)
+    )
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-9)
+    assert torch.equal(got[0][1], torch.zeros_like(got[0][1]))
+    with torch.no_grad():  # without autograd the blocks write into preallocated buffers
+        out = ot.ot_attention(q, k, v, key_mask=kp, query_mask=qp, cost=cost, beta=beta, n_iters=iters)
+    torch.testing.assert_close(out, want[0], atol=1e-10, rtol=1e-9)
+    assert bool(calls) == (beta < 0.01)
+
+
 def test_got_converged_plan_is_the_exact_ot_assignment() -> None:
     """IPOT -> exact OT: with N == M and uniform masses the weights become POT's emd permutation."""
     q, k, v = make_qkv(1, 1, 7, D, dtype=F64, seed=7)

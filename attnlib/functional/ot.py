@@ -864,29 +864,39 @@ def got_loss(
     else:
         flat = [None if t is None else t.reshape(count, *t.shape[len(lead) :]) for t in (x, y, x_mask, y_mask)]
         parts = [tuple(None if t is None else t[s : s + step] for t in flat) for s in range(0, count, step)]
-    res = [
-        got_distance(  # type: ignore[misc]
+
+    def part(px: Tensor, py: Tensor, pxm: Tensor | None, pym: Tensor | None) -> tuple[Tensor, ...]:
+        return got_distance(  # type: ignore[return-value]
             px,
             py,
             x_mask=pxm,
             y_mask=pym,
             wd_weight=wd_weight,
             gwd_weight=gwd_weight,
-            return_plans=True,
+            return_plans=return_plans,
             **got_kwargs,  # type: ignore[arg-type]
         )
-        for px, py, pxm, pym in parts
-    ]
+
+    # several groups without plans to return: each group's graph is recomputed in the backward
+    # pass, so only one group's (N x M) matrices are held at a time
+    run = _blockwise if len(parts) > 1 and not return_plans else (lambda fn, *args: fn(*args))
+    res = [run(part, *p) for p in parts]
     if len(res) == 1:
-        wd, gwd, t_w, t_g = res[0]
+        outs = res[0]
     else:
-        wd, gwd, t_w, t_g = (torch.cat([r[i] for r in res]) for i in range(4))
-        wd, gwd = wd.reshape(lead), gwd.reshape(lead)
-        t_w, t_g = t_w.reshape(*lead, *t_w.shape[1:]), t_g.reshape(*lead, *t_g.shape[1:])
+        outs = tuple(torch.cat([r[i] for r in res]) for i in range(len(res[0])))
+        outs = tuple(o.reshape(*lead, *o.shape[1:]) for o in outs)
+    wd, gwd = outs[0], outs[1]
     per = wd_weight * wd + gwd_weight * gwd
-    live = (t_w.detach().sum((-1, -2)) > 0).to(per.dtype)  # a plan carries mass iff both sides have some
+    live = torch.ones(per.shape, dtype=torch.bool, device=per.device)  # examples with real tokens on both sides
+    for mk in (x_mask, y_mask):
+        if mk is not None:
+            live = live & mk.any(-1)
+    live = live.to(per.dtype)
     loss = (per * live).sum() / live.sum().clamp_min(1.0)
-    return (loss, t_w, t_g) if return_plans else loss
+    if return_plans:
+        return loss, outs[2], outs[3]
+    return loss
 
 
 # ------------------------------------------------------------------------------------------
@@ -923,11 +933,11 @@ def ot_attention(
             "sinkhorn" (``eps``).
         n_iters: solver iterations (differentiated through).
 
-    Without ``return_weights`` (and above :func:`attnlib.dispatch.ot_whole_matrix`'s size) the
-    solver runs over blocks of query rows and never holds an N x M matrix (memory O(N · block);
-    the costs are recomputed at every step): IPOT's plan after
-    t steps is ``exp(t · (-C / beta) + D_i + S_j)`` on the real pairs, D and S the running sums of
-    its inner Sinkhorn potentials, so only vectors are carried from step to step.
+    IPOT runs in a form carried by one column potential (``_ipot_attention_columns``: a
+    softmax per step, equal to the log-domain iterations); above
+    :func:`attnlib.dispatch.ot_whole_matrix`'s size (and without ``return_weights``) it never holds
+    an N x M matrix (memory O(N · block), the scores recomputed at every step). Sinkhorn runs over
+    blocks of query rows there too (:func:`sinkhorn_steps_blocked`).
 
     Returns:
         out (B, H, N, Dv) in q's dtype (computed in >= float32), or (out, weights (B, H, N, M)).
@@ -947,8 +957,11 @@ def ot_attention(
     beta = positive_number(beta, f"{where}: beta")
     eps = positive_number(eps, f"{where}: eps")
     n_iters = int_at_least(n_iters, 1, f"{where}: n_iters")
-    if not return_weights and not dispatch.ot_whole_matrix(b * h * n * m):
-        return _ot_attention_blocked(q, k, v, key_mask, query_mask, cost, solver, beta, eps, n_iters, scale)
+    whole = return_weights or dispatch.ot_whole_matrix(b * h * n * m)
+    if solver == "ipot" or not whole:
+        return _ot_attention_blocked(
+            q, k, v, key_mask, query_mask, cost, solver, beta, eps, n_iters, scale, whole, return_weights
+        )
     if cost == "cosine":
         c = cosine_cost(q.to(ct), k.to(ct))
     else:
@@ -976,8 +989,11 @@ def _ot_attention_blocked(
     eps: float,
     n_iters: int,
     scale: float | None,
-) -> Tensor:
-    """:func:`ot_attention`'s output computed a block of query rows at a time (same validation)."""
+    whole: bool = False,
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`ot_attention` from potentials: IPOT (:func:`_ipot_attention_columns`, on the whole
+    matrix if ``whole``) or Sinkhorn a block of query rows at a time (same validation)."""
     b, h, n, d = q.shape
     m = k.shape[2]
     ct = _compute_dtype(q)
@@ -998,45 +1014,148 @@ def _ot_attention_blocked(
     rmask, cmask = rmask & live, cmask & live
     log_a = torch.where(rmask, -torch.log(rmask.sum(-1, keepdim=True).clamp_min(1).to(ct)), 0.0)
     log_b = torch.where(cmask, -torch.log(cmask.sum(-1, keepdim=True).clamp_min(1).to(ct)), 0.0)
-    step_size = beta if solver == "ipot" else eps
+    if solver == "ipot":
+        res = _ipot_attention_columns(
+            qx, kx, v.to(ct), -mult / beta, rmask, cmask, log_a, log_b, n_iters, whole, return_weights
+        )
+        return (res[0].to(q.dtype), res[1].to(q.dtype)) if return_weights else res[0].to(q.dtype)
 
     def neg_cost(s: int, e: int) -> Tensor:  # -C / step on the block's pairs, NEG elsewhere
         c = shift + mult * torch.matmul(qx[..., s:e, :], kx.transpose(-1, -2))
         pair = rmask[..., s:e, None] & cmask[..., None, :]
-        return (-c / step_size).masked_fill(~pair, NEG)
+        return (-c / eps).masked_fill(~pair, NEG)
 
-    shape = (b, h, n, m)
-    if solver == "sinkhorn":
-        f, g = sinkhorn_steps_blocked(
-            neg_cost,
-            shape,
-            log_a,
-            log_b,
-            2 * n_iters,
-            torch.zeros_like(log_a),
-            torch.zeros_like(log_b),
-            rmask=rmask,
-            cmask=cmask,
-        )
-        return transport_blocked(neg_cost, f, g, v.to(ct), normalize_rows=True).to(q.dtype)
-    # IPOT (inner_iters = 1): log T_t = t · logg + D_t + S_t on the real pairs, with D_t, S_t the
-    # sums of the potentials (delta, sigma) of the steps so far; T_0 = 1 1^T, sigma_0 = 1/M
-    big_d, big_s = torch.zeros_like(log_a), torch.zeros_like(log_b)
-    log_delta = torch.zeros_like(log_a)
-    log_sigma = torch.where(cmask, -torch.log(cmask.sum(-1, keepdim=True).clamp_min(1).to(ct)), 0.0)
-
-    def kernel(t: int, big_d: Tensor, big_s: Tensor) -> LogKernelRows:
-        def rows(s: int, e: int) -> Tensor:
-            return neg_cost(s, e) * t + big_d[..., s:e, None] + big_s[..., None, :]
-
-        return rows
-
-    for t in range(1, n_iters + 1):
-        logq = kernel(t, big_d, big_s)  # log(G * T_{t-1}) = t · logg + D_{t-1} + S_{t-1}
-        log_delta, log_sigma = sinkhorn_steps_blocked(
-            logq, shape, log_a, log_b, 2, log_delta, log_sigma, rmask=rmask, cmask=cmask
-        )
-        big_d, big_s = big_d + log_delta, big_s + log_sigma
-    plan_rows = kernel(n_iters, big_d, big_s)
     zf, zg = torch.zeros_like(log_a), torch.zeros_like(log_b)
-    return transport_blocked(plan_rows, zf, zg, v.to(ct), normalize_rows=True).to(q.dtype)
+    shape = (b, h, n, m)
+    f, g = sinkhorn_steps_blocked(neg_cost, shape, log_a, log_b, 2 * n_iters, zf, zg, rmask=rmask, cmask=cmask)
+    return transport_blocked(neg_cost, f, g, v.to(ct), normalize_rows=True).to(q.dtype)
+
+
+def _ipot_attention_columns(
+    qx: Tensor,
+    kx: Tensor,
+    v: Tensor,
+    gain: float,
+    rmask: Tensor,
+    cmask: Tensor,
+    log_a: Tensor,
+    log_b: Tensor,
+    n_iters: int,
+    whole: bool = False,
+    return_weights: bool = False,
+) -> tuple[Tensor, ...]:
+    """IPOT attention (one Sinkhorn step per proximal step) carried by one column potential.
+
+    With ``-C_ij / beta = gain · qx_i·kx_j + const`` (the constant cancels), IPOT's plan after t
+    steps is ``T_t = exp(t · gain · qx_i·kx_j + D_i + S_j)``, where D and S are the running sums
+    of its Sinkhorn potentials; the row step and the column step of step t reduce to
+
+    * ``P = softmax_j(t · gain · qx_i·kx_j + u_j)`` with ``u = S_{t-1} + log sigma_{t-1}``
+      (the row step: ``D_t = log a - LSE_j(...)``, so ``exp(... + D_t) = a_i P_ij``);
+    * ``S_t = log b - log(a^T P) + u`` (the column step), ``log sigma_t = S_t - S_{t-1}``;
+
+    and the row-normalised plan (the attention weights) is ``softmax_j(n · gain · qx·kx + S_n)``,
+    so D is never needed: a step is a matmul (or, on the whole matrix, a scaled add of the
+    scores), a softmax and a vector-matrix product, versus two log-sum-exp passes of the
+    log-domain form. Should a real column's mass ``a^T P`` underflow (far apart costs), that
+    step's column sums are recomputed by log-sum-exp of ``log a_i + log_softmax``.
+
+    ``whole`` keeps the (B·H, N, M) scores and differentiates through every step; otherwise the
+    logits are recomputed in blocks of heads x rows (:func:`attnlib.dispatch.ot_blocks`),
+    checkpointed under autograd (memory O(block · M)).
+
+    qx (B, H, N, D), kx (B, H, M, D), v (B, H, M, Dv); rmask / cmask (B, H, N) / (B, H, M) real
+    rows / columns; log_a, log_b their log masses (uniform). Returns (out (B, H, N, Dv),) or, with
+    ``return_weights`` (needs ``whole``), (out, weights (B, H, N, M)); both 0 on padded rows.
+    """
+    b, h, n, d = qx.shape
+    m, bh = kx.shape[2], b * h
+    q3, k3, v3 = qx.reshape(bh, n, d), kx.reshape(bh, m, d), v.reshape(bh, m, v.shape[-1])
+    cm = cmask.reshape(bh, m)
+    rows_a = torch.where(rmask, log_a.exp(), 0.0).reshape(bh, 1, n)  # a_i, 0 on padded rows
+    log_rows_a = torch.where(rmask, log_a, NEG).reshape(bh, n, 1)
+    log_b = log_b.reshape(bh, m)
+    floor = torch.finfo(qx.dtype).tiny / torch.finfo(qx.dtype).eps  # column masses above keep full precision
+    if whole:
+        heads, rows = [(0, bh)], [(0, n)]
+        scores = torch.bmm(q3, k3.transpose(1, 2))
+
+        def prepare(alpha: float, pot: Tensor) -> tuple[Any, Tensor]:
+            return alpha, pot
+
+        def logits(i: int, j: int, s: int, e: int, alpha: Any, pot: Tensor) -> Tensor:
+            return torch.add(pot[i:j, None, :], scores[i:j, s:e], alpha=alpha)
+
+        def run(fn: Callable[..., Tensor], *args: Any) -> Tensor:
+            return fn(*args)
+    else:
+        ones = q3.new_ones(bh, n, 1)
+        hb, rb = dispatch.ot_blocks(bh, n, m)
+        heads = [(i, min(bh, i + hb)) for i in range(0, bh, hb)]
+        rows = [(s, min(n, s + rb)) for s in range(0, n, rb)]
+
+        def prepare(alpha: float, pot: Tensor) -> tuple[Any, Tensor]:  # [alpha qx, 1] . [kx, pot]
+            return torch.cat([alpha * q3, ones], -1), torch.cat([k3, pot[..., None]], -1).transpose(1, 2)
+
+        def logits(i: int, j: int, s: int, e: int, qa: Any, ka: Tensor) -> Tensor:
+            return torch.bmm(qa[i:j, s:e], ka[i:j])
+
+        run = _blockwise
+
+    def col_mass(i: int, j: int, s: int, e: int, x: Any, y: Tensor) -> Tensor:
+        return torch.bmm(rows_a[i:j, :, s:e], torch.softmax(logits(i, j, s, e, x, y), -1))[:, 0]
+
+    def log_col_mass(i: int, j: int, s: int, e: int, x: Any, y: Tensor) -> Tensor:
+        return torch.logsumexp(log_rows_a[i:j, s:e] + torch.log_softmax(logits(i, j, s, e, x, y), -1), 1)
+
+    def out_rows(i: int, j: int, s: int, e: int, x: Any, y: Tensor) -> Tensor:
+        return torch.bmm(torch.softmax(logits(i, j, s, e, x, y), -1), v3[i:j])
+
+    def columns(fn: Callable[..., Tensor], x: Any, y: Tensor) -> list[list[Tensor]]:
+        return [[run(fn, i, j, s, e, x, y) for s, e in rows] for i, j in heads]
+
+    # without autograd, blocks write into buffers allocated once: nothing small outlives a block
+    # among the blocks' temporaries, which the allocator would otherwise keep (growing with N^2)
+    buffered = not torch.is_grad_enabled() or not any(t.requires_grad for t in (qx, kx, v))
+
+    def col_sums(x: Any, y: Tensor) -> Tensor:
+        if buffered:
+            col = q3.new_zeros(bh, m)
+            for i, j in heads:
+                for s, e in rows:
+                    col[i:j] += col_mass(i, j, s, e, x, y)
+            return col
+        total = []
+        for i, j in heads:  # a running sum: few small tensors live at once
+            acc = run(col_mass, i, j, *rows[0], x, y)
+            for s, e in rows[1:]:
+                acc = acc + run(col_mass, i, j, s, e, x, y)
+            total.append(acc)
+        return torch.cat(total)
+
+    s_prev = torch.where(cm, torch.zeros_like(log_b), NEG)  # S_0 (T_0 = 1 1^T); log_b's dtype
+    u = torch.where(cm, log_b, NEG)  # S_0 + log sigma_0, sigma_0 = 1 / M = b
+    for t in range(1, n_iters + 1):
+        x, y = prepare(t * gain, u)
+        col = col_sums(x, y)
+        with torch.no_grad():
+            ok = bool(((col > floor) & torch.isfinite(col) | ~cm).all())
+        if ok:
+            log_col = torch.log(torch.where(cm, col, 1.0))
+        else:  # a real column's mass underflowed: this step's column sums by log-sum-exp
+            log_col = torch.cat([torch.logsumexp(torch.stack(p), 0) for p in columns(log_col_mass, x, y)])
+        s_t = torch.where(cm, log_b - log_col + u, NEG)
+        u, s_prev = torch.where(cm, 2.0 * s_t - s_prev, NEG), s_t
+    keep = rmask.reshape(bh, n, 1).to(v3.dtype)
+    x, y = prepare(n_iters * gain, s_prev)
+    if return_weights:
+        w = torch.softmax(logits(0, bh, 0, n, x, y), -1) * keep
+        return (w @ v3).reshape(b, h, n, -1), w.reshape(b, h, n, m)
+    if buffered:
+        out = v3.new_empty(bh, n, v3.shape[-1])
+        for i, j in heads:
+            for s, e in rows:
+                out[i:j, s:e] = out_rows(i, j, s, e, x, y)
+    else:
+        out = torch.cat([torch.cat(parts, 1) for parts in columns(out_rows, x, y)])
+    return ((out * keep).reshape(b, h, n, -1),)
