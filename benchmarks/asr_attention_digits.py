@@ -72,6 +72,7 @@ def train(name: str, seed: int, steps: int, runs: Path) -> dict:
     res["wall_seconds_command"] = float(wall.read_text()) if wall.exists() else None
     res["command"] = " ".join(["attnlib-train", *overrides])
     res["final_train_loss"] = final_train_loss(run)
+    res["grad_clip"] = run_grad_clip(run)
     res["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     res.setdefault("commit", machine_info()["commit"])
     return res
@@ -85,6 +86,14 @@ def final_train_loss(run: Path) -> float | None:
     rows = [line.split(",") for line in path.read_text().splitlines()]
     losses = [float(r[3]) for r in rows if len(r) == 4 and r[1:3] == ["train", "loss"]]
     return losses[-1] if losses else None
+
+
+def run_grad_clip(run: Path) -> float | None:
+    """The gradient-clipping threshold a run trained with (its saved config), or None."""
+    from omegaconf import OmegaConf
+
+    path = run / ".hydra" / "config.yaml"
+    return float(OmegaConf.load(path).trainer.grad_clip) if path.exists() else None
 
 
 def decode_ablation(run: Path) -> dict[str, float]:
@@ -149,6 +158,10 @@ def write_tables(records: dict) -> None:
                 med("ctc_greedy"),
                 f"{statistics.median(r['train_seconds'] for r in runs.values()):.0f}",
                 f"{int(statistics.median(r['params'] for r in runs.values())):,}",
+                " / ".join(
+                    f"{r.get('grad_clip') or 1.0:g}"  # runs recorded before this column trained with the default 1.0
+                    for _, r in sorted((int(s), r) for s, r in runs.items())
+                ),
                 ", ".join(sorted({str(r.get("commit", "?")) for r in runs.values()})),
             ]
         )
@@ -215,6 +228,7 @@ def write_tables(records: dict) -> None:
                 "CTC-only CER",
                 "train s (median)",
                 "params",
+                "grad clip per seed",
                 "trained at commit",
             ],
             rows,
