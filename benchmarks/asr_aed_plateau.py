@@ -29,7 +29,7 @@ from _common import RESULTS, default_work_dir, display_path, machine_info, markd
 
 # name -> (overrides of `attnlib-train experiment=asr_digits_aed`, what it tests)
 VARIANTS: dict[str, tuple[list[str], str]] = {
-    "default": ([], "the recipe before the fix: gradient clipping at 1.0 (the CTC-only recipe's value)"),
+    "default": ([], "the recipe: gradient clipping at 1.0, ctc_weight 0.3, AdamW betas (0.9, 0.999)"),
     "ctc_loss_only": (["model.ctc_weight=1.0"], "the same model trained on its CTC loss alone"),
     "beta2_0.98": (["trainer.betas=[0.9,0.98]"], "Adam beta2 0.98 (ESPnet/Transformer): forgets early gradients"),
     "clip_0.3": (["trainer.grad_clip=0.3"], "gradient clipping at 0.3 = the CTC recipe's 1.0 times ctc_weight"),
