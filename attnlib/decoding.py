@@ -31,6 +31,7 @@ __all__ = [
     "forward_cached",
     "init_cache",
     "kv_decode_exact",
+    "select_state_rows",
     "step_tokens",
 ]
 
@@ -145,10 +146,7 @@ class AttentionCache:
             if t is not None:
                 setattr(self, name, t.index_select(0, index))
         if self.state is not None:
-            self.state = {
-                key: (t.index_select(0, index) if t.dim() > 0 and t.shape[0] == self.batch else t)
-                for key, t in self.state.items()
-            }
+            self.state = select_state_rows(self.state, index, self.batch)
         self.batch = int(index.numel())
 
     def __repr__(self) -> str:
@@ -205,6 +203,15 @@ def _check_call(
     if position_offset:
         raise ValueError("with cache=, positions come from cache.length; do not pass position_offset")
     return cache
+
+
+def select_state_rows(state: dict[str, Tensor], index: Tensor, batch: int) -> dict[str, Tensor]:
+    """The recurrent state of the sequences ``index`` (B',) long of a batch of ``batch`` (beam search's
+    reorder, a batch selection or repetition). A state entry is either batch-first (B, ...) and is
+    indexed, or shared by the whole batch (a 0-dim step counter, ...) and is kept."""
+    return {
+        key: (t.index_select(0, index) if t.dim() > 0 and t.shape[0] == batch else t) for key, t in state.items()
+    }
 
 
 def step_tokens(

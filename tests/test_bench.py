@@ -549,7 +549,7 @@ def _cfg(*overrides: str):
         return compose(config_name="bench/config", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("preset", ["smoke", "cpu_full", "approx_full", "quality_cpu", "gpu_quick"])
+@pytest.mark.parametrize("preset", ["smoke", "cpu_full", "cpu_structured", "approx_full", "quality_cpu", "gpu_quick"])
 def test_presets_compose(preset: str) -> None:
     cfg = _cfg(f"bench={preset}")
     assert cfg.mode in ("speed", "approx", "quality")
@@ -560,6 +560,11 @@ def test_presets_compose(preset: str) -> None:
         assert s.time_budget_s <= 8 * 60 and list(s.block_densities) and "linear" in cfg.variants
     if preset == "cpu_full":
         assert max(cfg.speed.long_n) == 65536 and max(cfg.speed.n) == 16384
+    if preset == "cpu_structured":
+        from attnlib import registry
+
+        assert set(cfg.variants) <= set(registry.available()), "a preset names an unregistered variant"
+        assert list(cfg.speed.fwd_bwd_n) == [4096] and cfg.speed.memory
 
 
 def test_cli_speed_end_to_end_and_compare(tmp_path: Path) -> None:

@@ -282,13 +282,33 @@ def test_aux_loss_reaches_the_training_loop():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.parameters())
 
 
-def test_set_variant_needs_the_backend_and_beam_search_is_refused():
-    ref, model = _pair(LlamaForCausalLM, _llama_cfg())
+def test_set_variant_needs_the_backend():
+    ref, _ = _pair(LlamaForCausalLM, _llama_cfg())
     with pytest.raises(ValueError, match="register"):
         hfa.set_variant(ref, "linear")
-    hfa.set_variant(model, "linear")
-    with pytest.raises(UnsupportedError, match="beam search"):
-        model.generate(_ids(), max_new_tokens=3, num_beams=2, do_sample=False)
+
+
+@pytest.mark.parametrize("variant", ["linear", "local", "grat", "softmax"])
+def test_beam_search_follows_the_cache_reorder(variant, monkeypatch):
+    """generate(num_beams=3) on transformers' cache equals beam search that recomputes every step
+    (use_cache=False): the layers' recurrent state (linear), window (local) and kept prefix queries
+    (grat) are re-indexed with the cache at every reorder, and the reorders really permute beams."""
+    model = _model(variant, **attnlib.registry.get_variant(variant).decoding_kwargs())
+    kw = {"max_new_tokens": 6, "num_beams": 3, "do_sample": False, "output_scores": True}
+    kw |= {"return_dict_in_generate": True, "early_stopping": False}
+    edits: list[tuple[str, torch.Tensor]] = []
+    select_rows = hfa._select_rows
+    monkeypatch.setattr(
+        hfa, "_select_rows", lambda m, method, arg: (edits.append((method, arg)), select_rows(m, method, arg))
+    )
+    cached = model.generate(_ids(), use_cache=True, **kw)
+    monkeypatch.undo()
+    recomputed = model.generate(_ids(), use_cache=False, **kw)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    assert torch.allclose(cached.sequences_scores, recomputed.sequences_scores, atol=1e-5)
+    # the cache's reorders reached the layers, and at least one was not the identity
+    assert edits and all(method == "reorder_cache" for method, _ in edits)
+    assert any(not torch.equal(idx.cpu(), torch.arange(idx.numel())) for _, idx in edits)
 
 
 @pytest.mark.parametrize(("variant", "kwargs"), [("cosformer", {}), ("seer", {"block_size": 4, "gate_dim": 8})])
@@ -299,3 +319,24 @@ def test_options_that_cannot_decode_refuse_on_the_framework_cache(variant, kwarg
     hfa.set_variant(model, variant, **kwargs)
     with pytest.raises(UnsupportedError, match="decode"):
         model.generate(_ids(), use_cache=True, max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.parametrize("variant", ["linear", "grat"])
+def test_batch_edits_of_the_cache_follow_into_the_layers(variant):
+    """batch_repeat_interleave and batch_select_indices on the cache (contrastive search, assisted
+    decoding) re-index the layers' state too: the next cached step equals recomputing its rows."""
+    from transformers import DynamicCache
+
+    model = _model(variant, **attnlib.registry.get_variant(variant).decoding_kwargs())
+    ids = _ids(b=2, n=7)
+    nxt = torch.randint(1, VOCAB, (2, 1), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(ids, cache=cache, use_cache=True)
+        cache.batch_repeat_interleave(2)  # rows 0, 0, 1, 1
+        index = torch.tensor([3, 0, 1])
+        cache.batch_select_indices(index)  # rows 1, 0, 0
+        rows = torch.arange(2).repeat_interleave(2)[index]
+        step = model(nxt[rows], cache=cache, use_cache=True).logits[:, -1]
+        full = model(torch.cat([ids, nxt], 1)[rows]).logits[:, -1]
+    assert torch.allclose(step, full, atol=1e-5)

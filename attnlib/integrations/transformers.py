@@ -21,17 +21,17 @@ model would pass no mask at all). Per call, :func:`attention_forward`:
 * decodes with transformers' key/value cache: where :func:`attnlib.decoding.kv_decode_exact` holds
   (variants with ``causal_cross``) the new queries attend to the cached keys; a recurrent variant
   keeps its own state on the layer beside the framework's cache and steps each new token in O(1)
-  (the state is used only while the cache appears to continue it: same length, same first and last
-  keys; a reset or crop drops it. This is a cheap check, not a proof: a beam-search reorder that
-  leaves every row's first and last key of a layer unchanged - possible in the first layer, where a
-  key depends only on its token and position - goes undetected there, so beam search is not
-  supported for these variants); ``local`` attends over the last ``window`` keys; the
-  other causal variants (and the recurrent ones under key padding) keep the queries of the
-  sequence so far on the layer and recompute over the prefix
-  (:func:`attnlib.decoding.attend_new_queries`), so ``generate()`` with the cache equals
-  recomputing the prefix. That needs the cache to grow by appending (``DynamicCache``, greedy or
-  sampled decoding); a cache that was reordered (beam search) or cropped raises UnsupportedError
-  instead of giving a wrong answer;
+  (the state is used only while the cache continues it: same length, same first and last keys; a
+  reset or crop drops it); ``local`` attends over the last ``window`` keys; the other causal
+  variants (and the recurrent ones under key padding) keep the queries of the sequence so far on
+  the layer and recompute over the prefix (:func:`attnlib.decoding.attend_new_queries`), so
+  ``generate()`` with the cache equals recomputing the prefix. Beam search and the other batch
+  edits of a cache (``reorder_cache``, ``batch_select_indices``, ``batch_repeat_interleave``) are
+  followed: :func:`set_variant` installs a forward pre-hook on the model that wraps those methods of
+  the cache it is given, so the layers' states and kept queries are re-indexed with the cache. A
+  cache edited behind the model's back (cropped, or reordered by code that bypasses those methods)
+  fails the state's check and recomputes, or raises UnsupportedError when the prefix queries are
+  gone, instead of giving a wrong answer;
 * keeps the variant's auxiliary loss on the layer (``pending_aux_loss``), so
   :func:`attnlib.aux_loss` ``(model)`` collects it in the training loop.
 """
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlib.decoding import attend_new_queries, kv_decode_exact, step_tokens
+from attnlib.decoding import attend_new_queries, kv_decode_exact, select_state_rows, step_tokens
 from attnlib.errors import UnsupportedError
 from attnlib.masks import normalize_mask
 from attnlib.masks.predicates import causal_mod, evaluate_rows
@@ -56,6 +56,9 @@ NAME = "attnlib"
 _DEFAULT_CORES: dict[tuple[int, int], AttentionCore] = {}
 _QUERIES = "_attnlib_queries"  # (queries so far (B, H, M, D), last key (B, H_kv, D)) on a layer
 _STATE = "_attnlib_state"  # a recurrent variant's decoding state on a layer (see _State)
+_HOOK = "_attnlib_cache_hook"  # the forward pre-hook on a model that follows its cache's batch edits
+_CACHE_KWARGS = ("cache", "past_key_values")  # the cache's keyword in a model call (newer, older transformers)
+_BATCH_EDITS = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
 
 
 class _State:
@@ -76,6 +79,54 @@ class _State:
             and torch.equal(self.first, key[:, :, 0])
             and torch.equal(self.last, key[:, :, m - n - 1])
         )
+
+    def select(self, index: Tensor) -> None:
+        """Keep the sequences ``index`` (B',) long of the batch, in that order (a beam-search reorder)."""
+        self.state = select_state_rows(self.state, index, self.first.shape[0])
+        self.first, self.last = self.first.index_select(0, index), self.last.index_select(0, index)
+
+
+def _select_rows(model: nn.Module, method: str, arg: Any) -> None:
+    """Apply a cache's batch edit ``method`` (one of ``_BATCH_EDITS``, with its argument) to the decoding
+    state and kept queries of every attention layer of ``model``."""
+    for module in attention_layers(model):
+        held, kept = module.__dict__.get(_STATE), module.__dict__.get(_QUERIES)
+        batch = held.first.shape[0] if held is not None else kept[0].shape[0] if kept is not None else None
+        if batch is None:
+            continue
+        if method == "batch_repeat_interleave":
+            index = torch.arange(batch).repeat_interleave(int(arg))
+        else:
+            index = torch.as_tensor(arg, dtype=torch.long).flatten()
+        device = held.first.device if held is not None else kept[0].device
+        index = index.to(device)
+        if held is not None:
+            held.select(index)
+        if kept is not None:
+            module.__dict__[_QUERIES] = (kept[0].index_select(0, index), kept[1].index_select(0, index))
+
+
+def _follow_cache(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook: wrap the batch edits of the model's key/value cache (once per cache
+    object) so that they also re-index the layers' decoding state (see the module docstring)."""
+    cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+    if cache is None or getattr(cache, "_attnlib_follows", False):
+        return
+    for method in _BATCH_EDITS:
+        original = getattr(cache, method, None)
+        if original is None:
+            continue
+
+        def edit(arg: Any, _original: Any = original, _method: str = method) -> Any:
+            result = _original(arg)
+            _select_rows(model, _method, arg)
+            return result
+
+        setattr(cache, method, edit)
+    try:
+        cache._attnlib_follows = True
+    except AttributeError:  # a cache type with __slots__: it is wrapped again next call, harmlessly
+        pass
 
 
 def _steps(core: AttentionCore, module: nn.Module, kp: Tensor | None, want_weights: bool, p: float) -> bool:
@@ -197,6 +248,8 @@ def set_variant(
         mod.attnlib_fast_decode = bool(fast_decode)
         mod.__dict__.pop(_QUERIES, None)
         mod.__dict__.pop(_STATE, None)
+    if _HOOK not in model.__dict__:
+        model.__dict__[_HOOK] = model.register_forward_pre_hook(_follow_cache, with_kwargs=True)
     return model
 
 
@@ -297,8 +350,8 @@ def attention_forward(
             raise UnsupportedError(
                 f"variant {core.name!r} decodes with a key/value cache by recomputing over the prefix, which "
                 "needs the queries of every earlier position; they are kept when the cache grows by appending "
-                "from the first token (DynamicCache; greedy or sampled generate), not after a reorder (beam "
-                "search), crop or a static cache"
+                "from the first token (DynamicCache; greedy, sampled or beam-search generate on a model passed "
+                "to set_variant), not after a crop, a static cache or a reorder that bypassed the cache's methods"
             )
         res = attend_new_queries(
             core,

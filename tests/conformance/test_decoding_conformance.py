@@ -133,3 +133,21 @@ def test_cached_decoding_with_left_padding_equals_the_full_forward(name: str, mo
     got_t = torch.cat(got, 1)
     assert_close(got_t[1], full[1], atol=1e-9, name=f"{name} {mode} unpadded row")
     assert_close(got_t[0, 3:], full[0, 3:], atol=1e-9, name=f"{name} {mode} left-padded row")
+
+
+@pytest.mark.parametrize(("name", "mode"), [(n, m) for n in DECODERS for m in claimed_modes(n)], ids=lambda v: str(v))
+def test_reordered_cache_decodes_the_selected_sequences(name: str, mode: str) -> None:
+    """Beam search's batch edit: after 6 tokens of 3 sequences, ``cache.reorder([2, 0, 0])`` and 7 more
+    tokens equal the full causal forward of sequences 2, 0, 0 (their last 7 rows), in float64. For a
+    recurrent state this checks its layout rule (each entry batch-first or shared; see
+    :func:`attnlib.decoding.select_state_rows`)."""
+    x = torch.randn(3, N, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    index = torch.tensor([2, 0, 0])
+    attn = build(name, get_variant(name).decoding_kwargs())
+    with torch.no_grad():
+        cache = attn.init_cache(3, mode=mode)
+        attn(x[:, :6], cache=cache)
+        cache.reorder(index)
+        got = attn(x[index, 6:], cache=cache)
+        want = attn(x[index])[:, 6:]
+    assert_close(got, want, atol=1e-9, name=f"{name} ({mode}) after a reorder")
