@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, default_work_dir, display_path, machine_info, markdown_table
+from _common import RESULTS, default_work_dir, machine_info, markdown_table, save_records
 
 # name -> (overrides of `attnlib-train experiment=asr_digits_aed`, what it tests)
 VARIANTS: dict[str, tuple[list[str], str]] = {
@@ -165,16 +165,8 @@ def main() -> None:
                 "commit": args.trained_at or machine_info()["commit"],
             }
             records["loads"] = [*records.get("loads", []), round(load0, 1), round(os.getloadavg()[0], 1)]
-            records.update(
-                steps=args.steps,
-                below=args.below,
-                machine=machine_info(),
-                date=time.strftime("%Y-%m-%d"),
-                load=f"{min(records['loads']):.1f}-{max(records['loads']):.1f}",
-                runs_dir=display_path(runs),
-            )
-            path.write_text(json.dumps(records, indent=2) + "\n")
-            write_tables(records)
+            load = f"{min(records['loads']):.1f}-{max(records['loads']):.1f}"
+            write_tables(save_records(path, records, runs, steps=args.steps, below=args.below, load=load))
             print(f"{name} seed {seed}: left the plateau at {left_plateau(curve, args.below)}", flush=True)
 
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, display_path, machine_info, markdown_table
+from _common import RESULTS, machine_info, markdown_table, save_records
 
 STEPS = 500
 # name -> overrides of `attnlib-train` (the step budget and evaluation schedule are added)
@@ -318,15 +318,7 @@ def main() -> None:
                 records = json.loads(path.read_text())
             records["runs"].setdefault(name, {})[str(seed)] = res
             records = supersede(records)
-            records.update(
-                steps=args.steps,
-                machine=machine_info(),
-                date=time.strftime("%Y-%m-%d"),
-                load=f"{min(loads):.1f}-{max(loads):.1f}",
-                runs_dir=display_path(runs),
-            )
-            path.write_text(json.dumps(records, indent=2) + "\n")
-            write_tables(records)
+            write_tables(save_records(path, records, runs, steps=args.steps, load=f"{min(loads):.1f}-{max(loads):.1f}"))
             print(f"{name} seed {seed}: test CER {res['test_cer']:.4f} ({res['train_seconds']:.0f} s)", flush=True)
 
 
