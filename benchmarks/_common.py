@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ __all__ = [
     "machine_info",
     "markdown_table",
     "portable_paths",
+    "save_records",
 ]
 
 
@@ -67,3 +70,11 @@ def portable_paths(obj: Any, *paths: Path | str) -> Any:
         return x
 
     return fix(obj)
+
+
+def save_records(path: Path, records: dict, runs: Path, **fields: Any) -> dict:
+    """Stamp a sweep's records with ``fields``, the machine, today's date and the run directory
+    (as :func:`display_path`), and write them to ``path`` as JSON; returns the records."""
+    records.update(**fields, machine=machine_info(), date=time.strftime("%Y-%m-%d"), runs_dir=display_path(runs))
+    path.write_text(json.dumps(records, indent=2) + "\n")
+    return records

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, display_path, machine_info, markdown_table
+from _common import RESULTS, machine_info, markdown_table, save_records
 
 STEPS = 500
 # name -> overrides of `attnlib-train` (the step budget and evaluation schedule are added)
@@ -72,6 +72,7 @@ def train(name: str, seed: int, steps: int, runs: Path) -> dict:
     res["wall_seconds_command"] = float(wall.read_text()) if wall.exists() else None
     res["command"] = " ".join(["attnlib-train", *overrides])
     res["final_train_loss"] = final_train_loss(run)
+    res["grad_clip"] = run_grad_clip(run)
     res["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     res.setdefault("commit", machine_info()["commit"])
     return res
@@ -85,6 +86,14 @@ def final_train_loss(run: Path) -> float | None:
     rows = [line.split(",") for line in path.read_text().splitlines()]
     losses = [float(r[3]) for r in rows if len(r) == 4 and r[1:3] == ["train", "loss"]]
     return losses[-1] if losses else None
+
+
+def run_grad_clip(run: Path) -> float | None:
+    """The gradient-clipping threshold a run trained with (its saved config), or None."""
+    from omegaconf import OmegaConf
+
+    path = run / ".hydra" / "config.yaml"
+    return float(OmegaConf.load(path).trainer.grad_clip) if path.exists() else None
 
 
 def decode_ablation(run: Path) -> dict[str, float]:
@@ -122,11 +131,32 @@ def decode_ablation(run: Path) -> dict[str, float]:
     return {k: v / max(ref_len, 1) for k, v in edits.items()}
 
 
-def write_tables(records: dict) -> None:
-    """Rewrite the markdown table from the records: per configuration, median CER over its seeds."""
+def recipe_grad_clip(name: str) -> float:
+    """The gradient-clipping threshold configuration ``name`` trains with now (its composed config)."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("attnlib.configs", version_base="1.3"):
+        cfg = compose("train", overrides=CONFIGS[name])
+    return float(cfg.trainer.grad_clip)
+
+
+def supersede(records: dict) -> dict:
+    """Move the runs trained with another clipping threshold than their configuration's current
+    recipe from ``records["runs"]`` to ``records["superseded"]`` (kept and shown apart)."""
+    old = records.setdefault("superseded", {})
+    for name, runs in records["runs"].items():
+        clip = recipe_grad_clip(name)
+        for seed in [s for s, r in runs.items() if (r.get("grad_clip") or 1.0) != clip]:
+            old.setdefault(name, {})[seed] = runs.pop(seed)
+    records["runs"] = {n: r for n, r in records["runs"].items() if r}
+    return records
+
+
+def table_rows(by_name: dict) -> list[list]:
+    """One row per configuration: median CER over its seeds and the per-seed details."""
     rows = []
-    for name in [n for n in CONFIGS if n in records["runs"]]:
-        runs = records["runs"][name]
+    for name in [n for n in CONFIGS if n in by_name]:
+        runs = by_name[name]
         cers = [r["test_cer"] for r in runs.values()]
         accs = [r["test_utterance_accuracy"] for r in runs.values()]
         abl = [r["decoding"] for r in runs.values() if r.get("decoding")]
@@ -149,9 +179,19 @@ def write_tables(records: dict) -> None:
                 med("ctc_greedy"),
                 f"{statistics.median(r['train_seconds'] for r in runs.values()):.0f}",
                 f"{int(statistics.median(r['params'] for r in runs.values())):,}",
+                " / ".join(
+                    f"{r.get('grad_clip') or 1.0:g}"  # runs recorded before this column trained with the default 1.0
+                    for _, r in sorted((int(s), r) for s, r in runs.items())
+                ),
                 ", ".join(sorted({str(r.get("commit", "?")) for r in runs.values()})),
             ]
         )
+    return rows
+
+
+def write_tables(records: dict) -> None:
+    """Rewrite the markdown tables from the records: the current recipe's runs, then superseded ones."""
+    rows = table_rows(records["runs"])
     info = records["machine"]
     counts = {n: len(records["runs"][n]) for n in records["runs"]}
     seeds_note = ""
@@ -171,8 +211,9 @@ def write_tables(records: dict) -> None:
             f"`python benchmarks/{Path(__file__).name} {' '.join(missing)}` adds it).\n\n"
         )
     stuck = [
-        f"`{n}` seed {s}"
-        for n, runs in records["runs"].items()
+        f"`{n}` seed {s}" + tag
+        for tag, group in (("", records["runs"]), (" (superseded)", records.get("superseded", {})))
+        for n, runs in group.items()
         for s, r in sorted(runs.items())
         if r.get("decoding") and r["decoding"]["ctc_greedy"] > 0.5
     ]
@@ -204,7 +245,7 @@ def write_tables(records: dict) -> None:
         "cross-attention by monotonic (MoChA chunk 4) / additive (Bahdanau) attention.\n\n"
         + seeds_note
         + markdown_table(
-            [
+            header := [
                 "config",
                 "seeds",
                 "test CER (median)",
@@ -215,6 +256,7 @@ def write_tables(records: dict) -> None:
                 "CTC-only CER",
                 "train s (median)",
                 "params",
+                "grad clip per seed",
                 "trained at commit",
             ],
             rows,
@@ -223,6 +265,14 @@ def write_tables(records: dict) -> None:
         + commands
         + "\n"
     )
+    if records.get("superseded"):
+        text += (
+            "\n## Superseded runs\n\nTrained with another gradient-clipping threshold than their configuration "
+            "uses now (before the joint models' clipping was set to the CTC recipe's 1.0 times the CTC weight, "
+            "see docs/models.md); kept for comparison, same columns.\n\n"
+            + markdown_table(header, table_rows(records["superseded"]))
+            + "\n"
+        )
     (RESULTS / f"{OUT}.md").write_text(text)
 
 
@@ -241,7 +291,9 @@ def main() -> None:
             print(f"{n:18s} attnlib-train {' '.join(ov)}")
         return
     if args.tables:
-        write_tables(json.loads((RESULTS / f"{OUT}.json").read_text()))
+        records = supersede(json.loads((RESULTS / f"{OUT}.json").read_text()))
+        (RESULTS / f"{OUT}.json").write_text(json.dumps(records, indent=2) + "\n")
+        write_tables(records)
         return
     names = args.names or DEFAULT
     unknown = [n for n in names if n not in CONFIGS]
@@ -265,15 +317,8 @@ def main() -> None:
             if path.exists():  # another sweep may have added runs meanwhile: merge into the file's records
                 records = json.loads(path.read_text())
             records["runs"].setdefault(name, {})[str(seed)] = res
-            records.update(
-                steps=args.steps,
-                machine=machine_info(),
-                date=time.strftime("%Y-%m-%d"),
-                load=f"{min(loads):.1f}-{max(loads):.1f}",
-                runs_dir=display_path(runs),
-            )
-            path.write_text(json.dumps(records, indent=2) + "\n")
-            write_tables(records)
+            records = supersede(records)
+            write_tables(save_records(path, records, runs, steps=args.steps, load=f"{min(loads):.1f}-{max(loads):.1f}"))
             print(f"{name} seed {seed}: test CER {res['test_cer']:.4f} ({res['train_seconds']:.0f} s)", flush=True)
 
 

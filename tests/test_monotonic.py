@@ -107,18 +107,20 @@ def test_hard_alignment_never_moves_backwards(seed: int) -> None:
     assert torch.equal(alpha.sum(-1), (stops >= 0).double())
 
 
-def _beta_loop(alpha: torch.Tensor, u: torch.Tensor, w: int | None) -> torch.Tensor:
-    """beta_ij = sum_{k >= j, j in window(k)} alpha_ik exp(u_ij) / sum_{l in window(k)} exp(u_il)."""
+def _beta_loop(alpha: torch.Tensor, u: torch.Tensor, w: int | None, allowed=None) -> torch.Tensor:
+    """beta_ij = sum_{k >= j, j in window(k)} alpha_ik exp(u_ij) / sum_{l in window(k)} exp(u_il),
+    j and l over the allowed keys only (allowed (B, M) bool or None)."""
     out = torch.zeros_like(alpha)
     b, h, n, m = alpha.shape
     for bb, hh, i in itertools.product(range(b), range(h), range(n)):
+        ok = [True] * m if allowed is None else allowed[bb].tolist()
         for j in range(m):
             total = 0.0
             for k in range(j, m):
                 lo = 0 if w is None else max(0, k - w + 1)
-                if j < lo or alpha[bb, hh, i, k] == 0:
+                if j < lo or alpha[bb, hh, i, k] == 0 or not ok[j]:
                     continue
-                den = sum(torch.exp(u[bb, hh, i, l_]) for l_ in range(lo, k + 1))
+                den = sum(torch.exp(u[bb, hh, i, l_]) for l_ in range(lo, k + 1) if ok[l_])
                 total += alpha[bb, hh, i, k] * torch.exp(u[bb, hh, i, j]) / den
             out[bb, hh, i, j] = total
     return out
@@ -131,6 +133,24 @@ def test_chunkwise_weights_equal_the_mocha_definition(w: int | None) -> None:
     beta = chunkwise_weights(alpha, u, w)
     torch.testing.assert_close(beta, _beta_loop(alpha, u, w), rtol=0, atol=1e-12)
     torch.testing.assert_close(beta.sum(-1), alpha.sum(-1), rtol=0, atol=1e-12)  # every window has a key
+
+
+@pytest.mark.parametrize("w", [2, 3, 6])
+def test_chunkwise_weights_with_masked_keys_equal_the_mocha_definition(w: int) -> None:
+    """The O(M·w) chunk path with padding and a hole of masked keys wider than the chunk: masked
+    keys get no weight, a window without an allowed key drops its alignment mass, and the
+    gradients stay finite."""
+    alpha = expected_alignment(_p(9, (2, 2, 5, 9)))
+    u = (torch.randn(alpha.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3).requires_grad_()
+    allowed = torch.ones(2, 9, dtype=torch.bool)
+    allowed[0, 2:5] = False  # a hole of three keys
+    allowed[1, 6:] = False  # padding
+    beta = chunkwise_weights(alpha, u, w, allowed[:, None, None, :])
+    torch.testing.assert_close(beta, _beta_loop(alpha, u.detach(), w, allowed), rtol=0, atol=1e-12)
+    assert not beta[~allowed[:, None, None, :].expand_as(beta)].any()
+    beta.square().sum().backward()
+    assert u.grad is not None and torch.isfinite(u.grad).all()
+    assert not u.grad[~allowed[:, None, None, :].expand_as(u)].any()
 
 
 def test_chunk_one_is_hard_monotonic_and_lookback_at_the_last_key_is_softmax() -> None:

@@ -170,19 +170,20 @@ def chunkwise_weights(alpha: Tensor, energy: Tensor | None, chunk: int | None, a
     Returns:
         beta (B, H, N, M): ``beta_ij = sum_k alpha_ik S_ikj`` with ``S_ik`` the softmax of u_i
         over the allowed keys of the window ending at k. Rows sum to the mass alpha put on keys
-        whose window holds an allowed key.
+        whose window holds an allowed key. A finite chunk costs O(M·w) per row (no (M, M)
+        window matrix); infinite lookback O(M^2).
     """
     if chunk == 1:
         return alpha if allowed is None else alpha * allowed
     if energy is None or energy.shape != alpha.shape:
         raise ValueError(f"chunkwise_weights: energy must match alpha {tuple(alpha.shape)}, got {energy!r:.60}")
+    if allowed is not None:
+        allowed = torch.broadcast_to(allowed, alpha.shape)
+    if chunk is not None:
+        return _chunk_weights(alpha, energy, chunk, allowed)
     m = alpha.shape[-1]
     k_idx = torch.arange(m, device=alpha.device)
     window = k_idx[None, :] <= k_idx[:, None]  # (k, j): j <= k
-    if chunk is not None:
-        window = window & (k_idx[None, :] > k_idx[:, None] - chunk)
-    if allowed is not None:
-        allowed = torch.broadcast_to(allowed, alpha.shape)
     # S is (..., rows, k, j): rows of queries at a time keep it near _S_ELEMENTS entries
     n = alpha.shape[-2]
     rows = max(1, _S_ELEMENTS // max(alpha.numel() // max(n, 1) * m, 1))
@@ -193,6 +194,23 @@ def chunkwise_weights(alpha: Tensor, energy: Tensor | None, chunk: int | None, a
         s = _softmax_rows(e_i.unsqueeze(-2).expand(*e_i.shape[:-1], m, m), ok)
         out.append(torch.matmul(a_i.unsqueeze(-2), s).squeeze(-2))
     return torch.cat(out, -2)
+
+
+def _chunk_weights(alpha: Tensor, energy: Tensor, w: int, allowed: Tensor | None) -> Tensor:
+    """MoChA's weights for a finite chunk w in O(M·w) per row (:func:`chunkwise_weights`).
+
+    With ``D_k = log sum_{l=k-w+1}^{k} exp(u_l)`` (allowed keys only) the definition reads
+    ``beta_j = sum_{d<w} alpha_{j+d} exp(u_j - D_{j+d})``: every exponent is <= 0 where j is
+    allowed, so nothing overflows, and no (M, M) window matrix is built.
+    """
+    inf = float("inf")
+    u = energy if allowed is None else energy.masked_fill(~allowed, -inf)
+    windows = F.pad(u, (w - 1, 0), value=-inf).unfold(-1, w, 1)  # (..., M, w): u_{k-w+1..k}
+    empty = torch.isneginf(windows).all(-1)  # (..., M): a window with no allowed key
+    log_den = torch.logsumexp(windows.masked_fill(empty.unsqueeze(-1), 0.0), -1).masked_fill(empty, inf)
+    a_ahead = F.pad(alpha, (0, w - 1)).unfold(-1, w, 1)  # (..., M, w): alpha_{j..j+w-1}
+    d_ahead = F.pad(log_den, (0, w - 1), value=inf).unfold(-1, w, 1)
+    return (a_ahead * torch.exp(u.unsqueeze(-1) - d_ahead)).sum(-1)
 
 
 def headdrop(alpha: Tensor, p: float, *, generator: torch.Generator | None = None) -> Tensor:
