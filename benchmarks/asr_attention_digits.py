@@ -231,7 +231,7 @@ def write_tables(records: dict) -> None:
         "# Attention-decoder ASR vs Conformer-CTC (spoken digits, CPU)\n\n"
         f"Machine: `{info['cpu']}`, torch {info['torch']}, table written at commit {info['commit']}, "
         f"{records['date']}. A shared 2-core machine (one training thread; load average "
-        f"{records['load']} during the sweep), so times are upper bounds for a quiet machine. "
+        f"{records['load']} over the sweeps that trained these runs), so times are upper bounds for a quiet machine. "
         f"Every run trains {records['steps']} steps (batch 32, the `asr_digits` schedule shortened) and is "
         "evaluated once on the 400 held-out test strings. The seed changes the initialisation, SpecAugment and "
         "the batch order; the data (one synthesis, `data.seed=0`) is the same for every run. "
@@ -318,7 +318,8 @@ def main() -> None:
                 records = json.loads(path.read_text())
             records["runs"].setdefault(name, {})[str(seed)] = res
             records = supersede(records)
-            write_tables(save_records(path, records, runs, steps=args.steps, load=f"{min(loads):.1f}-{max(loads):.1f}"))
+            span = loads + [float(x) for x in str(records.get("load", "")).split("-") if x]  # earlier sweeps too
+            write_tables(save_records(path, records, runs, steps=args.steps, load=f"{min(span):.1f}-{max(span):.1f}"))
             print(f"{name} seed {seed}: test CER {res['test_cer']:.4f} ({res['train_seconds']:.0f} s)", flush=True)
 
 
