@@ -54,7 +54,7 @@ def display_path(path: Path | str) -> str:
 
 def portable_paths(obj: Any, *paths: Path | str) -> Any:
     """``obj`` (JSON-like) with every occurrence of the given absolute paths replaced by
-    :func:`display_path` in all strings (e.g. ``init_from=/tmp/x/base/...`` in recorded configs)."""
+    :func:`display_path` in all strings (e.g. a run directory recorded in an ``init_from=`` override)."""
     subs = sorted(((str(Path(p).resolve()), display_path(p)) for p in paths), key=lambda s: -len(s[0]))
     subs += [(str(p), display_path(p)) for p in paths if str(p) != str(Path(p).resolve())]
 

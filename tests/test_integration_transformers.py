@@ -337,6 +337,9 @@ def test_batch_edits_of_the_cache_follow_into_the_layers(variant):
         index = torch.tensor([3, 0, 1])
         cache.batch_select_indices(index)  # rows 1, 0, 0
         rows = torch.arange(2).repeat_interleave(2)[index]
+        keep = torch.tensor([True, False, True])  # a bool selection: rows 1, 0
+        cache.batch_select_indices(keep)
+        rows = rows[keep]
         step = model(nxt[rows], cache=cache, use_cache=True).logits[:, -1]
         full = model(torch.cat([ids, nxt], 1)[rows]).logits[:, -1]
     assert torch.allclose(step, full, atol=1e-5)

@@ -96,8 +96,9 @@ def _select_rows(model: nn.Module, method: str, arg: Any) -> None:
             continue
         if method == "batch_repeat_interleave":
             index = torch.arange(batch).repeat_interleave(int(arg))
-        else:
-            index = torch.as_tensor(arg, dtype=torch.long).flatten()
+        else:  # integer indices, or a bool (B,) selection as the cache's own indexing accepts
+            chosen = torch.as_tensor(arg)
+            index = chosen.nonzero().flatten() if chosen.dtype == torch.bool else chosen.long().flatten()
         device = held.first.device if held is not None else kept[0].device
         index = index.to(device)
         if held is not None:
